@@ -1,0 +1,1 @@
+"""TileLang kernels, one folder per variant; shared stages live in `common`."""
