@@ -1,0 +1,12 @@
+"""Pure-PyTorch references: token-by-token recurrences (ground truth) and chunked forms (the `torch` backend)."""
+
+from .retention import chunk_retention_torch, recurrent_retention, retention_g_gamma
+from .simple_gla import chunk_simple_gla_torch, recurrent_simple_gla
+
+__all__ = [
+    "recurrent_simple_gla",
+    "chunk_simple_gla_torch",
+    "recurrent_retention",
+    "chunk_retention_torch",
+    "retention_g_gamma",
+]
