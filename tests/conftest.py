@@ -1,0 +1,36 @@
+"""Markers: `gpu` tests need CUDA, `compile` tests need nvcc and tilelang; both skip with a reason elsewhere."""
+
+import importlib
+import importlib.util
+import shutil
+
+import pytest
+import torch
+
+
+def _compile_skip_reason() -> str | None:
+    if shutil.which("nvcc") is None:
+        return "nvcc is not on PATH"
+    if importlib.util.find_spec("tilelang") is None:
+        return "tilelang is not installed"
+    try:
+        importlib.import_module("tilelang")
+    except Exception as e:  # noqa: BLE001 - any import failure means the compile tests cannot run
+        return f"tilelang is not importable: {type(e).__name__}: {e}"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")
+    reason = _compile_skip_reason() if any("compile" in item.keywords for item in items) else None
+    compile_skip = pytest.mark.skip(reason=reason) if reason else None
+    for item in items:
+        if gpu_skip is not None and "gpu" in item.keywords:
+            item.add_marker(gpu_skip)
+        if compile_skip is not None and "compile" in item.keywords:
+            item.add_marker(compile_skip)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(42)

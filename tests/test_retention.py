@@ -1,0 +1,304 @@
+"""Retention: every entry point against the token-by-token recurrence.
+
+CPU (fp64): the `torch` backend (the chunked form) must match the recurrence to 1e-10 for the output, the final
+state and every gradient. GPU (`gpu` marker): the `tilelang` backend in bf16 / fp32 against the fp32 recurrence.
+"""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_tl.ops import chunk_retention, fused_chunk_retention, fused_recurrent_retention
+from fla_tl.reference import chunk_simple_gla_torch, recurrent_retention, recurrent_simple_gla
+
+from utils import assert_close, poison_allocator
+
+OPS = {
+    "chunk": chunk_retention,
+    "fused_chunk": fused_chunk_retention,
+    "fused_recurrent": fused_recurrent_retention,
+}
+
+
+def make_inputs(B, T, H, K, V, dtype, device="cpu", h0=True, state_v_first=False, N=None):
+    """q, k (L2-normalised), v and an optional initial state; k is normalised so the recurrence stays tame."""
+    q = torch.randn(B, T, H, K, dtype=torch.float32, device=device)
+    k = F.normalize(torch.randn(B, T, H, K, dtype=torch.float32, device=device), dim=-1)
+    v = torch.randn(B, T, H, V, dtype=torch.float32, device=device)
+    q, k, v = (x.to(dtype).requires_grad_() for x in (q, k, v))
+    state = None
+    if h0:
+        shape = (N or B, H, V, K) if state_v_first else (N or B, H, K, V)
+        state = torch.randn(shape, dtype=torch.float32, device=device).to(dtype).requires_grad_()
+    return q, k, v, state
+
+
+def check_against_reference(fn, q, k, v, h0, cu_seqlens=None, backend=None, **kwargs):
+    """run `fn` and the fp32/fp64 recurrence on the same inputs; compare o, ht and dq, dk, dv, dh0."""
+    dtype = q.dtype
+    o, ht = fn(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, backend=backend, **kwargs)
+    assert o.dtype == dtype
+    assert ht.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    do = torch.randn_like(o)
+    dht = torch.randn_like(ht)
+    inputs = [x for x in (q, k, v, h0) if x is not None]
+    grads = torch.autograd.grad((o, ht), inputs, (do, dht))
+
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    ref_inputs = [x.detach().to(ref_dtype).requires_grad_() for x in inputs]
+    rq, rk, rv = ref_inputs[:3]
+    rh0 = ref_inputs[3] if h0 is not None else None
+    ref_o, ref_ht = recurrent_retention(
+        rq, rk, rv, initial_state=rh0, output_final_state=True, cu_seqlens=cu_seqlens, **kwargs
+    )
+    ref_grads = torch.autograd.grad((ref_o, ref_ht), ref_inputs, (do.to(ref_dtype), dht.to(ref_dtype)))
+
+    assert_close("o", o, ref_o, dtype)
+    assert_close("ht", ht, ref_ht, dtype)
+    for name, g, rg, x in zip(("dq", "dk", "dv", "dh0"), grads, ref_grads, inputs):
+        assert g.dtype == x.dtype, f"{name}: dtype {g.dtype} != {x.dtype}"
+        assert_close(name, g, rg, dtype)
+
+
+# ---------------------------------------------------------------- cpu: torch backend vs the recurrence in fp64
+
+CPU_CASES = [
+    pytest.param(*case, id="B{}-T{}-H{}-K{}-V{}-h0{}".format(*case))
+    for case in [
+        (2, 1, 2, 32, 32, True),
+        (2, 63, 2, 32, 32, False),
+        (1, 64, 3, 60, 100, True),
+        (2, 65, 2, 100, 60, True),
+        (1, 200, 4, 60, 100, True),
+        (2, 200, 1, 16, 16, False),
+    ]
+]
+
+VARLEN_CASES = [
+    pytest.param(lens, h0, id=f"lens{'-'.join(map(str, lens))}-h0{h0}")
+    for lens, h0 in [
+        ((1, 63, 64, 65), True),
+        ((130, 0, 7, 200), True),
+        ((0, 100), False),
+    ]
+]
+
+
+def _cu(lens, device="cpu"):
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.long, device=device)
+
+
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "h0"), CPU_CASES)
+def test_chunk(B, T, H, K, V, h0):
+    q, k, v, state = make_inputs(B, T, H, K, V, torch.float64, h0=h0)
+    check_against_reference(chunk_retention, q, k, v, state, backend="torch")
+
+
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "h0"), CPU_CASES)
+def test_fused_chunk(B, T, H, K, V, h0):
+    q, k, v, state = make_inputs(B, T, H, K, V, torch.float64, h0=h0)
+    check_against_reference(fused_chunk_retention, q, k, v, state, backend="torch")
+
+
+@pytest.mark.parametrize(("reverse", "state_v_first"), [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "h0"), CPU_CASES)
+def test_fused_recurrent(B, T, H, K, V, h0, reverse, state_v_first):
+    q, k, v, state = make_inputs(B, T, H, K, V, torch.float64, h0=h0, state_v_first=state_v_first)
+    check_against_reference(
+        fused_recurrent_retention, q, k, v, state, backend="torch", reverse=reverse, state_v_first=state_v_first
+    )
+
+
+@pytest.mark.parametrize(("lens", "h0"), VARLEN_CASES)
+@pytest.mark.parametrize("op", ["chunk", "fused_chunk"])
+def test_chunk_varlen(op, lens, h0):
+    q, k, v, state = make_inputs(1, sum(lens), 2, 60, 100, torch.float64, h0=h0, N=len(lens))
+    check_against_reference(OPS[op], q, k, v, state, cu_seqlens=_cu(lens), backend="torch")
+
+
+@pytest.mark.parametrize(("reverse", "state_v_first"), [(False, False), (True, True)])
+@pytest.mark.parametrize(("lens", "h0"), VARLEN_CASES)
+def test_fused_recurrent_varlen(lens, h0, reverse, state_v_first):
+    q, k, v, state = make_inputs(1, sum(lens), 2, 60, 100, torch.float64, h0=h0, state_v_first=state_v_first,
+                                 N=len(lens))
+    check_against_reference(
+        fused_recurrent_retention, q, k, v, state, cu_seqlens=_cu(lens), backend="torch",
+        reverse=reverse, state_v_first=state_v_first,
+    )
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 200])
+def test_simple_gla_reference(T):
+    """the chunked form with a per-token gate plus a per-head constant, varlen, against the recurrence."""
+    q, k, v, h0 = make_inputs(1, T, 3, 60, 100, torch.float64, N=2)
+    g = F.logsigmoid(torch.randn(1, T, 3, dtype=torch.float64)).requires_grad_()
+    g_gamma = torch.tensor([-0.01, -0.1, -0.5], dtype=torch.float64)
+    cu = _cu((T // 3, T - T // 3))
+    inputs = (q, k, v, g, h0)
+    outs = []
+    for fn in (recurrent_simple_gla, chunk_simple_gla_torch):
+        o, ht = fn(q, k, v, g=g, g_gamma=g_gamma, initial_state=h0, output_final_state=True, cu_seqlens=cu)
+        grads = torch.autograd.grad((o, ht), inputs, (torch.ones_like(o), torch.ones_like(ht)))
+        outs.append((o, ht, *grads))
+    for name, a, b in zip(("o", "ht", "dq", "dk", "dv", "dg", "dh0"), outs[1], outs[0]):
+        assert_close(name, a, b, torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_torch_backend_dtypes(op, dtype):
+    """the torch backend on low-precision inputs: o in q's dtype, ht in fp32, grads in the input dtypes."""
+    q, k, v, state = make_inputs(2, 70, 2, 32, 48, dtype)
+    check_against_reference(OPS[op], q, k, v, state, backend="torch")
+
+
+# ---------------------------------------------------------------- api
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_api_returns_and_scale(op):
+    fn = OPS[op]
+    q, k, v, _ = make_inputs(2, 40, 2, 16, 24, torch.float32, h0=False)
+    o, ht = fn(q, k, v)
+    assert o.shape == (2, 40, 2, 24) and o.dtype == torch.float32 and ht is None
+    o_default, _ = fn(q, k, v, scale=None)
+    o_explicit, _ = fn(q, k, v, scale=16 ** -0.5)
+    torch.testing.assert_close(o_default, o_explicit, rtol=0, atol=0)
+    o_half, _ = fn(q, k, v, scale=0.5 * 16 ** -0.5)
+    torch.testing.assert_close(o_half, 0.5 * o_default, rtol=1e-5, atol=1e-6)
+    _, ht = fn(q, k, v, output_final_state=True)
+    assert ht.shape == (2, 2, 16, 24) and ht.dtype == torch.float32
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_api_empty_sequence(op):
+    fn = OPS[op]
+    q, k, v, h0 = make_inputs(2, 0, 2, 16, 24, torch.bfloat16)
+    o, ht = fn(q, k, v)
+    assert o.shape == (2, 0, 2, 24) and o.dtype == torch.bfloat16 and ht is None
+    o, ht = fn(q, k, v, output_final_state=True)
+    assert ht.shape == (2, 2, 16, 24) and ht.dtype == torch.float32 and not ht.any()
+    o, ht = fn(q, k, v, initial_state=h0, output_final_state=True)
+    torch.testing.assert_close(ht, h0.float(), rtol=0, atol=0)
+    assert ht.data_ptr() != h0.data_ptr()
+    ht.sum().backward()
+    assert torch.equal(h0.grad, torch.ones_like(h0))
+
+
+def test_api_chunk_kwargs():
+    q, k, v, _ = make_inputs(1, 10, 1, 8, 8, torch.float32, h0=False)
+    with pytest.raises(DeprecationWarning, match="head_first"):
+        chunk_retention(q, k, v, head_first=True)
+    o, _ = chunk_retention(q, k, v, chunk_size=32)
+    torch.testing.assert_close(o, chunk_retention(q, k, v)[0], rtol=0, atol=0)
+    with pytest.raises(TypeError, match="bogus"):
+        chunk_retention(q, k, v, bogus=1)
+
+
+def test_api_transpose_state_layout():
+    q, k, v, h0 = make_inputs(1, 10, 1, 8, 12, torch.float64, state_v_first=True)
+    with pytest.warns(DeprecationWarning, match="state_v_first"):
+        o, ht = fused_recurrent_retention(q, k, v, initial_state=h0, output_final_state=True,
+                                          transpose_state_layout=True)
+    o2, ht2 = fused_recurrent_retention(q, k, v, initial_state=h0, output_final_state=True, state_v_first=True)
+    assert ht.shape == (1, 1, 12, 8)
+    torch.testing.assert_close(ht, ht2, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="transpose_state_layout"):
+        fused_recurrent_retention(q, k, v, state_v_first=True, transpose_state_layout=True)
+
+
+def test_api_no_grad_inputs():
+    q, k, v, h0 = make_inputs(1, 20, 2, 8, 8, torch.float32)
+    with torch.no_grad():
+        o, ht = chunk_retention(q, k, v, initial_state=h0, output_final_state=True)
+    assert not o.requires_grad and not ht.requires_grad
+
+
+# ---------------------------------------------------------------- gpu: tilelang backend vs the fp32 recurrence
+
+D_VALUES = [64, 100, 128, 256]
+T_VALUES = [1, 63, 64, 500, 2048]
+
+
+def _gpu_cases():
+    cases = []
+    # the full T x D grid in bf16 at H = 4 with an initial state
+    for T in T_VALUES:
+        for D in D_VALUES:
+            cases.append((1 if T == 2048 else 2, T, 4, D, torch.bfloat16, True))
+    # a thinner grid for fp32, H = 1 and no initial state
+    for T in (63, 500):
+        for D in (64, 128):
+            cases.append((2, T, 1, D, torch.float32, False))
+    cases += [(2, 64, 1, 100, torch.bfloat16, False), (1, 2048, 4, 128, torch.float32, True)]
+    return [
+        pytest.param(B, T, H, D, dtype, h0, id=f"B{B}-T{T}-H{H}-D{D}-{str(dtype)[6:]}-h0{h0}")
+        for B, T, H, D, dtype, h0 in cases
+    ]
+
+
+GPU_CASES = _gpu_cases()
+
+
+@pytest.fixture
+def poisoned_cuda():
+    poison_allocator("cuda")
+    yield
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("B", "T", "H", "D", "dtype", "h0"), GPU_CASES)
+@pytest.mark.parametrize("op", list(OPS))
+def test_tilelang(op, B, T, H, D, dtype, h0, poisoned_cuda):
+    q, k, v, state = make_inputs(B, T, H, D, D, dtype, device="cuda", h0=h0)
+    check_against_reference(OPS[op], q, k, v, state, backend="tilelang")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_tilelang_varlen(op, dtype, poisoned_cuda):
+    lens = (1, 300, 0, 64, 1000, 77)
+    q, k, v, state = make_inputs(1, sum(lens), 4, 128, 128, dtype, device="cuda", N=len(lens))
+    check_against_reference(OPS[op], q, k, v, state, cu_seqlens=_cu(lens, "cuda"), backend="tilelang")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("reverse", "state_v_first"), [(True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(("T", "D", "dtype"), [
+    pytest.param(63, 64, torch.bfloat16, id="T63-D64-bf16"),
+    pytest.param(500, 128, torch.bfloat16, id="T500-D128-bf16"),
+    pytest.param(500, 100, torch.float32, id="T500-D100-fp32"),
+])
+def test_tilelang_fused_recurrent_options(T, D, dtype, reverse, state_v_first, poisoned_cuda):
+    q, k, v, state = make_inputs(2, T, 4, D, D, dtype, device="cuda", state_v_first=state_v_first)
+    check_against_reference(
+        fused_recurrent_retention, q, k, v, state, backend="tilelang", reverse=reverse, state_v_first=state_v_first
+    )
+    lens = (5, 0, 300, 195) if T == 500 else (30, 33)
+    q, k, v, state = make_inputs(1, sum(lens), 4, D, D, dtype, device="cuda", state_v_first=state_v_first,
+                                 N=len(lens))
+    check_against_reference(
+        fused_recurrent_retention, q, k, v, state, cu_seqlens=_cu(lens, "cuda"), backend="tilelang",
+        reverse=reverse, state_v_first=state_v_first,
+    )
+
+
+@pytest.mark.gpu
+def test_tilelang_auto_choice():
+    """on a Hopper GPU the automatic choice is tilelang, and it agrees with the forced torch backend."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the tilelang backend needs compute capability >= 9.0")
+    from fla_tl.registry import describe_inputs, get_op, select_backend
+
+    q, k, v, state = make_inputs(2, 100, 2, 64, 64, torch.bfloat16, device="cuda")
+    assert select_backend(get_op("chunk_retention"), describe_inputs(q, v, state)).name == "tilelang"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        o, ht = chunk_retention(q, k, v, initial_state=state, output_final_state=True)
+    o_ref, ht_ref = chunk_retention(q, k, v, initial_state=state, output_final_state=True, backend="torch")
+    assert_close("o", o, o_ref.float(), torch.bfloat16)
+    assert_close("ht", ht, ht_ref, torch.bfloat16)
