@@ -1,0 +1,243 @@
+"""Inter-chunk state passes: forward h (`chunk_fwd_h`) and backward dh (`chunk_bwd_dh`).
+
+Gate options (log-space, accumulated in fp32, exponentiated with exp2):
+  "none"  : no decay (linear attention);
+  "gamma" : a per-head constant log decay `g_gamma[H]` (retention); inside chunk c, row i carries b_i = (i+1) * gamma.
+Per-token and per-key gates plug into the same `gate_row` / `gate_last` hooks.
+"""
+
+import tilelang.language as T
+import torch
+
+from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
+
+
+def gate_row(gate, lg, i):
+    """log2 of the cumulative decay from the chunk start through row i."""
+    if gate == "gamma":
+        return (i + 1) * lg
+    return 0.0
+
+
+def gate_last(gate, lg, nvalid):
+    """log2 of the decay over the whole (possibly partial) chunk."""
+    if gate == "gamma":
+        return nvalid * lg
+    return 0.0
+
+
+def chunk_fwd_h_kernel(
+    K: int,
+    V: int,
+    gate: str,
+    dtype: str,
+    h_dtype: str,
+    # kernel config
+    BT: int = 64,
+    BV: int = 64,
+    num_stages: int = 2,
+    threads: int = 128,
+):
+    KP = pad_dim(K)
+    NV = cdiv(V, BV)
+    Ttot, H, N, NT, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NH0"), T.dynamic("NHT")
+
+    @T.prim_func
+    def chunk_fwd_h(
+        k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        h0: T.Tensor([NH0, K, V], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_offsets: T.Tensor([N + 1], "int32"),
+        h: T.Tensor([NT, H, K, V], h_dtype),
+        ht: T.Tensor([NHT, K, V], "float32"),
+        use_h0: T.int32,
+        store_ht: T.int32,
+    ):
+        with T.Kernel(NV, N * H, threads=threads) as (i_v, i_nh):
+            i_n = i_nh // H
+            i_h = i_nh % H
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            boc = chunk_offsets[i_n]
+            lg = g_gamma[i_h] * LOG2E
+
+            k_s = T.alloc_shared([BT, KP], dtype)
+            v_s = T.alloc_shared([BT, BV], dtype)
+            b_h = T.alloc_fragment([KP, BV], "float32")
+
+            T.clear(b_h)
+            if use_h0 == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        b_h[i, j] = h0[i_nh, i, i_v * BV + j]
+
+            for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
+                t0 = bos + c * BT
+                nvalid = T.min(eos - t0, BT)
+                bl = gate_last(gate, lg, nvalid)
+                # state entering chunk c
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        h[boc + c, i_h, i, i_v * BV + j] = b_h[i, j]
+                for i, j in T.Parallel(BT, KP):
+                    k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                for i, j in T.Parallel(BT, BV):
+                    v_s[i, j] = T.if_then_else(
+                        i < nvalid and i_v * BV + j < V,
+                        v[t0 + i, i_h, i_v * BV + j] * T.exp2(bl - gate_row(gate, lg, i)),
+                        0,
+                    )
+                if gate != "none":
+                    for i, j in T.Parallel(KP, BV):
+                        b_h[i, j] *= T.exp2(bl)
+                T.gemm(k_s, v_s, b_h, transpose_A=True)
+
+            if store_ht == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        ht[i_nh, i, i_v * BV + j] = b_h[i, j]
+
+    return chunk_fwd_h
+
+
+def chunk_bwd_dh_kernel(
+    K: int,
+    V: int,
+    gate: str,
+    dtype: str,
+    h_dtype: str,
+    # kernel config
+    BT: int = 64,
+    BV: int = 64,
+    num_stages: int = 2,
+    threads: int = 128,
+):
+    KP = pad_dim(K)
+    NV = cdiv(V, BV)
+    Ttot, H, N, NT, NHT, NH0 = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NHT"), T.dynamic("NH0")
+
+    @T.prim_func
+    def chunk_bwd_dh(
+        q: T.Tensor([Ttot, H, K], dtype),
+        do: T.Tensor([Ttot, H, V], dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        dht: T.Tensor([NHT, K, V], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_offsets: T.Tensor([N + 1], "int32"),
+        dh: T.Tensor([NT, H, K, V], h_dtype),
+        dh0: T.Tensor([NH0, K, V], "float32"),
+        scale: T.float32,
+        use_dht: T.int32,
+        store_dh0: T.int32,
+    ):
+        with T.Kernel(NV, N * H, threads=threads) as (i_v, i_nh):
+            i_n = i_nh // H
+            i_h = i_nh % H
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            boc = chunk_offsets[i_n]
+            nc = T.ceildiv(eos - bos, BT)
+            lg = g_gamma[i_h] * LOG2E
+
+            q_s = T.alloc_shared([BT, KP], dtype)
+            do_s = T.alloc_shared([BT, BV], dtype)
+            b_dh = T.alloc_fragment([KP, BV], "float32")
+
+            T.clear(b_dh)
+            if use_dht == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        b_dh[i, j] = dht[i_nh, i, i_v * BV + j]
+
+            for cc in T.Pipelined(nc, num_stages=num_stages):
+                c = nc - 1 - cc
+                t0 = bos + c * BT
+                nvalid = T.min(eos - t0, BT)
+                # gradient of the state leaving chunk c
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        dh[boc + c, i_h, i, i_v * BV + j] = b_dh[i, j]
+                for i, j in T.Parallel(BT, KP):
+                    q_s[i, j] = T.if_then_else(
+                        i < nvalid and j < K,
+                        q[t0 + i, i_h, j] * scale * T.exp2(gate_row(gate, lg, i)),
+                        0,
+                    )
+                for i, j in T.Parallel(BT, BV):
+                    do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
+                if gate != "none":
+                    for i, j in T.Parallel(KP, BV):
+                        b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
+                T.gemm(q_s, do_s, b_dh, transpose_A=True)
+
+            if store_dh0 == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        dh0[i_nh, i, i_v * BV + j] = b_dh[i, j]
+
+    return chunk_bwd_dh
+
+
+def chunk_fwd_h(
+    k,
+    v,
+    *,
+    gate: str,
+    g_gamma,
+    initial_state,
+    output_final_state: bool,
+    meta: SeqMeta,
+    BT: int = 64,
+):
+    """states entering each chunk `[NT, H, K, V]` (in k's dtype) and the final state (fp32) or None."""
+    Ttot, H, K = k.shape
+    V = v.shape[-1]
+    h = k.new_empty(meta.NT, H, K, V)
+    h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
+    ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
+    kernel = get_kernel(
+        chunk_fwd_h_kernel,
+        target_for(k.device),
+        K=K,
+        V=V,
+        gate=gate,
+        dtype=TORCH_TO_TL[k.dtype],
+        h_dtype=TORCH_TO_TL[h.dtype],
+        BT=BT,
+    )
+    kernel(k, v, g_gamma, h0, meta.cu, meta.chunk_offsets, h, ht, use_h0, int(output_final_state))
+    return h, (ht.view(meta.N, H, K, V) if output_final_state else None)
+
+
+def chunk_bwd_dh(
+    q,
+    do,
+    dht,
+    *,
+    gate: str,
+    g_gamma,
+    scale: float,
+    need_dh0: bool,
+    meta: SeqMeta,
+    BT: int = 64,
+):
+    """gradients of the state leaving each chunk `[NT, H, K, V]` and of the initial state (fp32) or None."""
+    Ttot, H, K = q.shape
+    V = do.shape[-1]
+    dh = q.new_empty(meta.NT, H, K, V)
+    dht_, use_dht = state_or_dummy(dht, q, (K, V))
+    dh0 = q.new_empty(meta.N * H if need_dh0 else 1, K, V, dtype=torch.float32)
+    kernel = get_kernel(
+        chunk_bwd_dh_kernel,
+        target_for(q.device),
+        K=K,
+        V=V,
+        gate=gate,
+        dtype=TORCH_TO_TL[q.dtype],
+        h_dtype=TORCH_TO_TL[dh.dtype],
+        BT=BT,
+    )
+    kernel(q, do, g_gamma, dht_, meta.cu, meta.chunk_offsets, dh, dh0, scale, use_dht, int(need_dh0))
+    return dh, (dh0.view(meta.N, H, K, V) if need_dh0 else None)

@@ -1,0 +1,300 @@
+"""Token-by-token kernels: one block per (sequence, head, V tile) carries the fp32 state `[K, BV]` in registers.
+
+Tokens are staged TB at a time into shared memory (positions clamped to the sequence, masked to zero past it),
+then stepped one by one:  h = 2^lg h + k v^T;  o = scale * h^T q.  `reverse` walks each sequence backwards;
+`state_v_first` stores initial / final states as `[V, K]`. The backward recomputes h forward for dq, then walks
+back with dh for dk, dv; dq and dk come in partial sums over the V tiles.
+"""
+
+import tilelang.language as T
+import torch
+
+from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
+
+
+def _pos(reverse, bos, eos, s):
+    """sequence position of step s."""
+    return eos - 1 - s if reverse else bos + s
+
+
+def fused_recurrent_fwd_kernel(
+    K: int,
+    V: int,
+    gate: str,
+    reverse: bool,
+    state_v_first: bool,
+    dtype: str,
+    # kernel config
+    TB: int = 16,
+    BV: int = 32,
+    num_stages: int = 2,
+    threads: int = 128,
+):
+    KP = pad_dim(K, 16)
+    NV = cdiv(V, BV)
+    Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
+    SK, SV = (V, K) if state_v_first else (K, V)
+
+    @T.prim_func
+    def fused_recurrent_fwd(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        h0: T.Tensor([NH0, SK, SV], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        o: T.Tensor([Ttot, H, V], dtype),
+        ht: T.Tensor([NHT, SK, SV], "float32"),
+        scale: T.float32,
+        use_h0: T.int32,
+        store_ht: T.int32,
+    ):
+        with T.Kernel(NV, N * H, threads=threads) as (i_v, i_nh):
+            i_n = i_nh // H
+            i_h = i_nh % H
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            L = eos - bos
+            decay = T.exp2(g_gamma[i_h] * LOG2E) if gate == "gamma" else 1.0
+
+            q_s = T.alloc_shared([TB, KP], "float32")
+            k_s = T.alloc_shared([TB, KP], "float32")
+            v_s = T.alloc_shared([TB, BV], "float32")
+            o_s = T.alloc_shared([TB, BV], "float32")
+            b_h = T.alloc_fragment([KP, BV], "float32")
+            b_hq = T.alloc_fragment([KP, BV], "float32")
+            b_o = T.alloc_fragment([BV], "float32")
+
+            T.clear(b_h)
+            if use_h0 == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        if state_v_first:
+                            b_h[i, j] = h0[i_nh, i_v * BV + j, i]
+                        else:
+                            b_h[i, j] = h0[i_nh, i, i_v * BV + j]
+
+            for it in T.Pipelined(T.ceildiv(L, TB), num_stages=num_stages):
+                for r, j in T.Parallel(TB, KP):
+                    t = _pos(reverse, bos, eos, it * TB + r)
+                    q_s[r, j] = T.if_then_else(it * TB + r < L and j < K, q[t, i_h, j], 0)
+                    k_s[r, j] = T.if_then_else(it * TB + r < L and j < K, k[t, i_h, j], 0)
+                for r, j in T.Parallel(TB, BV):
+                    t = _pos(reverse, bos, eos, it * TB + r)
+                    v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
+                for r in T.serial(TB):
+                    for i, j in T.Parallel(KP, BV):
+                        b_h[i, j] = b_h[i, j] * decay + k_s[r, i] * v_s[r, j]
+                        b_hq[i, j] = b_h[i, j] * q_s[r, i]
+                    T.reduce_sum(b_hq, b_o, dim=0)
+                    for j in T.Parallel(BV):
+                        o_s[r, j] = b_o[j] * scale
+                for r, j in T.Parallel(TB, BV):
+                    if it * TB + r < L and i_v * BV + j < V:
+                        o[_pos(reverse, bos, eos, it * TB + r), i_h, i_v * BV + j] = o_s[r, j]
+
+            if store_ht == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        if state_v_first:
+                            ht[i_nh, i_v * BV + j, i] = b_h[i, j]
+                        else:
+                            ht[i_nh, i, i_v * BV + j] = b_h[i, j]
+
+    return fused_recurrent_fwd
+
+
+def fused_recurrent_bwd_kernel(
+    K: int,
+    V: int,
+    gate: str,
+    reverse: bool,
+    state_v_first: bool,
+    dtype: str,
+    # kernel config
+    TB: int = 16,
+    BV: int = 32,
+    num_stages: int = 2,
+    threads: int = 128,
+):
+    KP = pad_dim(K, 16)
+    NV = cdiv(V, BV)
+    Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
+    SK, SV = (V, K) if state_v_first else (K, V)
+
+    @T.prim_func
+    def fused_recurrent_bwd(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        do: T.Tensor([Ttot, H, V], dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        h0: T.Tensor([NH0, SK, SV], "float32"),
+        dht: T.Tensor([NHT, SK, SV], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        dq: T.Tensor([NV, Ttot, H, K], "float32"),
+        dk: T.Tensor([NV, Ttot, H, K], "float32"),
+        dv: T.Tensor([Ttot, H, V], dtype),
+        dh0: T.Tensor([NH0, SK, SV], "float32"),
+        scale: T.float32,
+        use_h0: T.int32,
+        use_dht: T.int32,
+    ):
+        with T.Kernel(NV, N * H, threads=threads) as (i_v, i_nh):
+            i_n = i_nh // H
+            i_h = i_nh % H
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            L = eos - bos
+            nb = T.ceildiv(L, TB)
+            decay = T.exp2(g_gamma[i_h] * LOG2E) if gate == "gamma" else 1.0
+
+            a_s = T.alloc_shared([TB, KP], "float32")
+            k_s = T.alloc_shared([TB, KP], "float32")
+            v_s = T.alloc_shared([TB, BV], "float32")
+            do_s = T.alloc_shared([TB, BV], "float32")
+            ak_s = T.alloc_shared([TB, KP], "float32")
+            av_s = T.alloc_shared([TB, BV], "float32")
+            b_h = T.alloc_fragment([KP, BV], "float32")
+            b_x = T.alloc_fragment([KP, BV], "float32")
+            b_rk = T.alloc_fragment([KP], "float32")
+            b_rv = T.alloc_fragment([BV], "float32")
+
+            # forward in the processing order: dq_t = scale * h_t do_t
+            T.clear(b_h)
+            if use_h0 == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        if state_v_first:
+                            b_h[i, j] = h0[i_nh, i_v * BV + j, i]
+                        else:
+                            b_h[i, j] = h0[i_nh, i, i_v * BV + j]
+            for it in T.Pipelined(nb, num_stages=num_stages):
+                for r, j in T.Parallel(TB, KP):
+                    t = _pos(reverse, bos, eos, it * TB + r)
+                    k_s[r, j] = T.if_then_else(it * TB + r < L and j < K, k[t, i_h, j], 0)
+                for r, j in T.Parallel(TB, BV):
+                    t = _pos(reverse, bos, eos, it * TB + r)
+                    v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
+                    do_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, do[t, i_h, i_v * BV + j], 0)
+                for r in T.serial(TB):
+                    for i, j in T.Parallel(KP, BV):
+                        b_h[i, j] = b_h[i, j] * decay + k_s[r, i] * v_s[r, j]
+                        b_x[i, j] = b_h[i, j] * do_s[r, j]
+                    T.reduce_sum(b_x, b_rk, dim=1)
+                    for i in T.Parallel(KP):
+                        ak_s[r, i] = b_rk[i] * scale
+                for r, j in T.Parallel(TB, KP):
+                    if it * TB + r < L and j < K:
+                        dq[i_v, _pos(reverse, bos, eos, it * TB + r), i_h, j] = ak_s[r, j]
+
+            # backward in the processing order with b_h = dh:  dh_t = decay dh_{t+1} + scale q_t do_t^T
+            T.clear(b_h)
+            if use_dht == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        if state_v_first:
+                            b_h[i, j] = dht[i_nh, i_v * BV + j, i]
+                        else:
+                            b_h[i, j] = dht[i_nh, i, i_v * BV + j]
+            for jt in T.Pipelined(nb, num_stages=num_stages):
+                it = nb - 1 - jt
+                for r, j in T.Parallel(TB, KP):
+                    t = _pos(reverse, bos, eos, it * TB + r)
+                    a_s[r, j] = T.if_then_else(it * TB + r < L and j < K, q[t, i_h, j] * scale, 0)
+                    k_s[r, j] = T.if_then_else(it * TB + r < L and j < K, k[t, i_h, j], 0)
+                for r, j in T.Parallel(TB, BV):
+                    t = _pos(reverse, bos, eos, it * TB + r)
+                    v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
+                    do_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, do[t, i_h, i_v * BV + j], 0)
+                for rr in T.serial(TB):
+                    r = TB - 1 - rr
+                    for i, j in T.Parallel(KP, BV):
+                        b_h[i, j] += a_s[r, i] * do_s[r, j]
+                        b_x[i, j] = b_h[i, j] * v_s[r, j]
+                    T.reduce_sum(b_x, b_rk, dim=1)
+                    for i, j in T.Parallel(KP, BV):
+                        b_x[i, j] = b_h[i, j] * k_s[r, i]
+                    T.reduce_sum(b_x, b_rv, dim=0)
+                    for i in T.Parallel(KP):
+                        ak_s[r, i] = b_rk[i]
+                    for j in T.Parallel(BV):
+                        av_s[r, j] = b_rv[j]
+                    for i, j in T.Parallel(KP, BV):
+                        b_h[i, j] *= decay
+                for r, j in T.Parallel(TB, KP):
+                    if it * TB + r < L and j < K:
+                        dk[i_v, _pos(reverse, bos, eos, it * TB + r), i_h, j] = ak_s[r, j]
+                for r, j in T.Parallel(TB, BV):
+                    if it * TB + r < L and i_v * BV + j < V:
+                        dv[_pos(reverse, bos, eos, it * TB + r), i_h, i_v * BV + j] = av_s[r, j]
+
+            if use_h0 == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        if state_v_first:
+                            dh0[i_nh, i_v * BV + j, i] = b_h[i, j]
+                        else:
+                            dh0[i_nh, i, i_v * BV + j] = b_h[i, j]
+
+    return fused_recurrent_bwd
+
+
+def _state_tail(K, V, state_v_first):
+    return (V, K) if state_v_first else (K, V)
+
+
+def fused_recurrent_fwd(
+    q, k, v, *, gate: str, g_gamma, scale: float, initial_state, output_final_state: bool, reverse: bool,
+    state_v_first: bool, meta: SeqMeta,
+):
+    Ttot, H, K = q.shape
+    V = v.shape[-1]
+    tail = _state_tail(K, V, state_v_first)
+    o = torch.empty_like(v)
+    h0, use_h0 = state_or_dummy(initial_state, q, tail)
+    ht = q.new_empty(meta.N * H if output_final_state else 1, *tail, dtype=torch.float32)
+    kernel = get_kernel(
+        fused_recurrent_fwd_kernel,
+        target_for(q.device),
+        K=K,
+        V=V,
+        gate=gate,
+        reverse=reverse,
+        state_v_first=state_v_first,
+        dtype=TORCH_TO_TL[q.dtype],
+    )
+    kernel(q, k, v, g_gamma, h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
+    return o, (ht.view(meta.N, H, *tail) if output_final_state else None)
+
+
+def fused_recurrent_bwd(
+    q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initial_state, reverse: bool, state_v_first: bool,
+    meta: SeqMeta, BV: int = 32,
+):
+    Ttot, H, K = q.shape
+    V = v.shape[-1]
+    NV = cdiv(V, BV)
+    tail = _state_tail(K, V, state_v_first)
+    h0, use_h0 = state_or_dummy(initial_state, q, tail)
+    dht_, use_dht = state_or_dummy(dht, q, tail)
+    dq = q.new_empty(NV, Ttot, H, K, dtype=torch.float32)
+    dk = q.new_empty(NV, Ttot, H, K, dtype=torch.float32)
+    dv = torch.empty_like(v)
+    dh0 = torch.empty_like(h0)
+    kernel = get_kernel(
+        fused_recurrent_bwd_kernel,
+        target_for(q.device),
+        K=K,
+        V=V,
+        gate=gate,
+        reverse=reverse,
+        state_v_first=state_v_first,
+        dtype=TORCH_TO_TL[q.dtype],
+        BV=BV,
+    )
+    kernel(q, k, v, do, g_gamma, h0, dht_, meta.cu, dq, dk, dv, dh0, scale, use_h0, use_dht)
+    dq = dq.sum(0) if NV > 1 else dq[0]
+    dk = dk.sum(0) if NV > 1 else dk[0]
+    dh0 = dh0.view(meta.N, H, *tail).to(initial_state.dtype) if use_h0 else None
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dh0

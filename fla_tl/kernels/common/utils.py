@@ -1,0 +1,91 @@
+"""Compile cache, targets and sequence metadata shared by every TileLang launcher."""
+
+import functools
+import json
+import os
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+TORCH_TO_TL = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def pad_dim(d: int, multiple: int = 64) -> int:
+    """the tile extent that holds a head dim: the next multiple of 64 (a warpgroup mma's m-extent)."""
+    return cdiv(d, multiple) * multiple
+
+
+def target_for(device: torch.device | None = None) -> dict:
+    """the explicit compile target for a CUDA device, or for `FLA_TL_ARCH` (default sm_90a) without one."""
+    if device is not None and device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        arch = f"sm_{major}{minor}" + ("a" if major == 9 else "")
+    else:
+        arch = os.environ.get("FLA_TL_ARCH", "sm_90a")
+    return {"kind": "cuda", "arch": arch}
+
+
+@functools.lru_cache(maxsize=None)
+def _compile(factory, target_json: str, items: tuple):
+    import tilelang
+
+    func = factory(**dict(items))
+    return tilelang.compile(func, target=json.loads(target_json), execution_backend="tvm_ffi")
+
+
+def get_kernel(factory, target: dict, **kwargs):
+    """the compiled kernel for `factory(**kwargs)` on `target`, built once per process (and cached on disk by TileLang)."""
+    return _compile(factory, json.dumps(target, sort_keys=True), tuple(sorted(kwargs.items())))
+
+
+class SeqMeta:
+    """per-launch sequence layout: int32 `cu_seqlens`, per-sequence chunk offsets and the (seq, chunk) of each chunk."""
+
+    __slots__ = ("cu", "chunk_offsets", "chunk_indices", "N", "NT")
+
+    def __init__(self, cu, chunk_offsets, chunk_indices, N, NT):
+        self.cu = cu
+        self.chunk_offsets = chunk_offsets
+        self.chunk_indices = chunk_indices
+        self.N = N
+        self.NT = NT
+
+
+@functools.lru_cache(maxsize=64)
+def _dense_meta(B: int, T: int, BT: int, device: torch.device) -> SeqMeta:
+    nc = cdiv(T, BT)
+    cu = torch.arange(0, B + 1, dtype=torch.int32, device=device) * T
+    offsets = torch.arange(0, B + 1, dtype=torch.int32, device=device) * nc
+    n = torch.arange(B, dtype=torch.int32, device=device).repeat_interleave(nc)
+    c = torch.arange(nc, dtype=torch.int32, device=device).repeat(B)
+    return SeqMeta(cu, offsets, torch.stack([n, c], 1).contiguous(), B, B * nc)
+
+
+def seq_meta(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device) -> SeqMeta:
+    """sequence metadata for a dense batch (cached) or a varlen batch (one host sync, like fla)."""
+    if cu_seqlens is None:
+        return _dense_meta(B, T, BT, device)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    nc = (lens + BT - 1) // BT
+    offsets = torch.cat([nc.new_zeros(1), nc.cumsum(0)])
+    N, NT = lens.numel(), int(offsets[-1].item())
+    n = torch.repeat_interleave(torch.arange(N, device=device), nc, output_size=NT)
+    c = torch.arange(NT, device=device) - offsets[n]
+    indices = torch.stack([n, c], 1).to(torch.int32).contiguous()
+    return SeqMeta(cu_seqlens.to(torch.int32), offsets.to(torch.int32), indices, N, NT)
+
+
+def state_or_dummy(state: torch.Tensor | None, like: torch.Tensor, shape_tail: tuple) -> tuple[torch.Tensor, int]:
+    """an fp32 `[N*H, *shape_tail]` view of a state, or a one-element dummy, with the use flag."""
+    if state is None:
+        return like.new_empty((1, *shape_tail), dtype=torch.float32), 0
+    return state.reshape(-1, *shape_tail).float().contiguous(), 1
