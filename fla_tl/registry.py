@@ -308,10 +308,11 @@ def registry_rows() -> list[dict[str, str]]:
     return rows
 
 
-def list_ops(file=sys.stdout) -> list[OpSpec]:
-    """print the registry table (op, variant, mode, backends with their capabilities) to `file`; return the ops."""
-    if file is not None:
-        print(format_table(registry_rows()), file=file)
+def list_ops(file=None, quiet: bool = False) -> list[OpSpec]:
+    """print the registry table (op, variant, mode, backends with their capabilities) to `file` (default stdout)
+    unless `quiet`; return the ops."""
+    if not quiet:
+        print(format_table(registry_rows()), file=file or sys.stdout)
     return registered_ops()
 
 

@@ -8,6 +8,15 @@ logger = logging.getLogger("fla_tl")
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
+# the one per-dtype tolerance table, (ratio, floor): a comparison passes when
+# rms(actual - expected) <= ratio * rms(expected) + floor; used by the tests and by `python -m fla_tl check`
+TOLERANCES = {
+    torch.float64: (1e-10, 1e-12),
+    torch.float32: (2e-4, 1e-6),
+    torch.float16: (5e-3, 1e-4),
+    torch.bfloat16: (2e-2, 1e-3),
+}
+
 _logged: set = set()
 
 
@@ -104,3 +113,23 @@ def validate_linear_attention_inputs(
                 f"got {tuple(initial_state.shape)}"
             )
     return N
+
+
+def rms(x: torch.Tensor) -> float:
+    """root mean square in float64 (0 for an empty tensor)."""
+    return x.double().pow(2).mean().sqrt().item() if x.numel() else 0.0
+
+
+def compare(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> tuple[bool, str]:
+    """(passed, detail) of the relative-RMS check of `actual` against `expected` at the tolerance of `dtype`."""
+    if actual.shape != expected.shape:
+        return False, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    bad = (~torch.isfinite(actual)).sum().item()
+    if bad:
+        return False, f"{bad} non-finite elements"
+    if not torch.isfinite(expected).all():
+        return False, "the reference has non-finite elements"
+    ratio, floor = TOLERANCES[dtype]
+    err, ref = rms(actual.double() - expected.double()), rms(expected)
+    detail = f"rms err {err:.3e}, rms ref {ref:.3e}, ratio {err / max(ref, 1e-30):.3e} (tol {ratio:.0e} + {floor:.0e})"
+    return err <= ratio * ref + floor, detail

@@ -1,24 +1,11 @@
-"""The per-dtype tolerance table and the comparison every test uses."""
+"""The comparison every test uses; the per-dtype tolerance table is `fla_tl.utils.TOLERANCES` (one table, shared with
+`python -m fla_tl check`)."""
 
 import torch
 
-# (ratio, floor): a check passes when rms(actual - expected) <= ratio * rms(expected) + floor
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-4, 1e-6),
-    torch.float16: (5e-3, 1e-4),
-    torch.bfloat16: (2e-2, 1e-3),
-}
+from fla_tl.utils import TOLERANCES, compare, rms
 
-
-def rms(x: torch.Tensor) -> float:
-    x = x.double()
-    return x.pow(2).mean().sqrt().item() if x.numel() else 0.0
-
-
-def error_ratio(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
-    """(rms(actual - expected), rms(expected)), both in float64."""
-    return rms(actual.double() - expected.double()), rms(expected)
+__all__ = ["TOLERANCES", "assert_close", "poison_allocator", "rms"]
 
 
 def assert_close(name: str, actual: torch.Tensor | None, expected: torch.Tensor | None, dtype: torch.dtype) -> None:
@@ -26,14 +13,8 @@ def assert_close(name: str, actual: torch.Tensor | None, expected: torch.Tensor 
     if expected is None or actual is None:
         assert actual is None and expected is None, f"{name}: one of actual / expected is None"
         return
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert torch.isfinite(actual).all(), f"{name}: {(~torch.isfinite(actual)).sum().item()} non-finite elements"
-    assert torch.isfinite(expected).all(), f"{name}: the reference has non-finite elements"
-    ratio, floor = TOLERANCES[dtype]
-    err, ref = error_ratio(actual, expected)
-    assert err <= ratio * ref + floor, (
-        f"{name}: rms err {err:.3e} > {ratio:.0e} * rms ref {ref:.3e} + {floor:.0e} (ratio {err / max(ref, 1e-30):.3e})"
-    )
+    ok, detail = compare(actual, expected, dtype)
+    assert ok, f"{name}: {detail}"
 
 
 def poison_allocator(device: torch.device | str = "cuda", nbytes: int = 1 << 30) -> None:

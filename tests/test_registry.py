@@ -1,0 +1,206 @@
+"""The registry: capabilities as data, every refusal reason of every verifier, forced and automatic choice."""
+
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fla_tl.ops as ops
+from fla_tl import registry
+from fla_tl.registry import BackendError, OpInputs, get_op, select_backend
+
+OP_NAMES = ["chunk_retention", "fused_chunk_retention", "fused_recurrent_retention"]
+
+# what the tilelang backend accepts: a Hopper GPU, bf16, head dims within the limit
+H100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0),
+                varlen=True, initial_state=True, backward=True)
+
+
+@pytest.fixture
+def tilelang_importable(monkeypatch):
+    """pretend tilelang and its kernels import, so only the input decides."""
+    monkeypatch.setattr(ops, "module_missing", lambda name: False)
+    monkeypatch.setattr(ops, "import_reason", lambda module: None)
+
+
+def backend(op, name):
+    return get_op(op).backend(name)
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_registration(op):
+    spec = get_op(op)
+    assert spec.variant == "retention"
+    assert spec.mode == op.replace("_retention", "")
+    assert spec.fn is getattr(ops, op)
+    assert [b.name for b in spec.backends] == ["tilelang", "torch"]
+    tl = spec.backend("tilelang").capabilities
+    assert tl.devices == ("cuda",)
+    assert tl.dtypes == (torch.bfloat16, torch.float16, torch.float32)
+    assert tl.max_head_dim == 256 and tl.min_compute_capability == (9, 0)
+    assert tl.varlen and tl.initial_state and tl.backward
+    th = spec.backend("torch").capabilities
+    assert th.devices is None and torch.float64 in th.dtypes and th.max_head_dim is None
+    recurrent = op == "fused_recurrent_retention"
+    assert tl.reverse == th.reverse == recurrent
+    assert tl.state_v_first == th.state_v_first == recurrent
+
+
+def test_custom_ops_defined():
+    for op in OP_NAMES:
+        assert hasattr(torch.ops.fla_tl, f"{op}_fwd") and hasattr(torch.ops.fla_tl, f"{op}_bwd")
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_tilelang_accepts(op, tilelang_importable):
+    assert backend(op, "tilelang").verifier(H100) == []
+    assert select_backend(get_op(op), H100).name == "tilelang"
+
+
+REFUSALS = [
+    pytest.param(dict(device_type="cpu", compute_capability=None), ["needs a cuda tensor, got cpu"], id="device"),
+    pytest.param(dict(dtype=torch.float64), ["dtype torch.float64 is not one of bf16, fp16, fp32"], id="dtype"),
+    pytest.param(dict(K=320), ["head dim K = 320 exceeds 256"], id="K"),
+    pytest.param(dict(V=512), ["head dim V = 512 exceeds 256"], id="V"),
+    pytest.param(dict(compute_capability=(8, 0)), ["needs compute capability >= 9.0, got 8.0"], id="cc"),
+    pytest.param(
+        dict(device_type="cpu", compute_capability=None, dtype=torch.float64, K=300, V=300),
+        ["needs a cuda tensor", "dtype torch.float64", "K = 300", "V = 300"],
+        id="all-at-once",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "expected"), REFUSALS)
+def test_tilelang_refusals(change, expected, tilelang_importable):
+    inputs = OpInputs(**{**H100.__dict__, **change})
+    reasons = backend("chunk_retention", "tilelang").verifier(inputs)
+    assert len(reasons) == len(expected), reasons
+    for reason, want in zip(reasons, expected):
+        assert want in reason
+
+
+def test_tilelang_refuses_without_tilelang(monkeypatch):
+    monkeypatch.setattr(ops, "module_missing", lambda name: True)
+    assert backend("chunk_retention", "tilelang").verifier(H100) == ["tilelang is not installed"]
+
+
+def test_tilelang_refuses_broken_kernels(monkeypatch):
+    monkeypatch.setattr(ops, "module_missing", lambda name: False)
+    monkeypatch.setattr(registry, "_IMPORT_ERRORS", {"fla_tl.kernels.retention": "cannot import it: boom"})
+    assert backend("chunk_retention", "tilelang").verifier(H100) == ["cannot import it: boom"]
+
+
+def test_chunk_refuses_recurrent_options(tilelang_importable):
+    inputs = OpInputs(**{**H100.__dict__, "reverse": True, "state_v_first": True})
+    for name in ("tilelang", "torch"):
+        reasons = backend("chunk_retention", name).verifier(inputs)
+        assert reasons == ["does not support reverse=True", "does not support state_v_first=True"]
+        assert backend("fused_recurrent_retention", name).verifier(inputs) == []
+
+
+def test_capability_flags():
+    caps = registry.Capabilities(devices=None, dtypes=(torch.float32,), varlen=False, initial_state=False,
+                                 backward=False)
+    inputs = OpInputs(device_type="cpu", dtype=torch.float32, K=8, V=8, varlen=True, initial_state=True,
+                      backward=True)
+    assert registry.capability_reasons(caps, inputs) == [
+        "does not support variable-length inputs (cu_seqlens)",
+        "does not support an initial state",
+        "does not support a backward pass",
+    ]
+
+
+def test_torch_accepts_anything_float():
+    for inputs in (H100, OpInputs(device_type="cpu", dtype=torch.float64, K=1024, V=1024)):
+        assert backend("chunk_retention", "torch").verifier(inputs) == []
+
+
+def test_auto_falls_back_to_torch_and_logs_once(caplog, monkeypatch):
+    monkeypatch.setattr(registry, "_logged", set(), raising=False)
+    monkeypatch.setattr("fla_tl.utils._logged", set())
+    inputs = OpInputs(device_type="cpu", dtype=torch.float32, K=8, V=8)
+    with caplog.at_level(logging.INFO, logger="fla_tl"):
+        for _ in range(3):
+            assert select_backend(get_op("chunk_retention"), inputs).name == "torch"
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith("fla_tl: chunk_retention runs the pure-PyTorch path on cpu: tilelang: ")
+    assert "needs a cuda tensor, got cpu" in messages[0]
+
+
+def test_auto_fallback_on_gpu_warns(caplog, monkeypatch):
+    monkeypatch.setattr("fla_tl.utils._logged", set())
+    inputs = OpInputs(**{**H100.__dict__, "compute_capability": (8, 0)})
+    with caplog.at_level(logging.INFO, logger="fla_tl"):
+        assert select_backend(get_op("chunk_retention"), inputs).name == "torch"
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+
+
+def test_forced_backend_raises(tilelang_importable):
+    inputs = OpInputs(device_type="cpu", dtype=torch.float64, K=8, V=8)
+    with pytest.raises(BackendError, match=r"backend='tilelang'.*needs a cuda tensor, got cpu; dtype torch.float64"):
+        select_backend(get_op("chunk_retention"), inputs, "tilelang")
+    q = torch.randn(1, 8, 1, 8)
+    with pytest.raises(BackendError, match="requested backend"):
+        ops.chunk_retention(q, q, q, backend="tilelang")
+
+
+def test_no_backend_lists_every_candidate(monkeypatch):
+    spec = get_op("chunk_retention")
+    tight = registry.Capabilities(devices=("cuda",), dtypes=(torch.float16,))
+    torch_backend = registry.Backend(
+        name="torch", capabilities=tight, verifier=lambda inputs: registry.capability_reasons(tight, inputs),
+        fwd=None, bwd=None,
+    )
+    monkeypatch.setattr(spec, "backends", [spec.backend("tilelang"), torch_backend])
+    inputs = OpInputs(device_type="cpu", dtype=torch.float64, K=8, V=8)
+    with pytest.raises(BackendError) as info:
+        select_backend(spec, inputs)
+    message = str(info.value)
+    assert "chunk_retention: no backend can run this input" in message
+    assert "- tilelang: needs a cuda tensor, got cpu; dtype torch.float64 is not one of bf16, fp16, fp32" in message
+    assert "- torch: needs a cuda tensor, got cpu; dtype torch.float64 is not one of fp16" in message
+
+
+def test_env_var_forces_backend(monkeypatch, tilelang_importable):
+    inputs = OpInputs(device_type="cpu", dtype=torch.float32, K=8, V=8)
+    monkeypatch.setenv("FLA_TL_BACKEND", "tilelang")
+    with pytest.raises(BackendError, match="FLA_TL_BACKEND='tilelang'"):
+        select_backend(get_op("chunk_retention"), inputs)
+    q = torch.randn(1, 8, 1, 8)
+    with pytest.raises(BackendError, match="FLA_TL_BACKEND"):
+        ops.chunk_retention(q, q, q)
+    # the argument wins over the variable
+    assert ops.chunk_retention(q, q, q, backend="torch")[0].shape == (1, 8, 1, 8)
+    assert select_backend(get_op("chunk_retention"), H100).name == "tilelang"
+    monkeypatch.setenv("FLA_TL_BACKEND", "torch")
+    assert select_backend(get_op("chunk_retention"), H100).name == "torch"
+    monkeypatch.setenv("FLA_TL_BACKEND", "auto")
+    assert select_backend(get_op("chunk_retention"), H100).name == "tilelang"
+    monkeypatch.setenv("FLA_TL_BACKEND", "nope")
+    with pytest.raises(ValueError, match="`backend` must be one of"):
+        select_backend(get_op("chunk_retention"), H100)
+
+
+def test_list_ops(capsys):
+    specs = ops.list_ops()
+    out = capsys.readouterr().out
+    assert [s.name for s in specs] == OP_NAMES
+    for op in OP_NAMES:
+        assert op in out
+    assert "tilelang (preferred)" in out and "bf16,fp16,fp32" in out
+
+
+def test_no_kernel_import_at_import_time():
+    code = "import sys, fla_tl, fla_tl.ops; print(any(m.startswith(('tilelang', 'fla_tl.kernels')) for m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_cli_list():
+    out = subprocess.run([sys.executable, "-m", "fla_tl", "list"], capture_output=True, text=True, check=True).stdout
+    for op in OP_NAMES:
+        assert op in out
