@@ -1,0 +1,670 @@
+"""Time fla_tl against fla (Triton) and causal SDPA at fla's benchmark shapes.
+
+Modes: `fwd` (forward only, inputs without grad) and `fwdbwd` (forward + `o.backward(do)`).
+For each (op, shape) a correctness gate runs first: fla_tl against fla (or, when fla is missing or refuses,
+against an fp32 PyTorch reference where the op has one). A row whose gate fails gets no speed-up.
+
+Writes one CSV row per (op, provider, mode, shape) and a PNG; prints a compact table last.
+See benchmarks/README.md for the columns and the formulas.
+
+    python benchmarks/bench.py --ops chunk_retention --shapes 8x4096x16x128 --modes fwd,fwdbwd
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib
+import importlib.metadata
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+
+# measured device-to-device copy ceiling (bytes read + bytes written) on the H100, GB/s
+COPY_CEILING_GBPS = 3000.0
+# a failed gate: relative RMS of fla_tl against the reference above this, or NaN
+GATE_TOL = 5e-2
+# the chunk length the FLOP model of the chunked ops assumes
+FLOP_BT = 64
+# backward costs about 2.5x the forward in FLOPs; fwdbwd = 3.5x fwd
+BWD_FLOP_FACTOR = 2.5
+# L2 flush buffer, larger than any L2 (50 MB on H100)
+FLUSH_BYTES = 256 * 1024 * 1024
+
+# fla's benchmark shape set, (B, T, H, D), plus the issue's target shape
+SHAPES = [
+    (1, 8192, 96, 128),
+    (2, 16384, 16, 128),
+    (4, 2048, 16, 128),
+    (4, 4096, 64, 128),
+    (8, 1024, 8, 64),
+    (8, 2048, 32, 256),
+    (8, 4096, 16, 128),
+]
+# fused_recurrent is skipped above this B*T*H under --skip-slow
+SLOW_BTH = 8 * 4096 * 16
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+PROVIDERS = ("fla_tl", "fla", "sdpa")
+MODES = ("fwd", "fwdbwd")
+CSV_COLUMNS = [
+    "date", "gpu", "torch", "triton", "tilelang", "fla_version", "fla_tl_version",
+    "op", "provider", "mode", "B", "T", "H", "D", "dtype",
+    "median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "tflops", "peak_mem_mb",
+    "ratio_to_fla", "gate_rel_rms", "gate", "fla_path", "status",
+]  # fmt: skip
+
+
+def shape_name(shape: tuple[int, int, int, int]) -> str:
+    return "x".join(str(x) for x in shape)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# inputs, FLOP models, references
+
+
+def qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # layout [B, T, H, D]; k l2-normalised like fla's benchmarks, so the un-gated states stay bounded
+    q = torch.randn(B, T, H, D, dtype=dtype, device=device)
+    k = F.normalize(torch.randn(B, T, H, D, dtype=torch.float32, device=device), p=2, dim=-1).to(dtype)
+    v = torch.randn(B, T, H, D, dtype=dtype, device=device)
+    return {"q": q, "k": k, "v": v}
+
+
+def chunk_flops(B: int, T: int, H: int, K: int, V: int) -> float:
+    # per token per head, chunk length BT: q k^T in the chunk (2*BT*K), A v (2*BT*V),
+    # q h against the chunk-start state (2*K*V), the state update k^T v (2*K*V); causal halving ignored
+    return B * T * H * 2.0 * (FLOP_BT * K + FLOP_BT * V + 2 * K * V)
+
+
+def recurrent_flops(B: int, T: int, H: int, K: int, V: int) -> float:
+    # per token per head: rank-1 state update k^T v (2*K*V) and the readout q S (2*K*V)
+    return B * T * H * 4.0 * K * V
+
+
+def sdpa_flops(B: int, T: int, H: int, K: int, V: int) -> float:
+    # causal: q k^T and p v over half the T*T square, 2*B*T*T*H*D in all
+    return 2.0 * B * T * T * H * K
+
+
+def retention_reference(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+    """fp32 chunked retention, fla's decay gamma_h = 1 - 2^(-5 - h); dense, no initial state. Gate fallback only."""
+    if initial_state is not None or cu_seqlens is not None:
+        raise NotImplementedError("reference gate covers the dense, stateless call only")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    BT = 64
+    scale = K**-0.5 if scale is None else scale
+    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
+    pad = (-T) % BT
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+    NT = (T + pad) // BT
+    q, k, v = (x.reshape(B, H, NT, BT, -1) for x in (q, k, v))
+    log_gamma = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, device=q.device, dtype=torch.float32)))
+    i = torch.arange(BT, device=q.device, dtype=torch.float32)
+    lg = log_gamma[:, None, None]
+    # [H, BT, BT] decay gamma^(i - j) on and under the diagonal
+    decay = torch.exp((i[:, None] - i[None, :]) * lg).masked_fill(i[:, None] < i[None, :], 0.0)
+    q_decay = torch.exp((i + 1) * log_gamma[:, None])[:, :, None]  # [H, BT, 1]
+    k_decay = torch.exp((BT - 1 - i) * log_gamma[:, None])[:, :, None]  # [H, BT, 1]
+    chunk_decay = torch.exp(BT * log_gamma)[:, None, None]  # [H, 1, 1]
+    state = q.new_zeros(B, H, K, V)
+    outs = []
+    for n in range(NT):
+        qn, kn, vn = q[:, :, n], k[:, :, n], v[:, :, n]
+        attn = (qn @ kn.transpose(-1, -2)) * decay
+        outs.append((attn @ vn + (qn * q_decay) @ state) * scale)
+        state = chunk_decay * state + (kn * k_decay).transpose(-1, -2) @ vn
+    o = torch.stack(outs, dim=2).reshape(B, H, NT * BT, V)[:, :, :T].transpose(1, 2)
+    # the padded tail decayed the state pad steps too far
+    state = state * torch.exp(-pad * log_gamma)[:, None, None]
+    return o, (state if output_final_state else None)
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """One benchmarked op: where its fla_tl and fla functions live ("module:attr"), and its models.
+
+    `inputs(B, T, H, D, dtype, device)` returns the keyword tensors; every one gets a gradient in fwdbwd.
+    The call is `fn(**inputs)` and its first return value is the output `o`.
+    """
+
+    fla_tl: str
+    fla: str | None
+    flops: Callable[[int, int, int, int, int], float]
+    inputs: Callable[..., dict[str, torch.Tensor]] = qkv_inputs
+    reference: Callable | None = None
+    slow: bool = False
+
+
+# adding an op is one entry here
+OPS: dict[str, OpSpec] = {
+    "chunk_retention": OpSpec(
+        fla_tl="fla_tl.ops:chunk_retention",
+        fla="fla.ops.retention:chunk_retention",
+        flops=chunk_flops,
+        reference=retention_reference,
+    ),
+    "fused_chunk_retention": OpSpec(
+        fla_tl="fla_tl.ops:fused_chunk_retention",
+        fla="fla.ops.retention:fused_chunk_retention",
+        flops=chunk_flops,
+        reference=retention_reference,
+    ),
+    "fused_recurrent_retention": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_retention",
+        fla="fla.ops.retention:fused_recurrent_retention",
+        flops=recurrent_flops,
+        reference=retention_reference,
+        slow=True,
+    ),
+}
+
+
+def sdpa_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # layout [B, H, T, D] as SDPA wants it
+    return {n: torch.randn(B, H, T, D, dtype=dtype, device=device) for n in ("query", "key", "value")}
+
+
+def sdpa_call(**kw):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # flash attention only: a refusal becomes an error row rather than a silent slower backend
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(**kw, is_causal=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# byte model, timing
+
+
+def io_bytes(inputs: dict[str, torch.Tensor], out_numel: int, elem: int, mode: str) -> int:
+    # fwd: read every input once (q, k, v) + write o; fwdbwd adds: read the inputs and do again + write a grad per input
+    read_in = sum(x.numel() * x.element_size() for x in inputs.values())
+    fwd = read_in + out_numel * elem
+    if mode == "fwd":
+        return fwd
+    return fwd + read_in + out_numel * elem + read_in
+
+
+def quantile(xs: list[float], p: float) -> float:
+    s = sorted(xs)
+    pos = p * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+class Timer:
+    def __init__(self, warmup_ms: float, rep: int, max_case_ms: float, sleep_us: float = 0.0):
+        self.warmup_ms = warmup_ms
+        self.rep = rep
+        self.max_case_ms = max_case_ms
+        # gpu clock cycles to spin before each timed call, so the host enqueues ahead (0: launch overhead counts)
+        self.sleep_cycles = int(sleep_us * 1980)
+        self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+
+    def run(self, step: Callable[[], None], reset: Callable[[], None]) -> list[float]:
+        """Warm up (>= 3 calls and warmup_ms), then time `step` with CUDA events; `reset` and the L2 flush run outside."""
+        t0 = time.perf_counter()
+        n = 0
+        while n < 3 or (time.perf_counter() - t0) * 1e3 < self.warmup_ms:
+            reset()
+            step()
+            torch.cuda.synchronize()
+            n += 1
+        # estimate one call, to fit the reps into max_case_ms (at least 5)
+        reset()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        step()
+        e.record()
+        torch.cuda.synchronize()
+        est = max(s.elapsed_time(e), 1e-3)
+        reps = max(5, min(self.rep, int(self.max_case_ms / est)))
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+        for i in range(reps):
+            reset()
+            self.flush.zero_()
+            if self.sleep_cycles:
+                torch.cuda._sleep(self.sleep_cycles)
+            starts[i].record()
+            step()
+            ends[i].record()
+        torch.cuda.synchronize()
+        return [a.elapsed_time(b) for a, b in zip(starts, ends)]
+
+
+def first(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def resolve(path: str) -> Callable:
+    mod, attr = path.split(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+def version(dist: str, module: str | None = None) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    if module:
+        try:
+            return getattr(importlib.import_module(module), "__version__", "?")
+        except ImportError:
+            return ""
+    return ""
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ops", default="all", help=f"comma list or 'all' (default); known: {', '.join(OPS)}")
+    p.add_argument(
+        "--shapes",
+        default="all",
+        help="comma list of BxTxHxD (e.g. 8x4096x16x128) or 'all' (default): "
+        + ", ".join(shape_name(s) for s in SHAPES),
+    )
+    p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd (default both)")
+    p.add_argument("--providers", default="fla_tl,fla,sdpa", help="comma list of fla_tl, fla, sdpa (default all)")
+    p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu-slug>.csv)")
+    p.add_argument("--plot", default=None, help="PNG path (default beside the CSV, same stem)")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--append", action="store_true", help="append to the CSV instead of overwriting it")
+    p.add_argument("--warmup-ms", type=float, default=200.0, help="warm-up time per case after 3 calls (default 200)")
+    p.add_argument("--rep", type=int, default=50, help="timed repetitions per case, at most (default 50)")
+    p.add_argument(
+        "--max-case-ms",
+        type=float,
+        default=3000.0,
+        help="cap on timed GPU time per case: reps shrink to fit, never under 5 (default 3000)",
+    )
+    p.add_argument(
+        "--sleep-us",
+        type=float,
+        default=0.0,
+        help="spin the GPU this long before each timed call so host launch overhead is hidden (default 0: counted)",
+    )
+    p.add_argument("--skip-slow", action="store_true", help=f"skip slow ops (fused_recurrent) at B*T*H > {SLOW_BTH}")
+    p.add_argument("--gate-tol", type=float, default=GATE_TOL, help=f"gate threshold on rel RMS (default {GATE_TOL})")
+    p.add_argument("--no-gate", action="store_true", help="skip the correctness gate (speed-ups then unreported)")
+    p.add_argument("--fla-dispatch", action="store_true", help="leave fla's backend dispatch on (default: Triton path)")
+    p.add_argument("--copy-gbps", type=float, default=COPY_CEILING_GBPS, help="copy ceiling for pct_of_copy")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dry-run", action="store_true", help="list the cases and their models; needs no GPU")
+    args = p.parse_args(argv)
+
+    args.ops = list(OPS) if args.ops == "all" else [s.strip() for s in args.ops.split(",") if s.strip()]
+    for op in args.ops:
+        if op not in OPS:
+            p.error(f"--ops: unknown op {op!r}; known: {', '.join(OPS)}")
+    if args.shapes == "all":
+        args.shapes = list(SHAPES)
+    else:
+        shapes = []
+        for s in args.shapes.split(","):
+            m = re.fullmatch(r"(\d+)x(\d+)x(\d+)x(\d+)", s.strip())
+            if not m:
+                p.error(f"--shapes: expected BxTxHxD like 8x4096x16x128, got {s!r}")
+            shapes.append(tuple(int(x) for x in m.groups()))
+        args.shapes = shapes
+    args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    for m in args.modes:
+        if m not in MODES:
+            p.error(f"--modes: unknown mode {m!r}; expected among {MODES}")
+    args.providers = [x.strip() for x in args.providers.split(",") if x.strip()]
+    for x in args.providers:
+        if x not in PROVIDERS:
+            p.error(f"--providers: unknown provider {x!r}; expected among {PROVIDERS}")
+    return args
+
+
+def cases(args):
+    """(op, shape, mode, provider, skip-reason) in run order: per shape, sdpa once, then per op fla before fla_tl."""
+    order = [x for x in ("fla", "fla_tl") if x in args.providers]
+    for shape in args.shapes:
+        B, T, H, _ = shape
+        for mode in args.modes:
+            if "sdpa" in args.providers:
+                yield "sdpa", shape, mode, "sdpa", None
+        for op in args.ops:
+            spec = OPS[op]
+            skip = "skipped: slow (--skip-slow)" if args.skip_slow and spec.slow and B * T * H > SLOW_BTH else None
+            for mode in args.modes:
+                for prov in order:
+                    yield op, shape, mode, prov, skip
+
+
+def dry_run(args) -> None:
+    elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
+    print(f"dry run: {len(args.shapes)} shapes, ops {args.ops}, modes {args.modes}, providers {args.providers}")
+    print(f"{'op':<28}{'prov':<8}{'mode':<8}{'shape':<18}{'MB moved':>10}{'GFLOP':>10}  note")
+    for op, shape, mode, prov, skip in cases(args):
+        B, T, H, D = shape
+        # meta tensors: the shapes without memory
+        make = sdpa_inputs if op == "sdpa" else OPS[op].inputs
+        nbytes = io_bytes(make(B, T, H, D, DTYPES[args.dtype], "meta"), B * T * H * D, elem, mode)
+        flops_fn = sdpa_flops if op == "sdpa" else OPS[op].flops
+        fl = flops_fn(B, T, H, D, D) * (1 + BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
+        print(f"{op:<28}{prov:<8}{mode:<8}{shape_name(shape):<18}{nbytes / 1e6:>10.1f}{fl / 1e9:>10.1f}  {skip or ''}")
+    print(f"gate: fla_tl vs fla (fallback: fp32 reference), rel RMS <= {args.gate_tol}")
+    print(f"fla path: {'dispatch' if args.fla_dispatch else 'triton (FLA_DISABLE_BACKEND_DISPATCH=1)'}")
+
+
+def write_csv(path: Path, rows: list[dict], previous: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
+        w.writeheader()
+        for r in previous + rows:
+            w.writerow({c: r.get(c, "") for c in CSV_COLUMNS})
+
+
+def fmt(x, spec=".3f") -> str:
+    return "" if x is None or x == "" else format(x, spec)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    # `python benchmarks/bench.py` puts benchmarks/ on the path, not the repo: make fla_tl importable uninstalled
+    if str(REPO) not in sys.path:
+        sys.path.insert(1, str(REPO))
+    if args.dry_run:
+        dry_run(args)
+        return 0
+    if not torch.cuda.is_available():
+        print("bench.py: no CUDA GPU here; run it on the device machine (or use --dry-run to list the cases)")
+        return 2
+
+    # fla's Triton kernels, not whatever backend fla would dispatch to, unless asked
+    if not args.fla_dispatch:
+        os.environ.setdefault("FLA_DISABLE_BACKEND_DISPATCH", "1")
+    fla_path = "triton" if os.environ.get("FLA_DISABLE_BACKEND_DISPATCH", "0") == "1" else "dispatch"
+
+    dtype = DTYPES[args.dtype]
+    elem = torch.empty((), dtype=dtype).element_size()
+    gpu = torch.cuda.get_device_name()
+    out = Path(args.out) if args.out else HERE / "results" / f"{slug(gpu)}.csv"
+    plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
+
+    # resolve the callables once; a missing package becomes an error status on its rows
+    fns: dict[tuple[str, str], Callable | str] = {}
+    for op in args.ops:
+        spec = OPS[op]
+        for prov, target in (("fla_tl", spec.fla_tl), ("fla", spec.fla)):
+            if prov not in args.providers:
+                continue
+            try:
+                fns[op, prov] = resolve(target) if target else "error: no fla counterpart"
+            except Exception as e:  # noqa: BLE001
+                fns[op, prov] = f"error: import {target}: {type(e).__name__}: {e}"
+                print(f"note: cannot import {target}: {type(e).__name__}: {e}", file=sys.stderr)
+    meta = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "gpu": gpu,
+        "torch": torch.__version__,
+        "triton": version("triton", "triton"),
+        "tilelang": version("tilelang"),
+        "fla_version": version("fla-core") or version("flash-linear-attention"),
+        "fla_tl_version": version("fla-tl", "fla_tl"),
+        "dtype": args.dtype,
+        "fla_path": fla_path,
+    }
+    print(
+        f"{gpu} | torch {meta['torch']} triton {meta['triton']} tilelang {meta['tilelang']} "
+        f"fla {meta['fla_version'] or '-'} ({fla_path}) fla_tl {meta['fla_tl_version'] or '-'}"
+    )
+
+    previous: list[dict] = []
+    if args.append and out.exists():
+        with open(out, newline="") as f:
+            previous = list(csv.DictReader(f))
+    torch.manual_seed(args.seed)
+    timer = Timer(args.warmup_ms, args.rep, args.max_case_ms, args.sleep_us)
+    rows: list[dict] = []
+    # gate per (op, shape, mode): (rel rms or None, 'PASS' / 'FAIL' / 'n/a ...')
+    gates: dict[tuple, tuple[float | None, str]] = {}
+    # fla median per (op, shape, mode), for the ratio
+    fla_ms: dict[tuple, float] = {}
+    data: dict[tuple, dict] = {}
+
+    def get_inputs(op: str, shape) -> tuple[dict, torch.Tensor]:
+        key = (op == "sdpa", shape)
+        if key not in data:
+            data.clear()
+            torch.cuda.empty_cache()
+            B, T, H, D = shape
+            inputs = (sdpa_inputs if op == "sdpa" else OPS[op].inputs)(B, T, H, D, dtype, "cuda")
+            o_shape = (B, H, T, D) if op == "sdpa" else (B, T, H, D)
+            do = torch.randn(o_shape, dtype=dtype, device="cuda")
+            data[key] = (inputs, do)
+        return data[key]
+
+    def gate(op: str, shape, mode: str) -> tuple[float | None, str]:
+        if args.no_gate:
+            return None, "n/a (--no-gate)"
+        spec = OPS[op]
+        f_tl = fns.get((op, "fla_tl"))
+        if not callable(f_tl):
+            return None, "n/a (no fla_tl)"
+        inputs, do = get_inputs(op, shape)
+        refs = [("fla", fns.get((op, "fla"))), ("reference", spec.reference)]
+        reasons = []
+        for ref_name, ref_fn in refs:
+            if not callable(ref_fn):
+                continue
+            try:
+                results = []
+                for fn in (f_tl, ref_fn):
+                    xs = {n: t.detach().clone().requires_grad_(mode == "fwdbwd") for n, t in inputs.items()}
+                    with torch.set_grad_enabled(mode == "fwdbwd"):
+                        o = first(fn(**xs))
+                        if mode == "fwdbwd":
+                            o.backward(do.to(o.dtype))
+                    results.append([o.detach()] + ([xs[n].grad for n in xs] if mode == "fwdbwd" else []))
+                    del o, xs
+                err = max(rel_rms(a, b) for a, b in zip(*results))
+                del results
+                ok = not math.isnan(err) and err <= args.gate_tol
+                label = "PASS" if ok else "FAIL"
+                return err, label if ref_name == "fla" else f"{label} (vs reference)"
+            except Exception as e:  # noqa: BLE001
+                reasons.append(f"{ref_name}: {type(e).__name__}: {str(e).splitlines()[0][:80] if str(e) else ''}")
+                torch.cuda.empty_cache()
+        return None, "n/a (" + ("; ".join(reasons) or "no reference") + ")"
+
+    def measure(fn: Callable, inputs: dict, do: torch.Tensor, mode: str) -> tuple[list[float], float]:
+        grad = mode == "fwdbwd"
+        xs = {n: t.detach().clone().requires_grad_(grad) for n, t in inputs.items()}
+
+        def step():
+            with torch.set_grad_enabled(grad):
+                o = first(fn(**xs))
+                if grad:
+                    o.backward(do.to(o.dtype))
+
+        def reset():
+            for x in xs.values():
+                x.grad = None
+
+        times = timer.run(step, reset)
+        # peak memory of one call above what is held before it (inputs, do, flush buffer)
+        reset()
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+        reset()
+        return times, peak_mb
+
+    for op, shape, mode, prov, skip in cases(args):
+        B, T, H, D = shape
+        row = dict(meta, op=op, provider=prov, mode=mode, B=B, T=T, H=H, D=D)
+        key = (op, shape, mode)
+        if op != "sdpa" and prov == "fla_tl" and key not in gates and not skip:
+            gates[key] = gate(op, shape, mode)
+        if prov == "fla_tl" and key in gates:
+            err, label = gates[key]
+            row["gate_rel_rms"] = fmt(err, ".3e")
+            row["gate"] = label
+        fn = sdpa_call if op == "sdpa" else fns.get((op, prov))
+        if skip:
+            row["status"] = skip
+        elif not callable(fn):
+            row["status"] = fn or "error: not resolved"
+        else:
+            try:
+                inputs, do = get_inputs(op, shape)
+                times, peak_mb = measure(fn, inputs, do, mode)
+                med = statistics.median(times)
+                nbytes = io_bytes(inputs, do.numel(), elem, mode)
+                flops_fn = sdpa_flops if op == "sdpa" else OPS[op].flops
+                flops = flops_fn(B, T, H, D, D) * (1 + BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
+                gbps = nbytes / (med * 1e-3) / 1e9
+                row.update(
+                    median_ms=fmt(med, ".4f"),
+                    p20_ms=fmt(quantile(times, 0.2), ".4f"),
+                    p80_ms=fmt(quantile(times, 0.8), ".4f"),
+                    gbps=fmt(gbps, ".1f"),
+                    pct_of_copy=fmt(100 * gbps / args.copy_gbps, ".1f"),
+                    tflops=fmt(flops / (med * 1e-3) / 1e12, ".2f"),
+                    peak_mem_mb=fmt(peak_mb, ".1f"),
+                    status=f"ok ({len(times)} reps)",
+                )
+                if prov == "fla":
+                    fla_ms[key] = med
+                if prov == "fla_tl" and key in fla_ms and row.get("gate", "").startswith("PASS"):
+                    row["ratio_to_fla"] = fmt(med / fla_ms[key], ".3f")
+            except Exception as e:  # noqa: BLE001
+                msg = str(e).splitlines()[0][:200] if str(e) else ""
+                row["status"] = f"error: {type(e).__name__}: {msg}"
+                print(f"[{op} {prov} {mode} {shape_name(shape)}] {row['status']}", file=sys.stderr)
+                if os.environ.get("BENCH_TRACEBACK"):
+                    traceback.print_exc()
+                torch.cuda.empty_cache()
+        rows.append(row)
+        print(
+            f"{op:<26} {prov:<7} {mode:<7} {shape_name(shape):<16} {row.get('median_ms', '') or '-':>10} ms  "
+            f"{row.get('gbps', '') or '-':>7} GB/s  {row.get('gate', '')} {row['status']}",
+            flush=True,
+        )
+        # rewrite after each row, so a run cut short keeps what it measured
+        write_csv(out, rows, previous)
+
+    print(f"\nCSV: {out}")
+    if not args.no_plot:
+        plot(previous + rows if args.append else rows, plot_path)
+    summary(rows)
+    return 0
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("note: matplotlib missing, no plot written")
+        return
+    ok = [r for r in rows if r.get("median_ms")]
+    modes = [m for m in MODES if any(r["mode"] == m for r in ok)]
+    if not modes:
+        print("note: nothing measured, no plot written")
+        return
+    fig, axes = plt.subplots(len(modes), 1, figsize=(16, 5 * len(modes)), squeeze=False)
+    for ax, mode in zip(axes[:, 0], modes):
+        mr = [r for r in ok if r["mode"] == mode]
+        shapes = list(dict.fromkeys(f"{r['B']}x{r['T']}x{r['H']}x{r['D']}" for r in mr))
+        series = list(dict.fromkeys((r["op"], r["provider"]) for r in mr))
+        width = 0.8 / max(len(series), 1)
+        for i, (op, prov) in enumerate(series):
+            vals = {f"{r['B']}x{r['T']}x{r['H']}x{r['D']}": float(r["median_ms"]) for r in mr
+                    if (r["op"], r["provider"]) == (op, prov)}  # fmt: skip
+            xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(shapes) if s in vals]
+            ys = [vals[s] for s in shapes if s in vals]
+            label = "sdpa (causal flash)" if op == "sdpa" else f"{op} / {prov}"
+            ax.bar(xs, ys, width, label=label, hatch="//" if prov == "fla" else None)
+        ax.set_xticks(range(len(shapes)))
+        ax.set_xticklabels(shapes)
+        ax.set_yscale("log")
+        ax.set_ylabel("median ms (log)")
+        ax.set_xlabel("B x T x H x D")
+        ax.set_title(f"{mode}, {mr[0]['dtype']}, {mr[0]['gpu']}")
+        ax.grid(axis="y", which="both", alpha=0.3)
+        ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"PNG: {path}")
+
+
+def summary(rows: list[dict]) -> None:
+    by = {(r["op"], r["mode"], r["B"], r["T"], r["H"], r["D"], r["provider"]): r for r in rows}
+    print(f"\n{'op':<26} {'mode':<7} {'shape':<16} {'fla_tl ms':>10} {'fla ms':>10} {'ratio':>7}  {'gate':<6} rel_rms")
+    seen = set()
+    for r in rows:
+        k = (r["op"], r["mode"], r["B"], r["T"], r["H"], r["D"])
+        if k in seen:
+            continue
+        seen.add(k)
+        shape = f"{r['B']}x{r['T']}x{r['H']}x{r['D']}"
+        if r["op"] == "sdpa":
+            s = by.get(k + ("sdpa",), {})
+            print(f"{'sdpa':<26} {r['mode']:<7} {shape:<16} {s.get('median_ms') or s.get('status', '')[:30]:>10}")
+            continue
+        tl, fl = by.get(k + ("fla_tl",), {}), by.get(k + ("fla",), {})
+        print(
+            f"{r['op']:<26} {r['mode']:<7} {shape:<16} {tl.get('median_ms') or '-':>10} {fl.get('median_ms') or '-':>10} "
+            f"{tl.get('ratio_to_fla') or '-':>7}  {(tl.get('gate') or '-').split()[0]:<6} {tl.get('gate_rel_rms') or ''}"
+        )
+    noisy = [r for r in rows if r.get("p20_ms") and float(r["p80_ms"]) > 1.5 * float(r["p20_ms"])]
+    if noisy:
+        print(f"\n{len(noisy)} rows with p80 > 1.5x p20 (host-bound or noisy; try --sleep-us 2000):")
+        for r in noisy:
+            print(
+                f"  {r['op']} {r['provider']} {r['mode']} {r['B']}x{r['T']}x{r['H']}x{r['D']}: {r['p20_ms']}..{r['p80_ms']}"
+            )
+    errs = [r for r in rows if r.get("status", "").startswith("error")]
+    if errs:
+        print(f"\n{len(errs)} error rows:")
+        for r in errs:
+            print(f"  {r['op']} {r['provider']} {r['mode']} {r['B']}x{r['T']}x{r['H']}x{r['D']}: {r['status'][:150]}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
