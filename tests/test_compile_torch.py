@@ -91,8 +91,8 @@ def test_opcheck(op, case):
     dht = torch.randn_like(h0) if (case["final"] and h0 is not None) else None
     bwd = getattr(torch.ops.fla_tl, f"{op}_bwd").default
     bwd_args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in (q, k, v, do, dht, h0, cu))
-    # only test_autograd_registration for bwd: the schema, fake and aot checks wrap it in dispatch modes that cannot see through the torch.func.vjp the torch backend
-    # see through the torch.func.vjp of the torch backend (the fwd opcheck above runs bwd through autograd)
+    # bwd gets test_autograd_registration only: the schema, fake and aot checks wrap the real op in dispatch modes
+    # that cannot see through the torch.func.vjp of the torch backend (the fwd opcheck runs bwd through autograd)
     torch.library.opcheck(
         bwd,
         bwd_args + (0.25, case.get("reverse", False), case.get("v_first", False), "torch"),
