@@ -1,6 +1,8 @@
-"""Quick device timing of the retention launchers (no fla), for kernel work between benchmark runs.
+"""Quick device timing of the retention launchers and their schedules (no fla), for kernel work between benchmark runs.
 
     python tools/kernel_time.py [B T H D]
+
+Every configuration timed here must be compiled ahead (see `fla_tl.kernels.build`), or it compiles on first use.
 """
 
 import math
@@ -28,6 +30,9 @@ def bench(fn, reps=20):
 
 def main():
     import fla_tl.kernels.retention as R
+    from fla_tl.kernels.common import chunk_h, chunk_o, fused_chunk
+    from fla_tl.kernels.common.gates import retention_g_gamma
+    from fla_tl.kernels.common.utils import seq_meta
 
     B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
     torch.manual_seed(0)
@@ -36,17 +41,57 @@ def main():
     v = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
     do = torch.randn_like(v)
     kw = dict(scale=D ** -0.5, initial_state=None, cu_seqlens=None)
-    rows = []
-    for op in ("chunk", "fused_chunk", "fused_recurrent"):
-        extra = dict(reverse=False, state_v_first=False) if op == "fused_recurrent" else {}
-        fwd = getattr(R, f"{op}_retention_fwd")
-        bwd = getattr(R, f"{op}_retention_bwd")
-        tf = bench(lambda: fwd(q, k, v, output_final_state=False, **kw, **extra), reps=5 if op == "fused_recurrent" else 20)
-        tb = bench(lambda: bwd(q, k, v, do, None, **kw, **extra), reps=5 if op == "fused_recurrent" else 20)
-        rows.append((op, tf, tb))
     nbytes = 4 * q.numel() * 2
+    tag = f"B={B} T={T} H={H} D={D}"
+    rows = []
+    for impl in ("parallel", "fused"):
+        tf = bench(lambda: R.chunk_retention_fwd(q, k, v, output_final_state=False, impl=impl, **kw))
+        tb = bench(lambda: R.chunk_retention_bwd(q, k, v, do, None, impl=impl, **kw))
+        rows.append((f"chunk[{impl}]", tf, tb))
+    fr = dict(reverse=False, state_v_first=False)
+    tf = bench(lambda: R.fused_recurrent_retention_fwd(q, k, v, output_final_state=False, **kw, **fr), reps=5)
+    tb = bench(lambda: R.fused_recurrent_retention_bwd(q, k, v, do, None, **kw, **fr), reps=5)
+    rows.append(("fused_recurrent", tf, tb))
     for op, tf, tb in rows:
-        print(f"{op:16s} B={B} T={T} H={H} D={D}: fwd {tf:.3f} ms ({nbytes / tf / 1e6:.0f} GB/s)  bwd {tb:.3f} ms  fwd+bwd {tf + tb:.3f} ms")
+        print(f"{op:18s} {tag}: fwd {tf:.3f} ms ({nbytes / tf / 1e6:.0f} GB/s)  bwd {tb:.3f} ms  fwd+bwd {tf + tb:.3f} ms")
+
+    # single stages and tile configs
+    q_, k_, v_, do_ = (x.flatten(0, 1) for x in (q, k, v, do))
+    meta = seq_meta(B, T, None, 64, q.device)
+    gg = retention_g_gamma(H, q.device)
+    g = dict(gate="gamma", g_gamma=gg)
+    h, _ = chunk_h.chunk_fwd_h(k_, v_, initial_state=None, output_final_state=False, meta=meta, **g)
+    dh, _ = chunk_h.chunk_bwd_dh(q_, do_, None, scale=0.1, need_dh0=False, meta=meta, **g)
+    stages = {
+        "chunk_fwd_h": lambda: chunk_h.chunk_fwd_h(k_, v_, initial_state=None, output_final_state=False, meta=meta, **g),
+        "chunk_fwd_o": lambda: chunk_o.chunk_fwd_o(q_, k_, v_, h, scale=0.1, meta=meta, **g),
+        "chunk_bwd_dh": lambda: chunk_h.chunk_bwd_dh(q_, do_, None, scale=0.1, need_dh0=False, meta=meta, **g),
+        "chunk_bwd_dqkv": lambda: chunk_o.chunk_bwd_dqkv(q_, k_, v_, do_, h, dh, scale=0.1, meta=meta, **g),
+    }
+    for name, cfg in CONFIGS:
+        if name == "fwd":
+            stages[f"fused_fwd{cfg}"] = lambda cfg=cfg: fused_chunk.fused_chunk_fwd(
+                q_, k_, v_, scale=0.1, initial_state=None, output_final_state=False, meta=meta, **g, **cfg
+            )
+        else:
+            stages[f"fused_bwd{cfg}"] = lambda cfg=cfg: fused_chunk.fused_chunk_bwd(
+                q_, k_, v_, do_, None, scale=0.1, initial_state=None, meta=meta, **g, **cfg
+            )
+    for name, fn in stages.items():
+        try:
+            print(f"  {name:40s} {bench(fn):.3f} ms", flush=True)
+        except Exception as e:  # noqa: BLE001 - a config that fails to run is reported, not fatal
+            print(f"  {name:40s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
+
+
+# the tile configs compared at each run (compile them ahead)
+CONFIGS = [
+    ("fwd", dict(BV=64)),
+    ("fwd", dict(BV=128, threads=256)),
+    ("fwd", dict(BV=64, num_stages=3)),
+    ("bwd", dict(BV=64)),
+    ("bwd", dict(BV=128, threads=256)),
+]
 
 
 if __name__ == "__main__":

@@ -40,6 +40,8 @@ def chunk_fwd_h_kernel(
 ):
     KP = pad_dim(K)
     NV = cdiv(V, BV)
+    # full tiles load with pipelined async copies; padded head dims fall back to masked loads
+    aligned = K == KP and V % BV == 0
     Ttot, H, N, NT, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NH0"), T.dynamic("NHT")
 
     @T.prim_func
@@ -65,6 +67,7 @@ def chunk_fwd_h_kernel(
 
             k_s = T.alloc_shared([BT, KP], dtype)
             v_s = T.alloc_shared([BT, BV], dtype)
+            vg_s = T.alloc_shared([BT, BV], dtype)
             b_h = T.alloc_fragment([KP, BV], "float32")
 
             T.clear(b_h)
@@ -77,22 +80,25 @@ def chunk_fwd_h_kernel(
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 bl = gate_last(gate, lg, nvalid)
-                # state entering chunk c
-                for i, j in T.Parallel(KP, BV):
-                    if i < K and i_v * BV + j < V:
-                        h[boc + c, i_h, i, i_v * BV + j] = b_h[i, j]
-                for i, j in T.Parallel(BT, KP):
-                    k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                # state entering chunk c; rows past the sequence end are zeroed in vg
+                if aligned:
+                    T.copy(b_h, h[boc + c, i_h, 0:K, i_v * BV : (i_v + 1) * BV])
+                    T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                    T.copy(v[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], v_s)
+                else:
+                    for i, j in T.Parallel(KP, BV):
+                        if i < K and i_v * BV + j < V:
+                            h[boc + c, i_h, i, i_v * BV + j] = b_h[i, j]
+                    for i, j in T.Parallel(BT, KP):
+                        k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                    for i, j in T.Parallel(BT, BV):
+                        v_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, v[t0 + i, i_h, i_v * BV + j], 0)
                 for i, j in T.Parallel(BT, BV):
-                    v_s[i, j] = T.if_then_else(
-                        i < nvalid and i_v * BV + j < V,
-                        v[t0 + i, i_h, i_v * BV + j] * T.exp2(bl - gate_row(gate, lg, i)),
-                        0,
-                    )
+                    vg_s[i, j] = T.if_then_else(i < nvalid, v_s[i, j] * T.exp2(bl - gate_row(gate, lg, i)), 0)
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_h[i, j] *= T.exp2(bl)
-                T.gemm(k_s, v_s, b_h, transpose_A=True)
+                T.gemm(k_s, vg_s, b_h, transpose_A=True)
 
             if store_ht == 1:
                 for i, j in T.Parallel(KP, BV):
@@ -116,6 +122,7 @@ def chunk_bwd_dh_kernel(
 ):
     KP = pad_dim(K)
     NV = cdiv(V, BV)
+    aligned = K == KP and V % BV == 0
     Ttot, H, N, NT, NHT, NH0 = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NHT"), T.dynamic("NH0")
 
     @T.prim_func
@@ -143,6 +150,7 @@ def chunk_bwd_dh_kernel(
 
             q_s = T.alloc_shared([BT, KP], dtype)
             do_s = T.alloc_shared([BT, BV], dtype)
+            dog_s = T.alloc_shared([BT, BV], dtype)
             b_dh = T.alloc_fragment([KP, BV], "float32")
 
             T.clear(b_dh)
@@ -155,22 +163,25 @@ def chunk_bwd_dh_kernel(
                 c = nc - 1 - cc
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
-                # gradient of the state leaving chunk c
-                for i, j in T.Parallel(KP, BV):
-                    if i < K and i_v * BV + j < V:
-                        dh[boc + c, i_h, i, i_v * BV + j] = b_dh[i, j]
-                for i, j in T.Parallel(BT, KP):
-                    q_s[i, j] = T.if_then_else(
-                        i < nvalid and j < K,
-                        q[t0 + i, i_h, j] * scale * T.exp2(gate_row(gate, lg, i)),
-                        0,
-                    )
+                # gradient of the state leaving chunk c; rows past the sequence end are zeroed in dog
+                if aligned:
+                    T.copy(b_dh, dh[boc + c, i_h, 0:K, i_v * BV : (i_v + 1) * BV])
+                    T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
+                    T.copy(do[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], do_s)
+                else:
+                    for i, j in T.Parallel(KP, BV):
+                        if i < K and i_v * BV + j < V:
+                            dh[boc + c, i_h, i, i_v * BV + j] = b_dh[i, j]
+                    for i, j in T.Parallel(BT, KP):
+                        q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
+                    for i, j in T.Parallel(BT, BV):
+                        do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
                 for i, j in T.Parallel(BT, BV):
-                    do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
+                    dog_s[i, j] = T.if_then_else(i < nvalid, do_s[i, j] * scale * T.exp2(gate_row(gate, lg, i)), 0)
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
-                T.gemm(q_s, do_s, b_dh, transpose_A=True)
+                T.gemm(q_s, dog_s, b_dh, transpose_A=True)
 
             if store_dh0 == 1:
                 for i, j in T.Parallel(KP, BV):

@@ -39,7 +39,11 @@ def _compile(factory, target_json: str, items: tuple):
     import tilelang
 
     func = factory(**dict(items))
-    return tilelang.compile(func, target=json.loads(target_json), execution_backend="tvm_ffi")
+    # a factory may ask for TileLang pass options (e.g. no warp specialization) through a `pass_configs` attribute
+    pass_configs = getattr(factory, "pass_configs", None)
+    return tilelang.compile(
+        func, target=json.loads(target_json), execution_backend="tvm_ffi", pass_configs=pass_configs
+    )
 
 
 def get_kernel(factory, target: dict, **kwargs):

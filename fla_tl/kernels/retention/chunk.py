@@ -1,18 +1,57 @@
-"""chunk_retention: the chunk-parallel state pass and output pass of simple GLA with a per-head constant decay."""
+"""chunk_retention: simple GLA with a per-head constant decay, in chunks of 64 tokens.
+
+Two schedules share the chunk algebra. When the (sequence, head, V tile) grid fills the GPU, the forward and backward
+run the fused kernels, which carry the state between chunks in registers and never write it to memory (the state pass
+is sequential in both schedules, so the fused one only saves traffic). Otherwise the chunk-parallel passes run:
+the state pass writes the state entering every chunk, and the output / gradient passes run one block per chunk.
+"""
+
+import functools
+
+import torch
 
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.chunk_o import chunk_bwd_dqkv, chunk_fwd_o
+from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.gates import retention_g_gamma
-from ..common.utils import seq_meta
+from ..common.utils import cdiv, seq_meta
 
 BT = 64
+# V tile of the fused kernels: the grid is (sequences * heads * V tiles) blocks
+FUSED_BV = 64
 
 
-def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu_seqlens):
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _schedule(N: int, H: int, V: int, device: torch.device, impl: str) -> str:
+    """'fused' when the fused grid fills every multiprocessor (or when asked), else 'parallel'."""
+    if impl != "auto":
+        return impl
+    return "fused" if N * H * cdiv(V, FUSED_BV) >= _sm_count(device) else "parallel"
+
+
+def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu_seqlens, impl="auto"):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     g_gamma = retention_g_gamma(H, q.device)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    if _schedule(meta.N, H, v.shape[-1], q.device, impl) == "fused":
+        o, ht = fused_chunk_fwd(
+            q_,
+            k_,
+            v_,
+            gate="gamma",
+            g_gamma=g_gamma,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            meta=meta,
+            BV=FUSED_BV,
+        )
+        return o.view(B, T, H, -1), ht
     h, ht = chunk_fwd_h(
         k_,
         v_,
@@ -27,11 +66,26 @@ def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu
     return o.view(B, T, H, -1), ht
 
 
-def chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens):
+def chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens, impl="auto"):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     g_gamma = retention_g_gamma(H, q.device)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
+    if _schedule(meta.N, H, v.shape[-1], q.device, impl) == "fused":
+        dq, dk, dv, dh0 = fused_chunk_bwd(
+            q_,
+            k_,
+            v_,
+            do_,
+            dht,
+            gate="gamma",
+            g_gamma=g_gamma,
+            scale=scale,
+            initial_state=initial_state,
+            meta=meta,
+            BV=FUSED_BV,
+        )
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0
     # recompute the chunk states instead of keeping them from the forward
     h, _ = chunk_fwd_h(
         k_,

@@ -7,7 +7,7 @@ from ..common.utils import seq_meta
 BT = 64
 
 
-def fused_chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu_seqlens):
+def fused_chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu_seqlens, **config):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     o, ht = fused_chunk_fwd(
@@ -20,11 +20,12 @@ def fused_chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_sta
         initial_state=initial_state,
         output_final_state=output_final_state,
         meta=meta,
+        **config,
     )
     return o.view(B, T, H, -1), ht
 
 
-def fused_chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens):
+def fused_chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens, **config):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     dq, dk, dv, dh0 = fused_chunk_bwd(
@@ -38,5 +39,6 @@ def fused_chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seql
         scale=scale,
         initial_state=initial_state,
         meta=meta,
+        **config,
     )
     return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0
