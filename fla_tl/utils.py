@@ -10,9 +10,10 @@ SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
 
 # the one per-dtype tolerance table, (ratio, floor): a comparison passes when
 # rms(actual - expected) <= ratio * rms(expected) + floor; used by the tests and by `python -m fla_tl check`
+# fp32 inputs run their chunk matmuls on tensor cores in TF32 (10-bit mantissa), as fla's Triton kernels do by default
 TOLERANCES = {
     torch.float64: (1e-10, 1e-12),
-    torch.float32: (2e-4, 1e-6),
+    torch.float32: (5e-3, 1e-5),
     torch.float16: (5e-3, 1e-4),
     torch.bfloat16: (2e-2, 1e-3),
 }

@@ -232,6 +232,7 @@ def _gpu_cases():
     for T in (63, 500):
         for D in (64, 128):
             cases.append((2, T, 1, D, torch.float32, False))
+    cases += [(2, 500, 4, 100, torch.float32, True), (1, 500, 4, 256, torch.float32, True)]
     cases += [(2, 64, 1, 100, torch.bfloat16, False), (1, 2048, 4, 128, torch.float32, True)]
     return [
         pytest.param(B, T, H, D, dtype, h0, id=f"B{B}-T{T}-H{H}-D{D}-{str(dtype)[6:]}-h0{h0}")
@@ -254,6 +255,13 @@ def poisoned_cuda():
 @pytest.mark.parametrize("op", list(OPS))
 def test_tilelang(op, B, T, H, D, dtype, h0, poisoned_cuda):
     q, k, v, state = make_inputs(B, T, H, D, D, dtype, device="cuda", h0=h0)
+    check_against_reference(OPS[op], q, k, v, state, backend="tilelang")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_tilelang_kv_differ(op, poisoned_cuda):
+    q, k, v, state = make_inputs(2, 200, 2, 64, 128, torch.bfloat16, device="cuda")
     check_against_reference(OPS[op], q, k, v, state, backend="tilelang")
 
 
@@ -302,3 +310,27 @@ def test_tilelang_auto_choice():
     o_ref, ht_ref = chunk_retention(q, k, v, initial_state=state, output_final_state=True, backend="torch")
     assert_close("o", o, o_ref.float(), torch.bfloat16)
     assert_close("ht", ht, ht_ref, torch.bfloat16)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("impl", ["parallel", "fused"])
+def test_tilelang_chunk_schedules(impl, poisoned_cuda):
+    """both schedules of chunk_retention (picked by grid size in the op) against the recurrence, varlen with h0."""
+    from fla_tl.kernels.retention import chunk_retention_bwd, chunk_retention_fwd
+
+    lens = (1, 300, 0, 64, 1000, 77)
+    q, k, v, h0 = make_inputs(1, sum(lens), 4, 128, 128, torch.bfloat16, device="cuda", N=len(lens))
+    cu = _cu(lens, "cuda")
+    scale = 128 ** -0.5
+    kw = dict(scale=scale, initial_state=h0.detach(), cu_seqlens=cu, impl=impl)
+    o, ht = chunk_retention_fwd(q.detach(), k.detach(), v.detach(), output_final_state=True, **kw)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    grads = chunk_retention_bwd(q.detach(), k.detach(), v.detach(), do, dht, **kw)
+
+    ref = [x.detach().float().requires_grad_() for x in (q, k, v, h0)]
+    ref_o, ref_ht = recurrent_retention(*ref[:3], scale=scale, initial_state=ref[3], output_final_state=True, cu_seqlens=cu)
+    ref_grads = torch.autograd.grad((ref_o, ref_ht), ref, (do.float(), dht))
+    assert_close("o", o, ref_o, torch.bfloat16)
+    assert_close("ht", ht, ref_ht, torch.bfloat16)
+    for name, g, rg in zip(("dq", "dk", "dv", "dh0"), grads, ref_grads):
+        assert_close(name, g, rg, torch.bfloat16)

@@ -1,6 +1,6 @@
 """Quick device timing of the retention launchers and their schedules (no fla), for kernel work between benchmark runs.
 
-    python tools/kernel_time.py [B T H D]
+    python tools/kernel_time.py [B T H D [quick]]    (quick: the two chunk schedules only)
 
 Every configuration timed here must be compiled ahead (see `fla_tl.kernels.build`), or it compiles on first use.
 """
@@ -35,6 +35,7 @@ def main():
     from fla_tl.kernels.common.utils import seq_meta
 
     B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
+    quick = sys.argv[5:6] == ["quick"]
     torch.manual_seed(0)
     q = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)
     k = (torch.randn(B, T, H, D, device="cuda") / math.sqrt(D)).to(torch.bfloat16)
@@ -48,12 +49,15 @@ def main():
         tf = bench(lambda: R.chunk_retention_fwd(q, k, v, output_final_state=False, impl=impl, **kw))
         tb = bench(lambda: R.chunk_retention_bwd(q, k, v, do, None, impl=impl, **kw))
         rows.append((f"chunk[{impl}]", tf, tb))
-    fr = dict(reverse=False, state_v_first=False)
-    tf = bench(lambda: R.fused_recurrent_retention_fwd(q, k, v, output_final_state=False, **kw, **fr), reps=5)
-    tb = bench(lambda: R.fused_recurrent_retention_bwd(q, k, v, do, None, **kw, **fr), reps=5)
-    rows.append(("fused_recurrent", tf, tb))
+    if not quick:
+        fr = dict(reverse=False, state_v_first=False)
+        tf = bench(lambda: R.fused_recurrent_retention_fwd(q, k, v, output_final_state=False, **kw, **fr), reps=5)
+        tb = bench(lambda: R.fused_recurrent_retention_bwd(q, k, v, do, None, **kw, **fr), reps=5)
+        rows.append(("fused_recurrent", tf, tb))
     for op, tf, tb in rows:
         print(f"{op:18s} {tag}: fwd {tf:.3f} ms ({nbytes / tf / 1e6:.0f} GB/s)  bwd {tb:.3f} ms  fwd+bwd {tf + tb:.3f} ms")
+    if quick:
+        return
 
     # single stages and tile configs
     q_, k_, v_, do_ = (x.flatten(0, 1) for x in (q, k, v, do))
@@ -86,11 +90,11 @@ def main():
 
 # the tile configs compared at each run (compile them ahead)
 CONFIGS = [
-    ("fwd", dict(BV=64)),
-    ("fwd", dict(BV=128, threads=256)),
-    ("fwd", dict(BV=64, num_stages=3)),
-    ("bwd", dict(BV=64)),
-    ("bwd", dict(BV=128, threads=256)),
+    ("fwd", dict(BV=128, threads=256, num_stages=2)),
+    ("fwd", dict(BV=128, threads=256, num_stages=2, smem_store=True)),
+    ("fwd", dict(BV=64, threads=256, num_stages=2)),
+    ("bwd", dict(BV=128, threads=256, num_stages=2)),
+    ("bwd", dict(BV=64, threads=256, num_stages=2)),
 ]
 
 

@@ -10,7 +10,7 @@ import time
 
 from .common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
 from .common.chunk_o import chunk_bwd_dqk_kernel, chunk_bwd_dv_kernel, chunk_fwd_o_kernel
-from .common.fused_chunk import fused_chunk_bwd_dkv_kernel, fused_chunk_fwd_kernel
+from .common.fused_chunk import fused_chunk_bwd_dkv_kernel, fused_chunk_config, fused_chunk_fwd_kernel
 from .common.fused_recurrent import fused_recurrent_bwd_kernel, fused_recurrent_fwd_kernel
 from .common.utils import get_kernel
 
@@ -27,10 +27,13 @@ def kernel_specs(K: int, V: int, dtype: str, gate: str = "gamma", modes=MODES):
         specs.append(("chunk_bwd_dqk_kernel", chunk_bwd_dqk_kernel, dict(base, h_dtype=dtype, BT=64)))
     if "chunk" in modes or "fused_chunk" in modes:
         # the fused schedule: forward, dq (the forward kernel on (do, v, k): K and V swap) and the dk/dv sweep
-        specs.append(("fused_chunk_fwd_kernel", fused_chunk_fwd_kernel, dict(base, BV=64)))
+        fwd = fused_chunk_config(K, V, dtype, "fwd")
+        specs.append(("fused_chunk_fwd_kernel", fused_chunk_fwd_kernel, dict(base, **fwd)))
         if K != V:
-            specs.append(("fused_chunk_fwd_kernel", fused_chunk_fwd_kernel, dict(base, K=V, V=K, BV=64)))
-        specs.append(("fused_chunk_bwd_dkv_kernel", fused_chunk_bwd_dkv_kernel, dict(base, BV=64)))
+            fwd_t = fused_chunk_config(V, K, dtype, "fwd")
+            specs.append(("fused_chunk_fwd_kernel", fused_chunk_fwd_kernel, dict(base, K=V, V=K, **fwd_t)))
+        dkv = fused_chunk_config(K, V, dtype, "dkv")
+        specs.append(("fused_chunk_bwd_dkv_kernel", fused_chunk_bwd_dkv_kernel, dict(base, **dkv)))
     if "fused_recurrent" in modes:
         for reverse, svf in itertools.product((False, True), (False, True)):
             flags = dict(base, reverse=reverse, state_v_first=svf)

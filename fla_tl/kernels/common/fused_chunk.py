@@ -22,6 +22,7 @@ def fused_chunk_fwd_kernel(
     BV: int = 64,
     num_stages: int = 2,
     threads: int = 128,
+    smem_store: bool = False,
 ):
     KP = pad_dim(K)
     NV = cdiv(V, BV)
@@ -59,6 +60,8 @@ def fused_chunk_fwd_kernel(
             b_h = T.alloc_fragment([KP, BV], "float32")
             b_o = T.alloc_fragment([BT, BV], "float32")
             b_s = T.alloc_fragment([BT, BT], "float32")
+            if smem_store:
+                o_s = T.alloc_shared([BT, BV], dtype)
 
             T.clear(b_h)
             if use_h0 == 1:
@@ -93,9 +96,19 @@ def fused_chunk_fwd_kernel(
                     b_o[i, j] *= scale * T.exp2(gate_row(gate, lg, i))
                     vg_s[i, j] = T.if_then_else(i < nvalid, v_s[i, j] * T.exp2(bl - gate_row(gate, lg, i)), 0)
                 T.gemm(s_s, v_s, b_o)
-                for i, j in T.Parallel(BT, BV):
-                    if i < nvalid and i_v * BV + j < V:
-                        o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
+                if smem_store and aligned:
+                    # a full chunk stores through shared memory (one bulk copy); a partial one row by row
+                    if nvalid == BT:
+                        T.copy(b_o, o_s)
+                        T.copy(o_s, o[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV])
+                    else:
+                        for i, j in T.Parallel(BT, BV):
+                            if i < nvalid:
+                                o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
+                else:
+                    for i, j in T.Parallel(BT, BV):
+                        if i < nvalid and i_v * BV + j < V:
+                            o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_h[i, j] *= T.exp2(bl)
@@ -234,6 +247,40 @@ def fused_chunk_bwd_dkv_kernel(
     return fused_chunk_bwd_dkv
 
 
+# sm_90 gives a block at most 227 KB of shared memory; keep a margin for barriers and alignment
+SMEM_BUDGET = 224 * 1024
+ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def fused_chunk_smem(K: int, V: int, dtype: str, kind: str, BT: int = 64, BV: int = 64, num_stages: int = 2) -> int:
+    """bytes of shared memory a fused kernel asks for, by the formula of its allocations.
+
+    fwd: stages * (q, k [BT, KP] + v [BT, BV]) + vg [BT, BV] + 2 * h [KP, BV] + s [BT, BT]
+    dkv: stages * (q, k [BT, KP] + v, do [BT, BV]) + x [BT, BV] + 2 * dh [KP, BV] + a [BT, BT]
+    The state tile counts twice: TileLang's lowering asked for one more state-sized buffer than the allocations
+    (seen on an H100: fwd, fp32, K = V = 128, BV = 64, 2 stages asked for 256 KB where the allocations sum to 224 KB).
+    """
+    KP, es = pad_dim(K), ELEMENT_SIZE[dtype]
+    nv_tiles = 1 if kind == "fwd" else 2
+    staged = num_stages * (2 * BT * KP + nv_tiles * BT * BV)
+    return es * (staged + BT * BV + 2 * KP * BV + BT * BT)
+
+
+def fused_chunk_config(K: int, V: int, dtype: str, kind: str) -> dict:
+    """the heuristic tile config of a fused kernel: the widest V tile and deepest pipeline that fit the budget.
+
+    A wide V tile reads q and k once for more of V; 256 threads (two consumer warpgroups) once the state tile
+    [KP, BV] holds 128 x 128 fp32 values, so it stays at 64 registers per thread.
+    """
+    for BV, num_stages in ((128, 2), (64, 2), (64, 1), (32, 2), (32, 1), (16, 1)):
+        if BV > pad_dim(V):
+            continue
+        if fused_chunk_smem(K, V, dtype, kind, BV=BV, num_stages=num_stages) <= SMEM_BUDGET:
+            threads = 256 if pad_dim(K) * BV >= 128 * 128 else 128
+            return dict(BV=BV, num_stages=num_stages, threads=threads)
+    raise ValueError(f"no fused_chunk tile config fits K={K}, V={V}, dtype={dtype}")
+
+
 def fused_chunk_fwd(
     q,
     k,
@@ -245,28 +292,27 @@ def fused_chunk_fwd(
     initial_state,
     output_final_state: bool,
     meta: SeqMeta,
-    BV: int = 64,
     **config,
 ):
-    """the output `[Ttot, H, V]` in q's dtype and the final state (fp32) or None."""
+    """the output `[Ttot, H, V]` in q's dtype and the final state (fp32) or None; `config` overrides the tiles."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
+    config = {**fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], "fwd"), **config}
     o = torch.empty_like(v)
     h0, use_h0 = state_or_dummy(initial_state, q, (K, V))
     ht = q.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     kernel = get_kernel(
-        fused_chunk_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype], BV=BV, **config
+        fused_chunk_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype], **config
     )
     kernel(q, k, v, g_gamma, h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
     return o, (ht.view(meta.N, H, K, V) if output_final_state else None)
 
 
-def fused_chunk_bwd(
-    q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initial_state, meta: SeqMeta, BV: int = 64, **config
-):
-    """dq, dk, dv in the input dtype and dh0 (initial_state's dtype) or None."""
+def fused_chunk_bwd(q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initial_state, meta: SeqMeta, **config):
+    """dq, dk, dv in the input dtype and dh0 (initial_state's dtype) or None; `config` overrides the dk/dv tiles."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
+    config = {**fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], "dkv"), **config}
     # dq: the forward recurrence with (q, k, v) -> (do, v, k) and the transposed state
     h0t = None if initial_state is None else initial_state.transpose(-1, -2)
     dq, _ = fused_chunk_fwd(
@@ -279,9 +325,8 @@ def fused_chunk_bwd(
         initial_state=h0t,
         output_final_state=False,
         meta=meta,
-        BV=64,
     )
-    NV = cdiv(V, BV)
+    NV = cdiv(V, config["BV"])
     dht_, use_dht = state_or_dummy(dht, q, (K, V))
     dk = q.new_empty(NV, Ttot, H, K, dtype=q.dtype if NV == 1 else torch.float32)
     dv = torch.empty_like(v)
@@ -293,7 +338,6 @@ def fused_chunk_bwd(
         V=V,
         gate=gate,
         dtype=TORCH_TO_TL[q.dtype],
-        BV=BV,
         **config,
     )
     kernel(q, k, v, do, g_gamma, dht_, meta.cu, dk, dv, dh0, scale, use_dht)

@@ -83,8 +83,10 @@ def fused_recurrent_fwd_kernel(
                     t = _pos(reverse, bos, eos, it * TB + r)
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
                 for r in T.serial(TB):
+                    # steps past the sequence end (zero k, v) must not decay the state either
+                    dr = T.if_then_else(it * TB + r < L, decay, 1.0)
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] = b_h[i, j] * decay + k_s[r, i] * v_s[r, j]
+                        b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
                         b_hq[i, j] = b_h[i, j] * q_s[r, i]
                     T.reduce_sum(b_hq, b_o, dim=0)
                     for j in T.Parallel(BV):
@@ -178,8 +180,9 @@ def fused_recurrent_bwd_kernel(
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
                     do_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, do[t, i_h, i_v * BV + j], 0)
                 for r in T.serial(TB):
+                    dr = T.if_then_else(it * TB + r < L, decay, 1.0)
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] = b_h[i, j] * decay + k_s[r, i] * v_s[r, j]
+                        b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
                         b_x[i, j] = b_h[i, j] * do_s[r, j]
                     T.reduce_sum(b_x, b_rk, dim=1)
                     for i in T.Parallel(KP):
@@ -220,8 +223,9 @@ def fused_recurrent_bwd_kernel(
                         ak_s[r, i] = b_rk[i]
                     for j in T.Parallel(BV):
                         av_s[r, j] = b_rv[j]
+                    # steps past the sequence end must not decay dh
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= decay
+                        b_h[i, j] *= T.if_then_else(it * TB + r < L, decay, 1.0)
                 for r, j in T.Parallel(TB, KP):
                     if it * TB + r < L and j < K:
                         dk[i_v, _pos(reverse, bos, eos, it * TB + r), i_h, j] = ak_s[r, j]

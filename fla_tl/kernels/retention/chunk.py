@@ -12,13 +12,13 @@ import torch
 
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.chunk_o import chunk_bwd_dqkv, chunk_fwd_o
-from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
+from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_config, fused_chunk_fwd
 from ..common.gates import retention_g_gamma
-from ..common.utils import cdiv, seq_meta
+from ..common.utils import TORCH_TO_TL, cdiv, seq_meta
 
 BT = 64
-# V tile of the fused kernels: the grid is (sequences * heads * V tiles) blocks
-FUSED_BV = 64
+# the fused schedule runs once its grid gives at least this many blocks per multiprocessor
+FUSED_MIN_BLOCKS_PER_SM = 0.5
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,11 +26,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _schedule(N: int, H: int, V: int, device: torch.device, impl: str) -> str:
-    """'fused' when the fused grid fills every multiprocessor (or when asked), else 'parallel'."""
+def _schedule(q, v, N: int, impl: str) -> str:
+    """'fused' when the fused grid (sequences x heads x V tiles) fills the GPU (or when asked), else 'parallel'."""
     if impl != "auto":
         return impl
-    return "fused" if N * H * cdiv(V, FUSED_BV) >= _sm_count(device) else "parallel"
+    K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
+    blocks = N * H * cdiv(V, fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], "fwd")["BV"])
+    return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
 
 
 def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu_seqlens, impl="auto"):
@@ -38,7 +40,7 @@ def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     g_gamma = retention_g_gamma(H, q.device)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    if _schedule(meta.N, H, v.shape[-1], q.device, impl) == "fused":
+    if _schedule(q, v, meta.N, impl) == "fused":
         o, ht = fused_chunk_fwd(
             q_,
             k_,
@@ -49,7 +51,6 @@ def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu
             initial_state=initial_state,
             output_final_state=output_final_state,
             meta=meta,
-            BV=FUSED_BV,
         )
         return o.view(B, T, H, -1), ht
     h, ht = chunk_fwd_h(
@@ -71,7 +72,7 @@ def chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens, i
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     g_gamma = retention_g_gamma(H, q.device)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
-    if _schedule(meta.N, H, v.shape[-1], q.device, impl) == "fused":
+    if _schedule(q, v, meta.N, impl) == "fused":
         dq, dk, dv, dh0 = fused_chunk_bwd(
             q_,
             k_,
@@ -83,7 +84,6 @@ def chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens, i
             scale=scale,
             initial_state=initial_state,
             meta=meta,
-            BV=FUSED_BV,
         )
         return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0
     # recompute the chunk states instead of keeping them from the forward

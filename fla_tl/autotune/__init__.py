@@ -1,0 +1,41 @@
+"""Autotuning: the per-GPU tuning table of kernel configs, shipped with the package and in the user cache."""
+
+from .table import (
+    ENV_CACHE,
+    ENV_MODE,
+    FORMAT,
+    TuningTable,
+    cache_clear,
+    cache_show,
+    clear_memory,
+    device_info,
+    gpu_slug,
+    lookup,
+    make_key,
+    mode,
+    record,
+    seqlen_bucket,
+    shipped_table_path,
+    source_hash,
+    user_table_path,
+)
+
+__all__ = [
+    "ENV_CACHE",
+    "ENV_MODE",
+    "FORMAT",
+    "TuningTable",
+    "cache_clear",
+    "cache_show",
+    "clear_memory",
+    "device_info",
+    "gpu_slug",
+    "lookup",
+    "make_key",
+    "mode",
+    "record",
+    "seqlen_bucket",
+    "shipped_table_path",
+    "source_hash",
+    "user_table_path",
+]
