@@ -90,11 +90,10 @@ def main():
 
 # the tile configs compared at each run (compile them ahead)
 CONFIGS = [
-    ("fwd", dict(BV=128, threads=256, num_stages=2)),
     ("fwd", dict(BV=128, threads=256, num_stages=2, smem_store=True)),
-    ("fwd", dict(BV=64, threads=256, num_stages=2)),
-    ("bwd", dict(BV=128, threads=256, num_stages=2)),
-    ("bwd", dict(BV=64, threads=256, num_stages=2)),
+    ("bwd", dict(BV=128, threads=256, num_stages=2, smem_store=True)),
+    ("bwd", dict(BV=128, threads=256, num_stages=2, smem_store=False)),
+    ("bwd", dict(BV=64, threads=256, num_stages=2, smem_store=True)),
 ]
 
 
