@@ -11,7 +11,7 @@ import time
 from .common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
 from .common.chunk_o import chunk_bwd_dqk_kernel, chunk_bwd_dv_kernel, chunk_fwd_o_kernel
 from .common.fused_chunk import fused_chunk_bwd_dkv_kernel, fused_chunk_config, fused_chunk_fwd_kernel
-from .common.fused_recurrent import fused_recurrent_bwd_kernel, fused_recurrent_fwd_kernel
+from .common.fused_recurrent import fused_recurrent_bwd_config, fused_recurrent_bwd_kernel, fused_recurrent_fwd_kernel
 from .common.utils import get_kernel
 
 MODES = ("chunk", "fused_chunk", "fused_recurrent")
@@ -38,7 +38,9 @@ def kernel_specs(K: int, V: int, dtype: str, gate: str = "gamma", modes=MODES):
         for reverse, svf in itertools.product((False, True), (False, True)):
             flags = dict(base, reverse=reverse, state_v_first=svf)
             specs.append(("fused_recurrent_fwd_kernel", fused_recurrent_fwd_kernel, flags))
-            specs.append(("fused_recurrent_bwd_kernel", fused_recurrent_bwd_kernel, dict(flags, BV=32)))
+            specs.append(
+                ("fused_recurrent_bwd_kernel", fused_recurrent_bwd_kernel, dict(flags, **fused_recurrent_bwd_config(K, V)))
+            )
     return specs
 
 

@@ -201,8 +201,10 @@ def chunk_fwd_h(
     output_final_state: bool,
     meta: SeqMeta,
     BT: int = 64,
+    **config,
 ):
-    """states entering each chunk `[NT, H, K, V]` (in k's dtype) and the final state (fp32) or None."""
+    """states entering each chunk `[NT, H, K, V]` (in k's dtype) and the final state (fp32) or None; `config` sets
+    the tiles."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
     h = k.new_empty(meta.NT, H, K, V)
@@ -217,6 +219,7 @@ def chunk_fwd_h(
         dtype=TORCH_TO_TL[k.dtype],
         h_dtype=TORCH_TO_TL[h.dtype],
         BT=BT,
+        **config,
     )
     kernel(k, v, g_gamma, h0, meta.cu, meta.chunk_offsets, h, ht, use_h0, int(output_final_state))
     return h, (ht.view(meta.N, H, K, V) if output_final_state else None)
@@ -233,8 +236,10 @@ def chunk_bwd_dh(
     need_dh0: bool,
     meta: SeqMeta,
     BT: int = 64,
+    **config,
 ):
-    """gradients of the state leaving each chunk `[NT, H, K, V]` and of the initial state (fp32) or None."""
+    """gradients of the state leaving each chunk `[NT, H, K, V]` and of the initial state (fp32) or None; `config`
+    sets the tiles."""
     Ttot, H, K = q.shape
     V = do.shape[-1]
     dh = q.new_empty(meta.NT, H, K, V)
@@ -249,6 +254,7 @@ def chunk_bwd_dh(
         dtype=TORCH_TO_TL[q.dtype],
         h_dtype=TORCH_TO_TL[dh.dtype],
         BT=BT,
+        **config,
     )
     kernel(q, do, g_gamma, dht_, meta.cu, meta.chunk_offsets, dh, dh0, scale, use_dht, int(need_dh0))
     return dh, (dh0.view(meta.N, H, K, V) if need_dh0 else None)

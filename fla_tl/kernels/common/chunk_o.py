@@ -254,30 +254,33 @@ def _launch(factory, ref, *args, **kw):
     kernel(*args)
 
 
-def chunk_fwd_o(q, k, v, h, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64):
-    """the output `[Ttot, H, V]` in q's dtype."""
+def chunk_fwd_o(q, k, v, h, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64, **config):
+    """the output `[Ttot, H, V]` in q's dtype; `config` sets the tiles."""
     o = torch.empty_like(v)
     if meta.NT == 0:
         return o
     _launch(
         chunk_fwd_o_kernel, q, q, k, v, h, g_gamma, meta.cu, meta.chunk_indices, o, scale,
-        K=q.shape[-1], V=v.shape[-1], gate=gate, BT=BT,
+        K=q.shape[-1], V=v.shape[-1], gate=gate, BT=BT, **config,
     )
     return o
 
 
-def chunk_bwd_dqkv(q, k, v, do, h, dh, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64):
-    """dq, dk, dv in the input dtype."""
+def chunk_bwd_dqkv(
+    q, k, v, do, h, dh, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64, dv_config=None,
+    dqk_config=None,
+):
+    """dq, dk, dv in the input dtype; `dv_config` / `dqk_config` set the tiles of the two kernels."""
     K, V = q.shape[-1], v.shape[-1]
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if meta.NT == 0:
         return dq, dk, dv
     _launch(
         chunk_bwd_dv_kernel, q, q, k, do, dh, g_gamma, meta.cu, meta.chunk_indices, dv, scale,
-        K=K, V=V, gate=gate, BT=BT,
+        K=K, V=V, gate=gate, BT=BT, **(dv_config or {}),
     )
     _launch(
         chunk_bwd_dqk_kernel, q, q, k, v, do, h, dh, g_gamma, meta.cu, meta.chunk_indices, dq, dk, scale,
-        K=K, V=V, gate=gate, BT=BT,
+        K=K, V=V, gate=gate, BT=BT, **(dqk_config or {}),
     )
     return dq, dk, dv
