@@ -21,6 +21,7 @@ ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 @dataclass(frozen=True)
 class ChunkFwdHConfig:
+    BK: int = 64
     BV: int = 64
     num_stages: int = 2
     threads: int = 128
@@ -34,6 +35,7 @@ class ChunkFwdOConfig:
 
 @dataclass(frozen=True)
 class ChunkBwdDhConfig:
+    BK: int = 64
     BV: int = 64
     num_stages: int = 2
     threads: int = 128
@@ -72,9 +74,14 @@ class FusedRecurrentConfig:
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
+def _state_bk(K, BK) -> int:
+    # the state passes split K in BK tiles when K is a multiple of it, else keep one padded tile
+    return BK if K % BK == 0 else pad_dim(K)
+
+
 def smem_chunk_fwd_h(K, V, dtype, c: ChunkFwdHConfig) -> int:
-    # stages * (k [BT, KP] + v [BT, BV]) + vg [BT, BV]
-    return ELEMENT_SIZE[dtype] * (c.num_stages * (BT * pad_dim(K) + BT * c.BV) + BT * c.BV)
+    # stages * (k [BT, BK] + v [BT, BV]) + vg [BT, BV]
+    return ELEMENT_SIZE[dtype] * (c.num_stages * (BT * _state_bk(K, c.BK) + BT * c.BV) + BT * c.BV)
 
 
 def smem_chunk_fwd_o(K, V, dtype, c: ChunkFwdOConfig) -> int:
@@ -84,8 +91,8 @@ def smem_chunk_fwd_o(K, V, dtype, c: ChunkFwdOConfig) -> int:
 
 
 def smem_chunk_bwd_dh(K, V, dtype, c: ChunkBwdDhConfig) -> int:
-    # stages * (q [BT, KP] + do [BT, BV]) + dog [BT, BV]
-    return ELEMENT_SIZE[dtype] * (c.num_stages * (BT * pad_dim(K) + BT * c.BV) + BT * c.BV)
+    # stages * (q [BT, BK] + do [BT, BV]) + dog [BT, BV]
+    return ELEMENT_SIZE[dtype] * (c.num_stages * (BT * _state_bk(K, c.BK) + BT * c.BV) + BT * c.BV)
 
 
 def smem_chunk_bwd_dv(K, V, dtype, c: ChunkBwdDvConfig) -> int:
@@ -166,7 +173,8 @@ KERNELS = {
     for k in (
         TunableKernel(
             "chunk_fwd_h", ChunkFwdHConfig, smem_chunk_fwd_h,
-            {"BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)}, _constant(ChunkFwdHConfig()),
+            {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)},
+            _constant(ChunkFwdHConfig()),
         ),
         TunableKernel(
             "chunk_fwd_o", ChunkFwdOConfig, smem_chunk_fwd_o,
@@ -174,7 +182,8 @@ KERNELS = {
         ),
         TunableKernel(
             "chunk_bwd_dh", ChunkBwdDhConfig, smem_chunk_bwd_dh,
-            {"BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)}, _constant(ChunkBwdDhConfig()),
+            {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)},
+            _constant(ChunkBwdDhConfig()),
         ),
         TunableKernel(
             "chunk_bwd_dv", ChunkBwdDvConfig, smem_chunk_bwd_dv,

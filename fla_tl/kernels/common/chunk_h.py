@@ -34,14 +34,17 @@ def chunk_fwd_h_kernel(
     h_dtype: str,
     # kernel config
     BT: int = 64,
+    BK: int = 64,
     BV: int = 64,
     num_stages: int = 2,
     threads: int = 128,
 ):
     KP = pad_dim(K)
-    NV = cdiv(V, BV)
-    # full tiles load with pipelined async copies; padded head dims fall back to masked loads
-    aligned = K == KP and V % BV == 0
+    # full tiles load with pipelined async copies, the state split in [BK, BV] blocks (more blocks for few long
+    # sequences); padded head dims fall back to masked loads and one K tile
+    aligned = K == KP and K % BK == 0 and V % BV == 0
+    BK = BK if aligned else KP
+    NK, NV = cdiv(KP, BK), cdiv(V, BV)
     Ttot, H, N, NT, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NH0"), T.dynamic("NHT")
 
     @T.prim_func
@@ -57,7 +60,7 @@ def chunk_fwd_h_kernel(
         use_h0: T.int32,
         store_ht: T.int32,
     ):
-        with T.Kernel(NV, N * H, threads=threads) as (i_v, i_nh):
+        with T.Kernel(NV, NK, N * H, threads=threads) as (i_v, i_k, i_nh):
             i_n = i_nh // H
             i_h = i_nh % H
             bos = cu[i_n]
@@ -65,16 +68,16 @@ def chunk_fwd_h_kernel(
             boc = chunk_offsets[i_n]
             lg = g_gamma[i_h] * LOG2E
 
-            k_s = T.alloc_shared([BT, KP], dtype)
+            k_s = T.alloc_shared([BT, BK], dtype)
             v_s = T.alloc_shared([BT, BV], dtype)
             vg_s = T.alloc_shared([BT, BV], dtype)
-            b_h = T.alloc_fragment([KP, BV], "float32")
+            b_h = T.alloc_fragment([BK, BV], "float32")
 
             T.clear(b_h)
             if use_h0 == 1:
-                for i, j in T.Parallel(KP, BV):
-                    if i < K and i_v * BV + j < V:
-                        b_h[i, j] = h0[i_nh, i, i_v * BV + j]
+                for i, j in T.Parallel(BK, BV):
+                    if i_k * BK + i < K and i_v * BV + j < V:
+                        b_h[i, j] = h0[i_nh, i_k * BK + i, i_v * BV + j]
 
             for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
@@ -82,28 +85,28 @@ def chunk_fwd_h_kernel(
                 bl = gate_last(gate, lg, nvalid)
                 # state entering chunk c; rows past the sequence end are zeroed in vg
                 if aligned:
-                    T.copy(b_h, h[boc + c, i_h, 0:K, i_v * BV : (i_v + 1) * BV])
-                    T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                    T.copy(b_h, h[boc + c, i_h, i_k * BK : (i_k + 1) * BK, i_v * BV : (i_v + 1) * BV])
+                    T.copy(k[t0 : t0 + BT, i_h, i_k * BK : (i_k + 1) * BK], k_s)
                     T.copy(v[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], v_s)
                 else:
-                    for i, j in T.Parallel(KP, BV):
+                    for i, j in T.Parallel(BK, BV):
                         if i < K and i_v * BV + j < V:
                             h[boc + c, i_h, i, i_v * BV + j] = b_h[i, j]
-                    for i, j in T.Parallel(BT, KP):
+                    for i, j in T.Parallel(BT, BK):
                         k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BV):
                         v_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, v[t0 + i, i_h, i_v * BV + j], 0)
                 for i, j in T.Parallel(BT, BV):
                     vg_s[i, j] = T.if_then_else(i < nvalid, v_s[i, j] * T.exp2(bl - gate_row(gate, lg, i)), 0)
                 if gate != "none":
-                    for i, j in T.Parallel(KP, BV):
+                    for i, j in T.Parallel(BK, BV):
                         b_h[i, j] *= T.exp2(bl)
                 T.gemm(k_s, vg_s, b_h, transpose_A=True)
 
             if store_ht == 1:
-                for i, j in T.Parallel(KP, BV):
-                    if i < K and i_v * BV + j < V:
-                        ht[i_nh, i, i_v * BV + j] = b_h[i, j]
+                for i, j in T.Parallel(BK, BV):
+                    if i_k * BK + i < K and i_v * BV + j < V:
+                        ht[i_nh, i_k * BK + i, i_v * BV + j] = b_h[i, j]
 
     return chunk_fwd_h
 
@@ -116,13 +119,15 @@ def chunk_bwd_dh_kernel(
     h_dtype: str,
     # kernel config
     BT: int = 64,
+    BK: int = 64,
     BV: int = 64,
     num_stages: int = 2,
     threads: int = 128,
 ):
     KP = pad_dim(K)
-    NV = cdiv(V, BV)
-    aligned = K == KP and V % BV == 0
+    aligned = K == KP and K % BK == 0 and V % BV == 0
+    BK = BK if aligned else KP
+    NK, NV = cdiv(KP, BK), cdiv(V, BV)
     Ttot, H, N, NT, NHT, NH0 = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NHT"), T.dynamic("NH0")
 
     @T.prim_func
@@ -139,7 +144,7 @@ def chunk_bwd_dh_kernel(
         use_dht: T.int32,
         store_dh0: T.int32,
     ):
-        with T.Kernel(NV, N * H, threads=threads) as (i_v, i_nh):
+        with T.Kernel(NV, NK, N * H, threads=threads) as (i_v, i_k, i_nh):
             i_n = i_nh // H
             i_h = i_nh % H
             bos = cu[i_n]
@@ -148,16 +153,16 @@ def chunk_bwd_dh_kernel(
             nc = T.ceildiv(eos - bos, BT)
             lg = g_gamma[i_h] * LOG2E
 
-            q_s = T.alloc_shared([BT, KP], dtype)
+            q_s = T.alloc_shared([BT, BK], dtype)
             do_s = T.alloc_shared([BT, BV], dtype)
             dog_s = T.alloc_shared([BT, BV], dtype)
-            b_dh = T.alloc_fragment([KP, BV], "float32")
+            b_dh = T.alloc_fragment([BK, BV], "float32")
 
             T.clear(b_dh)
             if use_dht == 1:
-                for i, j in T.Parallel(KP, BV):
-                    if i < K and i_v * BV + j < V:
-                        b_dh[i, j] = dht[i_nh, i, i_v * BV + j]
+                for i, j in T.Parallel(BK, BV):
+                    if i_k * BK + i < K and i_v * BV + j < V:
+                        b_dh[i, j] = dht[i_nh, i_k * BK + i, i_v * BV + j]
 
             for cc in T.Pipelined(nc, num_stages=num_stages):
                 c = nc - 1 - cc
@@ -165,28 +170,28 @@ def chunk_bwd_dh_kernel(
                 nvalid = T.min(eos - t0, BT)
                 # gradient of the state leaving chunk c; rows past the sequence end are zeroed in dog
                 if aligned:
-                    T.copy(b_dh, dh[boc + c, i_h, 0:K, i_v * BV : (i_v + 1) * BV])
-                    T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
+                    T.copy(b_dh, dh[boc + c, i_h, i_k * BK : (i_k + 1) * BK, i_v * BV : (i_v + 1) * BV])
+                    T.copy(q[t0 : t0 + BT, i_h, i_k * BK : (i_k + 1) * BK], q_s)
                     T.copy(do[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], do_s)
                 else:
-                    for i, j in T.Parallel(KP, BV):
+                    for i, j in T.Parallel(BK, BV):
                         if i < K and i_v * BV + j < V:
                             dh[boc + c, i_h, i, i_v * BV + j] = b_dh[i, j]
-                    for i, j in T.Parallel(BT, KP):
+                    for i, j in T.Parallel(BT, BK):
                         q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BV):
                         do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
                 for i, j in T.Parallel(BT, BV):
                     dog_s[i, j] = T.if_then_else(i < nvalid, do_s[i, j] * scale * T.exp2(gate_row(gate, lg, i)), 0)
                 if gate != "none":
-                    for i, j in T.Parallel(KP, BV):
+                    for i, j in T.Parallel(BK, BV):
                         b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(q_s, dog_s, b_dh, transpose_A=True)
 
             if store_dh0 == 1:
-                for i, j in T.Parallel(KP, BV):
-                    if i < K and i_v * BV + j < V:
-                        dh0[i_nh, i, i_v * BV + j] = b_dh[i, j]
+                for i, j in T.Parallel(BK, BV):
+                    if i_k * BK + i < K and i_v * BV + j < V:
+                        dh0[i_nh, i_k * BK + i, i_v * BV + j] = b_dh[i, j]
 
     return chunk_bwd_dh
 

@@ -1,7 +1,6 @@
 """Compile cache, targets and sequence metadata shared by every TileLang launcher."""
 
 import functools
-import json
 import os
 
 import torch
@@ -24,31 +23,42 @@ def pad_dim(d: int, multiple: int = 64) -> int:
     return cdiv(d, multiple) * multiple
 
 
+@functools.lru_cache(maxsize=16)
+def _cuda_arch(index: int) -> str:
+    major, minor = torch.cuda.get_device_capability(index)
+    return f"sm_{major}{minor}" + ("a" if major == 9 else "")
+
+
 def target_for(device: torch.device | None = None) -> dict:
     """the explicit compile target for a CUDA device, or for `FLA_TL_ARCH` (default sm_90a) without one."""
     if device is not None and device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        arch = f"sm_{major}{minor}" + ("a" if major == 9 else "")
+        arch = _cuda_arch(device.index if device.index is not None else torch.cuda.current_device())
     else:
         arch = os.environ.get("FLA_TL_ARCH", "sm_90a")
     return {"kind": "cuda", "arch": arch}
 
 
-@functools.lru_cache(maxsize=None)
-def _compile(factory, target_json: str, items: tuple):
+# compiled kernels of this process, by (factory, target, keywords); TileLang keeps them on disk across processes
+_kernels: dict = {}
+
+
+def _compile(factory, target: dict, kwargs: dict):
     import tilelang
 
-    func = factory(**dict(items))
+    func = factory(**kwargs)
     # a factory may ask for TileLang pass options (e.g. no warp specialization) through a `pass_configs` attribute
     pass_configs = getattr(factory, "pass_configs", None)
-    return tilelang.compile(
-        func, target=json.loads(target_json), execution_backend="tvm_ffi", pass_configs=pass_configs
-    )
+    return tilelang.compile(func, target=dict(target), execution_backend="tvm_ffi", pass_configs=pass_configs)
 
 
 def get_kernel(factory, target: dict, **kwargs):
-    """the compiled kernel for `factory(**kwargs)` on `target`, built once per process (and cached on disk by TileLang)."""
-    return _compile(factory, json.dumps(target, sort_keys=True), tuple(sorted(kwargs.items())))
+    """the compiled kernel for `factory(**kwargs)` on `target`, built once per process (and cached on disk by TileLang);
+    a hit costs one dict lookup."""
+    key = (factory, target["kind"], target["arch"], tuple(sorted(kwargs.items())))
+    kernel = _kernels.get(key)
+    if kernel is None:
+        kernel = _kernels[key] = _compile(factory, target, kwargs)
+    return kernel
 
 
 class SeqMeta:

@@ -1,12 +1,12 @@
 """chunk_retention: simple GLA with a per-head constant decay, in chunks of 64 tokens.
 
 Two schedules share the chunk algebra. The fused kernels carry the state between chunks in registers and never write
-it to memory; the chunk-parallel passes write the state entering every chunk (a sequential state pass), then run the
-output / gradient passes one block per chunk. The state pass is sequential in both, so the fused forward is faster at
-every shape measured (H100, bf16, D=128: 0.25 vs 0.98 ms at B=8 T=4096 H=16; 1.57 vs 1.65 ms at B=2 T=16384 H=16)
-and always runs. The backward runs fused when its grid (sequences x heads x V tiles) gives a quarter block per
-multiprocessor or more, else chunk-parallel (1.09 vs 2.38 ms at B=8 T=4096 H=16 with 128 blocks; 4.23 vs 3.66 ms at
-B=2 T=16384 H=16 with 32 blocks).
+it to memory; their grid is (sequences x heads x V tiles), each block walking its sequence. The chunk-parallel passes
+split the state into [64, 64] blocks for the sequential state pass (more blocks), write the state entering every
+chunk, then run the output / gradient passes one block per chunk. The fused schedule runs when its grid gives at
+least a quarter block per multiprocessor (H100, bf16, D=128, B=8 T=4096 H=16, 128 blocks: forward 0.25 vs 0.98 ms,
+backward 1.09 vs 2.38 ms), the chunk-parallel one for few long sequences (B=2 T=16384 H=16, 32 blocks: backward
+4.23 fused vs 3.66 ms before the state pass was split).
 """
 
 import functools
@@ -20,8 +20,8 @@ from ..common.gates import retention_g_gamma
 from ..common.utils import TORCH_TO_TL, cdiv, seq_meta
 
 BT = 64
-# the fused backward runs once its grid gives at least this many blocks per multiprocessor
-FUSED_BWD_MIN_BLOCKS_PER_SM = 0.25
+# the fused kernels run once their grid gives at least this many blocks per multiprocessor
+FUSED_MIN_BLOCKS_PER_SM = 0.25
 
 
 @functools.lru_cache(maxsize=8)
@@ -29,13 +29,13 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _bwd_schedule(q, v, N: int, impl: str) -> str:
-    """'fused' when the fused backward's grid (sequences x heads x V tiles) fills the GPU enough, else 'parallel'."""
+def _schedule(q, v, N: int, kind: str, impl: str) -> str:
+    """'fused' when the fused kernel's grid (sequences x heads x V tiles) fills the GPU enough, else 'parallel'."""
     if impl != "auto":
         return impl
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
-    blocks = N * H * cdiv(V, fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], "dkv")["BV"])
-    return "fused" if blocks >= FUSED_BWD_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
+    blocks = N * H * cdiv(V, fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], kind)["BV"])
+    return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
 
 
 def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu_seqlens, impl="auto"):
@@ -43,7 +43,7 @@ def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     g_gamma = retention_g_gamma(H, q.device)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    if impl != "parallel":
+    if _schedule(q, v, meta.N, "fwd", impl) == "fused":
         o, ht = fused_chunk_fwd(
             q_,
             k_,
@@ -75,7 +75,7 @@ def chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens, i
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     g_gamma = retention_g_gamma(H, q.device)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
-    if _bwd_schedule(q, v, meta.N, impl) == "fused":
+    if _schedule(q, v, meta.N, "dkv", impl) == "fused":
         dq, dk, dv, dh0 = fused_chunk_bwd(
             q_,
             k_,
