@@ -321,27 +321,19 @@ def _ht_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def define_linear_attention_ops(name: str) -> tuple:
-    """define `fla_tl::<name>_fwd` and `fla_tl::<name>_bwd` with fake kernels and autograd; return both.
+    """define `fla_tl::<name>_fwd` and `fla_tl::<name>_bwd` with fake kernels and autograd; return the forward entry
+    point and the backward op.
 
     fwd: `(q, k, v, initial_state?, cu_seqlens?, scale, output_final_state, reverse, state_v_first, requires_grad,
     backend) -> (o, ht)`; bwd: `(q, k, v, do, dht?, initial_state?, cu_seqlens?, scale, reverse, state_v_first,
     backend) -> (dq, dk, dv, dh0)`. Custom ops cannot return None: a missing `ht` or `dh0` is an empty tensor.
+    The returned forward entry point runs the custom op under `torch.compile`, and in eager mode the same bodies
+    through a plain `autograd.Function` (the custom-op dispatcher costs about 100 us of host time per call, which
+    dominates at small shapes).
     """
 
-    @torch.library.custom_op(f"fla_tl::{name}_fwd", mutates_args=())
-    def fwd_op(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        initial_state: torch.Tensor | None,
-        cu_seqlens: torch.Tensor | None,
-        scale: float,
-        output_final_state: bool,
-        reverse: bool,
-        state_v_first: bool,
-        requires_grad: bool,
-        backend: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def fwd_impl(q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, requires_grad,
+                 backend):
         spec = get_op(name)
         inputs = describe_inputs(q, v, initial_state, cu_seqlens, requires_grad, reverse, state_v_first)
         chosen = select_backend(spec, inputs, backend or None)
@@ -359,6 +351,47 @@ def define_linear_attention_ops(name: str) -> tuple:
         if ht is None:
             ht = q.new_empty(0, dtype=_ht_dtype(q.dtype))
         return o.to(q.dtype), ht.to(_ht_dtype(q.dtype))
+
+    def bwd_impl(q, k, v, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
+        spec = get_op(name)
+        inputs = describe_inputs(q, v, initial_state, cu_seqlens, True, reverse, state_v_first)
+        chosen = select_backend(spec, inputs, backend or None)
+        dq, dk, dv, dh0 = chosen.bwd(
+            q,
+            k,
+            v,
+            do,
+            dht,
+            initial_state,
+            cu_seqlens,
+            scale=scale,
+            reverse=reverse,
+            state_v_first=state_v_first,
+        )
+        if initial_state is None or dh0 is None:
+            dh0 = q.new_empty(0)
+        else:
+            dh0 = dh0.to(initial_state.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0
+
+    @torch.library.custom_op(f"fla_tl::{name}_fwd", mutates_args=())
+    def fwd_op(
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        initial_state: torch.Tensor | None,
+        cu_seqlens: torch.Tensor | None,
+        scale: float,
+        output_final_state: bool,
+        reverse: bool,
+        state_v_first: bool,
+        requires_grad: bool,
+        backend: str,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return fwd_impl(
+            q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, requires_grad,
+            backend,
+        )
 
     @fwd_op.register_fake
     def _(q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, requires_grad, backend):
@@ -390,33 +423,14 @@ def define_linear_attention_ops(name: str) -> tuple:
         state_v_first: bool,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        spec = get_op(name)
-        inputs = describe_inputs(q, v, initial_state, cu_seqlens, True, reverse, state_v_first)
-        chosen = select_backend(spec, inputs, backend or None)
-        dq, dk, dv, dh0 = chosen.bwd(
-            q,
-            k,
-            v,
-            do,
-            dht,
-            initial_state,
-            cu_seqlens,
-            scale=scale,
-            reverse=reverse,
-            state_v_first=state_v_first,
-        )
-        if initial_state is None or dh0 is None:
-            dh0 = q.new_empty(0)
-        else:
-            dh0 = dh0.to(initial_state.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0
+        return bwd_impl(q, k, v, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend)
 
     @bwd_op.register_fake
     def _(q, k, v, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
         dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
 
-    def setup_context(ctx, inputs, output):
+    def save_context(ctx, inputs, output):
         q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, _, backend = inputs
         ctx.save_for_backward(q, k, v, initial_state, cu_seqlens)
         ctx.scale = scale
@@ -425,27 +439,44 @@ def define_linear_attention_ops(name: str) -> tuple:
         ctx.state_v_first = state_v_first
         ctx.backend = backend
 
-    def backward(ctx, do, dht):
-        q, k, v, initial_state, cu_seqlens = ctx.saved_tensors
-        if do is None:
-            do = torch.zeros(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device)
-        if not ctx.output_final_state:
-            dht = None
-        dq, dk, dv, dh0 = bwd_op(
-            q,
-            k,
-            v,
-            do.contiguous(),
-            dht.contiguous() if dht is not None else None,
-            initial_state,
-            cu_seqlens,
-            ctx.scale,
-            ctx.reverse,
-            ctx.state_v_first,
-            ctx.backend,
-        )
-        dh0 = dh0 if initial_state is not None else None
-        return dq, dk, dv, dh0, None, None, None, None, None, None, None
+    def make_backward(run_bwd):
+        def backward(ctx, do, dht):
+            q, k, v, initial_state, cu_seqlens = ctx.saved_tensors
+            if do is None:
+                do = torch.zeros(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device)
+            if not ctx.output_final_state:
+                dht = None
+            dq, dk, dv, dh0 = run_bwd(
+                q,
+                k,
+                v,
+                do.contiguous(),
+                dht.contiguous() if dht is not None else None,
+                initial_state,
+                cu_seqlens,
+                ctx.scale,
+                ctx.reverse,
+                ctx.state_v_first,
+                ctx.backend,
+            )
+            dh0 = dh0 if initial_state is not None else None
+            return dq, dk, dv, dh0, None, None, None, None, None, None, None
 
-    fwd_op.register_autograd(backward, setup_context=setup_context)
-    return fwd_op, bwd_op
+        return backward
+
+    fwd_op.register_autograd(make_backward(bwd_op), setup_context=save_context)
+
+    class EagerFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(*inputs):
+            return fwd_impl(*inputs)
+
+        setup_context = staticmethod(save_context)
+        backward = staticmethod(make_backward(bwd_impl))
+
+    def forward(*inputs):
+        if torch.compiler.is_compiling():
+            return fwd_op(*inputs)
+        return EagerFunction.apply(*inputs)
+
+    return forward, bwd_op

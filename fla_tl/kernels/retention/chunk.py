@@ -4,9 +4,10 @@ Two schedules share the chunk algebra. The fused kernels carry the state between
 it to memory; their grid is (sequences x heads x V tiles), each block walking its sequence. The chunk-parallel passes
 split the state into [64, 64] blocks for the sequential state pass (more blocks), write the state entering every
 chunk, then run the output / gradient passes one block per chunk. The fused schedule runs when its grid gives at
-least a quarter block per multiprocessor (H100, bf16, D=128, B=8 T=4096 H=16, 128 blocks: forward 0.25 vs 0.98 ms,
-backward 1.09 vs 2.38 ms), the chunk-parallel one for few long sequences (B=2 T=16384 H=16, 32 blocks: backward
-4.23 fused vs 3.66 ms before the state pass was split).
+least a quarter block per multiprocessor and K >= 128 (H100, bf16, D=128, B=8 T=4096 H=16, 128 blocks: forward
+0.25 vs 0.98 ms, backward 1.09 vs 2.38 ms; B=4 T=2048 H=16, 64 blocks: 0.13 vs 0.28 ms, 0.33 vs 0.65 ms), the
+chunk-parallel one for few long sequences and for small key dims (B=8 T=1024 H=8 D=64: forward 0.070 ms
+chunk-parallel vs 0.132 fused).
 """
 
 import functools
@@ -17,7 +18,7 @@ from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.chunk_o import chunk_bwd_dqkv, chunk_fwd_o
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_config, fused_chunk_fwd
 from ..common.gates import retention_g_gamma
-from ..common.utils import TORCH_TO_TL, cdiv, seq_meta
+from ..common.utils import TORCH_TO_TL, cdiv, pad_dim, seq_meta
 
 BT = 64
 # the fused kernels run once their grid gives at least this many blocks per multiprocessor
@@ -34,6 +35,10 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     if impl != "auto":
         return impl
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
+    # small key dims give the chunk-parallel passes little sequential work per chunk (B=8 T=1024 H=8 K=V=64,
+    # 64 blocks: forward 0.070 ms chunk-parallel vs 0.132 ms fused)
+    if pad_dim(K) < 128:
+        return "parallel"
     blocks = N * H * cdiv(V, fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], kind)["BV"])
     return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
 
