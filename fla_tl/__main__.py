@@ -1,4 +1,5 @@
-"""`python -m fla_tl list` prints the op registry; `python -m fla_tl check` runs every op against its reference."""
+"""`python -m fla_tl list` prints the op registry; `check` runs every op against its reference; `compile` builds
+kernels ahead into TileLang's cache; `cache show | clear` lists or removes the user's tuning tables."""
 
 import argparse
 import sys
@@ -116,15 +117,127 @@ def check(compile_kernels: bool = True) -> int:
     return failures
 
 
+def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int) -> int:
+    """compile the kernels of `ops` at head dims `dims` (K = V) and `dtypes` into TileLang's cache; return failures."""
+    from .kernels.build import build, kernel_specs
+
+    modes = sorted({registered_op_mode(op) for op in ops})
+    specs = []
+    for d in dims:
+        for dtype in dtypes:
+            specs += kernel_specs(d, d, dtype, modes=tuple(modes))
+    print(f"compiling {len(specs)} kernels for {arch} ({', '.join(ops)}; D = {dims}; {', '.join(dtypes)})", flush=True)
+    results = build(specs, {"kind": "cuda", "arch": arch}, workers)
+    rows = [
+        {"kernel": name, "result": "ok" if ok else "FAIL", "s": f"{seconds:.1f}", "detail": message}
+        for name, ok, seconds, message in results
+    ]
+    print(format_table(rows))
+    failures = sum(not r[1] for r in results)
+    print(f"{len(results) - failures} built, {failures} failed")
+    return failures
+
+
+def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | None) -> int:
+    """tune every kernel of `ops` at each (B, T, H, D) shape in bf16 on this GPU; store the entries in the user table
+    (or in the table file `out`) and print the default vs tuned times."""
+    from .autotune import TuningTable, device_info, record
+    from .autotune.tuner import OP_KERNELS, make_runner, table_key, tune_kernel
+
+    if not torch.cuda.is_available():
+        print("python -m fla_tl tune: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    gpu, _ = device_info(device)
+    table = TuningTable.load(out) if out else None
+    rows, done = [], set()
+    for B, T, H, D in shapes:
+        for op in ops:
+            for name in OP_KERNELS[op]:
+                if (name, B, T, H, D) in done:
+                    continue
+                done.add((name, B, T, H, D))
+                runner = make_runner(name, N=B, T=T, H=H, K=D, V=D, dtype=torch.bfloat16, device=device)
+                entry = tune_kernel(name, runner, K=D, V=D, dtype=torch.bfloat16)
+                entry["shape"] = {"B": B, "T": T, "H": H, "D": D}
+                key = table_key(name, D, D, "bfloat16", T, device)
+                if table is not None:
+                    table.put(key, entry)
+                    table.save()
+                else:
+                    record(key, gpu, entry)
+                rows.append({
+                    "kernel": name,
+                    "shape": f"{B}x{T}x{H}x{D}",
+                    "default_ms": f"{entry['default_ms']:.4f}",
+                    "tuned_ms": f"{entry['time_ms']:.4f}",
+                    "speedup": f"{entry['default_ms'] / entry['time_ms']:.2f}",
+                    "config": ", ".join(f"{k}={v}" for k, v in entry["config"].items()),
+                })
+    print(format_table(rows))
+    return 0
+
+
+def registered_op_mode(op: str) -> str:
+    """the kernel mode (chunk | fused_chunk | fused_recurrent) of a registered op; ValueError for an unknown op."""
+    modes = {spec.name: spec.mode for spec in registered_ops()}
+    if op not in modes:
+        raise ValueError(f"--ops: unknown op {op!r}; registered: {', '.join(sorted(modes))}")
+    return modes[op]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fla_tl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="print the op registry: op, variant, mode, backends and their capabilities")
     p_check = sub.add_parser("check", help="run every op against its reference; nonzero exit on any failure")
     p_check.add_argument("--no-compile", action="store_true", help="skip the TileLang compile checks")
+    p_compile = sub.add_parser(
+        "compile", help="compile kernels ahead into TileLang's cache (TILELANG_CACHE_DIR), no GPU needed"
+    )
+    p_compile.add_argument("--arch", default="sm_90a", help="CUDA arch, e.g. sm_90a (default)")
+    p_compile.add_argument("--ops", default="all", help="comma list of registered ops, or all (default)")
+    p_compile.add_argument("--dims", default="64,128,256", help="head dims D (K = V = D), comma list")
+    p_compile.add_argument("--dtypes", default="bfloat16", help="comma list of bfloat16, float16, float32")
+    p_compile.add_argument("--workers", type=int, default=2, help="parallel compiles (default 2)")
+    p_tune = sub.add_parser("tune", help="tune the kernels' tile configs on this GPU and store them in a table")
+    p_tune.add_argument("--ops", default="all", help="comma list of registered ops, or all (default)")
+    p_tune.add_argument("--shapes", default="8x4096x16x128", help="comma list of BxTxHxD (bf16, K = V = D)")
+    p_tune.add_argument("--out", default=None, help="table file to write (default: the user table of this GPU)")
+    p_cache = sub.add_parser("cache", help="show or clear the user's tuning tables")
+    p_cache.add_argument("action", choices=("show", "clear"))
     args = parser.parse_args(argv)
     if args.command == "list":
         list_ops()
+        return 0
+    if args.command == "compile":
+        ops = [spec.name for spec in registered_ops()] if args.ops == "all" else args.ops.split(",")
+        try:
+            for op in ops:
+                registered_op_mode(op)
+        except ValueError as e:
+            parser.error(str(e))
+        dims = [int(d) for d in args.dims.split(",")]
+        return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers) else 0
+    if args.command == "tune":
+        ops = [spec.name for spec in registered_ops()] if args.ops == "all" else args.ops.split(",")
+        try:
+            for op in ops:
+                registered_op_mode(op)
+            shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+            if any(len(shape) != 4 for shape in shapes):
+                raise ValueError(f"--shapes: expected BxTxHxD items, got {args.shapes!r}")
+        except ValueError as e:
+            parser.error(str(e))
+        return tune(ops, shapes, args.out)
+    if args.command == "cache":
+        from .autotune import cache_clear, cache_show
+
+        if args.action == "show":
+            print(cache_show())
+        else:
+            removed = cache_clear()
+            print(f"removed {len(removed)} file(s)" + "".join(f"\n  {p}" for p in removed))
         return 0
     return 1 if check(compile_kernels=not args.no_compile) else 0
 

@@ -102,9 +102,11 @@ def smem_chunk_bwd_dv(K, V, dtype, c: ChunkBwdDvConfig) -> int:
 
 
 def smem_chunk_bwd_dqk(K, V, dtype, c: ChunkBwdDqkConfig) -> int:
-    # q, k [BT, BK] + stages * (v, do [BT, BV] + h, dh [BK, BV]) + ds [BT, BT]
+    # q, k [BT, BK] + v, do [BT, BV] + h, dh [BK, BV] + ds [BT, BT]; its V-tile loop loads through registers, so the
+    # pipeline keeps one buffer each (fp32, K = V = 128 with the defaults ran on an H100, where a per-stage copy
+    # would not have fit)
     BK = min(c.BK, pad_dim(K))
-    return ELEMENT_SIZE[dtype] * (2 * BT * BK + c.num_stages * (2 * BT * c.BV + 2 * BK * c.BV) + BT * BT)
+    return ELEMENT_SIZE[dtype] * (2 * BT * BK + 2 * BT * c.BV + 2 * BK * c.BV + BT * BT)
 
 
 def smem_fused_chunk(kind: str) -> Callable:
@@ -164,6 +166,12 @@ def _fused_heuristic(kind: str) -> Callable:
     return heuristic
 
 
+def _recurrent_bwd_heuristic(K, V, dtype) -> FusedRecurrentConfig:
+    from ..kernels.common.fused_recurrent import fused_recurrent_bwd_config
+
+    return FusedRecurrentConfig(**fused_recurrent_bwd_config(K, V))
+
+
 def _constant(config) -> Callable:
     return lambda K, V, dtype: config
 
@@ -210,7 +218,7 @@ KERNELS = {
         ),
         TunableKernel(
             "fused_recurrent_bwd", FusedRecurrentConfig, smem_fused_recurrent("bwd"),
-            {"TB": (8, 16, 32), "BV": (16, 32, 64), "threads": (128, 256)}, _constant(FusedRecurrentConfig()),
+            {"TB": (8, 16, 32), "BV": (32, 64, 128), "threads": (128, 256)}, _recurrent_bwd_heuristic,
         ),
     )
 }

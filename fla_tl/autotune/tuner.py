@@ -1,0 +1,200 @@
+"""The tuner: time every fitting config of a kernel on this GPU, keep the fastest that agrees with the default.
+
+Method (METHOD.md of the device notes): random inputs (never zeros), every candidate compiled first (in threads:
+TileLang's compile runs mostly outside the GIL), 3 warm-up calls, then `reps` calls timed with CUDA events, each
+after an L2 flush with a buffer larger than any L2; the median counts. A candidate whose outputs differ from the
+default config's beyond the dtype's tolerance (`fla_tl.utils.TOLERANCES`) is rejected; one that fails to compile or
+launch is recorded with its error. Every candidate's time is kept in the table entry, not only the winner's.
+"""
+
+import concurrent.futures
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..utils import compare
+from .configs import KERNELS
+from .table import make_key, device_info, seqlen_bucket, source_hash
+
+# the kernels each op launches
+OP_KERNELS = {
+    "chunk_retention": (
+        "fused_chunk_fwd", "fused_chunk_bwd_dkv", "chunk_fwd_h", "chunk_fwd_o", "chunk_bwd_dh", "chunk_bwd_dv",
+        "chunk_bwd_dqk",
+    ),
+    "fused_chunk_retention": ("fused_chunk_fwd", "fused_chunk_bwd_dkv"),
+    "fused_recurrent_retention": ("fused_recurrent_fwd", "fused_recurrent_bwd"),
+}
+FLUSH_BYTES = 256 * 1024 * 1024
+
+
+def factory_of(name: str):
+    """the TileLang kernel factory a tunable kernel's configs feed (its source hash keys the table)."""
+    from ..kernels.common import chunk_h, chunk_o, fused_chunk, fused_recurrent
+
+    return {
+        "chunk_fwd_h": chunk_h.chunk_fwd_h_kernel,
+        "chunk_bwd_dh": chunk_h.chunk_bwd_dh_kernel,
+        "chunk_fwd_o": chunk_o.chunk_fwd_o_kernel,
+        "chunk_bwd_dv": chunk_o.chunk_bwd_dv_kernel,
+        "chunk_bwd_dqk": chunk_o.chunk_bwd_dqk_kernel,
+        "fused_chunk_fwd": fused_chunk.fused_chunk_fwd_kernel,
+        "fused_chunk_bwd_dkv": fused_chunk.fused_chunk_bwd_dkv_kernel,
+        "fused_recurrent_fwd": fused_recurrent.fused_recurrent_fwd_kernel,
+        "fused_recurrent_bwd": fused_recurrent.fused_recurrent_bwd_kernel,
+    }[name]
+
+
+def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None) -> str:
+    gpu, capability = device_info(device)
+    return make_key(
+        gpu=gpu,
+        capability=capability,
+        kernel=name,
+        source=source_hash(factory_of(name)),
+        dims={"K": K, "V": V},
+        dtypes={"dtype": dtype},
+        flags={"gate": "gamma"},
+        bucket=seqlen_bucket(T),
+    )
+
+
+def make_runner(name: str, *, N: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, device) -> Callable:
+    """a function `config dict -> output tensors` that launches kernel `name` on fixed random inputs."""
+    from ..kernels.common import chunk_h, chunk_o, fused_chunk, fused_recurrent
+    from ..kernels.common.gates import retention_g_gamma
+    from ..kernels.common.utils import seq_meta
+
+    g = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(N * T, H, K, device=device, generator=g).to(dtype)
+    k = (torch.randn(N * T, H, K, device=device, generator=g) / K ** 0.5).to(dtype)
+    v = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
+    do = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
+    meta = seq_meta(N, T, None, 64, device)
+    gate = dict(gate="gamma", g_gamma=retention_g_gamma(H, device))
+    scale = K ** -0.5
+    if name in ("chunk_fwd_o", "chunk_bwd_dv", "chunk_bwd_dqk"):
+        h, _ = chunk_h.chunk_fwd_h(k, v, initial_state=None, output_final_state=False, meta=meta, **gate)
+        dh, _ = chunk_h.chunk_bwd_dh(q, do, None, scale=scale, need_dh0=False, meta=meta, **gate)
+    runners = {
+        "fused_chunk_fwd": lambda c: fused_chunk.fused_chunk_fwd(
+            q, k, v, scale=scale, initial_state=None, output_final_state=True, meta=meta, **gate, **c
+        ),
+        "fused_chunk_bwd_dkv": lambda c: fused_chunk.fused_chunk_bwd(
+            q, k, v, do, None, scale=scale, initial_state=None, meta=meta, **gate, **c
+        )[1:3],
+        "chunk_fwd_h": lambda c: chunk_h.chunk_fwd_h(
+            k, v, initial_state=None, output_final_state=True, meta=meta, **gate, **c
+        ),
+        "chunk_fwd_o": lambda c: (chunk_o.chunk_fwd_o(q, k, v, h, scale=scale, meta=meta, **gate, **c),),
+        "chunk_bwd_dh": lambda c: chunk_h.chunk_bwd_dh(q, do, None, scale=scale, need_dh0=False, meta=meta, **gate, **c),
+        "chunk_bwd_dv": lambda c: chunk_o.chunk_bwd_dqkv(
+            q, k, v, do, h, dh, scale=scale, meta=meta, dv_config=c, **gate
+        )[2:],
+        "chunk_bwd_dqk": lambda c: chunk_o.chunk_bwd_dqkv(
+            q, k, v, do, h, dh, scale=scale, meta=meta, dqk_config=c, **gate
+        )[:2],
+        "fused_recurrent_fwd": lambda c: fused_recurrent.fused_recurrent_fwd(
+            q, k, v, scale=scale, initial_state=None, output_final_state=True, reverse=False, state_v_first=False,
+            meta=meta, **gate, **c
+        ),
+        "fused_recurrent_bwd": lambda c: fused_recurrent.fused_recurrent_bwd(
+            q, k, v, do, None, scale=scale, initial_state=None, reverse=False, state_v_first=False, meta=meta,
+            **gate, **c
+        )[:3],
+    }
+    return runners[name]
+
+
+def cuda_time_ms(fn: Callable[[], object], reps: int = 30, warmup: int = 3) -> list[float]:
+    """times of `reps` calls of `fn` in ms, each after an L2 flush, measured with CUDA events."""
+    flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(reps)]
+    for s, e in zip(starts, ends):
+        flush.zero_()
+        s.record()
+        fn()
+        e.record()
+    torch.cuda.synchronize()
+    return [s.elapsed_time(e) for s, e in zip(starts, ends)]
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    items = out if isinstance(out, (tuple, list)) else (out,)
+    return [x for x in items if isinstance(x, torch.Tensor)]
+
+
+def tune_kernel(
+    name: str,
+    runner: Callable[[dict], object],
+    *,
+    K: int,
+    V: int,
+    dtype: torch.dtype,
+    timer: Callable = cuda_time_ms,
+    compile_workers: int = 4,
+    progress: bool = True,
+) -> dict:
+    """time every fitting config of kernel `name` with `runner`; return the table entry (the winner, its time, the
+    default's time and every candidate with its time or the reason it was rejected)."""
+    from ..kernels.common.utils import TORCH_TO_TL
+
+    kernel = KERNELS[name]
+    tl_dtype = TORCH_TO_TL[dtype]
+    candidates = kernel.candidates(K, V, tl_dtype)
+    default = candidates[0]
+
+    # compile ahead in threads: the first call of each config builds its kernel
+    def warm(config):
+        try:
+            runner(dataclasses.asdict(config))
+            return None
+        except Exception as e:  # noqa: BLE001 - a config that fails is recorded, not fatal
+            return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+    with concurrent.futures.ThreadPoolExecutor(compile_workers) as pool:
+        errors = dict(zip(candidates, pool.map(warm, candidates)))
+    if errors[default] is not None:
+        raise RuntimeError(f"{name}: the default config {default} fails: {errors[default]}")
+    reference = [x.detach().clone() for x in _outputs(runner(dataclasses.asdict(default)))]
+
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    iterator = candidates
+    if progress and tqdm is not None:
+        iterator = tqdm(candidates, desc=f"tune {name} K={K} V={V} {tl_dtype}", unit="cfg")
+    rows = []
+    start = time.perf_counter()
+    for config in iterator:
+        row = {"config": dataclasses.asdict(config), "time_ms": None}
+        if errors[config] is not None:
+            row["status"] = f"error: {errors[config]}"
+            rows.append(row)
+            continue
+        out = _outputs(runner(row["config"]))
+        bad = [detail for ok, detail in (compare(a, b, dtype) for a, b in zip(out, reference)) if not ok]
+        if len(out) != len(reference) or bad:
+            row["status"] = "rejected: differs from the default config: " + "; ".join(bad)
+            rows.append(row)
+            continue
+        times = timer(lambda c=row["config"]: runner(c))
+        row.update(time_ms=statistics.median(times), status="ok")
+        rows.append(row)
+    ok = [r for r in rows if r["status"] == "ok"]
+    best = min(ok, key=lambda r: r["time_ms"])
+    return {
+        "config": best["config"],
+        "time_ms": best["time_ms"],
+        "default_ms": rows[0]["time_ms"],
+        "candidates": rows,
+        "tuned_in_s": round(time.perf_counter() - start, 1),
+    }
