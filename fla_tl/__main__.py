@@ -117,16 +117,60 @@ def check(compile_kernels: bool = True) -> int:
     return failures
 
 
-def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int) -> int:
-    """compile the kernels of `ops` at head dims `dims` (K = V) and `dtypes` into TileLang's cache; return failures."""
+def _table_specs(arch: str, kernels: set[str]) -> list:
+    """(name, factory, kwargs) of every tuned config in the shipped and user tables made on GPUs of `arch`."""
+    import pathlib
+
+    from .autotune import TuningTable, parse_key
+    from .autotune.table import _cache_dir, _shipped_dir
+    from .autotune.tuner import launch_spec
+
+    capability = f"{arch[3]}.{arch[4:].rstrip('a')}" if arch.startswith("sm_") else arch
+    specs = []
+    paths = sorted(_shipped_dir().glob("*.json")) + sorted(pathlib.Path(_cache_dir(), "tables").glob("*.json"))
+    for path in paths:
+        table = TuningTable.load(path)
+        for key in table.keys():
+            fields = parse_key(key)
+            if fields.get("cc") != capability or fields.get("kernel") not in kernels:
+                continue
+            dims = dict(part.split("=") for part in fields["dims"].split(","))
+            dtype = dict(part.split("=") for part in fields["dtypes"].split(","))["dtype"]
+            gate = dict(part.split("=") for part in fields["flags"].split(",")).get("gate", "gamma")
+            name = fields["kernel"]
+            specs.append((name, *launch_spec(name, int(dims["K"]), int(dims["V"]), dtype, gate,
+                                             table.get(key)["config"])))
+    return specs
+
+
+def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int,
+                  space: bool = False) -> int:
+    """compile the kernels of `ops` at head dims `dims` (K = V) and `dtypes` into TileLang's cache: their heuristic
+    configs, every config the tuning tables (shipped and user) hold for GPUs of `arch`, and with `space` every
+    config of the search spaces that fits; return the number of failures."""
+    import dataclasses
+
+    from .autotune.configs import KERNELS
+    from .autotune.tuner import OP_KERNELS, launch_spec
     from .kernels.build import build, kernel_specs
 
     modes = sorted({registered_op_mode(op) for op in ops})
+    kernels = {name for op in ops for name in OP_KERNELS.get(op, ())}
     specs = []
     for d in dims:
         for dtype in dtypes:
             specs += kernel_specs(d, d, dtype, modes=tuple(modes))
-    print(f"compiling {len(specs)} kernels for {arch} ({', '.join(ops)}; D = {dims}; {', '.join(dtypes)})", flush=True)
+            if space:
+                for name in sorted(kernels):
+                    for config in KERNELS[name].candidates(d, d, dtype):
+                        specs.append((name, *launch_spec(name, d, d, dtype, "gamma", dataclasses.asdict(config))))
+    specs += _table_specs(arch, kernels)
+    unique = {}
+    for spec in specs:
+        unique.setdefault((spec[1], tuple(sorted(spec[2].items()))), spec)
+    specs = list(unique.values())
+    print(f"compiling {len(specs)} kernels for {arch} ({', '.join(ops)}; D = {dims}; {', '.join(dtypes)}"
+          f"{'; every config of the search spaces' if space else ''}) in {workers} processes", flush=True)
     results = build(specs, {"kind": "cuda", "arch": arch}, workers)
     rows = [
         {"kernel": name, "result": "ok" if ok else "FAIL", "s": f"{seconds:.1f}", "detail": message}
@@ -199,7 +243,9 @@ def main(argv=None) -> int:
     p_compile.add_argument("--ops", default="all", help="comma list of registered ops, or all (default)")
     p_compile.add_argument("--dims", default="64,128,256", help="head dims D (K = V = D), comma list")
     p_compile.add_argument("--dtypes", default="bfloat16", help="comma list of bfloat16, float16, float32")
-    p_compile.add_argument("--workers", type=int, default=2, help="parallel compiles (default 2)")
+    p_compile.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    p_compile.add_argument("--space", action="store_true",
+                           help="also every config of the tuning search spaces (default: heuristic and table configs)")
     p_tune = sub.add_parser("tune", help="tune the kernels' tile configs on this GPU and store them in a table")
     p_tune.add_argument("--ops", default="all", help="comma list of registered ops, or all (default)")
     p_tune.add_argument("--shapes", default="8x4096x16x128", help="comma list of BxTxHxD (bf16, K = V = D)")
@@ -218,7 +264,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
         dims = [int(d) for d in args.dims.split(",")]
-        return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers) else 0
+        return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers, args.space) else 0
     if args.command == "tune":
         ops = [spec.name for spec in registered_ops()] if args.ops == "all" else args.ops.split(",")
         try:

@@ -96,3 +96,37 @@ def test_tuner_picks_fastest_agreeing_config_and_records_all():
     assert len(entry["candidates"]) == len(candidates)
     assert statuses[tuple(sorted(dataclasses.asdict(broken).items()))].startswith("error: RuntimeError")
     assert statuses[tuple(sorted(dataclasses.asdict(wrong).items()))].startswith("rejected")
+
+
+@pytest.mark.compile
+def test_build_compiles_in_processes_into_the_disk_cache(tmp_path, monkeypatch):
+    """`build` with 2 workers compiles in spawned processes; their kernels land in TileLang's disk cache (here a fresh
+    one, which the children read from the environment)."""
+    from fla_tl.kernels.build import build, kernel_specs
+
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path / "tlcache"))
+    specs = [s for s in kernel_specs(64, 64, "float16", modes=("fused_chunk",))][:2]
+    results = build(specs, {"kind": "cuda", "arch": "sm_90a"}, workers=2)
+    assert [ok for _, ok, _, _ in results] == [True, True], results
+    assert sum(1 for p in (tmp_path / "tlcache").rglob("*") if p.is_file()) >= 2
+
+
+@pytest.mark.gpu
+def test_tuner_on_gpu_picks_an_agreeing_config_no_slower_than_the_default():
+    """tune chunk_fwd_o's small space (V tile x threads) on this GPU: the winner passed the correctness gate and its
+    median is at most the default's; its output matches the default config's."""
+    import torch
+
+    from fla_tl.autotune.tuner import make_runner, tune_kernel
+    from fla_tl.utils import compare
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    runner = make_runner("chunk_fwd_o", N=2, T=1024, H=4, K=128, V=128, dtype=torch.bfloat16, device="cuda")
+    entry = tune_kernel("chunk_fwd_o", runner, K=128, V=128, dtype=torch.bfloat16, compile_workers=2, progress=False)
+    assert entry["default_ms"] is not None and entry["time_ms"] <= entry["default_ms"]
+    winner = [r for r in entry["candidates"] if r["config"] == entry["config"]]
+    assert winner and winner[0]["status"] == "ok"
+    default = entry["candidates"][0]["config"]
+    ok, detail = compare(runner(entry["config"])[0], runner(default)[0], torch.bfloat16)
+    assert ok, detail

@@ -246,8 +246,33 @@ def _table(path: pathlib.Path) -> TuningTable:
     return table
 
 
+def parse_key(key: str) -> dict:
+    """the fields of a key made by `make_key`."""
+    return dict(part.partition("=")[::2] for part in key.split("|"))
+
+
+# fields that change when the code changes: an entry that matches a key in everything else is stale
+_VERSION_FIELDS = ("source", "tilelang", "fla_tl")
+
+
+def _warn_stale(table: TuningTable, key: str) -> None:
+    """warn once per table and kernel when it holds the key's entry only for another source hash or version."""
+    want = parse_key(key)
+    same = {k: v for k, v in want.items() if k not in _VERSION_FIELDS}
+    for other in table.keys():
+        fields = parse_key(other)
+        if all(fields.get(k) == v for k, v in same.items()):
+            changed = ", ".join(f"{k} {fields.get(k)} (now {want[k]})" for k in _VERSION_FIELDS
+                                if fields.get(k) != want[k])
+            log_once(("autotune.stale", str(table.path), want["kernel"]),
+                     f"tuning table {table.path}: ignoring stale entries for {want['kernel']} ({changed}); "
+                     "using the heuristic config: re-tune with `python -m fla_tl tune`", logging.WARNING)
+            return
+
+
 def lookup(key: str, gpu: str) -> dict | None:
-    """the tuned config for `key` from the user table, else the shipped one, else None (always None when "off")."""
+    """the tuned config for `key` from the user table, else the shipped one, else None (always None when "off").
+    Stale entries (same kernel, dims and GPU, other source hash or version) are ignored with one warning."""
     if mode() == "off":
         return None
     pair = _pairs.get((gpu, os.environ.get(ENV_CACHE)))
@@ -258,6 +283,8 @@ def lookup(key: str, gpu: str) -> dict | None:
         entry = table.get(key)
         if entry is not None:
             return entry["config"]
+    for table in pair:
+        _warn_stale(table, key)
     return None
 
 
@@ -285,7 +312,7 @@ def _describe(path: pathlib.Path) -> list[str]:
     lines = [f"  {path}: {len(table)} entries"]
     for key in sorted(table.keys()):
         entry = table.get(key)
-        fields = dict(part.partition("=")[::2] for part in key.split("|"))
+        fields = parse_key(key)
         config = " ".join(f"{k}={v}" for k, v in sorted(entry["config"].items()))
         time_ms = entry.get("time_ms")
         time = f"{time_ms:.4f} ms" if isinstance(time_ms, (int, float)) else "no time"

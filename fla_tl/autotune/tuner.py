@@ -1,13 +1,13 @@
 """The tuner: time every fitting config of a kernel on this GPU, keep the fastest that agrees with the default.
 
-Method (METHOD.md of the device notes): random inputs (never zeros), every candidate compiled first (in threads:
-TileLang's compile runs mostly outside the GIL), 3 warm-up calls, then `reps` calls timed with CUDA events, each
+Method (METHOD.md of the device notes): random inputs (never zeros), every candidate compiled first in parallel
+processes into TileLang's disk cache (`fla_tl.kernels.build.build`; the tuning process then only loads them), 3 warm-up
+calls, then `reps` calls timed with CUDA events, each
 after an L2 flush with a buffer larger than any L2; the median counts. A candidate whose outputs differ from the
 default config's beyond the dtype's tolerance (`fla_tl.utils.TOLERANCES`) is rejected; one that fails to compile or
 launch is recorded with its error. Every candidate's time is kept in the table entry, not only the winner's.
 """
 
-import concurrent.futures
 import dataclasses
 import statistics
 import time
@@ -48,7 +48,18 @@ def factory_of(name: str):
     }[name]
 
 
-def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None) -> str:
+def launch_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict) -> tuple:
+    """(factory, keywords) exactly as the launchers of kernel `name` build it with tile `config` (for compiling it
+    ahead); the fused_recurrent kernels are listed with their default flags (forward order, state [K, V])."""
+    base = dict(K=K, V=V, gate=gate, dtype=dtype)
+    if name.startswith("chunk_"):
+        base.update(h_dtype=dtype, BT=64)
+    if name.startswith("fused_recurrent"):
+        base.update(reverse=False, state_v_first=False)
+    return factory_of(name), {**base, **config}
+
+
+def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None, gate: str = "gamma") -> str:
     gpu, capability = device_info(device)
     return make_key(
         gpu=gpu,
@@ -57,12 +68,14 @@ def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None) -> str
         source=source_hash(factory_of(name)),
         dims={"K": K, "V": V},
         dtypes={"dtype": dtype},
-        flags={"gate": "gamma"},
+        flags={"gate": gate},
         bucket=seqlen_bucket(T),
     )
 
 
-def make_runner(name: str, *, N: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, device) -> Callable:
+def make_runner(
+    name: str, *, N: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, device, gate: str = "gamma"
+) -> Callable:
     """a function `config dict -> output tensors` that launches kernel `name` on fixed random inputs."""
     from ..kernels.common import chunk_h, chunk_o, fused_chunk, fused_recurrent
     from ..kernels.common.gates import retention_g_gamma
@@ -74,7 +87,7 @@ def make_runner(name: str, *, N: int, T: int, H: int, K: int, V: int, dtype: tor
     v = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     do = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     meta = seq_meta(N, T, None, 64, device)
-    gate = dict(gate="gamma", g_gamma=retention_g_gamma(H, device))
+    gate = dict(gate=gate, g_gamma=retention_g_gamma(H, device))
     scale = K ** -0.5
     if name in ("chunk_fwd_o", "chunk_bwd_dv", "chunk_bwd_dqk"):
         h, _ = chunk_h.chunk_fwd_h(k, v, initial_state=None, output_final_state=False, meta=meta, **gate)
@@ -138,6 +151,7 @@ def tune_kernel(
     K: int,
     V: int,
     dtype: torch.dtype,
+    gate: str = "gamma",
     timer: Callable = cuda_time_ms,
     compile_workers: int = 4,
     progress: bool = True,
@@ -151,7 +165,14 @@ def tune_kernel(
     candidates = kernel.candidates(K, V, tl_dtype)
     default = candidates[0]
 
-    # compile ahead in threads: the first call of each config builds its kernel
+    # compile ahead in parallel processes (into TileLang's disk cache); the first call of each config then loads it
+    if compile_workers > 1 and torch.cuda.is_available():
+        from ..kernels.build import build
+        from ..kernels.common.utils import target_for
+
+        specs = [(name, *launch_spec(name, K, V, tl_dtype, gate, dataclasses.asdict(c))) for c in candidates]
+        build(specs, target_for(torch.device("cuda")), compile_workers)
+
     def warm(config):
         try:
             runner(dataclasses.asdict(config))
@@ -159,8 +180,7 @@ def tune_kernel(
         except Exception as e:  # noqa: BLE001 - a config that fails is recorded, not fatal
             return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
-    with concurrent.futures.ThreadPoolExecutor(compile_workers) as pool:
-        errors = dict(zip(candidates, pool.map(warm, candidates)))
+    errors = {config: warm(config) for config in candidates}
     if errors[default] is not None:
         raise RuntimeError(f"{name}: the default config {default} fails: {errors[default]}")
     reference = [x.detach().clone() for x in _outputs(runner(dataclasses.asdict(default)))]
@@ -192,6 +212,10 @@ def tune_kernel(
     ok = [r for r in rows if r["status"] == "ok"]
     best = min(ok, key=lambda r: r["time_ms"])
     return {
+        "kernel": name,
+        "dims": {"K": K, "V": V},
+        "dtype": tl_dtype,
+        "gate": gate,
         "config": best["config"],
         "time_ms": best["time_ms"],
         "default_ms": rows[0]["time_ms"],

@@ -6,59 +6,62 @@ TileLang's disk cache (`TILELANG_CACHE_DIR`) with the kernels a GPU machine of t
 
 import concurrent.futures
 import itertools
+import multiprocessing
 import time
 
-from .common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
-from .common.chunk_o import chunk_bwd_dqk_kernel, chunk_bwd_dv_kernel, chunk_fwd_o_kernel
-from .common.fused_chunk import fused_chunk_bwd_dkv_kernel, fused_chunk_config, fused_chunk_fwd_kernel
-from .common.fused_recurrent import fused_recurrent_bwd_config, fused_recurrent_bwd_kernel, fused_recurrent_fwd_kernel
 from .common.utils import get_kernel
 
 MODES = ("chunk", "fused_chunk", "fused_recurrent")
 
 
 def kernel_specs(K: int, V: int, dtype: str, gate: str = "gamma", modes=MODES):
-    """the kernels the retention-style ops launch for head dims K, V and input dtype `dtype` (a TileLang name)."""
-    base = dict(K=K, V=V, gate=gate, dtype=dtype)
+    """the kernels the retention-style ops launch for head dims K, V and input dtype `dtype` (a TileLang name), each
+    with the heuristic tile config (the launchers' choice with no tuning table)."""
+    from ..autotune.resolve import heuristic_config
+    from ..autotune.tuner import launch_spec
+
+    def spec(name, K=K, V=V, **flags):
+        factory, kwargs = launch_spec(name, K, V, dtype, gate, heuristic_config(name, K, V, dtype))
+        return f"{name}_kernel", factory, {**kwargs, **flags}
+
     specs = []
     if "chunk" in modes:
-        for factory in (chunk_fwd_h_kernel, chunk_fwd_o_kernel, chunk_bwd_dh_kernel, chunk_bwd_dv_kernel):
-            specs.append((factory.__name__, factory, dict(base, h_dtype=dtype, BT=64)))
-        specs.append(("chunk_bwd_dqk_kernel", chunk_bwd_dqk_kernel, dict(base, h_dtype=dtype, BT=64)))
+        specs += [spec(name) for name in ("chunk_fwd_h", "chunk_fwd_o", "chunk_bwd_dh", "chunk_bwd_dv", "chunk_bwd_dqk")]
     if "chunk" in modes or "fused_chunk" in modes:
         # the fused schedule: forward, dq (the forward kernel on (do, v, k): K and V swap) and the dk/dv sweep
-        fwd = fused_chunk_config(K, V, dtype, "fwd")
-        specs.append(("fused_chunk_fwd_kernel", fused_chunk_fwd_kernel, dict(base, **fwd)))
+        specs.append(spec("fused_chunk_fwd"))
         if K != V:
-            fwd_t = fused_chunk_config(V, K, dtype, "fwd")
-            specs.append(("fused_chunk_fwd_kernel", fused_chunk_fwd_kernel, dict(base, K=V, V=K, **fwd_t)))
-        dkv = fused_chunk_config(K, V, dtype, "dkv")
-        specs.append(("fused_chunk_bwd_dkv_kernel", fused_chunk_bwd_dkv_kernel, dict(base, **dkv)))
+            specs.append(spec("fused_chunk_fwd", K=V, V=K))
+        specs.append(spec("fused_chunk_bwd_dkv"))
     if "fused_recurrent" in modes:
         for reverse, svf in itertools.product((False, True), (False, True)):
-            flags = dict(base, reverse=reverse, state_v_first=svf)
-            specs.append(("fused_recurrent_fwd_kernel", fused_recurrent_fwd_kernel, flags))
-            specs.append(
-                ("fused_recurrent_bwd_kernel", fused_recurrent_bwd_kernel, dict(flags, **fused_recurrent_bwd_config(K, V)))
-            )
+            specs.append(spec("fused_recurrent_fwd", reverse=reverse, state_v_first=svf))
+            specs.append(spec("fused_recurrent_bwd", reverse=reverse, state_v_first=svf))
     return specs
 
 
+def _build_one(spec, target: dict):
+    name, factory, kwargs = spec
+    label = f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items() if k not in ('gate',))})"
+    start = time.perf_counter()
+    try:
+        get_kernel(factory, target, **kwargs)
+        return label, True, time.perf_counter() - start, ""
+    except Exception as e:  # noqa: BLE001 - reported per kernel
+        return label, False, time.perf_counter() - start, f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"
+
+
 def build(specs, target: dict, workers: int = 2):
-    """compile every spec; returns `(name, ok, seconds, message)` per spec."""
-
-    def one(spec):
-        name, factory, kwargs = spec
-        label = f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items() if k not in ('gate',))})"
-        start = time.perf_counter()
-        try:
-            get_kernel(factory, target, **kwargs)
-            return label, True, time.perf_counter() - start, ""
-        except Exception as e:  # noqa: BLE001 - reported per kernel
-            return label, False, time.perf_counter() - start, f"{type(e).__name__}: {str(e).splitlines()[-1][:300]}"
-
-    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(one, specs))
+    """compile every spec `(name, factory, kwargs)` into TileLang's disk cache; returns `(label, ok, seconds,
+    message)` per spec. With `workers` > 1 the compiles run in that many spawned processes, each with its own
+    interpreter (TileLang's lowering is Python-driven); the calling process then loads the kernels from the disk
+    cache on first use."""
+    specs = list(specs)
+    if workers <= 1 or len(specs) <= 1:
+        return [_build_one(spec, target) for spec in specs]
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(min(workers, len(specs)), mp_context=context) as pool:
+        return list(pool.map(_build_one, specs, [target] * len(specs)))
 
 
 def compile_check(target: dict | None = None, K: int = 64, V: int = 64, dtype: str = "bfloat16"):

@@ -9,6 +9,7 @@ Per-token and per-key gates plug into the same `gate_row` / `gate_last` hooks.
 import tilelang.language as T
 import torch
 
+from ...autotune.resolve import tile_config
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
@@ -215,6 +216,7 @@ def chunk_fwd_h(
     h = k.new_empty(meta.NT, H, K, V)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
+    config = tile_config("chunk_fwd_h", k, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     kernel = get_kernel(
         chunk_fwd_h_kernel,
         target_for(k.device),
@@ -250,6 +252,7 @@ def chunk_bwd_dh(
     dh = q.new_empty(meta.NT, H, K, V)
     dht_, use_dht = state_or_dummy(dht, q, (K, V))
     dh0 = q.new_empty(meta.N * H if need_dh0 else 1, K, V, dtype=torch.float32)
+    config = tile_config("chunk_bwd_dh", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     kernel = get_kernel(
         chunk_bwd_dh_kernel,
         target_for(q.device),

@@ -12,6 +12,7 @@ import tilelang.language as T
 import torch
 
 from .chunk_h import gate_last, gate_row
+from ...autotune.resolve import tile_config
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
 
@@ -259,9 +260,11 @@ def chunk_fwd_o(q, k, v, h, *, gate: str, g_gamma, scale: float, meta: SeqMeta, 
     o = torch.empty_like(v)
     if meta.NT == 0:
         return o
+    K, V = q.shape[-1], v.shape[-1]
+    config = tile_config("chunk_fwd_o", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     _launch(
         chunk_fwd_o_kernel, q, q, k, v, h, g_gamma, meta.cu, meta.chunk_indices, o, scale,
-        K=q.shape[-1], V=v.shape[-1], gate=gate, BT=BT, **config,
+        K=K, V=V, gate=gate, BT=BT, **config,
     )
     return o
 
@@ -275,12 +278,14 @@ def chunk_bwd_dqkv(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     if meta.NT == 0:
         return dq, dk, dv
+    dv_config = tile_config("chunk_bwd_dv", q, K=K, V=V, gate=gate, N=meta.N, overrides=dv_config)
+    dqk_config = tile_config("chunk_bwd_dqk", q, K=K, V=V, gate=gate, N=meta.N, overrides=dqk_config)
     _launch(
         chunk_bwd_dv_kernel, q, q, k, do, dh, g_gamma, meta.cu, meta.chunk_indices, dv, scale,
-        K=K, V=V, gate=gate, BT=BT, **(dv_config or {}),
+        K=K, V=V, gate=gate, BT=BT, **dv_config,
     )
     _launch(
         chunk_bwd_dqk_kernel, q, q, k, v, do, h, dh, g_gamma, meta.cu, meta.chunk_indices, dq, dk, scale,
-        K=K, V=V, gate=gate, BT=BT, **(dqk_config or {}),
+        K=K, V=V, gate=gate, BT=BT, **dqk_config,
     )
     return dq, dk, dv

@@ -9,6 +9,7 @@ import tilelang.language as T
 import torch
 
 from .chunk_h import gate_last, gate_row
+from ...autotune.resolve import tile_config
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
@@ -316,7 +317,7 @@ def fused_chunk_fwd(
     """the output `[Ttot, H, V]` in q's dtype and the final state (fp32) or None; `config` overrides the tiles."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
-    config = {**fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], "fwd"), **config}
+    config = tile_config("fused_chunk_fwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     o = torch.empty_like(v)
     h0, use_h0 = state_or_dummy(initial_state, q, (K, V))
     ht = q.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
@@ -331,7 +332,7 @@ def fused_chunk_bwd(q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initi
     """dq, dk, dv in the input dtype and dh0 (initial_state's dtype) or None; `config` overrides the dk/dv tiles."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
-    config = {**fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], "dkv"), **config}
+    config = tile_config("fused_chunk_bwd_dkv", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     # dq: the forward recurrence with (q, k, v) -> (do, v, k) and the transposed state
     h0t = None if initial_state is None else initial_state.transpose(-1, -2)
     dq, _ = fused_chunk_fwd(

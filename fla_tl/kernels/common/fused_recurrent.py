@@ -9,6 +9,7 @@ back with dh for dk, dv; dq and dk come in fp32 partial sums when V spans severa
 import tilelang.language as T
 import torch
 
+from ...autotune.resolve import tile_config
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
@@ -260,6 +261,7 @@ def fused_recurrent_fwd(
     o = torch.empty_like(v)
     h0, use_h0 = state_or_dummy(initial_state, q, tail)
     ht = q.new_empty(meta.N * H if output_final_state else 1, *tail, dtype=torch.float32)
+    config = tile_config("fused_recurrent_fwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     kernel = get_kernel(
         fused_recurrent_fwd_kernel,
         target_for(q.device),
@@ -290,7 +292,7 @@ def fused_recurrent_bwd(
 ):
     Ttot, H, K = q.shape
     V = v.shape[-1]
-    config = {**fused_recurrent_bwd_config(K, V), **config}
+    config = tile_config("fused_recurrent_bwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     NV = cdiv(V, config["BV"])
     tail = _state_tail(K, V, state_v_first)
     h0, use_h0 = state_or_dummy(initial_state, q, tail)

@@ -16,9 +16,10 @@ import torch
 
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.chunk_o import chunk_bwd_dqkv, chunk_fwd_o
-from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_config, fused_chunk_fwd
+from ...autotune.resolve import tile_config
+from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.gates import retention_g_gamma
-from ..common.utils import TORCH_TO_TL, cdiv, pad_dim, seq_meta
+from ..common.utils import cdiv, pad_dim, seq_meta
 
 BT = 64
 # the fused kernels run once their grid gives at least this many blocks per multiprocessor
@@ -39,7 +40,9 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     # 64 blocks: forward 0.070 ms chunk-parallel vs 0.132 ms fused)
     if pad_dim(K) < 128:
         return "parallel"
-    blocks = N * H * cdiv(V, fused_chunk_config(K, V, TORCH_TO_TL[q.dtype], kind)["BV"])
+    ref = q.flatten(0, 1)
+    BV = tile_config(f"fused_chunk_{kind}", ref, K=K, V=V, gate="gamma", N=N)["BV"]
+    blocks = N * H * cdiv(V, BV)
     return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
 
 
@@ -80,7 +83,7 @@ def chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens, i
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     g_gamma = retention_g_gamma(H, q.device)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
-    if _schedule(q, v, meta.N, "dkv", impl) == "fused":
+    if _schedule(q, v, meta.N, "bwd_dkv", impl) == "fused":
         dq, dk, dv, dh0 = fused_chunk_bwd(
             q_,
             k_,

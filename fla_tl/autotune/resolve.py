@@ -1,0 +1,103 @@
+"""Which tile config a launcher runs: explicit keywords, else the tuning table, else the heuristic default.
+
+Every TileLang launcher calls `tile_config(name, ref, ...)` once per launch. The answer is cached in memory per
+(kernel, K, V, dtype, gate, sequence-length bucket, device, autotune mode, cache dir), so after the first call a
+lookup is one tuple and one dict access; the table files are read once per process. Modes (`FLA_TL_AUTOTUNE`):
+
+- `off`: the heuristic default of `configs.KERNELS[name]`;
+- `lookup` (default): the user table, then the table shipped for this GPU, else the heuristic;
+- `tune`: as `lookup`, and a miss is tuned on the spot (`tuner.tune_kernel` at the call's shape) and recorded in the
+  user table, so the next process finds it.
+
+A table entry whose config does not fit the kernel (other fields, shared memory over the budget) is ignored with one
+warning; the op never fails because of a table.
+"""
+
+import dataclasses
+import logging
+import os
+
+from ..kernels.common.utils import TORCH_TO_TL
+from ..utils import log_once
+from .configs import KERNELS
+from .table import ENV_CACHE, ENV_MODE, device_info, lookup, mode, record, seqlen_bucket
+
+_resolved: dict = {}
+# kernels being tuned in this process: their own launches inside the tuner take the heuristic
+_tuning: set = set()
+
+
+def heuristic_config(name: str, K: int, V: int, dtype: str) -> dict:
+    """the heuristic default of kernel `name` as factory keywords."""
+    return dataclasses.asdict(KERNELS[name].heuristic(K, V, dtype))
+
+
+def tile_config(name: str, ref, *, K: int, V: int, gate: str, N: int, overrides: dict | None = None) -> dict:
+    """the tile keywords of kernel `name` for a launch on `ref` (`[Ttot, H, *]`, its dtype and device decide) over
+    N sequences. Non-empty `overrides` win over everything (tests and the tuner pass them). Do not mutate the result."""
+    if overrides:
+        return {**heuristic_config(name, K, V, TORCH_TO_TL[ref.dtype]), **overrides}
+    T = ref.shape[0] // max(N, 1)
+    key = (name, K, V, ref.dtype, gate, seqlen_bucket(T), ref.device, os.environ.get(ENV_MODE),
+           os.environ.get(ENV_CACHE))
+    config = _resolved.get(key)
+    if config is None:
+        config = _resolved[key] = _resolve(name, ref, K, V, gate, N, T)
+    return config
+
+
+def clear_resolved() -> None:
+    """forget the configs resolved in this process (after a table changed under it)."""
+    _resolved.clear()
+
+
+def _checked(name: str, found: dict, K: int, V: int, dtype: str, where: str) -> dict | None:
+    kernel = KERNELS[name]
+    try:
+        config = kernel.config_cls(**found)
+    except TypeError as e:
+        reason = f"its fields do not match {kernel.config_cls.__name__} ({e})"
+    else:
+        if kernel.fits(K, V, dtype, config):
+            return dataclasses.asdict(config)
+        reason = f"{config} does not fit K={K}, V={V}, {dtype} (shared memory or tile width)"
+    log_once(("autotune.badconfig", name, K, V, dtype, reason), f"ignoring the tuned config of {name} from {where}: "
+             f"{reason}; using the heuristic", logging.WARNING)
+    return None
+
+
+def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int) -> dict:
+    dtype = TORCH_TO_TL[ref.dtype]
+    default = heuristic_config(name, K, V, dtype)
+    current = mode()
+    if current == "off" or ref.device.type != "cuda" or name in _tuning:
+        return default
+    from .tuner import table_key
+
+    key = table_key(name, K, V, dtype, T, ref.device, gate=gate)
+    gpu, _ = device_info(ref.device)
+    found = lookup(key, gpu)
+    if found is not None:
+        config = _checked(name, found, K, V, dtype, "the tuning table")
+        if config is not None:
+            return config
+    if current == "tune":
+        return _tune(name, ref, K, V, gate, N, T, key, gpu)
+    return default
+
+
+def _tune(name, ref, K, V, gate, N, T, key, gpu) -> dict:
+    from .tuner import make_runner, tune_kernel
+
+    log_once(("autotune.tune", name, K, V, str(ref.dtype), seqlen_bucket(T)),
+             f"{ENV_MODE}=tune: tuning {name} (K={K}, V={V}, {TORCH_TO_TL[ref.dtype]}, {N} x {T} tokens); the result "
+             "goes to the user table", logging.WARNING)
+    _tuning.add(name)
+    try:
+        runner = make_runner(name, N=N, T=T, H=ref.shape[1], K=K, V=V, dtype=ref.dtype, device=ref.device, gate=gate)
+        entry = tune_kernel(name, runner, K=K, V=V, dtype=ref.dtype, gate=gate)
+    finally:
+        _tuning.discard(name)
+    entry["shape"] = {"N": N, "T": T, "H": ref.shape[1]}
+    record(key, gpu, entry)
+    return dataclasses.asdict(KERNELS[name].config_cls(**entry["config"]))

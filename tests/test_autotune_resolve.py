@@ -1,0 +1,166 @@
+"""Which config a launcher runs: the heuristic, the table's entry, explicit overrides; bad or stale entries ignored."""
+
+import dataclasses
+import inspect
+import json
+import logging
+
+import pytest
+import torch
+
+from fla_tl.autotune import resolve
+from fla_tl.autotune import table as tt
+from fla_tl.autotune import tuner
+from fla_tl.autotune.configs import KERNELS
+
+GPU, CC = "NVIDIA H100 80GB HBM3", "9.0"
+
+
+class FakeRef:
+    """what `tile_config` reads of a launch's tensor: shape `[Ttot, H, K]`, dtype, device (a CUDA device object is
+    built without a GPU; nothing is launched)."""
+
+    def __init__(self, Ttot=8 * 4096, H=16, K=128, dtype=torch.bfloat16):
+        self.shape = (Ttot, H, K)
+        self.dtype = dtype
+        self.device = torch.device("cuda", 0)
+
+
+@pytest.fixture(autouse=True)
+def _env(tmp_path, monkeypatch):
+    monkeypatch.setenv(tt.ENV_CACHE, str(tmp_path / "cache"))
+    monkeypatch.delenv(tt.ENV_MODE, raising=False)
+    monkeypatch.setattr(tt, "_shipped_dir", lambda: tmp_path / "shipped")
+    monkeypatch.setattr(resolve, "device_info", lambda device=None: (GPU, CC))
+    monkeypatch.setattr(tuner, "device_info", lambda device=None: (GPU, CC))
+    tt.clear_memory()
+    resolve.clear_resolved()
+    yield
+    tt.clear_memory()
+    resolve.clear_resolved()
+
+
+def _key(name, K=128, V=128, T=4096, dtype="bfloat16"):
+    return tuner.table_key(name, K, V, dtype, T, torch.device("cuda", 0))
+
+
+def _write(path, entries):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"format": tt.FORMAT, "gpu": GPU, "entries": entries}))
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_constant_heuristics_are_the_factory_defaults(name):
+    """a heuristic that does not depend on the dims must equal the factory's keyword defaults, so the tables' configs
+    and the factories speak of the same kernel."""
+    factory = tuner.factory_of(name)
+    defaults = {p.name: p.default for p in inspect.signature(factory).parameters.values()
+                if p.default is not inspect.Parameter.empty}
+    config = resolve.heuristic_config(name, 128, 128, "bfloat16")
+    assert set(config) <= set(defaults), f"{name}: config fields {set(config) - set(defaults)} are not keywords"
+    if name not in ("fused_chunk_fwd", "fused_chunk_bwd_dkv", "fused_recurrent_bwd"):
+        assert config == {k: defaults[k] for k in config}
+
+
+def test_lookup_falls_back_to_the_heuristic():
+    ref = FakeRef()
+    got = resolve.tile_config("chunk_fwd_h", ref, K=128, V=128, gate="gamma", N=8)
+    assert got == resolve.heuristic_config("chunk_fwd_h", 128, 128, "bfloat16")
+
+
+def test_cpu_tensors_take_the_heuristic():
+    ref = torch.empty(64, 2, 32)
+    assert resolve.tile_config("fused_recurrent_fwd", ref, K=32, V=32, gate="gamma", N=1) == \
+        resolve.heuristic_config("fused_recurrent_fwd", 32, 32, "float32")
+
+
+@pytest.mark.parametrize("where", ["user", "shipped"])
+def test_table_entry_is_used(where):
+    tuned = {"BK": 128, "BV": 32, "num_stages": 3, "threads": 256}
+    path = tt.user_table_path(GPU) if where == "user" else tt.shipped_table_path(GPU)
+    _write(path, {_key("chunk_fwd_h"): {"config": tuned, "time_ms": 0.1}})
+    ref = FakeRef()
+    assert resolve.tile_config("chunk_fwd_h", ref, K=128, V=128, gate="gamma", N=8) == tuned
+    # another sequence-length bucket, dtype or dims: not this entry
+    assert resolve.tile_config("chunk_fwd_h", FakeRef(Ttot=8 * 100), K=128, V=128, gate="gamma", N=8) != tuned
+    assert resolve.tile_config("chunk_fwd_h", FakeRef(K=64), K=64, V=64, gate="gamma", N=8) != tuned
+
+
+def test_mode_off_ignores_the_table(monkeypatch):
+    tuned = {"BK": 128, "BV": 32, "num_stages": 3, "threads": 256}
+    _write(tt.user_table_path(GPU), {_key("chunk_fwd_h"): {"config": tuned}})
+    monkeypatch.setenv(tt.ENV_MODE, "off")
+    got = resolve.tile_config("chunk_fwd_h", FakeRef(), K=128, V=128, gate="gamma", N=8)
+    assert got == resolve.heuristic_config("chunk_fwd_h", 128, 128, "bfloat16")
+
+
+def test_overrides_win():
+    got = resolve.tile_config("fused_chunk_fwd", FakeRef(), K=128, V=128, gate="gamma", N=8, overrides={"BV": 32})
+    assert got["BV"] == 32 and set(got) == {f.name for f in dataclasses.fields(KERNELS["fused_chunk_fwd"].config_cls)}
+
+
+def test_resolved_once_per_process(monkeypatch):
+    calls = []
+    real = resolve._resolve
+    monkeypatch.setattr(resolve, "_resolve", lambda *a: calls.append(a) or real(*a))
+    ref = FakeRef()
+    for _ in range(5):
+        resolve.tile_config("chunk_bwd_dqk", ref, K=128, V=128, gate="gamma", N=8)
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("bad", [{"BV": 64, "bogus": 1}, {"BV": 4096, "num_stages": 3, "threads": 256}],
+                         ids=["unknown-field", "does-not-fit"])
+def test_bad_table_config_is_ignored_with_a_warning(bad, caplog):
+    _write(tt.user_table_path(GPU), {_key("fused_chunk_fwd"): {"config": bad}})
+    with caplog.at_level(logging.WARNING, logger="fla_tl"):
+        got = resolve.tile_config("fused_chunk_fwd", FakeRef(), K=128, V=128, gate="gamma", N=8)
+    assert got == resolve.heuristic_config("fused_chunk_fwd", 128, 128, "bfloat16")
+    assert "ignoring the tuned config of fused_chunk_fwd" in caplog.text
+
+
+def test_stale_entry_is_ignored_with_one_warning(caplog):
+    stale = _key("chunk_fwd_o").replace("source=", "source=0000")
+    _write(tt.user_table_path(GPU), {stale: {"config": {"BV": 128, "threads": 256}}})
+    with caplog.at_level(logging.WARNING, logger="fla_tl"):
+        got = resolve.tile_config("chunk_fwd_o", FakeRef(), K=128, V=128, gate="gamma", N=8)
+        resolve.clear_resolved()
+        resolve.tile_config("chunk_fwd_o", FakeRef(), K=128, V=128, gate="gamma", N=8)
+    assert got == resolve.heuristic_config("chunk_fwd_o", 128, 128, "bfloat16")
+    assert caplog.text.count("ignoring stale entries for chunk_fwd_o") == 1
+
+
+def test_tune_mode_tunes_a_miss_once_and_records_it(monkeypatch):
+    """`tune` mode with a fake tuner (the timing needs a GPU): a miss is tuned, stored in the user table, then found
+    by a fresh process (simulated by clearing the in-memory state) in `lookup` mode."""
+    monkeypatch.setenv(tt.ENV_MODE, "tune")
+    winner = {"BV": 32, "threads": 256}
+    calls = []
+
+    def fake_tune(name, runner, **kw):
+        calls.append(name)
+        return {"config": winner, "time_ms": 0.1, "default_ms": 0.2, "candidates": []}
+
+    monkeypatch.setattr(tuner, "make_runner", lambda name, **kw: None)
+    monkeypatch.setattr(tuner, "tune_kernel", fake_tune)
+    assert resolve.tile_config("chunk_bwd_dv", FakeRef(), K=128, V=128, gate="gamma", N=8) == winner
+    assert resolve.tile_config("chunk_bwd_dv", FakeRef(), K=128, V=128, gate="gamma", N=8) == winner
+    assert calls == ["chunk_bwd_dv"]
+    monkeypatch.setenv(tt.ENV_MODE, "lookup")
+    tt.clear_memory()
+    resolve.clear_resolved()
+    assert resolve.tile_config("chunk_bwd_dv", FakeRef(), K=128, V=128, gate="gamma", N=8) == winner
+    assert calls == ["chunk_bwd_dv"]
+
+
+def test_compile_cli_takes_the_table_configs():
+    from fla_tl.__main__ import _table_specs
+
+    tuned = {"BK": 128, "BV": 32, "num_stages": 3, "threads": 256}
+    _write(tt.user_table_path(GPU), {_key("chunk_fwd_h"): {"config": tuned}})
+    specs = _table_specs("sm_90a", {"chunk_fwd_h", "chunk_fwd_o"})
+    assert len(specs) == 1
+    name, factory, kwargs = specs[0]
+    assert factory is tuner.factory_of("chunk_fwd_h")
+    assert {k: kwargs[k] for k in tuned} == tuned and kwargs["K"] == 128 and kwargs["dtype"] == "bfloat16"
+    assert _table_specs("sm_80", {"chunk_fwd_h"}) == []
