@@ -85,6 +85,21 @@ def qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) 
     return {"q": q, "k": k, "v": v}
 
 
+def qkvg_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # simple GLA's per-token log gate, fp32 as fla's benchmarks draw it
+    return {**qkv_inputs(B, T, H, D, dtype, device),
+            "g": F.logsigmoid(torch.randn(B, T, H, dtype=torch.float32, device=device))}
+
+
+def decay_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
+    # retention-like per-head constant decays
+    return {"g_gamma": torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, dtype=torch.float32, device=device)))}
+
+
+def lightning_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
+    return {"layer_idx": 1, "num_layers": 8}
+
+
 def chunk_flops(B: int, T: int, H: int, K: int, V: int) -> float:
     # per token per head, chunk length BT: q k^T in the chunk (2*BT*K), A v (2*BT*V),
     # q h against the chunk-start state (2*K*V), the state update k^T v (2*K*V); causal halving ignored
@@ -141,7 +156,8 @@ class OpSpec:
     """One benchmarked op: where its fla_tl and fla functions live ("module:attr"), and its models.
 
     `inputs(B, T, H, D, dtype, device)` returns the keyword tensors; every one gets a gradient in fwdbwd.
-    The call is `fn(**inputs)` and its first return value is the output `o`.
+    `consts(B, T, H, D, device)` returns keyword arguments without gradient (a constant decay, a layer index).
+    The call is `fn(**inputs, **consts)` and its first return value is the output `o`.
     """
 
     fla_tl: str
@@ -150,6 +166,7 @@ class OpSpec:
     inputs: Callable[..., dict[str, torch.Tensor]] = qkv_inputs
     reference: Callable | None = None
     slow: bool = False
+    consts: Callable[..., dict] | None = None
 
 
 # adding an op is one entry here
@@ -171,6 +188,61 @@ OPS: dict[str, OpSpec] = {
         fla="fla.ops.retention:fused_recurrent_retention",
         flops=recurrent_flops,
         reference=retention_reference,
+        slow=True,
+    ),
+    "chunk_simple_gla": OpSpec(
+        fla_tl="fla_tl.ops:chunk_simple_gla",
+        fla="fla.ops.simple_gla:chunk_simple_gla",
+        flops=chunk_flops,
+        consts=decay_consts,
+    ),
+    # the per-token gate: fla_tl has no TileLang kernel for it yet and runs its torch backend
+    "chunk_simple_gla_g": OpSpec(
+        fla_tl="fla_tl.ops:chunk_simple_gla",
+        fla="fla.ops.simple_gla:chunk_simple_gla",
+        flops=chunk_flops,
+        inputs=qkvg_inputs,
+    ),
+    "fused_chunk_simple_gla": OpSpec(
+        fla_tl="fla_tl.ops:fused_chunk_simple_gla",
+        fla="fla.ops.simple_gla:fused_chunk_simple_gla",
+        flops=chunk_flops,
+        consts=decay_consts,
+    ),
+    "fused_recurrent_simple_gla": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_simple_gla",
+        fla="fla.ops.simple_gla:fused_recurrent_simple_gla",
+        flops=recurrent_flops,
+        consts=decay_consts,
+        slow=True,
+    ),
+    "chunk_linear_attn": OpSpec(
+        fla_tl="fla_tl.ops:chunk_linear_attn",
+        fla="fla.ops.linear_attn:chunk_linear_attn",
+        flops=chunk_flops,
+    ),
+    "fused_chunk_linear_attn": OpSpec(
+        fla_tl="fla_tl.ops:fused_chunk_linear_attn",
+        fla="fla.ops.linear_attn:fused_chunk_linear_attn",
+        flops=chunk_flops,
+    ),
+    "fused_recurrent_linear_attn": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_linear_attn",
+        fla="fla.ops.linear_attn:fused_recurrent_linear_attn",
+        flops=recurrent_flops,
+        slow=True,
+    ),
+    "chunk_lightning_attn": OpSpec(
+        fla_tl="fla_tl.ops:chunk_lightning_attn",
+        fla="fla.ops.lightning_attn:chunk_lightning_attn",
+        flops=chunk_flops,
+        consts=lightning_consts,
+    ),
+    "fused_recurrent_lightning_attn": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_lightning_attn",
+        fla="fla.ops.lightning_attn:fused_recurrent_lightning_attn",
+        flops=recurrent_flops,
+        consts=lightning_consts,
         slow=True,
     ),
 }
@@ -460,16 +532,21 @@ def main(argv=None) -> int:
     data: dict[tuple, dict] = {}
 
     def get_inputs(op: str, shape) -> tuple[dict, torch.Tensor]:
-        key = (op == "sdpa", shape)
+        make = sdpa_inputs if op == "sdpa" else OPS[op].inputs
+        key = (make, shape)
         if key not in data:
             data.clear()
             torch.cuda.empty_cache()
             B, T, H, D = shape
-            inputs = (sdpa_inputs if op == "sdpa" else OPS[op].inputs)(B, T, H, D, dtype, "cuda")
+            inputs = make(B, T, H, D, dtype, "cuda")
             o_shape = (B, H, T, D) if op == "sdpa" else (B, T, H, D)
             do = torch.randn(o_shape, dtype=dtype, device="cuda")
             data[key] = (inputs, do)
         return data[key]
+
+    def get_consts(op: str, shape) -> dict:
+        spec = OPS.get(op)
+        return spec.consts(*shape, "cuda") if spec is not None and spec.consts is not None else {}
 
     def gate(op: str, shape, mode: str) -> tuple[float | None, str]:
         if args.no_gate:
@@ -489,7 +566,7 @@ def main(argv=None) -> int:
                 for fn in (f_tl, ref_fn):
                     xs = {n: t.detach().clone().requires_grad_(mode == "fwdbwd") for n, t in inputs.items()}
                     with torch.set_grad_enabled(mode == "fwdbwd"):
-                        o = first(fn(**xs))
+                        o = first(fn(**xs, **get_consts(op, shape)))
                         if mode == "fwdbwd":
                             o.backward(do.to(o.dtype))
                     results.append([o.detach()] + ([xs[n].grad for n in xs] if mode == "fwdbwd" else []))
@@ -504,13 +581,13 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         return None, "n/a (" + ("; ".join(reasons) or "no reference") + ")"
 
-    def measure(fn: Callable, inputs: dict, do: torch.Tensor, mode: str) -> tuple[list[float], float]:
+    def measure(fn: Callable, inputs: dict, do: torch.Tensor, mode: str, consts: dict) -> tuple[list[float], float]:
         grad = mode == "fwdbwd"
         xs = {n: t.detach().clone().requires_grad_(grad) for n, t in inputs.items()}
 
         def step():
             with torch.set_grad_enabled(grad):
-                o = first(fn(**xs))
+                o = first(fn(**xs, **consts))
                 if grad:
                     o.backward(do.to(o.dtype))
 
@@ -548,7 +625,7 @@ def main(argv=None) -> int:
         else:
             try:
                 inputs, do = get_inputs(op, shape)
-                times, peak_mb = measure(fn, inputs, do, mode)
+                times, peak_mb = measure(fn, inputs, do, mode, get_consts(op, shape) if op != "sdpa" else {})
                 med = statistics.median(times)
                 nbytes = io_bytes(inputs, do.numel(), elem, mode)
                 flops_fn = sdpa_flops if op == "sdpa" else OPS[op].flops

@@ -10,7 +10,11 @@ import warnings
 
 import torch
 
-from .reference.retention import chunk_retention_torch, recurrent_retention
+from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
+from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn
+from .reference.retention import recurrent_retention, retention_g_gamma
+from .reference.simple_gla import recurrent_simple_gla
+from .reference.simple_gla import chunk_simple_gla_torch
 from .registry import (
     AUTO,
     Backend,
@@ -34,31 +38,58 @@ __all__ = [
     "chunk_retention",
     "fused_chunk_retention",
     "fused_recurrent_retention",
+    "chunk_simple_gla",
+    "fused_chunk_simple_gla",
+    "fused_recurrent_simple_gla",
+    "chunk_linear_attn",
+    "fused_chunk_linear_attn",
+    "fused_recurrent_linear_attn",
+    "chunk_lightning_attn",
+    "fused_recurrent_lightning_attn",
     "list_ops",
     "BackendError",
 ]
 
 MAX_HEAD_DIM = 256
-TILELANG_MODULES = {"retention": "fla_tl.kernels.retention"}
+# the TileLang launchers of each variant: module, and the launcher name of each mode (`<name>_fwd` / `<name>_bwd`)
+TILELANG_MODULES = {
+    "retention": "fla_tl.kernels.retention",
+    "simple_gla": "fla_tl.kernels.simple_gla",
+    "linear_attn": "fla_tl.kernels.simple_gla",
+    "lightning_attn": "fla_tl.kernels.simple_gla",
+}
 
 
-def tilelang_capabilities(recurrent: bool = False) -> Capabilities:
+def _launcher_name(variant: str, mode: str) -> str:
+    return f"{mode}_retention" if variant == "retention" else f"{mode}_simple_gla"
+
+
+def _state_v_first(variant: str, mode: str) -> bool:
+    """whether fla's public op of (variant, mode) takes `state_v_first`."""
+    return variant in ("retention", "simple_gla") and mode == "fused_recurrent" or (variant, mode) == (
+        "simple_gla", "chunk")
+
+
+def tilelang_capabilities(recurrent: bool = False, state_v_first: bool = False) -> Capabilities:
     return Capabilities(
         devices=("cuda",),
         dtypes=(torch.bfloat16, torch.float16, torch.float32),
         max_head_dim=MAX_HEAD_DIM,
         min_compute_capability=(9, 0),
         reverse=recurrent,
-        state_v_first=recurrent,
+        state_v_first=state_v_first,
+        # the per-token gate has no TileLang kernel yet
+        gate=False,
     )
 
 
-def torch_capabilities(recurrent: bool = False) -> Capabilities:
+def torch_capabilities(recurrent: bool = False, state_v_first: bool = False, gate: bool = False) -> Capabilities:
     return Capabilities(
         devices=None,
         dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64),
         reverse=recurrent,
-        state_v_first=recurrent,
+        state_v_first=state_v_first,
+        gate=gate,
     )
 
 
@@ -80,55 +111,71 @@ def torch_verifier(caps: Capabilities, inputs: OpInputs) -> list[str]:
     return capability_reasons(caps, inputs)
 
 
-def _tilelang_launchers(module: str, op: str):
-    mod = __import__(module, fromlist=[f"{op}_fwd", f"{op}_bwd"])
-    return getattr(mod, f"{op}_fwd"), getattr(mod, f"{op}_bwd")
+def _tilelang_launchers(module: str, name: str):
+    mod = __import__(module, fromlist=[f"{name}_fwd", f"{name}_bwd"])
+    return getattr(mod, f"{name}_fwd"), getattr(mod, f"{name}_bwd")
 
 
-def _prepare_tilelang(q, k, v, initial_state, cu_seqlens):
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if initial_state is not None:
-        initial_state = initial_state.contiguous()
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
-    return q, k, v, initial_state, cu_seqlens
+def _contiguous(*xs):
+    return tuple(x.contiguous() if x is not None else None for x in xs)
 
 
-def make_tilelang_backend(op: str, variant: str, recurrent: bool) -> Backend:
-    """the tilelang backend of `op`: launchers `<op>_fwd` / `<op>_bwd` of `fla_tl.kernels.<variant>`."""
+def _transpose_state(x):
+    return x.transpose(-1, -2).contiguous() if x is not None else None
+
+
+def make_tilelang_backend(variant: str, mode: str) -> Backend:
+    """the tilelang backend of (variant, mode): launchers `<mode>_<kernels>_fwd` / `_bwd` of the variant's module.
+    Retention's launchers bring its decay; the others take `g_gamma` (None: no decay). The chunk modes keep the state
+    `[K, V]` in the kernels and transpose a `state_v_first` state on the way in and out."""
     module = TILELANG_MODULES[variant]
-    caps = tilelang_capabilities(recurrent)
+    name = _launcher_name(variant, mode)
+    recurrent = mode == "fused_recurrent"
+    caps = tilelang_capabilities(recurrent, _state_v_first(variant, mode))
 
-    def fwd(q, k, v, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first):
-        launch_fwd, _ = _tilelang_launchers(module, op)
-        q, k, v, initial_state, cu_seqlens = _prepare_tilelang(q, k, v, initial_state, cu_seqlens)
+    def decay(g_gamma):
+        return {} if variant == "retention" else {"g_gamma": g_gamma}
+
+    def fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first):
+        launch_fwd, _ = _tilelang_launchers(module, name)
+        q, k, v, initial_state = _contiguous(q, k, v, initial_state)
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
         extra = {"reverse": reverse, "state_v_first": state_v_first} if recurrent else {}
-        return launch_fwd(
+        transpose = state_v_first and not recurrent
+        o, ht = launch_fwd(
             q,
             k,
             v,
             scale=float(scale),
-            initial_state=initial_state,
+            initial_state=_transpose_state(initial_state) if transpose else initial_state,
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
+            **decay(g_gamma),
             **extra,
         )
+        return o, (_transpose_state(ht) if transpose else ht)
 
-    def bwd(q, k, v, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first):
-        _, launch_bwd = _tilelang_launchers(module, op)
-        q, k, v, initial_state, cu_seqlens = _prepare_tilelang(q, k, v, initial_state, cu_seqlens)
+    def bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first):
+        _, launch_bwd = _tilelang_launchers(module, name)
+        q, k, v, do, dht, initial_state = _contiguous(q, k, v, do, dht, initial_state)
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
         extra = {"reverse": reverse, "state_v_first": state_v_first} if recurrent else {}
-        return launch_bwd(
+        transpose = state_v_first and not recurrent
+        dq, dk, dv, dh0 = launch_bwd(
             q,
             k,
             v,
-            do.contiguous(),
-            dht.contiguous() if dht is not None else None,
+            do,
+            _transpose_state(dht) if transpose else dht,
             scale=float(scale),
-            initial_state=initial_state,
+            initial_state=_transpose_state(initial_state) if transpose else initial_state,
             cu_seqlens=cu_seqlens,
+            **decay(g_gamma),
             **extra,
         )
+        return dq, dk, dv, None, (_transpose_state(dh0) if transpose else dh0)
 
     return Backend(
         name="tilelang",
@@ -140,51 +187,53 @@ def make_tilelang_backend(op: str, variant: str, recurrent: bool) -> Backend:
     )
 
 
-def make_torch_backend(chunk_fn, recurrent: bool) -> Backend:
-    """the torch backend: `chunk_fn` (a chunked pure-PyTorch form) forward, autograd of a recompute backward."""
-    caps = torch_capabilities(recurrent)
+def make_torch_backend(variant: str, mode: str) -> Backend:
+    """the torch backend: the chunked pure-PyTorch simple GLA forward (`fla_tl.reference.chunk_simple_gla_torch`,
+    retention's decay for retention), autograd of a recompute backward."""
+    recurrent = mode == "fused_recurrent"
+    caps = torch_capabilities(recurrent, _state_v_first(variant, mode), gate=variant == "simple_gla")
 
-    def fwd(q, k, v, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first):
+    def run(q, k, v, g, g_gamma, initial_state, *, scale, output_final_state, reverse, state_v_first, cu_seqlens):
+        if variant == "retention":
+            g_gamma = retention_g_gamma(q.shape[2], q.device)
+        return chunk_simple_gla_torch(
+            q,
+            k,
+            v,
+            g=g,
+            g_gamma=g_gamma,
+            scale=scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            reverse=reverse,
+            state_v_first=state_v_first,
+            cu_seqlens=cu_seqlens,
+        )
+
+    def fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first):
         with torch.no_grad():
-            o, ht = chunk_fn(
-                q,
-                k,
-                v,
-                scale=scale,
-                initial_state=initial_state,
-                output_final_state=output_final_state,
-                reverse=reverse,
-                state_v_first=state_v_first,
-                cu_seqlens=cu_seqlens,
-            )
-        return o, ht
+            return run(q, k, v, g, g_gamma, initial_state, scale=scale, output_final_state=output_final_state,
+                       reverse=reverse, state_v_first=state_v_first, cu_seqlens=cu_seqlens)
 
-    def bwd(q, k, v, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first):
+    def bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first):
         # torch.func.vjp works below the autograd key, where a custom op's implementation runs
-        primals = (q, k, v) if initial_state is None else (q, k, v, initial_state)
+        names = ["q", "k", "v"] + (["g"] if g is not None else []) + (["h0"] if initial_state is not None else [])
+        given = {"q": q, "k": k, "v": v, "g": g, "h0": initial_state}
+        primals = tuple(given[n] for n in names)
 
-        def forward(q, k, v, h0=None):
-            o, ht = chunk_fn(
-                q,
-                k,
-                v,
-                scale=scale,
-                initial_state=h0,
-                output_final_state=dht is not None,
-                reverse=reverse,
-                state_v_first=state_v_first,
-                cu_seqlens=cu_seqlens,
-            )
+        def forward(*xs):
+            x = dict(zip(names, xs))
+            o, ht = run(x["q"], x["k"], x["v"], x.get("g"), g_gamma, x.get("h0"), scale=scale,
+                        output_final_state=dht is not None, reverse=reverse, state_v_first=state_v_first,
+                        cu_seqlens=cu_seqlens)
             return (o, ht) if dht is not None else (o,)
 
         outputs, vjp_fn = torch.func.vjp(forward, *primals)
         cotangents = (do.to(outputs[0].dtype),)
         if dht is not None:
             cotangents += (dht.to(outputs[1].dtype),)
-        grads = [g.to(x.dtype) for x, g in zip(primals, vjp_fn(cotangents))]
-        if initial_state is None:
-            grads.append(None)
-        return tuple(grads)
+        grads = dict(zip(names, (gr.to(x.dtype) for x, gr in zip(primals, vjp_fn(cotangents)))))
+        return grads["q"], grads["k"], grads["v"], grads.get("g"), grads.get("h0")
 
     return Backend(
         name="torch",
@@ -196,23 +245,47 @@ def make_torch_backend(chunk_fn, recurrent: bool) -> Backend:
     )
 
 
-def _register(name: str, variant: str, mode: str, reference, chunk_fn, recurrent: bool = False):
-    spec = register_op(OpSpec(name=name, variant=variant, mode=mode, reference=reference))
-    register_backend(name, make_tilelang_backend(name, variant, recurrent))
-    register_backend(name, make_torch_backend(chunk_fn, recurrent))
-    return spec, define_linear_attention_ops(name)
+def _register(name: str, variant: str, mode: str, reference, **fields):
+    spec = register_op(OpSpec(name=name, variant=variant, mode=mode, reference=reference, **fields))
+    register_backend(name, make_tilelang_backend(variant, mode))
+    register_backend(name, make_torch_backend(variant, mode))
+    return spec, define_linear_attention_ops(name)[0]
 
 
-_chunk_spec, (_chunk_retention_fwd, _) = _register(
-    "chunk_retention", "retention", "chunk", recurrent_retention, chunk_retention_torch
+def _simple_gla_cases(B, T, H, device):
+    g_gamma = -torch.rand(H, device=device) * 0.2
+    g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, device=device) + 3)
+    return [("g_gamma", {"g_gamma": g_gamma}), ("g", {"g": g}), ("g+g_gamma", {"g": g, "g_gamma": g_gamma})]
+
+
+def _linear_attn_cases(B, T, H, device):
+    return [("", {"normalize": False})]
+
+
+def _lightning_attn_cases(B, T, H, device):
+    return [("layer 1/4", {"layer_idx": 1, "num_layers": 4})]
+
+
+_chunk_spec, _chunk_retention_fwd = _register("chunk_retention", "retention", "chunk", recurrent_retention)
+_fused_chunk_spec, _fused_chunk_retention_fwd = _register(
+    "fused_chunk_retention", "retention", "fused_chunk", recurrent_retention
 )
-_fused_chunk_spec, (_fused_chunk_retention_fwd, _) = _register(
-    "fused_chunk_retention", "retention", "fused_chunk", recurrent_retention, chunk_retention_torch
+_fused_recurrent_spec, _fused_recurrent_retention_fwd = _register(
+    "fused_recurrent_retention", "retention", "fused_recurrent", recurrent_retention
 )
-_fused_recurrent_spec, (_fused_recurrent_retention_fwd, _) = _register(
-    "fused_recurrent_retention", "retention", "fused_recurrent", recurrent_retention, chunk_retention_torch,
-    recurrent=True,
-)
+_simple_gla_specs = {
+    mode: _register(f"{mode}_simple_gla", "simple_gla", mode, recurrent_simple_gla, check_cases=_simple_gla_cases)
+    for mode in ("chunk", "fused_chunk", "fused_recurrent")
+}
+_linear_attn_specs = {
+    mode: _register(f"{mode}_linear_attn", "linear_attn", mode, recurrent_linear_attn, check_cases=_linear_attn_cases)
+    for mode in ("chunk", "fused_chunk", "fused_recurrent")
+}
+_lightning_attn_specs = {
+    mode: _register(f"{mode}_lightning_attn", "lightning_attn", mode, recurrent_lightning_attn,
+                    check_cases=_lightning_attn_cases)
+    for mode in ("chunk", "fused_recurrent")
+}
 
 
 def _run(
@@ -228,6 +301,8 @@ def _run(
     state_v_first: bool,
     cu_seqlens: torch.Tensor | None,
     backend: str | None,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """validate, default the scale, handle T = 0, and call the custom op (which picks the backend)."""
     N = validate_linear_attention_inputs(
@@ -238,6 +313,8 @@ def _run(
         initial_state=initial_state,
         cu_seqlens=cu_seqlens,
         state_v_first=state_v_first,
+        g=g,
+        g_gamma=g_gamma,
     )
     check_backend_name(spec, backend)
     B, T, H, K = q.shape
@@ -254,12 +331,14 @@ def _run(
         shape = (N, H, V, K) if state_v_first else (N, H, K, V)
         return o, q.new_zeros(shape, dtype=ht_dtype)
     requires_grad = torch.is_grad_enabled() and any(
-        x is not None and x.requires_grad for x in (q, k, v, initial_state)
+        x is not None and x.requires_grad for x in (q, k, v, g, initial_state)
     )
     o, ht = fwd_op(
         q,
         k,
         v,
+        g,
+        g_gamma,
         initial_state,
         cu_seqlens,
         float(scale),
@@ -500,3 +579,389 @@ def fused_recurrent_retention(
 _chunk_spec.fn = chunk_retention
 _fused_chunk_spec.fn = fused_chunk_retention
 _fused_recurrent_spec.fn = fused_recurrent_retention
+
+
+def _pop_state_layout(name: str, state_v_first: bool, kwargs: dict) -> bool:
+    """fla's deprecated `transpose_state_layout` (renamed `state_v_first`); any other leftover keyword raises."""
+    if "transpose_state_layout" in kwargs:
+        if state_v_first:
+            raise ValueError("Cannot pass both `state_v_first` and the deprecated `transpose_state_layout`.")
+        warnings.warn(
+            "`transpose_state_layout` is deprecated and renamed to `state_v_first`.", DeprecationWarning, stacklevel=3
+        )
+        state_v_first = bool(kwargs.pop("transpose_state_layout"))
+    if kwargs:
+        raise TypeError(f"{name}() got unexpected keyword arguments {sorted(kwargs)}")
+    return state_v_first
+
+
+def _pop_chunk_size(name: str, kwargs: dict) -> None:
+    """fla's `chunk_size` (a power of two; the kernels pick their own) and the removed `head_first`."""
+    if "head_first" in kwargs:
+        raise DeprecationWarning("head_first has been removed. Inputs must be in `[B, T, H, ...]` format.")
+    chunk_size = kwargs.pop("chunk_size", None)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size <= 0
+                                   or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"`chunk_size` must be a power of 2, got {chunk_size}.")
+
+
+def chunk_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    Simple GLA in the chunked form: `h_t = exp(g_t + g_gamma) h_{t-1} + k_t v_t^T`, `o_t = scale * h_t^T q_t`.
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, T, H, K]`.
+        k (torch.Tensor):
+            keys of shape `[B, T, H, K]`.
+        v (torch.Tensor):
+            values of shape `[B, T, H, V]`.
+        g (Optional[torch.Tensor]):
+            per-token log forget gates of shape `[B, T, H]` (any float dtype; gets a gradient). The TileLang
+            kernels do not take a per-token gate yet: with `g` the `torch` backend runs (logged once).
+            Default: `None`.
+        g_gamma (Optional[torch.Tensor]):
+            per-head constant log decay of shape `[H]` (no gradient, as in fla). Default: `None`.
+        scale (Optional[float]):
+            scale of the attention scores. Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor]):
+            initial state of shape `[N, H, K, V]` (`[N, H, V, K]` with `state_v_first`). Default: `None`.
+        output_final_state (bool):
+            whether to return the final state. Default: `False`.
+        state_v_first (bool):
+            states are laid out `[N, H, V, K]`. Default: `False`.
+        cu_seqlens (Optional[torch.LongTensor]):
+            cumulative sequence lengths of shape `[N + 1]` with `B = 1`. Default: `None`.
+        cu_seqlens_cpu (Optional[torch.LongTensor]):
+            accepted for fla compatibility and unused. Default: `None`.
+        backend (Optional[str]):
+            `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
+        kwargs:
+            `chunk_size` (a power of two) is accepted and ignored; `head_first` raises.
+
+    Returns:
+        o (torch.Tensor):
+            outputs of shape `[B, T, H, V]` in the dtype of `q`.
+        final_state (Optional[torch.Tensor]):
+            final state (same layout as `initial_state`) in float32 if `output_final_state`, else `None`.
+
+    Examples::
+        >>> import torch.nn.functional as F
+        >>> q, k = (torch.randn(2, 1000, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        >>> v = torch.randn(2, 1000, 4, 128, device="cuda", dtype=torch.bfloat16)
+        >>> g_gamma = -torch.rand(4, device="cuda")
+        >>> o, ht = chunk_simple_gla(q, k, v, g_gamma=g_gamma, output_final_state=True)
+        >>> g = F.logsigmoid(torch.randn(2, 1000, 4, device="cuda"))
+        >>> o, ht = chunk_simple_gla(q, k, v, g=g, output_final_state=True)
+        # varlen: pack the sequences into B = 1 and pass their boundaries
+        >>> q, k, v, g = (x.flatten(0, 1)[None] for x in (q, k, v, g))
+        >>> o, ht = chunk_simple_gla(q, k, v, g=g, cu_seqlens=torch.tensor([0, 300, 2000], device="cuda"))
+    """
+    _pop_chunk_size("chunk_simple_gla", kwargs)
+    state_v_first = _pop_state_layout("chunk_simple_gla", state_v_first, kwargs)
+    spec, fwd_op = _simple_gla_specs["chunk"]
+    return _run(spec, fwd_op, q, k, v, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, reverse=False, state_v_first=state_v_first,
+                cu_seqlens=cu_seqlens, backend=backend, g=g, g_gamma=g_gamma)
+
+
+def fused_chunk_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    Simple GLA in the fused-chunk form (one kernel carries the state across chunks); same math and arguments as
+    :func:`chunk_simple_gla` without `state_v_first`.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> o, ht = fused_chunk_simple_gla(q, k, v, g_gamma=-torch.rand(4, device="cuda"), output_final_state=True)
+        >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
+        >>> o, _ = fused_chunk_simple_gla(q, k, v, cu_seqlens=torch.tensor([0, 1, 2000], device="cuda"))
+    """
+    spec, fwd_op = _simple_gla_specs["fused_chunk"]
+    return _run(spec, fwd_op, q, k, v, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, reverse=False, state_v_first=False,
+                cu_seqlens=cu_seqlens, backend=backend, g=g, g_gamma=g_gamma)
+
+
+def fused_recurrent_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    Simple GLA by the token-by-token recurrence in one fused kernel; same math and arguments as
+    :func:`chunk_simple_gla`, plus `reverse` (run each sequence from its last token). The deprecated
+    `transpose_state_layout` is accepted with a warning.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> o, ht = fused_recurrent_simple_gla(q, k, v, g_gamma=-torch.rand(4, device="cuda"), reverse=True,
+        ...                                    output_final_state=True)
+        >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
+        >>> o, _ = fused_recurrent_simple_gla(q, k, v, cu_seqlens=torch.tensor([0, 10, 128], device="cuda"))
+    """
+    state_v_first = _pop_state_layout("fused_recurrent_simple_gla", state_v_first, kwargs)
+    spec, fwd_op = _simple_gla_specs["fused_recurrent"]
+    return _run(spec, fwd_op, q, k, v, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
+                cu_seqlens=cu_seqlens, backend=backend, g=g, g_gamma=g_gamma)
+
+
+def _linear_attn(mode, q, k, v, scale, initial_state, output_final_state, reverse, normalize, cu_seqlens, backend):
+    if normalize and isinstance(initial_state, tuple):
+        h0, z0 = initial_state
+    else:
+        h0, z0 = initial_state, None
+    if isinstance(h0, tuple):
+        raise TypeError("`initial_state` must be a tensor [N, H, K, V] when `normalize=False`, got a tuple")
+    spec, fwd_op = _linear_attn_specs[mode]
+    if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
+        scale = q.shape[-1] ** -0.5
+    o, ht = _run(spec, fwd_op, q, k, v, scale=scale, initial_state=h0, output_final_state=output_final_state,
+                 reverse=reverse, state_v_first=False, cu_seqlens=cu_seqlens, backend=backend)
+    if not normalize:
+        return o, ht
+    if z0 is not None:
+        N = h0.shape[0] if h0 is not None else (cu_seqlens.numel() - 1 if cu_seqlens is not None else q.shape[0])
+        want = (N, 1, q.shape[2], q.shape[3])
+        if not isinstance(z0, torch.Tensor) or tuple(z0.shape) != want:
+            got = tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
+            raise ValueError(f"`initial_state[1]` (the key sum z) must have shape [N, 1, H, K] = {list(want)}, got {got}")
+    o, z = normalize_with_key_sum(o, q, k, float(scale), z0, reverse, cu_seqlens)
+    return o, (ht, z)
+
+
+def chunk_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | tuple | None = None,
+    output_final_state: bool = False,
+    normalize: bool = True,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+):
+    r"""
+    Linear attention in the chunked form: `h_t = h_{t-1} + k_t v_t^T`, `o_t = scale * h_t^T q_t`, divided by
+    `scale * q_t . z_t + 1e-10` with the running key sum `z_t` when `normalize` (fla's default here).
+
+    Args:
+        q (torch.Tensor):
+            queries of shape `[B, T, H, K]`.
+        k (torch.Tensor):
+            keys of shape `[B, T, H, K]`.
+        v (torch.Tensor):
+            values of shape `[B, T, H, V]`.
+        scale (Optional[float]):
+            scale of the attention scores. Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor | tuple]):
+            `[N, H, K, V]`; with `normalize`, a tuple `(h0, z0)` with the key sum `z0` of shape `[N, 1, H, K]`
+            (or `h0` alone). Default: `None`.
+        output_final_state (bool):
+            whether to return the final state. Default: `False`.
+        normalize (bool):
+            divide by the running key-sum denominator. Default: `True`.
+        cu_seqlens (Optional[torch.LongTensor]):
+            cumulative sequence lengths of shape `[N + 1]` with `B = 1`. Default: `None`.
+        backend (Optional[str]):
+            `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
+
+    Returns:
+        o (torch.Tensor):
+            outputs of shape `[B, T, H, V]` in the dtype of `q`.
+        final_state:
+            without `normalize`, the state `[N, H, K, V]` in float32 or `None`; with it, the tuple
+            `(state or None, z)`, `z` the key sum `[N, 1, H, K]` in float32 (always returned, as in fla).
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> o, (ht, z) = chunk_linear_attn(q, k, v, output_final_state=True)
+        >>> o, ht = chunk_linear_attn(q, k, v, output_final_state=True, normalize=False)
+        >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
+        >>> o, (ht, z) = chunk_linear_attn(q, k, v, cu_seqlens=torch.tensor([0, 300, 2000], device="cuda"))
+
+    The normalisation is a pure-PyTorch stage (an fp32 cumulative sum and a division) after the kernels.
+    """
+    return _linear_attn("chunk", q, k, v, scale, initial_state, output_final_state, False, normalize, cu_seqlens,
+                        backend)
+
+
+def fused_chunk_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | tuple | None = None,
+    output_final_state: bool = False,
+    normalize: bool = True,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+):
+    r"""
+    Linear attention in the fused-chunk form; same math, arguments and returns as :func:`chunk_linear_attn`.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> o, (ht, z) = fused_chunk_linear_attn(q, k, v, output_final_state=True)
+        >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
+        >>> o, ht = fused_chunk_linear_attn(q, k, v, normalize=False, cu_seqlens=torch.tensor([0, 9, 2000], device="cuda"))
+    """
+    return _linear_attn("fused_chunk", q, k, v, scale, initial_state, output_final_state, False, normalize,
+                        cu_seqlens, backend)
+
+
+def fused_recurrent_linear_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | tuple | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    normalize: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+):
+    r"""
+    Linear attention by the token-by-token recurrence; same math and returns as :func:`chunk_linear_attn`, plus
+    `reverse`; `normalize` defaults to `False` here, as in fla.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> o, ht = fused_recurrent_linear_attn(q, k, v, output_final_state=True, reverse=True)
+        >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
+        >>> o, (ht, z) = fused_recurrent_linear_attn(q, k, v, normalize=True, cu_seqlens=torch.tensor([0, 10, 128], device="cuda"))
+    """
+    return _linear_attn("fused_recurrent", q, k, v, scale, initial_state, output_final_state, reverse, normalize,
+                        cu_seqlens, backend)
+
+
+def _lightning_decay(q, layer_idx, num_layers) -> torch.Tensor:
+    for name, x in (("layer_idx", layer_idx), ("num_layers", num_layers)):
+        if isinstance(x, bool) or not isinstance(x, int):
+            raise TypeError(f"`{name}` must be an int, got {type(x).__name__}")
+    if num_layers < 1 or not 0 <= layer_idx < num_layers:
+        raise ValueError(f"need 0 <= layer_idx < num_layers, got layer_idx = {layer_idx}, num_layers = {num_layers}")
+    if not isinstance(q, torch.Tensor) or q.dim() != 4:
+        return None  # the shared validation reports q
+    return lightning_g_gamma(q.shape[2], layer_idx, num_layers, q.device)
+
+
+def chunk_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_idx: int,
+    num_layers: int,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    Lightning attention in the chunked form: simple GLA with the per-head decay
+    `g_gamma_h = -(8 / H) * (1 - layer_idx / num_layers) * h` (fla 0.6.0).
+
+    Args:
+        q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]`.
+        layer_idx (int): this layer's index, `0 <= layer_idx < num_layers`.
+        num_layers (int): the number of layers.
+        scale (Optional[float]): Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor]): `[N, H, K, V]`. Default: `None`.
+        output_final_state (bool): Default: `False`.
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. Default: `None`.
+        backend (Optional[str]): `"tilelang"`, `"torch"` or `None`. Default: `None`.
+        kwargs: `chunk_size` is accepted and ignored; `head_first` raises.
+
+    Returns:
+        o (torch.Tensor): `[B, T, H, V]` in q's dtype. final_state: `[N, H, K, V]` float32 or `None`.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 1000, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> o, ht = chunk_lightning_attn(q, k, v, layer_idx=3, num_layers=24, output_final_state=True)
+        >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
+        >>> o, _ = chunk_lightning_attn(q, k, v, 3, 24, cu_seqlens=torch.tensor([0, 300, 2000], device="cuda"))
+    """
+    _pop_chunk_size("chunk_lightning_attn", kwargs)
+    if kwargs:
+        raise TypeError(f"chunk_lightning_attn() got unexpected keyword arguments {sorted(kwargs)}")
+    spec, fwd_op = _lightning_attn_specs["chunk"]
+    return _run(spec, fwd_op, q, k, v, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, reverse=False, state_v_first=False, cu_seqlens=cu_seqlens,
+                backend=backend, g_gamma=_lightning_decay(q, layer_idx, num_layers))
+
+
+def fused_recurrent_lightning_attn(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layer_idx: int,
+    num_layers: int,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    Lightning attention by the token-by-token recurrence; same math and arguments as :func:`chunk_lightning_attn`,
+    plus `reverse`.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 64, 8, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> o, ht = fused_recurrent_lightning_attn(q, k, v, 0, 12, output_final_state=True, reverse=True)
+        >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
+        >>> o, _ = fused_recurrent_lightning_attn(q, k, v, 0, 12, cu_seqlens=torch.tensor([0, 10, 128], device="cuda"))
+    """
+    spec, fwd_op = _lightning_attn_specs["fused_recurrent"]
+    return _run(spec, fwd_op, q, k, v, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, reverse=reverse, state_v_first=False, cu_seqlens=cu_seqlens,
+                backend=backend, g_gamma=_lightning_decay(q, layer_idx, num_layers))
+
+
+for _mode, _fn in (("chunk", chunk_simple_gla), ("fused_chunk", fused_chunk_simple_gla),
+                   ("fused_recurrent", fused_recurrent_simple_gla)):
+    _simple_gla_specs[_mode][0].fn = _fn
+for _mode, _fn in (("chunk", chunk_linear_attn), ("fused_chunk", fused_chunk_linear_attn),
+                   ("fused_recurrent", fused_recurrent_linear_attn)):
+    _linear_attn_specs[_mode][0].fn = _fn
+for _mode, _fn in (("chunk", chunk_lightning_attn), ("fused_recurrent", fused_recurrent_lightning_attn)):
+    _lightning_attn_specs[_mode][0].fn = _fn

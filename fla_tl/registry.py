@@ -53,6 +53,7 @@ class Capabilities:
     backward: bool = True
     reverse: bool = False
     state_v_first: bool = False
+    gate: bool = False  # a per-token log gate `g`
 
     def describe(self) -> dict[str, str]:
         def flag(x: bool) -> str:
@@ -68,6 +69,7 @@ class Capabilities:
             "bwd": flag(self.backward),
             "reverse": flag(self.reverse),
             "v-first": flag(self.state_v_first),
+            "g": flag(self.gate),
         }
 
 
@@ -85,6 +87,7 @@ class OpInputs:
     backward: bool = False
     reverse: bool = False
     state_v_first: bool = False
+    gate: bool = False
 
 
 def describe_inputs(
@@ -95,6 +98,7 @@ def describe_inputs(
     backward: bool = False,
     reverse: bool = False,
     state_v_first: bool = False,
+    g: torch.Tensor | None = None,
 ) -> OpInputs:
     """the :class:`OpInputs` of a call on real tensors."""
     cc = None
@@ -111,6 +115,7 @@ def describe_inputs(
         backward=backward,
         reverse=reverse,
         state_v_first=state_v_first,
+        gate=g is not None,
     )
 
 
@@ -138,6 +143,7 @@ def capability_reasons(caps: Capabilities, inputs: OpInputs) -> list[str]:
         ("backward", "a backward pass"),
         ("reverse", "reverse=True"),
         ("state_v_first", "state_v_first=True"),
+        ("gate", "a per-token gate `g`"),
     ):
         if getattr(inputs, field) and not getattr(caps, field):
             reasons.append(f"does not support {what}")
@@ -148,9 +154,9 @@ def capability_reasons(caps: Capabilities, inputs: OpInputs) -> list[str]:
 class Backend:
     """one implementation of an op.
 
-    `fwd(q, k, v, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first) -> (o, ht | None)`
-    and `bwd(q, k, v, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first) -> (dq, dk, dv, dh0 |
-    None)`; both import their heavy modules on first call. `verifier(inputs) -> list[str]` returns every reason it
+    `fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first) ->
+    (o, ht | None)` and `bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse,
+    state_v_first) -> (dq, dk, dv, dg | None, dh0 | None)`; both import their heavy modules on first call. `verifier(inputs) -> list[str]` returns every reason it
     refuses (its capability reasons included).
     """
 
@@ -172,6 +178,9 @@ class OpSpec:
     reference: Callable
     fn: Callable | None = None
     backends: list[Backend] = dataclasses.field(default_factory=list)
+    # `(B, T, H, device) -> [(label, kwargs)]`: the op's own arguments (gates, layer index, ...) for `check`, passed
+    # to `fn` and `reference` alike; tensors among them that are floating point get a gradient
+    check_cases: Callable | None = None
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:
@@ -324,23 +333,27 @@ def define_linear_attention_ops(name: str) -> tuple:
     """define `fla_tl::<name>_fwd` and `fla_tl::<name>_bwd` with fake kernels and autograd; return the forward entry
     point and the backward op.
 
-    fwd: `(q, k, v, initial_state?, cu_seqlens?, scale, output_final_state, reverse, state_v_first, requires_grad,
-    backend) -> (o, ht)`; bwd: `(q, k, v, do, dht?, initial_state?, cu_seqlens?, scale, reverse, state_v_first,
-    backend) -> (dq, dk, dv, dh0)`. Custom ops cannot return None: a missing `ht` or `dh0` is an empty tensor.
-    The returned forward entry point runs the custom op under `torch.compile`, and in eager mode the same bodies
-    through a plain `autograd.Function` (the custom-op dispatcher costs about 100 us of host time per call, which
-    dominates at small shapes).
+    fwd: `(q, k, v, g?, g_gamma?, initial_state?, cu_seqlens?, scale, output_final_state, reverse, state_v_first,
+    requires_grad, backend) -> (o, ht)`; bwd: `(q, k, v, g?, g_gamma?, do, dht?, initial_state?, cu_seqlens?, scale,
+    reverse, state_v_first, backend) -> (dq, dk, dv, dg, dh0)`. `g` is a per-token log gate `[B, T, H]` (it gets a
+    gradient), `g_gamma` a per-head constant log decay `[H]` (no gradient, as in fla); ops without them pass None.
+    Custom ops cannot return None: a missing `ht`, `dg` or `dh0` is an empty tensor. The returned forward entry
+    point runs the custom op under `torch.compile`, and in eager mode the same bodies through a plain
+    `autograd.Function` (the custom-op dispatcher costs about 100 us of host time per call, which dominates at small
+    shapes).
     """
 
-    def fwd_impl(q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, requires_grad,
-                 backend):
+    def fwd_impl(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first,
+                 requires_grad, backend):
         spec = get_op(name)
-        inputs = describe_inputs(q, v, initial_state, cu_seqlens, requires_grad, reverse, state_v_first)
+        inputs = describe_inputs(q, v, initial_state, cu_seqlens, requires_grad, reverse, state_v_first, g)
         chosen = select_backend(spec, inputs, backend or None)
         o, ht = chosen.fwd(
             q,
             k,
             v,
+            g,
+            g_gamma,
             initial_state,
             cu_seqlens,
             scale=scale,
@@ -352,14 +365,16 @@ def define_linear_attention_ops(name: str) -> tuple:
             ht = q.new_empty(0, dtype=_ht_dtype(q.dtype))
         return o.to(q.dtype), ht.to(_ht_dtype(q.dtype))
 
-    def bwd_impl(q, k, v, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
+    def bwd_impl(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
         spec = get_op(name)
-        inputs = describe_inputs(q, v, initial_state, cu_seqlens, True, reverse, state_v_first)
+        inputs = describe_inputs(q, v, initial_state, cu_seqlens, True, reverse, state_v_first, g)
         chosen = select_backend(spec, inputs, backend or None)
-        dq, dk, dv, dh0 = chosen.bwd(
+        dq, dk, dv, dg, dh0 = chosen.bwd(
             q,
             k,
             v,
+            g,
+            g_gamma,
             do,
             dht,
             initial_state,
@@ -368,17 +383,17 @@ def define_linear_attention_ops(name: str) -> tuple:
             reverse=reverse,
             state_v_first=state_v_first,
         )
-        if initial_state is None or dh0 is None:
-            dh0 = q.new_empty(0)
-        else:
-            dh0 = dh0.to(initial_state.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dh0
+        dg = q.new_empty(0) if g is None or dg is None else dg.to(g.dtype)
+        dh0 = q.new_empty(0) if initial_state is None or dh0 is None else dh0.to(initial_state.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
 
     @torch.library.custom_op(f"fla_tl::{name}_fwd", mutates_args=())
     def fwd_op(
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        g: torch.Tensor | None,
+        g_gamma: torch.Tensor | None,
         initial_state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         scale: float,
@@ -389,12 +404,13 @@ def define_linear_attention_ops(name: str) -> tuple:
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         return fwd_impl(
-            q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, requires_grad,
-            backend,
+            q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first,
+            requires_grad, backend,
         )
 
     @fwd_op.register_fake
-    def _(q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, requires_grad, backend):
+    def _(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first,
+          requires_grad, backend):
         B, T, H, K = q.shape
         V = v.shape[-1]
         if initial_state is not None:
@@ -414,6 +430,8 @@ def define_linear_attention_ops(name: str) -> tuple:
         q: torch.Tensor,
         k: torch.Tensor,
         v: torch.Tensor,
+        g: torch.Tensor | None,
+        g_gamma: torch.Tensor | None,
         do: torch.Tensor,
         dht: torch.Tensor | None,
         initial_state: torch.Tensor | None,
@@ -422,17 +440,20 @@ def define_linear_attention_ops(name: str) -> tuple:
         reverse: bool,
         state_v_first: bool,
         backend: str,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return bwd_impl(q, k, v, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend)
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return bwd_impl(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first,
+                        backend)
 
     @bwd_op.register_fake
-    def _(q, k, v, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
+    def _(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
+        dg = torch.empty_like(g) if g is not None else q.new_empty(0)
         dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dh0
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
 
     def save_context(ctx, inputs, output):
-        q, k, v, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, _, backend = inputs
-        ctx.save_for_backward(q, k, v, initial_state, cu_seqlens)
+        (q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, _,
+         backend) = inputs
+        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state, cu_seqlens)
         ctx.scale = scale
         ctx.output_final_state = output_final_state
         ctx.reverse = reverse
@@ -441,15 +462,17 @@ def define_linear_attention_ops(name: str) -> tuple:
 
     def make_backward(run_bwd):
         def backward(ctx, do, dht):
-            q, k, v, initial_state, cu_seqlens = ctx.saved_tensors
+            q, k, v, g, g_gamma, initial_state, cu_seqlens = ctx.saved_tensors
             if do is None:
                 do = torch.zeros(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device)
             if not ctx.output_final_state:
                 dht = None
-            dq, dk, dv, dh0 = run_bwd(
+            dq, dk, dv, dg, dh0 = run_bwd(
                 q,
                 k,
                 v,
+                g,
+                g_gamma,
                 do.contiguous(),
                 dht.contiguous() if dht is not None else None,
                 initial_state,
@@ -459,8 +482,9 @@ def define_linear_attention_ops(name: str) -> tuple:
                 ctx.state_v_first,
                 ctx.backend,
             )
+            dg = dg if g is not None else None
             dh0 = dh0 if initial_state is not None else None
-            return dq, dk, dv, dh0, None, None, None, None, None, None, None
+            return dq, dk, dv, dg, None, dh0, None, None, None, None, None, None, None
 
         return backward
 

@@ -53,6 +53,8 @@ def validate_linear_attention_inputs(
     initial_state: torch.Tensor | None = None,
     cu_seqlens: torch.Tensor | None = None,
     state_v_first: bool = False,
+    g: torch.Tensor | None = None,
+    g_gamma: torch.Tensor | None = None,
 ) -> int:
     """check the inputs of a linear-attention op and return `N`, the number of sequences.
 
@@ -102,6 +104,16 @@ def validate_linear_attention_inputs(
                 raise ValueError(f"`cu_seqlens` must be non-decreasing, got {bounds}")
             if bounds[-1] != T:
                 raise ValueError(f"`cu_seqlens` must end at T = {T} (the length of `q`), got {bounds[-1]}")
+    if g is not None:
+        _check_tensor("g", g)
+        _check_device("g", g, q.device)
+        if tuple(g.shape) != (B, T, H):
+            raise ValueError(f"`g` must have shape [B, T, H] = {[B, T, H]}, got {tuple(g.shape)}")
+    if g_gamma is not None:
+        _check_tensor("g_gamma", g_gamma)
+        _check_device("g_gamma", g_gamma, q.device)
+        if tuple(g_gamma.shape) != (H,):
+            raise ValueError(f"`g_gamma` must have shape [H] = [{H}], got {tuple(g_gamma.shape)}")
     if initial_state is not None:
         _check_tensor("initial_state", initial_state)
         _check_device("initial_state", initial_state, q.device)

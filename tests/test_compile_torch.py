@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from fla_tl.ops import chunk_retention, fused_chunk_retention, fused_recurrent_retention
+from fla_tl.ops import (
+    chunk_lightning_attn,
+    chunk_linear_attn,
+    chunk_retention,
+    chunk_simple_gla,
+    fused_chunk_retention,
+    fused_recurrent_retention,
+    fused_recurrent_simple_gla,
+)
 
 from utils import assert_close
 
@@ -11,6 +19,8 @@ OPS = {
     "chunk": (chunk_retention, {}),
     "fused_chunk": (fused_chunk_retention, {}),
     "fused_recurrent": (fused_recurrent_retention, {"reverse": True, "state_v_first": True}),
+    "chunk_lightning": (chunk_lightning_attn, {"layer_idx": 1, "num_layers": 4}),
+    "chunk_simple_gla_v_first": (chunk_simple_gla, {"state_v_first": True}),
 }
 
 
@@ -73,6 +83,9 @@ OPCHECK_CASES = [
     pytest.param("fused_chunk_retention", dict(h0=True, cu=True, final=True), id="fused_chunk-varlen-h0"),
     pytest.param("fused_recurrent_retention", dict(h0=True, cu=False, final=True, reverse=True, v_first=True),
                  id="fused_recurrent-reverse-vfirst"),
+    pytest.param("chunk_simple_gla", dict(h0=True, cu=True, final=True, g=True, g_gamma=True), id="simple_gla-g"),
+    pytest.param("fused_recurrent_simple_gla", dict(h0=False, cu=False, final=True, g=True, reverse=True),
+                 id="fr_simple_gla-g-reverse"),
 ]
 
 
@@ -83,14 +96,16 @@ def test_opcheck(op, case):
     q, k, v, h0 = _inputs(B=1 if varlen else 2, T=40, N=3 if varlen else None, v_first=case.get("v_first", False))
     cu = torch.tensor([0, 10, 10, 40]) if varlen else None
     h0 = h0 if case["h0"] else None
+    g = torch.randn(q.shape[:3], dtype=q.dtype).sigmoid().log().requires_grad_() if case.get("g") else None
+    g_gamma = -torch.rand(q.shape[2], dtype=torch.float32) if case.get("g_gamma") else None
     fwd = getattr(torch.ops.fla_tl, f"{op}_fwd").default
-    args = (q, k, v, h0, cu, 0.25, case["final"], case.get("reverse", False), case.get("v_first", False), True,
-            "torch")
+    args = (q, k, v, g, g_gamma, h0, cu, 0.25, case["final"], case.get("reverse", False), case.get("v_first", False),
+            True, "torch")
     torch.library.opcheck(fwd, args)
     do = torch.randn(q.shape[:3] + v.shape[-1:], dtype=q.dtype)
     dht = torch.randn_like(h0) if (case["final"] and h0 is not None) else None
     bwd = getattr(torch.ops.fla_tl, f"{op}_bwd").default
-    bwd_args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in (q, k, v, do, dht, h0, cu))
+    bwd_args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in (q, k, v, g, g_gamma, do, dht, h0, cu))
     # bwd gets test_autograd_registration only: the schema, fake and aot checks wrap the real op in dispatch modes
     # that cannot see through the torch.func.vjp of the torch backend (the fwd opcheck runs bwd through autograd)
     torch.library.opcheck(
@@ -98,3 +113,25 @@ def test_opcheck(op, case):
         bwd_args + (0.25, case.get("reverse", False), case.get("v_first", False), "torch"),
         test_utils=("test_autograd_registration",),
     )
+
+
+def test_compile_gated_and_normalized():
+    """a per-token gate (with its gradient) and linear attention's normalisation inside torch.compile(fullgraph)."""
+    def f(q, k, v, g, cu):
+        o, ht = chunk_simple_gla(q, k, v, g=g, output_final_state=True, cu_seqlens=cu)
+        o2, (_, z) = chunk_linear_attn(q, k.abs(), v, cu_seqlens=cu)
+        o3, _ = fused_recurrent_simple_gla(q, k, v, g=g, reverse=True, cu_seqlens=cu)
+        return o.sum() + ht.sum() + o2.square().sum() + z.sum() + o3.sum()
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 70, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 70, 2, dtype=torch.float64).sigmoid().log().requires_grad_()
+    cu = torch.tensor([0, 20, 20, 70])
+    torch._dynamo.reset()
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, g, cu)
+    grads = torch.autograd.grad(loss, (q, k, v, g))
+    ref_loss = f(q, k, v, g, cu)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v, g))
+    assert_close("loss", loss, ref_loss, torch.float64)
+    for name, a, b in zip(("dq", "dk", "dv", "dg"), grads, ref_grads):
+        assert_close(name, a, b, torch.float64)

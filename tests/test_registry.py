@@ -12,6 +12,11 @@ from fla_tl import registry
 from fla_tl.registry import BackendError, OpInputs, get_op, select_backend
 
 OP_NAMES = ["chunk_retention", "fused_chunk_retention", "fused_recurrent_retention"]
+ALL_OPS = OP_NAMES + [
+    "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla",
+    "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
+    "chunk_lightning_attn", "fused_recurrent_lightning_attn",
+]
 
 # what the tilelang backend accepts: a Hopper GPU, bf16, head dims within the limit
 H100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0),
@@ -49,11 +54,11 @@ def test_registration(op):
 
 
 def test_custom_ops_defined():
-    for op in OP_NAMES:
+    for op in ALL_OPS:
         assert hasattr(torch.ops.fla_tl, f"{op}_fwd") and hasattr(torch.ops.fla_tl, f"{op}_bwd")
 
 
-@pytest.mark.parametrize("op", OP_NAMES)
+@pytest.mark.parametrize("op", ALL_OPS)
 def test_tilelang_accepts(op, tilelang_importable):
     assert backend(op, "tilelang").verifier(H100) == []
     assert select_backend(get_op(op), H100).name == "tilelang"
@@ -188,8 +193,8 @@ def test_env_var_forces_backend(monkeypatch, tilelang_importable):
 def test_list_ops(capsys):
     specs = ops.list_ops()
     out = capsys.readouterr().out
-    assert [s.name for s in specs] == OP_NAMES
-    for op in OP_NAMES:
+    assert [s.name for s in specs] == ALL_OPS
+    for op in ALL_OPS:
         assert op in out
     assert "tilelang (preferred)" in out and "bf16,fp16,fp32" in out
 

@@ -1,5 +1,7 @@
 """Pure-PyTorch references: token-by-token recurrences (ground truth) and chunked forms (the `torch` backend)."""
 
+from .lightning_attn import lightning_g_gamma, recurrent_lightning_attn
+from .linear_attn import normalize_with_key_sum, recurrent_linear_attn
 from .retention import chunk_retention_torch, recurrent_retention, retention_g_gamma
 from .simple_gla import chunk_simple_gla_torch, recurrent_simple_gla
 
@@ -9,4 +11,8 @@ __all__ = [
     "recurrent_retention",
     "chunk_retention_torch",
     "retention_g_gamma",
+    "recurrent_linear_attn",
+    "normalize_with_key_sum",
+    "recurrent_lightning_attn",
+    "lightning_g_gamma",
 ]

@@ -1,16 +1,35 @@
-"""Retention (RetNet) kernels: simple-GLA stages with a per-head constant decay.
+"""Retention (RetNet) kernels: the simple-GLA launchers with retention's per-head decay log(1 - 2^(-5-h)).
 
-Launcher contract (every function below; all tensors contiguous, on one CUDA device):
-  q, k: [B, T, H, K]; v: [B, T, H, V]; one dtype among bf16 / fp16 / fp32; K, V <= 256.
-  initial_state: [N, H, K, V] (``[N, H, V, K]`` when ``state_v_first``), any float dtype, or None.
-  cu_seqlens: int64 [N + 1] with B == 1, or None.
-  *_fwd(...) -> (o [B, T, H, V] in q.dtype, final_state fp32 [N, H, K, V] or None)
-  *_bwd(q, k, v, do, dht, ...) -> (dq, dk, dv in the input dtype, dh0 in initial_state's dtype or None)
+Same launcher contract as `fla_tl.kernels.simple_gla`, without `g_gamma`.
 """
 
-from .chunk import chunk_retention_bwd, chunk_retention_fwd
-from .fused_chunk import fused_chunk_retention_bwd, fused_chunk_retention_fwd
-from .fused_recurrent import fused_recurrent_retention_bwd, fused_recurrent_retention_fwd
+import functools
+
+from ..common.gates import retention_g_gamma
+from ..simple_gla import (
+    chunk_simple_gla_bwd,
+    chunk_simple_gla_fwd,
+    fused_chunk_simple_gla_bwd,
+    fused_chunk_simple_gla_fwd,
+    fused_recurrent_simple_gla_bwd,
+    fused_recurrent_simple_gla_fwd,
+)
+
+
+def _with_retention_decay(launcher):
+    @functools.wraps(launcher)
+    def run(q, *args, **kwargs):
+        return launcher(q, *args, g_gamma=retention_g_gamma(q.shape[2], q.device), **kwargs)
+
+    return run
+
+
+chunk_retention_fwd = _with_retention_decay(chunk_simple_gla_fwd)
+chunk_retention_bwd = _with_retention_decay(chunk_simple_gla_bwd)
+fused_chunk_retention_fwd = _with_retention_decay(fused_chunk_simple_gla_fwd)
+fused_chunk_retention_bwd = _with_retention_decay(fused_chunk_simple_gla_bwd)
+fused_recurrent_retention_fwd = _with_retention_decay(fused_recurrent_simple_gla_fwd)
+fused_recurrent_retention_bwd = _with_retention_decay(fused_recurrent_simple_gla_bwd)
 
 __all__ = [
     "chunk_retention_fwd",

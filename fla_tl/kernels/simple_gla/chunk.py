@@ -1,4 +1,5 @@
-"""chunk_retention: simple GLA with a per-head constant decay, in chunks of 64 tokens.
+"""chunk_simple_gla with a per-head constant decay `g_gamma` (retention, lightning attention, linear attention with
+no decay), in chunks of 64 tokens.
 
 Two schedules share the chunk algebra. The fused kernels carry the state between chunks in registers and never write
 it to memory; their grid is (sequences x heads x V tiles), each block walking its sequence. The chunk-parallel passes
@@ -18,7 +19,7 @@ from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.chunk_o import chunk_bwd_dqkv, chunk_fwd_o
 from ...autotune.resolve import tile_config
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
-from ..common.gates import retention_g_gamma
+from ..common.gates import head_decay
 from ..common.utils import cdiv, pad_dim, seq_meta
 
 BT = 64
@@ -46,10 +47,10 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
 
 
-def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu_seqlens, impl="auto"):
+def chunk_simple_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, impl="auto"):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    g_gamma = retention_g_gamma(H, q.device)
+    g_gamma = head_decay(g_gamma, H, q.device)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     if _schedule(q, v, meta.N, "fwd", impl) == "fused":
         o, ht = fused_chunk_fwd(
@@ -78,10 +79,10 @@ def chunk_retention_fwd(q, k, v, *, scale, initial_state, output_final_state, cu
     return o.view(B, T, H, -1), ht
 
 
-def chunk_retention_bwd(q, k, v, do, dht, *, scale, initial_state, cu_seqlens, impl="auto"):
+def chunk_simple_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, impl="auto"):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    g_gamma = retention_g_gamma(H, q.device)
+    g_gamma = head_decay(g_gamma, H, q.device)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
     if _schedule(q, v, meta.N, "bwd_dkv", impl) == "fused":
         dq, dk, dv, dh0 = fused_chunk_bwd(

@@ -1,12 +1,12 @@
-"""fused_recurrent_retention: token-by-token kernels for inference and low memory."""
+"""fused_recurrent_simple_gla with a per-head constant decay: token-by-token kernels for inference and low memory."""
 
 from ..common.fused_recurrent import fused_recurrent_bwd, fused_recurrent_fwd
-from ..common.gates import retention_g_gamma
+from ..common.gates import head_decay
 from ..common.utils import seq_meta
 
 
-def fused_recurrent_retention_fwd(
-    q, k, v, *, scale, initial_state, output_final_state, reverse, state_v_first, cu_seqlens
+def fused_recurrent_simple_gla_fwd(
+    q, k, v, *, g_gamma, scale, initial_state, output_final_state, reverse, state_v_first, cu_seqlens
 ):
     B, T, H, K = q.shape
     o, ht = fused_recurrent_fwd(
@@ -14,7 +14,7 @@ def fused_recurrent_retention_fwd(
         k.flatten(0, 1),
         v.flatten(0, 1),
         gate="gamma",
-        g_gamma=retention_g_gamma(H, q.device),
+        g_gamma=head_decay(g_gamma, H, q.device),
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
@@ -25,7 +25,7 @@ def fused_recurrent_retention_fwd(
     return o.view(B, T, H, -1), ht
 
 
-def fused_recurrent_retention_bwd(q, k, v, do, dht, *, scale, initial_state, reverse, state_v_first, cu_seqlens):
+def fused_recurrent_simple_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, reverse, state_v_first, cu_seqlens):
     B, T, H, K = q.shape
     dq, dk, dv, dh0 = fused_recurrent_bwd(
         q.flatten(0, 1),
@@ -34,7 +34,7 @@ def fused_recurrent_retention_bwd(q, k, v, do, dht, *, scale, initial_state, rev
         do.flatten(0, 1),
         dht,
         gate="gamma",
-        g_gamma=retention_g_gamma(H, q.device),
+        g_gamma=head_decay(g_gamma, H, q.device),
         scale=scale,
         initial_state=initial_state,
         reverse=reverse,

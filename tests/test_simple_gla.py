@@ -1,0 +1,196 @@
+"""Simple GLA: every entry point against the token-by-token recurrence, with a per-token gate `g`, a per-head constant
+`g_gamma`, or both.
+
+CPU (fp64): the `torch` backend (chunked form) against the recurrence to 1e-10, every gradient including dg.
+GPU (`gpu` marker): the `tilelang` backend (constant decay `g_gamma`; the per-token gate has no TileLang kernel yet
+and the registry refuses it there) in bf16 / fp32 against the fp32 recurrence.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_tl.ops import BackendError, chunk_simple_gla, fused_chunk_simple_gla, fused_recurrent_simple_gla
+from fla_tl.reference import recurrent_simple_gla
+
+from test_retention import _cu, make_inputs
+from utils import check_op, poison_allocator
+
+OPS = {
+    "chunk": chunk_simple_gla,
+    "fused_chunk": fused_chunk_simple_gla,
+    "fused_recurrent": fused_recurrent_simple_gla,
+}
+
+
+def make_gates(B, T, H, dtype, device="cpu", kind="g"):
+    """(grad kwargs, plain kwargs): a per-token log gate in (-inf, 0) as fla draws it, and/or a per-head constant."""
+    grad, plain = {}, {}
+    if "g" in kind.split("+"):
+        grad["g"] = F.logsigmoid(torch.randn(B, T, H, device=device) + 2).to(dtype).requires_grad_()
+    if "g_gamma" in kind.split("+"):
+        plain["g_gamma"] = -torch.rand(H, device=device, dtype=torch.float32) * 0.3
+    return grad, plain
+
+
+CPU_CASES = [
+    pytest.param(*case, id="B{}-T{}-H{}-K{}-V{}-h0{}".format(*case))
+    for case in [
+        (2, 1, 2, 32, 32, True),
+        (2, 63, 2, 32, 32, False),
+        (1, 64, 3, 60, 100, True),
+        (2, 130, 2, 100, 60, True),
+    ]
+]
+KINDS = ["g", "g_gamma", "g+g_gamma"]
+
+
+# ---------------------------------------------------------------- cpu: torch backend vs the recurrence in fp64
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "h0"), CPU_CASES)
+@pytest.mark.parametrize("op", ["chunk", "fused_chunk"])
+def test_chunk(op, B, T, H, K, V, h0, kind):
+    q, k, v, state = make_inputs(B, T, H, K, V, torch.float64, h0=h0)
+    grad, plain = make_gates(B, T, H, torch.float64, kind=kind)
+    check_op(OPS[op], recurrent_simple_gla, q, k, v, state, backend="torch", grad_kwargs=grad, **plain)
+
+
+@pytest.mark.parametrize(("reverse", "state_v_first"), [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "h0"), CPU_CASES[1:3])
+def test_fused_recurrent(B, T, H, K, V, h0, kind, reverse, state_v_first):
+    q, k, v, state = make_inputs(B, T, H, K, V, torch.float64, h0=h0, state_v_first=state_v_first)
+    grad, plain = make_gates(B, T, H, torch.float64, kind=kind)
+    check_op(fused_recurrent_simple_gla, recurrent_simple_gla, q, k, v, state, backend="torch", grad_kwargs=grad,
+             reverse=reverse, state_v_first=state_v_first, **plain)
+
+
+def test_chunk_state_v_first():
+    q, k, v, state = make_inputs(2, 70, 2, 16, 24, torch.float64, state_v_first=True)
+    grad, plain = make_gates(2, 70, 2, torch.float64, kind="g+g_gamma")
+    check_op(chunk_simple_gla, recurrent_simple_gla, q, k, v, state, backend="torch", grad_kwargs=grad,
+             state_v_first=True, **plain)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("op", list(OPS))
+def test_varlen(op, kind):
+    lens = (1, 63, 0, 130)
+    q, k, v, state = make_inputs(1, sum(lens), 2, 60, 100, torch.float64, N=len(lens))
+    grad, plain = make_gates(1, sum(lens), 2, torch.float64, kind=kind)
+    check_op(OPS[op], recurrent_simple_gla, q, k, v, state, cu_seqlens=_cu(lens), backend="torch", grad_kwargs=grad,
+             **plain)
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_gate_dtype_differs_from_q(op):
+    """fla draws g in fp32 next to bf16 q, k, v: dg comes back in g's dtype."""
+    q, k, v, state = make_inputs(2, 40, 2, 16, 16, torch.bfloat16)
+    grad, _ = make_gates(2, 40, 2, torch.float32)
+    check_op(OPS[op], recurrent_simple_gla, q, k, v, state, backend="torch", grad_kwargs=grad)
+
+
+def test_no_gate_is_linear_attention():
+    q, k, v, _ = make_inputs(1, 50, 2, 16, 16, torch.float64, h0=False)
+    o, _ = chunk_simple_gla(q, k, v, backend="torch")
+    o_ref, _ = recurrent_simple_gla(q, k, v)
+    torch.testing.assert_close(o, o_ref)
+
+
+# ---------------------------------------------------------------- api and validation
+
+
+@pytest.mark.parametrize("op", list(OPS))
+def test_bad_gates(op):
+    q, k, v, _ = make_inputs(2, 10, 3, 8, 8, torch.float32, h0=False)
+    with pytest.raises(ValueError, match=r"`g` must have shape \[B, T, H\] = \[2, 10, 3\], got \(2, 10\)"):
+        OPS[op](q, k, v, g=torch.zeros(2, 10))
+    with pytest.raises(ValueError, match=r"`g_gamma` must have shape \[H\] = \[3\], got \(2,\)"):
+        OPS[op](q, k, v, g_gamma=torch.zeros(2))
+    with pytest.raises(TypeError, match="`g` must be a floating-point tensor"):
+        OPS[op](q, k, v, g=torch.zeros(2, 10, 3, dtype=torch.long))
+    with pytest.raises(TypeError, match="`g_gamma` must be a torch.Tensor"):
+        OPS[op](q, k, v, g_gamma=0.5)
+
+
+def test_chunk_size_kwarg():
+    q, k, v, _ = make_inputs(1, 10, 1, 8, 8, torch.float32, h0=False)
+    o, _ = chunk_simple_gla(q, k, v, chunk_size=32)
+    with pytest.raises(ValueError, match="power of 2"):
+        chunk_simple_gla(q, k, v, chunk_size=48)
+    with pytest.raises(DeprecationWarning, match="head_first"):
+        chunk_simple_gla(q, k, v, head_first=True)
+
+
+def test_tilelang_refuses_the_per_token_gate():
+    """the refusal names the gate; the automatic choice falls back to torch (on a GPU) or raises one error listing
+    both backends when torch is excluded too."""
+    from fla_tl.registry import OpInputs, get_op
+
+    h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0), gate=True)
+    tl = get_op("chunk_simple_gla").backend("tilelang")
+    reasons = tl.verifier(h100)
+    assert "does not support a per-token gate `g`" in reasons
+    assert get_op("chunk_simple_gla").backend("torch").verifier(h100) == []
+    q, k, v, _ = make_inputs(1, 10, 2, 8, 8, torch.float32, h0=False)
+    g, _ = make_gates(1, 10, 2, torch.float32)
+    with pytest.raises(BackendError, match="tilelang"):
+        chunk_simple_gla(q, k, v, backend="tilelang", **g)
+
+
+# ---------------------------------------------------------------- gpu: tilelang backend vs the fp32 recurrence
+
+
+@pytest.fixture
+def poisoned_cuda():
+    poison_allocator("cuda")
+    yield
+    torch.cuda.synchronize()
+
+
+GPU_CASES = [
+    pytest.param(B, T, H, D, dtype, id=f"B{B}-T{T}-H{H}-D{D}-{str(dtype)[6:]}")
+    for B, T, H, D, dtype in [
+        (2, 1, 4, 64, torch.bfloat16),
+        (2, 63, 4, 128, torch.bfloat16),
+        (2, 500, 4, 100, torch.bfloat16),
+        (1, 2048, 4, 256, torch.bfloat16),
+        (2, 500, 1, 128, torch.float32),
+    ]
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("B", "T", "H", "D", "dtype"), GPU_CASES)
+@pytest.mark.parametrize("op", list(OPS))
+def test_tilelang(op, B, T, H, D, dtype, poisoned_cuda):
+    """constant decay g_gamma (strong decay on some heads: -3 per token, every within-chunk factor underflows)."""
+    q, k, v, state = make_inputs(B, T, H, D, D, dtype, device="cuda")
+    g_gamma = torch.tensor([-3.0, -0.5, -0.01, 0.0][:H], device="cuda")
+    check_op(OPS[op], recurrent_simple_gla, q, k, v, state, backend="tilelang", g_gamma=g_gamma)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", list(OPS))
+def test_tilelang_varlen(op, poisoned_cuda):
+    lens = (1, 300, 0, 64, 1000, 77)
+    q, k, v, state = make_inputs(1, sum(lens), 4, 128, 128, torch.bfloat16, device="cuda", N=len(lens))
+    g_gamma = -torch.rand(4, device="cuda")
+    check_op(OPS[op], recurrent_simple_gla, q, k, v, state, cu_seqlens=_cu(lens, "cuda"), backend="tilelang",
+             g_gamma=g_gamma)
+
+
+@pytest.mark.gpu
+def test_tilelang_chunk_state_v_first(poisoned_cuda):
+    q, k, v, state = make_inputs(2, 200, 2, 64, 128, torch.bfloat16, device="cuda", state_v_first=True)
+    check_op(chunk_simple_gla, recurrent_simple_gla, q, k, v, state, backend="tilelang", state_v_first=True,
+             g_gamma=-torch.rand(2, device="cuda"))
+
+
+@pytest.mark.gpu
+def test_auto_falls_back_to_torch_for_the_per_token_gate(poisoned_cuda):
+    q, k, v, state = make_inputs(2, 100, 2, 64, 64, torch.bfloat16, device="cuda")
+    grad, _ = make_gates(2, 100, 2, torch.float32, device="cuda")
+    check_op(chunk_simple_gla, recurrent_simple_gla, q, k, v, state, grad_kwargs=grad)
