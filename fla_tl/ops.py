@@ -78,7 +78,9 @@ def tilelang_capabilities(recurrent: bool = False, state_v_first: bool = False) 
         min_compute_capability=(9, 0),
         reverse=recurrent,
         state_v_first=state_v_first,
-        # the per-token gate has no TileLang kernel yet
+        # the per-token gate kernels (gate "g": `kernels.common.gates`, `kernels.common.cumsum`) build for sm_90a but
+        # have not run on a GPU yet; they are switched on here once tests/test_simple_gla.py::test_tilelang_gate_kernels
+        # passes on one. Until then a per-token gate runs the torch backend.
         gate=False,
     )
 
@@ -133,8 +135,10 @@ def make_tilelang_backend(variant: str, mode: str) -> Backend:
     recurrent = mode == "fused_recurrent"
     caps = tilelang_capabilities(recurrent, _state_v_first(variant, mode))
 
-    def decay(g_gamma):
-        return {} if variant == "retention" else {"g_gamma": g_gamma}
+    def gates(g, g_gamma):
+        if variant == "retention":
+            return {}
+        return {"g_gamma": g_gamma} if g is None else {"g_gamma": g_gamma, "g": g.contiguous()}
 
     def fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first):
         launch_fwd, _ = _tilelang_launchers(module, name)
@@ -151,19 +155,21 @@ def make_tilelang_backend(variant: str, mode: str) -> Backend:
             initial_state=_transpose_state(initial_state) if transpose else initial_state,
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
-            **decay(g_gamma),
+            **gates(g, g_gamma),
             **extra,
         )
         return o, (_transpose_state(ht) if transpose else ht)
 
-    def bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first):
+    def bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first, ht=None):
         _, launch_bwd = _tilelang_launchers(module, name)
         q, k, v, do, dht, initial_state = _contiguous(q, k, v, do, dht, initial_state)
         if cu_seqlens is not None:
             cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
         extra = {"reverse": reverse, "state_v_first": state_v_first} if recurrent else {}
         transpose = state_v_first and not recurrent
-        dq, dk, dv, dh0 = launch_bwd(
+        if g is not None:
+            extra["ht"] = ht  # the gate's gradient needs <ht, dht> (same in either state layout)
+        grads = launch_bwd(
             q,
             k,
             v,
@@ -172,10 +178,12 @@ def make_tilelang_backend(variant: str, mode: str) -> Backend:
             scale=float(scale),
             initial_state=_transpose_state(initial_state) if transpose else initial_state,
             cu_seqlens=cu_seqlens,
-            **decay(g_gamma),
+            **gates(g, g_gamma),
             **extra,
         )
-        return dq, dk, dv, None, (_transpose_state(dh0) if transpose else dh0)
+        dq, dk, dv, dh0 = grads[:4]
+        dg = grads[4] if len(grads) > 4 else None
+        return dq, dk, dv, dg, (_transpose_state(dh0) if transpose else dh0)
 
     return Backend(
         name="tilelang",
@@ -215,7 +223,7 @@ def make_torch_backend(variant: str, mode: str) -> Backend:
             return run(q, k, v, g, g_gamma, initial_state, scale=scale, output_final_state=output_final_state,
                        reverse=reverse, state_v_first=state_v_first, cu_seqlens=cu_seqlens)
 
-    def bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first):
+    def bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse, state_v_first, ht=None):
         # torch.func.vjp works below the autograd key, where a custom op's implementation runs
         names = ["q", "k", "v"] + (["g"] if g is not None else []) + (["h0"] if initial_state is not None else [])
         given = {"q": q, "k": k, "v": v, "g": g, "h0": initial_state}

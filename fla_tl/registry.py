@@ -156,7 +156,7 @@ class Backend:
 
     `fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first) ->
     (o, ht | None)` and `bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse,
-    state_v_first) -> (dq, dk, dv, dg | None, dh0 | None)`; both import their heavy modules on first call. `verifier(inputs) -> list[str]` returns every reason it
+    state_v_first, ht) -> (dq, dk, dv, dg | None, dh0 | None)`; both import their heavy modules on first call. `verifier(inputs) -> list[str]` returns every reason it
     refuses (its capability reasons included).
     """
 
@@ -334,8 +334,9 @@ def define_linear_attention_ops(name: str) -> tuple:
     point and the backward op.
 
     fwd: `(q, k, v, g?, g_gamma?, initial_state?, cu_seqlens?, scale, output_final_state, reverse, state_v_first,
-    requires_grad, backend) -> (o, ht)`; bwd: `(q, k, v, g?, g_gamma?, do, dht?, initial_state?, cu_seqlens?, scale,
-    reverse, state_v_first, backend) -> (dq, dk, dv, dg, dh0)`. `g` is a per-token log gate `[B, T, H]` (it gets a
+    requires_grad, backend) -> (o, ht)`; bwd: `(q, k, v, g?, g_gamma?, do, dht?, ht?, initial_state?, cu_seqlens?,
+    scale, reverse, state_v_first, backend) -> (dq, dk, dv, dg, dh0)` (`ht`, the forward's final state, is passed
+    when there is a per-token gate and a final state). `g` is a per-token log gate `[B, T, H]` (it gets a
     gradient), `g_gamma` a per-head constant log decay `[H]` (no gradient, as in fla); ops without them pass None.
     Custom ops cannot return None: a missing `ht`, `dg` or `dh0` is an empty tensor. The returned forward entry
     point runs the custom op under `torch.compile`, and in eager mode the same bodies through a plain
@@ -365,7 +366,7 @@ def define_linear_attention_ops(name: str) -> tuple:
             ht = q.new_empty(0, dtype=_ht_dtype(q.dtype))
         return o.to(q.dtype), ht.to(_ht_dtype(q.dtype))
 
-    def bwd_impl(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
+    def bwd_impl(q, k, v, g, g_gamma, do, dht, ht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
         spec = get_op(name)
         inputs = describe_inputs(q, v, initial_state, cu_seqlens, True, reverse, state_v_first, g)
         chosen = select_backend(spec, inputs, backend or None)
@@ -382,6 +383,7 @@ def define_linear_attention_ops(name: str) -> tuple:
             scale=scale,
             reverse=reverse,
             state_v_first=state_v_first,
+            ht=ht,
         )
         dg = q.new_empty(0) if g is None or dg is None else dg.to(g.dtype)
         dh0 = q.new_empty(0) if initial_state is None or dh0 is None else dh0.to(initial_state.dtype)
@@ -434,6 +436,7 @@ def define_linear_attention_ops(name: str) -> tuple:
         g_gamma: torch.Tensor | None,
         do: torch.Tensor,
         dht: torch.Tensor | None,
+        ht: torch.Tensor | None,
         initial_state: torch.Tensor | None,
         cu_seqlens: torch.Tensor | None,
         scale: float,
@@ -441,11 +444,11 @@ def define_linear_attention_ops(name: str) -> tuple:
         state_v_first: bool,
         backend: str,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return bwd_impl(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first,
+        return bwd_impl(q, k, v, g, g_gamma, do, dht, ht, initial_state, cu_seqlens, scale, reverse, state_v_first,
                         backend)
 
     @bwd_op.register_fake
-    def _(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
+    def _(q, k, v, g, g_gamma, do, dht, ht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
         dg = torch.empty_like(g) if g is not None else q.new_empty(0)
         dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
@@ -453,7 +456,9 @@ def define_linear_attention_ops(name: str) -> tuple:
     def save_context(ctx, inputs, output):
         (q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, _,
          backend) = inputs
-        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state, cu_seqlens)
+        # a per-token gate's gradient needs <ht, dht>: keep the final state (an output, no copy)
+        ht = output[1] if g is not None and output_final_state else None
+        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state, cu_seqlens, ht)
         ctx.scale = scale
         ctx.output_final_state = output_final_state
         ctx.reverse = reverse
@@ -462,7 +467,7 @@ def define_linear_attention_ops(name: str) -> tuple:
 
     def make_backward(run_bwd):
         def backward(ctx, do, dht):
-            q, k, v, g, g_gamma, initial_state, cu_seqlens = ctx.saved_tensors
+            q, k, v, g, g_gamma, initial_state, cu_seqlens, ht = ctx.saved_tensors
             if do is None:
                 do = torch.zeros(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device)
             if not ctx.output_final_state:
@@ -475,6 +480,7 @@ def define_linear_attention_ops(name: str) -> tuple:
                 g_gamma,
                 do.contiguous(),
                 dht.contiguous() if dht is not None else None,
+                ht,
                 initial_state,
                 cu_seqlens,
                 ctx.scale,

@@ -105,7 +105,9 @@ def test_opcheck(op, case):
     do = torch.randn(q.shape[:3] + v.shape[-1:], dtype=q.dtype)
     dht = torch.randn_like(h0) if (case["final"] and h0 is not None) else None
     bwd = getattr(torch.ops.fla_tl, f"{op}_bwd").default
-    bwd_args = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in (q, k, v, g, g_gamma, do, dht, h0, cu))
+    ht = torch.randn_like(h0) if (g is not None and dht is not None) else None
+    bwd_args = tuple(x.detach() if isinstance(x, torch.Tensor) else x
+                     for x in (q, k, v, g, g_gamma, do, dht, ht, h0, cu))
     # bwd gets test_autograd_registration only: the schema, fake and aot checks wrap the real op in dispatch modes
     # that cannot see through the torch.func.vjp of the torch backend (the fwd opcheck runs bwd through autograd)
     torch.library.opcheck(

@@ -1,7 +1,8 @@
-"""`compile` marker: every TileLang kernel the retention ops launch lowers and builds for sm_90a, no GPU needed.
+"""`compile` marker: every TileLang kernel the simple-GLA-family ops launch lowers and builds for sm_90a, no GPU needed.
 
 Covers both load paths (full tiles with async copies at D = 64, masked loads for a padded head dim at D = 100), every
-fused_recurrent flag combination, and fp32 inputs. Skips with a reason where nvcc or tilelang is missing.
+fused_recurrent flag combination, fp32 inputs, and the per-token gate ("g") variants with their cumulative-sum and
+gradient kernels. Skips with a reason where nvcc or tilelang is missing.
 """
 
 import pytest
@@ -14,14 +15,24 @@ def _specs():
         from fla_tl.kernels.build import kernel_specs
     except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
         return [pytest.param(None, id="tilelang-missing")]
-    cases = [(64, 64, "bfloat16", None), (100, 100, "bfloat16", ("chunk", "fused_chunk")), (64, 128, "float32", ("chunk", "fused_chunk"))]
+    cases = [
+        (64, 64, "bfloat16", "gamma", None),
+        (100, 100, "bfloat16", "gamma", ("chunk", "fused_chunk")),
+        (64, 128, "float32", "gamma", ("chunk", "fused_chunk")),
+        (128, 128, "bfloat16", "g", ("chunk", "fused_chunk")),
+        (100, 100, "float32", "g", ("chunk", "fused_chunk")),
+    ]
     params = []
-    for K, V, dtype, modes in cases:
-        specs = kernel_specs(K, V, dtype, modes=modes) if modes else kernel_specs(K, V, dtype)
+    for K, V, dtype, gate, modes in cases:
+        specs = kernel_specs(K, V, dtype, gate=gate, modes=modes) if modes else kernel_specs(K, V, dtype, gate=gate)
+        if gate == "g":
+            specs += [s for s in kernel_specs(K, V, dtype, gate=gate, modes=("fused_recurrent",))
+                      if s[0].startswith("fused_recurrent") and not s[2]["reverse"] and not s[2]["state_v_first"]]
         for name, factory, kwargs in specs:
             flags = "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in kwargs.items()
-                             if k in ("reverse", "state_v_first", "BV"))
-            params.append(pytest.param((factory, kwargs), id=f"{name}-K{kwargs['K']}-V{kwargs['V']}-{dtype}-{flags}"))
+                             if k in ("reverse", "state_v_first", "BV", "g_dtype", "out_dtype"))
+            dims = f"K{kwargs['K']}-V{kwargs['V']}" if "V" in kwargs else f"K{kwargs.get('K', '-')}"
+            params.append(pytest.param((factory, kwargs), id=f"{name}-{dims}-{dtype}-{gate}-{flags}"))
     return params
 
 

@@ -194,3 +194,94 @@ def test_auto_falls_back_to_torch_for_the_per_token_gate(poisoned_cuda):
     q, k, v, state = make_inputs(2, 100, 2, 64, 64, torch.bfloat16, device="cuda")
     grad, _ = make_gates(2, 100, 2, torch.float32, device="cuda")
     check_op(chunk_simple_gla, recurrent_simple_gla, q, k, v, state, grad_kwargs=grad)
+
+
+# ---------------------------------------------------------------- gpu: the per-token gate kernels, launcher level
+#
+# The registry keeps the per-token gate on the torch backend until these pass on a GPU; they drive the TileLang
+# launchers directly.
+
+GATE_CASES = [
+    pytest.param(B, lens, D, dtype, id=f"B{B}-T{'+'.join(map(str, lens))}-D{D}-{str(dtype)[6:]}")
+    for B, lens, D, dtype in [
+        (2, (1,), 64, torch.bfloat16),
+        (2, (63,), 128, torch.bfloat16),
+        (2, (500,), 100, torch.bfloat16),
+        (1, (2048,), 128, torch.bfloat16),
+        (2, (200,), 128, torch.float32),
+        (1, (1, 300, 0, 64, 1000, 77), 128, torch.bfloat16),
+    ]
+]
+
+
+def _launchers(mode, impl=None):
+    from fla_tl.kernels import simple_gla as S
+
+    fwd, bwd = getattr(S, f"{mode}_simple_gla_fwd"), getattr(S, f"{mode}_simple_gla_bwd")
+    if impl is None:
+        return fwd, bwd
+    return (lambda *a, **kw: fwd(*a, impl=impl, **kw)), (lambda *a, **kw: bwd(*a, impl=impl, **kw))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("B", "lens", "D", "dtype"), GATE_CASES)
+@pytest.mark.parametrize(("mode", "impl", "reverse"), [
+    ("chunk", "parallel", False), ("chunk", "fused", False), ("fused_chunk", None, False),
+    ("fused_recurrent", None, False), ("fused_recurrent", None, True),
+])
+def test_tilelang_gate_kernels(mode, impl, reverse, B, lens, D, dtype, poisoned_cuda):
+    varlen = len(lens) > 1
+    T = sum(lens) if varlen else lens[0]
+    N = len(lens) if varlen else B
+    cu = _cu(lens, "cuda") if varlen else None
+    H = 4
+    q, k, v, h0 = (x.detach() for x in make_inputs(B, T, H, D, D, dtype, device="cuda", N=N))
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda") + 2)  # fp32, as fla draws it
+    g_gamma = torch.tensor([-0.2, -0.05, 0.0, -0.01], device="cuda")
+    scale = D ** -0.5
+    fwd, bwd = _launchers(mode, impl)
+    extra = {"reverse": reverse, "state_v_first": False} if mode == "fused_recurrent" else {}
+    o, ht = fwd(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=h0, output_final_state=True,
+                cu_seqlens=cu, **extra)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    dq, dk, dv, dh0, dg = bwd(q, k, v, do, dht, g=g, g_gamma=g_gamma, scale=scale, initial_state=h0, cu_seqlens=cu,
+                              ht=ht, **extra)
+    ref = [x.float().requires_grad_() for x in (q, k, v, h0, g)]
+    ro, rht = recurrent_simple_gla(ref[0], ref[1], ref[2], g=ref[4], g_gamma=g_gamma, scale=scale,
+                                   initial_state=ref[3], output_final_state=True, reverse=reverse, cu_seqlens=cu)
+    rgrads = torch.autograd.grad((ro, rht), ref, (do.float(), dht))
+    from utils import assert_close
+
+    assert_close("o", o, ro, dtype)
+    assert_close("ht", ht, rht, dtype)
+    for name, a, b in zip(("dq", "dk", "dv", "dh0", "dg"), (dq, dk, dv, dh0, dg), rgrads):
+        assert_close(name, a, b, dtype)
+    assert dg.dtype == g.dtype
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_gate_gradient_identity(varlen, reverse):
+    """the identity `common.cumsum.gate_grad` computes, in fp64 on the reference: dg_t = sum over the steps from t to
+    the end (processing order) of (q . dq - k . dk), plus <ht, dht>; with an initial state and a constant decay."""
+    lens = (5, 0, 70, 1) if varlen else (70,)
+    B = 1 if varlen else 2
+    T = sum(lens) if varlen else lens[0]
+    N = len(lens) if varlen else B
+    cu = _cu(lens) if varlen else None
+    q, k, v, h0 = make_inputs(B, T, 3, 8, 6, torch.float64, N=N)
+    g = F.logsigmoid(torch.randn(B, T, 3, dtype=torch.float64)).requires_grad_()
+    g_gamma = torch.tensor([-0.1, 0.0, -0.3], dtype=torch.float64)
+    o, ht = recurrent_simple_gla(q, k, v, g=g, g_gamma=g_gamma, initial_state=h0, output_final_state=True,
+                                 reverse=reverse, cu_seqlens=cu)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    dq, dk, dg = torch.autograd.grad((o, ht), (q, k, g), (do, dht))
+    r = (q * dq - k * dk).sum(-1)  # [B, T, H]
+    term = (ht * dht).sum((-2, -1))  # [N, H]
+    want = torch.empty_like(r)
+    bounds = [(b, 0, T) for b in range(B)] if cu is None else [(0, s, e) for s, e in zip(cu[:-1].tolist(), cu[1:].tolist())]
+    for n, (b, s, e) in enumerate(bounds):
+        seg = r[b, s:e]
+        acc = seg.flip(0).cumsum(0).flip(0) if not reverse else seg.cumsum(0)
+        want[b, s:e] = acc + term[n]
+    torch.testing.assert_close(dg, want)

@@ -1,30 +1,15 @@
 """Inter-chunk state passes: forward h (`chunk_fwd_h`) and backward dh (`chunk_bwd_dh`).
 
-Gate options (log-space, accumulated in fp32, exponentiated with exp2):
-  "none"  : no decay (linear attention);
-  "gamma" : a per-head constant log decay `g_gamma[H]` (retention); inside chunk c, row i carries b_i = (i+1) * gamma.
-Per-token and per-key gates plug into the same `gate_row` / `gate_last` hooks.
+Gate options ("none", "gamma", "g": see `gates`) enter through the `gate_state` / `gate_load` / `gate_row` /
+`gate_last` hooks; per-key gates will plug into the same hooks.
 """
 
 import tilelang.language as T
 import torch
 
 from ...autotune.resolve import tile_config
-from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
-
-
-def gate_row(gate, lg, i):
-    """log2 of the cumulative decay from the chunk start through row i."""
-    if gate == "gamma":
-        return (i + 1) * lg
-    return 0.0
-
-
-def gate_last(gate, lg, nvalid):
-    """log2 of the decay over the whole (possibly partial) chunk."""
-    if gate == "gamma":
-        return nvalid * lg
-    return 0.0
+from .gates import gate_last, gate_load, gate_or_dummy, gate_row, gate_state
+from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
 def chunk_fwd_h_kernel(
@@ -47,12 +32,14 @@ def chunk_fwd_h_kernel(
     BK = BK if aligned else KP
     NK, NV = cdiv(KP, BK), cdiv(V, BV)
     Ttot, H, N, NT, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NH0"), T.dynamic("NHT")
+    NG = T.dynamic("NG")
 
     @T.prim_func
     def chunk_fwd_h(
         k: T.Tensor([Ttot, H, K], dtype),
         v: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
         h0: T.Tensor([NH0, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_offsets: T.Tensor([N + 1], "int32"),
@@ -67,7 +54,7 @@ def chunk_fwd_h_kernel(
             bos = cu[i_n]
             eos = cu[i_n + 1]
             boc = chunk_offsets[i_n]
-            lg = g_gamma[i_h] * LOG2E
+            lg = gate_state(gate, g_gamma, i_h, BT)
 
             k_s = T.alloc_shared([BT, BK], dtype)
             v_s = T.alloc_shared([BT, BV], dtype)
@@ -83,6 +70,7 @@ def chunk_fwd_h_kernel(
             for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
+                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
                 bl = gate_last(gate, lg, nvalid)
                 # state entering chunk c; rows past the sequence end are zeroed in vg
                 if aligned:
@@ -130,12 +118,14 @@ def chunk_bwd_dh_kernel(
     BK = BK if aligned else KP
     NK, NV = cdiv(KP, BK), cdiv(V, BV)
     Ttot, H, N, NT, NHT, NH0 = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NHT"), T.dynamic("NH0")
+    NG = T.dynamic("NG")
 
     @T.prim_func
     def chunk_bwd_dh(
         q: T.Tensor([Ttot, H, K], dtype),
         do: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
         dht: T.Tensor([NHT, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_offsets: T.Tensor([N + 1], "int32"),
@@ -152,7 +142,7 @@ def chunk_bwd_dh_kernel(
             eos = cu[i_n + 1]
             boc = chunk_offsets[i_n]
             nc = T.ceildiv(eos - bos, BT)
-            lg = g_gamma[i_h] * LOG2E
+            lg = gate_state(gate, g_gamma, i_h, BT)
 
             q_s = T.alloc_shared([BT, BK], dtype)
             do_s = T.alloc_shared([BT, BV], dtype)
@@ -169,6 +159,7 @@ def chunk_bwd_dh_kernel(
                 c = nc - 1 - cc
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
+                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
                 # gradient of the state leaving chunk c; rows past the sequence end are zeroed in dog
                 if aligned:
                     T.copy(b_dh, dh[boc + c, i_h, i_k * BK : (i_k + 1) * BK, i_v * BV : (i_v + 1) * BV])
@@ -207,6 +198,7 @@ def chunk_fwd_h(
     output_final_state: bool,
     meta: SeqMeta,
     BT: int = 64,
+    gc=None,
     **config,
 ):
     """states entering each chunk `[NT, H, K, V]` (in k's dtype) and the final state (fp32) or None; `config` sets
@@ -228,7 +220,8 @@ def chunk_fwd_h(
         BT=BT,
         **config,
     )
-    kernel(k, v, g_gamma, h0, meta.cu, meta.chunk_offsets, h, ht, use_h0, int(output_final_state))
+    kernel(k, v, g_gamma, gate_or_dummy(gc, k), h0, meta.cu, meta.chunk_offsets, h, ht, use_h0,
+           int(output_final_state))
     return h, (ht.view(meta.N, H, K, V) if output_final_state else None)
 
 
@@ -243,6 +236,7 @@ def chunk_bwd_dh(
     need_dh0: bool,
     meta: SeqMeta,
     BT: int = 64,
+    gc=None,
     **config,
 ):
     """gradients of the state leaving each chunk `[NT, H, K, V]` and of the initial state (fp32) or None; `config`
@@ -264,5 +258,6 @@ def chunk_bwd_dh(
         BT=BT,
         **config,
     )
-    kernel(q, do, g_gamma, dht_, meta.cu, meta.chunk_offsets, dh, dh0, scale, use_dht, int(need_dh0))
+    kernel(q, do, g_gamma, gate_or_dummy(gc, q), dht_, meta.cu, meta.chunk_offsets, dh, dh0, scale, use_dht,
+           int(need_dh0))
     return dh, (dh0.view(meta.N, H, K, V) if need_dh0 else None)

@@ -11,9 +11,9 @@ state leaving it (`dh[c]`) come from `chunk_h`. With b_i the in-chunk log2 decay
 import tilelang.language as T
 import torch
 
-from .chunk_h import gate_last, gate_row
+from .gates import gate_last, gate_load, gate_or_dummy, gate_row, gate_state
 from ...autotune.resolve import tile_config
-from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
+from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
 
 def chunk_fwd_o_kernel(
@@ -29,7 +29,7 @@ def chunk_fwd_o_kernel(
 ):
     KP = pad_dim(K)
     NV = cdiv(V, BV)
-    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
     @T.prim_func
     def chunk_fwd_o(
@@ -38,6 +38,7 @@ def chunk_fwd_o_kernel(
         v: T.Tensor([Ttot, H, V], dtype),
         h: T.Tensor([NT, H, K, V], h_dtype),
         g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         o: T.Tensor([Ttot, H, V], dtype),
@@ -47,7 +48,8 @@ def chunk_fwd_o_kernel(
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
-            lg = g_gamma[i_h] * LOG2E
+            lg = gate_state(gate, g_gamma, i_h, BT)
+            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
 
             q_s = T.alloc_shared([BT, KP], dtype)
             k_s = T.alloc_shared([BT, KP], dtype)
@@ -95,7 +97,7 @@ def chunk_bwd_dv_kernel(
 ):
     KP = pad_dim(K)
     NV = cdiv(V, BV)
-    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
     @T.prim_func
     def chunk_bwd_dv(
@@ -104,6 +106,7 @@ def chunk_bwd_dv_kernel(
         do: T.Tensor([Ttot, H, V], dtype),
         dh: T.Tensor([NT, H, K, V], h_dtype),
         g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         dv: T.Tensor([Ttot, H, V], dtype),
@@ -113,7 +116,8 @@ def chunk_bwd_dv_kernel(
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
-            lg = g_gamma[i_h] * LOG2E
+            lg = gate_state(gate, g_gamma, i_h, BT)
+            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
             bl = gate_last(gate, lg, nvalid)
 
             q_s = T.alloc_shared([BT, KP], dtype)
@@ -166,7 +170,7 @@ def chunk_bwd_dqk_kernel(
     BK = min(BK, pad_dim(K))
     NK = cdiv(K, BK)
     NV = cdiv(V, BV)
-    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
     @T.prim_func
     def chunk_bwd_dqk(
@@ -177,6 +181,7 @@ def chunk_bwd_dqk_kernel(
         h: T.Tensor([NT, H, K, V], h_dtype),
         dh: T.Tensor([NT, H, K, V], h_dtype),
         g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         dq: T.Tensor([Ttot, H, K], dtype),
@@ -187,7 +192,8 @@ def chunk_bwd_dqk_kernel(
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
-            lg = g_gamma[i_h] * LOG2E
+            lg = gate_state(gate, g_gamma, i_h, BT)
+            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
             bl = gate_last(gate, lg, nvalid)
 
             q_s = T.alloc_shared([BT, BK], dtype)
@@ -255,7 +261,7 @@ def _launch(factory, ref, *args, **kw):
     kernel(*args)
 
 
-def chunk_fwd_o(q, k, v, h, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64, **config):
+def chunk_fwd_o(q, k, v, h, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64, gc=None, **config):
     """the output `[Ttot, H, V]` in q's dtype; `config` sets the tiles."""
     o = torch.empty_like(v)
     if meta.NT == 0:
@@ -263,14 +269,14 @@ def chunk_fwd_o(q, k, v, h, *, gate: str, g_gamma, scale: float, meta: SeqMeta, 
     K, V = q.shape[-1], v.shape[-1]
     config = tile_config("chunk_fwd_o", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     _launch(
-        chunk_fwd_o_kernel, q, q, k, v, h, g_gamma, meta.cu, meta.chunk_indices, o, scale,
+        chunk_fwd_o_kernel, q, q, k, v, h, g_gamma, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, o, scale,
         K=K, V=V, gate=gate, BT=BT, **config,
     )
     return o
 
 
 def chunk_bwd_dqkv(
-    q, k, v, do, h, dh, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64, dv_config=None,
+    q, k, v, do, h, dh, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64, gc=None, dv_config=None,
     dqk_config=None,
 ):
     """dq, dk, dv in the input dtype; `dv_config` / `dqk_config` set the tiles of the two kernels."""
@@ -281,11 +287,11 @@ def chunk_bwd_dqkv(
     dv_config = tile_config("chunk_bwd_dv", q, K=K, V=V, gate=gate, N=meta.N, overrides=dv_config)
     dqk_config = tile_config("chunk_bwd_dqk", q, K=K, V=V, gate=gate, N=meta.N, overrides=dqk_config)
     _launch(
-        chunk_bwd_dv_kernel, q, q, k, do, dh, g_gamma, meta.cu, meta.chunk_indices, dv, scale,
+        chunk_bwd_dv_kernel, q, q, k, do, dh, g_gamma, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dv, scale,
         K=K, V=V, gate=gate, BT=BT, **dv_config,
     )
     _launch(
-        chunk_bwd_dqk_kernel, q, q, k, v, do, h, dh, g_gamma, meta.cu, meta.chunk_indices, dq, dk, scale,
+        chunk_bwd_dqk_kernel, q, q, k, v, do, h, dh, g_gamma, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dq, dk, scale,
         K=K, V=V, gate=gate, BT=BT, **dqk_config,
     )
     return dq, dk, dv

@@ -8,9 +8,9 @@ dh), dk in fp32 partial sums over V tiles when V spans several.
 import tilelang.language as T
 import torch
 
-from .chunk_h import gate_last, gate_row
+from .gates import gate_last, gate_load, gate_or_dummy, gate_row, gate_state
 from ...autotune.resolve import tile_config
-from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
+from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
 def fused_chunk_fwd_kernel(
@@ -30,6 +30,7 @@ def fused_chunk_fwd_kernel(
     # full tiles load with pipelined async copies; padded head dims fall back to masked loads
     aligned = K == KP and V % BV == 0
     Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
+    NG = T.dynamic("NG")
 
     @T.prim_func
     def fused_chunk_fwd(
@@ -37,6 +38,7 @@ def fused_chunk_fwd_kernel(
         k: T.Tensor([Ttot, H, K], dtype),
         v: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
         h0: T.Tensor([NH0, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         o: T.Tensor([Ttot, H, V], dtype),
@@ -50,7 +52,7 @@ def fused_chunk_fwd_kernel(
             i_h = i_nh % H
             bos = cu[i_n]
             eos = cu[i_n + 1]
-            lg = g_gamma[i_h] * LOG2E
+            lg = gate_state(gate, g_gamma, i_h, BT)
 
             q_s = T.alloc_shared([BT, KP], dtype)
             k_s = T.alloc_shared([BT, KP], dtype)
@@ -73,6 +75,7 @@ def fused_chunk_fwd_kernel(
             for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
+                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
                 bl = gate_last(gate, lg, nvalid)
                 # rows past the sequence end (another sequence's, or zero past Ttot) are masked below:
                 # causally in s, by zero rows in vg, and by the masked store of o
@@ -139,7 +142,7 @@ def fused_chunk_bwd_dkv_kernel(
     aligned = K == KP and V % BV == 0
     # one V tile writes dk directly; several write fp32 partial sums
     dk_dtype = dtype if NV == 1 else "float32"
-    Ttot, H, N, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NHT")
+    Ttot, H, N, NHT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NHT"), T.dynamic("NG")
 
     @T.prim_func
     def fused_chunk_bwd_dkv(
@@ -148,6 +151,7 @@ def fused_chunk_bwd_dkv_kernel(
         v: T.Tensor([Ttot, H, V], dtype),
         do: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
         dht: T.Tensor([NHT, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         dk: T.Tensor([NV, Ttot, H, K], dk_dtype),
@@ -162,7 +166,7 @@ def fused_chunk_bwd_dkv_kernel(
             bos = cu[i_n]
             eos = cu[i_n + 1]
             nc = T.ceildiv(eos - bos, BT)
-            lg = g_gamma[i_h] * LOG2E
+            lg = gate_state(gate, g_gamma, i_h, BT)
 
             q_s = T.alloc_shared([BT, KP], dtype)
             k_s = T.alloc_shared([BT, KP], dtype)
@@ -189,6 +193,7 @@ def fused_chunk_bwd_dkv_kernel(
             for cc in T.Pipelined(nc, num_stages=num_stages):
                 t0 = bos + (nc - 1 - cc) * BT
                 nvalid = T.min(eos - t0, BT)
+                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
                 bl = gate_last(gate, lg, nvalid)
                 if aligned:
                     T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
@@ -312,6 +317,7 @@ def fused_chunk_fwd(
     initial_state,
     output_final_state: bool,
     meta: SeqMeta,
+    gc=None,
     **config,
 ):
     """the output `[Ttot, H, V]` in q's dtype and the final state (fp32) or None; `config` overrides the tiles."""
@@ -324,11 +330,13 @@ def fused_chunk_fwd(
     kernel = get_kernel(
         fused_chunk_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype], **config
     )
-    kernel(q, k, v, g_gamma, h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
+    kernel(q, k, v, g_gamma, gate_or_dummy(gc, q), h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
     return o, (ht.view(meta.N, H, K, V) if output_final_state else None)
 
 
-def fused_chunk_bwd(q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initial_state, meta: SeqMeta, **config):
+def fused_chunk_bwd(
+    q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initial_state, meta: SeqMeta, gc=None, **config
+):
     """dq, dk, dv in the input dtype and dh0 (initial_state's dtype) or None; `config` overrides the dk/dv tiles."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
@@ -345,6 +353,7 @@ def fused_chunk_bwd(q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initi
         initial_state=h0t,
         output_final_state=False,
         meta=meta,
+        gc=gc,
     )
     NV = cdiv(V, config["BV"])
     dht_, use_dht = state_or_dummy(dht, q, (K, V))
@@ -360,7 +369,7 @@ def fused_chunk_bwd(q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initi
         dtype=TORCH_TO_TL[q.dtype],
         **config,
     )
-    kernel(q, k, v, do, g_gamma, dht_, meta.cu, dk, dv, dh0, scale, use_dht)
+    kernel(q, k, v, do, g_gamma, gate_or_dummy(gc, q), dht_, meta.cu, dk, dv, dh0, scale, use_dht)
     dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     dh0 = dh0.view(meta.N, H, K, V).to(initial_state.dtype) if initial_state is not None else None
     return dq, dk, dv, dh0

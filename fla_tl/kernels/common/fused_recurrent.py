@@ -1,7 +1,8 @@
 """Token-by-token kernels: one block per (sequence, head, V tile) carries the fp32 state `[K, BV]` in registers.
 
 Tokens are staged TB at a time into shared memory (positions clamped to the sequence, masked to zero past it),
-then stepped one by one:  h = 2^lg h + k v^T;  o = scale * h^T q.  `reverse` walks each sequence backwards;
+then stepped one by one:  h = 2^lg h + k v^T;  o = scale * h^T q, with lg the log2 decay of the step: the head's
+constant (gate "gamma"), or the token's gate plus that constant (gate "g", `g` `[Ttot, H]` fp32).  `reverse` walks each sequence backwards;
 `state_v_first` stores initial / final states as `[V, K]`. The backward recomputes h forward for dq, then walks
 back with dh for dk, dv; dq and dk come in fp32 partial sums when V spans several tiles.
 """
@@ -10,12 +11,26 @@ import tilelang.language as T
 import torch
 
 from ...autotune.resolve import tile_config
+from .gates import gate_or_dummy
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
 def _pos(reverse, bos, eos, s):
     """sequence position of step s."""
     return eos - 1 - s if reverse else bos + s
+
+
+@T.macro
+def _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB):
+    """stage the log2 decays of steps it * TB ... + TB - 1 (gate "g"; zero past the sequence end)."""
+    if gate == "g":
+        for r in T.Parallel(TB):
+            t = _pos(reverse, bos, eos, it * TB + r)
+            g_s[r] = T.if_then_else(it * TB + r < L, (g[t, i_h] + g_gamma[i_h]) * LOG2E, 0)
+
+
+def _step_decay(gate, decay, g_s, r):
+    return T.exp2(g_s[r]) if gate == "g" else decay
 
 
 def fused_recurrent_fwd_kernel(
@@ -34,6 +49,7 @@ def fused_recurrent_fwd_kernel(
     KP = pad_dim(K, 16)
     NV = cdiv(V, BV)
     Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
+    NG = T.dynamic("NG")
     SK, SV = (V, K) if state_v_first else (K, V)
 
     @T.prim_func
@@ -42,6 +58,7 @@ def fused_recurrent_fwd_kernel(
         k: T.Tensor([Ttot, H, K], dtype),
         v: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
+        g: T.Tensor([NG, H], "float32"),
         h0: T.Tensor([NH0, SK, SV], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         o: T.Tensor([Ttot, H, V], dtype),
@@ -57,6 +74,7 @@ def fused_recurrent_fwd_kernel(
             eos = cu[i_n + 1]
             L = eos - bos
             decay = T.exp2(g_gamma[i_h] * LOG2E) if gate == "gamma" else 1.0
+            g_s = T.alloc_shared([TB], "float32")  # the steps' log2 decays (gate "g")
 
             q_s = T.alloc_shared([TB, KP], "float32")
             k_s = T.alloc_shared([TB, KP], "float32")
@@ -83,9 +101,10 @@ def fused_recurrent_fwd_kernel(
                 for r, j in T.Parallel(TB, BV):
                     t = _pos(reverse, bos, eos, it * TB + r)
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
+                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB)
                 for r in T.serial(TB):
                     # steps past the sequence end (zero k, v) must not decay the state either
-                    dr = T.if_then_else(it * TB + r < L, decay, 1.0)
+                    dr = T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
                     for i, j in T.Parallel(KP, BV):
                         b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
                         b_hq[i, j] = b_h[i, j] * q_s[r, i]
@@ -125,6 +144,7 @@ def fused_recurrent_bwd_kernel(
     # one V tile writes dq, dk directly; several write fp32 partial sums
     dqk_dtype = dtype if NV == 1 else "float32"
     Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
+    NG = T.dynamic("NG")
     SK, SV = (V, K) if state_v_first else (K, V)
 
     @T.prim_func
@@ -134,6 +154,7 @@ def fused_recurrent_bwd_kernel(
         v: T.Tensor([Ttot, H, V], dtype),
         do: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
+        g: T.Tensor([NG, H], "float32"),
         h0: T.Tensor([NH0, SK, SV], "float32"),
         dht: T.Tensor([NHT, SK, SV], "float32"),
         cu: T.Tensor([N + 1], "int32"),
@@ -153,6 +174,7 @@ def fused_recurrent_bwd_kernel(
             L = eos - bos
             nb = T.ceildiv(L, TB)
             decay = T.exp2(g_gamma[i_h] * LOG2E) if gate == "gamma" else 1.0
+            g_s = T.alloc_shared([TB], "float32")  # the steps' log2 decays (gate "g")
 
             a_s = T.alloc_shared([TB, KP], "float32")
             k_s = T.alloc_shared([TB, KP], "float32")
@@ -182,8 +204,9 @@ def fused_recurrent_bwd_kernel(
                     t = _pos(reverse, bos, eos, it * TB + r)
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
                     do_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, do[t, i_h, i_v * BV + j], 0)
+                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB)
                 for r in T.serial(TB):
-                    dr = T.if_then_else(it * TB + r < L, decay, 1.0)
+                    dr = T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
                     for i, j in T.Parallel(KP, BV):
                         b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
                         b_x[i, j] = b_h[i, j] * do_s[r, j]
@@ -213,6 +236,7 @@ def fused_recurrent_bwd_kernel(
                     t = _pos(reverse, bos, eos, it * TB + r)
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
                     do_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, do[t, i_h, i_v * BV + j], 0)
+                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB)
                 for rr in T.serial(TB):
                     r = TB - 1 - rr
                     for i, j in T.Parallel(KP, BV):
@@ -228,7 +252,7 @@ def fused_recurrent_bwd_kernel(
                         av_s[r, j] = b_rv[j]
                     # steps past the sequence end must not decay dh
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.if_then_else(it * TB + r < L, decay, 1.0)
+                        b_h[i, j] *= T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
                 for r, j in T.Parallel(TB, KP):
                     if it * TB + r < L and j < K:
                         dk[i_v, _pos(reverse, bos, eos, it * TB + r), i_h, j] = ak_s[r, j]
@@ -253,7 +277,7 @@ def _state_tail(K, V, state_v_first):
 
 def fused_recurrent_fwd(
     q, k, v, *, gate: str, g_gamma, scale: float, initial_state, output_final_state: bool, reverse: bool,
-    state_v_first: bool, meta: SeqMeta, **config,
+    state_v_first: bool, meta: SeqMeta, g=None, **config,
 ):
     Ttot, H, K = q.shape
     V = v.shape[-1]
@@ -273,7 +297,7 @@ def fused_recurrent_fwd(
         dtype=TORCH_TO_TL[q.dtype],
         **config,
     )
-    kernel(q, k, v, g_gamma, h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
+    kernel(q, k, v, g_gamma, gate_or_dummy(g, q), h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
     return o, (ht.view(meta.N, H, *tail) if output_final_state else None)
 
 
@@ -288,7 +312,7 @@ def fused_recurrent_bwd_config(K: int, V: int) -> dict:
 
 def fused_recurrent_bwd(
     q, k, v, do, dht, *, gate: str, g_gamma, scale: float, initial_state, reverse: bool, state_v_first: bool,
-    meta: SeqMeta, **config,
+    meta: SeqMeta, g=None, **config,
 ):
     Ttot, H, K = q.shape
     V = v.shape[-1]
@@ -313,7 +337,7 @@ def fused_recurrent_bwd(
         dtype=TORCH_TO_TL[q.dtype],
         **config,
     )
-    kernel(q, k, v, do, g_gamma, h0, dht_, meta.cu, dq, dk, dv, dh0, scale, use_h0, use_dht)
+    kernel(q, k, v, do, g_gamma, gate_or_dummy(g, q), h0, dht_, meta.cu, dq, dk, dv, dh0, scale, use_h0, use_dht)
     dq = dq.sum(0) if NV > 1 else dq[0]
     dk = dk.sum(0) if NV > 1 else dk[0]
     dh0 = dh0.view(meta.N, H, *tail).to(initial_state.dtype) if use_h0 else None

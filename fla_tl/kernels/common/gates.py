@@ -3,6 +3,7 @@
 import functools
 import math
 
+import tilelang.language as T
 import torch
 
 
@@ -23,3 +24,74 @@ def head_decay(g_gamma: torch.Tensor | None, H: int, device: torch.device) -> to
     if g_gamma is None:
         return _no_decay(H, device)
     return g_gamma.to(torch.float32).contiguous()
+
+
+# ---------------------------------------------------------------- gate hooks of the TileLang stages
+#
+# Gate options (log-space, accumulated in fp32, exponentiated with exp2):
+#   "none"  : no decay;
+#   "gamma" : a per-head constant log decay `g_gamma[H]`; inside a chunk, row i carries b_i = (i + 1) * gamma;
+#   "g"     : a per-token log gate; the stages read `gc` `[Ttot, H]`, its chunk-local inclusive cumulative sum in
+#             log2 units (`common.cumsum.chunk_gate_cumsum`, with g_gamma folded in), so row i carries b_i = gc[t0 + i].
+#             Rows past the sequence end repeat the last valid value (a zero gate), so every factor
+#             2^(b_i - b_j) with i >= j stays <= 1 there too and padded rows cannot overflow.
+
+
+def gate_state(gate: str, g_gamma, i_h, BT: int):
+    """per-block gate state: log2 of the head's constant decay, or the chunk's [BT] cumulative log2 gates (shared)."""
+    from .utils import LOG2E
+
+    if gate == "g":
+        return T.alloc_shared([BT], "float32")
+    return g_gamma[i_h] * LOG2E
+
+
+@T.macro
+def gate_load(gate, lg, gc, t0, nvalid, i_h, BT):
+    """fill the chunk's cumulative log2 gates (gate "g"; a no-op otherwise)."""
+    if gate == "g":
+        for i in T.Parallel(BT):
+            lg[i] = T.if_then_else(i < nvalid, gc[t0 + i, i_h], gc[t0 + nvalid - 1, i_h])
+
+
+def gate_row(gate: str, lg, i):
+    """log2 of the cumulative decay from the chunk start through row i."""
+    if gate == "gamma":
+        return (i + 1) * lg
+    if gate == "g":
+        return lg[i]
+    return 0.0
+
+
+def gate_last(gate: str, lg, nvalid):
+    """log2 of the decay over the whole (possibly partial) chunk."""
+    if gate == "gamma":
+        return nvalid * lg
+    if gate == "g":
+        return lg[nvalid - 1]
+    return 0.0
+
+
+def gate_or_dummy(gc: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
+    """the cumulative gates `[Ttot, H]` fp32 for gate "g", else a `[1, H]` placeholder the kernels never read."""
+    if gc is not None:
+        return gc
+    return like.new_empty((1, like.shape[1]), dtype=torch.float32)
+
+
+def chunk_gate(g: torch.Tensor | None, g_gamma: torch.Tensor | None, H: int, meta, BT: int = 64):
+    """the gate option of a chunk launch: ("gamma", decay `[H]`, None) without a per-token gate, else ("g", decay,
+    the chunk-local cumulative log2 gates `[Ttot, H]` with the decay folded in)."""
+    decay = head_decay(g_gamma, H, meta.cu.device)
+    if g is None:
+        return "gamma", decay, None
+    from .cumsum import chunk_gate_cumsum
+
+    return "g", decay, chunk_gate_cumsum(g.reshape(-1, H).contiguous(), decay, meta, BT)
+
+
+def state_term(ht: torch.Tensor | None, dht: torch.Tensor | None) -> torch.Tensor | None:
+    """<ht, dht> per sequence and head `[N, H]` fp32 (the final state's share of a per-token gate's gradient)."""
+    if ht is None or dht is None:
+        return None
+    return (ht.float() * dht.float()).sum((-2, -1))

@@ -19,7 +19,9 @@ from ..simple_gla import (
 def _with_retention_decay(launcher):
     @functools.wraps(launcher)
     def run(q, *args, **kwargs):
-        return launcher(q, *args, g_gamma=retention_g_gamma(q.shape[2], q.device), **kwargs)
+        out = launcher(q, *args, g_gamma=retention_g_gamma(q.shape[2], q.device), **kwargs)
+        # the simple-GLA backwards add dg (None without a per-token gate)
+        return out[:4] if launcher.__name__.endswith("_bwd") else out
 
     return run
 

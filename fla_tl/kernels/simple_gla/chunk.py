@@ -1,5 +1,5 @@
 """chunk_simple_gla with a per-head constant decay `g_gamma` (retention, lightning attention, linear attention with
-no decay), in chunks of 64 tokens.
+no decay) and/or a per-token log gate `g`, in chunks of 64 tokens.
 
 Two schedules share the chunk algebra. The fused kernels carry the state between chunks in registers and never write
 it to memory; their grid is (sequences x heads x V tiles), each block walking its sequence. The chunk-parallel passes
@@ -19,7 +19,8 @@ from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.chunk_o import chunk_bwd_dqkv, chunk_fwd_o
 from ...autotune.resolve import tile_config
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
-from ..common.gates import head_decay
+from ..common.cumsum import gate_grad
+from ..common.gates import chunk_gate, state_term
 from ..common.utils import cdiv, pad_dim, seq_meta
 
 BT = 64
@@ -47,80 +48,44 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
 
 
-def chunk_simple_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, impl="auto"):
+def chunk_simple_gla_fwd(
+    q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, impl="auto"
+):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    g_gamma = head_decay(g_gamma, H, q.device)
+    gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
+    kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
     if _schedule(q, v, meta.N, "fwd", impl) == "fused":
         o, ht = fused_chunk_fwd(
-            q_,
-            k_,
-            v_,
-            gate="gamma",
-            g_gamma=g_gamma,
-            scale=scale,
-            initial_state=initial_state,
-            output_final_state=output_final_state,
-            meta=meta,
+            q_, k_, v_, scale=scale, initial_state=initial_state, output_final_state=output_final_state, **kw
         )
         return o.view(B, T, H, -1), ht
-    h, ht = chunk_fwd_h(
-        k_,
-        v_,
-        gate="gamma",
-        g_gamma=g_gamma,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        meta=meta,
-        BT=BT,
-    )
-    o = chunk_fwd_o(q_, k_, v_, h, gate="gamma", g_gamma=g_gamma, scale=scale, meta=meta, BT=BT)
+    h, ht = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=output_final_state, BT=BT, **kw)
+    o = chunk_fwd_o(q_, k_, v_, h, scale=scale, BT=BT, **kw)
     return o.view(B, T, H, -1), ht
 
 
-def chunk_simple_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, impl="auto"):
+def chunk_simple_gla_bwd(
+    q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, g=None, ht=None, impl="auto"
+):
+    """(dq, dk, dv, dh0 or None, dg or None); `ht` is the forward's final state, needed for dg when `dht` is given."""
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    g_gamma = head_decay(g_gamma, H, q.device)
+    gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
+    kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
     if _schedule(q, v, meta.N, "bwd_dkv", impl) == "fused":
-        dq, dk, dv, dh0 = fused_chunk_bwd(
-            q_,
-            k_,
-            v_,
-            do_,
-            dht,
-            gate="gamma",
-            g_gamma=g_gamma,
-            scale=scale,
-            initial_state=initial_state,
-            meta=meta,
-        )
-        return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0
-    # recompute the chunk states instead of keeping them from the forward
-    h, _ = chunk_fwd_h(
-        k_,
-        v_,
-        gate="gamma",
-        g_gamma=g_gamma,
-        initial_state=initial_state,
-        output_final_state=False,
-        meta=meta,
-        BT=BT,
-    )
-    dh, dh0 = chunk_bwd_dh(
-        q_,
-        do_,
-        dht,
-        gate="gamma",
-        g_gamma=g_gamma,
-        scale=scale,
-        need_dh0=initial_state is not None,
-        meta=meta,
-        BT=BT,
-    )
-    dq, dk, dv = chunk_bwd_dqkv(q_, k_, v_, do_, h, dh, gate="gamma", g_gamma=g_gamma, scale=scale, meta=meta, BT=BT)
-    if dh0 is not None:
-        dh0 = dh0.to(initial_state.dtype)
-    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0
+        dq, dk, dv, dh0 = fused_chunk_bwd(q_, k_, v_, do_, dht, scale=scale, initial_state=initial_state, **kw)
+    else:
+        # recompute the chunk states instead of keeping them from the forward
+        h, _ = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=False, BT=BT, **kw)
+        dh, dh0 = chunk_bwd_dh(q_, do_, dht, scale=scale, need_dh0=initial_state is not None, BT=BT, **kw)
+        dq, dk, dv = chunk_bwd_dqkv(q_, k_, v_, do_, h, dh, scale=scale, BT=BT, **kw)
+        if dh0 is not None:
+            dh0 = dh0.to(initial_state.dtype)
+    dg = None
+    if g is not None:
+        dg = gate_grad(q_, k_, dq, dk, meta=meta, reverse=False, dg_dtype=g.dtype, state_term=state_term(ht, dht))
+        dg = dg.view_as(g)
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg

@@ -1,22 +1,27 @@
-"""fused_chunk_simple_gla with a per-head constant decay: one kernel per direction carrying the state across chunks in
-registers."""
+"""fused_chunk_simple_gla: one kernel per direction carrying the state across chunks in registers; a per-head
+constant decay and/or a per-token log gate (its gradient by `common.cumsum.gate_grad`)."""
 
+from ..common.cumsum import gate_grad
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
-from ..common.gates import head_decay
+from ..common.gates import chunk_gate, state_term
 from ..common.utils import seq_meta
 
 BT = 64
 
 
-def fused_chunk_simple_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, **config):
+def fused_chunk_simple_gla_fwd(
+    q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, **config
+):
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
+    gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     o, ht = fused_chunk_fwd(
         q.flatten(0, 1),
         k.flatten(0, 1),
         v.flatten(0, 1),
-        gate="gamma",
-        g_gamma=head_decay(g_gamma, H, q.device),
+        gate=gate,
+        g_gamma=g_gamma,
+        gc=gc,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
@@ -26,20 +31,30 @@ def fused_chunk_simple_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output
     return o.view(B, T, H, -1), ht
 
 
-def fused_chunk_simple_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, **config):
+def fused_chunk_simple_gla_bwd(
+    q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, g=None, ht=None, **config
+):
+    """(dq, dk, dv, dh0 or None, dg or None); `ht` is the forward's final state, needed for dg when `dht` is given."""
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
+    gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
+    q_, k_ = q.flatten(0, 1), k.flatten(0, 1)
     dq, dk, dv, dh0 = fused_chunk_bwd(
-        q.flatten(0, 1),
-        k.flatten(0, 1),
+        q_,
+        k_,
         v.flatten(0, 1),
         do.flatten(0, 1),
         dht,
-        gate="gamma",
-        g_gamma=head_decay(g_gamma, H, q.device),
+        gate=gate,
+        g_gamma=g_gamma,
+        gc=gc,
         scale=scale,
         initial_state=initial_state,
         meta=meta,
         **config,
     )
-    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0
+    dg = None
+    if g is not None:
+        dg = gate_grad(q_, k_, dq, dk, meta=meta, reverse=False, dg_dtype=g.dtype, state_term=state_term(ht, dht))
+        dg = dg.view_as(g)
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg

@@ -1,20 +1,30 @@
-"""fused_recurrent_simple_gla with a per-head constant decay: token-by-token kernels for inference and low memory."""
+"""fused_recurrent_simple_gla: token-by-token kernels for inference and low memory; a per-head constant decay and/or a
+per-token log gate (its gradient by `common.cumsum.gate_grad`)."""
 
+import torch
+
+from ..common.cumsum import gate_grad
 from ..common.fused_recurrent import fused_recurrent_bwd, fused_recurrent_fwd
-from ..common.gates import head_decay
+from ..common.gates import head_decay, state_term
 from ..common.utils import seq_meta
 
 
+def _gate(g, H):
+    return ("gamma", None) if g is None else ("g", g.reshape(-1, H).to(torch.float32).contiguous())
+
+
 def fused_recurrent_simple_gla_fwd(
-    q, k, v, *, g_gamma, scale, initial_state, output_final_state, reverse, state_v_first, cu_seqlens
+    q, k, v, *, g_gamma, scale, initial_state, output_final_state, reverse, state_v_first, cu_seqlens, g=None
 ):
     B, T, H, K = q.shape
+    gate, g_ = _gate(g, H)
     o, ht = fused_recurrent_fwd(
         q.flatten(0, 1),
         k.flatten(0, 1),
         v.flatten(0, 1),
-        gate="gamma",
+        gate=gate,
         g_gamma=head_decay(g_gamma, H, q.device),
+        g=g_,
         scale=scale,
         initial_state=initial_state,
         output_final_state=output_final_state,
@@ -25,20 +35,31 @@ def fused_recurrent_simple_gla_fwd(
     return o.view(B, T, H, -1), ht
 
 
-def fused_recurrent_simple_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, reverse, state_v_first, cu_seqlens):
+def fused_recurrent_simple_gla_bwd(
+    q, k, v, do, dht, *, g_gamma, scale, initial_state, reverse, state_v_first, cu_seqlens, g=None, ht=None
+):
+    """(dq, dk, dv, dh0 or None, dg or None); `ht` is the forward's final state, needed for dg when `dht` is given."""
     B, T, H, K = q.shape
+    gate, g_ = _gate(g, H)
+    meta = seq_meta(B, T, cu_seqlens, 64, q.device)
+    q_, k_ = q.flatten(0, 1), k.flatten(0, 1)
     dq, dk, dv, dh0 = fused_recurrent_bwd(
-        q.flatten(0, 1),
-        k.flatten(0, 1),
+        q_,
+        k_,
         v.flatten(0, 1),
         do.flatten(0, 1),
         dht,
-        gate="gamma",
+        gate=gate,
         g_gamma=head_decay(g_gamma, H, q.device),
+        g=g_,
         scale=scale,
         initial_state=initial_state,
         reverse=reverse,
         state_v_first=state_v_first,
-        meta=seq_meta(B, T, cu_seqlens, 64, q.device),
+        meta=meta,
     )
-    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0
+    dg = None
+    if g is not None:
+        dg = gate_grad(q_, k_, dq, dk, meta=meta, reverse=reverse, dg_dtype=g.dtype, state_term=state_term(ht, dht))
+        dg = dg.view_as(g)
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg

@@ -1,0 +1,158 @@
+"""Per-token gate stages: the chunk-local cumulative gate the chunk kernels read, and the gate's gradient.
+
+- `chunk_gate_cumsum`: gc[t] = log2(e) * sum_{s <= t in t's chunk} (g[s] + g_gamma), fp32 `[Ttot, H]`.
+- `gate_grad`: the gradient of a per-token log gate. With G_t the cumulative log gate in processing order (the
+  state at t carries exp(G_t - G_s) of token s), every term of the output and the final state is scaled by
+  exp(G_t - G_s), so dL/dG_t = q_t . dq_t - k_t . dk_t (with the full gradients dq, dk), plus <ht, dht> at the last
+  step. Hence dg_t = sum over the steps from t to the end of the sequence (in processing order) of
+  (q . dq - k . dk) + <ht, dht>: a row dot product per token, then a reverse cumulative sum per sequence (a forward
+  one for `reverse` recurrences) started at <ht, dht>.
+
+The sums run in fp32; chunks of 64 tokens are staged through shared memory and scanned by one thread per head.
+"""
+
+import torch
+import tilelang.language as T
+
+from .utils import LOG2E, TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, target_for
+
+
+def chunk_gate_cumsum_kernel(g_dtype: str, BT: int = 64, BH: int = 32):
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def chunk_gate_cumsum(
+        g: T.Tensor([Ttot, H], g_dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        gc: T.Tensor([Ttot, H], "float32"),
+    ):
+        with T.Kernel(NT, T.ceildiv(H, BH), threads=BH) as (i_c, i_hb):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            g_s = T.alloc_shared([BT, BH], "float32")
+            acc = T.alloc_fragment([BH], "float32")
+
+            for i, h in T.Parallel(BT, BH):
+                g_s[i, h] = T.if_then_else(
+                    i < nvalid and i_hb * BH + h < H,
+                    (T.Cast("float32", g[t0 + i, i_hb * BH + h]) + g_gamma[i_hb * BH + h]) * LOG2E,
+                    0,
+                )
+            T.clear(acc)
+            for i in T.serial(BT):
+                for h in T.Parallel(BH):
+                    acc[h] += g_s[i, h]
+                    g_s[i, h] = acc[h]
+            for i, h in T.Parallel(BT, BH):
+                if i < nvalid and i_hb * BH + h < H:
+                    gc[t0 + i, i_hb * BH + h] = g_s[i, h]
+
+    return chunk_gate_cumsum
+
+
+def gate_dot_kernel(K: int, dtype: str, BT: int = 64, threads: int = 128):
+    KP = pad_dim(K)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def gate_dot(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        dq: T.Tensor([Ttot, H, K], dtype),
+        dk: T.Tensor([Ttot, H, K], dtype),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        r: T.Tensor([Ttot, H], "float32"),
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            b_x = T.alloc_fragment([BT, KP], "float32")
+            b_r = T.alloc_fragment([BT], "float32")
+
+            # r_t = q_t . dq_t - k_t . dk_t in fp32
+            for i, j in T.Parallel(BT, KP):
+                b_x[i, j] = T.if_then_else(
+                    i < nvalid and j < K,
+                    T.Cast("float32", q[t0 + i, i_h, j]) * T.Cast("float32", dq[t0 + i, i_h, j])
+                    - T.Cast("float32", k[t0 + i, i_h, j]) * T.Cast("float32", dk[t0 + i, i_h, j]),
+                    0,
+                )
+            T.reduce_sum(b_x, b_r, dim=1)
+            for i in T.Parallel(BT):
+                if i < nvalid:
+                    r[t0 + i, i_h] = b_r[i]
+
+    return gate_dot
+
+
+def sequence_cumsum_kernel(reverse: bool, out_dtype: str, BT: int = 64, BH: int = 32):
+    Ttot, H, N, NO = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NO")
+
+    @T.prim_func
+    def sequence_cumsum(
+        x: T.Tensor([Ttot, H], "float32"),
+        offset: T.Tensor([NO, H], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        y: T.Tensor([Ttot, H], out_dtype),
+        use_offset: T.int32,
+    ):
+        with T.Kernel(T.ceildiv(H, BH), N, threads=BH) as (i_hb, i_n):
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            nc = T.ceildiv(eos - bos, BT)
+            x_s = T.alloc_shared([BT, BH], "float32")
+            acc = T.alloc_fragment([BH], "float32")
+
+            T.clear(acc)
+            if use_offset == 1:
+                for h in T.Parallel(BH):
+                    if i_hb * BH + h < H:
+                        acc[h] = offset[i_n, i_hb * BH + h]
+            for cc in T.serial(nc):
+                t0 = bos + (nc - 1 - cc if reverse else cc) * BT
+                nvalid = T.min(eos - t0, BT)
+                for i, h in T.Parallel(BT, BH):
+                    x_s[i, h] = T.if_then_else(i < nvalid and i_hb * BH + h < H, x[t0 + i, i_hb * BH + h], 0)
+                for ii in T.serial(BT):
+                    i = BT - 1 - ii if reverse else ii
+                    for h in T.Parallel(BH):
+                        acc[h] += x_s[i, h]
+                        x_s[i, h] = acc[h]
+                for i, h in T.Parallel(BT, BH):
+                    if i < nvalid and i_hb * BH + h < H:
+                        y[t0 + i, i_hb * BH + h] = x_s[i, h]
+
+    return sequence_cumsum
+
+
+def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT: int = 64) -> torch.Tensor:
+    """the chunk-local inclusive cumulative log2 gates `[Ttot, H]` fp32 of `g` `[Ttot, H]` plus `g_gamma` `[H]`."""
+    gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    if meta.NT == 0:
+        return gc
+    kernel = get_kernel(chunk_gate_cumsum_kernel, target_for(g.device), g_dtype=TORCH_TO_TL[g.dtype], BT=BT)
+    kernel(g, g_gamma, meta.cu, meta.chunk_indices, gc)
+    return gc
+
+
+def gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: torch.dtype, state_term=None, BT: int = 64):
+    """dg `[Ttot, H]` in `dg_dtype` of a per-token log gate from q, k and their full gradients (all `[Ttot, H, K]`,
+    one dtype), per the identity in the module docstring; `state_term` `[N, H]` fp32 is <ht, dht> (None: zero)."""
+    Ttot, H, K = q.shape
+    r = torch.empty(Ttot, H, dtype=torch.float32, device=q.device)
+    dg = torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
+    if meta.NT == 0:
+        return dg
+    dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)
+    dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
+    offset = state_term.float().contiguous() if state_term is not None else r.new_empty(1, H)
+    # a forward recurrence sums to the end of the sequence (reverse scan); a reverse one to its start
+    scan = get_kernel(sequence_cumsum_kernel, target_for(q.device), reverse=not reverse, out_dtype=TORCH_TO_TL[dg_dtype],
+                      BT=BT)
+    scan(r, offset, meta.cu, dg, int(state_term is not None))
+    return dg
