@@ -10,6 +10,7 @@ import warnings
 
 import torch
 
+from .reference.gla import chunk_gla_torch, recurrent_gla
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn
 from .reference.retention import recurrent_retention, retention_g_gamma
@@ -46,6 +47,9 @@ __all__ = [
     "fused_recurrent_linear_attn",
     "chunk_lightning_attn",
     "fused_recurrent_lightning_attn",
+    "chunk_gla",
+    "fused_recurrent_gla",
+    "fused_chunk_gla",
     "list_ops",
     "BackendError",
 ]
@@ -66,8 +70,8 @@ def _launcher_name(variant: str, mode: str) -> str:
 
 def _state_v_first(variant: str, mode: str) -> bool:
     """whether fla's public op of (variant, mode) takes `state_v_first`."""
-    return variant in ("retention", "simple_gla") and mode == "fused_recurrent" or (variant, mode) == (
-        "simple_gla", "chunk")
+    return variant in ("retention", "simple_gla", "gla") and mode == "fused_recurrent" or (variant, mode) in (
+        ("simple_gla", "chunk"), ("gla", "chunk"))
 
 
 def tilelang_capabilities(recurrent: bool = False, state_v_first: bool = False) -> Capabilities:
@@ -196,12 +200,18 @@ def make_tilelang_backend(variant: str, mode: str) -> Backend:
 
 
 def make_torch_backend(variant: str, mode: str) -> Backend:
-    """the torch backend: the chunked pure-PyTorch simple GLA forward (`fla_tl.reference.chunk_simple_gla_torch`,
-    retention's decay for retention), autograd of a recompute backward."""
+    """the torch backend: the chunked pure-PyTorch forward (`fla_tl.reference.chunk_simple_gla_torch`, with
+    retention's decay for retention; `chunk_gla_torch` for GLA), autograd of a recompute backward."""
     recurrent = mode == "fused_recurrent"
-    caps = torch_capabilities(recurrent, _state_v_first(variant, mode), gate=variant == "simple_gla")
+    caps = torch_capabilities(recurrent, _state_v_first(variant, mode), gate=variant in ("simple_gla", "gla"))
 
     def run(q, k, v, g, g_gamma, initial_state, *, scale, output_final_state, reverse, state_v_first, cu_seqlens):
+        if variant == "gla":
+            if g is None:  # fused_recurrent_gla without gk: no decay
+                g = q.new_zeros(q.shape, dtype=torch.float32)
+            return chunk_gla_torch(q, k, v, g, scale=scale, initial_state=initial_state,
+                                   output_final_state=output_final_state, reverse=reverse,
+                                   state_v_first=state_v_first, cu_seqlens=cu_seqlens)
         if variant == "retention":
             g_gamma = retention_g_gamma(q.shape[2], q.device)
         return chunk_simple_gla_torch(
@@ -253,10 +263,31 @@ def make_torch_backend(variant: str, mode: str) -> Backend:
     )
 
 
-def _register(name: str, variant: str, mode: str, reference, **fields):
+def make_refusing_backend(name: str, caps: Capabilities, reason: str) -> Backend:
+    """a backend entry that refuses every input with `reason` (an op or backend not built yet, or dropped by fla);
+    `list` shows it and errors name it."""
+
+    def refuse(*args, **kwargs):
+        raise BackendError(reason)
+
+    return Backend(name=name, capabilities=caps, verifier=lambda inputs: capability_reasons(caps, inputs) + [reason],
+                   fwd=refuse, bwd=refuse, description=reason, note=reason)
+
+
+def _register(name: str, variant: str, mode: str, reference, tilelang_refusal: str | None = None,
+              torch_refusal: str | None = None, **fields):
     spec = register_op(OpSpec(name=name, variant=variant, mode=mode, reference=reference, **fields))
-    register_backend(name, make_tilelang_backend(variant, mode))
-    register_backend(name, make_torch_backend(variant, mode))
+    recurrent = mode == "fused_recurrent"
+    if tilelang_refusal is None:
+        register_backend(name, make_tilelang_backend(variant, mode))
+    else:
+        caps = tilelang_capabilities(recurrent, _state_v_first(variant, mode))
+        register_backend(name, make_refusing_backend("tilelang", caps, tilelang_refusal))
+    if torch_refusal is None:
+        register_backend(name, make_torch_backend(variant, mode))
+    else:
+        caps = torch_capabilities(recurrent, _state_v_first(variant, mode))
+        register_backend(name, make_refusing_backend("torch", caps, torch_refusal))
     return spec, define_linear_attention_ops(name)[0]
 
 
@@ -289,6 +320,30 @@ _linear_attn_specs = {
     mode: _register(f"{mode}_linear_attn", "linear_attn", mode, recurrent_linear_attn, check_cases=_linear_attn_cases)
     for mode in ("chunk", "fused_chunk", "fused_recurrent")
 }
+def _gla_cases(B, T, H, device):
+    return [("g", {"g": torch.nn.functional.logsigmoid(torch.randn(B, T, H, 32, device=device) + 2)})]
+
+
+def _fused_recurrent_gla_cases(B, T, H, device):
+    return [("gk", {"gk": torch.nn.functional.logsigmoid(torch.randn(B, T, H, 32, device=device) + 2)}),
+            ("no gate", {})]
+
+
+def _recurrent_gla_gk(q, k, v, gk=None, **kwargs):
+    """`recurrent_gla` with fused_recurrent_gla's gate name (`gk`, None: no decay)."""
+    return recurrent_gla(q, k, v, gk if gk is not None else torch.zeros_like(q), **kwargs)
+
+
+GLA_NO_KERNEL = "no TileLang kernel for GLA's per-key gate yet; the torch backend runs it"
+FUSED_CHUNK_GLA_DROPPED = "fused_chunk_gla is not provided (fla 0.6.0 dropped it): use chunk_gla"
+_gla_specs = {
+    "chunk": _register("chunk_gla", "gla", "chunk", recurrent_gla, tilelang_refusal=GLA_NO_KERNEL,
+                       check_cases=_gla_cases),
+    "fused_recurrent": _register("fused_recurrent_gla", "gla", "fused_recurrent", _recurrent_gla_gk,
+                                 tilelang_refusal=GLA_NO_KERNEL, check_cases=_fused_recurrent_gla_cases),
+    "fused_chunk": _register("fused_chunk_gla", "gla", "fused_chunk", recurrent_gla,
+                             tilelang_refusal=FUSED_CHUNK_GLA_DROPPED, torch_refusal=FUSED_CHUNK_GLA_DROPPED),
+}
 _lightning_attn_specs = {
     mode: _register(f"{mode}_lightning_attn", "lightning_attn", mode, recurrent_lightning_attn,
                     check_cases=_lightning_attn_cases)
@@ -311,6 +366,7 @@ def _run(
     backend: str | None,
     g: torch.Tensor | None = None,
     g_gamma: torch.Tensor | None = None,
+    g_per_key: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """validate, default the scale, handle T = 0, and call the custom op (which picks the backend)."""
     N = validate_linear_attention_inputs(
@@ -323,6 +379,7 @@ def _run(
         state_v_first=state_v_first,
         g=g,
         g_gamma=g_gamma,
+        g_per_key=g_per_key,
     )
     check_backend_name(spec, backend)
     B, T, H, K = q.shape
@@ -973,3 +1030,96 @@ for _mode, _fn in (("chunk", chunk_linear_attn), ("fused_chunk", fused_chunk_lin
     _linear_attn_specs[_mode][0].fn = _fn
 for _mode, _fn in (("chunk", chunk_lightning_attn), ("fused_recurrent", fused_recurrent_lightning_attn)):
     _lightning_attn_specs[_mode][0].fn = _fn
+
+
+def chunk_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    GLA in the chunked form: `h_t = diag(exp(g_t)) h_{t-1} + k_t v_t^T`, `o_t = scale * h_t^T q_t`, with a log gate
+    per key channel. No TileLang kernel yet: the `torch` backend runs it (on a GPU too, logged once).
+
+    Args:
+        q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]`.
+        g (torch.Tensor): per-key log forget gates `[B, T, H, K]` (any float dtype; gets a gradient).
+        scale (Optional[float]): Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor]): `[N, H, K, V]` (`[N, H, V, K]` with `state_v_first`).
+        output_final_state (bool): Default: `False`.
+        state_v_first (bool): states laid out `[N, H, V, K]`. Default: `False`.
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. Default: `None`.
+        cu_seqlens_cpu (Optional[torch.LongTensor]): accepted for fla compatibility and unused.
+        backend (Optional[str]): `"torch"` or `None`. Default: `None`.
+
+    Returns:
+        o `[B, T, H, V]` in q's dtype; the final state in float32 if `output_final_state`, else `None`.
+
+    Examples::
+        >>> import torch.nn.functional as F
+        >>> q, k, v = (torch.randn(2, 500, 4, 64) for _ in range(3))
+        >>> g = F.logsigmoid(torch.randn(2, 500, 4, 64))
+        >>> o, ht = chunk_gla(q, k, v, g, output_final_state=True)
+        >>> q, k, v, g = (x.flatten(0, 1)[None] for x in (q, k, v, g))
+        >>> o, ht = chunk_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 300, 1000]), output_final_state=True)
+    """
+    spec, fwd_op = _gla_specs["chunk"]
+    if not isinstance(g, torch.Tensor):
+        raise TypeError(f"`g` must be a torch.Tensor [B, T, H, K], got {type(g).__name__}")
+    return _run(spec, fwd_op, q, k, v, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, reverse=False, state_v_first=state_v_first,
+                cu_seqlens=cu_seqlens, backend=backend, g=g, g_per_key=True)
+
+
+def fused_recurrent_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    GLA by the token-by-token recurrence; same math as :func:`chunk_gla` with the key gate `gk` (None: no decay),
+    plus `reverse`. The value gate `gv` is not supported yet (raises). The deprecated `transpose_state_layout` is
+    accepted with a warning.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 64, 4, 32) for _ in range(3))
+        >>> gk = torch.randn(2, 64, 4, 32).sigmoid().log()
+        >>> o, ht = fused_recurrent_gla(q, k, v, gk, output_final_state=True, reverse=True)
+        >>> q, k, v, gk = (x.flatten(0, 1)[None] for x in (q, k, v, gk))
+        >>> o, _ = fused_recurrent_gla(q, k, v, gk, cu_seqlens=torch.tensor([0, 10, 128]))
+    """
+    if gv is not None:
+        raise NotImplementedError("fused_recurrent_gla: the value gate `gv` is not supported by fla_tl yet")
+    state_v_first = _pop_state_layout("fused_recurrent_gla", state_v_first, kwargs)
+    spec, fwd_op = _gla_specs["fused_recurrent"]
+    return _run(spec, fwd_op, q, k, v, scale=scale, initial_state=initial_state,
+                output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
+                cu_seqlens=cu_seqlens, backend=backend, g=gk, g_per_key=True)
+
+
+def fused_chunk_gla(**kwargs):
+    """fla 0.6.0 dropped `fused_chunk_gla`; so does fla_tl (registered with that refusal): use :func:`chunk_gla`."""
+    raise NotImplementedError("`fused_chunk_gla` is deprecated. Please use `chunk_gla` instead.")
+
+
+_gla_specs["chunk"][0].fn = chunk_gla
+_gla_specs["fused_recurrent"][0].fn = fused_recurrent_gla
+_gla_specs["fused_chunk"][0].fn = fused_chunk_gla

@@ -166,6 +166,8 @@ class Backend:
     fwd: Callable
     bwd: Callable
     description: str = ""
+    # set for an entry that refuses every input (not built yet, or dropped by fla): why, shown by `list`
+    note: str = ""
 
 
 @dataclasses.dataclass
@@ -313,6 +315,7 @@ def registry_rows() -> list[dict[str, str]]:
                 "mode": spec.mode,
                 "backend": b.name + (" (preferred)" if i == 0 else ""),
                 **b.capabilities.describe(),
+                "note": b.note,
             })
     return rows
 

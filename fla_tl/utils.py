@@ -55,6 +55,7 @@ def validate_linear_attention_inputs(
     state_v_first: bool = False,
     g: torch.Tensor | None = None,
     g_gamma: torch.Tensor | None = None,
+    g_per_key: bool = False,
 ) -> int:
     """check the inputs of a linear-attention op and return `N`, the number of sequences.
 
@@ -107,8 +108,9 @@ def validate_linear_attention_inputs(
     if g is not None:
         _check_tensor("g", g)
         _check_device("g", g, q.device)
-        if tuple(g.shape) != (B, T, H):
-            raise ValueError(f"`g` must have shape [B, T, H] = {[B, T, H]}, got {tuple(g.shape)}")
+        want, layout = ((B, T, H, K), "[B, T, H, K]") if g_per_key else ((B, T, H), "[B, T, H]")
+        if tuple(g.shape) != want:
+            raise ValueError(f"`g` must have shape {layout} = {list(want)}, got {tuple(g.shape)}")
     if g_gamma is not None:
         _check_tensor("g_gamma", g_gamma)
         _check_device("g_gamma", g_gamma, q.device)

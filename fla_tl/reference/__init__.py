@@ -1,11 +1,14 @@
 """Pure-PyTorch references: token-by-token recurrences (ground truth) and chunked forms (the `torch` backend)."""
 
+from .gla import chunk_gla_torch, recurrent_gla
 from .lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .linear_attn import normalize_with_key_sum, recurrent_linear_attn
 from .retention import chunk_retention_torch, recurrent_retention, retention_g_gamma
 from .simple_gla import chunk_simple_gla_torch, recurrent_simple_gla
 
 __all__ = [
+    "recurrent_gla",
+    "chunk_gla_torch",
     "recurrent_simple_gla",
     "chunk_simple_gla_torch",
     "recurrent_retention",

@@ -1,0 +1,84 @@
+"""GLA (a log gate per key channel): the torch backend against the token-by-token recurrence; the registry's refusals.
+
+No TileLang kernel yet: the registry says so, and CUDA inputs run the torch backend.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_tl.ops import BackendError, chunk_gla, fused_chunk_gla, fused_recurrent_gla
+from fla_tl.reference import recurrent_gla
+
+from test_retention import _cu, make_inputs
+from utils import check_op
+
+
+def _gk(B, T, H, K, dtype=torch.float64, shift=2.0, device="cpu"):
+    return F.logsigmoid(torch.randn(B, T, H, K, device=device) + shift).to(dtype).requires_grad_()
+
+
+def _recurrent_gk(q, k, v, gk=None, **kw):
+    return recurrent_gla(q, k, v, gk if gk is not None else torch.zeros_like(q), **kw)
+
+
+@pytest.mark.parametrize(("B", "T", "H", "K", "V"), [(2, 1, 2, 16, 16), (2, 63, 2, 32, 16), (1, 130, 3, 20, 36)])
+def test_chunk(B, T, H, K, V):
+    q, k, v, h0 = make_inputs(B, T, H, K, V, torch.float64)
+    check_op(chunk_gla, recurrent_gla, q, k, v, h0, backend="torch", grad_kwargs={"g": _gk(B, T, H, K)})
+
+
+def test_chunk_strong_gates_stay_finite():
+    """gates near -20 per token: within-chunk factors underflow to zero instead of overflowing."""
+    q, k, v, h0 = make_inputs(1, 150, 2, 16, 16, torch.float64)
+    g = (F.logsigmoid(torch.randn(1, 150, 2, 16) - 20)).double().requires_grad_()
+    check_op(chunk_gla, recurrent_gla, q, k, v, h0, backend="torch", grad_kwargs={"g": g})
+
+
+def test_chunk_varlen_state_v_first():
+    lens = (1, 63, 0, 70)
+    q, k, v, h0 = make_inputs(1, sum(lens), 2, 16, 24, torch.float64, N=len(lens), state_v_first=True)
+    check_op(chunk_gla, recurrent_gla, q, k, v, h0, cu_seqlens=_cu(lens), backend="torch", state_v_first=True,
+             grad_kwargs={"g": _gk(1, sum(lens), 2, 16)})
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("gate", [True, False], ids=["gk", "no-gate"])
+def test_fused_recurrent(gate, reverse):
+    q, k, v, h0 = make_inputs(2, 70, 2, 16, 24, torch.float64)
+    grad = {"gk": _gk(2, 70, 2, 16)} if gate else {}
+    check_op(fused_recurrent_gla, _recurrent_gk, q, k, v, h0, backend="torch", grad_kwargs=grad, reverse=reverse)
+
+
+def test_gate_dtype_and_bf16():
+    q, k, v, h0 = make_inputs(2, 40, 2, 16, 16, torch.bfloat16)
+    check_op(chunk_gla, recurrent_gla, q, k, v, h0, backend="torch", grad_kwargs={"g": _gk(2, 40, 2, 16, torch.float32)})
+
+
+def test_bad_inputs():
+    q, k, v, _ = make_inputs(2, 10, 2, 8, 8, torch.float32, h0=False)
+    with pytest.raises(ValueError, match=r"`g` must have shape \[B, T, H, K\] = \[2, 10, 2, 8\], got \(2, 10, 2\)"):
+        chunk_gla(q, k, v, torch.zeros(2, 10, 2))
+    with pytest.raises(NotImplementedError, match="gv"):
+        fused_recurrent_gla(q, k, v, gv=torch.zeros(2, 10, 2, 8))
+    with pytest.raises(NotImplementedError, match="Please use `chunk_gla` instead"):
+        fused_chunk_gla(q=q, k=k, v=v)
+
+
+def test_registry_refusals():
+    from fla_tl.registry import OpInputs, get_op
+
+    h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0), gate=True)
+    assert "no TileLang kernel for GLA" in get_op("chunk_gla").backend("tilelang").verifier(h100)[-1]
+    assert get_op("chunk_gla").backend("torch").verifier(h100) == []
+    for name in ("tilelang", "torch"):
+        assert "use chunk_gla" in get_op("fused_chunk_gla").backend(name).verifier(h100)[-1]
+    q, k, v, _ = make_inputs(1, 10, 2, 8, 8, torch.float32, h0=False)
+    with pytest.raises(BackendError, match="no TileLang kernel for GLA"):
+        chunk_gla(q, k, v, torch.zeros(1, 10, 2, 8), backend="tilelang")
+
+
+@pytest.mark.gpu
+def test_cuda_runs_the_torch_backend():
+    q, k, v, h0 = make_inputs(2, 200, 2, 64, 64, torch.bfloat16, device="cuda")
+    check_op(chunk_gla, recurrent_gla, q, k, v, h0, grad_kwargs={"g": _gk(2, 200, 2, 64, torch.float32, device="cuda")})
