@@ -62,6 +62,9 @@ def _check_ops(device: torch.device, backend: str, dtypes) -> list[dict]:
     rows = []
     for spec in registered_ops():
         chosen = spec.backend(backend)
+        if spec.self_check is not None:
+            rows += _self_check_rows(spec, chosen, backend, device, dtypes)
+            continue
         for dtype in dtypes:
             for kind, B, lens, H, K, V, opts in _cases(spec):
                 torch.manual_seed(0)
@@ -89,6 +92,33 @@ def _check_ops(device: torch.device, backend: str, dtypes) -> list[dict]:
                         ok, message = False, f"{type(e).__name__}: {e}".splitlines()[0]
                     rows.append({**row, "result": "pass" if ok else "FAIL", "s": f"{time.perf_counter() - start:.2f}",
                                  "detail": message})
+    return rows
+
+
+def _self_check_rows(spec, chosen, backend, device, dtypes) -> list[dict]:
+    """rows for an op with its own check (outside the (q, k, v, state) pattern), or a skip with the backend's reason."""
+    from .registry import OpInputs
+
+    rows = []
+    for dtype in dtypes:
+        row = {"op": spec.name, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "case": "dense"}
+        cc = tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
+        refusal = chosen.verifier(OpInputs(device_type=device.type, dtype=dtype, K=16, V=16, compute_capability=cc,
+                                           backward=True))
+        if refusal:
+            rows.append({**row, "result": "skip", "s": "-", "detail": "; ".join(refusal)})
+            continue
+        torch.manual_seed(0)
+        start = time.perf_counter()
+        try:
+            results = spec.self_check(device, dtype)
+            failed = [f"{name}: {detail}" for name, passed, detail in results if not passed]
+            worst = max(results, key=lambda r: float(r[2].split("ratio ")[1].split()[0]))
+            ok, message = not failed, "; ".join(failed) if failed else f"worst {worst[0]}: {worst[2]}"
+        except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported in the table
+            ok, message = False, f"{type(e).__name__}: {e}".splitlines()[0]
+        rows.append({**row, "result": "pass" if ok else "FAIL", "s": f"{time.perf_counter() - start:.2f}",
+                     "detail": message})
     return rows
 
 

@@ -5,16 +5,19 @@ chunked pure-PyTorch form of `fla_tl.reference`, any device). Pick one with `bac
 see `fla_tl.registry` for the rules and `python -m fla_tl list` for the table.
 """
 
+import dataclasses
 import functools
 import warnings
 
 import torch
 
+from .reference.based import parallel_based_torch, parallel_rebased_torch, recurrent_based, recurrent_rebased
 from .reference.gla import chunk_gla_torch, recurrent_gla
+from .reference.hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn
 from .reference.retention import recurrent_retention, retention_g_gamma
-from .reference.simple_gla import recurrent_simple_gla
+from .reference.simple_gla import parallel_simple_gla_torch, recurrent_simple_gla
 from .reference.simple_gla import chunk_simple_gla_torch
 from .registry import (
     AUTO,
@@ -32,8 +35,9 @@ from .registry import (
     module_missing,
     register_backend,
     register_op,
+    select_backend,
 )
-from .utils import validate_linear_attention_inputs
+from .utils import compare, validate_linear_attention_inputs
 
 __all__ = [
     "chunk_retention",
@@ -50,6 +54,12 @@ __all__ = [
     "chunk_gla",
     "fused_recurrent_gla",
     "fused_chunk_gla",
+    "parallel_simple_gla",
+    "chunk_hgrn",
+    "fused_recurrent_hgrn",
+    "fused_chunk_based",
+    "parallel_based",
+    "parallel_rebased",
     "list_ops",
     "BackendError",
 ]
@@ -1123,3 +1133,297 @@ def fused_chunk_gla(**kwargs):
 _gla_specs["chunk"][0].fn = chunk_gla
 _gla_specs["fused_recurrent"][0].fn = fused_recurrent_gla
 _gla_specs["fused_chunk"][0].fn = fused_chunk_gla
+
+
+# ---------------------------------------------------------------- ops without TileLang kernels yet
+#
+# Their only runnable backend is plain differentiable PyTorch, so they need no custom op: the public function checks
+# the input, asks the registry for a backend (the tilelang entry refuses with its reason), and calls it; autograd and
+# torch.compile see ordinary tensor code.
+
+NO_KERNEL = "no TileLang kernel for this op yet; the torch backend runs it"
+
+
+def _register_plain(name: str, variant: str, mode: str, reference, torch_fn, *, recurrent=False, varlen=True,
+                    initial_state=True, max_head_dim=None, self_check=None):
+    spec = register_op(OpSpec(name=name, variant=variant, mode=mode, reference=reference, self_check=self_check))
+    tl_caps = dataclasses.replace(tilelang_capabilities(recurrent), varlen=varlen, initial_state=initial_state)
+    register_backend(name, make_refusing_backend("tilelang", tl_caps, NO_KERNEL))
+    caps = dataclasses.replace(torch_capabilities(recurrent), varlen=varlen, initial_state=initial_state,
+                               max_head_dim=max_head_dim)
+    register_backend(name, Backend(name="torch", capabilities=caps, verifier=functools.partial(torch_verifier, caps),
+                                   fwd=torch_fn, bwd=None, description="the pure-PyTorch path"))
+    return spec
+
+
+def _plain_backend(spec: OpSpec, x: torch.Tensor, K: int, V: int, backend: str | None, cu_seqlens=None,
+                   initial_state=None) -> Backend:
+    check_backend_name(spec, backend)
+    cc = tuple(torch.cuda.get_device_capability(x.device)) if x.device.type == "cuda" else None
+    inputs = OpInputs(device_type=x.device.type, dtype=x.dtype, K=K, V=V, compute_capability=cc,
+                      varlen=cu_seqlens is not None, initial_state=initial_state is not None,
+                      backward=torch.is_grad_enabled() and x.requires_grad)
+    return select_backend(spec, inputs, backend if backend != AUTO else None)
+
+
+def _check_qkv(name, q, k, v):
+    validate_linear_attention_inputs(q, k, v)
+
+
+def _self_check_attention(fn, reference, K=16, **kwargs):
+    """a `check` for attention-form ops: fn against reference on (q, k, v) at (2, 70, 2, K)."""
+
+    def run(device, dtype):
+        q, k, v = (torch.randn(2, 70, 2, K, device=device).to(dtype).requires_grad_() for _ in range(3))
+        o = fn(q, k, v, backend="torch", **kwargs)
+        o = o[0] if isinstance(o, tuple) else o
+        do = torch.randn_like(o)
+        grads = torch.autograd.grad(o, (q, k, v), do)
+        ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        r = [x.detach().to(ref_dtype).requires_grad_() for x in (q, k, v)]
+        ro = reference(*r, **kwargs)
+        ro = ro[0] if isinstance(ro, tuple) else ro
+        rgrads = torch.autograd.grad(ro, r, do.to(ref_dtype))
+        names = ("o", "dq", "dk", "dv")
+        return [(n, *compare(a, b, dtype)) for n, a, b in zip(names, (o, *grads), (ro, *rgrads))]
+
+    return run
+
+
+def parallel_simple_gla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    output_attentions: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    Simple GLA in the attention form: `o_i = scale * sum_{j <= i} exp(G_i - G_j) (q_i . k_j) v_j`, `G` the cumulative
+    per-token log gate `g` `[B, T, H]` (None: no decay). Returns `(o [B, T, H, V], attn [B, H, T, T] or None)`; the
+    attention is materialised only with `output_attentions` (not with `cu_seqlens`, as in fla). No TileLang kernel
+    yet: the torch backend runs it, queries in blocks.
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 300, 4, 64) for _ in range(3))
+        >>> g = torch.randn(2, 300, 4).sigmoid().log()
+        >>> o, attn = parallel_simple_gla(q, k, v, g, output_attentions=True)
+        >>> q, k, v, g = (x.flatten(0, 1)[None] for x in (q, k, v, g))
+        >>> o, _ = parallel_simple_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 100, 600]))
+    """
+    validate_linear_attention_inputs(q, k, v, scale=scale, cu_seqlens=cu_seqlens, g=g)
+    if output_attentions and cu_seqlens is not None:
+        raise ValueError("`output_attentions=True` is not supported with `cu_seqlens` (as in fla)")
+    chosen = _plain_backend(_parallel_simple_gla_spec, q, q.shape[-1], v.shape[-1], backend, cu_seqlens)
+    return chosen.fwd(q, k, v, g, scale=scale, output_attentions=output_attentions, cu_seqlens=cu_seqlens)
+
+
+def _check_hgrn(x, g, initial_state, cu_seqlens):
+    for name, t in (("x", x), ("g", g)):
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point torch.Tensor [B, T, D], got "
+                            f"{type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}")
+    if x.dim() != 3:
+        raise ValueError(f"`x` must have shape [B, T, D], got {tuple(x.shape)}")
+    if g.shape != x.shape:
+        raise ValueError(f"`g` must have the shape of `x` {tuple(x.shape)}, got {tuple(g.shape)}")
+    if g.device != x.device:
+        raise ValueError(f"`g` must be on the device of `x` ({x.device}), got {g.device}")
+    B, T, D = x.shape
+    N = B
+    if cu_seqlens is not None:
+        # the shared checks of cu_seqlens, on a [B, T, 1, D] view
+        validate_linear_attention_inputs(x[..., None, :], x[..., None, :], x[..., None, :], cu_seqlens=cu_seqlens)
+        N = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (N, D):
+            got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+            raise ValueError(f"`initial_state` must have shape [N, D] = {[N, D]}, got {got}")
+
+
+def chunk_hgrn(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    HGRN in chunks: `h_t = exp(g_t) * h_{t-1} + x_t`, `o_t = h_t`, elementwise over `[B, T, D]`.
+
+    Args:
+        x (torch.Tensor): inputs `[B, T, D]`. g (torch.Tensor): log forget gates `[B, T, D]`.
+        initial_state (Optional[torch.Tensor]): `[B, D]`. Default: `None`.
+        output_final_state (bool): return the final state `[B, D]` (float32). Default: `False`.
+        backend (Optional[str]): `"torch"` or `None`. Default: `None`.
+
+    Returns:
+        o `[B, T, D]` in x's dtype, and the final state or `None`.
+
+    Examples::
+        >>> x, g = torch.randn(2, 500, 256), torch.randn(2, 500, 256).sigmoid().log()
+        >>> o, ht = chunk_hgrn(x, g, output_final_state=True)
+    """
+    _check_hgrn(x, g, initial_state, None)
+    chosen = _plain_backend(_chunk_hgrn_spec, x, x.shape[-1], x.shape[-1], backend, None, initial_state)
+    return chosen.fwd(x, g, initial_state, output_final_state)
+
+
+def fused_recurrent_hgrn(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    HGRN token by token; same math and returns as :func:`chunk_hgrn`, plus `cu_seqlens` (`B = 1`, `initial_state`
+    `[N, D]`).
+
+    Examples::
+        >>> x, g = torch.randn(1, 500, 256), torch.randn(1, 500, 256).sigmoid().log()
+        >>> o, ht = fused_recurrent_hgrn(x, g, output_final_state=True, cu_seqlens=torch.tensor([0, 100, 500]))
+    """
+    _check_hgrn(x, g, initial_state, cu_seqlens)
+    chosen = _plain_backend(_fused_recurrent_hgrn_spec, x, x.shape[-1], x.shape[-1], backend, cu_seqlens,
+                            initial_state)
+    return chosen.fwd(x, g, initial_state, output_final_state, cu_seqlens)
+
+
+def _check_head_dim(name: str, q: torch.Tensor, limit: int) -> None:
+    if q.shape[-1] > limit:
+        raise ValueError(f"{name}: the feature dim K must be <= {limit} (fla's limit), got {q.shape[-1]}")
+
+
+def fused_chunk_based(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    use_norm: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""
+    Based: causal linear attention with the 2nd-order Taylor feature map, `a_ij = 1 + s_ij + s_ij^2 / 2`,
+    `s_ij = scale * q_i . k_j`; normalised by `sum_j a_ij + 1e-6` when `use_norm`. `[B, T, H, K]` with `K <= 16`
+    (fla's limit); returns `o` `[B, T, H, V]`.
+
+    Examples::
+        >>> q, k, v = torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 64)
+        >>> o = fused_chunk_based(q, k, v)
+    """
+    validate_linear_attention_inputs(q, k, v, scale=scale)
+    _check_head_dim("fused_chunk_based", q, 16)
+    chosen = _plain_backend(_fused_chunk_based_spec, q, q.shape[-1], v.shape[-1], backend)
+    return chosen.fwd(q, k, v, scale=scale, use_norm=use_norm)
+
+
+def parallel_based(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    use_norm: bool = True,
+    backend: str | None = None,
+) -> torch.Tensor:
+    r"""
+    Based in the parallel (attention) form; same math as :func:`fused_chunk_based` with `K <= 128`.
+
+    Examples::
+        >>> q, k, v = torch.randn(2, 300, 4, 64), torch.randn(2, 300, 4, 64), torch.randn(2, 300, 4, 64)
+        >>> o = parallel_based(q, k, v, use_norm=False)
+    """
+    validate_linear_attention_inputs(q, k, v, scale=scale)
+    _check_head_dim("parallel_based", q, 128)
+    chosen = _plain_backend(_parallel_based_spec, q, q.shape[-1], v.shape[-1], backend)
+    return chosen.fwd(q, k, v, scale=scale, use_norm=use_norm)
+
+
+def parallel_rebased(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    eps: float = 1e-5,
+    use_scale: bool = True,
+    use_normalize: bool = True,
+    return_both: bool = False,
+    backend: str | None = None,
+):
+    r"""
+    ReBased: causal linear attention with the squared feature map, `a_ij = s_ij^2`, `s_ij = scale * q_i . k_j`
+    (`scale = K ** -0.5` when `use_scale`, else 1); normalised by `sum_j a_ij + eps` when `use_normalize`. `K <= 128`.
+    Returns `o` `[B, T, H, V]`, or with `return_both` the unnormalised `o` `[B, H, T, V]` and `z` `[B, H, T]` (fla's
+    layout).
+
+    Examples::
+        >>> q, k, v = torch.randn(2, 300, 4, 64), torch.randn(2, 300, 4, 64), torch.randn(2, 300, 4, 64)
+        >>> o = parallel_rebased(q, k, v)
+    """
+    validate_linear_attention_inputs(q, k, v)
+    _check_head_dim("parallel_rebased", q, 128)
+    chosen = _plain_backend(_parallel_rebased_spec, q, q.shape[-1], v.shape[-1], backend)
+    return chosen.fwd(q, k, v, eps=eps, use_scale=use_scale, use_normalize=use_normalize, return_both=return_both)
+
+
+def _hgrn_self_check(fn, varlen):
+    def run(device, dtype):
+        B, T, D = (1, 101, 24) if varlen else (2, 70, 24)
+        cu = torch.tensor([0, 30, 30, 101], device=device) if varlen else None
+        N = 3 if varlen else B
+        x = torch.randn(B, T, D, device=device).to(dtype).requires_grad_()
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, D, device=device) + 2).to(dtype).requires_grad_()
+        h0 = torch.randn(N, D, device=device).to(dtype).requires_grad_()
+        kw = {"cu_seqlens": cu} if varlen else {}
+        o, ht = fn(x, g, h0, True, backend="torch", **kw)
+        do, dht = torch.randn_like(o), torch.randn_like(ht)
+        grads = torch.autograd.grad((o, ht), (x, g, h0), (do, dht))
+        ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        r = [t.detach().to(ref_dtype).requires_grad_() for t in (x, g, h0)]
+        ro, rht = recurrent_hgrn(*r, True, cu)
+        rgrads = torch.autograd.grad((ro, rht), r, (do.to(ref_dtype), dht.to(ref_dtype)))
+        names = ("o", "ht", "dx", "dg", "dh0")
+        return [(n, *compare(a, b, dtype)) for n, a, b in zip(names, (o, ht, *grads), (ro, rht, *rgrads))]
+
+    return run
+
+
+def _parallel_simple_gla_check(device, dtype):
+    g = torch.nn.functional.logsigmoid(torch.randn(2, 70, 2, device=device) + 2)
+    return _self_check_attention(
+        lambda q, k, v, backend: parallel_simple_gla(q, k, v, g.to(q.dtype), backend=backend)[0],
+        lambda q, k, v: recurrent_simple_gla(q, k, v, g=g.to(q.dtype))[0],
+    )(device, dtype)
+
+
+_parallel_simple_gla_spec = _register_plain(
+    "parallel_simple_gla", "simple_gla", "parallel", recurrent_simple_gla, parallel_simple_gla_torch,
+    initial_state=False, self_check=_parallel_simple_gla_check,
+)
+_parallel_simple_gla_spec.fn = parallel_simple_gla
+_chunk_hgrn_spec = _register_plain("chunk_hgrn", "hgrn", "chunk", recurrent_hgrn, chunk_hgrn_torch, varlen=False,
+                                   self_check=_hgrn_self_check(chunk_hgrn, False))
+_chunk_hgrn_spec.fn = chunk_hgrn
+_fused_recurrent_hgrn_spec = _register_plain(
+    "fused_recurrent_hgrn", "hgrn", "fused_recurrent", recurrent_hgrn, chunk_hgrn_torch,
+    self_check=_hgrn_self_check(fused_recurrent_hgrn, True),
+)
+_fused_recurrent_hgrn_spec.fn = fused_recurrent_hgrn
+_fused_chunk_based_spec = _register_plain(
+    "fused_chunk_based", "based", "fused_chunk", recurrent_based, parallel_based_torch, varlen=False,
+    initial_state=False, self_check=_self_check_attention(fused_chunk_based, recurrent_based),
+)
+_fused_chunk_based_spec.fn = fused_chunk_based
+_parallel_based_spec = _register_plain(
+    "parallel_based", "based", "parallel", recurrent_based, parallel_based_torch, varlen=False,
+    initial_state=False, self_check=_self_check_attention(parallel_based, recurrent_based),
+)
+_parallel_based_spec.fn = parallel_based
+_parallel_rebased_spec = _register_plain(
+    "parallel_rebased", "rebased", "parallel", recurrent_rebased, parallel_rebased_torch, varlen=False,
+    initial_state=False, self_check=_self_check_attention(parallel_rebased, recurrent_rebased),
+)
+_parallel_rebased_spec.fn = parallel_rebased

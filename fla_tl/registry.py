@@ -183,6 +183,8 @@ class OpSpec:
     # `(B, T, H, device) -> [(label, kwargs)]`: the op's own arguments (gates, layer index, ...) for `check`, passed
     # to `fn` and `reference` alike; tensors among them that are floating point get a gradient
     check_cases: Callable | None = None
+    # for ops outside the (q, k, v, state) pattern: `(device, dtype) -> [(name, passed, detail)]`, run by `check`
+    self_check: Callable | None = None
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:

@@ -22,8 +22,9 @@ _logged: set = set()
 
 
 def log_once(key, message: str, level: int = logging.INFO) -> None:
-    """log `message` through the `fla_tl` logger the first time `key` is seen in this process."""
-    if key in _logged:
+    """log `message` through the `fla_tl` logger the first time `key` is seen in this process (not while
+    torch.compile traces: a log call would break the graph; the eager path logs it)."""
+    if key in _logged or torch.compiler.is_compiling():
         return
     _logged.add(key)
     logger.log(level, message)

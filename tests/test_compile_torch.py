@@ -137,3 +137,19 @@ def test_compile_gated_and_normalized():
     assert_close("loss", loss, ref_loss, torch.float64)
     for name, a, b in zip(("dq", "dk", "dv", "dg"), grads, ref_grads):
         assert_close(name, a, b, torch.float64)
+
+
+def test_compile_ops_without_kernels():
+    """the torch-only ops (backend choice, validation and all) trace into one graph."""
+    from fla_tl.ops import chunk_hgrn, parallel_based, parallel_rebased, parallel_simple_gla
+
+    def f(q, k, v, x, g):
+        return (parallel_based(q, k, v).sum() + chunk_hgrn(x, g)[0].sum() + parallel_simple_gla(q, k, v)[0].sum()
+                + parallel_rebased(q, k, v).sum())
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 50, 2, 16, requires_grad=True) for _ in range(3))
+    x, g = torch.randn(2, 50, 8), torch.randn(2, 50, 8).sigmoid().log()
+    torch._dynamo.reset()
+    out = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v, x, g)
+    assert_close("out", out, f(q, k, v, x, g), torch.float32)

@@ -258,3 +258,54 @@ def chunk_simple_gla_torch(
         cu_seqlens=cu_seqlens,
         dtype=dtype,
     )
+
+
+def parallel_simple_gla_torch(q, k, v, g=None, scale=None, output_attentions: bool = False, cu_seqlens=None,
+                              query_block: int = 512):
+    """Simple GLA in the attention form (fla's `parallel_simple_gla`): `a_ij = scale * (q_i . k_j) * exp(G_i - G_j)`
+    for j <= i in the same sequence, `G` the cumulative log gate; returns `(o [B, T, H, V] in q's dtype, a [B, H, T, T]
+    or None)`. Queries are processed in checkpointed blocks unless the attention is returned."""
+    dtype = _compute_dtype(q, k, v, g)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    B, T, H, K = q.shape
+    qf, kf, vf = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
+    seq = torch.zeros(T, dtype=torch.long, device=q.device)
+    if cu_seqlens is not None:
+        seq = torch.bucketize(torch.arange(T, device=q.device), cu_seqlens[1:].to(q.device), right=True)
+    G = None
+    if g is not None:
+        gf = g.to(dtype)
+        if cu_seqlens is not None:
+            # cumulative sums restart at each sequence: subtract the running total before its first token
+            total = gf.cumsum(1)
+            before = torch.cat([total.new_zeros(B, 1, H), total[:, :-1]], 1)
+            starts = cu_seqlens[:-1].to(torch.long).clamp(max=max(T - 1, 0))
+            G = (total - before[:, starts][:, seq]).transpose(1, 2)
+        else:
+            G = gf.cumsum(1).transpose(1, 2)  # [B, H, T]
+
+    def block(qb, start):
+        Lq = qb.shape[-2]
+        i = torch.arange(start, start + Lq, device=q.device)
+        j = torch.arange(T, device=q.device)
+        keep = (j[None, :] <= i[:, None]) & (seq[j][None, :] == seq[i][:, None])
+        s = (qb @ kf.transpose(-1, -2)) * scale
+        if G is not None:
+            gap = torch.where(keep, G[..., start:start + Lq, None] - G[..., None, :], float("-inf"))
+            s = s * gap.exp()
+        a = s.masked_fill(~keep, 0)
+        return a @ vf, a
+
+    if output_attentions:
+        o, a = block(qf, 0)
+        return o.transpose(1, 2).to(q.dtype), a
+    outs = []
+    for start in range(0, T, query_block):
+        qb = qf[..., start:start + query_block, :]
+        if torch.is_grad_enabled():
+            outs.append(checkpoint(lambda x, s=start: block(x, s)[0], qb, use_reentrant=False))
+        else:
+            outs.append(block(qb, start)[0])
+    o = torch.cat(outs, -2) if outs else vf.new_zeros(B, H, 0, v.shape[-1])
+    return o.transpose(1, 2).to(q.dtype), None

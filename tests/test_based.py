@@ -1,0 +1,100 @@
+"""Based and ReBased (polynomial feature maps) and simple GLA's attention form, against token-by-token linear-attention
+recurrences on the explicit feature maps; API and validation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_tl.ops import BackendError, fused_chunk_based, parallel_based, parallel_rebased, parallel_simple_gla
+from fla_tl.reference import recurrent_simple_gla
+from fla_tl.reference.based import recurrent_based, recurrent_rebased
+
+from test_retention import _cu
+from utils import assert_close
+
+
+def _qkv(B=2, T=70, H=2, K=16, V=24, dtype=torch.float64):
+    q, k = (torch.randn(B, T, H, K).to(dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(B, T, H, V).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def _compare(fn, ref, inputs, **kw):
+    o = fn(*inputs, **kw)
+    o = o[0] if isinstance(o, tuple) else o
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, inputs, do)
+    r = [x.detach().double().requires_grad_() for x in inputs]
+    ro = ref(*r, **kw)
+    ro = ro[0] if isinstance(ro, tuple) else ro
+    rgrads = torch.autograd.grad(ro, r, do.double())
+    dtype = inputs[0].dtype
+    for name, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (ro, *rgrads)):
+        assert_close(name, a, b, dtype)
+
+
+@pytest.mark.parametrize("use_norm", [True, False])
+@pytest.mark.parametrize("fn", [fused_chunk_based, parallel_based], ids=["fused_chunk", "parallel"])
+def test_based(fn, use_norm):
+    _compare(fn, recurrent_based, _qkv(), use_norm=use_norm)
+
+
+@pytest.mark.parametrize(("use_scale", "use_normalize"), [(True, True), (False, False), (True, False)])
+def test_rebased(use_scale, use_normalize):
+    _compare(parallel_rebased, recurrent_rebased, _qkv(K=8), use_scale=use_scale, use_normalize=use_normalize)
+
+
+def test_rebased_return_both_layout():
+    q, k, v = _qkv(K=8)
+    o, z = parallel_rebased(q, k, v, return_both=True)
+    assert o.shape == (2, 2, 70, 24) and z.shape == (2, 2, 70)
+    torch.testing.assert_close((o / (z[..., None] + 1e-5)).transpose(1, 2), parallel_rebased(q, k, v))
+
+
+def test_long_sequence_blocks():
+    """more queries than one block (512): the blocked attention still matches."""
+    q, k, v = _qkv(B=1, T=700, H=1, K=4, V=8)
+    _compare(parallel_based, recurrent_based, (q, k, v))
+
+
+def test_feature_dim_limits():
+    q, k, v = _qkv(K=32, dtype=torch.float32)
+    with pytest.raises(ValueError, match="K must be <= 16"):
+        fused_chunk_based(q, k, v)
+    q, k, v = _qkv(K=130, dtype=torch.float32)
+    for fn in (parallel_based, parallel_rebased):
+        with pytest.raises(ValueError, match="K must be <= 128"):
+            fn(q, k, v)
+
+
+def test_no_tilelang_kernel():
+    q, k, v = _qkv(dtype=torch.float32)
+    with pytest.raises(BackendError, match="no TileLang kernel"):
+        parallel_based(q, k, v, backend="tilelang")
+
+
+@pytest.mark.parametrize("gate", [True, False])
+def test_parallel_simple_gla(gate):
+    q, k, v = _qkv()
+    g = F.logsigmoid(torch.randn(2, 70, 2, dtype=torch.float64)).requires_grad_() if gate else None
+    o, attn = parallel_simple_gla(q, k, v, g, output_attentions=True)
+    ro, _ = recurrent_simple_gla(q, k, v, g=g)
+    assert_close("o", o, ro, torch.float64)
+    assert attn.shape == (2, 2, 70, 70) and torch.equal(attn.triu(1), torch.zeros_like(attn))
+    inputs = (q, k, v) + ((g,) if gate else ())
+    grads = torch.autograd.grad(o, inputs, torch.ones_like(o))
+    rgrads = torch.autograd.grad(ro, inputs, torch.ones_like(o))
+    for a, b in zip(grads, rgrads):
+        assert_close("grad", a, b, torch.float64)
+
+
+def test_parallel_simple_gla_varlen():
+    lens = (3, 0, 70, 1)
+    q, k, v = _qkv(B=1, T=sum(lens))
+    g = F.logsigmoid(torch.randn(1, sum(lens), 2, dtype=torch.float64))
+    cu = _cu(lens)
+    o, attn = parallel_simple_gla(q, k, v, g, cu_seqlens=cu)
+    assert attn is None
+    assert_close("o", o, recurrent_simple_gla(q, k, v, g=g, cu_seqlens=cu)[0], torch.float64)
+    with pytest.raises(ValueError, match="output_attentions"):
+        parallel_simple_gla(q, k, v, g, cu_seqlens=cu, output_attentions=True)

@@ -1,0 +1,63 @@
+"""HGRN (`h_t = exp(g_t) * h_{t-1} + x_t`): the chunked torch form against the recurrence; API and validation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_tl.ops import BackendError, chunk_hgrn, fused_recurrent_hgrn
+from fla_tl.reference import recurrent_hgrn
+
+from test_retention import _cu
+from utils import assert_close
+
+
+def _inputs(B, T, D, N=None, dtype=torch.float64, shift=2.0, device="cpu"):
+    x = torch.randn(B, T, D, device=device).to(dtype).requires_grad_()
+    g = F.logsigmoid(torch.randn(B, T, D, device=device) + shift).to(dtype).requires_grad_()
+    h0 = torch.randn(N or B, D, device=device).to(dtype).requires_grad_()
+    return x, g, h0
+
+
+def _check(fn, x, g, h0, cu=None, **kw):
+    o, ht = fn(x, g, h0, True, **kw)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    grads = torch.autograd.grad((o, ht), (x, g, h0), (do, dht))
+    ref_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    r = [t.detach().to(ref_dtype).requires_grad_() for t in (x, g, h0)]
+    ro, rht = recurrent_hgrn(*r, True, cu)
+    rgrads = torch.autograd.grad((ro, rht), r, (do.to(ref_dtype), dht.to(ref_dtype)))
+    for name, a, b in zip(("o", "ht", "dx", "dg", "dh0"), (o, ht, *grads), (ro, rht, *rgrads)):
+        assert_close(name, a, b, x.dtype)
+
+
+@pytest.mark.parametrize(("B", "T", "D"), [(2, 1, 8), (2, 63, 16), (1, 200, 33)])
+@pytest.mark.parametrize("fn", [chunk_hgrn, fused_recurrent_hgrn], ids=["chunk", "fused_recurrent"])
+def test_against_recurrence(fn, B, T, D):
+    _check(fn, *_inputs(B, T, D))
+
+
+def test_strong_gates_stay_finite():
+    _check(chunk_hgrn, *_inputs(2, 150, 8, shift=-20))
+
+
+def test_varlen():
+    lens = (1, 70, 0, 64)
+    x, g, h0 = _inputs(1, sum(lens), 12, N=len(lens))
+    cu = _cu(lens)
+    _check(fused_recurrent_hgrn, x, g, h0, cu, cu_seqlens=cu)
+
+
+def test_bf16():
+    _check(chunk_hgrn, *_inputs(2, 100, 16, dtype=torch.bfloat16))
+
+
+def test_bad_inputs():
+    x, g, h0 = _inputs(2, 10, 4)
+    with pytest.raises(ValueError, match=r"`g` must have the shape of `x`"):
+        chunk_hgrn(x, g[:, :5])
+    with pytest.raises(ValueError, match=r"`initial_state` must have shape \[N, D\] = \[2, 4\]"):
+        chunk_hgrn(x, g, h0[:1])
+    with pytest.raises(ValueError, match="B = 1"):
+        fused_recurrent_hgrn(x, g, cu_seqlens=torch.tensor([0, 5, 10]))
+    with pytest.raises(BackendError, match="no TileLang kernel"):
+        chunk_hgrn(x, g, backend="tilelang")
