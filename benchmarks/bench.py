@@ -91,6 +91,19 @@ def qkvg_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str)
             "g": F.logsigmoid(torch.randn(B, T, H, dtype=torch.float32, device=device))}
 
 
+def qkvgk_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # GLA's per-key log gate, fp32
+    return {**qkv_inputs(B, T, H, D, dtype, device),
+            "g": F.logsigmoid(torch.randn(B, T, H, D, dtype=torch.float32, device=device))}
+
+
+def qkv_gk_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # fused_recurrent_gla names the key gate gk
+    x = qkvgk_inputs(B, T, H, D, dtype, device)
+    x["gk"] = x.pop("g")
+    return x
+
+
 def decay_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
     # retention-like per-head constant decays
     return {"g_gamma": torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, dtype=torch.float32, device=device)))}
@@ -230,6 +243,20 @@ OPS: dict[str, OpSpec] = {
         fla_tl="fla_tl.ops:fused_recurrent_linear_attn",
         fla="fla.ops.linear_attn:fused_recurrent_linear_attn",
         flops=recurrent_flops,
+        slow=True,
+    ),
+    # no TileLang kernel yet: fla_tl runs its torch backend
+    "chunk_gla": OpSpec(
+        fla_tl="fla_tl.ops:chunk_gla",
+        fla="fla.ops.gla:chunk_gla",
+        flops=chunk_flops,
+        inputs=qkvgk_inputs,
+    ),
+    "fused_recurrent_gla": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_gla",
+        fla="fla.ops.gla:fused_recurrent_gla",
+        flops=recurrent_flops,
+        inputs=qkv_gk_inputs,
         slow=True,
     ),
     "chunk_lightning_attn": OpSpec(

@@ -12,6 +12,7 @@ import warnings
 import torch
 
 from .reference.based import parallel_based_torch, parallel_rebased_torch, recurrent_based, recurrent_rebased
+from .reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule
 from .reference.gla import chunk_gla_torch, recurrent_gla
 from .reference.hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
@@ -60,6 +61,11 @@ __all__ = [
     "fused_chunk_based",
     "parallel_based",
     "parallel_rebased",
+    "chunk_delta_rule",
+    "fused_recurrent_delta_rule",
+    "fused_chunk_delta_rule",
+    "chunk_gated_delta_rule",
+    "fused_recurrent_gated_delta_rule",
     "list_ops",
     "BackendError",
 ]
@@ -182,7 +188,8 @@ def make_tilelang_backend(variant: str, mode: str) -> Backend:
         extra = {"reverse": reverse, "state_v_first": state_v_first} if recurrent else {}
         transpose = state_v_first and not recurrent
         if g is not None:
-            extra["ht"] = ht  # the gate's gradient needs <ht, dht> (same in either state layout)
+            # the gate's gradient needs <ht, dht>, both in the kernels' [K, V] layout
+            extra["ht"] = _transpose_state(ht) if transpose else ht
         grads = launch_bwd(
             q,
             k,
@@ -1427,3 +1434,353 @@ _parallel_rebased_spec = _register_plain(
     initial_state=False, self_check=_self_check_attention(parallel_rebased, recurrent_rebased),
 )
 _parallel_rebased_spec.fn = parallel_rebased
+
+
+# ---------------------------------------------------------------- delta rule family (torch backend so far)
+
+
+def _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale=None) -> int:
+    """the checks of the delta-rule ops (grouped value heads: v, beta, g and the state have HV heads, a multiple of
+    the H of q and k); returns N."""
+    # q, k, scale and cu_seqlens by the shared checks (v in the shape of q there)
+    N = validate_linear_attention_inputs(q, k, q, scale=scale, cu_seqlens=cu_seqlens)
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        raise TypeError(f"`v` must be a floating-point torch.Tensor [B, T, HV, V], got "
+                        f"{type(v).__name__ if not isinstance(v, torch.Tensor) else v.dtype}")
+    if v.dtype != q.dtype:
+        raise TypeError(f"`v` must have the dtype of `q` ({q.dtype}), got {v.dtype}")
+    if v.device != q.device:
+        raise ValueError(f"`v` must be on the device of `q` ({q.device}), got {v.device}")
+    B, T, H, K = q.shape
+    if v.dim() != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(f"`v` must have shape [B, T, HV, V] = [{B}, {T}, HV, V], got {tuple(v.shape)}")
+    HV, V = v.shape[2], v.shape[3]
+    if HV % H != 0:
+        raise ValueError(f"`v` must have a number of heads HV divisible by H = {H} (grouped value heads), got HV = {HV}")
+    for name, x in (("beta", beta), ("g", g)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point torch.Tensor [B, T, HV], got "
+                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        if tuple(x.shape) != (B, T, HV):
+            raise ValueError(f"`{name}` must have shape [B, T, HV] = {[B, T, HV]}, got {tuple(x.shape)}")
+        if x.device != q.device:
+            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+    if initial_state is not None:
+        want = (N, HV, V, K) if state_v_first else (N, HV, K, V)
+        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
+            got = tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+            layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
+            raise ValueError(f"`initial_state` must have shape {layout} = {list(want)}, got {got}")
+        if initial_state.device != q.device:
+            raise ValueError(f"`initial_state` must be on the device of `q` ({q.device}), got {initial_state.device}")
+    return N
+
+
+def _delta_chunk_size(name: str, kwargs: dict) -> None:
+    if "head_first" in kwargs:
+        raise DeprecationWarning("head_first has been removed. Inputs must be in `[B, T, H, ...]` format.")
+    chunk_size = kwargs.pop("chunk_size", 64)
+    if chunk_size not in (16, 32, 64):
+        raise ValueError(f"`chunk_size` must be 16, 32, or 64, got {chunk_size}.")
+
+
+def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
+               use_qk_l2norm_in_kernel, backend):
+    N = _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale)
+    chosen = _plain_backend(spec, q, q.shape[-1], v.shape[-1], backend, cu_seqlens, initial_state)
+    if q.shape[1] == 0:
+        o = v.new_empty(v.shape)
+        if not output_final_state:
+            return o, None
+        B, _, HV, V = v.shape
+        K = q.shape[-1]
+        ht_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        if initial_state is not None:
+            return o, initial_state.to(ht_dtype, copy=True)
+        return o, q.new_zeros((N, HV, V, K) if state_v_first else (N, HV, K, V), dtype=ht_dtype)
+    o, ht = chosen.fwd(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                       output_final_state=output_final_state, state_v_first=state_v_first, cu_seqlens=cu_seqlens,
+                       use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    return o.to(q.dtype), ht
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """x in fp32 (fp64 stays fp64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval):
+    if not use_beta_sigmoid_in_kernel or not isinstance(beta, torch.Tensor):
+        return beta
+    return _f32(beta).sigmoid() * (2.0 if allow_neg_eigval else 1.0)
+
+
+def _gdn_gate(g, use_gate_in_kernel, A_log, dt_bias):
+    """the log gate: `g` itself, or with `use_gate_in_kernel` fla's `-exp(A_log) * softplus(g + dt_bias)` in fp32."""
+    if not use_gate_in_kernel or not isinstance(g, torch.Tensor):
+        return g
+    if A_log is None:
+        raise ValueError("`A_log` [HV] is required with `use_gate_in_kernel=True`")
+    x = _f32(g) + (dt_bias.to(_f32(g).dtype) if dt_bias is not None else 0.0)
+    return -A_log.to(x.dtype).exp() * torch.nn.functional.softplus(x)
+
+
+DELTA_NOTE = ("The recurrence is unstable when keys are not normalised (the state update I - beta k k^T has an "
+              "eigenvalue 1 - beta |k|^2): pass L2-normalised keys or `use_qk_l2norm_in_kernel=True`, as with fla.")
+
+
+def chunk_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+):
+    r"""
+    DeltaNet in the chunked (WY) form: `h_t = h_{t-1} + k_t (beta_t (v_t - h_{t-1}^T k_t))^T`, `o_t = scale * h_t^T q_t`.
+    Unlike fla 0.6.0, fp32 inputs are accepted. No TileLang kernel yet: the torch backend runs it.
+
+    Args:
+        q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]`. beta (torch.Tensor): `[B, T, H]`.
+        scale (Optional[float]): Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor]): `[N, H, K, V]`. output_final_state (bool): Default: `False`.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k first. Default: `False`.
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu: accepted, unused.
+        kwargs: `chunk_size` in {16, 32, 64} (accepted; the torch form uses 64); `head_first` raises.
+
+    Returns:
+        o `[B, T, H, V]` in q's dtype; the final state `[N, H, K, V]` in float32, or `None`.
+
+    Examples::
+        >>> import torch.nn.functional as F
+        >>> q, v = torch.randn(2, 300, 4, 64), torch.randn(2, 300, 4, 64)
+        >>> k = F.normalize(torch.randn(2, 300, 4, 64), dim=-1)
+        >>> beta = torch.rand(2, 300, 4)
+        >>> o, ht = chunk_delta_rule(q, k, v, beta, output_final_state=True)
+        >>> q, k, v, beta = (x.flatten(0, 1)[None] for x in (q, k, v, beta))
+        >>> o, ht = chunk_delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 100, 600]), output_final_state=True)
+
+    {note}
+    """
+    _delta_chunk_size("chunk_delta_rule", kwargs)
+    if kwargs:
+        raise TypeError(f"chunk_delta_rule() got unexpected keyword arguments {sorted(kwargs)}")
+    return _delta_run(_delta_specs["chunk_delta_rule"], q, k, v, beta, None, scale, initial_state,
+                      output_final_state, False, cu_seqlens, use_qk_l2norm_in_kernel, backend)
+
+
+def fused_recurrent_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+):
+    r"""
+    DeltaNet token by token; same math and returns as :func:`chunk_delta_rule`; `beta=None` means ones (as fla).
+
+    Examples::
+        >>> q, v = torch.randn(2, 64, 4, 32), torch.randn(2, 64, 4, 32)
+        >>> k = torch.nn.functional.normalize(torch.randn(2, 64, 4, 32), dim=-1)
+        >>> o, ht = fused_recurrent_delta_rule(q, k, v, torch.rand(2, 64, 4), output_final_state=True)
+    """
+    if beta is None and isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and v.dim() == 4:
+        beta = torch.ones(v.shape[:3], dtype=v.dtype, device=v.device)
+    return _delta_run(_delta_specs["fused_recurrent_delta_rule"], q, k, v, beta, None, scale, initial_state,
+                      output_final_state, False, cu_seqlens, use_qk_l2norm_in_kernel, backend)
+
+
+def fused_chunk_delta_rule(**kwargs):
+    """fla 0.6.0's stub raises; so does fla_tl (registered with that refusal): use :func:`chunk_delta_rule`."""
+    raise NotImplementedError("fused_chunk_delta_rule is deprecated. Please use chunk_delta_rule instead.")
+
+
+def chunk_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    chunk_indices: torch.LongTensor | None = None,
+    cp_context=None,
+    backend: str | None = None,
+    **kwargs,
+):
+    r"""
+    Gated DeltaNet in the chunked (WY) form: `h <- exp(g_t) h`, then the delta update, per value head; grouped value
+    heads (HV a multiple of H: value head j reads key head j // (HV / H)). No TileLang kernel yet: the torch backend
+    runs it.
+
+    Args:
+        q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, HV, V]`.
+        g (torch.Tensor): log gates `[B, T, HV]` (raw inputs with `use_gate_in_kernel=True`, see kwargs).
+        beta (torch.Tensor): `[B, T, HV]` (logits with `use_beta_sigmoid_in_kernel=True`).
+        scale (Optional[float]): Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor]): `[N, HV, K, V]` (`[N, HV, V, K]` with `state_v_first`).
+        output_final_state (bool): Default: `False`.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k first. Default: `False`.
+        use_beta_sigmoid_in_kernel (bool): apply `sigmoid` to beta (times 2 with `allow_neg_eigval`). Default: `False`.
+        allow_neg_eigval (bool): see above. Default: `False`.
+        state_v_first (bool): states laid out `[N, HV, V, K]`. Default: `False`.
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu, chunk_indices: accepted,
+            unused. cp_context: context parallelism is not supported (raises).
+        kwargs: `chunk_size` in {16, 32, 64}; `use_gate_in_kernel` with `A_log` `[HV]` and `dt_bias` `[HV]` (the gate
+            becomes `-exp(A_log) * softplus(g + dt_bias)`); the deprecated `transpose_state_layout`; `head_first`
+            raises.
+
+    Returns:
+        o `[B, T, HV, V]` in q's dtype; the final state in float32, or `None`.
+
+    Examples::
+        >>> import torch.nn.functional as F
+        >>> q, k = torch.randn(2, 300, 2, 64), torch.randn(2, 300, 2, 64)
+        >>> v, g, beta = torch.randn(2, 300, 4, 64), F.logsigmoid(torch.randn(2, 300, 4)), torch.rand(2, 300, 4)
+        >>> o, ht = chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True, output_final_state=True)
+        >>> q, k, v, g, beta = (x.flatten(0, 1)[None] for x in (q, k, v, g, beta))
+        >>> o, _ = chunk_gated_delta_rule(q, k, v, g, beta, use_qk_l2norm_in_kernel=True,
+        ...                               cu_seqlens=torch.tensor([0, 100, 600]))
+    """
+    if cp_context is not None:
+        raise NotImplementedError("chunk_gated_delta_rule: context parallelism (cp_context) is not supported by fla_tl")
+    use_gate_in_kernel = kwargs.pop("use_gate_in_kernel", False)
+    A_log, dt_bias = kwargs.pop("A_log", None), kwargs.pop("dt_bias", None)
+    _delta_chunk_size("chunk_gated_delta_rule", kwargs)
+    state_v_first = _pop_state_layout("chunk_gated_delta_rule", state_v_first, kwargs)
+    return _delta_run(_delta_specs["chunk_gated_delta_rule"], q, k, v, _beta(beta, use_beta_sigmoid_in_kernel,
+                      allow_neg_eigval), _gdn_gate(g, use_gate_in_kernel, A_log, dt_bias), scale, initial_state,
+                      output_final_state, state_v_first, cu_seqlens, use_qk_l2norm_in_kernel, backend)
+
+
+def fused_recurrent_gated_delta_rule(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor | None = None,
+    gk: torch.Tensor | None = None,
+    gv: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    use_qk_l2norm_in_kernel: bool = False,
+    use_gate_in_kernel: bool = False,
+    A_log: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    use_beta_sigmoid_in_kernel: bool = False,
+    allow_neg_eigval: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+):
+    r"""
+    Gated DeltaNet token by token; same math, arguments and returns as :func:`chunk_gated_delta_rule` (`g=None`: no
+    gate; `beta=None`: ones). Unlike fla 0.6.0 it has a backward. The per-key and per-value gates `gk`, `gv` are not
+    supported yet (raise).
+
+    Examples::
+        >>> q, k = torch.randn(2, 64, 2, 32), torch.randn(2, 64, 2, 32)
+        >>> v, g, beta = torch.randn(2, 64, 4, 32), torch.randn(2, 64, 4).sigmoid().log(), torch.rand(2, 64, 4)
+        >>> o, ht = fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, use_qk_l2norm_in_kernel=True,
+        ...                                          output_final_state=True)
+    """
+    if gk is not None or gv is not None:
+        raise NotImplementedError("fused_recurrent_gated_delta_rule: `gk` / `gv` are not supported by fla_tl yet")
+    state_v_first = _pop_state_layout("fused_recurrent_gated_delta_rule", state_v_first, kwargs)
+    if beta is None and isinstance(v, torch.Tensor) and v.dim() == 4:
+        beta = torch.ones(v.shape[:3], dtype=v.dtype, device=v.device)
+    return _delta_run(_delta_specs["fused_recurrent_gated_delta_rule"], q, k, v,
+                      _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval),
+                      _gdn_gate(g, use_gate_in_kernel, A_log, dt_bias), scale, initial_state, output_final_state,
+                      state_v_first, cu_seqlens, use_qk_l2norm_in_kernel, backend)
+
+
+for _fn in (chunk_delta_rule, fused_recurrent_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule):
+    _fn.__doc__ = _fn.__doc__.replace("{note}", DELTA_NOTE) if "{note}" in _fn.__doc__ else _fn.__doc__ + "\n    " + \
+        DELTA_NOTE + "\n"
+
+
+def _delta_torch(q, k, v, beta, g, *, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
+                 use_qk_l2norm_in_kernel):
+    return chunk_gated_delta_rule_torch(q, k, v, beta, g, scale=scale, initial_state=initial_state,
+                                        output_final_state=output_final_state, state_v_first=state_v_first,
+                                        cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+
+def _delta_self_check(fn, gated, recurrent_opts):
+    def run(device, dtype):
+        torch.manual_seed(0)
+        B, T, H, HV, K, V = 2, 70, 2, (4 if gated else 2), 16, 12
+        q, k = (torch.randn(B, T, H, K, device=device) for _ in range(2))
+        k = torch.nn.functional.normalize(k, dim=-1)
+        v = torch.randn(B, T, HV, V, device=device)
+        beta = torch.rand(B, T, HV, device=device)
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, HV, device=device) + 2)
+        h0 = torch.randn(B, HV, K, V, device=device)
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, beta, g, h0)]
+        ins = xs if gated else xs[:4] + xs[5:]
+        args = (xs[0], xs[1], xs[2], xs[4], xs[3]) if gated and not recurrent_opts else None
+        if gated and recurrent_opts:
+            o, ht = fn(xs[0], xs[1], xs[2], xs[4], beta=xs[3], initial_state=xs[5], output_final_state=True,
+                       backend="torch")
+        elif gated:
+            o, ht = fn(*args, initial_state=xs[5], output_final_state=True, backend="torch")
+        else:
+            o, ht = fn(xs[0], xs[1], xs[2], xs[3], initial_state=xs[5], output_final_state=True, backend="torch")
+        do, dht = torch.randn_like(o), torch.randn_like(ht)
+        grads = torch.autograd.grad((o, ht), ins, (do, dht))
+        ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        r = [x.detach().to(ref_dtype).requires_grad_() for x in xs]
+        rins = r if gated else r[:4] + r[5:]
+        ro, rht = recurrent_gated_delta_rule(r[0], r[1], r[2], r[3], r[4] if gated else None, initial_state=r[5],
+                                             output_final_state=True)
+        rgrads = torch.autograd.grad((ro, rht), rins, (do.to(ref_dtype), dht.to(ref_dtype)))
+        names = ["o", "ht", "dq", "dk", "dv", "dbeta"] + (["dg"] if gated else []) + ["dh0"]
+        return [(n, *compare(a, b, dtype)) for n, a, b in zip(names, (o, ht, *grads), (ro, rht, *rgrads))]
+
+    return run
+
+
+DELTA_DROPPED = "fused_chunk_delta_rule is not provided (fla 0.6.0's is a stub that raises): use chunk_delta_rule"
+_delta_specs = {}
+for _name, _mode, _fn, _gated in (
+    ("chunk_delta_rule", "chunk", chunk_delta_rule, False),
+    ("fused_recurrent_delta_rule", "fused_recurrent", fused_recurrent_delta_rule, False),
+    ("chunk_gated_delta_rule", "chunk", chunk_gated_delta_rule, True),
+    ("fused_recurrent_gated_delta_rule", "fused_recurrent", fused_recurrent_gated_delta_rule, True),
+):
+    _delta_specs[_name] = _register_plain(
+        _name, "gated_delta_rule" if _gated else "delta_rule", _mode, recurrent_gated_delta_rule, _delta_torch,
+        self_check=_delta_self_check(_fn, _gated, _mode == "fused_recurrent"),
+    )
+    _delta_specs[_name].fn = _fn
+_delta_specs["fused_chunk_delta_rule"] = register_op(OpSpec(
+    name="fused_chunk_delta_rule", variant="delta_rule", mode="fused_chunk", reference=recurrent_gated_delta_rule,
+    fn=fused_chunk_delta_rule,
+))
+register_backend("fused_chunk_delta_rule", make_refusing_backend("tilelang", tilelang_capabilities(), DELTA_DROPPED))
+register_backend("fused_chunk_delta_rule", make_refusing_backend("torch", torch_capabilities(), DELTA_DROPPED))
+_delta_specs["fused_chunk_delta_rule"].self_check = lambda device, dtype: []

@@ -19,10 +19,14 @@ ALL_OPS = OP_NAMES + [
     "chunk_lightning_attn", "fused_recurrent_lightning_attn",
     "parallel_simple_gla", "chunk_hgrn", "fused_recurrent_hgrn", "fused_chunk_based", "parallel_based",
     "parallel_rebased",
+    "chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+    "fused_chunk_delta_rule",
 ]
 # ops whose tilelang entry refuses every input (no kernel yet, or dropped by fla)
 NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_simple_gla", "chunk_hgrn",
-               "fused_recurrent_hgrn", "fused_chunk_based", "parallel_based", "parallel_rebased"}
+               "fused_recurrent_hgrn", "fused_chunk_based", "parallel_based", "parallel_rebased", "chunk_delta_rule",
+               "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
+               "fused_chunk_delta_rule"}
 # ops without custom ops (plain PyTorch until they get kernels)
 PLAIN = NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}
 

@@ -9,6 +9,12 @@
   one for `reverse` recurrences) started at <ht, dht>.
 
 The sums run in fp32; chunks of 64 tokens are staged through shared memory and scanned by one thread per head.
+
+Known limit (found in review, CPU emulation, not yet measured on a GPU): the scan sums r over the rest of the
+sequence, and r comes from dq, dk already rounded to the input dtype, so in bf16 the error of dg grows with T
+(emulated relative RMS 4e-2 at T = 2048 against a 2e-2 tolerance). The chunk-local form, a reverse scan inside each
+chunk plus <h[c+1], dh[c]> (the state leaving chunk c and its gradient, which the chunk-parallel schedule already
+has), stays near 1e-2 and is the planned replacement before the registry turns the per-token gate kernels on.
 """
 
 import torch

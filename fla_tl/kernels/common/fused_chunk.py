@@ -80,8 +80,16 @@ def fused_chunk_fwd_kernel(
                 # rows past the sequence end (another sequence's, or zero past Ttot) are masked below:
                 # causally in s, by zero rows in vg, and by the masked store of o
                 if aligned:
-                    T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
-                    T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                    if gate == "g":
+                        # the warp-specialized pipeline frees a stage's gate buffer with the stage's first bulk copy:
+                        # k is read until the state update that ends the iteration, after every read of the gates
+                        # (q is done after the first two gemms, and the next-but-one chunk's gates would overwrite
+                        # them while still in use)
+                        T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                        T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
+                    else:
+                        T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
+                        T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
                     T.copy(v[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], v_s)
                 else:
                     for i, j in T.Parallel(BT, KP):

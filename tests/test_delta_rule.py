@@ -1,0 +1,163 @@
+"""DeltaNet and Gated DeltaNet: the chunked WY torch form against the token-by-token recurrence (fp64), grouped value
+heads, the in-kernel options (L2 norm, beta sigmoid, negative eigenvalues, gate activation), validation, refusals."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fla_tl.ops import (
+    BackendError,
+    chunk_delta_rule,
+    chunk_gated_delta_rule,
+    fused_chunk_delta_rule,
+    fused_recurrent_delta_rule,
+    fused_recurrent_gated_delta_rule,
+)
+from fla_tl.reference.delta_rule import l2norm, recurrent_gated_delta_rule
+
+from test_retention import _cu
+from utils import assert_close
+
+
+def _inputs(B=2, T=70, H=2, HV=2, K=16, V=12, N=None, dtype=torch.float64, gate=True, normalize_k=True,
+            state_v_first=False):
+    q = torch.randn(B, T, H, K)
+    k = torch.randn(B, T, H, K)
+    k = F.normalize(k, dim=-1) if normalize_k else k
+    v = torch.randn(B, T, HV, V)
+    beta = torch.rand(B, T, HV)
+    g = F.logsigmoid(torch.randn(B, T, HV) + 2) if gate else None
+    h0 = torch.randn((N or B, HV, V, K) if state_v_first else (N or B, HV, K, V))
+    return {n: (x.to(dtype).requires_grad_() if x is not None else None)
+            for n, x in dict(q=q, k=k, v=v, beta=beta, g=g, h0=h0).items()}
+
+
+def _check(call, x, ref_kwargs=None, **kw):
+    """call(x) -> (o, ht) against the recurrence on the same inputs; every gradient."""
+    names = [n for n in ("q", "k", "v", "beta", "g", "h0") if x[n] is not None]
+    o, ht = call(x)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    grads = torch.autograd.grad((o, ht), [x[n] for n in names], (do, dht))
+    r = {n: x[n].detach().double().requires_grad_() for n in names}
+    ro, rht = recurrent_gated_delta_rule(r["q"], r["k"], r["v"], r["beta"], r.get("g"), initial_state=r["h0"],
+                                         output_final_state=True, **(ref_kwargs or {}))
+    rgrads = torch.autograd.grad((ro, rht), [r[n] for n in names], (do.double(), dht.double()))
+    dtype = x["q"].dtype
+    assert_close("o", o, ro, dtype)
+    assert_close("ht", ht, rht, dtype)
+    for n, a, b in zip(names, grads, rgrads):
+        assert a.dtype == x[n].dtype
+        assert_close(f"d{n}", a, b, dtype)
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 130])
+@pytest.mark.parametrize("fn", [chunk_delta_rule, fused_recurrent_delta_rule], ids=["chunk", "fused_recurrent"])
+def test_delta_rule(fn, T):
+    x = _inputs(T=T, gate=False)
+    _check(lambda x: fn(x["q"], x["k"], x["v"], x["beta"], initial_state=x["h0"], output_final_state=True), x)
+
+
+@pytest.mark.parametrize("HV", [2, 4], ids=["HV=H", "GVA"])
+@pytest.mark.parametrize("T", [1, 63, 130])
+def test_chunk_gated(T, HV):
+    x = _inputs(T=T, HV=HV)
+    _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                            output_final_state=True), x)
+
+
+@pytest.mark.parametrize("HV", [2, 4], ids=["HV=H", "GVA"])
+def test_fused_recurrent_gated(HV):
+    x = _inputs(HV=HV)
+    _check(lambda x: fused_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], beta=x["beta"],
+                                                      initial_state=x["h0"], output_final_state=True), x)
+
+
+@pytest.mark.parametrize("fn", [chunk_gated_delta_rule, fused_recurrent_gated_delta_rule],
+                         ids=["chunk", "fused_recurrent"])
+def test_varlen_state_v_first(fn):
+    lens = (1, 63, 0, 70)
+    x = _inputs(B=1, T=sum(lens), HV=4, N=len(lens), state_v_first=True)
+    cu = _cu(lens)
+    _check(lambda x: fn(x["q"], x["k"], x["v"], x["g"], beta=x["beta"], initial_state=x["h0"],
+                        output_final_state=True, state_v_first=True, cu_seqlens=cu), x,
+           {"state_v_first": True, "cu_seqlens": cu})
+
+
+def test_qk_l2norm_with_raw_keys():
+    x = _inputs(normalize_k=False)
+    _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                            output_final_state=True, use_qk_l2norm_in_kernel=True), x,
+           {"use_qk_l2norm_in_kernel": True})
+
+
+def test_l2norm_matches_fla():
+    x = torch.randn(3, 7, dtype=torch.float64)
+    torch.testing.assert_close(l2norm(x), x / torch.sqrt((x * x).sum(-1, keepdim=True) + 1e-6))
+
+
+@pytest.mark.parametrize("allow_neg_eigval", [False, True])
+def test_beta_sigmoid(allow_neg_eigval):
+    x = _inputs()
+    logits = torch.randn(2, 70, 2, dtype=torch.float64)
+    o, ht = chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], logits, initial_state=x["h0"],
+                                   output_final_state=True, use_beta_sigmoid_in_kernel=True,
+                                   allow_neg_eigval=allow_neg_eigval)
+    beta = logits.sigmoid() * (2 if allow_neg_eigval else 1)
+    ro, rht = recurrent_gated_delta_rule(x["q"], x["k"], x["v"], beta, x["g"], initial_state=x["h0"],
+                                         output_final_state=True)
+    assert_close("o", o, ro, torch.float64)
+    assert_close("ht", ht, rht, torch.float64)
+
+
+def test_gate_in_kernel():
+    x = _inputs()
+    raw = torch.randn(2, 70, 2, dtype=torch.float64)
+    A_log, dt_bias = torch.randn(2, dtype=torch.float64), torch.randn(2, dtype=torch.float64)
+    o, _ = fused_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], raw, beta=x["beta"], use_gate_in_kernel=True,
+                                            A_log=A_log, dt_bias=dt_bias)
+    g = -A_log.exp() * F.softplus(raw + dt_bias)
+    ro, _ = recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["beta"], g)
+    assert_close("o", o, ro, torch.float64)
+    o2, _ = chunk_gated_delta_rule(x["q"], x["k"], x["v"], raw, x["beta"], use_gate_in_kernel=True, A_log=A_log,
+                                   dt_bias=dt_bias)
+    assert_close("o", o2, ro, torch.float64)
+
+
+def test_fp32_and_bf16_accepted():
+    for dtype in (torch.float32, torch.bfloat16):
+        x = _inputs(dtype=dtype)
+        _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
+                                                output_final_state=True), x)
+
+
+def test_empty_sequence_and_defaults():
+    x = _inputs(T=0)
+    o, ht = chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], initial_state=x["h0"], output_final_state=True)
+    assert o.shape == (2, 0, 2, 12) and torch.equal(ht, x["h0"].detach().float().double())
+    x = _inputs(T=20, gate=False)
+    o1, _ = fused_recurrent_delta_rule(x["q"], x["k"], x["v"])
+    o2, _ = fused_recurrent_delta_rule(x["q"], x["k"], x["v"], torch.ones(2, 20, 2, dtype=torch.float64))
+    torch.testing.assert_close(o1, o2)
+
+
+def test_bad_inputs():
+    x = _inputs(HV=4)
+    q, k, v, g, beta = x["q"], x["k"], x["v"], x["g"], x["beta"]
+    with pytest.raises(ValueError, match="divisible by H = 2"):
+        chunk_gated_delta_rule(q, k, v[:, :, :3], g[..., :3], beta[..., :3])
+    with pytest.raises(ValueError, match=r"`beta` must have shape \[B, T, HV\] = \[2, 70, 4\]"):
+        chunk_gated_delta_rule(q, k, v, g, beta[..., :2])
+    with pytest.raises(ValueError, match=r"`initial_state` must have shape \[N, HV, K, V\]"):
+        chunk_gated_delta_rule(q, k, v, g, beta, initial_state=torch.zeros(2, 2, 16, 12, dtype=torch.float64))
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=128)
+    with pytest.raises(ValueError, match="A_log"):
+        chunk_gated_delta_rule(q, k, v, g, beta, use_gate_in_kernel=True)
+    with pytest.raises(NotImplementedError, match="gk"):
+        fused_recurrent_gated_delta_rule(q, k, v, gk=torch.zeros(2, 70, 4, 16))
+    with pytest.raises(NotImplementedError, match="cp_context"):
+        chunk_gated_delta_rule(q, k, v, g, beta, cp_context=object())
+    with pytest.raises(NotImplementedError, match="chunk_delta_rule instead"):
+        fused_chunk_delta_rule(q=q)
+    with pytest.raises(BackendError, match="no TileLang kernel"):
+        chunk_delta_rule(q, k, v[:, :, :2], beta[..., :2], backend="tilelang")
