@@ -285,3 +285,32 @@ def test_gate_gradient_identity(varlen, reverse):
         acc = seg.flip(0).cumsum(0).flip(0) if not reverse else seg.cumsum(0)
         want[b, s:e] = acc + term[n]
     torch.testing.assert_close(dg, want)
+
+
+def test_gate_gradient_chunk_local_identity():
+    """the chunk-local form `common.cumsum.gate_grad_chunk` computes, in fp64 on a hand-written recurrence: dg_t = sum
+    of (q . dq - k . dk) over the rest of t's chunk + <S_c, dS_c>, S_c the state leaving the chunk and dS_c its
+    gradient through the later chunks and the final state (what `chunk_bwd_dh` stores: not the chunk's own last
+    output, which the chunk form computes from the state entering the chunk)."""
+    torch.manual_seed(0)
+    T, C, K, V = 150, 64, 6, 5
+    q, k, v = (torch.randn(T, K if i < 2 else V, dtype=torch.float64, requires_grad=True) for i in range(3))
+    g = F.logsigmoid(torch.randn(T, dtype=torch.float64)).requires_grad_()
+    h = torch.randn(K, V, dtype=torch.float64)
+    states, outs = [], []
+    for t in range(T):
+        h = g[t].exp() * h + k[t, :, None] * v[t, None, :]
+        h.retain_grad()
+        states.append(h)
+        outs.append(h.t() @ q[t])
+    o = torch.stack(outs)
+    do, dht = torch.randn_like(o), torch.randn(K, V, dtype=torch.float64)
+    ((o * do).sum() + (h * dht).sum()).backward()
+    r = (q * q.grad - k * k.grad).sum(-1)
+    want = torch.empty(T, dtype=torch.float64)
+    for s in range(0, T, C):
+        e = min(s + C, T)
+        S = states[e - 1]
+        dS = S.grad - q[e - 1, :, None] * do[e - 1, None, :]  # less the chunk's own last output, o = S^T q
+        want[s:e] = r[s:e].flip(0).cumsum(0).flip(0) + (S * dS).sum()
+    torch.testing.assert_close(g.grad, want)

@@ -39,14 +39,24 @@ def kernel_specs(K: int, V: int, dtype: str, gate: str = "gamma", modes=MODES):
             specs.append(spec("fused_recurrent_bwd", reverse=reverse, state_v_first=svf))
     if gate == "g":
         # the per-token gate's cumulative sum (g in fp32 or the input dtype) and its gradient
-        from .common.cumsum import chunk_gate_cumsum_kernel, gate_dot_kernel, sequence_cumsum_kernel
+        from .common.cumsum import (
+            chunk_gate_cumsum_kernel,
+            chunk_reverse_cumsum_kernel,
+            chunk_state_dot_kernel,
+            gate_dot_kernel,
+            sequence_cumsum_kernel,
+        )
 
         for g_dtype in sorted({"float32", dtype}):
             specs.append(("chunk_gate_cumsum_kernel", chunk_gate_cumsum_kernel, dict(g_dtype=g_dtype, BT=64)))
+            specs.append(("chunk_reverse_cumsum_kernel", chunk_reverse_cumsum_kernel, dict(out_dtype=g_dtype, BT=64)))
             for reverse in (False, True):
                 specs.append(("sequence_cumsum_kernel", sequence_cumsum_kernel,
                               dict(reverse=reverse, out_dtype=g_dtype, BT=64)))
-        specs.append(("gate_dot_kernel", gate_dot_kernel, dict(K=K, dtype=dtype, BT=64)))
+        # the chunk kernels' dg reads dq, dk in the input dtype, fused_recurrent's in fp32
+        for grad_dtype in sorted({"float32", dtype}):
+            specs.append(("gate_dot_kernel", gate_dot_kernel, dict(K=K, dtype=dtype, grad_dtype=grad_dtype, BT=64)))
+        specs.append(("chunk_state_dot_kernel", chunk_state_dot_kernel, dict(K=K, V=V, h_dtype=dtype, BT=64)))
     return specs
 
 

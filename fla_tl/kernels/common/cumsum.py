@@ -10,11 +10,11 @@
 
 The sums run in fp32; chunks of 64 tokens are staged through shared memory and scanned by one thread per head.
 
-Known limit (found in review, CPU emulation, not yet measured on a GPU): the scan sums r over the rest of the
-sequence, and r comes from dq, dk already rounded to the input dtype, so in bf16 the error of dg grows with T
-(emulated relative RMS 4e-2 at T = 2048 against a 2e-2 tolerance). The chunk-local form, a reverse scan inside each
-chunk plus <h[c+1], dh[c]> (the state leaving chunk c and its gradient, which the chunk-parallel schedule already
-has), stays near 1e-2 and is the planned replacement before the registry turns the per-token gate kernels on.
+Two forms. `gate_grad` scans r over the rest of the whole sequence: used by fused_recurrent, whose dq, dk come in
+fp32 from fp32 arithmetic. `gate_grad_chunk` scans r only inside each chunk and adds <S_c, dh[c]>, S_c the state
+leaving chunk c (which equals the sum of r over all later chunks plus <ht, dht>): used by the chunk kernels, whose dq,
+dk carry bf16 intermediates; summing their r along a whole sequence let the error grow with T (a review's CPU
+emulation: relative RMS 4e-2 at T = 2048 in bf16, against about 1e-2 for the chunk-local form).
 """
 
 import torch
@@ -59,16 +59,17 @@ def chunk_gate_cumsum_kernel(g_dtype: str, BT: int = 64, BH: int = 32):
     return chunk_gate_cumsum
 
 
-def gate_dot_kernel(K: int, dtype: str, BT: int = 64, threads: int = 128):
+def gate_dot_kernel(K: int, dtype: str, grad_dtype: str | None = None, BT: int = 64, threads: int = 128):
     KP = pad_dim(K)
+    grad_dtype = grad_dtype or dtype
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
 
     @T.prim_func
     def gate_dot(
         q: T.Tensor([Ttot, H, K], dtype),
         k: T.Tensor([Ttot, H, K], dtype),
-        dq: T.Tensor([Ttot, H, K], dtype),
-        dk: T.Tensor([Ttot, H, K], dtype),
+        dq: T.Tensor([Ttot, H, K], grad_dtype),
+        dk: T.Tensor([Ttot, H, K], grad_dtype),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         r: T.Tensor([Ttot, H], "float32"),
@@ -136,6 +137,77 @@ def sequence_cumsum_kernel(reverse: bool, out_dtype: str, BT: int = 64, BH: int 
     return sequence_cumsum
 
 
+def chunk_state_dot_kernel(K: int, V: int, h_dtype: str, BT: int = 64, threads: int = 128):
+    """c[i_c, h] = <S, dh[i_c, h]> with S the state leaving chunk i_c: h[i_c + 1] inside a sequence, the final state
+    ht after its last chunk."""
+    KP = pad_dim(K)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def chunk_state_dot(
+        h: T.Tensor([NT, H, K, V], h_dtype),
+        dh: T.Tensor([NT, H, K, V], h_dtype),
+        ht: T.Tensor([N, H, K, V], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        c: T.Tensor([NT, H], "float32"),
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            last = (chunk_indices[i_c, 1] + 1) * BT >= cu[i_n + 1] - cu[i_n]
+            b_x = T.alloc_fragment([KP, BT], "float32")
+            b_r = T.alloc_fragment([KP], "float32")
+            b_s = T.alloc_fragment([1], "float32")
+            T.clear(b_x)
+            for jv in T.serial(T.ceildiv(V, BT)):
+                for i, j in T.Parallel(KP, BT):
+                    if i < K and jv * BT + j < V:
+                        if last:
+                            b_x[i, j] += ht[i_n, i_h, i, jv * BT + j] * T.Cast("float32", dh[i_c, i_h, i, jv * BT + j])
+                        else:
+                            b_x[i, j] += T.Cast("float32", h[i_c + 1, i_h, i, jv * BT + j]) * T.Cast(
+                                "float32", dh[i_c, i_h, i, jv * BT + j])
+            T.reduce_sum(b_x, b_r, dim=1)
+            T.reduce_sum(b_r, b_s, dim=0)
+            c[i_c, i_h] = b_s[0]
+
+    return chunk_state_dot
+
+
+def chunk_reverse_cumsum_kernel(out_dtype: str, BT: int = 64, BH: int = 32):
+    """y[t] = sum_{t' >= t in t's chunk} x[t'] + c[chunk of t] (chunk-local reverse inclusive scan plus an offset)."""
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def chunk_reverse_cumsum(
+        x: T.Tensor([Ttot, H], "float32"),
+        c: T.Tensor([NT, H], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        y: T.Tensor([Ttot, H], out_dtype),
+    ):
+        with T.Kernel(NT, T.ceildiv(H, BH), threads=BH) as (i_c, i_hb):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            x_s = T.alloc_shared([BT, BH], "float32")
+            acc = T.alloc_fragment([BH], "float32")
+
+            for i, h in T.Parallel(BT, BH):
+                x_s[i, h] = T.if_then_else(i < nvalid and i_hb * BH + h < H, x[t0 + i, i_hb * BH + h], 0)
+            for h in T.Parallel(BH):
+                acc[h] = T.if_then_else(i_hb * BH + h < H, c[i_c, T.min(i_hb * BH + h, H - 1)], 0)
+            for ii in T.serial(BT):
+                for h in T.Parallel(BH):
+                    acc[h] += x_s[BT - 1 - ii, h]
+                    x_s[BT - 1 - ii, h] = acc[h]
+            for i, h in T.Parallel(BT, BH):
+                if i < nvalid and i_hb * BH + h < H:
+                    y[t0 + i, i_hb * BH + h] = x_s[i, h]
+
+    return chunk_reverse_cumsum
+
+
 def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT: int = 64) -> torch.Tensor:
     """the chunk-local inclusive cumulative log2 gates `[Ttot, H]` fp32 of `g` `[Ttot, H]` plus `g_gamma` `[H]`."""
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
@@ -154,11 +226,35 @@ def gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: torch.dty
     dg = torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
     if meta.NT == 0:
         return dg
-    dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)
+    dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype],
+                     grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT)
     dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
     offset = state_term.float().contiguous() if state_term is not None else r.new_empty(1, H)
     # a forward recurrence sums to the end of the sequence (reverse scan); a reverse one to its start
     scan = get_kernel(sequence_cumsum_kernel, target_for(q.device), reverse=not reverse, out_dtype=TORCH_TO_TL[dg_dtype],
                       BT=BT)
     scan(r, offset, meta.cu, dg, int(state_term is not None))
+    return dg
+
+
+def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):
+    """dg `[Ttot, H]` of a per-token log gate in the chunk-local form: within chunk c, the reverse sum of
+    r = q . dq - k . dk over the rest of the chunk, plus <S_c, dh[c]> with S_c the state leaving chunk c (`h` `[NT, H,
+    K, V]` the states entering each chunk, `ht` `[N, H, K, V]` fp32 the final states, `dh` the gradients of the states
+    leaving each chunk). The sum over the later chunks is folded into that one state product, so rounding errors of
+    r do not add up along the sequence."""
+    Ttot, H, K = q.shape
+    V = h.shape[-1]
+    dg = torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
+    if meta.NT == 0:
+        return dg
+    r = torch.empty(Ttot, H, dtype=torch.float32, device=q.device)
+    dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype],
+                     grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT)
+    dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
+    c = torch.empty(meta.NT, H, dtype=torch.float32, device=q.device)
+    state_dot = get_kernel(chunk_state_dot_kernel, target_for(q.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype], BT=BT)
+    state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)
+    scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(q.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
+    scan(r, c, meta.cu, meta.chunk_indices, dg)
     return dg

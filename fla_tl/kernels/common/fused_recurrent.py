@@ -141,8 +141,9 @@ def fused_recurrent_bwd_kernel(
 ):
     KP = pad_dim(K, 16)
     NV = cdiv(V, BV)
-    # one V tile writes dq, dk directly; several write fp32 partial sums
-    dqk_dtype = dtype if NV == 1 else "float32"
+    # one V tile writes dq, dk directly; several write fp32 partial sums; with a per-token gate they stay fp32 for
+    # the gate's gradient (common.cumsum.gate_grad)
+    dqk_dtype = dtype if NV == 1 and gate != "g" else "float32"
     Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
     NG = T.dynamic("NG")
     SK, SV = (V, K) if state_v_first else (K, V)
@@ -321,7 +322,7 @@ def fused_recurrent_bwd(
     tail = _state_tail(K, V, state_v_first)
     h0, use_h0 = state_or_dummy(initial_state, q, tail)
     dht_, use_dht = state_or_dummy(dht, q, tail)
-    dqk_dtype = q.dtype if NV == 1 else torch.float32
+    dqk_dtype = q.dtype if NV == 1 and gate != "g" else torch.float32
     dq = q.new_empty(NV, Ttot, H, K, dtype=dqk_dtype)
     dk = q.new_empty(NV, Ttot, H, K, dtype=dqk_dtype)
     dv = torch.empty_like(v)
@@ -341,4 +342,7 @@ def fused_recurrent_bwd(
     dq = dq.sum(0) if NV > 1 else dq[0]
     dk = dk.sum(0) if NV > 1 else dk[0]
     dh0 = dh0.view(meta.N, H, *tail).to(initial_state.dtype) if use_h0 else None
+    if gate == "g":
+        # fp32 for the gate's gradient; the caller casts
+        return dq, dk, dv, dh0
     return dq.to(q.dtype), dk.to(k.dtype), dv, dh0

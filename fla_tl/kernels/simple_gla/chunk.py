@@ -19,8 +19,8 @@ from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.chunk_o import chunk_bwd_dqkv, chunk_fwd_o
 from ...autotune.resolve import tile_config
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
-from ..common.cumsum import gate_grad
-from ..common.gates import chunk_gate, state_term
+from ..common.cumsum import gate_grad_chunk
+from ..common.gates import chunk_gate
 from ..common.utils import cdiv, pad_dim, seq_meta
 
 BT = 64
@@ -69,23 +69,24 @@ def chunk_simple_gla_fwd(
 def chunk_simple_gla_bwd(
     q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, g=None, ht=None, impl="auto"
 ):
-    """(dq, dk, dv, dh0 or None, dg or None); `ht` is the forward's final state, needed for dg when `dht` is given."""
+    """(dq, dk, dv, dh0 or None, dg or None); `ht` is accepted for a uniform launcher contract (the chunk form
+    recomputes the states it needs for dg)."""
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
     kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
-    if _schedule(q, v, meta.N, "bwd_dkv", impl) == "fused":
+    # a per-token gate's gradient needs the chunk states and their gradients: the chunk-parallel schedule has them
+    if g is None and _schedule(q, v, meta.N, "bwd_dkv", impl) == "fused":
         dq, dk, dv, dh0 = fused_chunk_bwd(q_, k_, v_, do_, dht, scale=scale, initial_state=initial_state, **kw)
-    else:
-        # recompute the chunk states instead of keeping them from the forward
-        h, _ = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=False, BT=BT, **kw)
-        dh, dh0 = chunk_bwd_dh(q_, do_, dht, scale=scale, need_dh0=initial_state is not None, BT=BT, **kw)
-        dq, dk, dv = chunk_bwd_dqkv(q_, k_, v_, do_, h, dh, scale=scale, BT=BT, **kw)
-        if dh0 is not None:
-            dh0 = dh0.to(initial_state.dtype)
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, None
+    # recompute the chunk states instead of keeping them from the forward
+    h, h_last = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=g is not None, BT=BT, **kw)
+    dh, dh0 = chunk_bwd_dh(q_, do_, dht, scale=scale, need_dh0=initial_state is not None, BT=BT, **kw)
+    dq, dk, dv = chunk_bwd_dqkv(q_, k_, v_, do_, h, dh, scale=scale, BT=BT, **kw)
+    if dh0 is not None:
+        dh0 = dh0.to(initial_state.dtype)
     dg = None
     if g is not None:
-        dg = gate_grad(q_, k_, dq, dk, meta=meta, reverse=False, dg_dtype=g.dtype, state_term=state_term(ht, dht))
-        dg = dg.view_as(g)
+        dg = gate_grad_chunk(q_, k_, dq, dk, h, dh, h_last, meta=meta, dg_dtype=g.dtype, BT=BT).view_as(g)
     return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg

@@ -60,6 +60,8 @@ def fused_recurrent_simple_gla_bwd(
     )
     dg = None
     if g is not None:
+        # dq, dk come in fp32 here (fp32 arithmetic throughout), so the sequence-long scan stays accurate
         dg = gate_grad(q_, k_, dq, dk, meta=meta, reverse=reverse, dg_dtype=g.dtype, state_term=state_term(ht, dht))
         dg = dg.view_as(g)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
     return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg
