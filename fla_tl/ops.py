@@ -1149,13 +1149,15 @@ _gla_specs["fused_chunk"][0].fn = fused_chunk_gla
 # torch.compile see ordinary tensor code.
 
 NO_KERNEL = "no TileLang kernel for this op yet; the torch backend runs it"
+HGRN_UNVERIFIED = ("the TileLang HGRN scan kernels (fla_tl.kernels.hgrn) build but have not run on a GPU yet; the "
+                   "torch backend runs it")
 
 
 def _register_plain(name: str, variant: str, mode: str, reference, torch_fn, *, recurrent=False, varlen=True,
-                    initial_state=True, max_head_dim=None, self_check=None):
+                    initial_state=True, max_head_dim=None, self_check=None, tilelang_refusal=NO_KERNEL):
     spec = register_op(OpSpec(name=name, variant=variant, mode=mode, reference=reference, self_check=self_check))
     tl_caps = dataclasses.replace(tilelang_capabilities(recurrent), varlen=varlen, initial_state=initial_state)
-    register_backend(name, make_refusing_backend("tilelang", tl_caps, NO_KERNEL))
+    register_backend(name, make_refusing_backend("tilelang", tl_caps, tilelang_refusal))
     caps = dataclasses.replace(torch_capabilities(recurrent), varlen=varlen, initial_state=initial_state,
                                max_head_dim=max_head_dim)
     register_backend(name, Backend(name="torch", capabilities=caps, verifier=functools.partial(torch_verifier, caps),
@@ -1412,11 +1414,11 @@ _parallel_simple_gla_spec = _register_plain(
 )
 _parallel_simple_gla_spec.fn = parallel_simple_gla
 _chunk_hgrn_spec = _register_plain("chunk_hgrn", "hgrn", "chunk", recurrent_hgrn, chunk_hgrn_torch, varlen=False,
-                                   self_check=_hgrn_self_check(chunk_hgrn, False))
+                                   self_check=_hgrn_self_check(chunk_hgrn, False), tilelang_refusal=HGRN_UNVERIFIED)
 _chunk_hgrn_spec.fn = chunk_hgrn
 _fused_recurrent_hgrn_spec = _register_plain(
     "fused_recurrent_hgrn", "hgrn", "fused_recurrent", recurrent_hgrn, chunk_hgrn_torch,
-    self_check=_hgrn_self_check(fused_recurrent_hgrn, True),
+    self_check=_hgrn_self_check(fused_recurrent_hgrn, True), tilelang_refusal=HGRN_UNVERIFIED,
 )
 _fused_recurrent_hgrn_spec.fn = fused_recurrent_hgrn
 _fused_chunk_based_spec = _register_plain(

@@ -33,6 +33,12 @@ def _specs():
                              if k in ("reverse", "state_v_first", "BV", "g_dtype", "out_dtype"))
             dims = f"K{kwargs['K']}-V{kwargs['V']}" if "V" in kwargs else f"K{kwargs.get('K', '-')}"
             params.append(pytest.param((factory, kwargs), id=f"{name}-{dims}-{dtype}-{gate}-{flags}"))
+    from fla_tl.kernels.hgrn.fused_recurrent import fused_recurrent_hgrn_bwd_kernel, fused_recurrent_hgrn_fwd_kernel
+
+    for factory in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel):
+        for dtype, g_dtype in (("bfloat16", "float32"), ("float32", "float32")):
+            params.append(pytest.param((factory, dict(dtype=dtype, g_dtype=g_dtype)),
+                                       id=f"{factory.__name__}-{dtype}-g{g_dtype}"))
     return params
 
 
