@@ -1154,10 +1154,11 @@ HGRN_UNVERIFIED = ("the TileLang HGRN scan kernels (fla_tl.kernels.hgrn) build b
 
 
 def _register_plain(name: str, variant: str, mode: str, reference, torch_fn, *, recurrent=False, varlen=True,
-                    initial_state=True, max_head_dim=None, self_check=None, tilelang_refusal=NO_KERNEL):
+                    initial_state=True, max_head_dim=None, self_check=None, tilelang_refusal=NO_KERNEL,
+                    tilelang_backend: Backend | None = None):
     spec = register_op(OpSpec(name=name, variant=variant, mode=mode, reference=reference, self_check=self_check))
     tl_caps = dataclasses.replace(tilelang_capabilities(recurrent), varlen=varlen, initial_state=initial_state)
-    register_backend(name, make_refusing_backend("tilelang", tl_caps, tilelang_refusal))
+    register_backend(name, tilelang_backend or make_refusing_backend("tilelang", tl_caps, tilelang_refusal))
     caps = dataclasses.replace(torch_capabilities(recurrent), varlen=varlen, initial_state=initial_state,
                                max_head_dim=max_head_dim)
     register_backend(name, Backend(name="torch", capabilities=caps, verifier=functools.partial(torch_verifier, caps),
@@ -1378,6 +1379,39 @@ def parallel_rebased(
     return chosen.fwd(q, k, v, eps=eps, use_scale=use_scale, use_normalize=use_normalize, return_both=return_both)
 
 
+def make_feature_map_backend(based: bool) -> Backend:
+    """the tilelang backend of Based / ReBased: linear attention on their feature maps (`fla_tl.kernels.based`), run by
+    `chunk_simple_gla`'s TileLang kernels; for K <= 16, where the features fit the kernels' 256 dims."""
+    caps = dataclasses.replace(tilelang_capabilities(), varlen=False, initial_state=False, max_head_dim=None)
+
+    def verifier(inputs: OpInputs) -> list[str]:
+        reasons = tilelang_verifier(caps, "fla_tl.kernels.simple_gla", inputs)
+        if inputs.K > 16:
+            reasons.append(f"K = {inputs.K} > 16: the feature map would exceed the kernels' 256 dims (the torch "
+                           "backend runs the attention form)")
+        if inputs.V + 1 > MAX_HEAD_DIM:
+            reasons.append(f"V = {inputs.V}: V + 1 (the normaliser column) exceeds {MAX_HEAD_DIM}")
+        return reasons
+
+    def based_fwd(q, k, v, scale=None, use_norm=True):
+        from .kernels.based import feature_attention
+
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        o, z = feature_attention(q, k, v, scale, True, backend="tilelang")
+        return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
+
+    def rebased_fwd(q, k, v, eps=1e-5, use_scale=True, use_normalize=True, return_both=False):
+        from .kernels.based import feature_attention
+
+        o, z = feature_attention(q, k, v, q.shape[-1] ** -0.5 if use_scale else 1.0, False, backend="tilelang")
+        if return_both:
+            return o.transpose(1, 2), z.transpose(1, 2)
+        return (o / (z[..., None] + eps) if use_normalize else o).to(q.dtype)
+
+    return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=based_fwd if based else rebased_fwd,
+                   bwd=None, description="linear attention on the feature maps, TileLang kernels (K <= 16)")
+
+
 def _hgrn_self_check(fn, varlen):
     def run(device, dtype):
         B, T, D = (1, 101, 24) if varlen else (2, 70, 24)
@@ -1424,16 +1458,19 @@ _fused_recurrent_hgrn_spec.fn = fused_recurrent_hgrn
 _fused_chunk_based_spec = _register_plain(
     "fused_chunk_based", "based", "fused_chunk", recurrent_based, parallel_based_torch, varlen=False,
     initial_state=False, self_check=_self_check_attention(fused_chunk_based, recurrent_based),
+    tilelang_backend=make_feature_map_backend(True),
 )
 _fused_chunk_based_spec.fn = fused_chunk_based
 _parallel_based_spec = _register_plain(
     "parallel_based", "based", "parallel", recurrent_based, parallel_based_torch, varlen=False,
     initial_state=False, self_check=_self_check_attention(parallel_based, recurrent_based),
+    tilelang_backend=make_feature_map_backend(True),
 )
 _parallel_based_spec.fn = parallel_based
 _parallel_rebased_spec = _register_plain(
     "parallel_rebased", "rebased", "parallel", recurrent_rebased, parallel_rebased_torch, varlen=False,
     initial_state=False, self_check=_self_check_attention(parallel_rebased, recurrent_rebased),
+    tilelang_backend=make_feature_map_backend(False),
 )
 _parallel_rebased_spec.fn = parallel_rebased
 

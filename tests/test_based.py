@@ -67,10 +67,52 @@ def test_feature_dim_limits():
             fn(q, k, v)
 
 
-def test_no_tilelang_kernel():
+def test_tilelang_backend_refusals():
+    from fla_tl.registry import OpInputs, get_op
+
+    h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=16, V=64, compute_capability=(9, 0))
+    for name in ("fused_chunk_based", "parallel_based", "parallel_rebased"):
+        tl = get_op(name).backend("tilelang")
+        assert tl.verifier(h100) == []
+        assert "K = 32 > 16" in tl.verifier(OpInputs(**{**h100.__dict__, "K": 32}))[-1]
+        assert "V + 1" in tl.verifier(OpInputs(**{**h100.__dict__, "V": 256}))[-1]
     q, k, v = _qkv(dtype=torch.float32)
-    with pytest.raises(BackendError, match="no TileLang kernel"):
+    with pytest.raises(BackendError, match="needs a cuda tensor"):
         parallel_based(q, k, v, backend="tilelang")
+
+
+@pytest.mark.parametrize("based", [True, False], ids=["based", "rebased"])
+def test_feature_map_composition(based):
+    """the TileLang path's composition (feature maps, ones column, linear attention) on the torch linear attention."""
+    from fla_tl.kernels.based import feature_attention
+
+    q, k, v = _qkv(K=16)
+    o, z = feature_attention(q, k, v, 0.25, based, backend="torch")
+    if based:
+        want = recurrent_based(q, k, v, scale=0.25, use_norm=False)
+    else:
+        want = recurrent_rebased(q * 0.25, k, v, use_scale=False, use_normalize=False)
+    assert_close("o", o, want, torch.float64)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("name", ["fused_chunk_based", "parallel_based", "parallel_rebased"])
+def test_tilelang(name, dtype):
+    from fla_tl import ops
+
+    fn = getattr(ops, name)
+    ref = recurrent_rebased if name == "parallel_rebased" else recurrent_based
+    q, k, v = (torch.randn(2, 500, 4, 16 if i < 2 else 64, device="cuda").to(dtype).requires_grad_()
+               for i in range(3))
+    o = fn(q, k, v, backend="tilelang")
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    r = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro = ref(*r)
+    rgrads = torch.autograd.grad(ro, r, do.double())
+    for n, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (ro, *rgrads)):
+        assert_close(n, a, b, dtype)
 
 
 @pytest.mark.parametrize("gate", [True, False])
