@@ -1167,12 +1167,12 @@ def _register_plain(name: str, variant: str, mode: str, reference, torch_fn, *, 
 
 
 def _plain_backend(spec: OpSpec, x: torch.Tensor, K: int, V: int, backend: str | None, cu_seqlens=None,
-                   initial_state=None) -> Backend:
+                   initial_state=None, gate: bool = False) -> Backend:
     check_backend_name(spec, backend)
     cc = tuple(torch.cuda.get_device_capability(x.device)) if x.device.type == "cuda" else None
     inputs = OpInputs(device_type=x.device.type, dtype=x.dtype, K=K, V=V, compute_capability=cc,
                       varlen=cu_seqlens is not None, initial_state=initial_state is not None,
-                      backward=torch.is_grad_enabled() and x.requires_grad)
+                      backward=torch.is_grad_enabled() and x.requires_grad, gate=gate)
     return select_backend(spec, inputs, backend if backend != AUTO else None)
 
 
@@ -1227,7 +1227,14 @@ def parallel_simple_gla(
     validate_linear_attention_inputs(q, k, v, scale=scale, cu_seqlens=cu_seqlens, g=g)
     if output_attentions and cu_seqlens is not None:
         raise ValueError("`output_attentions=True` is not supported with `cu_seqlens` (as in fla)")
-    chosen = _plain_backend(_parallel_simple_gla_spec, q, q.shape[-1], v.shape[-1], backend, cu_seqlens)
+    if output_attentions:
+        # the attention matrix exists only in the torch backend's attention form
+        if backend == "tilelang":
+            raise BackendError("parallel_simple_gla: the tilelang backend does not materialise the attention "
+                               "(output_attentions=True); use backend='torch' or None")
+        backend = "torch"
+    chosen = _plain_backend(_parallel_simple_gla_spec, q, q.shape[-1], v.shape[-1], backend, cu_seqlens,
+                            gate=g is not None)
     return chosen.fwd(q, k, v, g, scale=scale, output_attentions=output_attentions, cu_seqlens=cu_seqlens)
 
 
@@ -1442,9 +1449,22 @@ def _parallel_simple_gla_check(device, dtype):
     )(device, dtype)
 
 
+def make_parallel_simple_gla_backend() -> Backend:
+    """the tilelang backend of parallel_simple_gla: the same output by chunk_simple_gla's TileLang kernels (without
+    the attention matrix); the per-token gate follows chunk_simple_gla's capabilities."""
+    caps = dataclasses.replace(tilelang_capabilities(), initial_state=False)
+
+    def fwd(q, k, v, g, scale=None, output_attentions=False, cu_seqlens=None):
+        return chunk_simple_gla(q, k, v, g=g, scale=scale, cu_seqlens=cu_seqlens, backend="tilelang")[0], None
+
+    return Backend(name="tilelang", capabilities=caps,
+                   verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.simple_gla"), fwd=fwd, bwd=None,
+                   description="chunk_simple_gla's TileLang kernels")
+
+
 _parallel_simple_gla_spec = _register_plain(
     "parallel_simple_gla", "simple_gla", "parallel", recurrent_simple_gla, parallel_simple_gla_torch,
-    initial_state=False, self_check=_parallel_simple_gla_check,
+    initial_state=False, self_check=_parallel_simple_gla_check, tilelang_backend=make_parallel_simple_gla_backend(),
 )
 _parallel_simple_gla_spec.fn = parallel_simple_gla
 _chunk_hgrn_spec = _register_plain("chunk_hgrn", "hgrn", "chunk", recurrent_hgrn, chunk_hgrn_torch, varlen=False,

@@ -140,3 +140,24 @@ def test_parallel_simple_gla_varlen():
     assert_close("o", o, recurrent_simple_gla(q, k, v, g=g, cu_seqlens=cu)[0], torch.float64)
     with pytest.raises(ValueError, match="output_attentions"):
         parallel_simple_gla(q, k, v, g, cu_seqlens=cu, output_attentions=True)
+
+
+def test_parallel_simple_gla_backends():
+    from fla_tl.registry import OpInputs, get_op
+
+    h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0))
+    tl = get_op("parallel_simple_gla").backend("tilelang")
+    assert tl.verifier(h100) == [] or "tilelang" in tl.verifier(h100)[-1]
+    assert "per-token gate" in tl.verifier(OpInputs(**{**h100.__dict__, "gate": True}))[0]
+    q, k, v = _qkv(dtype=torch.float32)
+    with pytest.raises(BackendError, match="materialise the attention"):
+        parallel_simple_gla(q, k, v, output_attentions=True, backend="tilelang")
+
+
+@pytest.mark.gpu
+def test_parallel_simple_gla_tilelang():
+    q, k, v = (torch.randn(2, 500, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    o, attn = parallel_simple_gla(q, k, v, backend="tilelang")
+    assert attn is None
+    ro, _ = recurrent_simple_gla(*(x.detach().float() for x in (q, k, v)))
+    assert_close("o", o, ro, torch.bfloat16)
