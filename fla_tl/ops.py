@@ -1155,12 +1155,12 @@ HGRN_UNVERIFIED = ("the TileLang HGRN scan kernels (fla_tl.kernels.hgrn) build b
 
 def _register_plain(name: str, variant: str, mode: str, reference, torch_fn, *, recurrent=False, varlen=True,
                     initial_state=True, max_head_dim=None, self_check=None, tilelang_refusal=NO_KERNEL,
-                    tilelang_backend: Backend | None = None):
+                    tilelang_backend: Backend | None = None, gate: bool = False):
     spec = register_op(OpSpec(name=name, variant=variant, mode=mode, reference=reference, self_check=self_check))
     tl_caps = dataclasses.replace(tilelang_capabilities(recurrent), varlen=varlen, initial_state=initial_state)
     register_backend(name, tilelang_backend or make_refusing_backend("tilelang", tl_caps, tilelang_refusal))
     caps = dataclasses.replace(torch_capabilities(recurrent), varlen=varlen, initial_state=initial_state,
-                               max_head_dim=max_head_dim)
+                               max_head_dim=max_head_dim, gate=gate)
     register_backend(name, Backend(name="torch", capabilities=caps, verifier=functools.partial(torch_verifier, caps),
                                    fwd=torch_fn, bwd=None, description="the pure-PyTorch path"))
     return spec
@@ -1465,6 +1465,7 @@ def make_parallel_simple_gla_backend() -> Backend:
 _parallel_simple_gla_spec = _register_plain(
     "parallel_simple_gla", "simple_gla", "parallel", recurrent_simple_gla, parallel_simple_gla_torch,
     initial_state=False, self_check=_parallel_simple_gla_check, tilelang_backend=make_parallel_simple_gla_backend(),
+    gate=True,
 )
 _parallel_simple_gla_spec.fn = parallel_simple_gla
 _chunk_hgrn_spec = _register_plain("chunk_hgrn", "hgrn", "chunk", recurrent_hgrn, chunk_hgrn_torch, varlen=False,
