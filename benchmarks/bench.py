@@ -104,6 +104,19 @@ def qkv_gk_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: st
     return x
 
 
+def delta_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # DeltaNet: normalised keys, beta in (0, 1)
+    x = qkv_inputs(B, T, H, D, dtype, device)
+    x["beta"] = torch.rand(B, T, H, dtype=dtype, device=device)
+    return x
+
+
+def gated_delta_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    x = delta_inputs(B, T, H, D, dtype, device)
+    x["g"] = F.logsigmoid(torch.randn(B, T, H, dtype=torch.float32, device=device))
+    return x
+
+
 def decay_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
     # retention-like per-head constant decays
     return {"g_gamma": torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, dtype=torch.float32, device=device)))}
@@ -258,6 +271,19 @@ OPS: dict[str, OpSpec] = {
         flops=recurrent_flops,
         inputs=qkv_gk_inputs,
         slow=True,
+    ),
+    # no TileLang kernels yet: fla_tl runs its torch backend (the WY chunked form)
+    "chunk_delta_rule": OpSpec(
+        fla_tl="fla_tl.ops:chunk_delta_rule",
+        fla="fla.ops.delta_rule:chunk_delta_rule",
+        flops=chunk_flops,
+        inputs=delta_inputs,
+    ),
+    "chunk_gated_delta_rule": OpSpec(
+        fla_tl="fla_tl.ops:chunk_gated_delta_rule",
+        fla="fla.ops.gated_delta_rule:chunk_gated_delta_rule",
+        flops=chunk_flops,
+        inputs=gated_delta_inputs,
     ),
     "chunk_lightning_attn": OpSpec(
         fla_tl="fla_tl.ops:chunk_lightning_attn",
