@@ -170,6 +170,8 @@ def chunk_bwd_dqk_kernel(
     BK = min(BK, pad_dim(K))
     NK = cdiv(K, BK)
     NV = cdiv(V, BV)
+    # a per-token gate's gradient is formed from dq, dk (common.cumsum): keep them fp32 there
+    dqk_dtype = "float32" if gate == "g" else dtype
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
     @T.prim_func
@@ -184,8 +186,8 @@ def chunk_bwd_dqk_kernel(
         gc: T.Tensor([NG, H], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
-        dq: T.Tensor([Ttot, H, K], dtype),
-        dk: T.Tensor([Ttot, H, K], dtype),
+        dq: T.Tensor([Ttot, H, K], dqk_dtype),
+        dk: T.Tensor([Ttot, H, K], dqk_dtype),
         scale: T.float32,
     ):
         with T.Kernel(NK, NT, H, threads=threads) as (i_k, i_c, i_h):
@@ -279,9 +281,13 @@ def chunk_bwd_dqkv(
     q, k, v, do, h, dh, *, gate: str, g_gamma, scale: float, meta: SeqMeta, BT: int = 64, gc=None, dv_config=None,
     dqk_config=None,
 ):
-    """dq, dk, dv in the input dtype; `dv_config` / `dqk_config` set the tiles of the two kernels."""
+    """dq, dk, dv in the input dtype (dq, dk in fp32 for gate "g"); `dv_config` / `dqk_config` set the tiles of the
+    two kernels."""
     K, V = q.shape[-1], v.shape[-1]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # fp32 dq, dk with a per-token gate (its gradient is formed from them; the caller casts)
+    dqk_dtype = torch.float32 if gate == "g" else q.dtype
+    dq, dk = torch.empty_like(q, dtype=dqk_dtype), torch.empty_like(k, dtype=dqk_dtype)
+    dv = torch.empty_like(v)
     if meta.NT == 0:
         return dq, dk, dv
     dv_config = tile_config("chunk_bwd_dv", q, K=K, V=V, gate=gate, N=meta.N, overrides=dv_config)

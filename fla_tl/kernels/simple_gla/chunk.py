@@ -88,5 +88,7 @@ def chunk_simple_gla_bwd(
         dh0 = dh0.to(initial_state.dtype)
     dg = None
     if g is not None:
+        # dq, dk come in fp32 here: r = q . dq - k . dk is formed before they are rounded
         dg = gate_grad_chunk(q_, k_, dq, dk, h, dh, h_last, meta=meta, dg_dtype=g.dtype, BT=BT).view_as(g)
+        dq, dk = dq.to(q.dtype), dk.to(k.dtype)
     return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg

@@ -1,8 +1,7 @@
 """fused_chunk_simple_gla: one kernel per direction carrying the state across chunks in registers; a per-head
-constant decay and/or a per-token log gate (its gradient by `common.cumsum.gate_grad`)."""
+constant decay and/or a per-token log gate. With a per-token gate the backward runs the chunk-parallel passes instead
+(dg's chunk-local form needs the chunk states and their gradients, which the fused kernels never write)."""
 
-from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
-from ..common.cumsum import gate_grad_chunk
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.gates import chunk_gate
 from ..common.utils import seq_meta
@@ -35,15 +34,18 @@ def fused_chunk_simple_gla_fwd(
 def fused_chunk_simple_gla_bwd(
     q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, g=None, ht=None, **config
 ):
-    """(dq, dk, dv, dh0 or None, dg or None); `ht` is accepted for a uniform launcher contract (dg's chunk-local form
-    recomputes the states it needs)."""
+    """(dq, dk, dv, dh0 or None, dg or None); `ht` is accepted for a uniform launcher contract."""
+    if g is not None:
+        from .chunk import chunk_simple_gla_bwd
+
+        return chunk_simple_gla_bwd(q, k, v, do, dht, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+                                    cu_seqlens=cu_seqlens, g=g, impl="parallel")
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
-    q_, k_ = q.flatten(0, 1), k.flatten(0, 1)
+    gate, g_gamma, gc = chunk_gate(None, g_gamma, H, meta, BT)
     dq, dk, dv, dh0 = fused_chunk_bwd(
-        q_,
-        k_,
+        q.flatten(0, 1),
+        k.flatten(0, 1),
         v.flatten(0, 1),
         do.flatten(0, 1),
         dht,
@@ -55,12 +57,4 @@ def fused_chunk_simple_gla_bwd(
         meta=meta,
         **config,
     )
-    dg = None
-    if g is not None:
-        # the chunk-local form of dg needs the chunk states and their gradients, which the fused kernels never
-        # write: two extra state passes
-        kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
-        h, h_last = chunk_fwd_h(k_, v.flatten(0, 1), initial_state=initial_state, output_final_state=True, BT=BT, **kw)
-        dh, _ = chunk_bwd_dh(q_, do.flatten(0, 1), dht, scale=scale, need_dh0=False, BT=BT, **kw)
-        dg = gate_grad_chunk(q_, k_, dq, dk, h, dh, h_last, meta=meta, dg_dtype=g.dtype, BT=BT).view_as(g)
-    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg
+    return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, None
