@@ -16,7 +16,7 @@ from .reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_
 from .reference.gla import chunk_gla_torch, recurrent_gla
 from .reference.hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
-from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn
+from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn, split_state
 from .reference.retention import recurrent_retention, retention_g_gamma
 from .reference.simple_gla import parallel_simple_gla_torch, recurrent_simple_gla
 from .reference.simple_gla import chunk_simple_gla_torch
@@ -824,12 +824,7 @@ def fused_recurrent_simple_gla(
 
 
 def _linear_attn(mode, q, k, v, scale, initial_state, output_final_state, reverse, normalize, cu_seqlens, backend):
-    if normalize and isinstance(initial_state, tuple):
-        h0, z0 = initial_state
-    else:
-        h0, z0 = initial_state, None
-    if isinstance(h0, tuple):
-        raise TypeError("`initial_state` must be a tensor [N, H, K, V] when `normalize=False`, got a tuple")
+    h0, z0 = split_state(initial_state, normalize)
     spec, fwd_op = _linear_attn_specs[mode]
     if scale is None and isinstance(q, torch.Tensor) and q.dim() == 4:
         scale = q.shape[-1] ** -0.5
@@ -1174,10 +1169,6 @@ def _plain_backend(spec: OpSpec, x: torch.Tensor, K: int, V: int, backend: str |
                       varlen=cu_seqlens is not None, initial_state=initial_state is not None,
                       backward=torch.is_grad_enabled() and x.requires_grad, gate=gate)
     return select_backend(spec, inputs, backend if backend != AUTO else None)
-
-
-def _check_qkv(name, q, k, v):
-    validate_linear_attention_inputs(q, k, v)
 
 
 def _self_check_attention(fn, reference, K=16, **kwargs):

@@ -16,9 +16,8 @@ everything runs in fp32 (fp64 for fp64 inputs) and is differentiable by autograd
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from .simple_gla import _sequences
+from .simple_gla import _sequences, segmented_recurrence
 
 
 def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -37,19 +36,8 @@ def _recurrent_steps(q, k, v, beta, g, h, scale):
     return torch.stack(outs, 1), h
 
 
-def _recurrent_sequence(q, k, v, beta, g, h, scale, segment: int = 64):
-    L = q.shape[1]
-    if L == 0:
-        return v.new_zeros(v.shape[0], 0, v.shape[-1]), h
-    if not torch.is_grad_enabled() or L <= segment:
-        return _recurrent_steps(q, k, v, beta, g, h, scale)
-    outs = []
-    for s in range(0, L, segment):
-        sl = slice(s, s + segment)
-        o, h = checkpoint(_recurrent_steps, q[:, sl], k[:, sl], v[:, sl], beta[:, sl], g[:, sl], h, scale,
-                          use_reentrant=False)
-        outs.append(o)
-    return torch.cat(outs, 1), h
+def _recurrent_sequence(q, k, v, beta, g, h, scale):
+    return segmented_recurrence(_recurrent_steps, (q, k, v, beta, g), v, h, scale)
 
 
 def _chunk_sequence(q, k, v, beta, g, h, scale, chunk_size: int = 64):

@@ -8,9 +8,8 @@ are formed per key channel, never exp(b_i) * exp(-b_j), so long chunks and stron
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
-from .simple_gla import _compute_dtype, _run_sequences
+from .simple_gla import _compute_dtype, _run_sequences, segmented_recurrence
 
 
 def _recurrent_steps(q, k, v, g, h, scale):
@@ -22,18 +21,8 @@ def _recurrent_steps(q, k, v, g, h, scale):
     return torch.stack(outputs, 1), h
 
 
-def _recurrent_sequence(q, k, v, g, h, scale, segment: int = 64):
-    L = q.shape[1]
-    if L == 0:
-        return q.new_zeros(q.shape[0], 0, v.shape[-1]), h
-    if not torch.is_grad_enabled() or L <= segment:
-        return _recurrent_steps(q, k, v, g, h, scale)
-    outputs = []
-    for s in range(0, L, segment):
-        o, h = checkpoint(_recurrent_steps, q[:, s:s + segment], k[:, s:s + segment], v[:, s:s + segment],
-                          g[:, s:s + segment], h, scale, use_reentrant=False)
-        outputs.append(o)
-    return torch.cat(outputs, 1), h
+def _recurrent_sequence(q, k, v, g, h, scale):
+    return segmented_recurrence(_recurrent_steps, (q, k, v, g), v, h, scale)
 
 
 def _chunk_sequence(q, k, v, g, h, scale, chunk_size: int = 64):

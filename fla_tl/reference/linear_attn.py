@@ -64,6 +64,15 @@ def normalize_with_key_sum(
     return (o.to(dtype) / denom).to(o.dtype), z_final
 
 
+def split_state(initial_state, normalize: bool):
+    """(h0, z0) from fla's linear-attention `initial_state`: a tuple `(h0, z0)` only with `normalize`."""
+    if normalize and isinstance(initial_state, tuple):
+        return initial_state
+    if isinstance(initial_state, tuple):
+        raise TypeError("`initial_state` must be a tensor [N, H, K, V] when `normalize=False`, got a tuple")
+    return initial_state, None
+
+
 def recurrent_linear_attn(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -77,10 +86,7 @@ def recurrent_linear_attn(
 ):
     """linear attention by the token-by-token recurrence (the ground truth), fla's returns: `(o, final_state)`, and
     with `normalize` `(o, (final_state, z_state))`; `initial_state` is then `(h0, z0)` (or just `h0`)."""
-    if normalize and isinstance(initial_state, tuple):
-        h0, z0 = initial_state
-    else:
-        h0, z0 = initial_state, None
+    h0, z0 = split_state(initial_state, normalize)
     if scale is None:
         scale = q.shape[-1] ** -0.5
     o, ht = recurrent_simple_gla(q, k, v, scale=scale, initial_state=h0, output_final_state=output_final_state,

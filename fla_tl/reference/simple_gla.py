@@ -94,27 +94,24 @@ def _recurrent_steps(q, k, v, g, h, scale):
     return torch.stack(outputs, 1), h
 
 
-def _recurrent_sequence(q, k, v, g, h, scale, segment: int = 64):
-    """the recurrence of one sequence; under autograd, segments are checkpointed so memory stays `O(L/64)` states."""
-    L = q.shape[1]
+def segmented_recurrence(steps, xs: tuple, v, h, scale, segment: int = 64):
+    """run `steps(*xs, h, scale) -> (o, h)` over one sequence (every x `[H, L, ...]`, time on dim 1; `v` gives the
+    output width); under autograd, segments of `segment` steps are checkpointed so memory stays `O(L/segment)`
+    states. Shared by the token-by-token references."""
+    L = xs[0].shape[1]
     if L == 0:
-        return q.new_zeros(q.shape[0], 0, v.shape[-1]), h
+        return v.new_zeros(v.shape[0], 0, v.shape[-1]), h
     if not torch.is_grad_enabled() or L <= segment:
-        return _recurrent_steps(q, k, v, g, h, scale)
+        return steps(*xs, h, scale)
     outputs = []
     for s in range(0, L, segment):
-        o, h = checkpoint(
-            _recurrent_steps,
-            q[:, s:s + segment],
-            k[:, s:s + segment],
-            v[:, s:s + segment],
-            g[:, s:s + segment],
-            h,
-            scale,
-            use_reentrant=False,
-        )
+        o, h = checkpoint(steps, *(x[:, s:s + segment] for x in xs), h, scale, use_reentrant=False)
         outputs.append(o)
     return torch.cat(outputs, 1), h
+
+
+def _recurrent_sequence(q, k, v, g, h, scale):
+    return segmented_recurrence(_recurrent_steps, (q, k, v, g), v, h, scale)
 
 
 def _chunk_sequence(q, k, v, g, h, scale, chunk_size: int = 64):
