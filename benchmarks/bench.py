@@ -91,6 +91,12 @@ def qkvg_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str)
             "g": F.logsigmoid(torch.randn(B, T, H, dtype=torch.float32, device=device))}
 
 
+def hgrn_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # HGRN runs on [B, T, H * D] channels; log forget gates in the input dtype, as fla's tests draw them
+    return {"x": torch.randn(B, T, H * D, dtype=torch.float32, device=device).to(dtype),
+            "g": F.logsigmoid(torch.randn(B, T, H * D, dtype=torch.float32, device=device)).to(dtype)}
+
+
 def qkvgk_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     # GLA's per-key log gate, fp32
     return {**qkv_inputs(B, T, H, D, dtype, device),
@@ -135,6 +141,11 @@ def chunk_flops(B: int, T: int, H: int, K: int, V: int) -> float:
 def recurrent_flops(B: int, T: int, H: int, K: int, V: int) -> float:
     # per token per head: rank-1 state update k^T v (2*K*V) and the readout q S (2*K*V)
     return B * T * H * 4.0 * K * V
+
+
+def hgrn_flops(B: int, T: int, H: int, K: int, V: int) -> float:
+    # per channel per token: exp(g), the multiply and the add
+    return B * T * H * K * 3.0
 
 
 def sdpa_flops(B: int, T: int, H: int, K: int, V: int) -> float:
@@ -222,7 +233,7 @@ OPS: dict[str, OpSpec] = {
         flops=chunk_flops,
         consts=decay_consts,
     ),
-    # the per-token gate: fla_tl has no TileLang kernel for it yet and runs its torch backend
+    # the per-token gate g (fp32) instead of a constant decay
     "chunk_simple_gla_g": OpSpec(
         fla_tl="fla_tl.ops:chunk_simple_gla",
         fla="fla.ops.simple_gla:chunk_simple_gla",
@@ -284,6 +295,18 @@ OPS: dict[str, OpSpec] = {
         fla="fla.ops.gated_delta_rule:chunk_gated_delta_rule",
         flops=chunk_flops,
         inputs=gated_delta_inputs,
+    ),
+    "chunk_hgrn": OpSpec(
+        fla_tl="fla_tl.ops:chunk_hgrn",
+        fla="fla.ops.hgrn:chunk_hgrn",
+        flops=hgrn_flops,
+        inputs=hgrn_inputs,
+    ),
+    "fused_recurrent_hgrn": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_hgrn",
+        fla="fla.ops.hgrn:fused_recurrent_hgrn",
+        flops=hgrn_flops,
+        inputs=hgrn_inputs,
     ),
     "chunk_lightning_attn": OpSpec(
         fla_tl="fla_tl.ops:chunk_lightning_attn",

@@ -98,10 +98,8 @@ def tilelang_capabilities(recurrent: bool = False, state_v_first: bool = False) 
         min_compute_capability=(9, 0),
         reverse=recurrent,
         state_v_first=state_v_first,
-        # the per-token gate kernels (gate "g": `kernels.common.gates`, `kernels.common.cumsum`) build for sm_90a but
-        # have not run on a GPU yet; they are switched on here once tests/test_simple_gla.py::test_tilelang_gate_kernels
-        # passes on one. Until then a per-token gate runs the torch backend.
-        gate=False,
+        # the per-token gate `g` (gate "g": `kernels.common.gates`, `kernels.common.cumsum`)
+        gate=True,
     )
 
 
@@ -713,9 +711,7 @@ def chunk_simple_gla(
         v (torch.Tensor):
             values of shape `[B, T, H, V]`.
         g (Optional[torch.Tensor]):
-            per-token log forget gates of shape `[B, T, H]` (any float dtype; gets a gradient). The TileLang
-            kernels do not take a per-token gate yet: with `g` the `torch` backend runs (logged once).
-            Default: `None`.
+            per-token log forget gates of shape `[B, T, H]` (any float dtype; gets a gradient). Default: `None`.
         g_gamma (Optional[torch.Tensor]):
             per-head constant log decay of shape `[H]` (no gradient, as in fla). Default: `None`.
         scale (Optional[float]):
@@ -1144,8 +1140,6 @@ _gla_specs["fused_chunk"][0].fn = fused_chunk_gla
 # torch.compile see ordinary tensor code.
 
 NO_KERNEL = "no TileLang kernel for this op yet; the torch backend runs it"
-HGRN_UNVERIFIED = ("the TileLang HGRN scan kernels (fla_tl.kernels.hgrn) build but have not run on a GPU yet; the "
-                   "torch backend runs it")
 
 
 def _register_plain(name: str, variant: str, mode: str, reference, torch_fn, *, recurrent=False, varlen=True,
@@ -1403,7 +1397,7 @@ def make_feature_map_backend(based: bool) -> Backend:
 
         o, z = feature_attention(q, k, v, q.shape[-1] ** -0.5 if use_scale else 1.0, False, backend="tilelang")
         if return_both:
-            return o.transpose(1, 2), z.transpose(1, 2)
+            return o.transpose(1, 2).to(q.dtype), z.transpose(1, 2).to(q.dtype)
         return (o / (z[..., None] + eps) if use_normalize else o).to(q.dtype)
 
     return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=based_fwd if based else rebased_fwd,
@@ -1459,12 +1453,27 @@ _parallel_simple_gla_spec = _register_plain(
     gate=True,
 )
 _parallel_simple_gla_spec.fn = parallel_simple_gla
+def make_hgrn_backend(varlen: bool) -> Backend:
+    """the tilelang backend of chunk_hgrn and fused_recurrent_hgrn: the fp32 scan kernels of `fla_tl.kernels.hgrn`."""
+    caps = dataclasses.replace(tilelang_capabilities(), varlen=varlen, max_head_dim=None)
+
+    def fwd(x, g, initial_state=None, output_final_state=False, cu_seqlens=None):
+        from .kernels.hgrn import hgrn
+
+        return hgrn(x, g, initial_state, output_final_state, cu_seqlens)
+
+    return Backend(name="tilelang", capabilities=caps,
+                   verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.hgrn"), fwd=fwd, bwd=None,
+                   description="fp32 scan kernels, token by token")
+
+
 _chunk_hgrn_spec = _register_plain("chunk_hgrn", "hgrn", "chunk", recurrent_hgrn, chunk_hgrn_torch, varlen=False,
-                                   self_check=_hgrn_self_check(chunk_hgrn, False), tilelang_refusal=HGRN_UNVERIFIED)
+                                   self_check=_hgrn_self_check(chunk_hgrn, False),
+                                   tilelang_backend=make_hgrn_backend(False))
 _chunk_hgrn_spec.fn = chunk_hgrn
 _fused_recurrent_hgrn_spec = _register_plain(
     "fused_recurrent_hgrn", "hgrn", "fused_recurrent", recurrent_hgrn, chunk_hgrn_torch,
-    self_check=_hgrn_self_check(fused_recurrent_hgrn, True), tilelang_refusal=HGRN_UNVERIFIED,
+    self_check=_hgrn_self_check(fused_recurrent_hgrn, True), tilelang_backend=make_hgrn_backend(True),
 )
 _fused_recurrent_hgrn_spec.fn = fused_recurrent_hgrn
 _fused_chunk_based_spec = _register_plain(

@@ -34,3 +34,19 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(42)
+
+
+def pytest_runtest_logreport(report):
+    """with FLA_TL_TEST_LOG set, append each failure's report to that file as it happens (a run cut off by a
+    time limit still leaves its failures behind; with xdist this runs in the controller)."""
+    import os
+
+    path = os.environ.get("FLA_TL_TEST_LOG")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    if path and report.failed:
+        with open(path, "a") as f:
+            f.write(f"=== {report.nodeid} [{report.when}] {report.duration:.1f}s\n{report.longreprtext[-6000:]}\n")
+    elif path and report.when == "call":
+        with open(path + ".passed", "a") as f:
+            f.write(f"{report.nodeid} {report.outcome} {report.duration:.1f}s\n")

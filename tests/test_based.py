@@ -148,7 +148,7 @@ def test_parallel_simple_gla_backends():
     h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0))
     tl = get_op("parallel_simple_gla").backend("tilelang")
     assert tl.verifier(h100) == [] or "tilelang" in tl.verifier(h100)[-1]
-    assert "per-token gate" in tl.verifier(OpInputs(**{**h100.__dict__, "gate": True}))[0]
+    assert tl.verifier(OpInputs(**{**h100.__dict__, "gate": True})) == tl.verifier(h100)  # the gate runs there too
     q, k, v = _qkv(dtype=torch.float32)
     with pytest.raises(BackendError, match="materialise the attention"):
         parallel_simple_gla(q, k, v, output_attentions=True, backend="tilelang")
@@ -157,7 +157,13 @@ def test_parallel_simple_gla_backends():
 @pytest.mark.gpu
 def test_parallel_simple_gla_tilelang():
     q, k, v = (torch.randn(2, 500, 4, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-    o, attn = parallel_simple_gla(q, k, v, backend="tilelang")
+    g = F.logsigmoid(torch.randn(2, 500, 4, device="cuda") + 2).requires_grad_()
+    o, attn = parallel_simple_gla(q, k, v, g, backend="tilelang")
     assert attn is None
-    ro, _ = recurrent_simple_gla(*(x.detach().float() for x in (q, k, v)))
-    assert_close("o", o, ro, torch.bfloat16)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v, g), do)
+    r = [x.detach().float().requires_grad_() for x in (q, k, v, g)]
+    ro, _ = recurrent_simple_gla(*r[:3], g=r[3])
+    rgrads = torch.autograd.grad(ro, r, do.float())
+    for n, a, b in zip(("o", "dq", "dk", "dv", "dg"), (o, *grads), (ro, *rgrads)):
+        assert_close(n, a, b, torch.bfloat16)

@@ -59,12 +59,11 @@ def test_bad_inputs():
         chunk_hgrn(x, g, h0[:1])
     with pytest.raises(ValueError, match="B = 1"):
         fused_recurrent_hgrn(x, g, cu_seqlens=torch.tensor([0, 5, 10]))
-    with pytest.raises(BackendError, match="have not run on a GPU yet"):
-        chunk_hgrn(x, g, backend="tilelang")
+    with pytest.raises(BackendError, match="tilelang"):
+        chunk_hgrn(x, g, backend="tilelang")  # CPU tensors
 
 
 # ---------------------------------------------------------------- gpu: the TileLang scan kernels, launcher level
-# (the registry keeps HGRN on the torch backend until these pass on a GPU)
 
 
 @pytest.mark.gpu
@@ -95,3 +94,29 @@ def test_tilelang_fused_recurrent_kernels(lens, D, dtype):
     rgrads = torch.autograd.grad((ro, rht), r, (do.float(), dht))
     for name, a, b in zip(("o", "ht", "dx", "dg", "dh0"), (o, ht, dx, dg, dh0), (ro, rht, *rgrads)):
         assert_close(name, a, b, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("fn", [chunk_hgrn, fused_recurrent_hgrn], ids=["chunk", "fused_recurrent"])
+def test_tilelang_op(fn, varlen):
+    """the public ops on the tilelang backend: output, final state and the gradients of x, g (fp32) and h0."""
+    if varlen and fn is chunk_hgrn:
+        pytest.skip("chunk_hgrn takes no cu_seqlens (as in fla)")
+    lens = (1, 300, 0, 77)
+    B, T = (1, sum(lens)) if varlen else (2, 500)
+    N = len(lens) if varlen else B
+    cu = _cu(lens, "cuda") if varlen else None
+    x = torch.randn(B, T, 256, device="cuda").to(torch.bfloat16).requires_grad_()
+    g = F.logsigmoid(torch.randn(B, T, 256, device="cuda") + 2).requires_grad_()
+    h0 = torch.randn(N, 256, device="cuda", requires_grad=True)
+    kw = {"cu_seqlens": cu} if varlen else {}
+    o, ht = fn(x, g, h0, True, backend="tilelang", **kw)
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    grads = torch.autograd.grad((o, ht), (x, g, h0), (do, dht))
+    r = [t.detach().float().requires_grad_() for t in (x, g, h0)]
+    ro, rht = recurrent_hgrn(*r, True, cu)
+    rgrads = torch.autograd.grad((ro, rht), r, (do.float(), dht))
+    assert grads[0].dtype == x.dtype and grads[1].dtype == g.dtype
+    for name, a, b in zip(("o", "ht", "dx", "dg", "dh0"), (o, ht, *grads), (ro, rht, *rgrads)):
+        assert_close(name, a, b, torch.bfloat16)

@@ -124,16 +124,13 @@ def test_chunk_size_kwarg():
         chunk_simple_gla(q, k, v, head_first=True)
 
 
-def test_tilelang_refuses_the_per_token_gate():
-    """the refusal names the gate; the automatic choice falls back to torch (on a GPU) or raises one error listing
-    both backends when torch is excluded too."""
+def test_tilelang_takes_the_per_token_gate():
+    """on an H100 the tilelang backend accepts a per-token gate; CPU tensors still refuse it, naming the device."""
     from fla_tl.registry import OpInputs, get_op
 
     h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0), gate=True)
-    tl = get_op("chunk_simple_gla").backend("tilelang")
-    reasons = tl.verifier(h100)
-    assert "does not support a per-token gate `g`" in reasons
-    assert get_op("chunk_simple_gla").backend("torch").verifier(h100) == []
+    for name in ("chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla"):
+        assert get_op(name).backend("tilelang").verifier(h100) == [], name
     q, k, v, _ = make_inputs(1, 10, 2, 8, 8, torch.float32, h0=False)
     g, _ = make_gates(1, 10, 2, torch.float32)
     with pytest.raises(BackendError, match="tilelang"):
@@ -190,10 +187,17 @@ def test_tilelang_chunk_state_v_first(poisoned_cuda):
 
 
 @pytest.mark.gpu
-def test_auto_falls_back_to_torch_for_the_per_token_gate(poisoned_cuda):
-    q, k, v, state = make_inputs(2, 100, 2, 64, 64, torch.bfloat16, device="cuda")
-    grad, _ = make_gates(2, 100, 2, torch.float32, device="cuda")
-    check_op(chunk_simple_gla, recurrent_simple_gla, q, k, v, state, grad_kwargs=grad)
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize("op", list(OPS))
+def test_tilelang_per_token_gate(op, varlen, poisoned_cuda):
+    """the public ops with a per-token gate `g` (fp32, with a gradient) and `g_gamma` on the tilelang backend."""
+    lens = (1, 300, 0, 64, 77)
+    B, T = (1, sum(lens)) if varlen else (2, 300)
+    cu = _cu(lens, "cuda") if varlen else None
+    q, k, v, state = make_inputs(B, T, 2, 128, 128, torch.bfloat16, device="cuda", N=len(lens) if varlen else B)
+    grad, _ = make_gates(B, T, 2, torch.float32, device="cuda")
+    check_op(OPS[op], recurrent_simple_gla, q, k, v, state, backend="tilelang", grad_kwargs=grad, cu_seqlens=cu,
+             g_gamma=torch.tensor([-0.1, 0.0], device="cuda"))
 
 
 # ---------------------------------------------------------------- gpu: the per-token gate kernels, launcher level

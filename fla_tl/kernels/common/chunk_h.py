@@ -160,6 +160,7 @@ def chunk_bwd_dh_kernel(
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+                bl = gate_last(gate, lg, nvalid)
                 # gradient of the state leaving chunk c; rows past the sequence end are zeroed in dog
                 if aligned:
                     T.copy(b_dh, dh[boc + c, i_h, i_k * BK : (i_k + 1) * BK, i_v * BV : (i_v + 1) * BV])
@@ -177,7 +178,7 @@ def chunk_bwd_dh_kernel(
                     dog_s[i, j] = T.if_then_else(i < nvalid, do_s[i, j] * scale * T.exp2(gate_row(gate, lg, i)), 0)
                 if gate != "none":
                     for i, j in T.Parallel(BK, BV):
-                        b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
+                        b_dh[i, j] *= T.exp2(bl)
                 T.gemm(q_s, dog_s, b_dh, transpose_A=True)
 
             if store_dh0 == 1:
