@@ -85,6 +85,13 @@ def qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) 
     return {"q": q, "k": k, "v": v}
 
 
+def positive_qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # normalised linear attention divides by q . sum(k): with the positive feature maps it is used with (elu + 1)
+    # the denominators stay away from zero; on raw randn they cross it and the output is ill-conditioned
+    x = qkv_inputs(B, T, H, D, dtype, device)
+    return {**x, "q": (F.elu(x["q"].float()) + 1).to(dtype), "k": (F.elu(x["k"].float()) + 1).to(dtype)}
+
+
 def qkvg_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     # simple GLA's per-token log gate, fp32 as fla's benchmarks draw it
     return {**qkv_inputs(B, T, H, D, dtype, device),
@@ -257,11 +264,13 @@ OPS: dict[str, OpSpec] = {
         fla_tl="fla_tl.ops:chunk_linear_attn",
         fla="fla.ops.linear_attn:chunk_linear_attn",
         flops=chunk_flops,
+        inputs=positive_qkv_inputs,
     ),
     "fused_chunk_linear_attn": OpSpec(
         fla_tl="fla_tl.ops:fused_chunk_linear_attn",
         fla="fla.ops.linear_attn:fused_chunk_linear_attn",
         flops=chunk_flops,
+        inputs=positive_qkv_inputs,
     ),
     "fused_recurrent_linear_attn": OpSpec(
         fla_tl="fla_tl.ops:fused_recurrent_linear_attn",

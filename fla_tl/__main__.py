@@ -2,6 +2,7 @@
 kernels ahead into TileLang's cache; `cache show | clear` lists or removes the user's tuning tables."""
 
 import argparse
+import itertools
 import sys
 import time
 
@@ -193,7 +194,7 @@ def _table_specs(arch: str, kernels: set[str]) -> list:
 
 
 def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int,
-                  space: bool = False) -> int:
+                  space: bool = False, gates: tuple[str, ...] = ("gamma",)) -> int:
     """compile the kernels of `ops` at head dims `dims` (K = V) and `dtypes` into TileLang's cache: their heuristic
     configs, every config the tuning tables (shipped and user) hold for GPUs of `arch`, and with `space` every
     config of the search spaces that fits; return the number of failures."""
@@ -208,11 +209,12 @@ def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str],
     specs = []
     for d in dims:
         for dtype in dtypes:
-            specs += kernel_specs(d, d, dtype, modes=tuple(modes))
-            if space:
-                for name in sorted(kernels):
-                    for config in KERNELS[name].candidates(d, d, dtype):
-                        specs.append((name, *launch_spec(name, d, d, dtype, "gamma", dataclasses.asdict(config))))
+            for gate in gates:
+                specs += kernel_specs(d, d, dtype, gate, modes=tuple(modes))
+                if space:
+                    for name in sorted(kernels):
+                        for config in KERNELS[name].candidates(d, d, dtype):
+                            specs.append((name, *launch_spec(name, d, d, dtype, gate, dataclasses.asdict(config))))
     specs += _table_specs(arch, kernels)
     unique = {}
     for spec in specs:
@@ -231,9 +233,10 @@ def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str],
     return failures
 
 
-def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | None) -> int:
-    """tune every kernel of `ops` at each (B, T, H, D) shape in bf16 on this GPU; store the entries in the user table
-    (or in the table file `out`) and print the default vs tuned times."""
+def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | None,
+         gates: tuple[str, ...] = ("gamma",)) -> int:
+    """tune every kernel of `ops` at each (B, T, H, D) shape in bf16 on this GPU, for each gate option of `gates`;
+    store the entries in the user table (or in the table file `out`) and print the default vs tuned times."""
     from .autotune import TuningTable, device_info, record
     from .autotune.tuner import OP_KERNELS, make_runner, table_key, tune_kernel
 
@@ -244,16 +247,16 @@ def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | Non
     gpu, _ = device_info(device)
     table = TuningTable.load(out) if out else None
     rows, done = [], set()
-    for B, T, H, D in shapes:
+    for (B, T, H, D), gate in itertools.product(shapes, gates):
         for op in ops:
-            for name in OP_KERNELS[op]:
-                if (name, B, T, H, D) in done:
+            for name in OP_KERNELS.get(op, ()):
+                if (name, B, T, H, D, gate) in done:
                     continue
-                done.add((name, B, T, H, D))
-                runner = make_runner(name, N=B, T=T, H=H, K=D, V=D, dtype=torch.bfloat16, device=device)
-                entry = tune_kernel(name, runner, K=D, V=D, dtype=torch.bfloat16)
+                done.add((name, B, T, H, D, gate))
+                runner = make_runner(name, N=B, T=T, H=H, K=D, V=D, dtype=torch.bfloat16, device=device, gate=gate)
+                entry = tune_kernel(name, runner, K=D, V=D, dtype=torch.bfloat16, gate=gate)
                 entry["shape"] = {"B": B, "T": T, "H": H, "D": D}
-                key = table_key(name, D, D, "bfloat16", T, device)
+                key = table_key(name, D, D, "bfloat16", T, device, gate)
                 if table is not None:
                     table.put(key, entry)
                     table.save()
@@ -261,6 +264,7 @@ def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | Non
                     record(key, gpu, entry)
                 rows.append({
                     "kernel": name,
+                    "gate": gate,
                     "shape": f"{B}x{T}x{H}x{D}",
                     "default_ms": f"{entry['default_ms']:.4f}",
                     "tuned_ms": f"{entry['time_ms']:.4f}",
@@ -295,10 +299,14 @@ def main(argv=None) -> int:
     p_compile.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     p_compile.add_argument("--space", action="store_true",
                            help="also every config of the tuning search spaces (default: heuristic and table configs)")
+    p_compile.add_argument("--gates", default="gamma", help="comma list of gate options: gamma (constant decay, "
+                           "default), g (per-token gate)")
     p_tune = sub.add_parser("tune", help="tune the kernels' tile configs on this GPU and store them in a table")
     p_tune.add_argument("--ops", default="all", help="comma list of registered ops, or all (default)")
     p_tune.add_argument("--shapes", default="8x4096x16x128", help="comma list of BxTxHxD (bf16, K = V = D)")
     p_tune.add_argument("--out", default=None, help="table file to write (default: the user table of this GPU)")
+    p_tune.add_argument("--gates", default="gamma,g", help="comma list of gate options: gamma (constant decay), "
+                        "g (per-token gate); default both")
     p_cache = sub.add_parser("cache", help="show or clear the user's tuning tables")
     p_cache.add_argument("action", choices=("show", "clear"))
     args = parser.parse_args(argv)
@@ -313,7 +321,10 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
         dims = [int(d) for d in args.dims.split(",")]
-        return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers, args.space) else 0
+        gates = tuple(args.gates.split(","))
+        if not set(gates) <= {"gamma", "g"}:
+            parser.error(f"--gates: expected a comma list of gamma, g; got {args.gates!r}")
+        return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers, args.space, gates) else 0
     if args.command == "tune":
         ops = [spec.name for spec in registered_ops()] if args.ops == "all" else args.ops.split(",")
         try:
@@ -324,7 +335,10 @@ def main(argv=None) -> int:
                 raise ValueError(f"--shapes: expected BxTxHxD items, got {args.shapes!r}")
         except ValueError as e:
             parser.error(str(e))
-        return tune(ops, shapes, args.out)
+        gates = tuple(args.gates.split(","))
+        if not set(gates) <= {"gamma", "g"}:
+            parser.error(f"--gates: expected a comma list of gamma, g; got {args.gates!r}")
+        return tune(ops, shapes, args.out, gates)
     if args.command == "cache":
         from .autotune import cache_clear, cache_show
 

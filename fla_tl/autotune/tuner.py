@@ -87,7 +87,16 @@ def make_runner(
     v = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     do = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     meta = seq_meta(N, T, None, 64, device)
-    gate = dict(gate=gate, g_gamma=retention_g_gamma(H, device))
+    decay = retention_g_gamma(H, device)
+    if gate == "g":
+        # a per-token gate as fla draws it: the chunk kernels read its chunk-local cumulative sum, fused_recurrent g
+        from ..kernels.common.cumsum import chunk_gate_cumsum
+
+        g = torch.nn.functional.logsigmoid(torch.randn(N * T, H, device=device, generator=g))
+        extra = {"g": g} if name.startswith("fused_recurrent") else {"gc": chunk_gate_cumsum(g, decay, meta)}
+        gate = dict(gate="g", g_gamma=decay, **extra)
+    else:
+        gate = dict(gate=gate, g_gamma=decay)
     scale = K ** -0.5
     if name in ("chunk_fwd_o", "chunk_bwd_dv", "chunk_bwd_dqk"):
         h, _ = chunk_h.chunk_fwd_h(k, v, initial_state=None, output_final_state=False, meta=meta, **gate)

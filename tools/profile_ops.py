@@ -1,0 +1,43 @@
+"""Per-kernel CUDA time of a few ops' forward + backward (torch.profiler), for kernel work between benchmark runs.
+
+    python tools/profile_ops.py [B T H D]
+"""
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+
+def cases(B, T, H, D):
+    from fla_tl import ops
+
+    def qkv():
+        return [torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16).requires_grad_() for _ in range(3)]
+
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda")).requires_grad_()
+    gamma = -torch.rand(H, device="cuda")
+    yield "simple_gla g", lambda q, k, v: ops.chunk_simple_gla(q, k, v, g=g)[0], qkv()
+    yield "simple_gla gamma", lambda q, k, v: ops.chunk_simple_gla(q, k, v, g_gamma=gamma)[0], qkv()
+    yield "linear_attn normalize", lambda q, k, v: ops.chunk_linear_attn(q, k, v)[0], \
+        [F.elu(x.detach()).add(1).requires_grad_() for x in qkv()]
+
+
+def main():
+    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
+    for name, fn, inputs in cases(B, T, H, D):
+        for _ in range(3):
+            o = fn(*inputs)
+            o.backward(torch.randn_like(o))
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                o = fn(*inputs)
+                o.backward(torch.ones_like(o))
+            torch.cuda.synchronize()
+        print(f"=== {name} (5 fwd+bwd)")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
