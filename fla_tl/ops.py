@@ -77,11 +77,12 @@ TILELANG_MODULES = {
     "simple_gla": "fla_tl.kernels.simple_gla",
     "linear_attn": "fla_tl.kernels.simple_gla",
     "lightning_attn": "fla_tl.kernels.simple_gla",
+    "gla": "fla_tl.kernels.gla",
 }
 
 
 def _launcher_name(variant: str, mode: str) -> str:
-    return f"{mode}_retention" if variant == "retention" else f"{mode}_simple_gla"
+    return f"{mode}_{variant}" if variant in ("retention", "gla") else f"{mode}_simple_gla"
 
 
 def _state_v_first(variant: str, mode: str) -> bool:
@@ -349,13 +350,13 @@ def _recurrent_gla_gk(q, k, v, gk=None, **kwargs):
     return recurrent_gla(q, k, v, gk if gk is not None else torch.zeros_like(q), **kwargs)
 
 
-GLA_NO_KERNEL = "no TileLang kernel for GLA's per-key gate yet; the torch backend runs it"
+GLA_NO_KERNEL = "no TileLang chunk kernels for GLA's per-key gate yet; the torch backend runs it"
 FUSED_CHUNK_GLA_DROPPED = "fused_chunk_gla is not provided (fla 0.6.0 dropped it): use chunk_gla"
 _gla_specs = {
     "chunk": _register("chunk_gla", "gla", "chunk", recurrent_gla, tilelang_refusal=GLA_NO_KERNEL,
                        check_cases=_gla_cases),
     "fused_recurrent": _register("fused_recurrent_gla", "gla", "fused_recurrent", _recurrent_gla_gk,
-                                 tilelang_refusal=GLA_NO_KERNEL, check_cases=_fused_recurrent_gla_cases),
+                                 check_cases=_fused_recurrent_gla_cases),
     "fused_chunk": _register("fused_chunk_gla", "gla", "fused_chunk", recurrent_gla,
                              tilelang_refusal=FUSED_CHUNK_GLA_DROPPED, torch_refusal=FUSED_CHUNK_GLA_DROPPED),
 }

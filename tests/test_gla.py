@@ -1,6 +1,7 @@
-"""GLA (a log gate per key channel): the torch backend against the token-by-token recurrence; the registry's refusals.
+"""GLA (a log gate per key channel): the torch backend against the token-by-token recurrence; the registry's refusals;
+fused_recurrent_gla's TileLang kernels (gate "gk") against the fp32 recurrence on the GPU.
 
-No TileLang kernel yet: the registry says so, and CUDA inputs run the torch backend.
+chunk_gla has no TileLang kernel yet: the registry says so, and CUDA inputs run the torch backend.
 """
 
 import pytest
@@ -69,12 +70,13 @@ def test_registry_refusals():
     from fla_tl.registry import OpInputs, get_op
 
     h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0), gate=True)
-    assert "no TileLang kernel for GLA" in get_op("chunk_gla").backend("tilelang").verifier(h100)[-1]
+    assert "no TileLang chunk kernels for GLA" in get_op("chunk_gla").backend("tilelang").verifier(h100)[-1]
+    assert get_op("fused_recurrent_gla").backend("tilelang").verifier(h100) == []
     assert get_op("chunk_gla").backend("torch").verifier(h100) == []
     for name in ("tilelang", "torch"):
         assert "use chunk_gla" in get_op("fused_chunk_gla").backend(name).verifier(h100)[-1]
     q, k, v, _ = make_inputs(1, 10, 2, 8, 8, torch.float32, h0=False)
-    with pytest.raises(BackendError, match="no TileLang kernel for GLA"):
+    with pytest.raises(BackendError, match="no TileLang chunk kernels for GLA"):
         chunk_gla(q, k, v, torch.zeros(1, 10, 2, 8), backend="tilelang")
 
 
@@ -82,3 +84,32 @@ def test_registry_refusals():
 def test_cuda_runs_the_torch_backend():
     q, k, v, h0 = make_inputs(2, 200, 2, 64, 64, torch.bfloat16, device="cuda")
     check_op(chunk_gla, recurrent_gla, q, k, v, h0, grad_kwargs={"g": _gk(2, 200, 2, 64, torch.float32, device="cuda")})
+
+
+@pytest.fixture
+def poisoned_cuda():
+    from utils import poison_allocator
+
+    poison_allocator("cuda")
+    yield
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("reverse", "state_v_first"), [(False, False), (True, False), (False, True), (True, True)])
+@pytest.mark.parametrize(("lens", "D", "dtype"), [
+    pytest.param((1,), 64, torch.bfloat16, id="T1-D64-bf16"),
+    pytest.param((500,), 128, torch.bfloat16, id="T500-D128-bf16"),
+    pytest.param((300,), 100, torch.float32, id="T300-D100-fp32"),
+    pytest.param((1, 300, 0, 77), 128, torch.bfloat16, id="varlen-D128-bf16"),
+])
+def test_tilelang_fused_recurrent(lens, D, dtype, reverse, state_v_first, poisoned_cuda):
+    """fused_recurrent_gla on the tilelang backend: o, the final state and the gradients of q, k, v, h0 and gk (fp32,
+    strong and weak gates) against the fp32 recurrence."""
+    varlen = len(lens) > 1
+    B, T = (1, sum(lens)) if varlen else (2, lens[0])
+    N = len(lens) if varlen else B
+    q, k, v, h0 = make_inputs(B, T, 2, D, D, dtype, device="cuda", N=N, state_v_first=state_v_first)
+    gk = F.logsigmoid(torch.randn(B, T, 2, D, device="cuda") * 2 + 1).requires_grad_()
+    check_op(fused_recurrent_gla, _recurrent_gk, q, k, v, h0, cu_seqlens=_cu(lens, "cuda") if varlen else None,
+             backend="tilelang", grad_kwargs={"gk": gk}, reverse=reverse, state_v_first=state_v_first)

@@ -1,8 +1,8 @@
 """`compile` marker: every TileLang kernel the simple-GLA-family ops launch lowers and builds for sm_90a, no GPU needed.
 
 Covers both load paths (full tiles with async copies at D = 64, masked loads for a padded head dim at D = 100), every
-fused_recurrent flag combination, fp32 inputs, and the per-token gate ("g") variants with their cumulative-sum and
-gradient kernels. Skips with a reason where nvcc or tilelang is missing.
+fused_recurrent flag combination, fp32 inputs, the per-token gate ("g") variants with their cumulative-sum and
+gradient kernels, and GLA's per-key gate ("gk") in the fused_recurrent kernels. Skips with a reason where nvcc or tilelang is missing.
 """
 
 import pytest
@@ -21,6 +21,8 @@ def _specs():
         (64, 128, "float32", "gamma", ("chunk", "fused_chunk")),
         (128, 128, "bfloat16", "g", ("chunk", "fused_chunk")),
         (100, 100, "float32", "g", ("chunk", "fused_chunk")),
+        (128, 128, "bfloat16", "gk", ("fused_recurrent",)),
+        (100, 100, "float32", "gk", ("fused_recurrent",)),
     ]
     params = []
     for K, V, dtype, gate, modes in cases:
@@ -28,6 +30,8 @@ def _specs():
         if gate == "g":
             specs += [s for s in kernel_specs(K, V, dtype, gate=gate, modes=("fused_recurrent",))
                       if s[0].startswith("fused_recurrent") and not s[2]["reverse"] and not s[2]["state_v_first"]]
+        if gate == "gk":  # one flag combination (the flags compile as for the other gates)
+            specs = [s for s in specs if not s[2].get("reverse") and not s[2].get("state_v_first")][:2]
         for name, factory, kwargs in specs:
             flags = "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in kwargs.items()
                              if k in ("reverse", "state_v_first", "BV", "g_dtype", "out_dtype"))

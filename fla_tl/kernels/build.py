@@ -37,6 +37,13 @@ def kernel_specs(K: int, V: int, dtype: str, gate: str = "gamma", modes=MODES):
         for reverse, svf in itertools.product((False, True), (False, True)):
             specs.append(spec("fused_recurrent_fwd", reverse=reverse, state_v_first=svf))
             specs.append(spec("fused_recurrent_bwd", reverse=reverse, state_v_first=svf))
+    if gate == "gk":
+        # GLA's per-key gate: its gradient's scan over [Ttot, H * K] (fp32 partial sums, the gate's dtype out)
+        from .common.cumsum import sequence_cumsum_kernel
+
+        for reverse in (False, True):
+            specs.append(("sequence_cumsum_kernel", sequence_cumsum_kernel,
+                          dict(reverse=reverse, out_dtype="float32", BT=64)))
     if gate == "g":
         # the per-token gate's cumulative sum (g in fp32 or the input dtype) and its gradient
         from .common.cumsum import (

@@ -2,7 +2,8 @@
 
 Tokens are staged TB at a time into shared memory (positions clamped to the sequence, masked to zero past it),
 then stepped one by one:  h = 2^lg h + k v^T;  o = scale * h^T q, with lg the log2 decay of the step: the head's
-constant (gate "gamma"), or the token's gate plus that constant (gate "g", `g` `[Ttot, H]` fp32).  `reverse` walks each sequence backwards;
+constant (gate "gamma"), the token's gate plus that constant (gate "g", `g` `[Ttot, H]` fp32), or a decay per key
+row of the state (gate "gk", GLA's `g` `[Ttot, H, K]` fp32, plus the constant).  `reverse` walks each sequence backwards;
 `state_v_first` stores initial / final states as `[V, K]`. The backward recomputes h forward for dq, then walks
 back with dh for dk, dv; dq and dk come in fp32 partial sums when V spans several tiles.
 """
@@ -21,16 +22,27 @@ def _pos(reverse, bos, eos, s):
 
 
 @T.macro
-def _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB):
-    """stage the log2 decays of steps it * TB ... + TB - 1 (gate "g"; zero past the sequence end)."""
+def _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB, K, KP):
+    """stage the log2 decays of steps it * TB ... + TB - 1 (gates "g" and "gk"; zero past the sequence end)."""
     if gate == "g":
         for r in T.Parallel(TB):
             t = _pos(reverse, bos, eos, it * TB + r)
             g_s[r] = T.if_then_else(it * TB + r < L, (g[t, i_h] + g_gamma[i_h]) * LOG2E, 0)
+    if gate == "gk":
+        for r, j in T.Parallel(TB, KP):
+            t = _pos(reverse, bos, eos, it * TB + r)
+            g_s[r, j] = T.if_then_else(it * TB + r < L and j < K, (g[t, i_h, j] + g_gamma[i_h]) * LOG2E, 0)
 
 
 def _step_decay(gate, decay, g_s, r):
     return T.exp2(g_s[r]) if gate == "g" else decay
+
+
+def _gate_shapes(gate, NG, H, K, TB, KP):
+    """(shape of the gate input, shape of its staging buffer) per gate option."""
+    if gate == "gk":
+        return [NG, H, K], [TB, KP]
+    return [NG, H], [TB]
 
 
 def fused_recurrent_fwd_kernel(
@@ -51,6 +63,7 @@ def fused_recurrent_fwd_kernel(
     Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
     NG = T.dynamic("NG")
     SK, SV = (V, K) if state_v_first else (K, V)
+    g_shape, gs_shape = _gate_shapes(gate, NG, H, K, TB, KP)
 
     @T.prim_func
     def fused_recurrent_fwd(
@@ -58,7 +71,7 @@ def fused_recurrent_fwd_kernel(
         k: T.Tensor([Ttot, H, K], dtype),
         v: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        g: T.Tensor([NG, H], "float32"),
+        g: T.Tensor(g_shape, "float32"),
         h0: T.Tensor([NH0, SK, SV], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         o: T.Tensor([Ttot, H, V], dtype),
@@ -74,7 +87,7 @@ def fused_recurrent_fwd_kernel(
             eos = cu[i_n + 1]
             L = eos - bos
             decay = T.exp2(g_gamma[i_h] * LOG2E) if gate == "gamma" else 1.0
-            g_s = T.alloc_shared([TB], "float32")  # the steps' log2 decays (gate "g")
+            g_s = T.alloc_shared(gs_shape, "float32")  # the steps' log2 decays (gates "g", "gk")
 
             q_s = T.alloc_shared([TB, KP], "float32")
             k_s = T.alloc_shared([TB, KP], "float32")
@@ -101,13 +114,19 @@ def fused_recurrent_fwd_kernel(
                 for r, j in T.Parallel(TB, BV):
                     t = _pos(reverse, bos, eos, it * TB + r)
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
-                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB)
+                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB, K, KP)
                 for r in T.serial(TB):
-                    # steps past the sequence end (zero k, v) must not decay the state either
-                    dr = T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
-                    for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
-                        b_hq[i, j] = b_h[i, j] * q_s[r, i]
+                    if gate == "gk":
+                        # a decay per key row (staged as zero past the sequence end)
+                        for i, j in T.Parallel(KP, BV):
+                            b_h[i, j] = b_h[i, j] * T.exp2(g_s[r, i]) + k_s[r, i] * v_s[r, j]
+                            b_hq[i, j] = b_h[i, j] * q_s[r, i]
+                    else:
+                        # steps past the sequence end (zero k, v) must not decay the state either
+                        dr = T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
+                        for i, j in T.Parallel(KP, BV):
+                            b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
+                            b_hq[i, j] = b_h[i, j] * q_s[r, i]
                     T.reduce_sum(b_hq, b_o, dim=0)
                     for j in T.Parallel(BV):
                         o_s[r, j] = b_o[j] * scale
@@ -143,10 +162,11 @@ def fused_recurrent_bwd_kernel(
     NV = cdiv(V, BV)
     # one V tile writes dq, dk directly; several write fp32 partial sums; with a per-token gate they stay fp32 for
     # the gate's gradient (common.cumsum.gate_grad)
-    dqk_dtype = dtype if NV == 1 and gate != "g" else "float32"
+    dqk_dtype = dtype if NV == 1 and gate not in ("g", "gk") else "float32"
     Ttot, H, N, NH0, NHT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NH0"), T.dynamic("NHT")
     NG = T.dynamic("NG")
     SK, SV = (V, K) if state_v_first else (K, V)
+    g_shape, gs_shape = _gate_shapes(gate, NG, H, K, TB, KP)
 
     @T.prim_func
     def fused_recurrent_bwd(
@@ -155,7 +175,7 @@ def fused_recurrent_bwd_kernel(
         v: T.Tensor([Ttot, H, V], dtype),
         do: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        g: T.Tensor([NG, H], "float32"),
+        g: T.Tensor(g_shape, "float32"),
         h0: T.Tensor([NH0, SK, SV], "float32"),
         dht: T.Tensor([NHT, SK, SV], "float32"),
         cu: T.Tensor([N + 1], "int32"),
@@ -175,7 +195,7 @@ def fused_recurrent_bwd_kernel(
             L = eos - bos
             nb = T.ceildiv(L, TB)
             decay = T.exp2(g_gamma[i_h] * LOG2E) if gate == "gamma" else 1.0
-            g_s = T.alloc_shared([TB], "float32")  # the steps' log2 decays (gate "g")
+            g_s = T.alloc_shared(gs_shape, "float32")  # the steps' log2 decays (gates "g", "gk")
 
             a_s = T.alloc_shared([TB, KP], "float32")
             k_s = T.alloc_shared([TB, KP], "float32")
@@ -205,12 +225,17 @@ def fused_recurrent_bwd_kernel(
                     t = _pos(reverse, bos, eos, it * TB + r)
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
                     do_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, do[t, i_h, i_v * BV + j], 0)
-                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB)
+                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB, K, KP)
                 for r in T.serial(TB):
-                    dr = T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
-                    for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
-                        b_x[i, j] = b_h[i, j] * do_s[r, j]
+                    if gate == "gk":
+                        for i, j in T.Parallel(KP, BV):
+                            b_h[i, j] = b_h[i, j] * T.exp2(g_s[r, i]) + k_s[r, i] * v_s[r, j]
+                            b_x[i, j] = b_h[i, j] * do_s[r, j]
+                    else:
+                        dr = T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
+                        for i, j in T.Parallel(KP, BV):
+                            b_h[i, j] = b_h[i, j] * dr + k_s[r, i] * v_s[r, j]
+                            b_x[i, j] = b_h[i, j] * do_s[r, j]
                     T.reduce_sum(b_x, b_rk, dim=1)
                     for i in T.Parallel(KP):
                         ak_s[r, i] = b_rk[i] * scale
@@ -237,7 +262,7 @@ def fused_recurrent_bwd_kernel(
                     t = _pos(reverse, bos, eos, it * TB + r)
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t, i_h, i_v * BV + j], 0)
                     do_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, do[t, i_h, i_v * BV + j], 0)
-                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB)
+                _stage_gates(gate, g_s, g, g_gamma, reverse, bos, eos, it, L, i_h, TB, K, KP)
                 for rr in T.serial(TB):
                     r = TB - 1 - rr
                     for i, j in T.Parallel(KP, BV):
@@ -252,8 +277,12 @@ def fused_recurrent_bwd_kernel(
                     for j in T.Parallel(BV):
                         av_s[r, j] = b_rv[j]
                     # steps past the sequence end must not decay dh
-                    for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
+                    if gate == "gk":
+                        for i, j in T.Parallel(KP, BV):
+                            b_h[i, j] *= T.exp2(g_s[r, i])
+                    else:
+                        for i, j in T.Parallel(KP, BV):
+                            b_h[i, j] *= T.if_then_else(it * TB + r < L, _step_decay(gate, decay, g_s, r), 1.0)
                 for r, j in T.Parallel(TB, KP):
                     if it * TB + r < L and j < K:
                         dk[i_v, _pos(reverse, bos, eos, it * TB + r), i_h, j] = ak_s[r, j]
@@ -322,7 +351,7 @@ def fused_recurrent_bwd(
     tail = _state_tail(K, V, state_v_first)
     h0, use_h0 = state_or_dummy(initial_state, q, tail)
     dht_, use_dht = state_or_dummy(dht, q, tail)
-    dqk_dtype = q.dtype if NV == 1 and gate != "g" else torch.float32
+    dqk_dtype = q.dtype if NV == 1 and gate not in ("g", "gk") else torch.float32
     dq = q.new_empty(NV, Ttot, H, K, dtype=dqk_dtype)
     dk = q.new_empty(NV, Ttot, H, K, dtype=dqk_dtype)
     dv = torch.empty_like(v)
@@ -342,7 +371,7 @@ def fused_recurrent_bwd(
     dq = dq.sum(0) if NV > 1 else dq[0]
     dk = dk.sum(0) if NV > 1 else dk[0]
     dh0 = dh0.view(meta.N, H, *tail).to(initial_state.dtype) if use_h0 else None
-    if gate == "g":
+    if gate in ("g", "gk"):
         # fp32 for the gate's gradient; the caller casts
         return dq, dk, dv, dh0
     return dq.to(q.dtype), dk.to(k.dtype), dv, dh0
