@@ -4,7 +4,7 @@ from .based import parallel_based_torch, parallel_rebased_torch, recurrent_based
 from .gla import chunk_gla_torch, recurrent_gla
 from .hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .lightning_attn import lightning_g_gamma, recurrent_lightning_attn
-from .linear_attn import key_sum_normalize, normalize_with_key_sum, recurrent_linear_attn
+from .linear_attn import normalize_with_key_sum, recurrent_linear_attn
 from .retention import chunk_retention_torch, recurrent_retention, retention_g_gamma
 from .simple_gla import chunk_simple_gla_torch, parallel_simple_gla_torch, recurrent_simple_gla
 
@@ -24,7 +24,6 @@ __all__ = [
     "chunk_retention_torch",
     "retention_g_gamma",
     "recurrent_linear_attn",
-    "key_sum_normalize",
     "normalize_with_key_sum",
     "recurrent_lightning_attn",
     "lightning_g_gamma",

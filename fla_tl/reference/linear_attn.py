@@ -1,10 +1,9 @@
 """Linear attention: simple GLA without decay, optionally normalised by the running key sum (fla's `normalize`).
 
 `o_t = (scale * q_t^T h_t) / (scale * q_t . z_t + 1e-10)` with `z_t = z_0 + sum_{s <= t} k_s` (`s >= t` in reverse),
-`h_t` the undecayed state. The normalisation is a pure-PyTorch stage, computed in fp32: `key_sum_normalize` (one
-cumulative sum over time) is the reference's; the ops run `normalize_with_key_sum`, which for dense batches forms the
-same denominators chunk by chunk with matmuls (a long fp32 cumulative sum over time is slow on a GPU: 1.6 ms at
-8x4096x16x128 on an H100) and otherwise falls back to `key_sum_normalize`.
+`h_t` the undecayed state. Here the normalisation is a pure-PyTorch stage (one cumulative sum over time, in fp32); the
+ops compute the denominators as linear attention with one all-ones value channel and the key sum as its state (the
+same kernels, with their backward).
 """
 
 import torch
@@ -21,7 +20,7 @@ def _segments(cu_seqlens: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Ten
     return seg, cu_seqlens[:-1].to(torch.long)
 
 
-def key_sum_normalize(
+def normalize_with_key_sum(
     o: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
@@ -66,47 +65,6 @@ def key_sum_normalize(
     return (o.to(dtype) / denom).to(o.dtype), z_final
 
 
-def normalize_with_key_sum(
-    o: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    scale: float,
-    z_init: torch.Tensor | None = None,
-    reverse: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    BT: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`key_sum_normalize`'s result (same arguments and returns) in chunks of BT tokens for dense batches: the
-    denominator of token t in chunk c is `scale * (q_t . Z_c + sum_{s <= t in c} q_t . k_s) + 1e-10`, with Z_c the key
-    sum entering the chunk (z_init plus the earlier chunks' sums) and the second term the row sums of the chunk's
-    causal `q k^T`; all in fp32."""
-    if cu_seqlens is not None or q.shape[1] == 0:
-        return key_sum_normalize(o, q, k, scale, z_init, reverse, cu_seqlens)
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    B, T, H, K = k.shape
-    qf, kf = q.to(dtype), k.to(dtype)
-    if reverse:
-        qf, kf = qf.flip(1), kf.flip(1)
-    NT = (T + BT - 1) // BT
-    pad = NT * BT - T
-    if pad:
-        qf, kf = (torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)) for x in (qf, kf))
-    qc, kc = qf.view(B, NT, BT, H, K), kf.view(B, NT, BT, H, K)
-    sums = kc.sum(2)  # [B, NT, H, K]
-    entering = sums.cumsum(1) - sums
-    if z_init is not None:
-        entering = entering + z_init.to(dtype)  # [B, 1, H, K] broadcasts over the chunks
-    scores = torch.einsum("bnihk,bnjhk->bnhij", qc, kc)
-    causal = torch.ones(BT, BT, dtype=torch.bool, device=q.device).tril()
-    intra = scores.masked_fill(~causal, 0).sum(-1).transpose(-1, -2)  # [B, NT, BT, H]
-    inter = torch.einsum("bnihk,bnhk->bnih", qc, entering)
-    denom = (scale * (intra + inter) + EPS).reshape(B, NT * BT, H)[:, :T]
-    if reverse:
-        denom = denom.flip(1)
-    z_final = sums.sum(1, keepdim=True) + (z_init.to(dtype) if z_init is not None else 0)
-    return (o.to(dtype) / denom[..., None]).to(o.dtype), z_final
-
-
 def split_state(initial_state, normalize: bool):
     """(h0, z0) from fla's linear-attention `initial_state`: a tuple `(h0, z0)` only with `normalize`."""
     if normalize and isinstance(initial_state, tuple):
@@ -136,5 +94,5 @@ def recurrent_linear_attn(
                                  reverse=reverse, cu_seqlens=cu_seqlens)
     if not normalize:
         return o, ht
-    o, z = key_sum_normalize(o, q, k, scale, z0, reverse, cu_seqlens)
+    o, z = normalize_with_key_sum(o, q, k, scale, z0, reverse, cu_seqlens)
     return o, (ht, z)
