@@ -16,8 +16,7 @@ from .reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_
 from .reference.gla import chunk_gla_torch, recurrent_gla
 from .reference.hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
-from .reference.linear_attn import EPS as NORMALIZE_EPS
-from .reference.linear_attn import recurrent_linear_attn, split_state
+from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn, split_state
 from .reference.retention import recurrent_retention, retention_g_gamma
 from .reference.simple_gla import parallel_simple_gla_torch, recurrent_simple_gla
 from .reference.simple_gla import chunk_simple_gla_torch
@@ -836,15 +835,8 @@ def _linear_attn(mode, q, k, v, scale, initial_state, output_final_state, revers
         if not isinstance(z0, torch.Tensor) or tuple(z0.shape) != want:
             got = tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
             raise ValueError(f"`initial_state[1]` (the key sum z) must have shape [N, 1, H, K] = {list(want)}, got {got}")
-    # the denominators scale * q_t . z_t are linear attention with one all-ones value channel, the key sum z as its
-    # [K, 1] state: the same op's kernels give them with their backward (dq, dk, dz0), the final key sum included
-    ones = q.new_ones(*q.shape[:-1], 1)
-    z0 = z0.squeeze(1).unsqueeze(-1) if z0 is not None else None
-    den, zt = _run(spec, fwd_op, q, k, ones, scale=scale, initial_state=z0, output_final_state=True, reverse=reverse,
-                   state_v_first=False, cu_seqlens=cu_seqlens, backend=backend)
-    dtype = torch.promote_types(o.dtype, torch.float32)
-    o = (o.to(dtype) / (den.to(dtype) + NORMALIZE_EPS)).to(o.dtype)
-    return o, (ht, zt.squeeze(-1).unsqueeze(1))
+    o, z = normalize_with_key_sum(o, q, k, float(scale), z0, reverse, cu_seqlens)
+    return o, (ht, z)
 
 
 def chunk_linear_attn(

@@ -1,9 +1,8 @@
 """Linear attention: simple GLA without decay, optionally normalised by the running key sum (fla's `normalize`).
 
 `o_t = (scale * q_t^T h_t) / (scale * q_t . z_t + 1e-10)` with `z_t = z_0 + sum_{s <= t} k_s` (`s >= t` in reverse),
-`h_t` the undecayed state. Here the normalisation is a pure-PyTorch stage (one cumulative sum over time, in fp32); the
-ops compute the denominators as linear attention with one all-ones value channel and the key sum as its state (the
-same kernels, with their backward).
+`h_t` the undecayed state. The normalisation is a pure-PyTorch stage shared by the reference and the ops (both
+backends): it is elementwise plus one cumulative sum over time, computed in fp32.
 """
 
 import torch
