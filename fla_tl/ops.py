@@ -835,6 +835,8 @@ def _linear_attn(mode, q, k, v, scale, initial_state, output_final_state, revers
         if not isinstance(z0, torch.Tensor) or tuple(z0.shape) != want:
             got = tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
             raise ValueError(f"`initial_state[1]` (the key sum z) must have shape [N, 1, H, K] = {list(want)}, got {got}")
+    # the PyTorch stage (2.6 ms of 3.5 at 8x4096x16x128 on an H100); its TileLang form,
+    # `fla_tl.kernels.linear_attn.key_sum_normalize`, replaces it once its gpu test has passed
     o, z = normalize_with_key_sum(o, q, k, float(scale), z0, reverse, cu_seqlens)
     return o, (ht, z)
 

@@ -38,6 +38,16 @@ def _specs():
             dims = f"K{kwargs['K']}-V{kwargs['V']}" if "V" in kwargs else f"K{kwargs.get('K', '-')}"
             params.append(pytest.param((factory, kwargs), id=f"{name}-{dims}-{dtype}-{gate}-{flags}"))
     from fla_tl.kernels.hgrn.fused_recurrent import fused_recurrent_hgrn_bwd_kernel, fused_recurrent_hgrn_fwd_kernel
+    from fla_tl.kernels.linear_attn import normalize as Nm
+
+    # linear attention's normalisation stages (K = 128 on full tiles, V = 60 padded)
+    for factory, kwargs in (
+        (Nm.chunk_row_sum_kernel, dict(K=128, dtype="bfloat16", weighted=True)),
+        (Nm.normalize_fwd_kernel, dict(K=128, V=60, dtype="bfloat16")),
+        (Nm.normalize_bwd_c_kernel, dict(V=60, dtype="bfloat16")),
+        (Nm.normalize_bwd_dqk_kernel, dict(K=128, dtype="bfloat16")),
+    ):
+        params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-bfloat16"))
 
     for factory in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel):
         for dtype, g_dtype in (("bfloat16", "float32"), ("float32", "float32")):

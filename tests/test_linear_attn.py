@@ -134,3 +134,106 @@ def test_tilelang_varlen_normalized(op, poisoned_cuda):
                                           cu_seqlens=cu)
     for name, a, b in (("o", o, ro), ("ht", ht, rht), ("z", z, rz)):
         assert_close(name, a, b, torch.bfloat16)
+
+
+# ---------------------------------------------------------------- the TileLang normalisation stages
+#
+# `fla_tl.kernels.linear_attn.key_sum_normalize`: its PyTorch glue (chunk prefixes per sequence, reverse, the autograd
+# function) runs here on CPU with each kernel replaced by a PyTorch emulation of its contract; the kernels themselves
+# run in the gpu test.
+
+
+def _emulated_kernel(factory, target, **kw):
+    """a PyTorch function with the calling convention and the math of the TileLang kernel `factory` builds."""
+    from fla_tl.kernels.linear_attn import normalize as Nm
+
+    BT = kw.get("BT", 64)
+
+    def chunks(cu, ci):
+        for c, (n, j) in enumerate(ci.tolist()):
+            t0 = int(cu[n]) + j * BT
+            yield c, t0, min(int(cu[n + 1]) - t0, BT)
+
+    name = factory.__name__
+    if name == "chunk_row_sum_kernel":
+        def run(x, w, cu, ci, s):
+            for c, t0, nv in chunks(cu, ci):
+                xs = x[t0:t0 + nv].to(s.dtype)
+                s[c] = (xs * w[t0:t0 + nv, :, None] if kw["weighted"] else xs).sum(0)
+    elif name == "normalize_fwd_kernel":
+        def run(q, k, o, zc, cu, ci, y, den, scale):
+            for c, t0, nv in chunks(cu, ci):
+                qs, ks = q[t0:t0 + nv].to(den.dtype), k[t0:t0 + nv].to(den.dtype)
+                a = torch.einsum("ihk,jhk->hij", qs, ks).tril()
+                d = scale * (a.sum(-1).T + (qs * zc[c]).sum(-1)) + Nm.EPS
+                den[t0:t0 + nv] = d
+                y[t0:t0 + nv] = (o[t0:t0 + nv].to(d.dtype) / d[..., None]).to(y.dtype)
+    elif name == "normalize_bwd_c_kernel":
+        def run(dy, y, den, cu, ci, do, c, scale):
+            do.copy_(dy / den[..., None].to(dy.dtype))
+            c.copy_(-scale * (dy * y).sum(-1).to(c.dtype) / den)
+    elif name == "normalize_bwd_dqk_kernel":
+        def run(q, k, c, zc, rc, cu, ci, dq, dk):
+            for ch, t0, nv in chunks(cu, ci):
+                cs = c[t0:t0 + nv]  # [nv, H]
+                m = torch.ones(nv, nv, dtype=cs.dtype).tril()[None] * cs.T[:, :, None]  # [H, i, j] = c_i (j <= i)
+                dq[t0:t0 + nv] = torch.einsum("hij,jhk->ihk", m, k[t0:t0 + nv].to(cs.dtype)) + cs[..., None] * zc[ch]
+                dk[t0:t0 + nv] = torch.einsum("hij,ihk->jhk", m, q[t0:t0 + nv].to(cs.dtype)) + rc[ch]
+    else:
+        raise AssertionError(name)
+    return run
+
+
+@pytest.mark.parametrize("z0", [False, True], ids=["z0-none", "z0"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+def test_normalize_stages_glue(monkeypatch, varlen, reverse, z0):
+    """key_sum_normalize with its kernels emulated in fp64 against the PyTorch stage: output, final key sum and the
+    gradients of o, q, k and z0."""
+    from fla_tl.kernels.linear_attn import normalize as Nm
+
+    monkeypatch.setattr(Nm, "get_kernel", _emulated_kernel)
+    monkeypatch.setitem(Nm.TORCH_TO_TL, torch.float64, "float64")
+    lens = (3, 0, 70, 1, 130)
+    B, T = (1, sum(lens)) if varlen else (2, 150)
+    N = len(lens) if varlen else B
+    q, o = (torch.randn(B, T, 2, 5, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    k = torch.rand(B, T, 2, 5, dtype=torch.float64, requires_grad=True)
+    cu = _cu(lens) if varlen else None
+    z_init = torch.rand(N, 1, 2, 5, dtype=torch.float64, requires_grad=True) if z0 else None
+    inputs = [x for x in (o, q, k, z_init) if x is not None]
+    got = Nm.key_sum_normalize(o, q, k, 0.3, z_init, reverse, cu, BT=16)
+    want = normalize_with_key_sum(o, q, k, 0.3, z_init, reverse, cu)
+    torch.testing.assert_close(got[0], want[0])
+    torch.testing.assert_close(got[1], want[1])
+    dy, dz = torch.randn_like(want[0]), torch.randn_like(want[1])
+    g_got = torch.autograd.grad(got, inputs, (dy, dz))
+    g_want = torch.autograd.grad(want, inputs, (dy, dz))
+    for a, b in zip(g_got, g_want):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("varlen", "reverse", "dtype"), [
+    (False, False, torch.bfloat16), (True, False, torch.bfloat16), (True, True, torch.bfloat16),
+    (False, False, torch.float32),
+])
+def test_normalize_kernels(varlen, reverse, dtype):
+    """the TileLang normalisation against the PyTorch stage in fp32 (output, final key sum, gradients); not yet run."""
+    from fla_tl.kernels.linear_attn import key_sum_normalize
+
+    lens = (1, 300, 0, 64, 1000, 77)
+    B, T = (1, sum(lens)) if varlen else (2, 500)
+    N = len(lens) if varlen else B
+    cu = _cu(lens, "cuda") if varlen else None
+    q, o = (torch.randn(B, T, 4, 128, device="cuda").to(dtype).requires_grad_() for _ in range(2))
+    k = torch.rand(B, T, 4, 128, device="cuda").to(dtype).requires_grad_()
+    z0 = torch.rand(N, 1, 4, 128, device="cuda", requires_grad=True)
+    y, z = key_sum_normalize(o, q, k, 128 ** -0.5, z0, reverse, cu)
+    dy, dz = torch.randn_like(y), torch.randn_like(z)
+    grads = torch.autograd.grad((y, z), (o, q, k, z0), (dy, dz))
+    ref = [x.detach().float().requires_grad_() for x in (o, q, k, z0)]
+    ry, rz = normalize_with_key_sum(ref[0], ref[1], ref[2], 128 ** -0.5, ref[3], reverse, cu)
+    rgrads = torch.autograd.grad((ry, rz), ref, (dy.float(), dz))
+    for name, a, b in zip(("y", "z", "do", "dq", "dk", "dz0"), (y, z, *grads), (ry, rz, *rgrads)):
+        assert_close(name, a, b, dtype)

@@ -1,0 +1,291 @@
+"""Normalised linear attention: y_t = o_t / d_t, d_t = scale * q_t . z_t + 1e-10, z_t = z_0 + sum_{s <= t} k_s
+(`s >= t` in reverse), per sequence and head, in fp32.
+
+Chunks of BT tokens, one block per (chunk, head):
+- forward: the key sum entering each chunk, Z_c (chunk sums of k by `chunk_row_sum`, then a prefix over the chunks of
+  each sequence in PyTorch: NT x H x K, small), then d_i = scale * (q_i . Z_c + sum_{j <= i} q_i . k_j) from the
+  chunk's causal q k^T row sums; y = o / d.
+- backward, with c_i = -scale * (dy_i . y_i) / d_i (the gradient of q_i . z_i): do = dy / d; dq_i = c_i z_i =
+  (C M) k + c_i Z_c; dk_j = sum_{i >= j} c_i q_i = (C M)^T q + R_c, with M the causal mask, C = diag(c) and R_c the
+  sum of c_i q_i over the later chunks of the sequence plus the final key sum's gradient; dz_0 = that gradient plus
+  the sum of c_i q_i over the sequence.
+"""
+
+import tilelang.language as T
+import torch
+
+from ..common.utils import TORCH_TO_TL, get_kernel, pad_dim, seq_meta, target_for
+
+EPS = 1e-10
+
+
+def chunk_row_sum_kernel(K: int, dtype: str, weighted: bool, BT: int = 64, threads: int = 128):
+    """S[c, h] = sum over the valid rows i of chunk c of (w[i, h] if weighted else 1) * x[i, h, :], fp32."""
+    KP = pad_dim(K)
+    Ttot, H, N, NT, NW = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NW")
+
+    @T.prim_func
+    def chunk_row_sum(
+        x: T.Tensor([Ttot, H, K], dtype),
+        w: T.Tensor([NW, H], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        s: T.Tensor([NT, H, K], "float32"),
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            b_x = T.alloc_fragment([BT, KP], "float32")
+            b_s = T.alloc_fragment([KP], "float32")
+            for i, j in T.Parallel(BT, KP):
+                if weighted:
+                    b_x[i, j] = T.if_then_else(i < nvalid and j < K, T.Cast("float32", x[t0 + i, i_h, j]) * w[t0 + i, i_h], 0)
+                else:
+                    b_x[i, j] = T.if_then_else(i < nvalid and j < K, T.Cast("float32", x[t0 + i, i_h, j]), 0)
+            T.reduce_sum(b_x, b_s, dim=0)
+            for j in T.Parallel(KP):
+                if j < K:
+                    s[i_c, i_h, j] = b_s[j]
+
+    return chunk_row_sum
+
+
+def normalize_fwd_kernel(K: int, V: int, dtype: str, BT: int = 64, threads: int = 128):
+    KP, VP = pad_dim(K), pad_dim(V)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def normalize_fwd(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        o: T.Tensor([Ttot, H, V], dtype),
+        zc: T.Tensor([NT, H, K], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        y: T.Tensor([Ttot, H, V], dtype),
+        den: T.Tensor([Ttot, H], "float32"),
+        scale: T.float32,
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            q_s = T.alloc_shared([BT, KP], dtype)
+            k_s = T.alloc_shared([BT, KP], dtype)
+            z_s = T.alloc_shared([KP], "float32")
+            d_s = T.alloc_shared([BT], "float32")
+            b_a = T.alloc_fragment([BT, BT], "float32")
+            b_qz = T.alloc_fragment([BT, KP], "float32")
+            b_intra = T.alloc_fragment([BT], "float32")
+            b_inter = T.alloc_fragment([BT], "float32")
+            b_y = T.alloc_fragment([BT, VP], "float32")
+
+            for i, j in T.Parallel(BT, KP):
+                q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
+                k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+            for j in T.Parallel(KP):
+                z_s[j] = T.if_then_else(j < K, zc[i_c, i_h, j], 0)
+            T.gemm(q_s, k_s, b_a, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(BT, BT):
+                b_a[i, j] = T.if_then_else(i >= j, b_a[i, j], 0)
+            T.reduce_sum(b_a, b_intra, dim=1)
+            for i in T.Parallel(BT):
+                d_s[i] = b_intra[i]
+            for i, j in T.Parallel(BT, KP):
+                b_qz[i, j] = T.Cast("float32", q_s[i, j]) * z_s[j]
+            T.reduce_sum(b_qz, b_inter, dim=1)
+            # the two row sums come in the layouts of their own fragments: meet in shared memory
+            for i in T.Parallel(BT):
+                d_s[i] = scale * (d_s[i] + b_inter[i]) + EPS
+            for i, j in T.Parallel(BT, VP):
+                b_y[i, j] = T.if_then_else(i < nvalid and j < V, T.Cast("float32", o[t0 + i, i_h, j]), 0) / d_s[i]
+            for i, j in T.Parallel(BT, VP):
+                if i < nvalid and j < V:
+                    y[t0 + i, i_h, j] = b_y[i, j]
+            for i in T.Parallel(BT):
+                if i < nvalid:
+                    den[t0 + i, i_h] = d_s[i]
+
+    return normalize_fwd
+
+
+def normalize_bwd_c_kernel(V: int, dtype: str, BT: int = 64, threads: int = 128):
+    """c = -scale * (dy . y) / d (fp32 `[Ttot, H]`) and do = dy / d."""
+    VP = pad_dim(V)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def normalize_bwd_c(
+        dy: T.Tensor([Ttot, H, V], dtype),
+        y: T.Tensor([Ttot, H, V], dtype),
+        den: T.Tensor([Ttot, H], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        do: T.Tensor([Ttot, H, V], dtype),
+        c: T.Tensor([Ttot, H], "float32"),
+        scale: T.float32,
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            d_s = T.alloc_shared([BT], "float32")
+            b_dy = T.alloc_fragment([BT, VP], "float32")
+            b_p = T.alloc_fragment([BT, VP], "float32")
+            b_r = T.alloc_fragment([BT], "float32")
+            for i in T.Parallel(BT):
+                d_s[i] = T.if_then_else(i < nvalid, den[t0 + i, i_h], 1.0)
+            for i, j in T.Parallel(BT, VP):
+                b_dy[i, j] = T.if_then_else(i < nvalid and j < V, T.Cast("float32", dy[t0 + i, i_h, j]), 0)
+                b_p[i, j] = b_dy[i, j] * T.if_then_else(i < nvalid and j < V, T.Cast("float32", y[t0 + i, i_h, j]), 0)
+            T.reduce_sum(b_p, b_r, dim=1)
+            for i, j in T.Parallel(BT, VP):
+                if i < nvalid and j < V:
+                    do[t0 + i, i_h, j] = b_dy[i, j] / d_s[i]
+            for i in T.Parallel(BT):
+                if i < nvalid:
+                    c[t0 + i, i_h] = -scale * b_r[i] / d_s[i]
+
+    return normalize_bwd_c
+
+
+def normalize_bwd_dqk_kernel(K: int, dtype: str, BT: int = 64, threads: int = 128):
+    """dq = (C M) k + c Z_c and dk = (C M)^T q + R_c, in the input dtype."""
+    KP = pad_dim(K)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def normalize_bwd_dqk(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        c: T.Tensor([Ttot, H], "float32"),
+        zc: T.Tensor([NT, H, K], "float32"),
+        rc: T.Tensor([NT, H, K], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        dq: T.Tensor([Ttot, H, K], dtype),
+        dk: T.Tensor([Ttot, H, K], dtype),
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            q_s = T.alloc_shared([BT, KP], "float32")
+            k_s = T.alloc_shared([BT, KP], "float32")
+            m_s = T.alloc_shared([BT, BT], "float32")
+            c_s = T.alloc_shared([BT], "float32")
+            b_dq = T.alloc_fragment([BT, KP], "float32")
+            b_dk = T.alloc_fragment([BT, KP], "float32")
+
+            for i in T.Parallel(BT):
+                c_s[i] = T.if_then_else(i < nvalid, c[t0 + i, i_h], 0)
+            for i, j in T.Parallel(BT, KP):
+                q_s[i, j] = T.if_then_else(i < nvalid and j < K, T.Cast("float32", q[t0 + i, i_h, j]), 0)
+                k_s[i, j] = T.if_then_else(i < nvalid and j < K, T.Cast("float32", k[t0 + i, i_h, j]), 0)
+            for i, j in T.Parallel(BT, BT):
+                m_s[i, j] = T.if_then_else(i >= j, c_s[i], 0)
+            T.gemm(m_s, k_s, b_dq, clear_accum=True)
+            T.gemm(m_s, q_s, b_dk, transpose_A=True, clear_accum=True)
+            for i, j in T.Parallel(BT, KP):
+                if i < nvalid and j < K:
+                    dq[t0 + i, i_h, j] = b_dq[i, j] + c_s[i] * zc[i_c, i_h, j]
+                    dk[t0 + i, i_h, j] = b_dk[i, j] + rc[i_c, i_h, j]
+
+    return normalize_bwd_dqk
+
+
+def _acc(x):
+    """the kernels' accumulation dtype: fp32 (fp64 only where PyTorch emulations of the kernels run in tests)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _chunk_sums(x, w, meta, BT):
+    Ttot, H, K = x.shape
+    s = torch.empty(meta.NT, H, K, dtype=_acc(x), device=x.device)
+    kernel = get_kernel(chunk_row_sum_kernel, target_for(x.device), K=K, dtype=TORCH_TO_TL[x.dtype],
+                        weighted=w is not None, BT=BT)
+    kernel(x, w if w is not None else x.new_empty(1, H, dtype=_acc(x)), meta.cu, meta.chunk_indices, s)
+    return s
+
+
+def _sequence_bounds(meta):
+    """(sequence of each chunk, first chunk of each sequence, last chunk of each sequence, empty sequences)."""
+    seq = meta.chunk_indices[:, 0].long()
+    starts, ends = meta.chunk_offsets[:-1].long(), meta.chunk_offsets[1:].long() - 1
+    return seq, starts, ends, ends < starts
+
+
+def _prefix(s, meta):
+    """(the sum over the earlier chunks of each chunk's sequence `[NT, H, K]`, the sum over each sequence `[N, H, K]`)."""
+    seq, starts, ends, empty = _sequence_bounds(meta)
+    incl = s.cumsum(0)
+    excl = incl - s
+    if meta.NT == 0:
+        return excl, s.new_zeros(meta.N, *s.shape[1:])
+    total = incl[ends.clamp(min=0)] - excl[starts.clamp(max=meta.NT - 1)]
+    total = torch.where(empty[:, None, None], 0.0, total)
+    return excl - excl[starts[seq]], total
+
+
+class _KeySumNormalize(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, o, q, k, z0, scale, meta, BT):
+        s = _chunk_sums(k, None, meta, BT)
+        before, total = _prefix(s, meta)
+        seq = meta.chunk_indices[:, 0].long()
+        zc = before + (z0[seq] if z0 is not None else 0.0)
+        z_final = total + (z0 if z0 is not None else 0.0)
+        y, den = torch.empty_like(o), torch.empty(o.shape[:2], dtype=_acc(q), device=o.device)
+        if meta.NT:
+            kernel = get_kernel(normalize_fwd_kernel, target_for(q.device), K=q.shape[-1], V=o.shape[-1],
+                                dtype=TORCH_TO_TL[q.dtype], BT=BT)
+            kernel(q, k, o, zc.contiguous(), meta.cu, meta.chunk_indices, y, den, scale)
+        ctx.save_for_backward(q, k, y, den, zc)
+        ctx.meta, ctx.scale, ctx.BT, ctx.has_z0 = meta, scale, BT, z0 is not None
+        return y, z_final
+
+    @staticmethod
+    def backward(ctx, dy, dz_final):
+        q, k, y, den, zc = ctx.saved_tensors
+        meta, BT = ctx.meta, ctx.BT
+        Ttot, H, K = q.shape
+        do, c = torch.empty_like(y), torch.empty(Ttot, H, dtype=_acc(q), device=q.device)
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+        dzf = dz_final.to(_acc(q)) if dz_final is not None else q.new_zeros(meta.N, H, K, dtype=_acc(q))
+        if meta.NT == 0:
+            return do, dq, dk, (dzf if ctx.has_z0 else None), None, None, None
+        target = target_for(q.device)
+        get_kernel(normalize_bwd_c_kernel, target, V=y.shape[-1], dtype=TORCH_TO_TL[y.dtype], BT=BT)(
+            dy.contiguous(), y, den, meta.cu, meta.chunk_indices, do, c, ctx.scale)
+        p = _chunk_sums(q, c, meta, BT)
+        seq, _, ends, _ = _sequence_bounds(meta)
+        incl = p.cumsum(0)
+        # the later chunks of the same sequence, and the final key sum's gradient (every key feeds it)
+        rc = incl[ends[seq]] - incl + dzf[seq]
+        _, total = _prefix(p, meta)
+        get_kernel(normalize_bwd_dqk_kernel, target, K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)(
+            q, k, c, zc, rc.contiguous(), meta.cu, meta.chunk_indices, dq, dk)
+        return do, dq, dk, (dzf + total if ctx.has_z0 else None), None, None, None
+
+
+def key_sum_normalize(o, q, k, scale: float, z_init=None, reverse: bool = False, cu_seqlens=None, BT: int = 64):
+    """`fla_tl.reference.linear_attn.normalize_with_key_sum` on the TileLang stages (same arguments and returns: y in
+    o's dtype, the final key sum `[N, 1, H, K]` fp32); differentiable in o, q, k and z_init."""
+    B, T, H, K = q.shape
+    if reverse:
+        # a reversed packed batch: each sequence reversed, the sequences in reverse order
+        o, q, k = (x.flip(1) for x in (o, q, k))
+        if cu_seqlens is not None:
+            cu_seqlens = B * T - cu_seqlens.flip(0)
+            if z_init is not None:
+                z_init = z_init.flip(0)
+    meta = seq_meta(B, T, cu_seqlens, BT, q.device)
+    z0 = z_init[:, 0].to(_acc(q)).contiguous() if z_init is not None else None
+    y, z = _KeySumNormalize.apply(o.reshape(B * T, H, -1).contiguous(), q.reshape(B * T, H, K).contiguous(),
+                                  k.reshape(B * T, H, K).contiguous(), z0, float(scale), meta, BT)
+    y = y.view(B, T, H, -1)
+    if reverse:
+        y = y.flip(1)
+        z = z.flip(0) if cu_seqlens is not None else z
+    return y, z[:, None]
