@@ -161,3 +161,67 @@ def test_bad_inputs():
         fused_chunk_delta_rule(q=q)
     with pytest.raises(BackendError, match="no TileLang kernel"):
         chunk_delta_rule(q, k, v[:, :, :2], beta[..., :2], backend="tilelang")
+
+
+# ---------------------------------------------------------------- the WY stages (`fla_tl.kernels.common.wy`)
+
+
+def _wy_reference(k, v, beta, g, cu, BT):
+    """(w, u, Ai) per chunk by `torch.linalg.solve_triangular`, packed `[Ttot, H, *]` inputs, fp64."""
+    Ttot, H, K = k.shape
+    w, u, ai = torch.zeros_like(k), torch.zeros_like(v), k.new_zeros(Ttot, H, BT)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        for t0 in range(s, e, BT):
+            n = min(e, t0 + BT) - t0
+            kc, vc, bc = k[t0:t0 + n].transpose(0, 1), v[t0:t0 + n].transpose(0, 1), beta[t0:t0 + n].T  # [H, n, *]
+            b = g[t0:t0 + n].T.cumsum(-1) if g is not None else torch.zeros_like(bc)
+            a = (bc[..., None] * (kc @ kc.transpose(-1, -2)) * (b[..., :, None] - b[..., None, :]).exp()).tril(-1)
+            inv = torch.linalg.inv(torch.eye(n, dtype=k.dtype) + a)
+            ai[t0:t0 + n, :, :n] = inv.transpose(0, 1)
+            w[t0:t0 + n] = (inv @ (kc * (bc * b.exp())[..., None])).transpose(0, 1)
+            u[t0:t0 + n] = (inv @ (vc * bc[..., None])).transpose(0, 1)
+    return w, u, ai
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize(("lens", "D", "dtype"), [
+    pytest.param((500,), 128, torch.bfloat16, id="T500-D128-bf16"),
+    pytest.param((1, 300, 0, 77), 100, torch.float32, id="varlen-D100-fp32"),
+])
+def test_wy_kernels(lens, D, dtype, gate):
+    """solve_tril and the WY pair against solve-by-inverse in fp64 on the same (rounded) inputs; not yet run."""
+    from fla_tl.kernels.common.cumsum import chunk_gate_cumsum
+    from fla_tl.kernels.common.utils import seq_meta
+    from fla_tl.kernels.common.wy import wy_repr
+
+    Ttot, H = sum(lens), 4
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    meta = seq_meta(1, Ttot, cu, 64, torch.device("cuda"))
+    k = torch.nn.functional.normalize(torch.randn(Ttot, H, D, device="cuda"), dim=-1).to(dtype)
+    v = torch.randn(Ttot, H, D, device="cuda").to(dtype)
+    beta = torch.rand(Ttot, H, device="cuda").to(dtype)
+    g = torch.nn.functional.logsigmoid(torch.randn(Ttot, H, device="cuda") + 2) if gate else None
+    gc = chunk_gate_cumsum(g, torch.zeros(H, device="cuda"), meta) if gate else None
+    w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc)
+    rw, ru, rai = _wy_reference(*(x.double().cpu() for x in (k, v, beta)), g.double().cpu() if gate else None,
+                                cu.cpu(), 64)
+    from utils import assert_close
+
+    assert_close("Ai", ai.cpu(), rai, torch.float32)
+    assert_close("w", w.cpu(), rw, dtype)
+    assert_close("u", u.cpu(), ru, dtype)
+
+
+def test_wy_reference_matches_the_chunked_form():
+    """the test's solve-by-inverse WY pair reproduces the chunked form's states: with S = 0 entering a chunk, u - w S
+    is u, the corrected values (I + A)^-1 diag(beta) V, so k^T u is the state after one chunk from zero."""
+    torch.manual_seed(0)
+    T, H, K = 40, 2, 8
+    k = torch.nn.functional.normalize(torch.randn(T, H, K, dtype=torch.float64), dim=-1)
+    v, beta = torch.randn(T, H, K, dtype=torch.float64), torch.rand(T, H, dtype=torch.float64)
+    _, u, _ = _wy_reference(k, v, beta, None, torch.tensor([0, T]), 64)
+    h = torch.zeros(H, K, K, dtype=torch.float64)
+    for t in range(T):  # the delta rule, token by token
+        h = h + torch.einsum("hk,hv->hkv", k[t], beta[t, :, None] * (v[t] - torch.einsum("hkv,hk->hv", h, k[t])))
+    torch.testing.assert_close(torch.einsum("thk,thv->hkv", k, u), h)

@@ -2,7 +2,8 @@
 
 Covers both load paths (full tiles with async copies at D = 64, masked loads for a padded head dim at D = 100), every
 fused_recurrent flag combination, fp32 inputs, the per-token gate ("g") variants with their cumulative-sum and
-gradient kernels, and GLA's per-key gate ("gk") in the fused_recurrent kernels. Skips with a reason where nvcc or tilelang is missing.
+gradient kernels, GLA's per-key gate ("gk") in the fused_recurrent kernels, linear attention's normalisation stages
+and the delta rule's WY stages. Skips with a reason where nvcc or tilelang is missing.
 """
 
 import pytest
@@ -48,6 +49,14 @@ def _specs():
         (Nm.normalize_bwd_dqk_kernel, dict(K=128, dtype="bfloat16")),
     ):
         params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-bfloat16"))
+    from fla_tl.kernels.common import wy
+
+    # the delta rule's WY stages: the plain rule in bf16 at K = 128, the gated one in fp32 at a padded K = 100
+    for gate, dtype, d in (("none", "bfloat16", 128), ("g", "float32", 100)):
+        params.append(pytest.param((wy.solve_tril_kernel, dict(K=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
+                                   id=f"solve_tril_kernel-K{d}-{dtype}-{gate}"))
+        params.append(pytest.param((wy.apply_tril_kernel, dict(D=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
+                                   id=f"apply_tril_kernel-D{d}-{dtype}-{gate}"))
 
     for factory in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel):
         for dtype, g_dtype in (("bfloat16", "float32"), ("float32", "float32")):
