@@ -4,7 +4,8 @@ Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-loca
 `gc` of `common.cumsum.chunk_gate_cumsum`; gate "none": b = 0):
   A_ij = beta_i (k_i . k_j) 2^(b_i - b_j) for i > j, 0 on and above the diagonal (both i, j inside the sequence);
   `solve_tril`: Ai = (I + A)^-1, fp32 `[Ttot, H, BT]` (row i of a chunk holds row i of its inverse);
-  `apply_tril`: Ai diag(r) X for rows X `[Ttot, H, D]` and row scales r, in X's dtype. The WY pair is
+  `apply_tril`: Ai diag(r) X for rows X `[Ttot, H, D]` and row scales r, in X's dtype (Ai and diag(r) X rounded to
+  X's dtype for the tensor-core matmul, as fla). The WY pair is
   w = Ai diag(beta 2^b) K and u = Ai diag(beta) V (`wy_repr`), so that the chunk's state correction is
   u - w S (see `fla_tl.reference.delta_rule`).
 The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one 64-wide row per
@@ -119,7 +120,7 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
 def solve_tril(k, beta, *, meta: SeqMeta, gate: str = "none", g_gamma=None, gc=None, BT: int = 64):
     """(I + A)^-1 per chunk, fp32 `[Ttot, H, BT]`; k `[Ttot, H, K]`, beta `[Ttot, H]`, gc `[Ttot, H]` for gate "g"."""
     Ttot, H, K = k.shape
-    ai = k.new_zeros(Ttot, H, BT, dtype=torch.float32)
+    ai = k.new_empty(Ttot, H, BT, dtype=torch.float32)
     if meta.NT == 0:
         return ai
     kernel = get_kernel(solve_tril_kernel, target_for(k.device), K=K, dtype=TORCH_TO_TL[k.dtype],
@@ -145,6 +146,7 @@ def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", g_gamma=None, 
 def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64):
     """(w = Ai diag(beta 2^b) K, u = Ai diag(beta) V, Ai): the WY pair of every chunk; gc None means no gate."""
     gate = "g" if gc is not None else "none"
+    k, v, beta = k.contiguous(), v.contiguous(), beta.contiguous()
     ai = solve_tril(k, beta, meta=meta, gate=gate, gc=gc, BT=BT)
     w = apply_tril(k, beta, ai, meta=meta, gate=gate, gc=gc, BT=BT)
     u = apply_tril(v, beta, ai, meta=meta, gate="none", BT=BT)
