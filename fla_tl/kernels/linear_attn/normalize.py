@@ -9,6 +9,8 @@ Chunks of BT tokens, one block per (chunk, head):
   (C M) k + c_i Z_c; dk_j = sum_{i >= j} c_i q_i = (C M)^T q + R_c, with M the causal mask, C = diag(c) and R_c the
   sum of c_i q_i over the later chunks of the sequence plus the final key sum's gradient; dz_0 = that gradient plus
   the sum of c_i q_i over the sequence.
+Precision: the chunk's q k^T runs on tensor cores (exact products for bf16 / fp16, TF32 for fp32 inputs, whose
+denominators then carry about 1e-3 relative error per product; signed q can make d much smaller than its terms).
 """
 
 import tilelang.language as T
