@@ -283,6 +283,14 @@ def registered_op_mode(op: str) -> str:
     return modes[op]
 
 
+def _gates(parser, value: str) -> tuple[str, ...]:
+    """the `--gates` option as a tuple; a parser error for an unknown gate option."""
+    gates = tuple(value.split(","))
+    if not set(gates) <= {"gamma", "g"}:
+        parser.error(f"--gates: expected a comma list of gamma, g; got {value!r}")
+    return gates
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fla_tl", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -321,9 +329,7 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
         dims = [int(d) for d in args.dims.split(",")]
-        gates = tuple(args.gates.split(","))
-        if not set(gates) <= {"gamma", "g"}:
-            parser.error(f"--gates: expected a comma list of gamma, g; got {args.gates!r}")
+        gates = _gates(parser, args.gates)
         return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers, args.space, gates) else 0
     if args.command == "tune":
         ops = [spec.name for spec in registered_ops()] if args.ops == "all" else args.ops.split(",")
@@ -335,9 +341,7 @@ def main(argv=None) -> int:
                 raise ValueError(f"--shapes: expected BxTxHxD items, got {args.shapes!r}")
         except ValueError as e:
             parser.error(str(e))
-        gates = tuple(args.gates.split(","))
-        if not set(gates) <= {"gamma", "g"}:
-            parser.error(f"--gates: expected a comma list of gamma, g; got {args.gates!r}")
+        gates = _gates(parser, args.gates)
         return tune(ops, shapes, args.out, gates)
     if args.command == "cache":
         from .autotune import cache_clear, cache_show

@@ -113,3 +113,34 @@ def test_tilelang_fused_recurrent(lens, D, dtype, reverse, state_v_first, poison
     gk = F.logsigmoid(torch.randn(B, T, 2, D, device="cuda") * 2 + 1).requires_grad_()
     check_op(fused_recurrent_gla, _recurrent_gk, q, k, v, h0, cu_seqlens=_cu(lens, "cuda") if varlen else None,
              backend="tilelang", grad_kwargs={"gk": gk}, reverse=reverse, state_v_first=state_v_first)
+
+
+def test_per_key_gate_grad_glue(monkeypatch):
+    """`common.cumsum.per_key_gate_grad` (the launcher glue, its sequence-scan kernel emulated in PyTorch) gives the
+    reference's dg from the reference's dq, dk and the final-state term, varlen, both directions."""
+    from fla_tl.kernels.common import cumsum
+    from fla_tl.kernels.common.gates import state_term
+    from fla_tl.kernels.common.utils import seq_meta
+
+    def emulated(factory, target, reverse, out_dtype, BT):
+        def scan(x, offset, cu, y, use_offset):
+            for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+                seg = x[s:e].flip(0).cumsum(0).flip(0) if reverse else x[s:e].cumsum(0)
+                y[s:e] = seg + (offset[n] if use_offset else 0)
+        return scan
+
+    monkeypatch.setattr(cumsum, "get_kernel", emulated)
+    monkeypatch.setitem(cumsum.TORCH_TO_TL, torch.float64, "float64")
+    lens = (5, 0, 70, 1)
+    cu = _cu(lens)
+    for reverse in (False, True):
+        q, k, v, h0 = make_inputs(1, sum(lens), 2, 6, 4, torch.float64, N=len(lens))
+        gk = _gk(1, sum(lens), 2, 6)
+        o, ht = _recurrent_gk(q, k, v, gk=gk, initial_state=h0, output_final_state=True, reverse=reverse,
+                              cu_seqlens=cu)
+        do, dht = torch.randn_like(o), torch.randn_like(ht)
+        dq, dk, dg = torch.autograd.grad((o, ht), (q, k, gk), (do, dht))
+        meta = seq_meta(1, sum(lens), cu, 64, q.device)
+        got = cumsum.per_key_gate_grad(q[0].detach(), k[0].detach(), dq[0], dk[0], meta=meta, reverse=reverse,
+                                       dg_dtype=torch.float64, state_term=state_term(ht, dht, dims=-1))
+        torch.testing.assert_close(got, dg[0], rtol=1e-5, atol=1e-5)

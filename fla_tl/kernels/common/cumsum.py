@@ -218,23 +218,41 @@ def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT:
     return gc
 
 
+def _sequence_scan(r, *, meta: SeqMeta, reverse: bool, out_dtype: torch.dtype, offset=None, BT: int = 64):
+    """the per-sequence sum of r `[Ttot, C]` fp32 from each step to the end of the recurrence's processing order (a
+    reverse scan for a forward recurrence, a forward scan for a `reverse` one), started at `offset` `[N, C]` (None:
+    zero), in `out_dtype`."""
+    Ttot, C = r.shape
+    out = torch.empty(Ttot, C, dtype=out_dtype, device=r.device)
+    scan = get_kernel(sequence_cumsum_kernel, target_for(r.device), reverse=not reverse,
+                      out_dtype=TORCH_TO_TL[out_dtype], BT=BT)
+    start = offset.reshape(-1, C).float().contiguous() if offset is not None else r.new_empty(1, C)
+    scan(r, start, meta.cu, out, int(offset is not None))
+    return out
+
+
 def gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: torch.dtype, state_term=None, BT: int = 64):
     """dg `[Ttot, H]` in `dg_dtype` of a per-token log gate from q, k and their full gradients (all `[Ttot, H, K]`,
     one dtype), per the identity in the module docstring; `state_term` `[N, H]` fp32 is <ht, dht> (None: zero)."""
     Ttot, H, K = q.shape
     r = torch.empty(Ttot, H, dtype=torch.float32, device=q.device)
-    dg = torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
     if meta.NT == 0:
-        return dg
+        return torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
     dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype],
                      grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT)
     dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
-    offset = state_term.float().contiguous() if state_term is not None else r.new_empty(1, H)
-    # a forward recurrence sums to the end of the sequence (reverse scan); a reverse one to its start
-    scan = get_kernel(sequence_cumsum_kernel, target_for(q.device), reverse=not reverse, out_dtype=TORCH_TO_TL[dg_dtype],
-                      BT=BT)
-    scan(r, offset, meta.cu, dg, int(state_term is not None))
-    return dg
+    return _sequence_scan(r, meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term, BT=BT)
+
+
+def per_key_gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: torch.dtype, state_term=None,
+                      BT: int = 64):
+    """dg `[Ttot, H, K]` in `dg_dtype` of a per-key log gate (GLA's): the identity of `gate_grad` per key channel,
+    r = q * dq - k * dk without the sum over K, from fp32 dq, dk; `state_term` `[N, H, K]` fp32 is sum_v ht dht."""
+    Ttot, H, K = q.shape
+    if meta.NT == 0:
+        return torch.empty(Ttot, H, K, dtype=dg_dtype, device=q.device)
+    r = (q.float() * dq - k.float() * dk).view(Ttot, H * K)
+    return _sequence_scan(r, meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term, BT=BT).view(Ttot, H, K)
 
 
 def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):

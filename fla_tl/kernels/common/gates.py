@@ -90,13 +90,13 @@ def chunk_gate(g: torch.Tensor | None, g_gamma: torch.Tensor | None, H: int, met
     return "g", decay, chunk_gate_cumsum(g.reshape(-1, H).contiguous(), decay, meta, BT)
 
 
-def state_term(ht: torch.Tensor | None, dht: torch.Tensor | None) -> torch.Tensor | None:
-    """<ht, dht> per sequence and head `[N, H]` fp32 (the final state's share of a per-token gate's gradient)."""
+def state_term(ht: torch.Tensor | None, dht: torch.Tensor | None, dims=(-2, -1)) -> torch.Tensor | None:
+    """<ht, dht> per sequence and head `[N, H]` fp32 (the final state's share of a per-token gate's gradient); with
+    `dims` the value axis alone, the sums per key `[N, H, K]` (a per-key gate's share)."""
     if dht is None:
         return None
     if ht is None:
-        raise ValueError("a per-token gate's gradient with a final-state gradient `dht` needs the forward's final "
-                         "state `ht`")
+        raise ValueError("a gate's gradient with a final-state gradient `dht` needs the forward's final state `ht`")
     if ht.shape != dht.shape:
         raise ValueError(f"`ht` {tuple(ht.shape)} and `dht` {tuple(dht.shape)} must have one shape (state layout)")
-    return (ht.float() * dht.float()).sum((-2, -1))
+    return (ht.float() * dht.float()).sum(dims)

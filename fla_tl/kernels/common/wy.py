@@ -16,7 +16,7 @@ Built and compile-tested; not yet run on a GPU (`tests/test_delta_rule.py::test_
 import tilelang.language as T
 import torch
 
-from .gates import gate_load, gate_or_dummy, gate_row, gate_state
+from .gates import gate_load, gate_or_dummy, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
 
@@ -117,7 +117,7 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
     return apply_tril
 
 
-def solve_tril(k, beta, *, meta: SeqMeta, gate: str = "none", g_gamma=None, gc=None, BT: int = 64):
+def solve_tril(k, beta, *, meta: SeqMeta, gate: str = "none", gc=None, BT: int = 64):
     """(I + A)^-1 per chunk, fp32 `[Ttot, H, BT]`; k `[Ttot, H, K]`, beta `[Ttot, H]`, gc `[Ttot, H]` for gate "g"."""
     Ttot, H, K = k.shape
     ai = k.new_empty(Ttot, H, BT, dtype=torch.float32)
@@ -125,12 +125,12 @@ def solve_tril(k, beta, *, meta: SeqMeta, gate: str = "none", g_gamma=None, gc=N
         return ai
     kernel = get_kernel(solve_tril_kernel, target_for(k.device), K=K, dtype=TORCH_TO_TL[k.dtype],
                         beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT)
-    g_gamma = g_gamma if g_gamma is not None else k.new_zeros(H, dtype=torch.float32)
-    kernel(k, beta, g_gamma, gate_or_dummy(gc, k), meta.cu, meta.chunk_indices, ai)
+    # the gate hooks take a per-head constant; gc already carries any (a zero one here)
+    kernel(k, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), meta.cu, meta.chunk_indices, ai)
     return ai
 
 
-def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", g_gamma=None, gc=None, BT: int = 64):
+def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", gc=None, BT: int = 64):
     """Ai diag(beta [2^b]) x `[Ttot, H, D]` in x's dtype."""
     Ttot, H, D = x.shape
     y = torch.empty_like(x)
@@ -138,8 +138,7 @@ def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", g_gamma=None, 
         return y
     kernel = get_kernel(apply_tril_kernel, target_for(x.device), D=D, dtype=TORCH_TO_TL[x.dtype],
                         beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT)
-    g_gamma = g_gamma if g_gamma is not None else x.new_zeros(H, dtype=torch.float32)
-    kernel(x, beta, g_gamma, gate_or_dummy(gc, x), ai, meta.cu, meta.chunk_indices, y)
+    kernel(x, beta, head_decay(None, H, x.device), gate_or_dummy(gc, x), ai, meta.cu, meta.chunk_indices, y)
     return y
 
 

@@ -1,14 +1,12 @@
 """fused_recurrent_gla: the token-by-token kernels with GLA's per-key log gate (gate "gk" of
-`common.fused_recurrent`); the gate's gradient per key by the same identity as the per-token gate's
-(`common.cumsum`): dg_t[k] = the sum, from t to the end in processing order, of q[k] dq[k] - k[k] dk[k], plus
-sum_v ht[k, v] dht[k, v]."""
+`common.fused_recurrent`); the gate's gradient per key by `common.cumsum.per_key_gate_grad`."""
 
 import torch
 
-from ..common.cumsum import sequence_cumsum_kernel
+from ..common.cumsum import per_key_gate_grad
 from ..common.fused_recurrent import fused_recurrent_bwd, fused_recurrent_fwd
-from ..common.gates import head_decay
-from ..common.utils import TORCH_TO_TL, get_kernel, seq_meta, target_for
+from ..common.gates import head_decay, state_term
+from ..common.utils import seq_meta
 
 
 def _gate(g, H, K):
@@ -28,22 +26,6 @@ def fused_recurrent_gla_fwd(
     return o.view(B, T, H, -1), ht
 
 
-def per_key_gate_grad(q, k, dq, dk, *, meta, reverse: bool, dg_dtype: torch.dtype, state_term=None, BT: int = 64):
-    """dg `[Ttot, H, K]` in `dg_dtype` of a per-key log gate from q, k and their full fp32 gradients (`[Ttot, H, K]`);
-    `state_term` `[N, H, K]` fp32 is sum_v ht dht (None: zero)."""
-    Ttot, H, K = q.shape
-    dg = torch.empty(Ttot, H, K, dtype=dg_dtype, device=q.device)
-    if meta.NT == 0:
-        return dg
-    r = (q.float() * dq - k.float() * dk).view(Ttot, H * K)
-    offset = state_term.reshape(-1, H * K).float().contiguous() if state_term is not None else r.new_empty(1, H * K)
-    # a forward recurrence sums to the end of the sequence (reverse scan); a reverse one to its start
-    scan = get_kernel(sequence_cumsum_kernel, target_for(q.device), reverse=not reverse,
-                      out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
-    scan(r, offset, meta.cu, dg.view(Ttot, H * K), int(state_term is not None))
-    return dg
-
-
 def fused_recurrent_gla_bwd(
     q, k, v, do, dht, *, g_gamma, scale, initial_state, reverse, state_v_first, cu_seqlens, g=None, ht=None
 ):
@@ -58,13 +40,8 @@ def fused_recurrent_gla_bwd(
     )
     dg = None
     if g is not None:
-        term = None
-        if dht is not None:
-            if ht is None:
-                raise ValueError("a per-key gate's gradient with a final-state gradient `dht` needs the forward's "
-                                 "final state `ht`")
-            # sum over V of ht * dht, per key: the states are [N, H, K, V], or [N, H, V, K] with state_v_first
-            term = (ht.float() * dht.float()).sum(-2 if state_v_first else -1)
+        # sum over V of ht * dht, per key: the states are [N, H, K, V], or [N, H, V, K] with state_v_first
+        term = state_term(ht, dht, dims=-2 if state_v_first else -1)
         dg = per_key_gate_grad(q_, k_, dq, dk, meta=meta, reverse=reverse, dg_dtype=g.dtype, state_term=term)
         dg = dg.view_as(g)
         dq, dk = dq.to(q.dtype), dk.to(k.dtype)
