@@ -33,10 +33,11 @@ def feature_map(x: torch.Tensor, based: bool) -> torch.Tensor:
 
 
 def feature_attention(q, k, v, scale: float, based: bool, backend: str | None = None):
-    """(o `[B, T, H, V]`, z `[B, T, H]`), both fp32 (fp64 for fp64 inputs): unnormalised causal attention with the polynomial kernel, by linear
-    attention on the feature maps (`fla_tl.ops.chunk_simple_gla`, no decay). The maps and the kernels run in fp32
-    (TF32 matmuls) whatever the input dtype: ReBased's normaliser z = sum_j (q.k_j)^2 has no constant term and can be
-    tiny, and a bf16 z or feature map made dq miss the bf16 tolerance on the GPU (relative RMS error 8.8e-2)."""
+    """(o `[B, T, H, V]`, z `[B, T, H]`), both fp32 (fp64 for fp64 inputs): unnormalised causal attention with the
+    polynomial kernel, by linear attention on the feature maps (`fla_tl.ops.chunk_simple_gla`, no decay). The maps and
+    the kernels run in fp32 (TF32 matmuls) whatever the input dtype: ReBased's normaliser z = sum_j (q.k_j)^2 has no
+    constant term and can be tiny, and a bf16 z or feature map made dq miss the bf16 tolerance on the GPU (relative
+    RMS error 8.8e-2)."""
     from ...ops import chunk_simple_gla
 
     dtype = torch.promote_types(q.dtype, torch.float32)

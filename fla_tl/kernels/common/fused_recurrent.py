@@ -3,9 +3,9 @@
 Tokens are staged TB at a time into shared memory (positions clamped to the sequence, masked to zero past it),
 then stepped one by one:  h = 2^lg h + k v^T;  o = scale * h^T q, with lg the log2 decay of the step: the head's
 constant (gate "gamma"), the token's gate plus that constant (gate "g", `g` `[Ttot, H]` fp32), or a decay per key
-row of the state (gate "gk", GLA's `g` `[Ttot, H, K]` fp32, plus the constant).  `reverse` walks each sequence backwards;
-`state_v_first` stores initial / final states as `[V, K]`. The backward recomputes h forward for dq, then walks
-back with dh for dk, dv; dq and dk come in fp32 partial sums when V spans several tiles.
+row of the state (gate "gk", GLA's `g` `[Ttot, H, K]` fp32, plus the constant). `reverse` walks each sequence
+backwards; `state_v_first` stores initial / final states as `[V, K]`. The backward recomputes h forward for dq, then
+walks back with dh for dk, dv; dq and dk come in fp32 partial sums when V spans several tiles.
 """
 
 import tilelang.language as T

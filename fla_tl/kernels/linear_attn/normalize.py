@@ -42,7 +42,9 @@ def chunk_row_sum_kernel(K: int, dtype: str, weighted: bool, BT: int = 64, threa
             b_s = T.alloc_fragment([KP], "float32")
             for i, j in T.Parallel(BT, KP):
                 if weighted:
-                    b_x[i, j] = T.if_then_else(i < nvalid and j < K, T.Cast("float32", x[t0 + i, i_h, j]) * w[t0 + i, i_h], 0)
+                    b_x[i, j] = T.if_then_else(
+                        i < nvalid and j < K, T.Cast("float32", x[t0 + i, i_h, j]) * w[t0 + i, i_h], 0
+                    )
                 else:
                     b_x[i, j] = T.if_then_else(i < nvalid and j < K, T.Cast("float32", x[t0 + i, i_h, j]), 0)
             T.reduce_sum(b_x, b_s, dim=0)
@@ -219,7 +221,8 @@ def _sequence_bounds(meta):
 
 
 def _prefix(s, meta):
-    """(the sum over the earlier chunks of each chunk's sequence `[NT, H, K]`, the sum over each sequence `[N, H, K]`)."""
+    """(the sum over the earlier chunks of each chunk's sequence `[NT, H, K]`, the sum over each sequence
+    `[N, H, K]`)."""
     seq, starts, ends, empty = _sequence_bounds(meta)
     incl = s.cumsum(0)
     excl = incl - s
