@@ -305,6 +305,21 @@ OPS: dict[str, OpSpec] = {
         flops=chunk_flops,
         inputs=gated_delta_inputs,
     ),
+    "fused_recurrent_delta_rule": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_delta_rule",
+        fla="fla.ops.delta_rule:fused_recurrent_delta_rule",
+        flops=recurrent_flops,
+        inputs=delta_inputs,
+        slow=True,
+    ),
+    # fla 0.6.0's has no backward (its fwdbwd row is an error row)
+    "fused_recurrent_gated_delta_rule": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_gated_delta_rule",
+        fla="fla.ops.gated_delta_rule:fused_recurrent_gated_delta_rule",
+        flops=recurrent_flops,
+        inputs=gated_delta_inputs,
+        slow=True,
+    ),
     "chunk_hgrn": OpSpec(
         fla_tl="fla_tl.ops:chunk_hgrn",
         fla="fla.ops.hgrn:chunk_hgrn",
@@ -624,7 +639,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
             B, T, H, D = shape
             inputs = make(B, T, H, D, dtype, "cuda")
-            o_shape = (B, H, T, D) if op == "sdpa" else (B, T, H, D)
+            # hgrn (inputs with "x") returns [B, T, H * D]
+            o_shape = (B, H, T, D) if op == "sdpa" else (B, T, H * D) if "x" in inputs else (B, T, H, D)
             do = torch.randn(o_shape, dtype=dtype, device="cuda")
             data[key] = (inputs, do)
         return data[key]

@@ -35,6 +35,7 @@ from .registry import (
     list_ops,
     module_missing,
     register_backend,
+    requested_backend,
     register_op,
     select_backend,
 )
@@ -350,11 +351,9 @@ def _recurrent_gla_gk(q, k, v, gk=None, **kwargs):
     return recurrent_gla(q, k, v, gk if gk is not None else torch.zeros_like(q), **kwargs)
 
 
-GLA_NO_KERNEL = "no TileLang chunk kernels for GLA's per-key gate yet; the torch backend runs it"
 FUSED_CHUNK_GLA_DROPPED = "fused_chunk_gla is not provided (fla 0.6.0 dropped it): use chunk_gla"
 _gla_specs = {
-    "chunk": _register("chunk_gla", "gla", "chunk", recurrent_gla, tilelang_refusal=GLA_NO_KERNEL,
-                       check_cases=_gla_cases),
+    "chunk": _register("chunk_gla", "gla", "chunk", recurrent_gla, check_cases=_gla_cases),
     "fused_recurrent": _register("fused_recurrent_gla", "gla", "fused_recurrent", _recurrent_gla_gk,
                                  check_cases=_fused_recurrent_gla_cases),
     "fused_chunk": _register("fused_chunk_gla", "gla", "fused_chunk", recurrent_gla,
@@ -835,9 +834,14 @@ def _linear_attn(mode, q, k, v, scale, initial_state, output_final_state, revers
         if not isinstance(z0, torch.Tensor) or tuple(z0.shape) != want:
             got = tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
             raise ValueError(f"`initial_state[1]` (the key sum z) must have shape [N, 1, H, K] = {list(want)}, got {got}")
-    # the PyTorch stage (2.6 ms of 3.5 at 8x4096x16x128 on an H100); its TileLang form,
-    # `fla_tl.kernels.linear_attn.key_sum_normalize`, replaces it once its gpu test has passed
-    o, z = normalize_with_key_sum(o, q, k, float(scale), z0, reverse, cu_seqlens)
+    # the TileLang stages on a GPU, the PyTorch stage for the torch backend, on CPU and for empty inputs
+    if (requested_backend(backend) != "torch" and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16, torch.float32) and q.shape[1] > 0
+            and import_reason("tilelang") is None):
+        from .kernels.linear_attn import key_sum_normalize
+
+        o, z = key_sum_normalize(o, q, k, float(scale), z0, reverse, cu_seqlens)
+    else:
+        o, z = normalize_with_key_sum(o, q, k, float(scale), z0, reverse, cu_seqlens)
     return o, (ht, z)
 
 
@@ -1827,6 +1831,22 @@ def _delta_self_check(fn, gated, recurrent_opts):
     return run
 
 
+def make_fused_recurrent_delta_backend() -> Backend:
+    """the tilelang backend of fused_recurrent_(gated_)delta_rule: the token-by-token kernels of
+    `fla_tl.kernels.delta_rule` (forward and backward; grouped value heads, state_v_first, varlen)."""
+    caps = tilelang_capabilities(True, True)
+
+    def fwd(q, k, v, beta, g, *, scale=None, **kwargs):
+        from .kernels.delta_rule import fused_recurrent_gated_delta_rule_tl
+
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        return fused_recurrent_gated_delta_rule_tl(q, k, v, beta, g, scale=scale, **kwargs)
+
+    return Backend(name="tilelang", capabilities=caps,
+                   verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.delta_rule"), fwd=fwd, bwd=None,
+                   description="token-by-token TileLang kernels")
+
+
 DELTA_DROPPED = "fused_chunk_delta_rule is not provided (fla 0.6.0's is a stub that raises): use chunk_delta_rule"
 _delta_specs = {}
 for _name, _mode, _fn, _gated in (
@@ -1838,6 +1858,7 @@ for _name, _mode, _fn, _gated in (
     _delta_specs[_name] = _register_plain(
         _name, "gated_delta_rule" if _gated else "delta_rule", _mode, recurrent_gated_delta_rule, _delta_torch,
         self_check=_delta_self_check(_fn, _gated, _mode == "fused_recurrent"),
+        tilelang_backend=make_fused_recurrent_delta_backend() if _mode == "fused_recurrent" else None,
     )
     _delta_specs[_name].fn = _fn
 _delta_specs["fused_chunk_delta_rule"] = register_op(OpSpec(

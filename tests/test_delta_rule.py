@@ -225,3 +225,30 @@ def test_wy_reference_matches_the_chunked_form():
     for t in range(T):  # the delta rule, token by token
         h = h + torch.einsum("hk,hv->hkv", k[t], beta[t, :, None] * (v[t] - torch.einsum("hkv,hk->hv", h, k[t])))
     torch.testing.assert_close(torch.einsum("thk,thv->hkv", k, u), h)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize(("lens", "dtype", "state_v_first"), [
+    pytest.param((300,), torch.bfloat16, False, id="T300-bf16"),
+    pytest.param((1, 130, 0, 64), torch.float32, True, id="varlen-fp32-vfirst"),
+])
+def test_tilelang_fused_recurrent_ops(lens, dtype, state_v_first, gated):
+    """the public fused_recurrent ops on the tilelang backend (grouped value heads, L2 norm in the op), every
+    gradient against the recurrence in fp64."""
+    varlen = len(lens) > 1
+    B, T = (1, sum(lens)) if varlen else (2, lens[0])
+    state_v_first = state_v_first and gated  # fused_recurrent_delta_rule takes no state_v_first (as fla)
+    x = _inputs(B=B, T=T, H=2, HV=4, K=64, V=48, N=len(lens) if varlen else None, dtype=torch.float32, gate=gated,
+                normalize_k=False, state_v_first=state_v_first)
+    x = {n: (t.detach().to("cuda", dtype if n in ("q", "k", "v") else torch.float32).requires_grad_()
+             if t is not None else None) for n, t in x.items()}
+    kw = dict(initial_state=x["h0"], output_final_state=True, backend="tilelang", use_qk_l2norm_in_kernel=True,
+              cu_seqlens=_cu(lens, "cuda") if varlen else None)
+    ref_kw = dict(state_v_first=state_v_first, use_qk_l2norm_in_kernel=True,
+                  cu_seqlens=_cu(lens, "cuda") if varlen else None)
+    if gated:
+        _check(lambda x: fused_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], beta=x["beta"],
+                                                          state_v_first=state_v_first, **kw), x, ref_kw)
+    else:
+        _check(lambda x: fused_recurrent_delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw), x, ref_kw)

@@ -2,8 +2,8 @@
 
 Covers both load paths (full tiles with async copies at D = 64, masked loads for a padded head dim at D = 100), every
 fused_recurrent flag combination, fp32 inputs, the per-token gate ("g") variants with their cumulative-sum and
-gradient kernels, GLA's per-key gate ("gk") in the fused_recurrent kernels, linear attention's normalisation stages
-and the delta rule's WY stages. Skips with a reason where nvcc or tilelang is missing.
+gradient kernels, GLA's per-key gate ("gk") in the fused_recurrent kernels and chunk_gla's kernels, linear attention's
+normalisation stages and the delta rule's WY stages. Skips with a reason where nvcc or tilelang is missing.
 """
 
 import pytest
@@ -58,6 +58,23 @@ def _specs():
         params.append(pytest.param((wy.apply_tril_kernel, dict(D=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
                                    id=f"apply_tril_kernel-D{d}-{dtype}-{gate}"))
 
+    from fla_tl.kernels.common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
+    from fla_tl.kernels.common.cumsum import chunk_state_dot_kernel
+    from fla_tl.kernels.gla import chunk as gla
+
+    # chunk_gla: its own kernels in bf16 at K = V = 128 (the fp32 path at a padded 100 for the two with both intra-chunk
+    # forms), the state passes with gate "gk" as the launcher configures them, and the per-key state product of dg
+    for d, dtype, factories in ((128, "bfloat16", (gla.chunk_gla_fwd_o_kernel, gla.chunk_gla_bwd_dv_kernel,
+                                                   gla.chunk_gla_bwd_dqk_kernel)),
+                                (100, "float32", (gla.chunk_gla_fwd_o_kernel, gla.chunk_gla_bwd_dqk_kernel))):
+        for factory in factories:
+            params.append(pytest.param((factory, dict(K=d, V=d, dtype=dtype, h_dtype=dtype, BT=64)),
+                                       id=f"{factory.__name__}-K{d}-{dtype}"))
+    for factory in (chunk_fwd_h_kernel, chunk_bwd_dh_kernel):
+        params.append(pytest.param((factory, dict(K=128, V=128, gate="gk", dtype="bfloat16", h_dtype="bfloat16",
+                                                  BT=64, **gla.STATE_CONFIG)), id=f"{factory.__name__}-K128-gk"))
+    params.append(pytest.param((chunk_state_dot_kernel, dict(K=128, V=128, h_dtype="bfloat16", per_key=True, BT=64)),
+                               id="chunk_state_dot_kernel-K128-per_key"))
     for factory in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel):
         for dtype, g_dtype in (("bfloat16", "float32"), ("float32", "float32")):
             params.append(pytest.param((factory, dict(dtype=dtype, g_dtype=g_dtype)),

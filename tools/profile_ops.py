@@ -1,6 +1,6 @@
 """Per-kernel CUDA time of a few ops' forward + backward (torch.profiler), for kernel work between benchmark runs.
 
-    python tools/profile_ops.py [B T H D]
+    python tools/profile_ops.py [B T H D [case,case]]
 """
 
 import sys
@@ -19,13 +19,18 @@ def cases(B, T, H, D):
     gamma = -torch.rand(H, device="cuda")
     yield "simple_gla g", lambda q, k, v: ops.chunk_simple_gla(q, k, v, g=g)[0], qkv()
     yield "simple_gla gamma", lambda q, k, v: ops.chunk_simple_gla(q, k, v, g_gamma=gamma)[0], qkv()
+    gk = F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).requires_grad_()
+    yield "gla", lambda q, k, v: ops.chunk_gla(q, k, v, g=gk)[0], qkv()
     yield "linear_attn normalize", lambda q, k, v: ops.chunk_linear_attn(q, k, v)[0], \
         [F.elu(x.detach()).add(1).requires_grad_() for x in qkv()]
 
 
 def main():
     B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
+    only = sys.argv[5].split(",") if len(sys.argv) > 5 else None
     for name, fn, inputs in cases(B, T, H, D):
+        if only and name not in only:
+            continue
         for _ in range(3):
             o = fn(*inputs)
             o.backward(torch.randn_like(o))

@@ -23,7 +23,7 @@ import tilelang.language as T
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, target_for
 
 
-def chunk_gate_cumsum_kernel(g_dtype: str, BT: int = 64, BH: int = 32):
+def chunk_gate_cumsum_kernel(g_dtype: str, BT: int = 64, BH: int = 64):
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
 
     @T.prim_func
@@ -38,25 +38,27 @@ def chunk_gate_cumsum_kernel(g_dtype: str, BT: int = 64, BH: int = 32):
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
-            g_s = T.alloc_shared([BT, BH], "float32")
+            g_s = T.alloc_shared([BT, BH], g_dtype)
             acc = T.alloc_fragment([BH], "float32")
+            lam = T.alloc_fragment([BH], "float32")
 
-            for i, h in T.Parallel(BT, BH):
-                g_s[i, h] = T.if_then_else(
-                    i < nvalid and i_hb * BH + h < H,
-                    (T.Cast("float32", g[t0 + i, i_hb * BH + h]) + g_gamma[i_hb * BH + h]) * LOG2E,
-                    0,
-                )
-            T.clear(acc)
+            # one bulk copy of the chunk's tile (rows past the sequence end are staged too, never stored); each
+            # thread then scans its column and stores every row straight from its registers
+            T.copy(g[t0, i_hb * BH], g_s)
+            for h in T.Parallel(BH):
+                acc[h] = 0
+                lam[h] = g_gamma[T.min(i_hb * BH + h, H - 1)]
             for i in T.serial(BT):
                 for h in T.Parallel(BH):
-                    acc[h] += g_s[i, h]
-                    g_s[i, h] = acc[h]
-            for i, h in T.Parallel(BT, BH):
-                if i < nvalid and i_hb * BH + h < H:
-                    gc[t0 + i, i_hb * BH + h] = g_s[i, h]
+                    acc[h] += (T.Cast("float32", g_s[i, h]) + lam[h]) * LOG2E
+                    if i < nvalid and i_hb * BH + h < H:
+                        gc[t0 + i, i_hb * BH + h] = acc[h]
 
     return chunk_gate_cumsum
+
+
+# the bulk copy as plain (or cp.async) loads: a TMA copy needs 16-byte row strides, which `H` does not promise
+chunk_gate_cumsum_kernel.pass_configs = {"tl.disable_tma_lower": True, "tl.disable_warp_specialized": True}
 
 
 def gate_dot_kernel(K: int, dtype: str, grad_dtype: str | None = None, BT: int = 64, threads: int = 128):
@@ -137,11 +139,12 @@ def sequence_cumsum_kernel(reverse: bool, out_dtype: str, BT: int = 64, BH: int 
     return sequence_cumsum
 
 
-def chunk_state_dot_kernel(K: int, V: int, h_dtype: str, BT: int = 64, threads: int = 128):
+def chunk_state_dot_kernel(K: int, V: int, h_dtype: str, per_key: bool = False, BT: int = 64, threads: int = 128):
     """c[i_c, h] = <S, dh[i_c, h]> with S the state leaving chunk i_c: h[i_c + 1] inside a sequence, the final state
-    ht after its last chunk."""
+    ht after its last chunk; `per_key`: the sums over V alone, c[i_c, h, k]."""
     KP = pad_dim(K)
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+    cshape = [NT, H, K] if per_key else [NT, H]
 
     @T.prim_func
     def chunk_state_dot(
@@ -150,7 +153,7 @@ def chunk_state_dot_kernel(K: int, V: int, h_dtype: str, BT: int = 64, threads: 
         ht: T.Tensor([N, H, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
-        c: T.Tensor([NT, H], "float32"),
+        c: T.Tensor(cshape, "float32"),
     ):
         with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
             i_n = chunk_indices[i_c, 0]
@@ -168,8 +171,13 @@ def chunk_state_dot_kernel(K: int, V: int, h_dtype: str, BT: int = 64, threads: 
                             b_x[i, j] += T.Cast("float32", h[i_c + 1, i_h, i, jv * BT + j]) * T.Cast(
                                 "float32", dh[i_c, i_h, i, jv * BT + j])
             T.reduce_sum(b_x, b_r, dim=1)
-            T.reduce_sum(b_r, b_s, dim=0)
-            c[i_c, i_h] = b_s[0]
+            if per_key:
+                for i in T.Parallel(KP):
+                    if i < K:
+                        c[i_c, i_h, i] = b_r[i]
+            else:
+                T.reduce_sum(b_r, b_s, dim=0)
+                c[i_c, i_h] = b_s[0]
 
     return chunk_state_dot
 
@@ -208,12 +216,13 @@ def chunk_reverse_cumsum_kernel(out_dtype: str, BT: int = 64, BH: int = 32):
     return chunk_reverse_cumsum
 
 
-def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT: int = 64) -> torch.Tensor:
-    """the chunk-local inclusive cumulative log2 gates `[Ttot, H]` fp32 of `g` `[Ttot, H]` plus `g_gamma` `[H]`."""
+def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT: int = 64, **config) -> torch.Tensor:
+    """the chunk-local inclusive cumulative log2 gates `[Ttot, H]` fp32 of `g` `[Ttot, H]` plus `g_gamma` `[H]`;
+    `config` sets the column tile (BH)."""
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     if meta.NT == 0:
         return gc
-    kernel = get_kernel(chunk_gate_cumsum_kernel, target_for(g.device), g_dtype=TORCH_TO_TL[g.dtype], BT=BT)
+    kernel = get_kernel(chunk_gate_cumsum_kernel, target_for(g.device), g_dtype=TORCH_TO_TL[g.dtype], BT=BT, **config)
     kernel(g, g_gamma, meta.cu, meta.chunk_indices, gc)
     return gc
 
@@ -248,11 +257,37 @@ def per_key_gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: t
                       BT: int = 64):
     """dg `[Ttot, H, K]` in `dg_dtype` of a per-key log gate (GLA's): the identity of `gate_grad` per key channel,
     r = q * dq - k * dk without the sum over K, from fp32 dq, dk; `state_term` `[N, H, K]` fp32 is sum_v ht dht."""
-    Ttot, H, K = q.shape
+    return per_key_gate_scan(q.float() * dq - k.float() * dk, meta=meta, reverse=reverse, dg_dtype=dg_dtype,
+                             state_term=state_term, BT=BT)
+
+
+def per_key_gate_grad_chunk(r, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):
+    """dg `[Ttot, H, K]` of a per-key log gate in the chunk-local form of `gate_grad_chunk`, per key channel: within
+    chunk c the reverse sum of r = q * dq - k * dk `[Ttot, H, K]` fp32 over the rest of the chunk, plus
+    sum_v S_c[k, v] dh[c][k, v] with S_c the state leaving chunk c (`h` the states entering each chunk, `ht`
+    `[N, H, K, V]` fp32 the final states, `dh` the gradients of the states leaving each chunk)."""
+    Ttot, H, K = r.shape
+    V = h.shape[-1]
+    dg = torch.empty(Ttot, H, K, dtype=dg_dtype, device=r.device)
     if meta.NT == 0:
-        return torch.empty(Ttot, H, K, dtype=dg_dtype, device=q.device)
-    r = (q.float() * dq - k.float() * dk).view(Ttot, H * K)
-    return _sequence_scan(r, meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term, BT=BT).view(Ttot, H, K)
+        return dg
+    c = torch.empty(meta.NT, H, K, dtype=torch.float32, device=r.device)
+    state_dot = get_kernel(chunk_state_dot_kernel, target_for(r.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype],
+                           per_key=True, BT=BT)
+    state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)
+    scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(r.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
+    scan(r.view(Ttot, H * K), c.view(meta.NT, H * K), meta.cu, meta.chunk_indices, dg.view(Ttot, H * K))
+    return dg
+
+
+def per_key_gate_scan(r, *, meta: SeqMeta, reverse: bool, dg_dtype: torch.dtype, state_term=None, BT: int = 64):
+    """`per_key_gate_grad` from r = q * dq - k * dk `[Ttot, H, K]` fp32, formed by the caller (a kernel that has q, k,
+    dq and dk at hand writes it directly)."""
+    Ttot, H, K = r.shape
+    if meta.NT == 0:
+        return torch.empty(Ttot, H, K, dtype=dg_dtype, device=r.device)
+    return _sequence_scan(r.view(Ttot, H * K), meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term,
+                          BT=BT).view(Ttot, H, K)
 
 
 def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):

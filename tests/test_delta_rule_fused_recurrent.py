@@ -1,0 +1,249 @@
+"""The (gated) delta rule's TileLang token-by-token kernels (`fla_tl.kernels.delta_rule`) against the fp32 recurrence:
+o, the final state and every gradient (q, k, v, beta, g, h0) on the GPU; the kernels' builds for sm_90a; and, on the
+CPU, the autograd glue with the kernels emulated in PyTorch (the backward's identities, the forward's scaled state)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from utils import assert_close, poison_allocator
+
+from fla_tl.reference.delta_rule import recurrent_gated_delta_rule
+
+SM90A = {"kind": "cuda", "arch": "sm_90a"}
+
+
+def _inputs(lens, H, HV, K, V, *, dtype, gate, normalize_k=True, state_v_first=False, h0=True, varlen=False,
+            device="cuda", strong_decay=False):
+    """q, k `[B, T, H, K]`, v `[B, T, HV, V]`, beta, g `[B, T, HV]`, h0 and cu_seqlens; dense for one length
+    repeated (B = len(lens)), packed (B = 1) for varlen."""
+    B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
+    N = len(lens)
+    q = torch.randn(B, T, H, K)
+    k = torch.randn(B, T, H, K)
+    k = F.normalize(k, dim=-1) if normalize_k else k
+    v = torch.randn(B, T, HV, V)
+    beta = torch.rand(B, T, HV)
+    g = None
+    if gate:
+        g = F.logsigmoid(4 * torch.randn(B, T, HV)) if strong_decay else F.logsigmoid(torch.randn(B, T, HV) + 2)
+    state = torch.randn((N, HV, V, K) if state_v_first else (N, HV, K, V)) if h0 else None
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device) if varlen else None
+    x = {"q": q.to(dtype), "k": k.to(dtype), "v": v.to(dtype), "beta": beta.to(dtype), "g": g, "h0": state}
+    return {n: (t.to(device).requires_grad_() if t is not None else None) for n, t in x.items()}, cu
+
+
+def _check(fn, x, cu, *, dtype, state_v_first, l2norm, output_final_state=True):
+    """fn and the fp32 recurrence on the same inputs: o, ht and the gradient of every input."""
+    names = [n for n in ("q", "k", "v", "beta", "g", "h0") if x[n] is not None]
+    K = x["q"].shape[-1]
+    kwargs = {"scale": K ** -0.5, "initial_state": x["h0"], "output_final_state": output_final_state,
+              "state_v_first": state_v_first, "cu_seqlens": cu, "use_qk_l2norm_in_kernel": l2norm}
+    o, ht = fn(x["q"], x["k"], x["v"], x["beta"], x["g"], **kwargs)
+    assert o.dtype == x["q"].dtype and o.shape == x["v"].shape
+    do = torch.randn_like(o)
+    outs, grads_out = [o], [do]
+    if output_final_state:
+        assert ht.dtype == torch.float32
+        dht = torch.randn_like(ht)
+        outs.append(ht)
+        grads_out.append(dht)
+    grads = torch.autograd.grad(outs, [x[n] for n in names], grads_out)
+
+    r = {n: x[n].detach().float().requires_grad_() for n in names}
+    ro, rht = recurrent_gated_delta_rule(r["q"], r["k"], r["v"], r["beta"], r.get("g"), **{
+        **kwargs, "initial_state": r.get("h0")})
+    routs = [ro] + ([rht] if output_final_state else [])
+    rgrads = torch.autograd.grad(routs, [r[n] for n in names], [t.float() for t in grads_out])
+    assert_close("o", o, ro, dtype)
+    if output_final_state:
+        assert_close("ht", ht, rht, dtype)
+    for n, a, b in zip(names, grads, rgrads):
+        assert a.dtype == x[n].dtype, f"d{n}: dtype {a.dtype} != {x[n].dtype}"
+        assert_close(f"d{n}", a, b, dtype)
+
+
+# (lens, H, HV, K, V, dtype, gate, varlen, state_v_first, l2norm)
+GPU_CASES = {
+    "T1-D64-plain-fp32": ((1, 1), 2, 2, 64, 64, torch.float32, False, False, False, False),
+    "T1-D128-gated-bf16-gva": ((1,), 2, 4, 128, 128, torch.bfloat16, True, False, False, False),
+    "T63-D128-gated-bf16": ((63, 63), 2, 2, 128, 128, torch.bfloat16, True, False, False, False),
+    "T63-D100-plain-bf16": ((63,), 2, 2, 100, 100, torch.bfloat16, False, False, False, False),
+    "T63-D128-gated-fp16": ((63,), 2, 2, 128, 128, torch.float16, True, False, False, False),
+    "T63-D128-gated-bf16-svf": ((63,), 2, 4, 128, 128, torch.bfloat16, True, False, True, False),
+    "T500-D128-gated-bf16-gva": ((500, 500), 2, 4, 128, 128, torch.bfloat16, True, False, False, False),
+    "T500-D100-gated-fp32": ((500,), 2, 2, 100, 100, torch.float32, True, False, False, False),
+    "T500-D64-plain-fp32-gva": ((500,), 1, 2, 64, 64, torch.float32, False, False, False, False),
+    "T500-D128-gated-bf16-l2norm": ((500,), 2, 2, 128, 128, torch.bfloat16, True, False, False, True),
+    "T500-D100-plain-fp32-l2norm-gva": ((500,), 1, 2, 100, 100, torch.float32, False, False, False, True),
+    "T63-K64-V128-gated-fp32": ((63,), 2, 2, 64, 128, torch.float32, True, False, False, False),
+    "T63-K256-V256-gated-bf16": ((63,), 1, 2, 256, 256, torch.bfloat16, True, False, False, False),
+    "varlen-D128-gated-bf16-gva": ((1, 300, 0, 77), 2, 4, 128, 128, torch.bfloat16, True, True, False, False),
+    "varlen-D64-plain-fp32-svf": ((1, 300, 0, 77), 2, 2, 64, 64, torch.float32, False, True, True, False),
+    "varlen-D100-gated-fp32-svf-l2norm": ((1, 300, 0, 77), 2, 4, 100, 100, torch.float32, True, True, True, True),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
+def test_fused_recurrent(case):
+    from fla_tl.kernels.delta_rule import fused_recurrent_gated_delta_rule_tl
+
+    lens, H, HV, K, V, dtype, gate, varlen, svf, l2norm = case
+    x, cu = _inputs(lens, H, HV, K, V, dtype=dtype, gate=gate, normalize_k=not l2norm, state_v_first=svf,
+                    varlen=varlen)
+    poison_allocator("cuda")
+    _check(fused_recurrent_gated_delta_rule_tl, x, cu, dtype=dtype, state_v_first=svf, l2norm=l2norm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", [False, True], ids=["plain", "gated"])
+def test_fused_recurrent_no_states(gate):
+    """no initial state, no final state (so no dht and no dh0)."""
+    from fla_tl.kernels.delta_rule import fused_recurrent_gated_delta_rule_tl
+
+    x, cu = _inputs((130, 130), 2, 4, 128, 128, dtype=torch.bfloat16, gate=gate, h0=False)
+    poison_allocator("cuda")
+    _check(fused_recurrent_gated_delta_rule_tl, x, cu, dtype=torch.bfloat16, state_v_first=False, l2norm=False,
+           output_final_state=False)
+
+
+def _compile_specs():
+    try:
+        from fla_tl.kernels.delta_rule import fused_recurrent as M
+    except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
+        return [pytest.param(None, id="tilelang-missing")]
+    # the benchmark's forward (gated bf16, K = V = 128) and the backward at a padded head dim in fp32
+    fwd_cfg, bwd_cfg = M.fused_recurrent_delta_rule_fwd_config(128, 128), M.fused_recurrent_delta_rule_bwd_config(100, 100)
+    specs = [
+        (M.fused_recurrent_delta_rule_fwd_kernel,
+         {"K": 128, "V": 128, "gate": "g", "state_v_first": False, "dtype": "bfloat16", **fwd_cfg}),
+        (M.fused_recurrent_delta_rule_bwd_dkv_kernel,
+         {"K": 100, "V": 100, "gate": "g", "state_v_first": True, "dtype": "float32", **bwd_cfg}),
+        (M.fused_recurrent_delta_rule_bwd_dqk_kernel,
+         {"K": 100, "V": 100, "gate": "none", "state_v_first": False, "dtype": "float32", **bwd_cfg}),
+    ]
+    return [pytest.param(s, id=f"{s[0].__name__}-K{s[1]['K']}-{s[1]['dtype']}-{s[1]['gate']}") for s in specs]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("spec", _compile_specs())
+def test_kernel_builds_for_sm90a(spec):
+    from fla_tl.kernels.common.utils import get_kernel
+
+    factory, kwargs = spec
+    kernel = get_kernel(factory, SM90A, **kwargs)
+    assert "__global__" in kernel.get_kernel_source()
+
+
+# ---------------------------------------------------------------- the glue on the CPU, kernels emulated
+
+
+def _segments(cu):
+    cu = cu.tolist()
+    return [(n, cu[n], cu[n + 1]) for n in range(len(cu) - 1)]
+
+
+def _state_in(h, svf):
+    return h.transpose(-1, -2) if svf else h
+
+
+def _emulate(factory, K, V, gate, state_v_first, dtype, **config):
+    """a PyTorch stand-in with a kernel's signature and semantics (fp32, per sequence, all value heads at once)."""
+    from fla_tl.kernels.delta_rule import fused_recurrent as M
+
+    svf = state_v_first
+
+    def heads(x, HV):
+        # [L, H, K] -> [L, HV, K], value head j reading key head j // (HV / H)
+        return x.float().repeat_interleave(HV // x.shape[1], 1)
+
+    def fwd(q, k, v, beta, g, h0, cu, o, ht, w, scale, use_h0, store_ht, store_w):
+        HV = v.shape[1]
+        for n, bos, eos in _segments(cu):
+            h = _state_in(h0[n * HV:(n + 1) * HV], svf).clone() if use_h0 else torch.zeros(HV, K, V)
+            cf = torch.ones(HV)
+            qq, kk = heads(q[bos:eos], HV), heads(k[bos:eos], HV)
+            for t in range(eos - bos):
+                p = torch.einsum("hk,hkv->hv", kk[t], h)
+                cn = cf * (g[bos + t].exp() if gate == "g" else 1)
+                p = p * cn[:, None]
+                fold = (cn < M.C_MIN) | (cn > 1 / M.C_MIN)
+                h = torch.where(fold[:, None, None], h * cn[:, None, None], h)
+                cf = torch.where(fold, torch.ones_like(cn), cn)
+                u = beta[bos + t, :, None] * (v[bos + t].float() - p)
+                h = h + kk[t, :, :, None] * (u / cf[:, None])[:, None, :]
+                o[bos + t] = (scale * cf[:, None] * torch.einsum("hk,hkv->hv", qq[t], h)).to(o.dtype)
+                if store_w:
+                    w[bos + t] = v[bos + t].float() - p
+            if store_ht:
+                ht[n * HV:(n + 1) * HV] = _state_in(h * cf[:, None, None], svf)
+
+    def dkv(q, k, do, w, beta, g, dht, cu, du, dk, dh0, scale, use_dht, store_dh0):
+        HV = w.shape[1]
+        # all columns at once: the partial sums of the other V tiles are zero
+        dk.zero_()
+        for n, bos, eos in _segments(cu):
+            dh = _state_in(dht[n * HV:(n + 1) * HV], svf).clone() if use_dht else torch.zeros(HV, K, V)
+            qq, kk = heads(q[bos:eos], HV), heads(k[bos:eos], HV)
+            for t in reversed(range(eos - bos)):
+                dh = dh + scale * qq[t, :, :, None] * do[bos + t].float()[:, None, :]
+                x = torch.einsum("hk,hkv->hv", kk[t], dh)
+                du[bos + t] = x
+                dk[0, bos + t] = torch.einsum("hkv,hv->hk", dh, beta[bos + t, :, None] * w[bos + t])
+                dh = dh - kk[t, :, :, None] * (beta[bos + t, :, None] * x)[:, None, :]
+                if gate == "g":
+                    dh = dh * g[bos + t].exp()[:, None, None]
+            if store_dh0:
+                dh0[n * HV:(n + 1) * HV] = _state_in(dh, svf)
+
+    def dqk(k, do, w, du, beta, g, h0, cu, dq, dk, scale, use_h0):
+        HV = w.shape[1]
+        dq.zero_()
+        for n, bos, eos in _segments(cu):
+            h = _state_in(h0[n * HV:(n + 1) * HV], svf).clone() if use_h0 else torch.zeros(HV, K, V)
+            kk = heads(k[bos:eos], HV)
+            for t in range(eos - bos):
+                if gate == "g":
+                    h = h * g[bos + t].exp()[:, None, None]
+                dk[0, bos + t] += torch.einsum("hkv,hv->hk", h, -beta[bos + t, :, None] * du[bos + t])
+                h = h + kk[t, :, :, None] * (beta[bos + t, :, None] * w[bos + t])[:, None, :]
+                dq[0, bos + t] = scale * torch.einsum("hkv,hv->hk", h, do[bos + t].float())
+
+    return {
+        M.fused_recurrent_delta_rule_fwd_kernel: fwd,
+        M.fused_recurrent_delta_rule_bwd_dkv_kernel: dkv,
+        M.fused_recurrent_delta_rule_bwd_dqk_kernel: dqk,
+    }[factory]
+
+
+def _scan(r, *, meta, reverse, out_dtype, offset=None):
+    out = torch.empty_like(r, dtype=out_dtype)
+    for n, bos, eos in _segments(meta.cu):
+        acc = offset[n].float() if offset is not None else torch.zeros(r.shape[1])
+        for t in reversed(range(bos, eos)):
+            acc = acc + r[t]
+            out[t] = acc
+    return out
+
+
+@pytest.mark.parametrize("case", [
+    {"lens": (40, 40), "HV": 4, "gate": True, "svf": False, "l2norm": False, "strong": False, "varlen": False},
+    {"lens": (1, 50, 0, 23), "HV": 2, "gate": True, "svf": True, "l2norm": True, "strong": True, "varlen": True},
+    {"lens": (37,), "HV": 2, "gate": False, "svf": False, "l2norm": False, "strong": False, "varlen": False},
+], ids=["dense-gated-gva", "varlen-strong-decay-svf-l2norm", "plain"])
+def test_glue_with_emulated_kernels(case, monkeypatch):
+    pytest.importorskip("tilelang")
+    from fla_tl.kernels.delta_rule import fused_recurrent as M
+
+    monkeypatch.setattr(M, "get_kernel", lambda factory, target, **kw: _emulate(factory, **kw))
+    monkeypatch.setattr(M, "_sequence_scan", _scan)
+    # a padded head dim (K = 12) and two backward V tiles (32 columns each; the partial sums over V add up)
+    config = {"K": 12, "V": 40}
+    M_bwd = M.fused_recurrent_delta_rule_bwd_config
+    monkeypatch.setattr(M, "fused_recurrent_delta_rule_bwd_config", lambda K, V: {**M_bwd(K, V), "BV": 32,
+                                                                                   "threads": 64})
+    x, cu = _inputs(case["lens"], 2 if case["HV"] == 4 else 1, case["HV"], config["K"], config["V"],
+                    dtype=torch.float32, gate=case["gate"], normalize_k=not case["l2norm"],
+                    state_v_first=case["svf"], varlen=case["varlen"], device="cpu", strong_decay=case["strong"])
+    _check(M.fused_recurrent_gated_delta_rule_tl, x, cu, dtype=torch.float32, state_v_first=case["svf"],
+           l2norm=case["l2norm"])
