@@ -1503,7 +1503,7 @@ _parallel_rebased_spec = _register_plain(
 _parallel_rebased_spec.fn = parallel_rebased
 
 
-# ---------------------------------------------------------------- delta rule family (torch backend so far)
+# ---------------------------------------------------------------- delta rule family (chunk ops: torch backend so far)
 
 
 def _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale=None) -> int:
