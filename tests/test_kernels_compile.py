@@ -3,7 +3,8 @@
 Covers both load paths (full tiles with async copies at D = 64, masked loads for a padded head dim at D = 100), every
 fused_recurrent flag combination, fp32 inputs, the per-token gate ("g") variants with their cumulative-sum and
 gradient kernels, GLA's per-key gate ("gk") in the fused_recurrent kernels and chunk_gla's kernels, linear attention's
-normalisation stages and the delta rule's WY stages. Skips with a reason where nvcc or tilelang is missing.
+normalisation stages, the delta rule's WY stages and forward state pass, and the HGRN scans (the delta rule's
+fused_recurrent kernels: `test_delta_rule_fused_recurrent.py`). Skips with a reason where nvcc or tilelang is missing.
 """
 
 import pytest
@@ -57,6 +58,12 @@ def _specs():
                                    id=f"solve_tril_kernel-K{d}-{dtype}-{gate}"))
         params.append(pytest.param((wy.apply_tril_kernel, dict(D=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
                                    id=f"apply_tril_kernel-D{d}-{dtype}-{gate}"))
+    from fla_tl.kernels.common.chunk_delta_h import chunk_delta_fwd_h_kernel
+
+    # the delta rule's forward state pass: gated in bf16 at K = V = 128, plain in fp32 at a padded 100
+    for d, dtype, gate in ((128, "bfloat16", "g"), (100, "float32", "none")):
+        params.append(pytest.param((chunk_delta_fwd_h_kernel, dict(K=d, V=d, gate=gate, dtype=dtype, BT=64)),
+                                   id=f"chunk_delta_fwd_h_kernel-K{d}-{dtype}-{gate}"))
 
     from fla_tl.kernels.common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
     from fla_tl.kernels.common.cumsum import chunk_state_dot_kernel
