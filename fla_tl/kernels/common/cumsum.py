@@ -257,8 +257,11 @@ def per_key_gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: t
                       BT: int = 64):
     """dg `[Ttot, H, K]` in `dg_dtype` of a per-key log gate (GLA's): the identity of `gate_grad` per key channel,
     r = q * dq - k * dk without the sum over K, from fp32 dq, dk; `state_term` `[N, H, K]` fp32 is sum_v ht dht."""
-    return per_key_gate_scan(q.float() * dq - k.float() * dk, meta=meta, reverse=reverse, dg_dtype=dg_dtype,
-                             state_term=state_term, BT=BT)
+    Ttot, H, K = q.shape
+    if meta.NT == 0:
+        return torch.empty(Ttot, H, K, dtype=dg_dtype, device=q.device)
+    r = (q.float() * dq - k.float() * dk).view(Ttot, H * K)
+    return _sequence_scan(r, meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term, BT=BT).view(Ttot, H, K)
 
 
 def per_key_gate_grad_chunk(r, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):
@@ -278,16 +281,6 @@ def per_key_gate_grad_chunk(r, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtyp
     scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(r.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
     scan(r.view(Ttot, H * K), c.view(meta.NT, H * K), meta.cu, meta.chunk_indices, dg.view(Ttot, H * K))
     return dg
-
-
-def per_key_gate_scan(r, *, meta: SeqMeta, reverse: bool, dg_dtype: torch.dtype, state_term=None, BT: int = 64):
-    """`per_key_gate_grad` from r = q * dq - k * dk `[Ttot, H, K]` fp32, formed by the caller (a kernel that has q, k,
-    dq and dk at hand writes it directly)."""
-    Ttot, H, K = r.shape
-    if meta.NT == 0:
-        return torch.empty(Ttot, H, K, dtype=dg_dtype, device=r.device)
-    return _sequence_scan(r.view(Ttot, H * K), meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term,
-                          BT=BT).view(Ttot, H, K)
 
 
 def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):

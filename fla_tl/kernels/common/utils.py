@@ -46,11 +46,8 @@ def _compile(factory, target: dict, kwargs: dict):
     import tilelang
 
     func = factory(**kwargs)
-    # a factory may ask for TileLang pass options (e.g. no warp specialization) through a `pass_configs` attribute:
-    # a dict, or a function of the factory's keywords
+    # a factory may ask for TileLang pass options (e.g. no warp specialization) through a `pass_configs` attribute
     pass_configs = getattr(factory, "pass_configs", None)
-    if callable(pass_configs):
-        pass_configs = pass_configs(**kwargs)
     return tilelang.compile(func, target=dict(target), execution_backend="tvm_ffi", pass_configs=pass_configs)
 
 
