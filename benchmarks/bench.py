@@ -59,7 +59,7 @@ SHAPES = [
 SLOW_BTH = 8 * 4096 * 16
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PROVIDERS = ("fla_tl", "fla", "sdpa")
+PROVIDERS = ("fla_tl", "fla", "flash_qla", "sdpa")
 MODES = ("fwd", "fwdbwd")
 CSV_COLUMNS = [
     "date", "gpu", "torch", "triton", "tilelang", "fla_version", "fla_tl_version",
@@ -211,6 +211,8 @@ class OpSpec:
     reference: Callable | None = None
     slow: bool = False
     consts: Callable[..., dict] | None = None
+    # FlashQLA's counterpart ("module:attr"; Gated DeltaNet only), timed as its own provider
+    flash_qla: str | None = None
 
 
 # adding an op is one entry here
@@ -292,7 +294,6 @@ OPS: dict[str, OpSpec] = {
         inputs=qkv_gk_inputs,
         slow=True,
     ),
-    # no TileLang kernels yet: fla_tl runs its torch backend (the WY chunked form)
     "chunk_delta_rule": OpSpec(
         fla_tl="fla_tl.ops:chunk_delta_rule",
         fla="fla.ops.delta_rule:chunk_delta_rule",
@@ -304,6 +305,7 @@ OPS: dict[str, OpSpec] = {
         fla="fla.ops.gated_delta_rule:chunk_gated_delta_rule",
         flops=chunk_flops,
         inputs=gated_delta_inputs,
+        flash_qla="flash_qla:chunk_gated_delta_rule",
     ),
     "fused_recurrent_delta_rule": OpSpec(
         fla_tl="fla_tl.ops:fused_recurrent_delta_rule",
@@ -468,7 +470,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         + ", ".join(shape_name(s) for s in SHAPES),
     )
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd (default both)")
-    p.add_argument("--providers", default="fla_tl,fla,sdpa", help="comma list of fla_tl, fla, sdpa (default all)")
+    p.add_argument("--providers", default="fla_tl,fla,sdpa",
+                   help="comma list of fla_tl, fla, flash_qla, sdpa (default fla_tl,fla,sdpa)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu-slug>.csv)")
     p.add_argument("--plot", default=None, help="PNG path (default beside the CSV, same stem)")
@@ -524,7 +527,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def cases(args):
     """(op, shape, mode, provider, skip-reason) in run order: per shape, sdpa once, then per op fla before fla_tl."""
-    order = [x for x in ("fla", "fla_tl") if x in args.providers]
+    order = [x for x in ("fla", "flash_qla", "fla_tl") if x in args.providers]
     for shape in args.shapes:
         B, T, H, _ = shape
         for mode in args.modes:
@@ -535,7 +538,8 @@ def cases(args):
             skip = "skipped: slow (--skip-slow)" if args.skip_slow and spec.slow and B * T * H > SLOW_BTH else None
             for mode in args.modes:
                 for prov in order:
-                    yield op, shape, mode, prov, skip
+                    if prov != "flash_qla" or spec.flash_qla:
+                        yield op, shape, mode, prov, skip
 
 
 def dry_run(args) -> None:
@@ -594,7 +598,7 @@ def main(argv=None) -> int:
     fns: dict[tuple[str, str], Callable | str] = {}
     for op in args.ops:
         spec = OPS[op]
-        for prov, target in (("fla_tl", spec.fla_tl), ("fla", spec.fla)):
+        for prov, target in (("fla_tl", spec.fla_tl), ("fla", spec.fla), ("flash_qla", spec.flash_qla)):
             if prov not in args.providers:
                 continue
             try:
@@ -755,7 +759,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
         rows.append(row)
         print(
-            f"{op:<26} {prov:<7} {mode:<7} {shape_name(shape):<16} {row.get('median_ms', '') or '-':>10} ms  "
+            f"{op:<26} {prov:<9} {mode:<7} {shape_name(shape):<16} {row.get('median_ms', '') or '-':>10} ms  "
             f"{row.get('gbps', '') or '-':>7} GB/s  {row.get('gate', '')} {row['status']}",
             flush=True,
         )

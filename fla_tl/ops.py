@@ -1062,7 +1062,7 @@ def chunk_gla(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     r"""
     GLA in the chunked form: `h_t = diag(exp(g_t)) h_{t-1} + k_t v_t^T`, `o_t = scale * h_t^T q_t`, with a log gate
-    per key channel. No TileLang kernel yet: the `torch` backend runs it (on a GPU too, logged once).
+    per key channel. The tilelang backend runs the kernels of `fla_tl.kernels.gla` (per-key gated state passes).
 
     Args:
         q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]`.
@@ -1503,7 +1503,7 @@ _parallel_rebased_spec = _register_plain(
 _parallel_rebased_spec.fn = parallel_rebased
 
 
-# ---------------------------------------------------------------- delta rule family (chunk ops: torch backend so far)
+# ---------------------------------------------------------------- delta rule family
 
 
 def _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale=None) -> int:
@@ -1614,7 +1614,8 @@ def chunk_delta_rule(
 ):
     r"""
     DeltaNet in the chunked (WY) form: `h_t = h_{t-1} + k_t (beta_t (v_t - h_{t-1}^T k_t))^T`, `o_t = scale * h_t^T q_t`.
-    Unlike fla 0.6.0, fp32 inputs are accepted. No TileLang kernel yet: the torch backend runs it.
+    Unlike fla 0.6.0, fp32 inputs are accepted. The tilelang backend runs the chunked WY kernels of
+    `fla_tl.kernels.delta_rule` (chunks of 64 tokens whatever `chunk_size`; the result does not depend on it).
 
     Args:
         q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]`. beta (torch.Tensor): `[B, T, H]`.
@@ -1698,8 +1699,8 @@ def chunk_gated_delta_rule(
 ):
     r"""
     Gated DeltaNet in the chunked (WY) form: `h <- exp(g_t) h`, then the delta update, per value head; grouped value
-    heads (HV a multiple of H: value head j reads key head j // (HV / H)). No TileLang kernel yet: the torch backend
-    runs it.
+    heads (HV a multiple of H: value head j reads key head j // (HV / H)). The tilelang backend runs the chunked WY
+    kernels of `fla_tl.kernels.delta_rule` (chunks of 64 tokens whatever `chunk_size`).
 
     Args:
         q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, HV, V]`.
@@ -1831,20 +1832,23 @@ def _delta_self_check(fn, gated, recurrent_opts):
     return run
 
 
-def make_fused_recurrent_delta_backend() -> Backend:
-    """the tilelang backend of fused_recurrent_(gated_)delta_rule: the token-by-token kernels of
-    `fla_tl.kernels.delta_rule` (forward and backward; grouped value heads, state_v_first, varlen)."""
-    caps = tilelang_capabilities(True, True)
+def make_delta_backend(mode: str) -> Backend:
+    """the tilelang backend of the (gated) delta rule ops of `mode`: the chunked WY kernels (chunk) or the
+    token-by-token ones (fused_recurrent) of `fla_tl.kernels.delta_rule`, forward and backward; grouped value heads,
+    state_v_first, varlen."""
+    caps = tilelang_capabilities(mode == "fused_recurrent", True)
 
     def fwd(q, k, v, beta, g, *, scale=None, **kwargs):
-        from .kernels.delta_rule import fused_recurrent_gated_delta_rule_tl
+        from .kernels import delta_rule
 
+        run = delta_rule.chunk_gated_delta_rule_tl if mode == "chunk" else delta_rule.fused_recurrent_gated_delta_rule_tl
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        return fused_recurrent_gated_delta_rule_tl(q, k, v, beta, g, scale=scale, **kwargs)
+        return run(q, k, v, beta, g, scale=scale, **kwargs)
 
+    kind = "chunked WY" if mode == "chunk" else "token-by-token"
     return Backend(name="tilelang", capabilities=caps,
                    verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.delta_rule"), fwd=fwd, bwd=None,
-                   description="token-by-token TileLang kernels")
+                   description=f"{kind} TileLang kernels")
 
 
 DELTA_DROPPED = "fused_chunk_delta_rule is not provided (fla 0.6.0's is a stub that raises): use chunk_delta_rule"
@@ -1858,7 +1862,7 @@ for _name, _mode, _fn, _gated in (
     _delta_specs[_name] = _register_plain(
         _name, "gated_delta_rule" if _gated else "delta_rule", _mode, recurrent_gated_delta_rule, _delta_torch,
         self_check=_delta_self_check(_fn, _gated, _mode == "fused_recurrent"),
-        tilelang_backend=make_fused_recurrent_delta_backend() if _mode == "fused_recurrent" else None,
+        tilelang_backend=make_delta_backend(_mode),
     )
     _delta_specs[_name].fn = _fn
 _delta_specs["fused_chunk_delta_rule"] = register_op(OpSpec(

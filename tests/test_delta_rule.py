@@ -159,7 +159,7 @@ def test_bad_inputs():
         chunk_gated_delta_rule(q, k, v, g, beta, cp_context=object())
     with pytest.raises(NotImplementedError, match="chunk_delta_rule instead"):
         fused_chunk_delta_rule(q=q)
-    with pytest.raises(BackendError, match="no TileLang kernel"):
+    with pytest.raises(BackendError, match="tilelang"):
         chunk_delta_rule(q, k, v[:, :, :2], beta[..., :2], backend="tilelang")
 
 
@@ -252,3 +252,38 @@ def test_tilelang_fused_recurrent_ops(lens, dtype, state_v_first, gated):
                                                           state_v_first=state_v_first, **kw), x, ref_kw)
     else:
         _check(lambda x: fused_recurrent_delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw), x, ref_kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gated", [False, True], ids=["delta", "gated"])
+@pytest.mark.parametrize(("lens", "dtype", "state_v_first", "H", "HV", "K", "V"), [
+    pytest.param((300,), torch.bfloat16, False, 2, 4, 64, 48, id="T300-bf16-GVA-K64-V48"),
+    pytest.param((1, 130, 0, 64), torch.float32, True, 2, 4, 64, 48, id="varlen-fp32-vfirst"),
+    pytest.param((500,), torch.bfloat16, False, 2, 2, 128, 128, id="T500-bf16-K128"),
+    pytest.param((63,), torch.float16, False, 1, 1, 100, 72, id="T63-fp16-K100-V72"),
+    pytest.param((200,), torch.bfloat16, False, 1, 2, 256, 256, id="T200-bf16-K256"),
+    pytest.param((1000,), torch.bfloat16, False, 2, 2, 128, 128, id="T1000-bf16-K128"),
+])
+@pytest.mark.parametrize("schedule", ["fused", "parallel"])
+def test_tilelang_chunk_ops(lens, dtype, state_v_first, H, HV, K, V, gated, schedule, monkeypatch):
+    """the public chunk ops on the tilelang backend (the chunked WY kernels, the fused and the chunk-parallel forward;
+    L2 norm in the op), every gradient against the recurrence in fp64."""
+    from fla_tl.kernels.delta_rule import chunk as delta_chunk
+
+    monkeypatch.setattr(delta_chunk, "FUSED_MIN_BLOCKS_PER_SM", 0 if schedule == "fused" else float("inf"))
+    varlen = len(lens) > 1
+    B, T = (1, sum(lens)) if varlen else (2 if lens[0] < 1000 else 1, lens[0])
+    state_v_first = state_v_first and gated  # chunk_delta_rule takes no state_v_first (as fla)
+    x = _inputs(B=B, T=T, H=H, HV=HV, K=K, V=V, N=len(lens) if varlen else None, dtype=torch.float32, gate=gated,
+                normalize_k=False, state_v_first=state_v_first)
+    x = {n: (t.detach().to("cuda", dtype if n in ("q", "k", "v") else torch.float32).requires_grad_()
+             if t is not None else None) for n, t in x.items()}
+    kw = dict(initial_state=x["h0"], output_final_state=True, backend="tilelang", use_qk_l2norm_in_kernel=True,
+              cu_seqlens=_cu(lens, "cuda") if varlen else None)
+    ref_kw = dict(state_v_first=state_v_first, use_qk_l2norm_in_kernel=True,
+                  cu_seqlens=_cu(lens, "cuda") if varlen else None)
+    if gated:
+        _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
+                                                state_v_first=state_v_first, **kw), x, ref_kw)
+    else:
+        _check(lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw), x, ref_kw)

@@ -9,6 +9,12 @@ import torch
 import torch.nn.functional as F
 
 
+def _delta_qkv(qkv):
+    """q, k, v with L2-normalised keys (leaves)."""
+    q, k, v = qkv()
+    return [q, F.normalize(k.detach().float(), dim=-1).to(k.dtype).requires_grad_(), v]
+
+
 def cases(B, T, H, D):
     from fla_tl import ops
 
@@ -21,6 +27,9 @@ def cases(B, T, H, D):
     yield "simple_gla gamma", lambda q, k, v: ops.chunk_simple_gla(q, k, v, g_gamma=gamma)[0], qkv()
     gk = F.logsigmoid(torch.randn(B, T, H, D, device="cuda")).requires_grad_()
     yield "gla", lambda q, k, v: ops.chunk_gla(q, k, v, g=gk)[0], qkv()
+    beta = torch.rand(B, T, H, device="cuda").requires_grad_()
+    yield "gated_delta_rule", lambda q, k, v: ops.chunk_gated_delta_rule(q, k, v, g, beta)[0], _delta_qkv(qkv)
+    yield "delta_rule", lambda q, k, v: ops.chunk_delta_rule(q, k, v, beta)[0], _delta_qkv(qkv)
     yield "linear_attn normalize", lambda q, k, v: ops.chunk_linear_attn(q, k, v)[0], \
         [F.elu(x.detach()).add(1).requires_grad_() for x in qkv()]
 

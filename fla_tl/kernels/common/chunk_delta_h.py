@@ -1,11 +1,18 @@
-"""The delta rule's forward state pass (`chunk_delta_fwd_h`): the states entering each chunk and the corrected values.
+"""The delta rule's state passes: forward (`chunk_delta_fwd_h`: the states entering each chunk and the corrected values)
+and backward (`chunk_delta_bwd_dhu`: the state gradients and the corrected values' gradients).
 
 With the WY pair of a chunk (`common.wy.wy_repr`: w = Ai diag(beta 2^b) K, u = Ai diag(beta) V) and S the state
 entering it, the chunk's corrected values are v_new = u - w S, and then, as in `chunk_h` with v_new for v,
   S <- 2^bL S + sum_j 2^(bL - b_j) k_j v_new_j^T,
 with b the chunk-local cumulative log2 gates (gate "g") or zero (gate "none"). The output is `chunk_o.chunk_fwd_o` on
 (q, k, v_new, h) with the same gate. One block per (V tile, sequence, head) walks the sequence with the whole [K, BV]
-state in registers (w S needs every key row). Built and compile-tested; not yet run on a GPU or used by the ops.
+state in registers (w S needs every key row).
+
+Backward, from the last chunk to the first, with dS the gradient of the state leaving chunk c (stored as dh[c], the
+convention of `chunk_h.chunk_bwd_dh`):
+  dv_new = dv_local + diag(2^(bL - b)) K dS,   dv_local = scale * sum_{i>=j} 2^(b_i - b_j) (q_i . k_j) do_i,
+  dS <- 2^bL dS + scale * (diag(2^b) Q)^T dO - W^T dv_new,
+ending at the initial state's gradient. dv_local (`chunk_delta_bwd_dv_local`) is chunk-parallel.
 """
 
 import tilelang.language as T
@@ -102,6 +109,168 @@ def chunk_delta_fwd_h_kernel(
     return chunk_delta_fwd_h
 
 
+def chunk_delta_bwd_dv_local_kernel(
+    K: int,
+    V: int,
+    gate: str,
+    dtype: str,
+    # kernel config
+    BT: int = 64,
+    BV: int = 64,
+    threads: int = 128,
+):
+    """dv_local[j] = scale * sum_{i>=j} 2^(b_i - b_j) (q_i . k_j) do_i, one [BT, BV] tile per block."""
+    KP = pad_dim(K)
+    NV = cdiv(V, BV)
+    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
+
+    @T.prim_func
+    def chunk_delta_bwd_dv_local(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        do: T.Tensor([Ttot, H, V], dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        dv: T.Tensor([Ttot, H, V], dtype),
+        scale: T.float32,
+    ):
+        with T.Kernel(NV, NT, H, threads=threads) as (i_v, i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            lg = gate_state(gate, g_gamma, i_h, BT)
+            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+
+            q_s = T.alloc_shared([BT, KP], dtype)
+            k_s = T.alloc_shared([BT, KP], dtype)
+            do_s = T.alloc_shared([BT, BV], dtype)
+            a_s = T.alloc_shared([BT, BT], dtype)
+            b_a = T.alloc_fragment([BT, BT], "float32")
+            b_dv = T.alloc_fragment([BT, BV], "float32")
+
+            for i, j in T.Parallel(BT, KP):
+                q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
+                k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+            for i, j in T.Parallel(BT, BV):
+                do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
+            # b_a[j, i] = k_j . q_i, kept where i >= j
+            T.gemm(k_s, q_s, b_a, transpose_B=True, clear_accum=True)
+            for j, i in T.Parallel(BT, BT):
+                a_s[j, i] = T.if_then_else(
+                    i >= j, b_a[j, i] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
+                )
+            T.gemm(a_s, do_s, b_dv, clear_accum=True)
+            for i, j in T.Parallel(BT, BV):
+                if i < nvalid and i_v * BV + j < V:
+                    dv[t0 + i, i_h, i_v * BV + j] = b_dv[i, j]
+
+    return chunk_delta_bwd_dv_local
+
+
+def chunk_delta_bwd_dhu_kernel(
+    K: int,
+    V: int,
+    gate: str,
+    dtype: str,
+    # kernel config
+    BT: int = 64,
+    BV: int = 64,
+    threads: int = 128,
+):
+    KP = pad_dim(K)
+    NV = cdiv(V, BV)
+    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
+    NHT, NH0 = T.dynamic("NHT"), T.dynamic("NH0")
+
+    @T.prim_func
+    def chunk_delta_bwd_dhu(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        w: T.Tensor([Ttot, H, K], dtype),
+        do: T.Tensor([Ttot, H, V], dtype),
+        dv_local: T.Tensor([Ttot, H, V], dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
+        dht: T.Tensor([NHT, K, V], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_offsets: T.Tensor([N + 1], "int32"),
+        dh: T.Tensor([NT, H, K, V], dtype),
+        dv_new: T.Tensor([Ttot, H, V], dtype),
+        dh0: T.Tensor([NH0, K, V], "float32"),
+        scale: T.float32,
+        use_dht: T.int32,
+        store_dh0: T.int32,
+    ):
+        with T.Kernel(NV, N * H, threads=threads) as (i_v, i_nh):
+            i_n = i_nh // H
+            i_h = i_nh % H
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            boc = chunk_offsets[i_n]
+            nc = T.ceildiv(eos - bos, BT)
+            lg = gate_state(gate, g_gamma, i_h, BT)
+
+            q_s = T.alloc_shared([BT, KP], dtype)
+            k_s = T.alloc_shared([BT, KP], dtype)
+            w_s = T.alloc_shared([BT, KP], dtype)
+            do_s = T.alloc_shared([BT, BV], dtype)
+            dvn_s = T.alloc_shared([BT, BV], dtype)
+            dh_s = T.alloc_shared([KP, BV], dtype)
+            b_dh = T.alloc_fragment([KP, BV], "float32")
+            b_dv = T.alloc_fragment([BT, BV], "float32")
+
+            T.clear(b_dh)
+            if use_dht == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        b_dh[i, j] = dht[i_nh, i, i_v * BV + j]
+
+            for cc in T.serial(nc):
+                c = nc - 1 - cc
+                t0 = bos + c * BT
+                nvalid = T.min(eos - t0, BT)
+                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+                bl = gate_last(gate, lg, nvalid)
+                for i, j in T.Parallel(BT, KP):
+                    q_s[i, j] = T.if_then_else(
+                        i < nvalid and j < K,
+                        T.Cast(dtype, T.Cast("float32", q[t0 + i, i_h, j]) * scale * T.exp2(gate_row(gate, lg, i))), 0)
+                    k_s[i, j] = T.if_then_else(
+                        i < nvalid and j < K,
+                        T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j]) * T.exp2(bl - gate_row(gate, lg, i))), 0)
+                    w_s[i, j] = T.if_then_else(i < nvalid and j < K, w[t0 + i, i_h, j], 0)
+                for i, j in T.Parallel(BT, BV):
+                    do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
+                # the gradient of the state leaving chunk c, stored and staged for the products
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        dh[boc + c, i_h, i, i_v * BV + j] = b_dh[i, j]
+                T.copy(b_dh, dh_s)
+                # dv_new = dv_local + diag(2^(bL - b)) K dS   [BT, BV]
+                T.gemm(k_s, dh_s, b_dv, clear_accum=True)
+                for i, j in T.Parallel(BT, BV):
+                    b_dv[i, j] = T.if_then_else(
+                        i < nvalid and i_v * BV + j < V, b_dv[i, j] + T.Cast("float32", dv_local[t0 + i, i_h, i_v * BV + j]), 0)
+                for i, j in T.Parallel(BT, BV):
+                    if i < nvalid and i_v * BV + j < V:
+                        dv_new[t0 + i, i_h, i_v * BV + j] = b_dv[i, j]
+                    dvn_s[i, j] = T.Cast(dtype, -b_dv[i, j])
+                if gate != "none":
+                    for i, j in T.Parallel(KP, BV):
+                        b_dh[i, j] *= T.exp2(bl)
+                T.gemm(q_s, do_s, b_dh, transpose_A=True)
+                T.gemm(w_s, dvn_s, b_dh, transpose_A=True)
+
+            if store_dh0 == 1:
+                for i, j in T.Parallel(KP, BV):
+                    if i < K and i_v * BV + j < V:
+                        dh0[i_nh, i, i_v * BV + j] = b_dh[i, j]
+
+    return chunk_delta_bwd_dhu
+
+
 def chunk_delta_fwd_h(k, w, u, *, gate: str, gc, initial_state, output_final_state: bool, meta: SeqMeta,
                       BT: int = 64, **config):
     """(states entering each chunk `[NT, H, K, V]` in k's dtype, corrected values v_new `[Ttot, H, V]` in u's dtype,
@@ -121,3 +290,29 @@ def chunk_delta_fwd_h(k, w, u, *, gate: str, gc, initial_state, output_final_sta
     elif output_final_state:
         ht = h0 if use_h0 else ht.zero_()
     return h, v_new, (ht.view(meta.N, H, K, V) if output_final_state else None)
+
+
+def chunk_delta_bwd_dhu(q, k, w, do, dht, *, gate: str, gc, scale: float, need_dh0: bool, meta: SeqMeta,
+                        BT: int = 64, **config):
+    """(dh `[NT, H, K, V]` the gradients of the states leaving each chunk, in q's dtype; dv_new `[Ttot, H, V]` the
+    corrected values' gradients; dh0 fp32 `[N, H, K, V]` or None); dht `[N, H, K, V]` or None."""
+    Ttot, H, K = q.shape
+    V = do.shape[-1]
+    dh = q.new_empty(meta.NT, H, K, V)
+    dv_new = torch.empty_like(do)
+    dh0 = q.new_empty(meta.N * H if need_dh0 else 1, K, V, dtype=torch.float32)
+    dht_, use_dht = state_or_dummy(dht, q, (K, V))
+    if meta.NT > 0:
+        target = target_for(q.device)
+        decay = head_decay(None, H, q.device)
+        dvl = torch.empty_like(do)
+        local = get_kernel(chunk_delta_bwd_dv_local_kernel, target, K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype],
+                           BT=BT)
+        local(q, k, do, decay, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dvl, scale)
+        kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target, K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype],
+                            BT=BT, **config)
+        kernel(q, k, w, do, dvl, decay, gate_or_dummy(gc, q), dht_, meta.cu, meta.chunk_offsets, dh, dv_new, dh0,
+               scale, use_dht, int(need_dh0))
+    elif need_dh0:
+        dh0 = dht_ if use_dht else dh0.zero_()
+    return dh, dv_new, (dh0.view(meta.N, H, K, V) if need_dh0 else None)

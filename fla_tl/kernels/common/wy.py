@@ -8,9 +8,11 @@ Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-loca
   X's dtype for the tensor-core matmul, as fla). The WY pair is
   w = Ai diag(beta 2^b) K and u = Ai diag(beta) V (`wy_repr`), so that the chunk's state correction is
   u - w S (see `fla_tl.reference.delta_rule`).
-The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one 64-wide row per
-step (A's key products run on tensor cores: exact products for bf16 / fp16 inputs, TF32 for fp32 ones, as fla).
-Built and compile-tested; not yet run on a GPU (`tests/test_delta_rule.py::test_wy_kernels`).
+The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one thread per column
+of X with the column in registers (A's key products run on tensor cores: exact products for bf16 / fp16 inputs,
+TF32 for fp32 ones, as fla).
+The backward (`wy_bwd`) takes the gradients of u and of w (as -du S^T from the chunk states) back to k, v, beta and the
+cumulative gates.
 """
 
 import tilelang.language as T
@@ -44,10 +46,10 @@ def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
             k_s = T.alloc_shared([BT, KP], dtype)
             kb_s = T.alloc_shared([BT, KP], dtype)
             a_s = T.alloc_shared([BT, BT], "float32")
-            x_s = T.alloc_shared([BT, BT], "float32")
             b_a = T.alloc_fragment([BT, BT], "float32")
-            b_p = T.alloc_fragment([BT, BT], "float32")
-            b_r = T.alloc_fragment([BT], "float32")
+            # thread j < BT holds column j of the inverse in registers
+            x = T.alloc_local([BT], "float32")
+            tx = T.get_thread_binding()
 
             for i, j in T.Parallel(BT, KP):
                 k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
@@ -59,17 +61,17 @@ def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
                 a_s[i, j] = T.if_then_else(
                     i > j and i < nvalid, b_a[i, j] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
                 )
-                x_s[i, j] = T.if_then_else(i == j, 1.0, 0.0)
-            # forward substitution: row i of the inverse from the rows above it (rows k >= i carry A_ik = 0)
-            for i in T.serial(1, BT):
-                for kk, j in T.Parallel(BT, BT):
-                    b_p[kk, j] = a_s[i, kk] * x_s[kk, j]
-                T.reduce_sum(b_p, b_r, dim=0)
-                for j in T.Parallel(BT):
-                    x_s[i, j] = T.if_then_else(i == j, 1.0, 0.0) - b_r[j]
-            for i, j in T.Parallel(BT, BT):
-                if i < nvalid:
-                    ai[t0 + i, i_h, j] = x_s[i, j]
+            # forward substitution by columns: once row kk is final, x_i -= A_i,kk x_kk below it (A_i,kk = 0 for
+            # i <= kk); fully unrolled, so the column stays in registers
+            if tx < BT:
+                for i in T.unroll(BT):
+                    x[i] = T.if_then_else(i == tx, 1.0, 0.0)
+                for kk in T.unroll(BT):
+                    for i in T.unroll(BT):
+                        x[i] = x[i] - a_s[i, kk] * x[kk]
+                for i in T.unroll(BT):
+                    if i < nvalid:
+                        ai[t0 + i, i_h, tx] = x[i]
 
     return solve_tril
 
@@ -117,6 +119,175 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
     return apply_tril
 
 
+def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dtype: str, BT: int = 64, BD: int = 64,
+                  threads: int = 128):
+    """the WY backward of one chunk: from du (the gradient of u, which is that of v_new = u - w S) and the states S
+    entering each chunk, dw = -du S^T, then with kbg = diag(beta 2^b) K, vb = diag(beta) V:
+      dAi = dw kbg^T + du vb^T,  dA = -Ai^T dAi Ai^T (strictly lower),  G = dA * 2^(b_i - b_j),
+      dk += beta 2^b Ai^T dw + diag(beta) G K + G^T diag(beta) K,  dv = beta Ai^T du,
+      dbeta = rows of (2^b K * Ai^T dw) + (V * Ai^T du) + (G * K K^T),
+      db = rows of (kbg * Ai^T dw) + rowsum(P) - colsum(P), P = G * A;
+    dk is updated in place (dk += ...); db is the gradient of the chunk-local cumulative log gate (natural units)."""
+    KP = pad_dim(K)
+    NK, NV = cdiv(K, BD), cdiv(V, BD)
+    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
+
+    @T.prim_func
+    def wy_bwd(
+        k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        beta: T.Tensor([Ttot, H], beta_dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
+        ai: T.Tensor([Ttot, H, BT], "float32"),
+        du: T.Tensor([Ttot, H, V], dtype),
+        h: T.Tensor([NT, H, K, V], dtype),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        dk: T.Tensor([Ttot, H, K], dk_dtype),
+        dv: T.Tensor([Ttot, H, V], dtype),
+        dbeta: T.Tensor([Ttot, H], "float32"),
+        db: T.Tensor([Ttot, H], "float32"),
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            lg = gate_state(gate, g_gamma, i_h, BT)
+            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+
+            ai_s = T.alloc_shared([BT, BT], dtype)
+            m_s = T.alloc_shared([BT, BT], dtype)
+            g2_s = T.alloc_shared([BT, BT], dtype)
+            dw_s = T.alloc_shared([BT, KP], dtype)
+            x_s = T.alloc_shared([BT, BD], dtype)
+            xs_s = T.alloc_shared([BT, BD], dtype)
+            y_s = T.alloc_shared([BT, BD], dtype)
+            h_s = T.alloc_shared([BD, BD], dtype)
+            b_dai = T.alloc_fragment([BT, BT], "float32")
+            b_kk = T.alloc_fragment([BT, BT], "float32")
+            b_m = T.alloc_fragment([BT, BT], "float32")
+            b_x = T.alloc_fragment([BT, BD], "float32")
+            b_y = T.alloc_fragment([BT, BD], "float32")
+            b_r = T.alloc_fragment([BT], "float32")
+            b_dbeta = T.alloc_fragment([BT], "float32")
+            b_db = T.alloc_fragment([BT], "float32")
+            b_rp = T.alloc_fragment([BT], "float32")
+            b_cp = T.alloc_fragment([BT], "float32")
+            beta_s = T.alloc_shared([BT], "float32")
+            # G * K K^T staged for its row and column sums (in other layouts than the tiles' row sums), and those sums
+            p_s = T.alloc_shared([BT, BT], "float32")
+            dbeta_p = T.alloc_shared([BT], "float32")
+            db_p = T.alloc_shared([BT], "float32")
+            db_c = T.alloc_shared([BT], "float32")
+
+            for i in T.Parallel(BT):
+                beta_s[i] = T.if_then_else(i < nvalid, T.Cast("float32", beta[t0 + i, i_h]), 0)
+            for i, j in T.Parallel(BT, BT):
+                ai_s[i, j] = T.if_then_else(i < nvalid and j < nvalid, ai[t0 + i, i_h, j], 0)
+            T.clear(b_dai)
+            T.clear(b_kk)
+            T.clear(b_dbeta)
+            T.clear(b_db)
+            # dw = -du S^T per key tile (kept whole in shared), dAi += dw kbg^T, K K^T
+            for kt in T.serial(NK):
+                T.clear(b_x)
+                for vt in T.serial(NV):
+                    for i, j in T.Parallel(BT, BD):
+                        y_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, du[t0 + i, i_h, vt * BD + j], 0)
+                    for i, j in T.Parallel(BD, BD):
+                        h_s[i, j] = T.if_then_else(
+                            kt * BD + i < K and vt * BD + j < V, h[i_c, i_h, kt * BD + i, vt * BD + j], 0)
+                    T.gemm(y_s, h_s, b_x, transpose_B=True)
+                for i, j in T.Parallel(BT, BD):
+                    x_s[i, j] = T.if_then_else(i < nvalid and kt * BD + j < K, k[t0 + i, i_h, kt * BD + j], 0)
+                    xs_s[i, j] = T.if_then_else(
+                        i < nvalid and kt * BD + j < K,
+                        T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, kt * BD + j]) * beta_s[i]
+                               * T.exp2(gate_row(gate, lg, i))), 0)
+                    y_s[i, j] = T.Cast(dtype, -b_x[i, j])
+                for i, j in T.Parallel(BT, BD):
+                    dw_s[i, kt * BD + j] = y_s[i, j]
+                T.gemm(y_s, xs_s, b_dai, transpose_B=True)
+                T.gemm(x_s, x_s, b_kk, transpose_B=True)
+            # dAi += du vb^T
+            for vt in T.serial(NV):
+                for i, j in T.Parallel(BT, BD):
+                    y_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, du[t0 + i, i_h, vt * BD + j], 0)
+                    xs_s[i, j] = T.if_then_else(
+                        i < nvalid and vt * BD + j < V,
+                        T.Cast(dtype, T.Cast("float32", v[t0 + i, i_h, vt * BD + j]) * beta_s[i]), 0)
+                T.gemm(y_s, xs_s, b_dai, transpose_B=True)
+            # dA = -Ai^T dAi Ai^T on the strictly lower triangle; G = dA 2^(b_i - b_j); g2 = diag(beta) G
+            T.copy(b_dai, m_s)
+            T.gemm(ai_s, m_s, b_m, transpose_A=True, clear_accum=True)
+            T.copy(b_m, m_s)
+            T.gemm(m_s, ai_s, b_dai, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(BT, BT):
+                b_m[i, j] = T.if_then_else(
+                    i > j and i < nvalid,
+                    -b_dai[i, j] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)) * b_kk[i, j], 0)
+            # dbeta += rows of G * K K^T; P = G * A = beta_i G K K^T: db += rowsum(P) - colsum(P)
+            T.copy(b_m, p_s)
+            T.reduce_sum(p_s, b_rp, dim=1)
+            for i in T.Parallel(BT):
+                dbeta_p[i] = b_rp[i]
+            for i, j in T.Parallel(BT, BT):
+                p_s[i, j] = p_s[i, j] * beta_s[i]
+            T.reduce_sum(p_s, b_rp, dim=1)
+            for i in T.Parallel(BT):
+                db_p[i] = b_rp[i]
+            T.reduce_sum(p_s, b_cp, dim=0)
+            for i in T.Parallel(BT):
+                db_c[i] = b_cp[i]
+            for i, j in T.Parallel(BT, BT):
+                g2_s[i, j] = T.if_then_else(
+                    i > j and i < nvalid,
+                    T.Cast(dtype, -b_dai[i, j] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)) * beta_s[i]),
+                    0)
+            # per key tile: dkbg = Ai^T dw; dk += beta 2^b dkbg + g2 K + g2^T K
+            for kt in T.serial(NK):
+                for i, j in T.Parallel(BT, BD):
+                    x_s[i, j] = T.if_then_else(i < nvalid and kt * BD + j < K, k[t0 + i, i_h, kt * BD + j], 0)
+                    y_s[i, j] = dw_s[i, kt * BD + j]
+                T.gemm(ai_s, y_s, b_x, transpose_A=True, clear_accum=True)
+                T.gemm(g2_s, x_s, b_y, clear_accum=True)
+                T.gemm(g2_s, x_s, b_y, transpose_A=True)
+                for i, j in T.Parallel(BT, BD):
+                    b_x[i, j] = b_x[i, j] * T.exp2(gate_row(gate, lg, i))
+                for i, j in T.Parallel(BT, BD):
+                    if i < nvalid and kt * BD + j < K:
+                        dk[t0 + i, i_h, kt * BD + j] = T.Cast(
+                            dk_dtype, T.Cast("float32", dk[t0 + i, i_h, kt * BD + j]) + b_x[i, j] * beta_s[i]
+                            + b_y[i, j])
+                for i, j in T.Parallel(BT, BD):
+                    b_x[i, j] = b_x[i, j] * x_s[i, j]
+                T.reduce_sum(b_x, b_r, dim=1)
+                for i in T.Parallel(BT):
+                    b_dbeta[i] += b_r[i]
+                    b_db[i] += b_r[i] * beta_s[i]
+            # per value tile: dvb = Ai^T du; dv = beta dvb; dbeta += rows of V * dvb
+            for vt in T.serial(NV):
+                for i, j in T.Parallel(BT, BD):
+                    x_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, v[t0 + i, i_h, vt * BD + j], 0)
+                    y_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, du[t0 + i, i_h, vt * BD + j], 0)
+                T.gemm(ai_s, y_s, b_x, transpose_A=True, clear_accum=True)
+                for i, j in T.Parallel(BT, BD):
+                    if i < nvalid and vt * BD + j < V:
+                        dv[t0 + i, i_h, vt * BD + j] = T.Cast(dtype, b_x[i, j] * beta_s[i])
+                for i, j in T.Parallel(BT, BD):
+                    b_x[i, j] = b_x[i, j] * x_s[i, j]
+                T.reduce_sum(b_x, b_r, dim=1)
+                for i in T.Parallel(BT):
+                    b_dbeta[i] += b_r[i]
+            for i in T.Parallel(BT):
+                if i < nvalid:
+                    dbeta[t0 + i, i_h] = b_dbeta[i] + dbeta_p[i]
+                    db[t0 + i, i_h] = b_db[i] + db_p[i] - db_c[i]
+
+    return wy_bwd
+
+
 def solve_tril(k, beta, *, meta: SeqMeta, gate: str = "none", gc=None, BT: int = 64):
     """(I + A)^-1 per chunk, fp32 `[Ttot, H, BT]`; k `[Ttot, H, K]`, beta `[Ttot, H]`, gc `[Ttot, H]` for gate "g"."""
     Ttot, H, K = k.shape
@@ -150,3 +321,21 @@ def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64):
     w = apply_tril(k, beta, ai, meta=meta, gate=gate, gc=gc, BT=BT)
     u = apply_tril(v, beta, ai, meta=meta, gate="none", BT=BT)
     return w, u, ai
+
+
+def wy_bwd(k, v, beta, ai, du, h, dk, *, meta: SeqMeta, gc=None, BT: int = 64):
+    """the WY backward (see `wy_bwd_kernel`): adds the WY share into dk `[Ttot, H, K]` in place and returns (dv in
+    v's dtype, dbeta fp32 `[Ttot, H]`, db fp32 `[Ttot, H]`, the chunk-local cumulative gate's gradient)."""
+    Ttot, H, K = k.shape
+    V = v.shape[-1]
+    dv = torch.empty_like(v)
+    dbeta = k.new_empty(Ttot, H, dtype=torch.float32)
+    db = k.new_empty(Ttot, H, dtype=torch.float32)
+    if meta.NT == 0:
+        return dv, dbeta, db
+    gate = "g" if gc is not None else "none"
+    kernel = get_kernel(wy_bwd_kernel, target_for(k.device), K=K, V=V, dtype=TORCH_TO_TL[k.dtype],
+                        beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, dk_dtype=TORCH_TO_TL[dk.dtype], BT=BT)
+    kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), ai, du, h, meta.cu, meta.chunk_indices,
+           dk, dv, dbeta, db)
+    return dv, dbeta, db

@@ -1,0 +1,209 @@
+"""chunk_(gated_)delta_rule on the shared stages, in chunks of 64 tokens, per value head (key heads repeated over
+grouped value heads).
+
+Forward: the gate's chunk-local cumulative sum (`common.cumsum`), the WY pair w, u (`common.wy.wy_repr`), then either
+one fused pass with the states in registers (`common.fused_chunk_delta`, when its grid of sequences x heads x V tiles
+gives a quarter block per multiprocessor) or the chunk-parallel pair: the state pass with the corrected values
+v_new = u - w S (`common.chunk_delta_h.chunk_delta_fwd_h`) and the output of linear attention on (q, k, v_new) with
+the states entering each chunk (`common.chunk_o.chunk_fwd_o`).
+Backward: the WY pair and the states again (from the saved inverse), the state gradients with the corrected values'
+gradients (`chunk_delta_bwd_dhu`), dq and dk of the linear-attention part (`chunk_o.chunk_bwd_dqk_kernel` on v_new),
+then the WY backward (`common.wy.wy_bwd`: dw = -dv_new S^T through w, u and the inverse to k, v, beta and the gate);
+dg is the chunk-local form of `common.cumsum.gate_grad_chunk` with the WY share added to its rows.
+"""
+
+import functools
+
+import torch
+
+from ...autotune.resolve import tile_config
+from ..common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_fwd_h
+from ..common.chunk_o import chunk_bwd_dqk_kernel, chunk_fwd_o
+from ..common.cumsum import chunk_gate_cumsum, gate_grad_chunk
+from ..common.fused_chunk_delta import fused_blocks, fused_chunk_delta_fwd
+from ..common.gates import gate_or_dummy, head_decay
+from ..common.utils import TORCH_TO_TL, get_kernel, seq_meta, target_for
+from ..common.wy import apply_tril, wy_bwd, wy_repr
+
+BT = 64
+# the fused forward (states in registers, never written) runs once its grid gives this many blocks per multiprocessor
+FUSED_MIN_BLOCKS_PER_SM = 0.25
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _gates(g, H: int, meta):
+    """(gate option, per-head zero decay, chunk-local cumulative log2 gates or None)."""
+    decay = head_decay(None, H, meta.cu.device)
+    if g is None:
+        return "none", decay, None
+    return "g", decay, chunk_gate_cumsum(g, decay, meta, BT)
+
+
+def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final_state, meta):
+    """packed `[Ttot, HV, *]` inputs (q, k per value head), beta fp32 and g fp32 (or None) `[Ttot, HV]`, states
+    `[N, HV, K, V]` fp32; returns (o, final state or None, the WY inverse to keep for the backward)."""
+    HV = v.shape[1]
+    gate, decay, gc = _gates(g, HV, meta)
+    w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc, BT=BT)
+    if fused_blocks(meta.N, HV, v.shape[-1]) >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device):
+        o, ht = fused_chunk_delta_fwd(q, k, w, u, gate=gate, gc=gc, scale=scale, initial_state=initial_state,
+                                      output_final_state=output_final_state, meta=meta, BT=BT)
+        return o, ht, ai
+    h, v_new, ht = chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=initial_state,
+                                     output_final_state=output_final_state, meta=meta, BT=BT)
+    o = chunk_fwd_o(q, k, v_new, h, gate=gate, g_gamma=decay, scale=scale, meta=meta, BT=BT, gc=gc)
+    return o, ht, ai
+
+
+def chunk_delta_rule_bwd(q, k, v, beta, g, ai, do, dht, *, scale, initial_state, meta):
+    """(dq, dk fp32 or q's dtype, dv, dbeta fp32, dg fp32 or None, dh0 fp32 or None), all per value head."""
+    HV = v.shape[1]
+    K, V = q.shape[-1], v.shape[-1]
+    gate, decay, gc = _gates(g, HV, meta)
+    # recompute w, u (from the saved inverse) and the states
+    w = apply_tril(k, beta, ai, meta=meta, gate=gate, gc=gc, BT=BT)
+    u = apply_tril(v, beta, ai, meta=meta, gate="none", BT=BT)
+    h, v_new, ht = chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=initial_state,
+                                     output_final_state=g is not None, meta=meta, BT=BT)
+    dh, dv_new, dh0 = chunk_delta_bwd_dhu(q, k, w, do, dht, gate=gate, gc=gc, scale=scale,
+                                         need_dh0=initial_state is not None, meta=meta, BT=BT)
+    # dq, dk of the linear-attention part on (q, k, v_new) (fp32 with a gate: its gradient is formed from them)
+    dqk_dtype = torch.float32 if gate == "g" else q.dtype
+    dq, dk = torch.empty_like(q, dtype=dqk_dtype), torch.empty_like(k, dtype=dqk_dtype)
+    dg = None
+    if meta.NT > 0:
+        config = tile_config("chunk_bwd_dqk", q, K=K, V=V, gate=gate, N=meta.N)
+        kernel = get_kernel(chunk_bwd_dqk_kernel, target_for(q.device), K=K, V=V, gate=gate,
+                            dtype=TORCH_TO_TL[q.dtype], h_dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
+        kernel(q, k, v_new, do, h, dh, decay, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dq, dk, scale)
+    dk_attn = dk.clone() if gate == "g" else None
+    dv, dbeta, db = wy_bwd(k, v, beta, ai, dv_new, h, dk, meta=meta, gc=gc, BT=BT)
+    if gate == "g":
+        dg = gate_grad_chunk(q, k, dq, dk_attn, h, dh, ht, meta=meta, dg_dtype=torch.float32, BT=BT, r_extra=db)
+    return dq, dk, dv, dbeta, dg, dh0
+
+
+def _group_sum(x: torch.Tensor, H: int) -> torch.Tensor:
+    """`[Ttot, HV, D]` per value head -> `[Ttot, H, D]` summed over each key head's group."""
+    Ttot, HV, D = x.shape
+    return x if HV == H else x.view(Ttot, H, HV // H, D).sum(2)
+
+
+class ChunkDeltaRuleFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens):
+        B, T, H, K = q.shape
+        HV, V = v.shape[2:]
+        meta = seq_meta(B, T, cu_seqlens, BT, q.device)
+        q_, k_ = (x.reshape(B * T, H, K) for x in (q, k))
+        if HV != H:
+            q_, k_ = (x.repeat_interleave(HV // H, dim=1) for x in (q_, k_))
+        q_, k_ = q_.contiguous(), k_.contiguous()
+        v_ = v.reshape(B * T, HV, V).to(q.dtype).contiguous()
+        beta_ = beta.reshape(B * T, HV).float().contiguous()
+        g_ = g.reshape(B * T, HV).float().contiguous() if g is not None else None
+        h0 = initial_state
+        if h0 is not None:
+            h0 = (h0.transpose(-1, -2) if state_v_first else h0).float().contiguous()
+        o, ht, ai = chunk_delta_rule_fwd(q_, k_, v_, beta_, g_, scale=scale, initial_state=h0,
+                                         output_final_state=output_final_state, meta=meta)
+        if ht is not None and state_v_first:
+            ht = ht.transpose(-1, -2).contiguous()
+        ctx.save_for_backward(q_, k_, v_, beta_, g_, ai, h0)
+        ctx.meta, ctx.scale, ctx.state_v_first, ctx.shape = meta, scale, state_v_first, (B, T, H, HV)
+        ctx.dtypes = (q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype if g is not None else None,
+                      initial_state.dtype if initial_state is not None else None)
+        ctx.set_materialize_grads(False)
+        return o.view(B, T, HV, V), ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        q, k, v, beta, g, ai, h0 = ctx.saved_tensors
+        B, T, H, HV = ctx.shape
+        do = torch.zeros_like(v) if do is None else do.reshape(v.shape).to(v.dtype).contiguous()
+        if dht is not None:
+            dht = (dht.transpose(-1, -2) if ctx.state_v_first else dht).float().contiguous()
+        dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(q, k, v, beta, g, ai, do, dht, scale=ctx.scale,
+                                                          initial_state=h0, meta=ctx.meta)
+        if dh0 is not None and ctx.state_v_first:
+            dh0 = dh0.transpose(-1, -2)
+        q_dtype, k_dtype, v_dtype, beta_dtype, g_dtype, h0_dtype = ctx.dtypes
+        return (
+            _group_sum(dq, H).view(B, T, H, -1).to(q_dtype),
+            _group_sum(dk, H).view(B, T, H, -1).to(k_dtype),
+            dv.view(B, T, HV, -1).to(v_dtype),
+            dbeta.view(B, T, HV).to(beta_dtype),
+            dg.view(B, T, HV).to(g_dtype) if dg is not None else None,
+            None,
+            dh0.to(h0_dtype) if dh0 is not None else None,
+            None,
+            None,
+            None,
+        )
+
+
+def chunk_gated_delta_rule_tl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    beta: torch.Tensor,
+    g: torch.Tensor | None = None,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    state_v_first: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    use_qk_l2norm_in_kernel: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    The (gated) delta rule in the chunked WY form on the TileLang kernels, differentiable in q, k, v, beta, g and
+    initial_state.
+
+    Args:
+        q, k (torch.Tensor): `[B, T, H, K]`, bf16 / fp16 / fp32, K <= 256.
+        v (torch.Tensor): `[B, T, HV, V]`, HV a multiple of H (value head j reads key head j // (HV / H)), V <= 256.
+        beta (torch.Tensor): `[B, T, HV]`, already activated.
+        g (Optional[torch.Tensor]): log gates `[B, T, HV]` (fp32 recommended). Default: None (the plain delta rule).
+        scale (float): the output scale (fla's default is `K ** -0.5`).
+        initial_state (Optional[torch.Tensor]): `[N, HV, K, V]` (`[N, HV, V, K]` with `state_v_first`). Default: None.
+        output_final_state (bool): return the final state. Default: False.
+        state_v_first (bool): states as `[N, HV, V, K]`. Default: False.
+        cu_seqlens (Optional[torch.Tensor]): `[N + 1]` sequence offsets, with B == 1. Default: None.
+        use_qk_l2norm_in_kernel (bool): L2-normalise q and k first (eps 1e-6, in PyTorch). Default: False.
+
+    Returns:
+        o `[B, T, HV, V]` in q's dtype and the final state fp32 `[N, HV, K, V]` (`[N, HV, V, K]`) or None.
+
+    Examples::
+        >>> q, k = torch.randn(2, 64, 2, 128, device="cuda"), torch.randn(2, 64, 2, 128, device="cuda")
+        >>> v, beta = torch.randn(2, 64, 4, 128, device="cuda"), torch.rand(2, 64, 4, device="cuda")
+        >>> g = F.logsigmoid(torch.randn(2, 64, 4, device="cuda"))
+        >>> o, ht = chunk_gated_delta_rule_tl(q, k, v, beta, g, scale=128 ** -0.5, output_final_state=True,
+        ...                                   use_qk_l2norm_in_kernel=True)
+        >>> cu = torch.tensor([0, 50, 128], device="cuda")
+        >>> o, ht = chunk_gated_delta_rule_tl(q.view(1, 128, 2, 128), k.view(1, 128, 2, 128), v.view(1, 128, 4, 128),
+        ...                                   beta.view(1, 128, 4), g.view(1, 128, 4), scale=128 ** -0.5,
+        ...                                   cu_seqlens=cu, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    """
+    from ...reference.delta_rule import l2norm
+
+    B, _, H, K = q.shape
+    HV, V = v.shape[2:]
+    if q.dtype not in TORCH_TO_TL:
+        raise TypeError(f"q: dtype {q.dtype} is not supported (expected one of {sorted(map(str, TORCH_TO_TL))})")
+    if K > 256 or V > 256:
+        raise ValueError(f"head dims: expected K, V <= 256, got K={K}, V={V}")
+    if HV % H:
+        raise ValueError(f"v: expected a multiple of H={H} value heads, got HV={HV}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens: expected B == 1 with varlen inputs, got B={B}")
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+    k = k.to(q.dtype)
+    return ChunkDeltaRuleFunction.apply(q, k, v, beta, g, float(scale), initial_state, output_final_state,
+                                        state_v_first, cu_seqlens)
