@@ -1,0 +1,6 @@
+"""Titans with a linear memory (fla's `chunk_titans_linear`): the chunked TileLang forward kernel and the
+differentiable `chunk_titans_linear_tl` over it."""
+
+from .chunk import chunk_titans_linear_tl, titans_chunk_coefs, titans_fwd, titans_fwd_chunk_kernel
+
+__all__ = ["chunk_titans_linear_tl", "titans_chunk_coefs", "titans_fwd", "titans_fwd_chunk_kernel"]
