@@ -263,6 +263,7 @@ def poisoned_cuda():
     pytest.param(1, 500, 3, 128, 16, torch.bfloat16, False, id="T500-D128-bf16-noh0"),
     pytest.param(2, 256, 2, 128, 16, torch.float16, True, id="T256-D128-fp16"),
     pytest.param(2, 300, 2, 64, 32, torch.float32, True, id="T300-D64-fp32-C32"),
+    pytest.param(1, 100, 2, 128, 16, torch.float32, True, id="T100-D128-fp32"),
     pytest.param(1, 200, 2, 128, 64, torch.bfloat16, True, id="T200-D128-bf16-C64"),
 ])
 def test_tilelang_chunk(B, T, H, D, chunk_size, dtype, h0, poisoned_cuda):
