@@ -1963,7 +1963,8 @@ def chunk_titans_linear(
     `S_t = eta_t S_{t-1} - 2 theta_t k_t^T vn_t`, `M_t = (1 - alpha_t) M_{t-1} + S_t`,
     `o_t = q_t M_t + LN(q_t M_t) w + b`, where vn_t is fla's layer-norm reconstruction gradient of (k_t, v_t) taken at
     the memory entering the token's chunk of `chunk_size` tokens (see `fla_tl.reference.titans`). Unlike fla 0.6.0
-    (plain PyTorch, forward only) it has TileLang kernels and a backward for every input.
+    (plain PyTorch) it has TileLang kernels: the forward, and the backward for bf16 / fp16 (D = 128 with chunk_size
+    16, D = 64 with any); other cases take a PyTorch-recompute backward. Every input gets a gradient.
 
     Args:
         q, k, v (torch.Tensor): `[B, T, H, D]` (fla requires DK == DV).
@@ -2026,7 +2027,7 @@ def _titans_self_check(device, dtype):
 
 def make_titans_backend() -> Backend:
     """the tilelang backend of chunk_titans_linear: `fla_tl.kernels.titans` (one block per sequence and head walks the
-    chunks with the memory and momentum in registers)."""
+    chunks with the memory and momentum in registers; the backward walks them in reverse)."""
     caps = dataclasses.replace(tilelang_capabilities(), varlen=False, max_head_dim=TITANS_TL_MAX_D)
 
     def verifier(inputs: OpInputs) -> list[str]:

@@ -1,4 +1,4 @@
-"""Titans (linear memory): the chunked forward as one TileLang kernel, and the differentiable
+"""Titans (linear memory): the chunked forward and backward TileLang kernels, and the differentiable
 `chunk_titans_linear_tl`.
 
 Per chunk of BT tokens, with the memory M and momentum S entering it (both `[D, D]`, fp32 in registers), the
@@ -7,8 +7,9 @@ in-chunk coefficients beta, f, G, and the last rows gL = G[L], nL = N[L] and (be
   X = K M, Vn = vn(X, K, V) (fla's layer-norm gradient), O = diag(beta) Q M + diag(f) Q S - 2 A Vn,
   o = O + LN(O) w + b,   M <- beta_L M + f_L S - 2 (K * gL)^T Vn,   S <- m_L S - 2 (K * nL)^T Vn.
 A = Q K^T * G (lower triangle) is one batched matmul of the glue (a [BT, BT] gemm has no warp partition for 8 warps).
-One block per (sequence, head) walks the chunks (vn needs the whole row of K M). The backward is the autograd of the
-chunked PyTorch form (recompute): no TileLang backward yet.
+One block per (sequence, head) walks the chunks (vn needs the whole row of K M). The backward walks them in reverse
+from the stored entering states (bf16 / fp16 where its shared memory fits, `bwd_fits`); fp32 inputs and the other
+chunk sizes take the autograd of the chunked PyTorch form (recompute).
 """
 
 import tilelang.language as T
