@@ -525,6 +525,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+
+# Titans (linear memory). fla 0.6.0 ships it as plain PyTorch only: the fla provider is its chunked reference
+# `chunk_titans_linear_ref` ([B, T, H, D], fp32 inside, Python loops over each chunk's tokens).
+def titans_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    x = qkv_inputs(B, T, H, D, dtype, device)
+    x["w"] = torch.ones(H, D, dtype=dtype, device=device)
+    x["b"] = torch.zeros(H, D, dtype=dtype, device=device)
+    # learning rate small against fla's vn (grows like D), decay and momentum in (0, 1)
+    x["theta"] = (torch.rand(B, T, H, 1, device=device) * 0.05 / D ** 0.5).to(dtype)
+    x["alpha"] = (torch.rand(B, T, H, 1, device=device) * 0.2).to(dtype)
+    x["eta"] = (0.5 + 0.5 * torch.rand(B, T, H, 1, device=device)).to(dtype)
+    return x
+
+
+def titans_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
+    return {"eps": 1e-6, "chunk_size": 16}
+
+
+def titans_flops(B: int, T: int, H: int, K: int, V: int) -> float:
+    # per token: K M, Q M, Q S, the two state updates (2 K V each) and the [16, 16] in-chunk attention both ways
+    return B * T * H * (10.0 * K * V + 4.0 * 16 * (K + V) / 2)
+
+
+OPS["chunk_titans_linear"] = OpSpec(
+    fla_tl="fla_tl.ops:chunk_titans_linear",
+    fla="fla.ops.titans.naive:chunk_titans_linear_ref",
+    flops=titans_flops,
+    inputs=titans_inputs,
+    consts=titans_consts,
+    slow=True,
+)
+
 def cases(args):
     """(op, shape, mode, provider, skip-reason) in run order: per shape, sdpa once, then per op fla before fla_tl."""
     order = [x for x in ("fla", "flash_qla", "fla_tl") if x in args.providers]

@@ -20,6 +20,7 @@ from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn
 from .reference.retention import recurrent_retention, retention_g_gamma
 from .reference.simple_gla import parallel_simple_gla_torch, recurrent_simple_gla
 from .reference.simple_gla import chunk_simple_gla_torch
+from .reference.titans import chunk_titans_linear_torch, recurrent_titans_linear
 from .registry import (
     AUTO,
     Backend,
@@ -67,6 +68,7 @@ __all__ = [
     "fused_chunk_delta_rule",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "chunk_titans_linear",
     "list_ops",
     "BackendError",
 ]
@@ -1872,3 +1874,189 @@ _delta_specs["fused_chunk_delta_rule"] = register_op(OpSpec(
 register_backend("fused_chunk_delta_rule", make_refusing_backend("tilelang", tilelang_capabilities(), DELTA_DROPPED))
 register_backend("fused_chunk_delta_rule", make_refusing_backend("torch", torch_capabilities(), DELTA_DROPPED))
 _delta_specs["fused_chunk_delta_rule"].self_check = lambda device, dtype: []
+
+
+# ---------------------------------------------------------------- titans (linear memory)
+
+TITANS_TL_CHUNK_SIZES = (16, 32, 64)
+TITANS_TL_MAX_D = 128
+
+
+def _validate_titans(q, k, v, w, b, theta, alpha, eta, eps, chunk_size, initial_state) -> None:
+    """the checks of chunk_titans_linear, each error naming the argument."""
+    for name, x in (("q", q), ("k", k), ("v", v), ("w", w), ("b", b), ("theta", theta), ("alpha", alpha),
+                    ("eta", eta)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"`{name}` must be a floating-point torch.Tensor, got "
+                            f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+    if q.dim() != 4:
+        raise ValueError(f"`q` must have shape [B, T, H, D], got {tuple(q.shape)}")
+    B, T, H, D = q.shape
+    for name, x in (("k", k), ("v", v)):
+        if tuple(x.shape) != tuple(q.shape):
+            raise ValueError(f"`{name}` must have the shape of `q` [B, T, H, D] = {list(q.shape)} (fla requires DK == "
+                             f"DV), got {tuple(x.shape)}")
+        if x.dtype != q.dtype:
+            raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
+    if D == 0:
+        raise ValueError("`q` must have a head dim D > 0")
+    for name, x in (("w", w), ("b", b)):
+        if x.numel() != H * D:
+            raise ValueError(f"`{name}` must have H * D = {H * D} elements ([H, D] = [{H}, {D}]), got shape "
+                             f"{tuple(x.shape)}")
+    for name, x in (("theta", theta), ("alpha", alpha), ("eta", eta)):
+        if tuple(x.shape) not in ((B, T, H, 1), (B, T, H)):
+            raise ValueError(f"`{name}` must have shape [B, T, H, 1] = {[B, T, H, 1]} (or [B, T, H]), got "
+                             f"{tuple(x.shape)}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"`eps` must be a positive number, got {eps!r}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
+    if initial_state is not None:
+        if not isinstance(initial_state, torch.Tensor) or not initial_state.is_floating_point():
+            raise TypeError(f"`initial_state` must be a floating-point torch.Tensor [B, H, D, D], got "
+                            f"{type(initial_state).__name__}")
+        if tuple(initial_state.shape) != (B, H, D, D):
+            raise ValueError(f"`initial_state` must have shape [B, H, D, D] = {[B, H, D, D]}, got "
+                             f"{tuple(initial_state.shape)}")
+        if initial_state.device != q.device:
+            raise ValueError(f"`initial_state` must be on the device of `q` ({q.device}), got {initial_state.device}")
+
+
+def _titans_backend(spec: OpSpec, q, initial_state, chunk_size: int, backend: str | None) -> Backend:
+    """the backend of chunk_titans_linear; the TileLang kernels take chunk_size in TITANS_TL_CHUNK_SIZES only (an
+    automatic choice then runs the torch backend, a requested tilelang raises)."""
+    check_backend_name(spec, backend)
+    D = q.shape[-1]
+    cc = tuple(torch.cuda.get_device_capability(q.device)) if q.device.type == "cuda" else None
+    inputs = OpInputs(device_type=q.device.type, dtype=q.dtype, K=D, V=D, compute_capability=cc, varlen=False,
+                      initial_state=initial_state is not None, backward=torch.is_grad_enabled())
+    if chunk_size not in TITANS_TL_CHUNK_SIZES:
+        why = f"chunk_size = {chunk_size} is not one of the kernels' {TITANS_TL_CHUNK_SIZES}"
+        if requested_backend(backend) == "tilelang":
+            raise BackendError(f"{spec.name}: the requested backend ('tilelang') cannot run this input: {why}")
+        chosen = select_backend(spec, inputs, "torch" if requested_backend(backend) == AUTO else backend)
+        if chosen.name == "torch" and requested_backend(backend) == AUTO and q.device.type == "cuda":
+            from .utils import log_once
+
+            log_once(("titans chunk_size", chunk_size), f"fla_tl: {spec.name} runs the torch backend: {why}")
+        return chosen
+    return select_backend(spec, inputs, backend if backend != AUTO else None)
+
+
+def chunk_titans_linear(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor,
+    theta: torch.Tensor,
+    alpha: torch.Tensor,
+    eta: torch.Tensor,
+    eps: float = 1e-6,
+    chunk_size: int = 16,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    backend: str | None = None,
+):
+    r"""
+    Titans with a linear memory (fla's `chunk_titans_linear`, in the `[B, T, H, D]` layout of its
+    `chunk_titans_linear_ref`): per head, with the memory M and the momentum S (S_0 = 0),
+    `S_t = eta_t S_{t-1} - 2 theta_t k_t^T vn_t`, `M_t = (1 - alpha_t) M_{t-1} + S_t`,
+    `o_t = q_t M_t + LN(q_t M_t) w + b`, where vn_t is fla's layer-norm reconstruction gradient of (k_t, v_t) taken at
+    the memory entering the token's chunk of `chunk_size` tokens (see `fla_tl.reference.titans`). Unlike fla 0.6.0
+    (plain PyTorch) it has TileLang kernels: the forward, and the backward for bf16 / fp16 (D = 128 with chunk_size
+    16, D = 64 with any); other cases take a PyTorch-recompute backward. Every input gets a gradient.
+
+    Args:
+        q, k, v (torch.Tensor): `[B, T, H, D]` (fla requires DK == DV).
+        w, b (torch.Tensor): the layer-norm weight and bias `[H, D]` (any shape of H * D elements).
+        theta, alpha, eta (torch.Tensor): per-token learning rate, memory decay and momentum `[B, T, H, 1]` (or
+            `[B, T, H]`), already activated (alpha < 1, eta > 0).
+        eps (float): the layer-norm epsilon. Default: `1e-6`.
+        chunk_size (int): the tokens that share one gradient memory (part of the semantics). Default: `16`; the
+            TileLang kernels take 16, 32 or 64 (others run the torch backend).
+        initial_state (Optional[torch.Tensor]): the memory `[B, H, D, D]`. Default: `None` (zeros).
+        output_final_state (bool): Default: `False`.
+        backend (Optional[str]): `"tilelang"`, `"torch"` or None (automatic).
+
+    Returns:
+        o `[B, T, H, D]` in q's dtype (fla's reference returns float32); the final memory `[B, H, D, D]` in float32
+        (float64 for float64 inputs), or `None`. For T not a multiple of `chunk_size` the final memory is the one after
+        the last token (fla's reference pads the sequence and its final state includes the pad tokens' updates).
+
+    Examples::
+        >>> q, k, v = (torch.randn(2, 300, 4, 64) for _ in range(3))
+        >>> k = torch.nn.functional.normalize(k, dim=-1)
+        >>> w, b = torch.ones(4, 64), torch.zeros(4, 64)
+        >>> theta, alpha, eta = torch.rand(2, 300, 4, 1) * 0.1, torch.rand(2, 300, 4, 1) * 0.1, torch.rand(2, 300, 4, 1)
+        >>> o, ht = chunk_titans_linear(q, k, v, w, b, theta, alpha, eta, output_final_state=True)
+    """
+    _validate_titans(q, k, v, w, b, theta, alpha, eta, eps, chunk_size, initial_state)
+    spec = _titans_spec
+    chosen = _titans_backend(spec, q, initial_state, chunk_size, backend)
+    B, T, H, D = q.shape
+    if T == 0:
+        ht = None
+        if output_final_state:
+            ht_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            ht = (initial_state.to(ht_dtype, copy=True) if initial_state is not None
+                  else q.new_zeros(B, H, D, D, dtype=ht_dtype))
+        return q.new_empty(q.shape), ht
+    o, ht = chosen.fwd(q, k, v, w, b, theta, alpha, eta, float(eps), chunk_size, initial_state, output_final_state)
+    return o.to(q.dtype), ht
+
+
+def _titans_self_check(device, dtype):
+    torch.manual_seed(0)
+    B, T, H, D = 2, 37, 2, 16
+    q, k, v = (torch.randn(B, T, H, D, device=device) for _ in range(3))
+    k = torch.nn.functional.normalize(k, dim=-1)
+    w, b = 1 + 0.1 * torch.randn(H, D, device=device), 0.1 * torch.randn(H, D, device=device)
+    theta, alpha = 0.1 * torch.rand(B, T, H, 1, device=device), 0.2 * torch.rand(B, T, H, 1, device=device)
+    eta, h0 = 0.5 + 0.5 * torch.rand(B, T, H, 1, device=device), 0.1 * torch.randn(B, H, D, D, device=device)
+    xs = [x.to(dtype).requires_grad_() for x in (q, k, v, w, b, theta, alpha, eta, h0)]
+    o, ht = chunk_titans_linear(*xs[:8], chunk_size=16, initial_state=xs[8], output_final_state=True, backend="torch")
+    do, dht = torch.randn_like(o), torch.randn_like(ht)
+    grads = torch.autograd.grad((o, ht), xs, (do, dht))
+    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    r = [x.detach().to(ref_dtype).requires_grad_() for x in xs]
+    ro, rht = recurrent_titans_linear(*r[:8], chunk_size=16, initial_state=r[8], output_final_state=True)
+    rgrads = torch.autograd.grad((ro, rht), r, (do.to(ref_dtype), dht.to(ref_dtype)))
+    names = ("o", "ht", "dq", "dk", "dv", "dw", "db", "dtheta", "dalpha", "deta", "dh0")
+    return [(n, *compare(x, y, dtype)) for n, x, y in zip(names, (o, ht, *grads), (ro, rht, *rgrads))]
+
+
+def make_titans_backend() -> Backend:
+    """the tilelang backend of chunk_titans_linear: `fla_tl.kernels.titans` (one block per sequence and head walks the
+    chunks with the memory and momentum in registers; the backward walks them in reverse)."""
+    caps = dataclasses.replace(tilelang_capabilities(), varlen=False, max_head_dim=TITANS_TL_MAX_D)
+
+    def verifier(inputs: OpInputs) -> list[str]:
+        reasons = tilelang_verifier(caps, "fla_tl.kernels.titans", inputs)
+        if inputs.K % 16:
+            reasons.append(f"D = {inputs.K} is not a multiple of 16")
+        return reasons
+
+    def fwd(q, k, v, w, b, theta, alpha, eta, eps, chunk_size, initial_state, output_final_state):
+        from .kernels.titans import chunk_titans_linear_tl
+
+        return chunk_titans_linear_tl(q, k, v, w, b, theta, alpha, eta, eps, chunk_size, initial_state,
+                                      output_final_state)
+
+    return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=fwd, bwd=None,
+                   description="the TileLang kernels")
+
+
+def _titans_torch(q, k, v, w, b, theta, alpha, eta, eps, chunk_size, initial_state, output_final_state):
+    return chunk_titans_linear_torch(q, k, v, w, b, theta, alpha, eta, eps, chunk_size, initial_state,
+                                     output_final_state)
+
+
+_titans_spec = _register_plain(
+    "chunk_titans_linear", "titans", "chunk", recurrent_titans_linear, _titans_torch, varlen=False,
+    self_check=_titans_self_check, tilelang_backend=make_titans_backend(),
+)
+_titans_spec.fn = chunk_titans_linear

@@ -21,6 +21,7 @@ ALL_OPS = OP_NAMES + [
     "parallel_rebased",
     "chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
     "fused_chunk_delta_rule",
+    "chunk_titans_linear",
 ]
 # ops whose tilelang entry refuses every input (no kernel yet, or dropped by fla)
 NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_simple_gla", "chunk_hgrn",
@@ -28,7 +29,9 @@ NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_
                "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
                "fused_chunk_delta_rule"}
 # ops without custom ops (plain PyTorch until they get kernels)
-PLAIN = NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}
+PLAIN = NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"} | {"chunk_titans_linear"}
+# ops whose tilelang entry takes no varlen input (their own tests check it accepts the dense form)
+NO_VARLEN = {"chunk_titans_linear"}
 
 # what the tilelang backend accepts: a Hopper GPU, bf16, head dims within the limit
 H100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0),
@@ -70,7 +73,7 @@ def test_custom_ops_defined():
         assert hasattr(torch.ops.fla_tl, f"{op}_fwd") and hasattr(torch.ops.fla_tl, f"{op}_bwd")
 
 
-@pytest.mark.parametrize("op", [op for op in ALL_OPS if op not in NO_TILELANG])
+@pytest.mark.parametrize("op", [op for op in ALL_OPS if op not in NO_TILELANG | NO_VARLEN])
 def test_tilelang_accepts(op, tilelang_importable):
     assert backend(op, "tilelang").verifier(H100) == []
     assert select_backend(get_op(op), H100).name == "tilelang"

@@ -67,6 +67,20 @@ def kernel_specs(K: int, V: int, dtype: str, gate: str = "gamma", modes=MODES):
     return specs
 
 
+
+def titans_kernel_specs(D: int, dtype: str, chunk_sizes=(16,)):
+    """the kernels chunk_titans_linear launches for head dim D, input dtype `dtype` and each chunk size: the forward,
+    and the backward where the launcher takes it (bf16 / fp16 within the shared-memory budget)."""
+    from .titans.chunk import bwd_fits, titans_bwd_chunk_kernel, titans_fwd_chunk_kernel
+
+    specs = []
+    for BT in chunk_sizes:
+        kwargs = dict(D=D, dtype=dtype, BT=BT, threads=256)
+        specs.append(("titans_fwd_chunk_kernel", titans_fwd_chunk_kernel, kwargs))
+        if dtype in ("bfloat16", "float16") and bwd_fits(D, BT, 2):
+            specs.append(("titans_bwd_chunk_kernel", titans_bwd_chunk_kernel, kwargs))
+    return specs
+
 def _build_one(spec, target: dict):
     name, factory, kwargs = spec
     label = f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items() if k not in ('gate',))})"
