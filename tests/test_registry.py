@@ -21,6 +21,7 @@ ALL_OPS = OP_NAMES + [
     "parallel_rebased",
     "chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
     "fused_chunk_delta_rule",
+    "chunk_rwkv6", "fused_recurrent_rwkv6",
 ]
 # ops whose tilelang entry refuses every input (no kernel yet, or dropped by fla)
 NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_simple_gla", "chunk_hgrn",
@@ -28,7 +29,7 @@ NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_
                "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
                "fused_chunk_delta_rule"}
 # ops without custom ops (plain PyTorch until they get kernels)
-PLAIN = NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}
+PLAIN = (NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}) | {"chunk_rwkv6", "fused_recurrent_rwkv6"}
 
 # what the tilelang backend accepts: a Hopper GPU, bf16, head dims within the limit
 H100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0),
