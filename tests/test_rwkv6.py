@@ -167,39 +167,19 @@ def test_registry_refusals():
 
 
 @pytest.mark.compile
-def test_kernels_build_for_sm90a(monkeypatch, tmp_path):
-    """the TileLang kernels chunk_rwkv6 launches (GLA's: gate cumsum, state passes with gate "gk", output, dv,
-    dq / dk, the chunk-local dg) lower and build for sm_90a at K = V = 64 in bf16, through the launchers' own calls."""
-    from fla_tl.kernels.common import utils
+@pytest.mark.parametrize(("stage", "K", "V", "dtype", "reverse"), [
+    ("fwd", 128, 128, "bfloat16", False),
+    ("bwd", 100, 36, "float32", True),
+])
+def test_kernels_build_for_sm90a(stage, K, V, dtype, reverse):
+    """RWKV6's own TileLang kernels (the shifted read of GLA's output / dq plus the bonus, forward and backward) lower
+    and build for sm_90a; the GLA kernels they compose with are compile-tested in `test_kernels_compile.py`."""
+    from fla_tl.kernels.common.utils import get_kernel
+    from fla_tl.kernels.rwkv6 import bonus
 
-    built = []
-    real = utils._compile
-
-    def record(factory, target, kwargs):
-        assert target == {"kind": "cuda", "arch": "sm_90a"}
-        built.append(factory.__name__)
-        return real(factory, target, kwargs)
-
-    class Stop(Exception):
-        pass
-
-    def fake_kernel(*args):
-        raise Stop
-
-    def compile_only(factory, target, kwargs):
-        record(factory, target, kwargs)
-        return fake_kernel
-
-    monkeypatch.setattr(utils, "_compile", compile_only)
-    utils._kernels.clear()
-    from fla_tl.kernels.gla import chunk as gla_chunk
-    from fla_tl.kernels.common.utils import seq_meta
-
-    q = torch.randn(64, 1, 64, dtype=torch.bfloat16)
-    meta = seq_meta(1, 64, None, 64, q.device)
-    with pytest.raises(Stop):
-        gla_chunk.chunk_gla_fwd_o(q, q, q, q.new_empty(1, 1, 64, 64), q.float(), scale=0.1, meta=meta, store_A=False)
-    assert built == ["chunk_gla_fwd_o_kernel"]
+    factory = bonus.rwkv6_fwd_bonus_kernel if stage == "fwd" else bonus.rwkv6_bwd_bonus_kernel
+    kernel = get_kernel(factory, {"kind": "cuda", "arch": "sm_90a"}, K=K, V=V, dtype=dtype, reverse=reverse, BT=64)
+    assert "__global__" in kernel.get_kernel_source()
 
 
 @pytest.fixture
