@@ -195,10 +195,10 @@ GPU_CASES = [
     pytest.param((1,), 64, torch.bfloat16, False, id="T1-D64-bf16"),
     pytest.param((63,), 128, torch.bfloat16, False, id="T63-D128-bf16"),
     pytest.param((500,), 128, torch.bfloat16, False, id="T500-D128-bf16"),
-    pytest.param((500,), 64, torch.float32, False, id="T500-D64-fp32"),
+    pytest.param((500,), 100, torch.float32, False, id="T500-D100-fp32"),
     pytest.param((500,), 128, torch.bfloat16, True, id="T500-D128-bf16-strong"),
     pytest.param((1, 300, 0, 77), 128, torch.bfloat16, False, id="varlen-D128-bf16"),
-    pytest.param((130, 1, 64), 64, torch.float32, True, id="varlen-D64-fp32-strong"),
+    pytest.param((130, 1, 64), 100, torch.float32, True, id="varlen-D100-fp32-strong"),
 ]
 
 
