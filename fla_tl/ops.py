@@ -2019,8 +2019,8 @@ def make_rwkv6_backend(mode: str) -> Backend:
             w = w.float()
         if cu_seqlens is not None:
             cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
-        kw = dict(scale=scale, initial_state=initial_state, output_final_state=output_final_state,
-                  cu_seqlens=cu_seqlens)
+        kw = {"scale": scale, "initial_state": initial_state, "output_final_state": output_final_state,
+              "cu_seqlens": cu_seqlens}
         if mode == "chunk":
             return chunk_rwkv6_tl(r, k, v.to(r.dtype), w, u, **kw)
         return fused_recurrent_rwkv6_tl(r, k, v.to(r.dtype), w, u, reverse=reverse, **kw)

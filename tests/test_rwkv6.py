@@ -6,12 +6,11 @@ every gradient of both ops through the TileLang kernels against the fp32 recurre
 import pytest
 import torch
 import torch.nn.functional as F
+from test_retention import _cu, make_inputs
+from utils import check_op
 
 from fla_tl.ops import BackendError, chunk_rwkv6, fused_recurrent_rwkv6
 from fla_tl.reference import chunk_rwkv6_torch, recurrent_rwkv6
-
-from test_retention import _cu, make_inputs
-from utils import check_op
 
 
 def _wu(B, T, H, K, dtype=torch.float64, device="cpu", strong=False):

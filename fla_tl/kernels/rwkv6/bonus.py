@@ -160,8 +160,7 @@ def _use_kernels(x: torch.Tensor) -> bool:
 
 def bonus_fwd(og, r, k, v, u, *, scale: float, reverse: bool, first, meta: SeqMeta):
     """o `[Ttot, H, V]` in v's dtype from GLA's output on the shifted queries (the first tokens' h0 read excluded)."""
-    Ttot, H, K = r.shape
-    V = v.shape[-1]
+    K, V = r.shape[-1], v.shape[-1]
     if _use_kernels(r):
         o = torch.empty_like(v)
         if meta.NT > 0:
@@ -177,7 +176,7 @@ def bonus_fwd(og, r, k, v, u, *, scale: float, reverse: bool, first, meta: SeqMe
 def bonus_bwd(r, k, v, do, dq, dk, dv, u, *, scale: float, reverse: bool, first, meta: SeqMeta):
     """(dr, dk, dv) in the inputs' dtypes and du `[H, K]` fp32 from GLA's gradients of the shifted problem (dq: of
     the shifted queries; the first tokens' h0 read excluded)."""
-    Ttot, H, K = r.shape
+    H, K = r.shape[1:]
     V = v.shape[-1]
     if _use_kernels(r):
         dr = torch.empty_like(r)
@@ -226,7 +225,7 @@ class RWKV6Function(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens, launchers):
-        gla_fwd, gla_bwd, extra = launchers
+        gla_fwd, _, extra = launchers
         B, T, H, K = r.shape
         V = v.shape[-1]
         first, last, seq = sequence_marks(B, T, cu_seqlens, r.device)
@@ -254,7 +253,7 @@ class RWKV6Function(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dht):
         r, k, v, w, u, h0, cu_seqlens, ht = ctx.saved_tensors
-        gla_fwd, gla_bwd, extra = ctx.launchers
+        _, gla_bwd, extra = ctx.launchers
         scale, reverse = ctx.scale, ctx.reverse
         B, T, H, K = r.shape
         V = v.shape[-1]
