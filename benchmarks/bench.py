@@ -130,6 +130,13 @@ def gated_delta_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, devic
     return x
 
 
+def rwkv6_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # RWKV6: receptance r, per-key log decays w (fp32, as GLA's gate), the bonus u [H, K]
+    x = qkv_inputs(B, T, H, D, dtype, device)
+    return {"r": x.pop("q"), **x, "w": F.logsigmoid(torch.randn(B, T, H, D, dtype=torch.float32, device=device)),
+            "u": torch.randn(H, D, dtype=dtype, device=device)}
+
+
 def decay_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
     # retention-like per-head constant decays
     return {"g_gamma": torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, dtype=torch.float32, device=device)))}
@@ -345,6 +352,19 @@ OPS: dict[str, OpSpec] = {
         fla="fla.ops.lightning_attn:fused_recurrent_lightning_attn",
         flops=recurrent_flops,
         consts=lightning_consts,
+        slow=True,
+    ),
+    "chunk_rwkv6": OpSpec(
+        fla_tl="fla_tl.ops:chunk_rwkv6",
+        fla="fla.ops.rwkv6:chunk_rwkv6",
+        flops=chunk_flops,
+        inputs=rwkv6_inputs,
+    ),
+    "fused_recurrent_rwkv6": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_rwkv6",
+        fla="fla.ops.rwkv6:fused_recurrent_rwkv6",
+        flops=recurrent_flops,
+        inputs=rwkv6_inputs,
         slow=True,
     ),
 }

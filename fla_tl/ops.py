@@ -18,6 +18,7 @@ from .reference.hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn, split_state
 from .reference.retention import recurrent_retention, retention_g_gamma
+from .reference.rwkv6 import chunk_rwkv6_torch, recurrent_rwkv6
 from .reference.simple_gla import parallel_simple_gla_torch, recurrent_simple_gla
 from .reference.simple_gla import chunk_simple_gla_torch
 from .reference.titans import chunk_titans_linear_torch, recurrent_titans_linear
@@ -69,6 +70,8 @@ __all__ = [
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
     "chunk_titans_linear",
+    "chunk_rwkv6",
+    "fused_recurrent_rwkv6",
     "list_ops",
     "BackendError",
 ]
@@ -2060,3 +2063,194 @@ _titans_spec = _register_plain(
     self_check=_titans_self_check, tilelang_backend=make_titans_backend(),
 )
 _titans_spec.fn = chunk_titans_linear
+# ---------------------------------------------------------------- rwkv6
+
+
+def _validate_rwkv6(r, k, v, w, u, scale, initial_state, cu_seqlens) -> int:
+    """the checks of the RWKV6 ops, naming fla's arguments (r for the query, w for the decay); returns N."""
+    if w is None:
+        raise TypeError("`w` must be a torch.Tensor [B, T, H, K] (the per-key log decays), got None")
+    try:
+        N = validate_linear_attention_inputs(r, k, v, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                             g=w, g_per_key=True)
+    except (TypeError, ValueError) as e:
+        message = str(e).replace("`q`", "`r`").replace("`g`", "`w`")
+        raise type(e)(message) from None
+    H, K = r.shape[2], r.shape[3]
+    if not isinstance(u, torch.Tensor) or not u.is_floating_point():
+        raise TypeError(f"`u` must be a floating-point torch.Tensor [H, K], got "
+                        f"{type(u).__name__ if not isinstance(u, torch.Tensor) else u.dtype}")
+    if tuple(u.shape) != (H, K):
+        raise ValueError(f"`u` must have shape [H, K] = {[H, K]}, got {tuple(u.shape)}")
+    if u.device != r.device:
+        raise ValueError(f"`u` must be on the device of `r` ({r.device}), got {u.device}")
+    return N
+
+
+def _rwkv6_run(spec, r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens, backend):
+    N = _validate_rwkv6(r, k, v, w, u, scale, initial_state, cu_seqlens)
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    chosen = _plain_backend(spec, r, K, V, backend, cu_seqlens, initial_state, gate=True)
+    if scale is None:
+        scale = K ** -0.5
+    if T == 0:
+        o = v.new_empty(B, 0, H, V)
+        if not output_final_state:
+            return o, None
+        ht_dtype = torch.float64 if r.dtype == torch.float64 else torch.float32
+        if initial_state is not None:
+            return o, initial_state.to(ht_dtype, copy=True)
+        return o, r.new_zeros(N, H, K, V, dtype=ht_dtype)
+    o, ht = chosen.fwd(r, k, v, w, u, scale=float(scale), initial_state=initial_state,
+                       output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens)
+    return o.to(r.dtype), (ht if output_final_state else None)
+
+
+def _rwkv6_kwargs(name: str, kwargs: dict) -> None:
+    if "head_first" in kwargs:
+        raise DeprecationWarning("head_first has been removed. Inputs must be in `[B, T, H, ...]` format.")
+    chunk_size = kwargs.pop("chunk_size", None)
+    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1
+                                   or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"`chunk_size` must be a power of 2, got {chunk_size}.")
+    if kwargs:
+        raise TypeError(f"{name}() got unexpected keyword arguments {sorted(kwargs)}")
+
+
+def chunk_rwkv6(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    RWKV6 in the chunked form: `h_t = diag(exp(w_t)) h_{t-1} + k_t v_t^T`,
+    `o_t = scale * (h_{t-1}^T r_t + (sum_k r_t[k] u[k] k_t[k]) v_t)`: GLA's state, read before the current token,
+    plus a per-head bonus `u` for the current token.
+
+    Args:
+        r, k (torch.Tensor): receptance (query) and keys `[B, T, H, K]`. v (torch.Tensor): values `[B, T, H, V]`.
+        w (torch.Tensor): per-key log decays `[B, T, H, K]` (any float dtype; gets a gradient).
+        u (torch.Tensor): bonus `[H, K]` (gets a gradient).
+        scale (Optional[float]): Default: `K ** -0.5`.
+        initial_state (Optional[torch.Tensor]): `[N, H, K, V]`. Default: `None`.
+        output_final_state (bool): Default: `False`.
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. Default: `None`.
+        cu_seqlens_cpu (Optional[torch.LongTensor]): accepted for fla compatibility and unused.
+        backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (the first that fits). Default: `None`.
+        kwargs: `chunk_size` (a power of 2; accepted, the kernels use 64); `head_first` raises.
+
+    Returns:
+        o `[B, T, H, V]` in r's dtype; the final state `[N, H, K, V]` in float32 if `output_final_state`, else `None`.
+
+    Examples::
+        >>> import torch.nn.functional as F
+        >>> r, k, v = (torch.randn(2, 500, 4, 64) for _ in range(3))
+        >>> w, u = F.logsigmoid(torch.randn(2, 500, 4, 64)), torch.randn(4, 64)
+        >>> o, ht = chunk_rwkv6(r, k, v, w, u, output_final_state=True)
+        >>> r, k, v, w = (x.flatten(0, 1)[None] for x in (r, k, v, w))
+        >>> o, ht = chunk_rwkv6(r, k, v, w, u, cu_seqlens=torch.tensor([0, 300, 1000]), output_final_state=True)
+    """
+    _rwkv6_kwargs("chunk_rwkv6", kwargs)
+    return _rwkv6_run(_rwkv6_specs["chunk_rwkv6"], r, k, v, w, u, scale, initial_state, output_final_state, False,
+                      cu_seqlens, backend)
+
+
+def fused_recurrent_rwkv6(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    scale: float | None = None,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    RWKV6 token by token; same math, arguments and returns as :func:`chunk_rwkv6`, plus `reverse` (run the recurrence
+    from the last token; each token reads the state of the tokens after it).
+
+    Examples::
+        >>> r, k, v = (torch.randn(1, 300, 4, 64) for _ in range(3))
+        >>> w, u = torch.randn(1, 300, 4, 64).sigmoid().log(), torch.randn(4, 64)
+        >>> o, ht = fused_recurrent_rwkv6(r, k, v, w, u, output_final_state=True, reverse=True)
+        >>> o, _ = fused_recurrent_rwkv6(r, k, v, w, u, cu_seqlens=torch.tensor([0, 100, 300]))
+    """
+    return _rwkv6_run(_rwkv6_specs["fused_recurrent_rwkv6"], r, k, v, w, u, scale, initial_state,
+                      output_final_state, bool(reverse), cu_seqlens, backend)
+
+
+def _rwkv6_torch(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    return chunk_rwkv6_torch(r, k, v, w, u, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens)
+
+
+def make_rwkv6_backend(mode: str) -> Backend:
+    """the tilelang backend of chunk_rwkv6 / fused_recurrent_rwkv6: GLA's TileLang kernels of that mode with the
+    queries shifted one token and the bonus added (`fla_tl.kernels.rwkv6`), forward and backward."""
+    caps = tilelang_capabilities(recurrent=mode == "fused_recurrent")
+
+    def fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+        from .kernels.rwkv6 import chunk_rwkv6_tl, fused_recurrent_rwkv6_tl
+
+        if w.dtype == torch.float64:
+            w = w.float()
+        if cu_seqlens is not None:
+            cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+        kw = {"scale": scale, "initial_state": initial_state, "output_final_state": output_final_state,
+              "cu_seqlens": cu_seqlens}
+        if mode == "chunk":
+            return chunk_rwkv6_tl(r, k, v.to(r.dtype), w, u, **kw)
+        return fused_recurrent_rwkv6_tl(r, k, v.to(r.dtype), w, u, reverse=reverse, **kw)
+
+    return Backend(name="tilelang", capabilities=caps,
+                   verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.rwkv6"), fwd=fwd, bwd=None,
+                   description="GLA's TileLang kernels with a one-token query shift and the bonus")
+
+
+def _rwkv6_self_check(fn, recurrent):
+    def run(device, dtype):
+        torch.manual_seed(0)
+        # K = V = 64: on a GPU the kernels of a common head dim (compiled once, cached)
+        B, T, H, K, V = 1, 101, 2, 64, 64
+        cu = torch.tensor([0, 30, 30, 101], device=device)
+        backend = "tilelang" if device.type == "cuda" else "torch"
+        r, k, w = (torch.randn(B, T, H, K, device=device) for _ in range(3))
+        v = torch.randn(B, T, H, V, device=device)
+        w = torch.nn.functional.logsigmoid(w + 2)
+        u, h0 = torch.randn(H, K, device=device), torch.randn(3, H, K, V, device=device)
+        xs = [x.to(dtype).requires_grad_() for x in (r, k, v, w, u, h0)]
+        extra = {"reverse": True} if recurrent else {}
+        o, ht = fn(*xs[:5], initial_state=xs[5], output_final_state=True, cu_seqlens=cu, backend=backend, **extra)
+        do, dht = torch.randn_like(o), torch.randn_like(ht)
+        grads = torch.autograd.grad((o, ht), xs, (do, dht))
+        ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        rs = [x.detach().to(ref_dtype).requires_grad_() for x in xs]
+        ro, rht = recurrent_rwkv6(*rs[:5], initial_state=rs[5], output_final_state=True, cu_seqlens=cu, **extra)
+        rgrads = torch.autograd.grad((ro, rht), rs, (do.to(ref_dtype), dht.to(ref_dtype)))
+        names = ("o", "ht", "dr", "dk", "dv", "dw", "du", "dh0")
+        return [(n, *compare(a, b, dtype)) for n, a, b in zip(names, (o, ht, *grads), (ro, rht, *rgrads))]
+
+    return run
+
+
+_rwkv6_specs = {}
+for _name, _mode, _fn in (("chunk_rwkv6", "chunk", chunk_rwkv6),
+                          ("fused_recurrent_rwkv6", "fused_recurrent", fused_recurrent_rwkv6)):
+    _rwkv6_specs[_name] = _register_plain(
+        _name, "rwkv6", _mode, recurrent_rwkv6, _rwkv6_torch, recurrent=_mode == "fused_recurrent", gate=True,
+        self_check=_rwkv6_self_check(_fn, _mode == "fused_recurrent"), tilelang_backend=make_rwkv6_backend(_mode),
+    )
+    _rwkv6_specs[_name].fn = _fn

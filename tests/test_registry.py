@@ -22,6 +22,7 @@ ALL_OPS = OP_NAMES + [
     "chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
     "fused_chunk_delta_rule",
     "chunk_titans_linear",
+    "chunk_rwkv6", "fused_recurrent_rwkv6",
 ]
 # ops whose tilelang entry refuses every input (no kernel yet, or dropped by fla)
 NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_simple_gla", "chunk_hgrn",
@@ -29,7 +30,8 @@ NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_
                "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
                "fused_chunk_delta_rule"}
 # ops without custom ops (plain PyTorch until they get kernels)
-PLAIN = NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"} | {"chunk_titans_linear"}
+PLAIN = (NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}) | {"chunk_titans_linear", "chunk_rwkv6",
+                                                                                  "fused_recurrent_rwkv6"}
 # ops whose tilelang entry takes no varlen input (their own tests check it accepts the dense form)
 NO_VARLEN = {"chunk_titans_linear"}
 

@@ -5,6 +5,7 @@ from .gla import chunk_gla_torch, recurrent_gla
 from .hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .linear_attn import normalize_with_key_sum, recurrent_linear_attn
+from .rwkv6 import chunk_rwkv6_torch, recurrent_rwkv6
 from .retention import chunk_retention_torch, recurrent_retention, retention_g_gamma
 from .simple_gla import chunk_simple_gla_torch, parallel_simple_gla_torch, recurrent_simple_gla
 
@@ -27,4 +28,6 @@ __all__ = [
     "normalize_with_key_sum",
     "recurrent_lightning_attn",
     "lightning_g_gamma",
+    "recurrent_rwkv6",
+    "chunk_rwkv6_torch",
 ]

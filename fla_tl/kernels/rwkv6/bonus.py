@@ -1,0 +1,279 @@
+"""RWKV6 on GLA's kernels: the one-token query shift and the bonus term, and the autograd function over both modes.
+
+RWKV6's query at t reads the state before token t, h_{t-1}, the state a GLA query at t - 1 reads. So the gated part
+of the output is GLA's output with the queries moved one token back, r'_{t-1} = r_t (within each sequence, in the
+recurrence's processing order), read one token later: o_t = o'_{t-1}. The first token of a sequence reads the
+initial state, scale r_t^T h0, and the last token's shifted query is zero. The decay `w` enters GLA unshifted, so
+GLA's gate gradient is RWKV6's `dw`. The bonus is elementwise: o_t += a_t v_t with a_t = scale sum_k r_t u k_t; its
+gradients, with s_t = do_t . v_t: dv_t += a_t do_t, dr_t += scale s_t u k_t, dk_t += scale s_t u r_t,
+du = scale sum_t s_t r_t k_t.
+"""
+
+import tilelang.language as T
+import torch
+
+from ..common.utils import TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, seq_meta, target_for
+
+BT = 64
+
+
+def rwkv6_fwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 64, threads: int = 128):
+    """o[t] = og[t - step] (0 at a sequence's first token in processing order) + a_t v[t], a_t = scale sum_k r u k;
+    step = 1, or -1 for `reverse`."""
+    KP, VP = pad_dim(K), pad_dim(V)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def rwkv6_fwd_bonus(
+        og: T.Tensor([Ttot, H, V], dtype),
+        r: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        u: T.Tensor([H, K], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        o: T.Tensor([Ttot, H, V], dtype),
+        scale: T.float32,
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            t0 = bos + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(eos - t0, BT)
+            b_x = T.alloc_fragment([BT, KP], "float32")
+            b_a = T.alloc_fragment([BT], "float32")
+            a_s = T.alloc_shared([BT], "float32")
+
+            for i, j in T.Parallel(BT, KP):
+                b_x[i, j] = T.if_then_else(
+                    i < nvalid and j < K,
+                    T.Cast("float32", r[t0 + i, i_h, j]) * u[i_h, T.min(j, K - 1)] * T.Cast("float32", k[t0 + i, i_h, j]),
+                    0,
+                )
+            T.reduce_sum(b_x, b_a, dim=1)
+            for i in T.Parallel(BT):
+                a_s[i] = b_a[i] * scale
+            for i, j in T.Parallel(BT, VP):
+                if i < nvalid and j < V:
+                    if reverse:
+                        o[t0 + i, i_h, j] = T.if_then_else(
+                            t0 + i < eos - 1, T.Cast("float32", og[T.min(t0 + i + 1, Ttot - 1), i_h, j]), 0
+                        ) + a_s[i] * T.Cast("float32", v[t0 + i, i_h, j])
+                    else:
+                        o[t0 + i, i_h, j] = T.if_then_else(
+                            t0 + i > bos, T.Cast("float32", og[T.max(t0 + i - 1, 0), i_h, j]), 0
+                        ) + a_s[i] * T.Cast("float32", v[t0 + i, i_h, j])
+
+    return rwkv6_fwd_bonus
+
+
+def rwkv6_bwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 64, threads: int = 128):
+    """dr[t] = dq[t - step] (0 at a sequence's first token) + s_t u k_t, dk += s_t u r_t, dv += a_t do_t (in place),
+    du_part[c] = sum over chunk c of s_t r_t k_t, with s_t = scale do_t . v_t and a_t = scale sum_k r_t u k_t."""
+    KP, VP = pad_dim(K), pad_dim(V)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+
+    @T.prim_func
+    def rwkv6_bwd_bonus(
+        r: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        do: T.Tensor([Ttot, H, V], dtype),
+        dq: T.Tensor([Ttot, H, K], dtype),
+        u: T.Tensor([H, K], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        dr: T.Tensor([Ttot, H, K], dtype),
+        dk: T.Tensor([Ttot, H, K], dtype),
+        dv: T.Tensor([Ttot, H, V], dtype),
+        du: T.Tensor([NT, H, K], "float32"),
+        scale: T.float32,
+    ):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            bos = cu[i_n]
+            eos = cu[i_n + 1]
+            t0 = bos + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(eos - t0, BT)
+            b_x = T.alloc_fragment([BT, KP], "float32")
+            b_y = T.alloc_fragment([BT, VP], "float32")
+            b_z = T.alloc_fragment([KP, BT], "float32")
+            b_a = T.alloc_fragment([BT], "float32")
+            b_s = T.alloc_fragment([BT], "float32")
+            b_du = T.alloc_fragment([KP], "float32")
+            a_s = T.alloc_shared([BT], "float32")
+            s_s = T.alloc_shared([BT], "float32")
+
+            for i, j in T.Parallel(BT, KP):
+                b_x[i, j] = T.if_then_else(
+                    i < nvalid and j < K,
+                    T.Cast("float32", r[t0 + i, i_h, j]) * u[i_h, T.min(j, K - 1)] * T.Cast("float32", k[t0 + i, i_h, j]),
+                    0,
+                )
+            T.reduce_sum(b_x, b_a, dim=1)
+            for i, j in T.Parallel(BT, VP):
+                b_y[i, j] = T.if_then_else(
+                    i < nvalid and j < V,
+                    T.Cast("float32", do[t0 + i, i_h, j]) * T.Cast("float32", v[t0 + i, i_h, j]),
+                    0,
+                )
+            T.reduce_sum(b_y, b_s, dim=1)
+            # one loop per reduced fragment: their layouts come from different reductions
+            for i in T.Parallel(BT):
+                a_s[i] = b_a[i] * scale
+            for i in T.Parallel(BT):
+                s_s[i] = b_s[i] * scale
+            for i, j in T.Parallel(BT, KP):
+                if i < nvalid and j < K:
+                    if reverse:
+                        dr[t0 + i, i_h, j] = T.if_then_else(
+                            t0 + i < eos - 1, T.Cast("float32", dq[T.min(t0 + i + 1, Ttot - 1), i_h, j]), 0
+                        ) + s_s[i] * u[i_h, j] * T.Cast("float32", k[t0 + i, i_h, j])
+                    else:
+                        dr[t0 + i, i_h, j] = T.if_then_else(
+                            t0 + i > bos, T.Cast("float32", dq[T.max(t0 + i - 1, 0), i_h, j]), 0
+                        ) + s_s[i] * u[i_h, j] * T.Cast("float32", k[t0 + i, i_h, j])
+                    dk[t0 + i, i_h, j] = T.Cast("float32", dk[t0 + i, i_h, j]) + s_s[i] * u[i_h, j] * T.Cast(
+                        "float32", r[t0 + i, i_h, j])
+            for i, j in T.Parallel(BT, VP):
+                if i < nvalid and j < V:
+                    dv[t0 + i, i_h, j] = T.Cast("float32", dv[t0 + i, i_h, j]) + a_s[i] * T.Cast(
+                        "float32", do[t0 + i, i_h, j])
+            for j, i in T.Parallel(KP, BT):
+                b_z[j, i] = T.if_then_else(
+                    i < nvalid and j < K,
+                    s_s[i] * T.Cast("float32", r[t0 + i, i_h, j]) * T.Cast("float32", k[t0 + i, i_h, j]),
+                    0,
+                )
+            T.reduce_sum(b_z, b_du, dim=1)
+            for j in T.Parallel(KP):
+                if j < K:
+                    du[i_c, i_h, j] = b_du[j]
+
+    return rwkv6_bwd_bonus
+
+
+def _use_kernels(x: torch.Tensor) -> bool:
+    return x.is_cuda
+
+
+def bonus_fwd(og, r, k, v, u, *, scale: float, reverse: bool, first, meta: SeqMeta):
+    """o `[Ttot, H, V]` in v's dtype from GLA's output on the shifted queries (the first tokens' h0 read excluded)."""
+    K, V = r.shape[-1], v.shape[-1]
+    if _use_kernels(r):
+        o = torch.empty_like(v)
+        if meta.NT > 0:
+            kernel = get_kernel(rwkv6_fwd_bonus_kernel, target_for(r.device), K=K, V=V, dtype=TORCH_TO_TL[r.dtype],
+                                reverse=reverse, BT=BT)
+            kernel(og, r, k, v, u.float().contiguous(), meta.cu, meta.chunk_indices, o, scale)
+        return o
+    o = shift(og, 1 if reverse else -1, first).float()
+    a = bonus_scores(r, k, u, scale)
+    return (o + a[..., None] * v).to(v.dtype)
+
+
+def bonus_bwd(r, k, v, do, dq, dk, dv, u, *, scale: float, reverse: bool, first, meta: SeqMeta):
+    """(dr, dk, dv) in the inputs' dtypes and du `[H, K]` fp32 from GLA's gradients of the shifted problem (dq: of
+    the shifted queries; the first tokens' h0 read excluded)."""
+    H, K = r.shape[1:]
+    V = v.shape[-1]
+    if _use_kernels(r):
+        dr = torch.empty_like(r)
+        du = torch.zeros(max(meta.NT, 1), H, K, dtype=torch.float32, device=r.device)
+        dk, dv = dk.to(r.dtype).contiguous(), dv.to(r.dtype).contiguous()
+        if meta.NT > 0:
+            kernel = get_kernel(rwkv6_bwd_bonus_kernel, target_for(r.device), K=K, V=V, dtype=TORCH_TO_TL[r.dtype],
+                                reverse=reverse, BT=BT)
+            kernel(r, k, v, do, dq.to(r.dtype).contiguous(), u.float().contiguous(), meta.cu, meta.chunk_indices,
+                   dr, dk, dv, du, scale)
+        return dr, dk, dv, du.sum(0)
+    step = -1 if reverse else 1
+    dr = shift(dq, -step, first).float()
+    s = torch.einsum("thv,thv->th", do.float(), v.float())[..., None] * scale
+    uf = u.float()
+    dr = dr + s * uf * k.float()
+    dk = dk.float() + s * uf * r.float()
+    dv = dv.float() + bonus_scores(r, k, u, scale)[..., None] * do.float()
+    du = torch.einsum("thk,thk->hk", s * r.float(), k.float())
+    return dr.to(r.dtype), dk.to(k.dtype), dv.to(v.dtype), du
+
+
+def sequence_marks(B: int, T: int, cu_seqlens, device):
+    """(first tokens, last tokens, the sequence of each) of every non-empty sequence, as flat token indices."""
+    if cu_seqlens is None:
+        seq = torch.arange(B, device=device)
+        return seq * T, seq * T + T - 1, seq
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    seq = torch.nonzero(cu[1:] > cu[:-1]).flatten()
+    return cu[:-1][seq], cu[1:][seq] - 1, seq
+
+
+def shift(x: torch.Tensor, step: int, zero_rows: torch.Tensor) -> torch.Tensor:
+    """y[t] = x[t + step] along dim 0 (a copy), with the rows `zero_rows` (where t + step leaves the sequence) zero."""
+    y = torch.roll(x, -step, 0)
+    return y.index_fill_(0, zero_rows, 0)
+
+
+def bonus_scores(r, k, u, scale):
+    """a = scale * sum_k r u k, `[Ttot, H]` fp32."""
+    return scale * torch.einsum("thk,thk->th", r.float() * u.float(), k.float())
+
+
+class RWKV6Function(torch.autograd.Function):
+    """RWKV6 through GLA launchers `fwd` / `bwd` (chunk or fused_recurrent, see `chunk.py` / `fused_recurrent.py`)."""
+
+    @staticmethod
+    def forward(ctx, r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens, launchers):
+        gla_fwd, _, extra = launchers
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        first, last, seq = sequence_marks(B, T, cu_seqlens, r.device)
+        if reverse:
+            first, last = last, first
+        step = -1 if reverse else 1
+        r, k, v, w = (x.contiguous() for x in (r, k, v, w))
+        h0 = initial_state.contiguous() if initial_state is not None else None
+        r_ = r.view(B * T, H, K)
+        rq = shift(r_, step, last).view(B, T, H, K)
+        og, ht = gla_fwd(rq, k, v, g_gamma=None, scale=scale, initial_state=h0, output_final_state=output_final_state,
+                         cu_seqlens=cu_seqlens, g=w, **extra(reverse))
+        meta = seq_meta(B, T, cu_seqlens, BT, r.device)
+        o = bonus_fwd(og.view(B * T, H, V), r_, k.view(B * T, H, K), v.view(B * T, H, V), u, scale=scale,
+                      reverse=reverse, first=first, meta=meta)
+        if h0 is not None:
+            o[first] = (o[first].float() + scale * torch.einsum("nhk,nhkv->nhv", r_[first].float(),
+                                                                  h0[seq].float())).to(o.dtype)
+        o = o.view(B, T, H, V)
+        ctx.save_for_backward(r, k, v, w, u, h0, cu_seqlens, ht)
+        ctx.scale, ctx.reverse, ctx.launchers = scale, reverse, launchers
+        ctx.set_materialize_grads(False)
+        return o, ht
+
+    @staticmethod
+    def backward(ctx, do, dht):
+        r, k, v, w, u, h0, cu_seqlens, ht = ctx.saved_tensors
+        _, gla_bwd, extra = ctx.launchers
+        scale, reverse = ctx.scale, ctx.reverse
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        first, last, seq = sequence_marks(B, T, cu_seqlens, r.device)
+        if reverse:
+            first, last = last, first
+        step = -1 if reverse else 1
+        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+        dht = dht.float().contiguous() if dht is not None else None
+        r_, k_, v_, do_ = r.view(-1, H, K), k.view(-1, H, K), v.view(-1, H, V), do.view(-1, H, V)
+        rq = shift(r_, step, last).view(B, T, H, K)
+        dog = shift(do_, step, last).view(B, T, H, V)
+        dq, dk, dv, dh0, dw = gla_bwd(rq, k, v, dog, dht, g_gamma=None, scale=scale, initial_state=h0,
+                                      cu_seqlens=cu_seqlens, g=w, ht=ht, **extra(reverse))
+        meta = seq_meta(B, T, cu_seqlens, BT, r.device)
+        dr, dk, dv, du = bonus_bwd(r_, k_, v_, do_, dq.view(-1, H, K), dk.view(-1, H, K), dv.view(-1, H, V), u,
+                                   scale=scale, reverse=reverse, first=first, meta=meta)
+        if h0 is not None:
+            do32 = do_[first].float()
+            dr[first] = (dr[first].float() + scale * torch.einsum("nhkv,nhv->nhk", h0[seq].float(), do32)).to(dr.dtype)
+            dh0 = dh0.float().index_add(0, seq, scale * torch.einsum("nhk,nhv->nhkv", r_[first].float(), do32))
+        return (dr.to(r.dtype).view_as(r), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), dw.to(w.dtype),
+                du.to(u.dtype), None, dh0.to(h0.dtype) if h0 is not None else None, None, None, None, None)

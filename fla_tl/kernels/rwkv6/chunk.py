@@ -1,0 +1,50 @@
+"""chunk_rwkv6 on GLA's chunk kernels (`kernels/gla/chunk.py`: the per-key gate cumsum, the state passes of
+`common.chunk_h` with gate "gk", GLA's intra-chunk output and dq / dk kernels, the chunk-local per-key dg), with the
+queries shifted one token and the bonus added around them (`bonus.py`)."""
+
+import torch
+
+from ..gla.chunk import chunk_gla_bwd, chunk_gla_fwd
+from .bonus import RWKV6Function
+
+
+def _no_extra(reverse):
+    return {}
+
+
+LAUNCHERS = (chunk_gla_fwd, chunk_gla_bwd, _no_extra)
+
+
+def chunk_rwkv6_tl(
+    r: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    w: torch.Tensor,
+    u: torch.Tensor,
+    *,
+    scale: float,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    r"""
+    RWKV6 in chunks of 64 tokens on the TileLang kernels, differentiable in r, k, v, w, u and initial_state.
+
+    Args:
+        r, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]` (bf16 / fp16 / fp32, K, V <= 256).
+        w (torch.Tensor): per-key log decays `[B, T, H, K]`. u (torch.Tensor): bonus `[H, K]`.
+        scale (float): the output scale.
+        initial_state (Optional[torch.Tensor]): `[N, H, K, V]`. Default: None.
+        output_final_state (bool): return the final state (fp32). Default: False.
+        cu_seqlens (Optional[torch.Tensor]): `[N + 1]` int64 offsets with `B == 1`. Default: None.
+
+    Returns:
+        o `[B, T, H, V]` in v's dtype, and the final state `[N, H, K, V]` fp32 or None.
+
+    Examples::
+        >>> r, k, v = (torch.randn(2, 500, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        >>> w = torch.nn.functional.logsigmoid(torch.randn(2, 500, 4, 64, device="cuda"))
+        >>> o, ht = chunk_rwkv6_tl(r, k, v, w, torch.randn(4, 64, device="cuda"), scale=0.125,
+        ...                        output_final_state=True)
+    """
+    return RWKV6Function.apply(r, k, v, w, u, scale, initial_state, output_final_state, False, cu_seqlens, LAUNCHERS)
