@@ -30,10 +30,13 @@ def chunk_delta_fwd_h_kernel(
     # kernel config
     BT: int = 64,
     BV: int = 64,
+    num_stages: int = 2,
     threads: int = 128,
 ):
     KP = pad_dim(K)
     NV = cdiv(V, BV)
+    # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads
+    aligned = K == KP and V % BV == 0
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
     NH0, NHT = T.dynamic("NH0"), T.dynamic("NHT")
 
@@ -63,6 +66,7 @@ def chunk_delta_fwd_h_kernel(
 
             k_s = T.alloc_shared([BT, KP], dtype)
             w_s = T.alloc_shared([BT, KP], dtype)
+            u_s = T.alloc_shared([BT, BV], dtype)
             h_s = T.alloc_shared([KP, BV], dtype)
             vg_s = T.alloc_shared([BT, BV], dtype)
             b_h = T.alloc_fragment([KP, BV], "float32")
@@ -74,14 +78,24 @@ def chunk_delta_fwd_h_kernel(
                     if i < K and i_v * BV + j < V:
                         b_h[i, j] = h0[i_nh, i, i_v * BV + j]
 
-            for c in T.serial(T.ceildiv(eos - bos, BT)):
+            for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
                 bl = gate_last(gate, lg, nvalid)
-                for i, j in T.Parallel(BT, KP):
-                    k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
-                    w_s[i, j] = T.if_then_else(i < nvalid and j < K, w[t0 + i, i_h, j], 0)
+                # rows past the sequence end are masked below (v_new's store, zero rows of vg)
+                if aligned:
+                    # k first: the warp-specialized pipeline frees a stage's gate buffer with its first bulk copy,
+                    # and k is read by the state update that ends the iteration
+                    T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                    T.copy(w[t0 : t0 + BT, i_h, 0:K], w_s)
+                    T.copy(u[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], u_s)
+                else:
+                    for i, j in T.Parallel(BT, KP):
+                        k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                        w_s[i, j] = T.if_then_else(i < nvalid and j < K, w[t0 + i, i_h, j], 0)
+                    for i, j in T.Parallel(BT, BV):
+                        u_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, u[t0 + i, i_h, i_v * BV + j], 0)
                 # the state entering chunk c, stored and staged for w S
                 for i, j in T.Parallel(KP, BV):
                     if i < K and i_v * BV + j < V:
@@ -90,12 +104,11 @@ def chunk_delta_fwd_h_kernel(
                 # v_new = u - w S   [BT, BV]
                 T.gemm(w_s, h_s, b_v, clear_accum=True)
                 for i, j in T.Parallel(BT, BV):
-                    b_v[i, j] = T.if_then_else(
-                        i < nvalid and i_v * BV + j < V, u[t0 + i, i_h, i_v * BV + j] - b_v[i, j], 0)
+                    b_v[i, j] = T.if_then_else(i < nvalid, T.Cast("float32", u_s[i, j]) - b_v[i, j], 0)
                 for i, j in T.Parallel(BT, BV):
                     if i < nvalid and i_v * BV + j < V:
                         v_new[t0 + i, i_h, i_v * BV + j] = b_v[i, j]
-                    vg_s[i, j] = b_v[i, j] * T.exp2(bl - gate_row(gate, lg, i))
+                    vg_s[i, j] = T.Cast(dtype, b_v[i, j] * T.exp2(bl - gate_row(gate, lg, i)))
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_h[i, j] *= T.exp2(bl)
@@ -177,10 +190,13 @@ def chunk_delta_bwd_dhu_kernel(
     # kernel config
     BT: int = 64,
     BV: int = 64,
+    num_stages: int = 2,
     threads: int = 128,
 ):
     KP = pad_dim(K)
     NV = cdiv(V, BV)
+    # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads
+    aligned = K == KP and V % BV == 0
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
     NHT, NH0 = T.dynamic("NHT"), T.dynamic("NH0")
 
@@ -216,6 +232,8 @@ def chunk_delta_bwd_dhu_kernel(
             k_s = T.alloc_shared([BT, KP], dtype)
             w_s = T.alloc_shared([BT, KP], dtype)
             do_s = T.alloc_shared([BT, BV], dtype)
+            dvl_s = T.alloc_shared([BT, BV], dtype)
+            dog_s = T.alloc_shared([BT, BV], dtype)
             dvn_s = T.alloc_shared([BT, BV], dtype)
             dh_s = T.alloc_shared([KP, BV], dtype)
             b_dh = T.alloc_fragment([KP, BV], "float32")
@@ -227,22 +245,31 @@ def chunk_delta_bwd_dhu_kernel(
                     if i < K and i_v * BV + j < V:
                         b_dh[i, j] = dht[i_nh, i, i_v * BV + j]
 
-            for cc in T.serial(nc):
+            for cc in T.Pipelined(nc, num_stages=num_stages):
                 c = nc - 1 - cc
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
                 bl = gate_last(gate, lg, nvalid)
-                for i, j in T.Parallel(BT, KP):
-                    q_s[i, j] = T.if_then_else(
-                        i < nvalid and j < K,
-                        T.Cast(dtype, T.Cast("float32", q[t0 + i, i_h, j]) * scale * T.exp2(gate_row(gate, lg, i))), 0)
-                    k_s[i, j] = T.if_then_else(
-                        i < nvalid and j < K,
-                        T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j]) * T.exp2(bl - gate_row(gate, lg, i))), 0)
-                    w_s[i, j] = T.if_then_else(i < nvalid and j < K, w[t0 + i, i_h, j], 0)
-                for i, j in T.Parallel(BT, BV):
-                    do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
+                # rows past the sequence end are zeroed in dv_new and in the gated do
+                if aligned:
+                    # w first: the warp-specialized pipeline frees a stage's gate buffer with its first bulk copy,
+                    # and w is read by the last product of the iteration
+                    T.copy(w[t0 : t0 + BT, i_h, 0:K], w_s)
+                    T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
+                    T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                    T.copy(do[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], do_s)
+                    T.copy(dv_local[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], dvl_s)
+                else:
+                    for i, j in T.Parallel(BT, KP):
+                        q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
+                        k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                        w_s[i, j] = T.if_then_else(i < nvalid and j < K, w[t0 + i, i_h, j], 0)
+                    for i, j in T.Parallel(BT, BV):
+                        do_s[i, j] = T.if_then_else(
+                            i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
+                        dvl_s[i, j] = T.if_then_else(
+                            i < nvalid and i_v * BV + j < V, dv_local[t0 + i, i_h, i_v * BV + j], 0)
                 # the gradient of the state leaving chunk c, stored and staged for the products
                 for i, j in T.Parallel(KP, BV):
                     if i < K and i_v * BV + j < V:
@@ -252,15 +279,24 @@ def chunk_delta_bwd_dhu_kernel(
                 T.gemm(k_s, dh_s, b_dv, clear_accum=True)
                 for i, j in T.Parallel(BT, BV):
                     b_dv[i, j] = T.if_then_else(
-                        i < nvalid and i_v * BV + j < V, b_dv[i, j] + T.Cast("float32", dv_local[t0 + i, i_h, i_v * BV + j]), 0)
+                        i < nvalid,
+                        b_dv[i, j] * T.exp2(bl - gate_row(gate, lg, i)) + T.Cast("float32", dvl_s[i, j]),
+                        0,
+                    )
                 for i, j in T.Parallel(BT, BV):
                     if i < nvalid and i_v * BV + j < V:
                         dv_new[t0 + i, i_h, i_v * BV + j] = b_dv[i, j]
                     dvn_s[i, j] = T.Cast(dtype, -b_dv[i, j])
+                    dog_s[i, j] = T.if_then_else(
+                        i < nvalid,
+                        T.Cast(dtype, T.Cast("float32", do_s[i, j]) * scale * T.exp2(gate_row(gate, lg, i))),
+                        0,
+                    )
+                # dS <- 2^bL dS + Q^T diag(scale 2^b) dO - W^T dv_new
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_dh[i, j] *= T.exp2(bl)
-                T.gemm(q_s, do_s, b_dh, transpose_A=True)
+                T.gemm(q_s, dog_s, b_dh, transpose_A=True)
                 T.gemm(w_s, dvn_s, b_dh, transpose_A=True)
 
             if store_dh0 == 1:
@@ -269,6 +305,12 @@ def chunk_delta_bwd_dhu_kernel(
                         dh0[i_nh, i, i_v * BV + j] = b_dh[i, j]
 
     return chunk_delta_bwd_dhu
+
+
+def stages_for(K: int) -> int:
+    """pipeline stages of the state passes: two, one past K = 128 (two stages of [64, 256] key tiles overflow shared
+    memory)."""
+    return 2 if pad_dim(K) <= 128 else 1
 
 
 def chunk_delta_fwd_h(k, w, u, *, gate: str, gc, initial_state, output_final_state: bool, meta: SeqMeta,
@@ -283,6 +325,7 @@ def chunk_delta_fwd_h(k, w, u, *, gate: str, gc, initial_state, output_final_sta
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     if meta.NT > 0:
+        config = {"num_stages": stages_for(K), **config}
         kernel = get_kernel(chunk_delta_fwd_h_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
         kernel(k, w, u, head_decay(None, H, k.device), gate_or_dummy(gc, k), h0, meta.cu, meta.chunk_offsets, h,
@@ -309,6 +352,7 @@ def chunk_delta_bwd_dhu(q, k, w, do, dht, *, gate: str, gc, scale: float, need_d
         local = get_kernel(chunk_delta_bwd_dv_local_kernel, target, K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype],
                            BT=BT)
         local(q, k, do, decay, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dvl, scale)
+        config = {"num_stages": stages_for(K), **config}
         kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target, K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype],
                             BT=BT, **config)
         kernel(q, k, w, do, dvl, decay, gate_or_dummy(gc, q), dht_, meta.cu, meta.chunk_offsets, dh, dv_new, dh0,

@@ -283,24 +283,31 @@ def per_key_gate_grad_chunk(r, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtyp
     return dg
 
 
-def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64, r_extra=None):
+def gate_rows(q, k, dq, dk, *, meta: SeqMeta, BT: int = 64) -> torch.Tensor:
+    """r = q . dq - k . dk per row `[Ttot, H]` fp32 (the rows of `gate_grad_chunk`)."""
+    Ttot, H, K = q.shape
+    r = torch.empty(Ttot, H, dtype=torch.float32, device=q.device)
+    if meta.NT > 0:
+        dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype],
+                         grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT)
+        dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
+    return r
+
+
+def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64, r=None):
     """dg `[Ttot, H]` of a per-token log gate in the chunk-local form: within chunk c, the reverse sum of
     r = q . dq - k . dk over the rest of the chunk, plus <S_c, dh[c]> with S_c the state leaving chunk c (`h` `[NT, H,
     K, V]` the states entering each chunk, `ht` `[N, H, K, V]` fp32 the final states, `dh` the gradients of the states
     leaving each chunk). The sum over the later chunks is folded into that one state product, so rounding errors of
-    r do not add up along the sequence. `r_extra` `[Ttot, H]` fp32 adds a per-row term to r (the delta rule's WY
-    share of the chunk-local cumulative gate's gradient)."""
+    r do not add up along the sequence. With `r` `[Ttot, H]` fp32 given, those rows are used as they are (q, k, dq, dk
+    are then unused: the delta rule passes `gate_rows` plus its WY share)."""
     Ttot, H, K = q.shape
     V = h.shape[-1]
     dg = torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
     if meta.NT == 0:
         return dg
-    r = torch.empty(Ttot, H, dtype=torch.float32, device=q.device)
-    dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype],
-                     grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT)
-    dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
-    if r_extra is not None:
-        r += r_extra
+    if r is None:
+        r = gate_rows(q, k, dq, dk, meta=meta, BT=BT)
     c = torch.empty(meta.NT, H, dtype=torch.float32, device=q.device)
     state_dot = get_kernel(chunk_state_dot_kernel, target_for(q.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype], BT=BT)
     state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)

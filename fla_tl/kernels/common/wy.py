@@ -9,7 +9,7 @@ Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-loca
   w = Ai diag(beta 2^b) K and u = Ai diag(beta) V (`wy_repr`), so that the chunk's state correction is
   u - w S (see `fla_tl.reference.delta_rule`).
 The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one thread per column
-of X with the column in registers (A's key products run on tensor cores: exact products for bf16 / fp16 inputs,
+of X, 16 rows at a time in registers (A's key products run on tensor cores: exact products for bf16 / fp16 inputs,
 TF32 for fp32 ones, as fla).
 The backward (`wy_bwd`) takes the gradients of u and of w (as -du S^T from the chunk states) back to k, v, beta and the
 cumulative gates.
@@ -22,7 +22,9 @@ from .gates import gate_load, gate_or_dummy, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
 
-def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, threads: int = 128):
+def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BS: int = 16):
+    """one block of BT threads per chunk: thread j computes column j of the inverse, BS rows at a time in registers
+    (the rows above come from shared memory, the block's own rows by substitution)."""
     KP = pad_dim(K)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
@@ -36,7 +38,7 @@ def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
         chunk_indices: T.Tensor([NT, 2], "int32"),
         ai: T.Tensor([Ttot, H, BT], "float32"),
     ):
-        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
+        with T.Kernel(NT, H, threads=BT) as (i_c, i_h):
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
@@ -46,9 +48,10 @@ def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
             k_s = T.alloc_shared([BT, KP], dtype)
             kb_s = T.alloc_shared([BT, KP], dtype)
             a_s = T.alloc_shared([BT, BT], "float32")
+            x_s = T.alloc_shared([BT, BT], "float32")
             b_a = T.alloc_fragment([BT, BT], "float32")
-            # thread j < BT holds column j of the inverse in registers
-            x = T.alloc_local([BT], "float32")
+            r = T.alloc_local([BS], "float32")
+            xk = T.alloc_local([1], "float32")
             tx = T.get_thread_binding()
 
             for i, j in T.Parallel(BT, KP):
@@ -61,17 +64,23 @@ def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
                 a_s[i, j] = T.if_then_else(
                     i > j and i < nvalid, b_a[i, j] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
                 )
-            # forward substitution by columns: once row kk is final, x_i -= A_i,kk x_kk below it (A_i,kk = 0 for
-            # i <= kk); fully unrolled, so the column stays in registers
-            if tx < BT:
-                for i in T.unroll(BT):
-                    x[i] = T.if_then_else(i == tx, 1.0, 0.0)
-                for kk in T.unroll(BT):
-                    for i in T.unroll(BT):
-                        x[i] = x[i] - a_s[i, kk] * x[kk]
-                for i in T.unroll(BT):
-                    if i < nvalid:
-                        ai[t0 + i, i_h, tx] = x[i]
+            # X = (I + A)^-1 by row blocks: X_b = e_b - A_b,<b X_<b (the rows above, from shared memory), then the
+            # block's own rows by substitution (A is zero on and above the diagonal)
+            for b in T.unroll(BT // BS):
+                for i in T.unroll(BS):
+                    r[i] = T.if_then_else(b * BS + i == tx, 1.0, 0.0)
+                for kk in T.serial(b * BS):
+                    xk[0] = x_s[kk, tx]
+                    for i in T.unroll(BS):
+                        r[i] = r[i] - a_s[b * BS + i, kk] * xk[0]
+                for kk in T.unroll(BS):
+                    for i in T.unroll(BS):
+                        r[i] = r[i] - a_s[b * BS + i, b * BS + kk] * r[kk]
+                for i in T.unroll(BS):
+                    x_s[b * BS + i, tx] = r[i]
+            for i in T.serial(BT):
+                if i < nvalid:
+                    ai[t0 + i, i_h, tx] = x_s[i, tx]
 
     return solve_tril
 

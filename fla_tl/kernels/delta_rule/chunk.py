@@ -2,8 +2,8 @@
 grouped value heads).
 
 Forward: the gate's chunk-local cumulative sum (`common.cumsum`), the WY pair w, u (`common.wy.wy_repr`), then either
-one fused pass with the states in registers (`common.fused_chunk_delta`, when its grid of sequences x heads x V tiles
-gives a quarter block per multiprocessor) or the chunk-parallel pair: the state pass with the corrected values
+one fused pass with the states in registers (`common.fused_chunk_delta`, for K <= 128 when its grid of sequences x
+heads x V tiles gives a quarter block per multiprocessor) or the chunk-parallel pair: the state pass with the corrected values
 v_new = u - w S (`common.chunk_delta_h.chunk_delta_fwd_h`) and the output of linear attention on (q, k, v_new) with
 the states entering each chunk (`common.chunk_o.chunk_fwd_o`).
 Backward: the WY pair and the states again (from the saved inverse), the state gradients with the corrected values'
@@ -19,7 +19,7 @@ import torch
 from ...autotune.resolve import tile_config
 from ..common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_fwd_h
 from ..common.chunk_o import chunk_bwd_dqk_kernel, chunk_fwd_o
-from ..common.cumsum import chunk_gate_cumsum, gate_grad_chunk
+from ..common.cumsum import chunk_gate_cumsum, gate_grad_chunk, gate_rows
 from ..common.fused_chunk_delta import fused_blocks, fused_chunk_delta_fwd
 from ..common.gates import gate_or_dummy, head_decay
 from ..common.utils import TORCH_TO_TL, get_kernel, seq_meta, target_for
@@ -49,7 +49,10 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final
     HV = v.shape[1]
     gate, decay, gc = _gates(g, HV, meta)
     w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc, BT=BT)
-    if fused_blocks(meta.N, HV, v.shape[-1]) >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device):
+    # the fused pass holds q, k, w tiles of every stage in shared memory: K <= 128
+    fused = q.shape[-1] <= 128 and fused_blocks(meta.N, HV, v.shape[-1]) >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(
+        q.device)
+    if fused:
         o, ht = fused_chunk_delta_fwd(q, k, w, u, gate=gate, gc=gc, scale=scale, initial_state=initial_state,
                                       output_final_state=output_final_state, meta=meta, BT=BT)
         return o, ht, ai
@@ -80,10 +83,11 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, ai, do, dht, *, scale, initial_state,
         kernel = get_kernel(chunk_bwd_dqk_kernel, target_for(q.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[q.dtype], h_dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
         kernel(q, k, v_new, do, h, dh, decay, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dq, dk, scale)
-    dk_attn = dk.clone() if gate == "g" else None
+    # the gate's rows from the linear-attention part's dq, dk, before the WY backward adds its share into dk
+    r = gate_rows(q, k, dq, dk, meta=meta, BT=BT) if gate == "g" else None
     dv, dbeta, db = wy_bwd(k, v, beta, ai, dv_new, h, dk, meta=meta, gc=gc, BT=BT)
     if gate == "g":
-        dg = gate_grad_chunk(q, k, dq, dk_attn, h, dh, ht, meta=meta, dg_dtype=torch.float32, BT=BT, r_extra=db)
+        dg = gate_grad_chunk(q, k, dq, dk, h, dh, ht, meta=meta, dg_dtype=torch.float32, BT=BT, r=r.add_(db))
     return dq, dk, dv, dbeta, dg, dh0
 
 
