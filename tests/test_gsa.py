@@ -5,12 +5,11 @@ recurrence (CPU, fp64); validation and the registry's refusals; the tilelang bac
 import pytest
 import torch
 import torch.nn.functional as F
+from test_retention import _cu
+from utils import assert_close
 
 from fla_tl.ops import BackendError, chunk_abc, chunk_gsa, fused_recurrent_gsa
 from fla_tl.reference import chunk_gsa_torch, recurrent_abc, recurrent_gsa, slot_gates
-
-from test_retention import _cu
-from utils import assert_close
 
 
 def make_gsa_inputs(B, T, HQ, H, K, V, M, dtype, device="cpu", N=None, gate=True, h0=True, strong=False):
@@ -201,20 +200,24 @@ def poisoned_cuda():
     torch.cuda.synchronize()
 
 
+# two kernel sets (bf16 at K = V = 128, M = 64 as fla's benchmarks; fp32 at padded K = 100, V = 60, M = 32) so the
+# device compiles (or loads) few kernels
+BF16_DIMS, FP32_DIMS = (128, 128, 64), (100, 60, 32)
 GPU_CASES = [
-    pytest.param((1,), 2, 64, 64, 32, torch.bfloat16, False, id="T1-bf16"),
-    pytest.param((63,), 4, 128, 128, 64, torch.bfloat16, False, id="T63-gqa-bf16"),
-    pytest.param((500,), 2, 128, 128, 64, torch.bfloat16, False, id="T500-bf16"),
-    pytest.param((500,), 2, 128, 128, 64, torch.bfloat16, True, id="T500-bf16-strong"),
-    pytest.param((300,), 2, 100, 60, 32, torch.float32, False, id="T300-odd-dims-fp32"),
-    pytest.param((1, 300, 0, 77), 2, 128, 128, 64, torch.bfloat16, False, id="varlen-bf16"),
-    pytest.param((130, 1, 64), 4, 64, 64, 64, torch.float32, True, id="varlen-gqa-fp32-strong"),
+    pytest.param((1,), 2, BF16_DIMS, torch.bfloat16, False, id="T1-bf16"),
+    pytest.param((63,), 4, BF16_DIMS, torch.bfloat16, False, id="T63-gqa-bf16"),
+    pytest.param((500,), 2, BF16_DIMS, torch.bfloat16, False, id="T500-bf16"),
+    pytest.param((500,), 2, BF16_DIMS, torch.bfloat16, True, id="T500-bf16-strong"),
+    pytest.param((300,), 2, FP32_DIMS, torch.float32, False, id="T300-odd-dims-fp32"),
+    pytest.param((1, 300, 0, 77), 2, BF16_DIMS, torch.bfloat16, False, id="varlen-bf16"),
+    pytest.param((130, 1, 64), 4, FP32_DIMS, torch.float32, True, id="varlen-gqa-fp32-strong"),
 ]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("lens", "HQ", "K", "V", "M", "dtype", "strong"), GPU_CASES)
-def test_tilelang_chunk_gsa(lens, HQ, K, V, M, dtype, strong, poisoned_cuda):
+@pytest.mark.parametrize(("lens", "HQ", "dims", "dtype", "strong"), GPU_CASES)
+def test_tilelang_chunk_gsa(lens, HQ, dims, dtype, strong, poisoned_cuda):
+    K, V, M = dims
     varlen = len(lens) > 1
     B, T = (1, sum(lens)) if varlen else (2, lens[0])
     q, k, v, s, g, h0 = make_gsa_inputs(B, T, HQ, 2, K, V, M, dtype, device="cuda", N=len(lens) if varlen else B,
@@ -232,8 +235,9 @@ def test_tilelang_chunk_gsa(lens, HQ, K, V, M, dtype, strong, poisoned_cuda):
 def test_tilelang_fused_recurrent_gsa(lens, gate, dtype, reverse, poisoned_cuda):
     varlen = len(lens) > 1
     B, T = (1, sum(lens)) if varlen else (2, lens[0])
-    q, k, v, s, g, h0 = make_gsa_inputs(B, T, 2, 2, 128, 128, 64, dtype, device="cuda",
-                                        N=len(lens) if varlen else B, gate=gate)
+    K, V, M = BF16_DIMS if dtype == torch.bfloat16 else FP32_DIMS
+    q, k, v, s, g, h0 = make_gsa_inputs(B, T, 2, 2, K, V, M, dtype, device="cuda", N=len(lens) if varlen else B,
+                                        gate=gate)
     check_gsa(fused_recurrent_gsa, q, k, v, s, g, h0, backend="tilelang",
               cu_seqlens=_cu(lens, "cuda") if varlen else None, reverse=reverse)
 
@@ -241,5 +245,36 @@ def test_tilelang_fused_recurrent_gsa(lens, gate, dtype, reverse, poisoned_cuda)
 @pytest.mark.gpu
 @pytest.mark.parametrize(("T", "dtype"), [(1, torch.bfloat16), (500, torch.bfloat16), (256, torch.float32)])
 def test_tilelang_chunk_abc(T, dtype, poisoned_cuda):
-    q, k, v, s, _, h0 = make_gsa_inputs(2, T, 2, 2, 128, 128, 64, dtype, device="cuda", gate=False)
+    K, V, M = BF16_DIMS if dtype == torch.bfloat16 else FP32_DIMS
+    q, k, v, s, _, h0 = make_gsa_inputs(2, T, 2, 2, K, V, M, dtype, device="cuda", gate=False)
     check_gsa(chunk_abc, q, k, v, s, None, h0, abc=True, backend="tilelang")
+
+
+# ---------------------------------------------------------------- compile: the chunk_gla stages at GSA's shapes
+
+
+def _compile_specs():
+    try:
+        from fla_tl.kernels.common.chunk_h import chunk_fwd_h_kernel
+        from fla_tl.kernels.gla import chunk as gla
+    except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
+        return [pytest.param(None, id="tilelang-missing")]
+    # pass 1 runs chunk_gla's dq/dk kernel with the M = 64 slots as its key dim and K = 128 as its value dim, on the
+    # states of chunk_fwd_h over (s, k) with gate "gk"
+    return [
+        pytest.param((gla.chunk_gla_bwd_dqk_kernel, dict(K=64, V=128, dtype="bfloat16", h_dtype="bfloat16", BT=64)),
+                     id="chunk_gla_bwd_dqk_kernel-M64-K128-bf16"),
+        pytest.param((chunk_fwd_h_kernel, dict(K=64, V=128, gate="gk", dtype="bfloat16", h_dtype="bfloat16", BT=64,
+                                               **gla.STATE_CONFIG)), id="chunk_fwd_h_kernel-M64-K128-gk"),
+    ]
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("spec", _compile_specs())
+def test_kernel_builds_for_sm90a(spec):
+    if spec is None:
+        pytest.skip("tilelang is not installed")
+    from fla_tl.kernels.common.utils import get_kernel
+
+    factory, kwargs = spec
+    assert "__global__" in get_kernel(factory, {"kind": "cuda", "arch": "sm_90a"}, **kwargs).get_kernel_source()

@@ -45,7 +45,7 @@ def _value_gated_steps(q, k, v, g, h, scale):
 
 def _value_gated_chunks(q, k, v, g, h, scale, chunk_size: int = 64):
     """one sequence of the value-gated pass in chunks (pairwise per-channel decays, never exp(b_i) * exp(-b_j))."""
-    H, L, K = q.shape
+    H, L = q.shape[:2]
     if L == 0:
         return q.new_zeros(H, 0, v.shape[-1]), h
     pad = (-L) % chunk_size

@@ -5,4 +5,4 @@
 from .chunk import ChunkGSAFunction, chunk_gsa_bwd, chunk_gsa_fwd, gsa_tl
 from .fused_recurrent import fused_recurrent_gsa_tl
 
-__all__ = ["ChunkGSAFunction", "chunk_gsa_fwd", "chunk_gsa_bwd", "gsa_tl", "fused_recurrent_gsa_tl"]
+__all__ = ["ChunkGSAFunction", "chunk_gsa_bwd", "chunk_gsa_fwd", "fused_recurrent_gsa_tl", "gsa_tl"]

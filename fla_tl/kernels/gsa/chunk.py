@@ -19,8 +19,15 @@ from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import per_key_gate_grad_chunk
 from ..common.gates import head_decay
 from ..common.utils import SeqMeta, seq_meta
-from ..gla.chunk import BT, _kernel, _state_config, chunk_gla_bwd_dqk_kernel, chunk_gla_bwd_dqkv, chunk_gla_fwd_o
-from ..gla.chunk import key_gate_cumsum
+from ..gla.chunk import (
+    BT,
+    _kernel,
+    _state_config,
+    chunk_gla_bwd_dqk_kernel,
+    chunk_gla_bwd_dqkv,
+    chunk_gla_fwd_o,
+    key_gate_cumsum,
+)
 
 
 def _t(x):
@@ -82,7 +89,7 @@ def gsa_bwd_values(p, s, v, do, dht, gc, *, meta: SeqMeta, initial_state):
 
 
 def _prepare(q, g, cu_seqlens):
-    B, T, H, _ = q.shape
+    B, T = q.shape[:2]
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     gc = key_gate_cumsum(g.float().contiguous(), None, meta)
     return meta, gc
