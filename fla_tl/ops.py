@@ -2135,8 +2135,9 @@ def fused_recurrent_gsa(
     backend: str | None = None,
 ) -> tuple[torch.Tensor, list]:
     r"""
-    Gated slot attention token by token; the math and returns of :func:`chunk_gsa` (one query head per key head),
-    plus `reverse` (walk each sequence from its end). The tilelang backend runs the exact chunked passes.
+    Gated slot attention token by token; the math and returns of :func:`chunk_gsa`, plus `reverse` (walk each
+    sequence from its end). Grouped query heads (HQ a multiple of H) are accepted at any T (fla takes them only for
+    single-token decoding). The tilelang backend runs the exact chunked passes.
 
     Examples::
         >>> import torch.nn.functional as F
@@ -2146,7 +2147,7 @@ def fused_recurrent_gsa(
         ...                                   cu_seqlens=torch.tensor([0, 100, 500]))
     """
     o, ht = _gsa_run(_gsa_specs["fused_recurrent_gsa"], q, k, v, s, g, scale, initial_state, output_final_state,
-                     reverse, cu_seqlens, backend, grouped=False)
+                     reverse, cu_seqlens, backend, grouped=True)
     return o, (ht if ht is not None else [None, None])
 
 

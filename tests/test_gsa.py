@@ -88,9 +88,9 @@ def test_fused_recurrent_gsa(gate, reverse):
     check_gsa(fused_recurrent_gsa, q, k, v, s, g, h0, backend="torch", reverse=reverse)
 
 
-def test_fused_recurrent_gsa_varlen_reverse():
+def test_fused_recurrent_gsa_varlen_reverse_gqa():
     lens = (40, 1, 29)
-    q, k, v, s, g, h0 = make_gsa_inputs(1, sum(lens), 2, 2, 16, 12, 8, torch.float64, N=len(lens))
+    q, k, v, s, g, h0 = make_gsa_inputs(1, sum(lens), 4, 2, 16, 12, 8, torch.float64, N=len(lens))
     check_gsa(fused_recurrent_gsa, q, k, v, s, g, h0, backend="torch", cu_seqlens=_cu(lens), reverse=True)
 
 
@@ -157,8 +157,6 @@ def test_bad_inputs():
         chunk_gsa(q, k, v, s[:, :5], g)
     with pytest.raises(ValueError, match="multiple of the H = 2"):
         chunk_gsa(q[:, :, :3], k, v, s, g)
-    with pytest.raises(ValueError, match="no grouped query heads"):
-        fused_recurrent_gsa(q, k, v, s, g)
     with pytest.raises(ValueError, match="no grouped query heads"):
         chunk_abc(q, k, v, s)
     with pytest.raises(TypeError, match="`s` must have the dtype of `q`"):
