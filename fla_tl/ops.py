@@ -1984,9 +1984,9 @@ def _gsa_tilelang(q, k, v, s, g, *, scale, initial_state, output_final_state, re
     return o, ht
 
 
-def make_gsa_backend(varlen: bool = True) -> Backend:
+def make_gsa_backend(varlen: bool = True, recurrent: bool = False) -> Backend:
     """the tilelang backend of the GSA / ABC ops: two chunk_gla passes of `fla_tl.kernels.gsa` with PyTorch glue."""
-    caps = dataclasses.replace(tilelang_capabilities(True), varlen=varlen)
+    caps = dataclasses.replace(tilelang_capabilities(recurrent), varlen=varlen)
     return Backend(name="tilelang", capabilities=caps,
                    verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.gsa"), fwd=_gsa_tilelang,
                    bwd=None, description="chunk_gla's TileLang stages, softmax glue in PyTorch")
@@ -2163,6 +2163,7 @@ for _name, _variant, _mode, _fn, _ref, _torch_fn, _varlen in (
 ):
     _gsa_specs[_name] = _register_plain(
         _name, _variant, _mode, _ref, _torch_fn, recurrent=_mode == "fused_recurrent", varlen=_varlen,
-        self_check=_gsa_self_check(_name), tilelang_backend=make_gsa_backend(_varlen),
+        self_check=_gsa_self_check(_name),
+        tilelang_backend=make_gsa_backend(_varlen, recurrent=_mode == "fused_recurrent"),
     )
     _gsa_specs[_name].fn = _fn
