@@ -369,6 +369,51 @@ OPS: dict[str, OpSpec] = {
     ),
 }
 
+# gated slot attention and ABC: M = 64 slots as fla's tests and benchmarks use; FLOPs of the two passes
+GSA_SLOTS = 64
+
+
+def abc_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    return {**qkv_inputs(B, T, H, D, dtype, device),
+            "s": torch.randn(B, T, H, GSA_SLOTS, dtype=torch.float32, device=device).to(dtype)}
+
+
+def gsa_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # the slot log gate in fp32
+    return {**abc_inputs(B, T, H, D, dtype, device),
+            "g": F.logsigmoid(torch.randn(B, T, H, GSA_SLOTS, dtype=torch.float32, device=device))}
+
+
+def gsa_chunk_flops(B: int, T: int, H: int, K: int, V: int) -> float:
+    return chunk_flops(B, T, H, K, GSA_SLOTS) + chunk_flops(B, T, H, GSA_SLOTS, V)
+
+
+def gsa_recurrent_flops(B: int, T: int, H: int, K: int, V: int) -> float:
+    return recurrent_flops(B, T, H, K, GSA_SLOTS) + recurrent_flops(B, T, H, GSA_SLOTS, V)
+
+
+OPS.update({
+    "chunk_abc": OpSpec(
+        fla_tl="fla_tl.ops:chunk_abc",
+        fla="fla.ops.abc:chunk_abc",
+        flops=gsa_chunk_flops,
+        inputs=abc_inputs,
+    ),
+    "chunk_gsa": OpSpec(
+        fla_tl="fla_tl.ops:chunk_gsa",
+        fla="fla.ops.gsa:chunk_gsa",
+        flops=gsa_chunk_flops,
+        inputs=gsa_inputs,
+    ),
+    "fused_recurrent_gsa": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_gsa",
+        fla="fla.ops.gsa:fused_recurrent_gsa",
+        flops=gsa_recurrent_flops,
+        inputs=gsa_inputs,
+        slow=True,
+    ),
+})
+
 
 def sdpa_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     # layout [B, H, T, D] as SDPA wants it

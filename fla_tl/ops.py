@@ -11,9 +11,11 @@ import warnings
 
 import torch
 
+from .reference.abc import chunk_abc_torch, recurrent_abc
 from .reference.based import parallel_based_torch, parallel_rebased_torch, recurrent_based, recurrent_rebased
 from .reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule
 from .reference.gla import chunk_gla_torch, recurrent_gla
+from .reference.gsa import chunk_gsa_torch, recurrent_gsa, slot_gates
 from .reference.hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn, split_state
@@ -72,6 +74,9 @@ __all__ = [
     "chunk_titans_linear",
     "chunk_rwkv6",
     "fused_recurrent_rwkv6",
+    "chunk_abc",
+    "chunk_gsa",
+    "fused_recurrent_gsa",
     "list_ops",
     "BackendError",
 ]
@@ -2242,6 +2247,156 @@ def _rwkv6_self_check(fn, recurrent):
         rgrads = torch.autograd.grad((ro, rht), rs, (do.to(ref_dtype), dht.to(ref_dtype)))
         names = ("o", "ht", "dr", "dk", "dv", "dw", "du", "dh0")
         return [(n, *compare(a, b, dtype)) for n, a, b in zip(names, (o, ht, *grads), (ro, rht, *rgrads))]
+# ---------------------------------------------------------------- gated slot attention (GSA) and ABC
+
+
+GSA_MAX_SLOTS = 256
+
+
+def _check_float(name: str, x, layout: str) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"`{name}` must be a floating-point torch.Tensor {layout}, got "
+                        f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
+
+
+def _validate_gsa(q, k, v, s, g, scale, initial_state, cu_seqlens, grouped: bool) -> int:
+    """the checks of the GSA / ABC ops (q may have HQ heads, a multiple of the H of k, v, s, g, with `grouped`);
+    returns N."""
+    # q, scale and cu_seqlens by the shared checks
+    N = validate_linear_attention_inputs(q, q, q, scale=scale, cu_seqlens=cu_seqlens)
+    B, T, HQ, K = q.shape
+    for name, x, layout in (("k", k, "[B, T, H, K]"), ("v", v, "[B, T, H, V]"), ("s", s, "[B, T, H, M]")):
+        _check_float(name, x, layout)
+        if x.dtype != q.dtype:
+            raise TypeError(f"`{name}` must have the dtype of `q` ({q.dtype}), got {x.dtype}")
+        if x.device != q.device:
+            raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+        if x.dim() != 4 or x.shape[:2] != q.shape[:2]:
+            raise ValueError(f"`{name}` must have shape {layout} with B, T = {B}, {T}, got {tuple(x.shape)}")
+    H = k.shape[2]
+    if k.shape[3] != K:
+        raise ValueError(f"`k` must have the key dim K = {K} of `q`, got {tuple(k.shape)}")
+    if grouped and (HQ < H or HQ % H):
+        raise ValueError(f"`q` must have a number of heads HQ that is a multiple of the H = {H} of `k`, got HQ = {HQ}")
+    if not grouped and HQ != H:
+        raise ValueError(f"`k` must have the H = {HQ} heads of `q` (no grouped query heads here), got {H}")
+    for name, x in (("v", v), ("s", s)):
+        if x.shape[2] != H:
+            raise ValueError(f"`{name}` must have the H = {H} heads of `k`, got {tuple(x.shape)}")
+    V, M = v.shape[3], s.shape[3]
+    if g is not None:
+        _check_float("g", g, "[B, T, H, M]")
+        if g.shape != s.shape:
+            raise ValueError(f"`g` must have the shape of `s` {tuple(s.shape)} ([B, T, H, M]), got {tuple(g.shape)}")
+        if g.device != q.device:
+            raise ValueError(f"`g` must be on the device of `q` ({q.device}), got {g.device}")
+    if initial_state is not None:
+        if not isinstance(initial_state, (tuple, list)) or len(initial_state) != 2:
+            raise TypeError(f"`initial_state` must be a pair (hk [N, H, K, M], hv [N, H, M, V]), got "
+                            f"{type(initial_state).__name__}")
+        for name, x, want in (("initial_state[0]", initial_state[0], (N, H, K, M)),
+                              ("initial_state[1]", initial_state[1], (N, H, M, V))):
+            _check_float(name, x, str(list(want)))
+            if tuple(x.shape) != want:
+                raise ValueError(f"`{name}` must have shape {list(want)}, got {tuple(x.shape)}")
+            if x.device != q.device:
+                raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
+    return N
+
+
+def _gsa_empty(q, k, v, s, N, initial_state, output_final_state):
+    """the result of a T = 0 input: an empty output and the initial (or zero) states."""
+    B, _, HQ, K = q.shape
+    H, V, M = k.shape[2], v.shape[3], s.shape[3]
+    o = v.new_empty(B, 0, HQ, V)
+    if not output_final_state:
+        return o, None
+    ht_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if initial_state is not None:
+        return o, [x.to(ht_dtype, copy=True) for x in initial_state]
+    return o, [q.new_zeros(N, H, K, M, dtype=ht_dtype), q.new_zeros(N, H, M, V, dtype=ht_dtype)]
+
+
+def _gsa_run(spec, q, k, v, s, g, scale, initial_state, output_final_state, reverse, cu_seqlens, backend,
+             grouped: bool):
+    N = _validate_gsa(q, k, v, s, g, scale, initial_state, cu_seqlens, grouped)
+    chosen = _plain_backend(spec, q, q.shape[-1], v.shape[-1], backend, cu_seqlens, initial_state)
+    if scale is None:
+        scale = q.shape[-1] ** -0.5
+    if q.shape[1] == 0:
+        return _gsa_empty(q, k, v, s, N, initial_state, output_final_state)
+    o, ht = chosen.fwd(q, k, v, s, g, scale=float(scale), initial_state=initial_state,
+                       output_final_state=bool(output_final_state), reverse=bool(reverse), cu_seqlens=cu_seqlens)
+    return o.to(q.dtype), (list(ht) if output_final_state else None)
+
+
+def _gsa_torch(q, k, v, s, g, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    return chunk_gsa_torch(q, k, v, s, g, scale=scale, initial_state=initial_state,
+                           output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens)
+
+
+def _gsa_tilelang(q, k, v, s, g, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    from .kernels.gsa import gsa_tl
+
+    if s.shape[-1] > GSA_MAX_SLOTS:
+        raise ValueError(f"`s`: the tilelang backend takes at most M = {GSA_MAX_SLOTS} slots, got {s.shape[-1]}")
+    if g is None:
+        # ABC's gates from the running normaliser of s (differentiable PyTorch glue)
+        s, g = slot_gates(s, cu_seqlens)
+        s = s.to(k.dtype)
+    NG = q.shape[2] // k.shape[2]
+    if NG > 1:
+        k, v, s, g = (x.repeat_interleave(NG, dim=2) for x in (k, v, s, g))
+        if initial_state is not None:
+            initial_state = tuple(x.repeat_interleave(NG, dim=1) for x in initial_state)
+    o, ht = gsa_tl(q, k, v, s, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                   reverse=reverse, cu_seqlens=cu_seqlens)
+    if NG > 1 and output_final_state:
+        ht = [x[:, ::NG].contiguous() for x in ht]
+    return o, ht
+
+
+def make_gsa_backend(varlen: bool = True, recurrent: bool = False) -> Backend:
+    """the tilelang backend of the GSA / ABC ops: two chunk_gla passes of `fla_tl.kernels.gsa` with PyTorch glue."""
+    caps = dataclasses.replace(tilelang_capabilities(recurrent), varlen=varlen)
+    return Backend(name="tilelang", capabilities=caps,
+                   verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.gsa"), fwd=_gsa_tilelang,
+                   bwd=None, description="chunk_gla's TileLang stages, softmax glue in PyTorch")
+
+
+def _gsa_self_check(name: str):
+    """a `check` of chunk_abc / chunk_gsa / fused_recurrent_gsa against the recurrence: o, both final states and
+    every gradient (q, k, v, s, g, both initial states)."""
+
+    def run(device, dtype):
+        torch.manual_seed(0)
+        abc, grouped = name == "chunk_abc", name == "chunk_gsa"
+        B, T, H, K, V, M = 2, 70, 2, 16, 12, 8
+        HQ = 2 * H if grouped else H
+        q = torch.randn(B, T, HQ, K, device=device)
+        k, v, s = (torch.randn(B, T, H, d, device=device) for d in (K, V, M))
+        g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, M, device=device) + 2)
+        hk0, hv0 = torch.randn(B, H, K, M, device=device), torch.randn(B, H, M, V, device=device)
+        xs = [x.to(dtype).requires_grad_() for x in (q, k, v, s, g, hk0, hv0)]
+        if abc:
+            del xs[4]
+        backend = "tilelang" if device.type == "cuda" else "torch"
+        if abc:
+            o, ht = chunk_abc(*xs[:4], initial_state=(xs[4], xs[5]), output_final_state=True, backend=backend)
+        else:
+            fn = chunk_gsa if grouped else fused_recurrent_gsa
+            o, ht = fn(*xs[:5], initial_state=(xs[5], xs[6]), output_final_state=True, backend=backend)
+        douts = [torch.randn_like(o), torch.randn_like(ht[0]), torch.randn_like(ht[1])]
+        grads = torch.autograd.grad((o, *ht), xs, douts)
+        ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        r = [x.detach().to(ref_dtype).requires_grad_() for x in xs]
+        if abc:
+            ro, rht = recurrent_abc(*r[:4], initial_state=(r[4], r[5]), output_final_state=True)
+        else:
+            ro, rht = recurrent_gsa(*r[:5], initial_state=(r[5], r[6]), output_final_state=True)
+        rgrads = torch.autograd.grad((ro, *rht), r, [d.to(ref_dtype) for d in douts])
+        names = ["o", "hk", "hv", "dq", "dk", "dv", "ds"] + ([] if abc else ["dg"]) + ["dhk0", "dhv0"]
+        return [(n, *compare(a, b, dtype)) for n, a, b in zip(names, (o, *ht, *grads), (ro, *rht, *rgrads))]
 
     return run
 
@@ -2254,3 +2409,141 @@ for _name, _mode, _fn in (("chunk_rwkv6", "chunk", chunk_rwkv6),
         self_check=_rwkv6_self_check(_fn, _mode == "fused_recurrent"), tilelang_backend=make_rwkv6_backend(_mode),
     )
     _rwkv6_specs[_name].fn = _fn
+def chunk_abc(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    r"""
+    ABC in chunks: keys to slots, a softmax over the M slots, slots to values, the slots' gates derived from the
+    running normaliser `z = logcumsumexp(s)` of the slot logits (`s <- exp(s - z)`, `g_t = z_{t-1} - z_t`):
+    GSA (:func:`chunk_gsa`) without `g`, at `scale = K ** -0.5`.
+
+    Args:
+        q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]`.
+        s (torch.Tensor): slot logits `[B, T, H, M]`.
+        initial_state (Optional[Tuple[torch.Tensor, torch.Tensor]]): `[B, H, K, M]` and `[B, H, M, V]` (both get
+            gradients). Default: `None`.
+        output_final_state (bool): Default: `False`.
+        backend (Optional[str]): `"tilelang"`, `"torch"` or `None`. Default: `None`.
+
+    Returns:
+        o `[B, T, H, V]` in q's dtype; the final states `(hk [B, H, K, M], hv [B, H, M, V])` in float32 if
+        `output_final_state`, else `None`.
+
+    Examples::
+        >>> q, k, v, s = (torch.randn(2, 500, 4, d) for d in (64, 64, 64, 32))
+        >>> o, (hk, hv) = chunk_abc(q, k, v, s, output_final_state=True)
+    """
+    o, ht = _gsa_run(_gsa_specs["chunk_abc"], q, k, v, s, None, None, initial_state, output_final_state, False,
+                     None, backend, grouped=False)
+    return o, (tuple(ht) if ht is not None else None)
+
+
+def chunk_gsa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    checkpoint_level: int = 2,
+    cu_seqlens: torch.LongTensor | None = None,
+    cu_seqlens_cpu: torch.LongTensor | None = None,
+    backend: str | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, list]:
+    r"""
+    Gated slot attention in chunks: `hk_t = hk_{t-1} diag(exp(g_t)) + k_t s_t^T`, `p_t = softmax(scale hk_t^T q_t)`,
+    `hv_t = diag(exp(g_t)) hv_{t-1} + s_t v_t^T`, `o_t = hv_t^T p_t`.
+
+    Args:
+        q (torch.Tensor): `[B, T, HQ, K]`; HQ a multiple of H (grouped query heads).
+        k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, H, V]`. s (torch.Tensor): slots `[B, T, H, M]`.
+        g (Optional[torch.Tensor]): slot log forget gates `[B, T, H, M]`; `None` is ABC (gates from the running
+            normaliser of `s`). Default: `None`.
+        scale (Optional[float]): Default: `K ** -0.5`.
+        initial_state (Optional[Tuple[torch.Tensor, torch.Tensor]]): `[N, H, K, M]` and `[N, H, M, V]`.
+        output_final_state (bool): Default: `False`.
+        checkpoint_level (int): 0, 1 or 2, accepted for fla compatibility (the backward always recomputes the
+            states). Default: `2`.
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. Default: `None`.
+        cu_seqlens_cpu (Optional[torch.LongTensor]): accepted for fla compatibility and unused.
+        backend (Optional[str]): `"tilelang"`, `"torch"` or `None`. Default: `None`.
+
+    Returns:
+        o `[B, T, HQ, V]` in q's dtype and `[hk [N, H, K, M], hv [N, H, M, V]]` in float32 (`[None, None]` without
+        `output_final_state`).
+
+    Examples::
+        >>> import torch.nn.functional as F
+        >>> q, k, v, s = (torch.randn(2, 500, 4, d) for d in (64, 64, 64, 32))
+        >>> g = F.logsigmoid(torch.randn(2, 500, 4, 32))
+        >>> o, (hk, hv) = chunk_gsa(q, k, v, s, g, output_final_state=True)
+        >>> q, k, v, s, g = (x.flatten(0, 1)[None] for x in (q, k, v, s, g))
+        >>> o, (hk, hv) = chunk_gsa(q, k, v, s, g, output_final_state=True, cu_seqlens=torch.tensor([0, 300, 1000]))
+    """
+    if "head_first" in kwargs:
+        raise DeprecationWarning("head_first has been removed. Inputs must be in `[B, T, H, ...]` format.")
+    chunk_size = kwargs.pop("chunk_size", None)
+    if chunk_size is not None and (chunk_size <= 0 or chunk_size & (chunk_size - 1)):
+        raise ValueError(f"`chunk_size` must be a power of 2, got {chunk_size}.")
+    if checkpoint_level not in (0, 1, 2):
+        raise ValueError(f"`checkpoint_level` must be 0, 1 or 2, got {checkpoint_level}")
+    o, ht = _gsa_run(_gsa_specs["chunk_gsa"], q, k, v, s, g, scale, initial_state, output_final_state, False,
+                     cu_seqlens, backend, grouped=True)
+    return o, (ht if ht is not None else [None, None])
+
+
+def fused_recurrent_gsa(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    s: torch.Tensor,
+    g: torch.Tensor | None = None,
+    scale: float | None = None,
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+    output_final_state: bool = False,
+    reverse: bool = False,
+    cu_seqlens: torch.LongTensor | None = None,
+    backend: str | None = None,
+) -> tuple[torch.Tensor, list]:
+    r"""
+    Gated slot attention token by token; the math and returns of :func:`chunk_gsa`, plus `reverse` (walk each
+    sequence from its end). Grouped query heads (HQ a multiple of H) are accepted at any T (fla takes them only for
+    single-token decoding). The tilelang backend runs the exact chunked passes.
+
+    Examples::
+        >>> import torch.nn.functional as F
+        >>> q, k, v, s = (torch.randn(1, 500, 4, d) for d in (64, 64, 64, 32))
+        >>> g = F.logsigmoid(torch.randn(1, 500, 4, 32))
+        >>> o, (hk, hv) = fused_recurrent_gsa(q, k, v, s, g, output_final_state=True,
+        ...                                   cu_seqlens=torch.tensor([0, 100, 500]))
+    """
+    o, ht = _gsa_run(_gsa_specs["fused_recurrent_gsa"], q, k, v, s, g, scale, initial_state, output_final_state,
+                     reverse, cu_seqlens, backend, grouped=True)
+    return o, (ht if ht is not None else [None, None])
+
+
+def _abc_torch(q, k, v, s, g, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    return chunk_abc_torch(q, k, v, s, initial_state=initial_state, output_final_state=output_final_state)
+
+
+_gsa_specs = {}
+for _name, _variant, _mode, _fn, _ref, _torch_fn, _varlen in (
+    ("chunk_abc", "abc", "chunk", chunk_abc, recurrent_abc, _abc_torch, False),
+    ("chunk_gsa", "gsa", "chunk", chunk_gsa, recurrent_gsa, _gsa_torch, True),
+    ("fused_recurrent_gsa", "gsa", "fused_recurrent", fused_recurrent_gsa, recurrent_gsa, _gsa_torch, True),
+):
+    _gsa_specs[_name] = _register_plain(
+        _name, _variant, _mode, _ref, _torch_fn, recurrent=_mode == "fused_recurrent", varlen=_varlen,
+        self_check=_gsa_self_check(_name),
+        tilelang_backend=make_gsa_backend(_varlen, recurrent=_mode == "fused_recurrent"),
+    )
+    _gsa_specs[_name].fn = _fn

@@ -1,5 +1,6 @@
 """The registry: capabilities as data, every refusal reason of every verifier, forced and automatic choice."""
 
+import dataclasses
 import logging
 import subprocess
 import sys
@@ -23,6 +24,7 @@ ALL_OPS = OP_NAMES + [
     "fused_chunk_delta_rule",
     "chunk_titans_linear",
     "chunk_rwkv6", "fused_recurrent_rwkv6",
+    "chunk_abc", "chunk_gsa", "fused_recurrent_gsa",
 ]
 # ops whose tilelang entry refuses every input (no kernel yet, or dropped by fla)
 NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_simple_gla", "chunk_hgrn",
@@ -30,8 +32,8 @@ NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_
                "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
                "fused_chunk_delta_rule"}
 # ops without custom ops (plain PyTorch until they get kernels)
-PLAIN = (NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}) | {"chunk_titans_linear", "chunk_rwkv6",
-                                                                                  "fused_recurrent_rwkv6"}
+PLAIN = (NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}) | {
+    "chunk_titans_linear", "chunk_rwkv6", "fused_recurrent_rwkv6", "chunk_abc", "chunk_gsa", "fused_recurrent_gsa"}
 # ops whose tilelang entry takes no varlen input (their own tests check it accepts the dense form)
 NO_VARLEN = {"chunk_titans_linear"}
 
@@ -77,8 +79,10 @@ def test_custom_ops_defined():
 
 @pytest.mark.parametrize("op", [op for op in ALL_OPS if op not in NO_TILELANG | NO_VARLEN])
 def test_tilelang_accepts(op, tilelang_importable):
-    assert backend(op, "tilelang").verifier(H100) == []
-    assert select_backend(get_op(op), H100).name == "tilelang"
+    # chunk_abc takes no cu_seqlens (as fla)
+    inputs = dataclasses.replace(H100, varlen=False) if op == "chunk_abc" else H100
+    assert backend(op, "tilelang").verifier(inputs) == []
+    assert select_backend(get_op(op), inputs).name == "tilelang"
 
 
 REFUSALS = [

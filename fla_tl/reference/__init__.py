@@ -1,7 +1,9 @@
 """Pure-PyTorch references: token-by-token recurrences (ground truth) and chunked forms (the `torch` backend)."""
 
+from .abc import chunk_abc_torch, recurrent_abc
 from .based import parallel_based_torch, parallel_rebased_torch, recurrent_based, recurrent_rebased
 from .gla import chunk_gla_torch, recurrent_gla
+from .gsa import chunk_gsa_torch, recurrent_gsa, slot_gates
 from .hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .linear_attn import normalize_with_key_sum, recurrent_linear_attn
@@ -30,4 +32,9 @@ __all__ = [
     "lightning_g_gamma",
     "recurrent_rwkv6",
     "chunk_rwkv6_torch",
+    "recurrent_gsa",
+    "chunk_gsa_torch",
+    "slot_gates",
+    "recurrent_abc",
+    "chunk_abc_torch",
 ]
