@@ -2247,6 +2247,20 @@ def _rwkv6_self_check(fn, recurrent):
         rgrads = torch.autograd.grad((ro, rht), rs, (do.to(ref_dtype), dht.to(ref_dtype)))
         names = ("o", "ht", "dr", "dk", "dv", "dw", "du", "dh0")
         return [(n, *compare(a, b, dtype)) for n, a, b in zip(names, (o, ht, *grads), (ro, rht, *rgrads))]
+
+    return run
+
+
+_rwkv6_specs = {}
+for _name, _mode, _fn in (("chunk_rwkv6", "chunk", chunk_rwkv6),
+                          ("fused_recurrent_rwkv6", "fused_recurrent", fused_recurrent_rwkv6)):
+    _rwkv6_specs[_name] = _register_plain(
+        _name, "rwkv6", _mode, recurrent_rwkv6, _rwkv6_torch, recurrent=_mode == "fused_recurrent", gate=True,
+        self_check=_rwkv6_self_check(_fn, _mode == "fused_recurrent"), tilelang_backend=make_rwkv6_backend(_mode),
+    )
+    _rwkv6_specs[_name].fn = _fn
+
+
 # ---------------------------------------------------------------- gated slot attention (GSA) and ABC
 
 
@@ -2401,14 +2415,6 @@ def _gsa_self_check(name: str):
     return run
 
 
-_rwkv6_specs = {}
-for _name, _mode, _fn in (("chunk_rwkv6", "chunk", chunk_rwkv6),
-                          ("fused_recurrent_rwkv6", "fused_recurrent", fused_recurrent_rwkv6)):
-    _rwkv6_specs[_name] = _register_plain(
-        _name, "rwkv6", _mode, recurrent_rwkv6, _rwkv6_torch, recurrent=_mode == "fused_recurrent", gate=True,
-        self_check=_rwkv6_self_check(_fn, _mode == "fused_recurrent"), tilelang_backend=make_rwkv6_backend(_mode),
-    )
-    _rwkv6_specs[_name].fn = _fn
 def chunk_abc(
     q: torch.Tensor,
     k: torch.Tensor,
