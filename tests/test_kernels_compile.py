@@ -58,7 +58,8 @@ def _specs():
                                    id=f"solve_tril_kernel-K{d}-{dtype}-{gate}"))
         params.append(pytest.param((wy.apply_tril_kernel, dict(D=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
                                    id=f"apply_tril_kernel-D{d}-{dtype}-{gate}"))
-    from fla_tl.kernels.common import chunk_delta_h as dh, fused_chunk_delta
+    from fla_tl.kernels.common import chunk_delta_h as dh
+    from fla_tl.kernels.common import fused_chunk_delta
 
     # the delta rule's state passes and fused forward: gated in bf16 at K = V = 128, plain in fp32 at a padded 100
     # (the fused forward's aligned path with bulk copies and its masked one)

@@ -3,9 +3,9 @@ grouped value heads).
 
 Forward: the gate's chunk-local cumulative sum (`common.cumsum`), the WY pair w, u (`common.wy.wy_repr`), then either
 one fused pass with the states in registers (`common.fused_chunk_delta`, for K <= 128 when its grid of sequences x
-heads x V tiles gives a quarter block per multiprocessor) or the chunk-parallel pair: the state pass with the corrected values
-v_new = u - w S (`common.chunk_delta_h.chunk_delta_fwd_h`) and the output of linear attention on (q, k, v_new) with
-the states entering each chunk (`common.chunk_o.chunk_fwd_o`).
+heads x V tiles gives a quarter block per multiprocessor) or the chunk-parallel pair: the state pass with the
+corrected values v_new = u - w S (`common.chunk_delta_h.chunk_delta_fwd_h`) and the output of linear attention on
+(q, k, v_new) with the states entering each chunk (`common.chunk_o.chunk_fwd_o`).
 Backward: the WY pair and the states again (from the saved inverse), the state gradients with the corrected values'
 gradients (`chunk_delta_bwd_dhu`), dq and dk of the linear-attention part (`chunk_o.chunk_bwd_dqk_kernel` on v_new),
 then the WY backward (`common.wy.wy_bwd`: dw = -dv_new S^T through w, u and the inverse to k, v, beta and the gate);
