@@ -230,3 +230,11 @@ def test_cli_list():
     out = subprocess.run([sys.executable, "-m", "fla_tl", "list"], capture_output=True, text=True, check=True).stdout
     for op in OP_NAMES:
         assert op in out
+
+
+@pytest.mark.parametrize("op", sorted(PLAIN))
+def test_plain_ops_have_a_self_check(op):
+    """`python -m fla_tl check` runs the self check of each op outside the linear-attention table (a merge once left
+    one unset)."""
+    spec = get_op(op)
+    assert callable(spec.self_check) and callable(spec.fn)
