@@ -24,6 +24,7 @@ from ..common.fused_chunk_delta import fused_blocks, fused_chunk_delta_fwd
 from ..common.gates import gate_or_dummy, head_decay
 from ..common.utils import TORCH_TO_TL, get_kernel, seq_meta, target_for
 from ..common.wy import apply_tril, wy_bwd, wy_repr
+from .fused_recurrent import _group_sum, prepare_qk
 
 BT = 64
 # the fused forward (states in registers, never written) runs once its grid gives this many blocks per multiprocessor
@@ -89,12 +90,6 @@ def chunk_delta_rule_bwd(q, k, v, beta, g, ai, do, dht, *, scale, initial_state,
     if gate == "g":
         dg = gate_grad_chunk(q, k, dq, dk, h, dh, ht, meta=meta, dg_dtype=torch.float32, BT=BT, r=r.add_(db))
     return dq, dk, dv, dbeta, dg, dh0
-
-
-def _group_sum(x: torch.Tensor, H: int) -> torch.Tensor:
-    """`[Ttot, HV, D]` per value head -> `[Ttot, H, D]` summed over each key head's group."""
-    Ttot, HV, D = x.shape
-    return x if HV == H else x.view(Ttot, H, HV // H, D).sum(2)
 
 
 class ChunkDeltaRuleFunction(torch.autograd.Function):
@@ -194,20 +189,6 @@ def chunk_gated_delta_rule_tl(
         ...                                   beta.view(1, 128, 4), g.view(1, 128, 4), scale=128 ** -0.5,
         ...                                   cu_seqlens=cu, output_final_state=True, use_qk_l2norm_in_kernel=True)
     """
-    from ...reference.delta_rule import l2norm
-
-    B, _, H, K = q.shape
-    HV, V = v.shape[2:]
-    if q.dtype not in TORCH_TO_TL:
-        raise TypeError(f"q: dtype {q.dtype} is not supported (expected one of {sorted(map(str, TORCH_TO_TL))})")
-    if K > 256 or V > 256:
-        raise ValueError(f"head dims: expected K, V <= 256, got K={K}, V={V}")
-    if HV % H:
-        raise ValueError(f"v: expected a multiple of H={H} value heads, got HV={HV}")
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"cu_seqlens: expected B == 1 with varlen inputs, got B={B}")
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
-    k = k.to(q.dtype)
+    q, k = prepare_qk(q, k, v, cu_seqlens, use_qk_l2norm_in_kernel)
     return ChunkDeltaRuleFunction.apply(q, k, v, beta, g, float(scale), initial_state, output_final_state,
                                         state_v_first, cu_seqlens)

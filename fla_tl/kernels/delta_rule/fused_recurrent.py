@@ -559,6 +559,24 @@ def fused_recurrent_delta_rule_bwd(
     return dq, dk, du, (dh0.view(meta.N, HV, *tail) if use_h0 else None)
 
 
+def prepare_qk(q, k, v, cu_seqlens, use_qk_l2norm_in_kernel: bool):
+    """the checks of the TileLang delta-rule entry points, then q, k (L2-normalised on request, k in q's dtype)."""
+    B, _, H, K = q.shape
+    HV, V = v.shape[2:]
+    if q.dtype not in TORCH_TO_TL:
+        raise TypeError(f"q: dtype {q.dtype} is not supported (expected one of {sorted(map(str, TORCH_TO_TL))})")
+    if K > 256 or V > 256:
+        raise ValueError(f"head dims: expected K, V <= 256, got K={K}, V={V}")
+    if HV % H:
+        raise ValueError(f"v: expected a multiple of H={H} value heads, got HV={HV}")
+    if cu_seqlens is not None and B != 1:
+        raise ValueError(f"cu_seqlens: expected B == 1 with varlen inputs, got B={B}")
+    if use_qk_l2norm_in_kernel:
+        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
+    k = k.to(q.dtype)
+    return q, k
+
+
 def _group_sum(x, H: int):
     """`[Ttot, HV, K]` per value head -> `[Ttot, H, K]` per key head."""
     Ttot, HV, K = x.shape
@@ -669,18 +687,6 @@ def fused_recurrent_gated_delta_rule_tl(
         ...                                            scale=128 ** -0.5, cu_seqlens=cu, output_final_state=True,
         ...                                            use_qk_l2norm_in_kernel=True)
     """
-    B, _, H, K = q.shape
-    HV, V = v.shape[2:]
-    if q.dtype not in TORCH_TO_TL:
-        raise TypeError(f"q: dtype {q.dtype} is not supported (expected one of {sorted(map(str, TORCH_TO_TL))})")
-    if K > 256 or V > 256:
-        raise ValueError(f"head dims: expected K, V <= 256, got K={K}, V={V}")
-    if HV % H:
-        raise ValueError(f"v: expected a multiple of H={H} value heads, got HV={HV}")
-    if cu_seqlens is not None and B != 1:
-        raise ValueError(f"cu_seqlens: expected B == 1 with varlen inputs, got B={B}")
-    if use_qk_l2norm_in_kernel:
-        q, k = l2norm(q.float()).to(q.dtype), l2norm(k.float()).to(k.dtype)
-    k = k.to(q.dtype)
+    q, k = prepare_qk(q, k, v, cu_seqlens, use_qk_l2norm_in_kernel)
     return FusedRecurrentDeltaRuleFunction.apply(q, k, v, beta, g, float(scale), initial_state, output_final_state,
                                                  state_v_first, cu_seqlens)
