@@ -61,18 +61,16 @@ def _specs():
     from fla_tl.kernels.common import chunk_delta_h as dh
     from fla_tl.kernels.common import fused_chunk_delta
 
-    # the delta rule's state passes and fused forward: gated in bf16 at K = V = 128, plain in fp32 at a padded 100
-    # (the fused forward's aligned path with bulk copies and its masked one)
-    for d, dtype, gate in ((128, "bfloat16", "g"), (100, "float32", "none")):
-        for factory in (dh.chunk_delta_fwd_h_kernel, dh.chunk_delta_bwd_dhu_kernel,
-                        fused_chunk_delta.fused_chunk_delta_fwd_kernel):
-            params.append(pytest.param((factory, dict(K=d, V=d, gate=gate, dtype=dtype, BT=64)),
-                                       id=f"{factory.__name__}-K{d}-{dtype}-{gate}"))
-    # the WY backward (bf16 with fp32 dk and the gate; fp32 plain at a padded 100)
-    for d, dtype, gate, dk in ((128, "bfloat16", "g", "float32"), (100, "float32", "none", "float32")):
-        params.append(pytest.param((wy.wy_bwd_kernel, dict(K=d, V=d, dtype=dtype, beta_dtype="float32", gate=gate,
-                                                            dk_dtype=dk)),
-                                   id=f"wy_bwd_kernel-K{d}-{dtype}-{gate}"))
+    # the delta rule's state passes, fused forward and WY backward, gated in bf16 at K = V = 128 (bulk copies), and the
+    # forward state pass plain in fp32 at a padded 100 (masked loads)
+    for factory in (dh.chunk_delta_bwd_dhu_kernel, fused_chunk_delta.fused_chunk_delta_fwd_kernel):
+        params.append(pytest.param((factory, dict(K=128, V=128, gate="g", dtype="bfloat16", BT=64)),
+                                   id=f"{factory.__name__}-K128-bfloat16-g"))
+    params.append(pytest.param((dh.chunk_delta_fwd_h_kernel, dict(K=100, V=100, gate="none", dtype="float32", BT=64)),
+                               id="chunk_delta_fwd_h_kernel-K100-float32-none"))
+    params.append(pytest.param((wy.wy_bwd_kernel, dict(K=128, V=128, dtype="bfloat16", beta_dtype="float32", gate="g",
+                                                        dk_dtype="float32")),
+                               id="wy_bwd_kernel-K128-bfloat16-g"))
 
     from fla_tl.kernels.common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
     from fla_tl.kernels.common.cumsum import chunk_state_dot_kernel
