@@ -82,7 +82,7 @@ def test_empty_sequence():
 def test_shift_glue(varlen, reverse):
     """`kernels.rwkv6.bonus.RWKV6Function` (the one-token query shift, the first token's read of h0 and the bonus)
     with GLA's launchers replaced by the GLA reference gives RWKV6's outputs and every gradient."""
-    from fla_tl.kernels.rwkv6.bonus import RWKV6Function
+    from fla_tl.kernels.rwkv6.bonus import RWKV6Function, shifted_fwd
     from fla_tl.reference import recurrent_gla
 
     def gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g, **kw):
@@ -99,7 +99,8 @@ def test_shift_glue(varlen, reverse):
             grads = torch.autograd.grad(loss, xs)
         return grads[0], grads[1], grads[2], grads[4] if len(grads) > 4 else None, grads[3]
 
-    launchers = (gla_fwd, gla_bwd, lambda rev: {"reverse": rev})
+    extra = lambda rev: {"reverse": rev}  # noqa: E731
+    launchers = (shifted_fwd(gla_fwd, extra), gla_bwd, extra)
     lens = (1, 0, 16, 23)
     B, T, N = (1, sum(lens), len(lens)) if varlen else (2, 23, 2)
     cu = _cu(lens) if varlen else None
@@ -169,15 +170,22 @@ def test_registry_refusals():
 @pytest.mark.parametrize(("stage", "K", "V", "dtype", "reverse"), [
     ("fwd", 128, 128, "bfloat16", False),
     ("bwd", 100, 36, "float32", True),
+    ("chunk_o", 100, 36, "float32", False),
 ])
 def test_kernels_build_for_sm90a(stage, K, V, dtype, reverse):
-    """RWKV6's own TileLang kernels (the shifted read of GLA's output / dq plus the bonus, forward and backward) lower
-    and build for sm_90a; the GLA kernels they compose with are compile-tested in `test_kernels_compile.py`."""
+    """RWKV6's own TileLang kernels (the shifted read of GLA's output / dq plus the bonus, forward and backward) and
+    the bonus form of GLA's output kernel (chunk_rwkv6's forward) lower and build for sm_90a; the other GLA kernels
+    they compose with are compile-tested in `test_kernels_compile.py`."""
     from fla_tl.kernels.common.utils import get_kernel
+    from fla_tl.kernels.gla.chunk import chunk_gla_fwd_o_kernel
     from fla_tl.kernels.rwkv6 import bonus
 
-    factory = bonus.rwkv6_fwd_bonus_kernel if stage == "fwd" else bonus.rwkv6_bwd_bonus_kernel
-    kernel = get_kernel(factory, {"kind": "cuda", "arch": "sm_90a"}, K=K, V=V, dtype=dtype, reverse=reverse, BT=64)
+    tgt = {"kind": "cuda", "arch": "sm_90a"}
+    if stage == "chunk_o":
+        kernel = get_kernel(chunk_gla_fwd_o_kernel, tgt, K=K, V=V, dtype=dtype, h_dtype=dtype, BT=64, bonus=True)
+    else:
+        factory = bonus.rwkv6_fwd_bonus_kernel if stage == "fwd" else bonus.rwkv6_bwd_bonus_kernel
+        kernel = get_kernel(factory, tgt, K=K, V=V, dtype=dtype, reverse=reverse, BT=64)
     assert "__global__" in kernel.get_kernel_source()
 
 

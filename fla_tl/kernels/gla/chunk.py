@@ -30,11 +30,12 @@ BT = 64
 
 
 @T.macro
-def _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK):
+def _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK, q_shift, nq):
     """q, k and the cumulative log2 gates of key tile kk; rows past the sequence end: zero q, k and the last valid
-    row's gates (so every exponent the stages form stays <= 0 there too)."""
+    row's gates (so every exponent the stages form stays <= 0 there too). The query rows are read `q_shift` tokens
+    later (row i: token t0 + q_shift + i), the first `nq` of them."""
     for i, j in T.Parallel(BT, BK):
-        q_s[i, j] = T.if_then_else(i < nvalid and kk * BK + j < K, q[t0 + i, i_h, kk * BK + j], 0)
+        q_s[i, j] = T.if_then_else(i < nq and kk * BK + j < K, q[t0 + q_shift + i, i_h, kk * BK + j], 0)
         k_s[i, j] = T.if_then_else(i < nvalid and kk * BK + j < K, k[t0 + i, i_h, kk * BK + j], 0)
         g_s[i, j] = T.if_then_else(kk * BK + j < K, gc[t0 + T.min(i, nvalid - 1), i_h, kk * BK + j], 0)
 
@@ -65,11 +66,17 @@ def chunk_gla_fwd_o_kernel(
     BK: int = 64,
     BV: int = 128,
     threads: int = 256,
+    bonus: bool = False,
 ):
+    """`bonus`: RWKV6's form (`kernels/rwkv6`). The query rows are read one token later (row i: q[t0 + i + 1], zero
+    past the sequence), so row i reads the state after token t0 + i; its output goes to token t0 + i + 1 with the
+    bonus scale (sum_k q u k[t0 + i + 1]) v[t0 + i + 1] added (`u` `[H, K]`). A sequence's first token is not written
+    (the caller's). Without it `u` is not read."""
     BK = min(BK, pad_dim(K))
     BV = min(BV, pad_dim(V))
     NK, NV, NC = cdiv(K, BK), cdiv(V, BV), BT // BC
     span_limit = span_limit_for(dtype)
+    qs = 1 if bonus else 0
     Ttot, H, N, NT, NA = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NA")
 
     @T.prim_func
@@ -83,6 +90,7 @@ def chunk_gla_fwd_o_kernel(
         chunk_indices: T.Tensor([NT, 2], "int32"),
         o: T.Tensor([Ttot, H, V], dtype),
         A: T.Tensor([NA, H, BT], "float32"),
+        u: T.Tensor([H, K], "float32"),
         scale: T.float32,
         store_A: T.int32,
     ):
@@ -90,6 +98,7 @@ def chunk_gla_fwd_o_kernel(
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
+            nq = T.min(cu[i_n + 1] - t0 - qs, BT)
 
             q_s = T.alloc_shared([BT, BK], dtype)
             k_s = T.alloc_shared([BT, BK], dtype)
@@ -106,13 +115,29 @@ def chunk_gla_fwd_o_kernel(
             b_r = T.alloc_fragment([BT], "float32")
             b_sp = T.alloc_fragment([BK], "float32")
             b_span = T.alloc_fragment([1], "float32")
+            b_bonus = T.alloc_fragment([BT], "float32")
+            bonus_s = T.alloc_shared([BT], "float32")
 
             T.clear(b_o)
             T.clear(b_a)
             for i, j in T.Parallel(BT, BC):
                 d_s[i, j] = 0
+            if bonus:
+                T.clear(b_bonus)
             for kk in T.serial(NK):
-                _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK)
+                _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK, qs, nq)
+                if bonus:
+                    # sum_k q u k of the query's own token, t0 + i + 1
+                    for i, j in T.Parallel(BT, BK):
+                        b_p[i, j] = T.if_then_else(
+                            i < nq and kk * BK + j < K,
+                            T.Cast("float32", q_s[i, j]) * u[i_h, T.min(kk * BK + j, K - 1)]
+                            * T.Cast("float32", k[t0 + 1 + i, i_h, T.min(kk * BK + j, K - 1)]),
+                            0,
+                        )
+                    T.reduce_sum(b_p, b_r, dim=1)
+                    for i in T.Parallel(BT):
+                        b_bonus[i] += b_r[i]
                 for i, j in T.Parallel(BK, BV):
                     h_s[i, j] = T.if_then_else(
                         kk * BK + i < K and i_v * BV + j < V, h[i_c, i_h, kk * BK + i, i_v * BV + j], 0
@@ -162,9 +187,17 @@ def chunk_gla_fwd_o_kernel(
             for i, j in T.Parallel(BT, BV):
                 b_o[i, j] *= scale
             T.gemm(a_s, v_s, b_o)
-            for i, j in T.Parallel(BT, BV):
-                if i < nvalid and i_v * BV + j < V:
-                    o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
+            if bonus:
+                for i in T.Parallel(BT):
+                    bonus_s[i] = b_bonus[i] * scale
+                for i, j in T.Parallel(BT, BV):
+                    if i < nq and i_v * BV + j < V:
+                        o[t0 + 1 + i, i_h, i_v * BV + j] = b_o[i, j] + bonus_s[i] * T.Cast(
+                            "float32", v[t0 + 1 + i, i_h, i_v * BV + j])
+            else:
+                for i, j in T.Parallel(BT, BV):
+                    if i < nvalid and i_v * BV + j < V:
+                        o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
 
     return chunk_gla_fwd_o
 
@@ -309,7 +342,7 @@ def chunk_gla_bwd_dqk_kernel(
                 T.gemm(do_s, h_s, b_dq, transpose_B=True)
                 T.gemm(v_s, dh_s, b_dk, transpose_B=True)
 
-            _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, i_k, K, BT, BK)
+            _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, i_k, K, BT, BK, 0, nvalid)
             for i, j in T.Parallel(BT, BT):
                 da_s[i, j] = T.if_then_else(j <= i, b_da[i, j] * scale, 0)
             for i, j in T.Parallel(BT, BK):
@@ -390,15 +423,19 @@ def key_gate_cumsum(g, g_gamma, meta: SeqMeta, **config):
     return gc.view(-1, H, K)
 
 
-def chunk_gla_fwd_o(q, k, v, h, gc, *, scale: float, meta: SeqMeta, store_A: bool, **config):
-    """(o `[Ttot, H, V]` in q's dtype, A `[Ttot, H, BT]` fp32 (the scaled intra-chunk scores) or None)."""
+def chunk_gla_fwd_o(q, k, v, h, gc, *, scale: float, meta: SeqMeta, store_A: bool, u=None, **config):
+    """(o `[Ttot, H, V]` in q's dtype, A `[Ttot, H, BT]` fp32 (the scaled intra-chunk scores) or None). With the
+    RWKV6 bonus `u` `[H, K]`: the kernel's `bonus` form (queries and outputs one token later; a sequence's first
+    token is left unwritten)."""
     Ttot, H, K = q.shape
     V = v.shape[-1]
     o = torch.empty_like(v)
     A = q.new_empty(Ttot if store_A else 1, H, BT, dtype=torch.float32)
+    bonus = u is not None
+    u = u.float().contiguous() if bonus else gc.new_empty(H, K)
     if meta.NT > 0:
-        _kernel(chunk_gla_fwd_o_kernel, q, K=K, V=V, BT=BT, **config)(
-            q, k, v, h, gc, meta.cu, meta.chunk_indices, o, A, scale, int(store_A))
+        _kernel(chunk_gla_fwd_o_kernel, q, K=K, V=V, BT=BT, bonus=bonus, **config)(
+            q, k, v, h, gc, meta.cu, meta.chunk_indices, o, A, u, scale, int(store_A))
     return o, (A if store_A else None)
 
 
@@ -429,14 +466,16 @@ def _gate(g, q):
     return g if g is not None else torch.zeros_like(q, dtype=torch.float32)
 
 
-def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None):
+def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, u=None):
+    """(o `[B, T, H, V]`, the final state or None); with RWKV6's bonus `u` the output kernel's `bonus` form (see
+    `chunk_gla_fwd_o_kernel`: the sequences' first tokens are left unwritten)."""
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
     h, ht = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=output_final_state, **kw)
-    o, _ = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=False)
+    o, _ = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=False, u=u)
     return o.view(B, T, H, -1), ht
 
 

@@ -220,27 +220,45 @@ def bonus_scores(r, k, u, scale):
     return scale * torch.einsum("thk,thk->th", r.float() * u.float(), k.float())
 
 
+def shifted_fwd(gla_fwd, extra):
+    """an RWKV6 forward launcher from a GLA one: GLA on the queries shifted one token (a copy), its output read one
+    token later plus the bonus (`bonus_fwd`). Returns (o `[B * T, H, V]` without the first tokens' h0 read, ht)."""
+
+    def fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+        B, T, H, K = r.shape
+        V = v.shape[-1]
+        first, last, _ = sequence_marks(B, T, cu_seqlens, r.device)
+        if reverse:
+            first, last = last, first
+        r_ = r.view(B * T, H, K)
+        rq = shift(r_, -1 if reverse else 1, last).view(B, T, H, K)
+        og, ht = gla_fwd(rq, k, v, g_gamma=None, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, cu_seqlens=cu_seqlens, g=w, **extra(reverse))
+        meta = seq_meta(B, T, cu_seqlens, BT, r.device)
+        o = bonus_fwd(og.view(B * T, H, V), r_, k.view(B * T, H, K), v.view(B * T, H, V), u, scale=scale,
+                      reverse=reverse, first=first, meta=meta)
+        return o, ht
+
+    return fwd
+
+
 class RWKV6Function(torch.autograd.Function):
-    """RWKV6 through GLA launchers `fwd` / `bwd` (chunk or fused_recurrent, see `chunk.py` / `fused_recurrent.py`)."""
+    """RWKV6 through the launchers (`fwd`: an RWKV6 forward, see `shifted_fwd`; `bwd`: a GLA backward; `extra`: its
+    keywords), chunk or fused_recurrent: see `chunk.py` / `fused_recurrent.py`."""
 
     @staticmethod
     def forward(ctx, r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens, launchers):
-        gla_fwd, _, extra = launchers
+        rwkv6_fwd = launchers[0]
         B, T, H, K = r.shape
         V = v.shape[-1]
         first, last, seq = sequence_marks(B, T, cu_seqlens, r.device)
         if reverse:
             first, last = last, first
-        step = -1 if reverse else 1
         r, k, v, w = (x.contiguous() for x in (r, k, v, w))
         h0 = initial_state.contiguous() if initial_state is not None else None
         r_ = r.view(B * T, H, K)
-        rq = shift(r_, step, last).view(B, T, H, K)
-        og, ht = gla_fwd(rq, k, v, g_gamma=None, scale=scale, initial_state=h0, output_final_state=output_final_state,
-                         cu_seqlens=cu_seqlens, g=w, **extra(reverse))
-        meta = seq_meta(B, T, cu_seqlens, BT, r.device)
-        o = bonus_fwd(og.view(B * T, H, V), r_, k.view(B * T, H, K), v.view(B * T, H, V), u, scale=scale,
-                      reverse=reverse, first=first, meta=meta)
+        o, ht = rwkv6_fwd(r, k, v, w, u, scale=scale, initial_state=h0, output_final_state=output_final_state,
+                          reverse=reverse, cu_seqlens=cu_seqlens)
         if h0 is not None:
             o[first] = (o[first].float() + scale * torch.einsum("nhk,nhkv->nhv", r_[first].float(),
                                                                   h0[seq].float())).to(o.dtype)

@@ -1,18 +1,33 @@
 """chunk_rwkv6 on GLA's chunk kernels (`kernels/gla/chunk.py`: the per-key gate cumsum, the state passes of
 `common.chunk_h` with gate "gk", GLA's intra-chunk output and dq / dk kernels, the chunk-local per-key dg), with the
-queries shifted one token and the bonus added around them (`bonus.py`)."""
+queries shifted one token. Forward: GLA's output kernel in its `bonus` form reads the queries one token later and
+adds the bonus itself. Backward: GLA's on shifted copies, the bonus terms around it (`bonus.py`)."""
 
 import torch
 
 from ..gla.chunk import chunk_gla_bwd, chunk_gla_fwd
-from .bonus import RWKV6Function
+from .bonus import RWKV6Function, bonus_scores, sequence_marks
 
 
 def _no_extra(reverse):
     return {}
 
 
-LAUNCHERS = (chunk_gla_fwd, chunk_gla_bwd, _no_extra)
+def chunk_rwkv6_fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    """(o `[B * T, H, V]` without the first tokens' h0 read, ht): GLA's forward in the bonus form; a sequence's first
+    token (which reads only h0 and the bonus) is filled here."""
+    assert not reverse, "chunk_rwkv6 runs forward in time"
+    B, T, H, K = r.shape
+    o, ht = chunk_gla_fwd(r, k, v, g_gamma=None, scale=scale, initial_state=initial_state,
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, g=w, u=u)
+    o = o.view(B * T, H, -1)
+    first = sequence_marks(B, T, cu_seqlens, r.device)[0]
+    r_, k_, v_ = r.view(B * T, H, K)[first], k.view(B * T, H, K)[first], v.view(B * T, H, -1)[first]
+    o[first] = (bonus_scores(r_, k_, u, scale)[..., None] * v_.float()).to(o.dtype)
+    return o, ht
+
+
+LAUNCHERS = (chunk_rwkv6_fwd, chunk_gla_bwd, _no_extra)
 
 
 def chunk_rwkv6_tl(

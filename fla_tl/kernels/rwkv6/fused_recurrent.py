@@ -5,14 +5,14 @@ around them (`bonus.py`); `reverse` runs the recurrence from the last token."""
 import torch
 
 from ..gla.fused_recurrent import fused_recurrent_gla_bwd, fused_recurrent_gla_fwd
-from .bonus import RWKV6Function
+from .bonus import RWKV6Function, shifted_fwd
 
 
 def _extra(reverse):
     return {"reverse": reverse, "state_v_first": False}
 
 
-LAUNCHERS = (fused_recurrent_gla_fwd, fused_recurrent_gla_bwd, _extra)
+LAUNCHERS = (shifted_fwd(fused_recurrent_gla_fwd, _extra), fused_recurrent_gla_bwd, _extra)
 
 
 def fused_recurrent_rwkv6_tl(
