@@ -15,7 +15,7 @@ from .reference.abc import chunk_abc_torch, recurrent_abc
 from .reference.based import parallel_based_torch, parallel_rebased_torch, recurrent_based, recurrent_rebased
 from .reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule
 from .reference.gla import chunk_gla_torch, recurrent_gla
-from .reference.gsa import chunk_gsa_torch, recurrent_gsa, slot_gates
+from .reference.gsa import chunk_gsa_torch, recurrent_gsa
 from .reference.hgrn import chunk_hgrn_torch, recurrent_hgrn
 from .reference.lightning_attn import lightning_g_gamma, recurrent_lightning_attn
 from .reference.linear_attn import normalize_with_key_sum, recurrent_linear_attn, split_state
@@ -2355,9 +2355,10 @@ def _gsa_tilelang(q, k, v, s, g, *, scale, initial_state, output_final_state, re
     if s.shape[-1] > GSA_MAX_SLOTS:
         raise ValueError(f"`s`: the tilelang backend takes at most M = {GSA_MAX_SLOTS} slots, got {s.shape[-1]}")
     if g is None:
-        # ABC's gates from the running normaliser of s (differentiable PyTorch glue)
-        s, g = slot_gates(s, cu_seqlens)
-        s = s.to(k.dtype)
+        # ABC's gates from the running normaliser of s (TileLang scans, `kernels/gsa/normaliser.py`)
+        from .kernels.gsa.normaliser import slot_gates_tl
+
+        s, g = slot_gates_tl(s, cu_seqlens, k.dtype)
     NG = q.shape[2] // k.shape[2]
     if NG > 1:
         k, v, s, g = (x.repeat_interleave(NG, dim=2) for x in (k, v, s, g))

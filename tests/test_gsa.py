@@ -248,6 +248,33 @@ def test_tilelang_chunk_abc(T, dtype, poisoned_cuda):
     check_gsa(chunk_abc, q, k, v, s, None, h0, abc=True, backend="tilelang")
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize(("lens", "M", "dtype"), [
+    pytest.param((1,), 64, torch.bfloat16, id="T1-bf16"),
+    pytest.param((700,), 64, torch.bfloat16, id="T700-bf16"),
+    pytest.param((1, 130, 0, 77), 64, torch.bfloat16, id="varlen-bf16"),
+    pytest.param((300, 45), 30, torch.float32, id="varlen-odd-M-fp32"),
+])
+def test_tilelang_slot_normaliser(lens, M, dtype, poisoned_cuda):
+    """ABC's slot normaliser on its TileLang scans (`kernels/gsa/normaliser.py`) against `slot_gates` in fp64: the
+    normalised slots, the gates and ds, with logits spread over +-8 (so z jumps and decays)."""
+    from fla_tl.kernels.gsa.normaliser import slot_gates_tl
+
+    varlen = len(lens) > 1
+    B, T = (1, sum(lens)) if varlen else (2, lens[0])
+    cu = _cu(lens, "cuda") if varlen else None
+    s = (4 * torch.randn(B, T, 3, M, device="cuda")).to(dtype).requires_grad_()
+    sn, g = slot_gates_tl(s, cu, dtype)
+    assert sn.dtype == dtype and g.dtype == torch.float32
+    dsn, dg = torch.randn_like(sn), torch.randn_like(g)
+    (ds,) = torch.autograd.grad((sn, g), s, (dsn, dg))
+    r = s.detach().double().requires_grad_()
+    rsn, rg = slot_gates(r, cu)
+    (rds,) = torch.autograd.grad((rsn, rg), r, (dsn.double(), dg.double()))
+    for name, a, b in (("sn", sn, rsn), ("g", g, rg), ("ds", ds, rds)):
+        assert_close(name, a, b, dtype)
+
+
 # ---------------------------------------------------------------- compile: the chunk_gla stages at GSA's shapes
 
 
@@ -255,6 +282,7 @@ def _compile_specs():
     try:
         from fla_tl.kernels.common.chunk_h import chunk_fwd_h_kernel
         from fla_tl.kernels.gla import chunk as gla
+        from fla_tl.kernels.gsa import normaliser
     except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
         return [pytest.param(None, id="tilelang-missing")]
     # pass 1 runs chunk_gla's dq/dk kernel with the M = 64 slots as its key dim and K = 128 as its value dim, on the
@@ -264,6 +292,11 @@ def _compile_specs():
                      id="chunk_gla_bwd_dqk_kernel-M64-K128-bf16"),
         pytest.param((chunk_fwd_h_kernel, dict(K=64, V=128, gate="gk", dtype="bfloat16", h_dtype="bfloat16", BT=64,
                                                **gla.STATE_CONFIG)), id="chunk_fwd_h_kernel-M64-K128-gk"),
+        # ABC's slot normaliser, forward and backward (16-byte vectors of bf16)
+        pytest.param((normaliser.slot_normaliser_fwd_kernel, dict(dtype="bfloat16", out_dtype="bfloat16", VEC=8)),
+                     id="slot_normaliser_fwd-bf16"),
+        pytest.param((normaliser.slot_normaliser_bwd_kernel, dict(dtype="bfloat16", dsn_dtype="bfloat16", VEC=8)),
+                     id="slot_normaliser_bwd-bf16"),
     ]
 
 

@@ -30,6 +30,10 @@ def cases(B, T, H, D):
     beta = torch.rand(B, T, H, device="cuda").requires_grad_()
     yield "gated_delta_rule", lambda q, k, v: ops.chunk_gated_delta_rule(q, k, v, g, beta)[0], _delta_qkv(qkv)
     yield "delta_rule", lambda q, k, v: ops.chunk_delta_rule(q, k, v, beta)[0], _delta_qkv(qkv)
+    u = torch.randn(H, D, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    yield "rwkv6", lambda q, k, v: ops.chunk_rwkv6(q, k, v, gk, u)[0], qkv()
+    s = torch.randn(B, T, H, 64, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    yield "abc", lambda q, k, v: ops.chunk_abc(q, k, v, s)[0], qkv()
     yield "linear_attn normalize", lambda q, k, v: ops.chunk_linear_attn(q, k, v)[0], \
         [F.elu(x.detach()).add(1).requires_grad_() for x in qkv()]
 

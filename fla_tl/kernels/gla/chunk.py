@@ -466,29 +466,37 @@ def _gate(g, q):
     return g if g is not None else torch.zeros_like(q, dtype=torch.float32)
 
 
-def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, u=None):
+def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, u=None,
+                  keep=None):
     """(o `[B, T, H, V]`, the final state or None); with RWKV6's bonus `u` the output kernel's `bonus` form (see
-    `chunk_gla_fwd_o_kernel`: the sequences' first tokens are left unwritten)."""
+    `chunk_gla_fwd_o_kernel`: the sequences' first tokens are left unwritten). A dict `keep` receives the cumulative
+    gates `gc` and the intra-chunk scores `A` for `chunk_gla_bwd` (which then skips recomputing them)."""
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
     h, ht = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=output_final_state, **kw)
-    o, _ = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=False, u=u)
+    o, A = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=keep is not None, u=u)
+    if keep is not None:
+        keep.update(gc=gc, A=A)
     return o.view(B, T, H, -1), ht
 
 
-def chunk_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, g=None, ht=None):
-    """(dq, dk, dv, dh0 or None, dg or None); the states (with the final one, for dg) and the intra-chunk scores are
-    recomputed; `ht` is accepted for a uniform launcher contract."""
+def chunk_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, g=None, ht=None, gc=None,
+                  A=None):
+    """(dq, dk, dv, dh0 or None, dg or None); the states (with the final one, for dg) are recomputed, and so are the
+    cumulative gates `gc` and the intra-chunk scores `A` unless given (`chunk_gla_fwd`'s `keep`); `ht` is accepted
+    for a uniform launcher contract."""
     B, T, H, K = q.shape
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
+    if gc is None:
+        gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
     kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
     h, h_last = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=g is not None, **kw)
-    _, A = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=True)
+    if A is None:
+        _, A = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=True)
     dh, dh0 = chunk_bwd_dh(q_, do_, dht, scale=scale, need_dh0=initial_state is not None, **kw)
     dq, dk, dv, r = chunk_gla_bwd_dqkv(q_, k_, v_, do_, h, dh, gc, A, scale=scale, meta=meta)
     if dh0 is not None:

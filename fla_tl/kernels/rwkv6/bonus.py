@@ -222,7 +222,8 @@ def bonus_scores(r, k, u, scale):
 
 def shifted_fwd(gla_fwd, extra):
     """an RWKV6 forward launcher from a GLA one: GLA on the queries shifted one token (a copy), its output read one
-    token later plus the bonus (`bonus_fwd`). Returns (o `[B * T, H, V]` without the first tokens' h0 read, ht)."""
+    token later plus the bonus (`bonus_fwd`). Returns (o `[B * T, H, V]` without the first tokens' h0 read, ht, the
+    keywords its backward reuses: none)."""
 
     def fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
         B, T, H, K = r.shape
@@ -237,7 +238,7 @@ def shifted_fwd(gla_fwd, extra):
         meta = seq_meta(B, T, cu_seqlens, BT, r.device)
         o = bonus_fwd(og.view(B * T, H, V), r_, k.view(B * T, H, K), v.view(B * T, H, V), u, scale=scale,
                       reverse=reverse, first=first, meta=meta)
-        return o, ht
+        return o, ht, {}
 
     return fwd
 
@@ -257,14 +258,15 @@ class RWKV6Function(torch.autograd.Function):
         r, k, v, w = (x.contiguous() for x in (r, k, v, w))
         h0 = initial_state.contiguous() if initial_state is not None else None
         r_ = r.view(B * T, H, K)
-        o, ht = rwkv6_fwd(r, k, v, w, u, scale=scale, initial_state=h0, output_final_state=output_final_state,
-                          reverse=reverse, cu_seqlens=cu_seqlens)
+        o, ht, kept = rwkv6_fwd(r, k, v, w, u, scale=scale, initial_state=h0, output_final_state=output_final_state,
+                                reverse=reverse, cu_seqlens=cu_seqlens)
         if h0 is not None:
             o[first] = (o[first].float() + scale * torch.einsum("nhk,nhkv->nhv", r_[first].float(),
                                                                   h0[seq].float())).to(o.dtype)
         o = o.view(B, T, H, V)
         ctx.save_for_backward(r, k, v, w, u, h0, cu_seqlens, ht)
-        ctx.scale, ctx.reverse, ctx.launchers = scale, reverse, launchers
+        # intermediates of the forward its backward launcher takes as keywords (chunk: the gates and scores)
+        ctx.scale, ctx.reverse, ctx.launchers, ctx.kept = scale, reverse, launchers, kept
         ctx.set_materialize_grads(False)
         return o, ht
 
@@ -285,7 +287,7 @@ class RWKV6Function(torch.autograd.Function):
         rq = shift(r_, step, last).view(B, T, H, K)
         dog = shift(do_, step, last).view(B, T, H, V)
         dq, dk, dv, dh0, dw = gla_bwd(rq, k, v, dog, dht, g_gamma=None, scale=scale, initial_state=h0,
-                                      cu_seqlens=cu_seqlens, g=w, ht=ht, **extra(reverse))
+                                      cu_seqlens=cu_seqlens, g=w, ht=ht, **extra(reverse), **ctx.kept)
         meta = seq_meta(B, T, cu_seqlens, BT, r.device)
         dr, dk, dv, du = bonus_bwd(r_, k_, v_, do_, dq.view(-1, H, K), dk.view(-1, H, K), dv.view(-1, H, V), u,
                                    scale=scale, reverse=reverse, first=first, meta=meta)

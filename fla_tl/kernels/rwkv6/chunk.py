@@ -14,17 +14,19 @@ def _no_extra(reverse):
 
 
 def chunk_rwkv6_fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
-    """(o `[B * T, H, V]` without the first tokens' h0 read, ht): GLA's forward in the bonus form; a sequence's first
-    token (which reads only h0 and the bonus) is filled here."""
+    """(o `[B * T, H, V]` without the first tokens' h0 read, ht, what the backward reuses): GLA's forward in the bonus
+    form, keeping its cumulative gates and intra-chunk scores (those of the shifted queries, as GLA's backward on the
+    shifted copy needs them); a sequence's first token (which reads only h0 and the bonus) is filled here."""
     assert not reverse, "chunk_rwkv6 runs forward in time"
     B, T, H, K = r.shape
+    keep = {}
     o, ht = chunk_gla_fwd(r, k, v, g_gamma=None, scale=scale, initial_state=initial_state,
-                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, g=w, u=u)
+                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, g=w, u=u, keep=keep)
     o = o.view(B * T, H, -1)
     first = sequence_marks(B, T, cu_seqlens, r.device)[0]
     r_, k_, v_ = r.view(B * T, H, K)[first], k.view(B * T, H, K)[first], v.view(B * T, H, -1)[first]
     o[first] = (bonus_scores(r_, k_, u, scale)[..., None] * v_.float()).to(o.dtype)
-    return o, ht
+    return o, ht, keep
 
 
 LAUNCHERS = (chunk_rwkv6_fwd, chunk_gla_bwd, _no_extra)

@@ -1,0 +1,28 @@
+#!/bin/bash
+# device batch: $1 = which batch
+set -o pipefail
+source .devbundle/prelude.sh || exit 1
+(cd .devbundle && tar -xJf tlcache.tar.xz) || exit 1
+[ -f .devbundle/benchcache.tar.xz ] && (cd .devbundle && tar -xJf benchcache.tar.xz)
+nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpus
+NG=$(nvidia-smi -L | wc -l)
+B="python3 benchmarks/bench.py --shapes 8x4096x16x128 --modes fwd,fwdbwd --providers fla_tl,fla --no-plot"
+suite() {
+  CUDA_VISIBLE_DEVICES=$1 FLA_TL_TEST_LOG=$OUT/fail.log timeout 560 python -m pytest tests -m gpu -n 15 --dist load -q \
+    -p no:cacheprovider -p no:benchmark --timeout 300 $2 > $OUT/suite.log 2>&1; echo "suite rc $?" >> $OUT/suite.log
+}
+bench() { # gpu name ops...
+  local g=$1 n=$2; shift 2
+  CUDA_VISIBLE_DEVICES=$g timeout 560 $B --ops $1 --out $OUT/$n.csv > $OUT/$n.log 2>&1; echo "rc $?" >> $OUT/$n.log
+}
+case "$1" in
+  b1)
+    suite 0 "" &
+    bench 1 rwkv6 chunk_rwkv6,fused_recurrent_rwkv6 &
+    bench 2 gsa chunk_gsa &
+    bench 3 abc chunk_abc,fused_recurrent_gsa &
+    wait ;;
+  *) eval "$2" ;;
+esac
+tail -3 $OUT/suite.log 2>/dev/null
+for f in $OUT/*.log; do echo "== $f"; tail -25 $f; done
