@@ -8,8 +8,8 @@ nvidia-smi --query-gpu=name --format=csv,noheader | tee $OUT/gpus
 NG=$(nvidia-smi -L | wc -l)
 B="python3 benchmarks/bench.py --shapes 8x4096x16x128 --modes fwd,fwdbwd --providers fla_tl,fla --no-plot"
 suite() {
-  CUDA_VISIBLE_DEVICES=$1 FLA_TL_TEST_LOG=$OUT/fail.log timeout 560 python -m pytest tests -m gpu -n 15 --dist load -q \
-    -p no:cacheprovider -p no:benchmark --timeout 300 $2 > $OUT/suite.log 2>&1; echo "suite rc $?" >> $OUT/suite.log
+  CUDA_VISIBLE_DEVICES=$1 FLA_TL_TEST_LOG=$OUT/fail.log timeout 560 python -m pytest ${2:-tests} -m gpu -n 15 --dist load -q \
+    -p no:cacheprovider -p no:benchmark --timeout 300 > $OUT/suite.log 2>&1; echo "suite rc $?" >> $OUT/suite.log
 }
 bench() { # gpu name ops...
   local g=$1 n=$2; shift 2
@@ -21,6 +21,13 @@ case "$1" in
     bench 1 rwkv6 chunk_rwkv6,fused_recurrent_rwkv6 &
     bench 2 gsa chunk_gsa &
     bench 3 abc chunk_abc,fused_recurrent_gsa &
+    wait ;;
+  b2)
+    suite 0 "tests/test_gsa.py tests/test_rwkv6.py tests/test_gla.py" &
+    bench 1 rwkv6 chunk_rwkv6 &
+    bench 2 abc chunk_abc &
+    ( bench 3 la chunk_linear_attn,fused_chunk_linear_attn
+      CUDA_VISIBLE_DEVICES=3 timeout 200 python3 tools/profile_ops.py 8 4096 16 128 "rwkv6,abc,simple_gla g,simple_gla gamma" > $OUT/profile.log 2>&1 ) &
     wait ;;
   *) eval "$2" ;;
 esac

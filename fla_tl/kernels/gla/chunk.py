@@ -127,14 +127,13 @@ def chunk_gla_fwd_o_kernel(
             for kk in T.serial(NK):
                 _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK, qs, nq)
                 if bonus:
-                    # sum_k q u k of the query's own token, t0 + i + 1
+                    # sum_k q u k of the query's own token, t0 + i + 1 (its keys staged in kg_s, coalesced)
                     for i, j in T.Parallel(BT, BK):
-                        b_p[i, j] = T.if_then_else(
-                            i < nq and kk * BK + j < K,
-                            T.Cast("float32", q_s[i, j]) * u[i_h, T.min(kk * BK + j, K - 1)]
-                            * T.Cast("float32", k[t0 + 1 + i, i_h, T.min(kk * BK + j, K - 1)]),
-                            0,
-                        )
+                        kg_s[i, j] = T.if_then_else(
+                            i < nq and kk * BK + j < K, k[t0 + 1 + i, i_h, T.min(kk * BK + j, K - 1)], 0)
+                    for i, j in T.Parallel(BT, BK):
+                        b_p[i, j] = T.Cast("float32", q_s[i, j]) * T.Cast("float32", kg_s[i, j]) * T.if_then_else(
+                            kk * BK + j < K, u[i_h, T.min(kk * BK + j, K - 1)], 0)
                     T.reduce_sum(b_p, b_r, dim=1)
                     for i in T.Parallel(BT):
                         b_bonus[i] += b_r[i]
@@ -190,10 +189,13 @@ def chunk_gla_fwd_o_kernel(
             if bonus:
                 for i in T.Parallel(BT):
                     bonus_s[i] = b_bonus[i] * scale
+                # the values of the queries' own tokens, staged in v_s (coalesced) once the gemm has read it
+                for i, j in T.Parallel(BT, BV):
+                    v_s[i, j] = T.if_then_else(
+                        i < nq and i_v * BV + j < V, v[t0 + 1 + i, i_h, T.min(i_v * BV + j, V - 1)], 0)
                 for i, j in T.Parallel(BT, BV):
                     if i < nq and i_v * BV + j < V:
-                        o[t0 + 1 + i, i_h, i_v * BV + j] = b_o[i, j] + bonus_s[i] * T.Cast(
-                            "float32", v[t0 + 1 + i, i_h, i_v * BV + j])
+                        o[t0 + 1 + i, i_h, i_v * BV + j] = b_o[i, j] + bonus_s[i] * T.Cast("float32", v_s[i, j])
             else:
                 for i, j in T.Parallel(BT, BV):
                     if i < nvalid and i_v * BV + j < V:

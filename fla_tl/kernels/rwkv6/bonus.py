@@ -17,9 +17,27 @@ from ..common.utils import TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, seq_meta, 
 BT = 64
 
 
+@T.macro
+def _stage_rows(x, x_s, t0, nvalid, i_h, D, BT, DP):
+    """rows t0 .. t0 + BT of x `[Ttot, H, D]` (head i_h) into shared x_s `[BT, DP]`, zero past nvalid and D: a loop
+    that touches no fragment, so its threads walk the rows contiguously (coalesced)."""
+    for i, j in T.Parallel(BT, DP):
+        x_s[i, j] = T.if_then_else(i < nvalid and j < D, x[t0 + i, i_h, T.min(j, D - 1)], 0)
+
+
+@T.macro
+def _row_scores(x_s, u_s, y_s, b_x, b_a, a_s, scale, BT, DP):
+    """a_s[i] = scale * sum_j x_s[i, j] u_s[j] y_s[i, j] (u_s None: without u), through the fragment b_x."""
+    for i, j in T.Parallel(BT, DP):
+        b_x[i, j] = T.Cast("float32", x_s[i, j]) * T.Cast("float32", y_s[i, j]) * (1.0 if u_s is None else u_s[j])
+    T.reduce_sum(b_x, b_a, dim=1)
+    for i in T.Parallel(BT):
+        a_s[i] = b_a[i] * scale
+
+
 def rwkv6_fwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 64, threads: int = 128):
     """o[t] = og[t - step] (0 at a sequence's first token in processing order) + a_t v[t], a_t = scale sum_k r u k;
-    step = 1, or -1 for `reverse`."""
+    step = 1, or -1 for `reverse`. Tiles are staged in shared memory by coalesced loops."""
     KP, VP = pad_dim(K), pad_dim(V)
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
 
@@ -41,19 +59,18 @@ def rwkv6_fwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 
             eos = cu[i_n + 1]
             t0 = bos + chunk_indices[i_c, 1] * BT
             nvalid = T.min(eos - t0, BT)
+            r_s = T.alloc_shared([BT, KP], dtype)
+            k_s = T.alloc_shared([BT, KP], dtype)
+            u_s = T.alloc_shared([KP], "float32")
             b_x = T.alloc_fragment([BT, KP], "float32")
             b_a = T.alloc_fragment([BT], "float32")
             a_s = T.alloc_shared([BT], "float32")
 
-            for i, j in T.Parallel(BT, KP):
-                b_x[i, j] = T.if_then_else(
-                    i < nvalid and j < K,
-                    T.Cast("float32", r[t0 + i, i_h, j]) * u[i_h, T.min(j, K - 1)] * T.Cast("float32", k[t0 + i, i_h, j]),
-                    0,
-                )
-            T.reduce_sum(b_x, b_a, dim=1)
-            for i in T.Parallel(BT):
-                a_s[i] = b_a[i] * scale
+            _stage_rows(r, r_s, t0, nvalid, i_h, K, BT, KP)
+            _stage_rows(k, k_s, t0, nvalid, i_h, K, BT, KP)
+            for j in T.Parallel(KP):
+                u_s[j] = T.if_then_else(j < K, u[i_h, T.min(j, K - 1)], 0)
+            _row_scores(r_s, u_s, k_s, b_x, b_a, a_s, scale, BT, KP)
             for i, j in T.Parallel(BT, VP):
                 if i < nvalid and j < V:
                     if reverse:
@@ -68,9 +85,10 @@ def rwkv6_fwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 
     return rwkv6_fwd_bonus
 
 
-def rwkv6_bwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 64, threads: int = 128):
+def rwkv6_bwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 64, threads: int = 256):
     """dr[t] = dq[t - step] (0 at a sequence's first token) + s_t u k_t, dk += s_t u r_t, dv += a_t do_t (in place),
-    du_part[c] = sum over chunk c of s_t r_t k_t, with s_t = scale do_t . v_t and a_t = scale sum_k r_t u k_t."""
+    du_part[c] = sum over chunk c of s_t r_t k_t, with s_t = scale do_t . v_t and a_t = scale sum_k r_t u k_t.
+    Tiles are staged in shared memory by coalesced loops; the fragments only hold the products to reduce."""
     KP, VP = pad_dim(K), pad_dim(V)
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
 
@@ -96,6 +114,11 @@ def rwkv6_bwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 
             eos = cu[i_n + 1]
             t0 = bos + chunk_indices[i_c, 1] * BT
             nvalid = T.min(eos - t0, BT)
+            r_s = T.alloc_shared([BT, KP], dtype)
+            k_s = T.alloc_shared([BT, KP], dtype)
+            v_s = T.alloc_shared([BT, VP], dtype)
+            do_s = T.alloc_shared([BT, VP], dtype)
+            u_s = T.alloc_shared([KP], "float32")
             b_x = T.alloc_fragment([BT, KP], "float32")
             b_y = T.alloc_fragment([BT, VP], "float32")
             b_z = T.alloc_fragment([KP, BT], "float32")
@@ -105,47 +128,32 @@ def rwkv6_bwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 
             a_s = T.alloc_shared([BT], "float32")
             s_s = T.alloc_shared([BT], "float32")
 
-            for i, j in T.Parallel(BT, KP):
-                b_x[i, j] = T.if_then_else(
-                    i < nvalid and j < K,
-                    T.Cast("float32", r[t0 + i, i_h, j]) * u[i_h, T.min(j, K - 1)] * T.Cast("float32", k[t0 + i, i_h, j]),
-                    0,
-                )
-            T.reduce_sum(b_x, b_a, dim=1)
-            for i, j in T.Parallel(BT, VP):
-                b_y[i, j] = T.if_then_else(
-                    i < nvalid and j < V,
-                    T.Cast("float32", do[t0 + i, i_h, j]) * T.Cast("float32", v[t0 + i, i_h, j]),
-                    0,
-                )
-            T.reduce_sum(b_y, b_s, dim=1)
+            _stage_rows(r, r_s, t0, nvalid, i_h, K, BT, KP)
+            _stage_rows(k, k_s, t0, nvalid, i_h, K, BT, KP)
+            _stage_rows(v, v_s, t0, nvalid, i_h, V, BT, VP)
+            _stage_rows(do, do_s, t0, nvalid, i_h, V, BT, VP)
+            for j in T.Parallel(KP):
+                u_s[j] = T.if_then_else(j < K, u[i_h, T.min(j, K - 1)], 0)
             # one loop per reduced fragment: their layouts come from different reductions
-            for i in T.Parallel(BT):
-                a_s[i] = b_a[i] * scale
-            for i in T.Parallel(BT):
-                s_s[i] = b_s[i] * scale
+            _row_scores(r_s, u_s, k_s, b_x, b_a, a_s, scale, BT, KP)
+            _row_scores(do_s, None, v_s, b_y, b_s, s_s, scale, BT, VP)
             for i, j in T.Parallel(BT, KP):
                 if i < nvalid and j < K:
                     if reverse:
                         dr[t0 + i, i_h, j] = T.if_then_else(
                             t0 + i < eos - 1, T.Cast("float32", dq[T.min(t0 + i + 1, Ttot - 1), i_h, j]), 0
-                        ) + s_s[i] * u[i_h, j] * T.Cast("float32", k[t0 + i, i_h, j])
+                        ) + s_s[i] * u_s[j] * T.Cast("float32", k_s[i, j])
                     else:
                         dr[t0 + i, i_h, j] = T.if_then_else(
                             t0 + i > bos, T.Cast("float32", dq[T.max(t0 + i - 1, 0), i_h, j]), 0
-                        ) + s_s[i] * u[i_h, j] * T.Cast("float32", k[t0 + i, i_h, j])
-                    dk[t0 + i, i_h, j] = T.Cast("float32", dk[t0 + i, i_h, j]) + s_s[i] * u[i_h, j] * T.Cast(
-                        "float32", r[t0 + i, i_h, j])
+                        ) + s_s[i] * u_s[j] * T.Cast("float32", k_s[i, j])
+                    dk[t0 + i, i_h, j] = T.Cast("float32", dk[t0 + i, i_h, j]) + s_s[i] * u_s[j] * T.Cast(
+                        "float32", r_s[i, j])
             for i, j in T.Parallel(BT, VP):
                 if i < nvalid and j < V:
-                    dv[t0 + i, i_h, j] = T.Cast("float32", dv[t0 + i, i_h, j]) + a_s[i] * T.Cast(
-                        "float32", do[t0 + i, i_h, j])
+                    dv[t0 + i, i_h, j] = T.Cast("float32", dv[t0 + i, i_h, j]) + a_s[i] * T.Cast("float32", do_s[i, j])
             for j, i in T.Parallel(KP, BT):
-                b_z[j, i] = T.if_then_else(
-                    i < nvalid and j < K,
-                    s_s[i] * T.Cast("float32", r[t0 + i, i_h, j]) * T.Cast("float32", k[t0 + i, i_h, j]),
-                    0,
-                )
+                b_z[j, i] = s_s[i] * T.Cast("float32", r_s[i, j]) * T.Cast("float32", k_s[i, j])
             T.reduce_sum(b_z, b_du, dim=1)
             for j in T.Parallel(KP):
                 if j < K:
@@ -210,8 +218,15 @@ def sequence_marks(B: int, T: int, cu_seqlens, device):
 
 
 def shift(x: torch.Tensor, step: int, zero_rows: torch.Tensor) -> torch.Tensor:
-    """y[t] = x[t + step] along dim 0 (a copy), with the rows `zero_rows` (where t + step leaves the sequence) zero."""
-    y = torch.roll(x, -step, 0)
+    """y[t] = x[t + step] along dim 0 (a copy; step = +-1), with the rows `zero_rows` (where t + step leaves the
+    sequence) zero. Two slice copies: torch.roll is several times slower on CUDA."""
+    y = torch.empty_like(x)
+    if step > 0:
+        y[:-step] = x[step:]
+        y[-step:] = 0
+    else:
+        y[-step:] = x[:step]
+        y[:-step] = 0
     return y.index_fill_(0, zero_rows, 0)
 
 
