@@ -270,8 +270,8 @@ def _smem(stage: str, K: int, V: int, elt: int, BT: int, BS: int, num_stages: in
 
 def kernel_config(stage: str, K: int, V: int, dtype: str) -> dict:
     """the tiles of a stage ("fwd", "dq", "dkv") for head dims K, V and the input dtype: the most pipeline stages,
-    then the widest streamed tile, whose shared memory fits the budget; two warpgroups for the dk/dv accumulators of
-    a wide V (V > 128)."""
+    then the widest streamed tile, whose shared memory fits the budget; two warpgroups for the dk, dv accumulators of
+    a wide V (V > 128) and of fp32 inputs (with 128 threads their TF32 mma operands spill registers)."""
     elt = 4 if dtype == "float32" else 2
     for BS, num_stages in ((64, 2), (64, 1), (32, 2), (32, 1)):
         if _smem(stage, K, V, elt, 64, BS, num_stages) <= SMEM_BUDGET:
@@ -279,7 +279,7 @@ def kernel_config(stage: str, K: int, V: int, dtype: str) -> dict:
     config = dict(BT=64, BS=BS, num_stages=num_stages)
     if stage == "fwd":
         config["BV"] = 128
-    config["threads"] = 256 if stage == "dkv" and pad_dim(V) > 128 else 128
+    config["threads"] = 256 if stage == "dkv" and (pad_dim(V) > 128 or dtype == "float32") else 128
     return config
 
 
