@@ -1389,36 +1389,59 @@ def parallel_rebased(
 
 
 def make_feature_map_backend(based: bool) -> Backend:
-    """the tilelang backend of Based / ReBased: linear attention on their feature maps (`fla_tl.kernels.based`), run by
-    `chunk_simple_gla`'s TileLang kernels; for K <= 16, where the features fit the kernels' 256 dims."""
+    """the tilelang backend of fused_chunk_based: linear attention on the Based feature map (`fla_tl.kernels.based`),
+    run by `chunk_simple_gla`'s TileLang kernels; for K <= 16 (fla's limit), where the features fit the kernels' 256
+    dims."""
     caps = dataclasses.replace(tilelang_capabilities(), varlen=False, initial_state=False, max_head_dim=None)
 
     def verifier(inputs: OpInputs) -> list[str]:
         reasons = tilelang_verifier(caps, "fla_tl.kernels.simple_gla", inputs)
         if inputs.K > 16:
-            reasons.append(f"K = {inputs.K} > 16: the feature map would exceed the kernels' 256 dims (the torch "
-                           "backend runs the attention form)")
+            reasons.append(f"K = {inputs.K} > 16: the feature map would exceed the kernels' 256 dims (fla's limit "
+                           "for fused_chunk_based)")
         if inputs.V + 1 > MAX_HEAD_DIM:
             reasons.append(f"V = {inputs.V}: V + 1 (the normaliser column) exceeds {MAX_HEAD_DIM}")
         return reasons
 
-    def based_fwd(q, k, v, scale=None, use_norm=True):
+    def fwd(q, k, v, scale=None, use_norm=True):
         from .kernels.based import feature_attention
 
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        o, z = feature_attention(q, k, v, scale, True, backend="tilelang")
+        o, z = feature_attention(q, k, v, scale, based, backend="tilelang")
+        return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
+
+    return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=fwd, bwd=None,
+                   description="linear attention on the feature maps, TileLang kernels (K <= 16)")
+
+
+def make_parallel_based_backend(based: bool) -> Backend:
+    """the tilelang backend of parallel_based / parallel_rebased: the attention-form kernels of
+    `fla_tl.kernels.based.parallel` (K <= 128, V <= 256), forward and backward, with the normalisation in PyTorch."""
+    caps = dataclasses.replace(tilelang_capabilities(), varlen=False, initial_state=False, gate=False)
+
+    def verifier(inputs: OpInputs) -> list[str]:
+        reasons = tilelang_verifier(caps, "fla_tl.kernels.based.parallel", inputs)
+        if inputs.K > 128:
+            reasons.append(f"K = {inputs.K} > 128 (fla's limit for the attention form)")
+        return reasons
+
+    def based_fwd(q, k, v, scale=None, use_norm=True):
+        from .kernels.based import parallel_based_attention
+
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        o, z = parallel_based_attention(q, k, v, scale, True)
         return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
 
     def rebased_fwd(q, k, v, eps=1e-5, use_scale=True, use_normalize=True, return_both=False):
-        from .kernels.based import feature_attention
+        from .kernels.based import parallel_based_attention
 
-        o, z = feature_attention(q, k, v, q.shape[-1] ** -0.5 if use_scale else 1.0, False, backend="tilelang")
+        o, z = parallel_based_attention(q, k, v, q.shape[-1] ** -0.5 if use_scale else 1.0, False)
         if return_both:
             return o.transpose(1, 2).to(q.dtype), z.transpose(1, 2).to(q.dtype)
         return (o / (z[..., None] + eps) if use_normalize else o).to(q.dtype)
 
     return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=based_fwd if based else rebased_fwd,
-                   bwd=None, description="linear attention on the feature maps, TileLang kernels (K <= 16)")
+                   bwd=None, description="attention form, TileLang kernels (K <= 128, V <= 256), fwd and bwd")
 
 
 def _hgrn_self_check(fn, varlen):
@@ -1502,13 +1525,13 @@ _fused_chunk_based_spec.fn = fused_chunk_based
 _parallel_based_spec = _register_plain(
     "parallel_based", "based", "parallel", recurrent_based, parallel_based_torch, varlen=False,
     initial_state=False, self_check=_self_check_attention(parallel_based, recurrent_based),
-    tilelang_backend=make_feature_map_backend(True),
+    tilelang_backend=make_parallel_based_backend(True),
 )
 _parallel_based_spec.fn = parallel_based
 _parallel_rebased_spec = _register_plain(
     "parallel_rebased", "rebased", "parallel", recurrent_rebased, parallel_rebased_torch, varlen=False,
     initial_state=False, self_check=_self_check_attention(parallel_rebased, recurrent_rebased),
-    tilelang_backend=make_feature_map_backend(False),
+    tilelang_backend=make_parallel_based_backend(False),
 )
 _parallel_rebased_spec.fn = parallel_rebased
 

@@ -1,5 +1,6 @@
-"""Based and ReBased (polynomial feature maps) and simple GLA's attention form, against token-by-token linear-attention
-recurrences on the explicit feature maps; API and validation."""
+"""Based and ReBased (polynomial scores) and simple GLA's attention form: the CPU tests against token-by-token
+linear-attention recurrences on the explicit feature maps, the GPU tests of the attention-form kernels against the
+fp64 attention form; API and validation."""
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from fla_tl.reference import recurrent_simple_gla
 from fla_tl.reference.based import recurrent_based, recurrent_rebased
 
 from test_retention import _cu
-from utils import assert_close
+from utils import assert_close, poison_allocator
 
 
 def _qkv(B=2, T=70, H=2, K=16, V=24, dtype=torch.float64):
@@ -71,11 +72,21 @@ def test_tilelang_backend_refusals():
     from fla_tl.registry import OpInputs, get_op
 
     h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=16, V=64, compute_capability=(9, 0))
-    for name in ("fused_chunk_based", "parallel_based", "parallel_rebased"):
+    # fused_chunk_based: the feature map route, K <= 16 (fla's limit) and V + 1 <= 256
+    tl = get_op("fused_chunk_based").backend("tilelang")
+    assert tl.verifier(h100) == []
+    assert "K = 32 > 16" in tl.verifier(OpInputs(**{**h100.__dict__, "K": 32}))[-1]
+    assert "V + 1" in tl.verifier(OpInputs(**{**h100.__dict__, "V": 256}))[-1]
+    # parallel_based / parallel_rebased: the attention-form kernels, K <= 128 and V <= 256, with a backward
+    for name in ("parallel_based", "parallel_rebased"):
         tl = get_op(name).backend("tilelang")
-        assert tl.verifier(h100) == []
-        assert "K = 32 > 16" in tl.verifier(OpInputs(**{**h100.__dict__, "K": 32}))[-1]
-        assert "V + 1" in tl.verifier(OpInputs(**{**h100.__dict__, "V": 256}))[-1]
+        for K, V in ((16, 64), (32, 48), (100, 256), (128, 128)):
+            assert tl.verifier(OpInputs(**{**h100.__dict__, "K": K, "V": V, "backward": True})) == [], (name, K, V)
+        assert "K = 129 > 128" in tl.verifier(OpInputs(**{**h100.__dict__, "K": 129}))[-1]
+        assert tl.verifier(OpInputs(**{**h100.__dict__, "V": 257})) == ["head dim V = 257 exceeds 256"]
+        reasons = tl.verifier(OpInputs(**{**h100.__dict__, "compute_capability": (8, 0), "varlen": True}))
+        assert reasons == ["needs compute capability >= 9.0, got 8.0",
+                           "does not support variable-length inputs (cu_seqlens)"]
     q, k, v = _qkv(dtype=torch.float32)
     with pytest.raises(BackendError, match="needs a cuda tensor"):
         parallel_based(q, k, v, backend="tilelang")
@@ -113,6 +124,97 @@ def test_tilelang(name, dtype):
     rgrads = torch.autograd.grad(ro, r, do.double())
     for n, a, b in zip(("o", "dq", "dk", "dv"), (o, *grads), (ro, *rgrads)):
         assert_close(n, a, b, dtype)
+
+
+@pytest.fixture
+def poisoned_outputs(monkeypatch):
+    """the attention-form launchers allocate their outputs as NaN (and the freed cache holds NaN), so an element a
+    kernel never writes fails the comparison."""
+    from fla_tl.kernels.based import parallel
+
+    poison_allocator("cuda")
+    monkeypatch.setattr(parallel, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                                       device=device))
+    yield
+    torch.cuda.synchronize()
+
+
+# (T, K, V): odd lengths (one token, a partial block, several blocks with a tail), padded K = 100, V = 48, and a
+# V = 256 case (two value blocks in the forward, two warpgroups for dk, dv; a narrower key loop for fp32)
+PARALLEL_CASES = [
+    pytest.param(1, 32, 48, id="T1-K32-V48"),
+    pytest.param(63, 64, 128, id="T63-K64-V128"),
+    pytest.param(300, 100, 48, id="T300-K100-V48"),
+    pytest.param(300, 128, 128, id="T300-K128-V128"),
+    pytest.param(200, 64, 256, id="T200-K64-V256"),
+]
+
+
+def _check_parallel(fn, ref, T, K, V, dtype, **kwargs):
+    """fn on the tilelang backend against ref (fp64, attention form) for fresh random q, k, v `[2, T, 3, *]`: every
+    output (o, or o and z with `return_both`) and dq, dk, dv, for random output gradients."""
+    q, k = (torch.randn(2, T, 3, K, device="cuda").to(dtype).requires_grad_() for _ in range(2))
+    v = torch.randn(2, T, 3, V, device="cuda").to(dtype).requires_grad_()
+    out = fn(q, k, v, backend="tilelang", **kwargs)
+    outs = out if isinstance(out, tuple) else (out,)
+    douts = [torch.randn_like(x) for x in outs]
+    grads = torch.autograd.grad(outs, (q, k, v), douts)
+    r = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    rout = ref(*r, **kwargs)
+    routs = rout if isinstance(rout, tuple) else (rout,)
+    rgrads = torch.autograd.grad(routs, r, [d.double() for d in douts])
+    names = ("o", "z")[: len(outs)] + ("dq", "dk", "dv")
+    for name, a, b in zip(names, (*outs, *grads), (*routs, *rgrads)):
+        assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
+        assert_close(name, a, b, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("T", "K", "V"), PARALLEL_CASES)
+def test_tilelang_parallel_based(T, K, V, dtype, use_norm, poisoned_outputs):
+    from fla_tl.reference.based import parallel_based_torch
+
+    _check_parallel(parallel_based, parallel_based_torch, T, K, V, dtype, use_norm=use_norm)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("use_scale", "use_normalize", "return_both"), [
+    (True, True, False), (False, False, False), (True, False, False), (True, True, True),
+], ids=["scale-norm", "plain", "scale", "both"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize(("T", "K", "V"), PARALLEL_CASES)
+def test_tilelang_parallel_rebased(T, K, V, dtype, use_scale, use_normalize, return_both, poisoned_outputs):
+    from fla_tl.reference.based import parallel_rebased_torch
+
+    _check_parallel(parallel_rebased, parallel_rebased_torch, T, K, V, dtype, use_scale=use_scale,
+                    use_normalize=use_normalize, return_both=return_both)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("based", [True, False], ids=["based", "rebased"])
+def test_tilelang_parallel_kernels_dz(based):
+    """the differentiable (o, z) of the kernels directly, fp32 outputs, with gradients on both (dz reaches dp)."""
+    from fla_tl.kernels.based import parallel_based_attention
+    from fla_tl.reference.based import parallel_based_torch, parallel_rebased_torch
+
+    q, k, v = (torch.randn(1, 130, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    o, z = parallel_based_attention(q, k, v, 0.1, based)
+    assert o.dtype == z.dtype == torch.float32 and o.shape == v.shape and z.shape == q.shape[:3]
+    do, dz = torch.randn_like(o), torch.randn_like(z)
+    grads = torch.autograd.grad((o, z), (q, k, v), (do, dz))
+    r = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    if based:
+        # o, z of the reference: o from use_norm=False, z as the o of an all-ones v
+        ro = parallel_based_torch(*r, scale=0.1, use_norm=False)
+        rz = parallel_based_torch(r[0], r[1], torch.ones_like(r[2][..., :1]), scale=0.1, use_norm=False)[..., 0]
+    else:
+        ro, rz = parallel_rebased_torch(r[0] * 0.1, r[1], r[2], use_scale=False, return_both=True)
+        ro, rz = ro.transpose(1, 2), rz.transpose(1, 2)
+    rgrads = torch.autograd.grad((ro, rz), r, (do.double(), dz.double()))
+    for name, a, b in zip(("o", "z", "dq", "dk", "dv"), (o, z, *grads), (ro, rz, *rgrads)):
+        assert_close(name, a, b, torch.bfloat16)
 
 
 @pytest.mark.parametrize("gate", [True, False])

@@ -3,8 +3,9 @@
 Covers both load paths (full tiles with async copies at D = 64, masked loads for a padded head dim at D = 100), every
 fused_recurrent flag combination, fp32 inputs, the per-token gate ("g") variants with their cumulative-sum and
 gradient kernels, GLA's per-key gate ("gk") in the fused_recurrent kernels and chunk_gla's kernels, linear attention's
-normalisation stages, the delta rule's WY stages and forward state pass, and the HGRN scans (the delta rule's
-fused_recurrent kernels: `test_delta_rule_fused_recurrent.py`). Skips with a reason where nvcc or tilelang is missing.
+normalisation stages, the delta rule's WY stages and forward state pass, Based / ReBased's attention-form kernels
+and the HGRN scans (the delta rule's fused_recurrent kernels: `test_delta_rule_fused_recurrent.py`). Skips with a
+reason where nvcc or tilelang is missing.
 """
 
 import pytest
@@ -89,6 +90,16 @@ def _specs():
                                                   BT=64, **gla.STATE_CONFIG)), id=f"{factory.__name__}-K128-gk"))
     params.append(pytest.param((chunk_state_dot_kernel, dict(K=128, V=128, h_dtype="bfloat16", per_key=True, BT=64)),
                                id="chunk_state_dot_kernel-K128-per_key"))
+    from fla_tl.kernels.based import parallel as based
+
+    # Based / ReBased in the attention form, with the launchers' tiles: Based in bf16 at K = 64 (wgmma), ReBased in fp32
+    # at K = 128, V = 256 (TF32 mma, two value blocks in the forward, the narrower key loop, 256 threads for dk, dv)
+    for is_based, K, V, dtype in ((True, 64, 128, "bfloat16"), (False, 128, 256, "float32")):
+        for stage, factory in (("fwd", based.parallel_based_fwd_kernel), ("dq", based.parallel_based_bwd_dq_kernel),
+                               ("dkv", based.parallel_based_bwd_dkv_kernel)):
+            kwargs = dict(K=K, V=V, based=is_based, dtype=dtype, **based.kernel_config(stage, K, V, dtype))
+            params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-K{K}-V{V}-{dtype}-"
+                                                             f"{'based' if is_based else 'rebased'}"))
     for factory in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel):
         for dtype, g_dtype in (("bfloat16", "float32"), ("float32", "float32")):
             params.append(pytest.param((factory, dict(dtype=dtype, g_dtype=g_dtype)),

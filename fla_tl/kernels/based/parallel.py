@@ -1,0 +1,356 @@
+"""Based / ReBased in the attention form: causal attention with a polynomial score and no softmax, tiled like flash
+attention (K <= 128, V <= 256).
+
+With s_ij = scale * q_i . k_j and j <= i:
+  p_ij = 1 + s_ij + s_ij^2 / 2 (Based) or s_ij^2 (ReBased),   o_i = sum_j p_ij v_j,   z_i = sum_j p_ij
+  dp_ij = do_i . v_j + dz_i,   ds_ij = dp_ij (1 + s_ij) (Based) or 2 dp_ij s_ij (ReBased)
+  dq_i = scale * sum_j ds_ij k_j,   dk_j = scale * sum_i ds_ij q_i,   dv_j = sum_i p_ij do_i
+o and z are unnormalised and fp32; the division by z + eps is PyTorch around `parallel_based_attention`.
+
+Three kernels, each block on one (batch, head) and one tile of rows, recomputing the scores:
+- forward: a block of BT queries walks the key blocks up to the causal diagonal (o per BV value columns);
+- dq: the same walk, with do v^T for dp;
+- dk, dv: a block of BT keys walks the query blocks from the diagonal to the end.
+The scores, z and every accumulator are fp32; p and ds go to the second gemms in the input dtype (z is summed from
+the fp32 p: ReBased's z has no constant term and can be tiny). Tiles are input-dtype gemms on tensor cores: exact
+products with fp32 accumulation for bf16 / fp16, TF32 for fp32 inputs.
+"""
+
+import tilelang.language as T
+import torch
+
+from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, pad_dim, target_for
+
+# the shared memory a launch may plan for (Hopper allows 227 KiB per block; room left for TileLang's own buffers)
+SMEM_BUDGET = 200 * 1024
+
+
+def _score(based: bool, s):
+    """p(s), s the scaled fp32 score."""
+    return 1 + s + 0.5 * s * s if based else s * s
+
+
+def _dscore(based: bool, s):
+    """dp/ds."""
+    return 1 + s if based else 2 * s
+
+
+def parallel_based_fwd_kernel(
+    K: int,
+    V: int,
+    based: bool,
+    dtype: str,
+    # kernel config
+    BT: int = 64,
+    BS: int = 64,
+    BV: int = 128,
+    num_stages: int = 2,
+    threads: int = 128,
+):
+    KP = pad_dim(K)
+    BV = min(BV, pad_dim(V))
+    NV = cdiv(V, BV)
+    B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
+
+    @T.prim_func
+    def parallel_based_fwd(
+        q: T.Tensor([B, L, H, K], dtype),
+        k: T.Tensor([B, L, H, K], dtype),
+        v: T.Tensor([B, L, H, V], dtype),
+        o: T.Tensor([B, L, H, V], "float32"),
+        z: T.Tensor([B, L, H], "float32"),
+        scale: T.float32,
+    ):
+        with T.Kernel(T.ceildiv(L, BT), B * H, NV, threads=threads) as (i_x, i_bh, i_v):
+            # the longest rows (last query blocks) start first
+            i_t = T.ceildiv(L, BT) - 1 - i_x
+            i_b, i_h = i_bh // H, i_bh % H
+            t0 = i_t * BT
+            v0 = i_v * BV
+
+            q_s = T.alloc_shared([BT, KP], dtype)
+            k_s = T.alloc_shared([BS, KP], dtype)
+            v_s = T.alloc_shared([BS, BV], dtype)
+            p_s = T.alloc_shared([BT, BS], dtype)
+            b_s = T.alloc_fragment([BT, BS], "float32")
+            b_o = T.alloc_fragment([BT, BV], "float32")
+            b_zs = T.alloc_fragment([BT], "float32")
+            b_z = T.alloc_fragment([BT], "float32")
+
+            for i, d in T.Parallel(BT, KP):
+                q_s[i, d] = T.if_then_else(t0 + i < L and d < K, q[i_b, t0 + i, i_h, d], 0)
+            T.clear(b_o)
+            T.clear(b_z)
+            for c in T.Pipelined(T.ceildiv(T.min(t0 + BT, L), BS), num_stages=num_stages):
+                for j, d in T.Parallel(BS, KP):
+                    k_s[j, d] = T.if_then_else(c * BS + j < L and d < K, k[i_b, c * BS + j, i_h, d], 0)
+                for j, d in T.Parallel(BS, BV):
+                    v_s[j, d] = T.if_then_else(c * BS + j < L and v0 + d < V, v[i_b, c * BS + j, i_h, v0 + d], 0)
+                T.gemm(q_s, k_s, b_s, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(BT, BS):
+                    b_s[i, j] = T.if_then_else(t0 + i >= c * BS + j, _score(based, b_s[i, j] * scale), 0)
+                T.reduce_sum(b_s, b_zs, dim=1)
+                for i in T.Parallel(BT):
+                    b_z[i] += b_zs[i]
+                T.copy(b_s, p_s)
+                T.gemm(p_s, v_s, b_o)
+
+            for i, d in T.Parallel(BT, BV):
+                if t0 + i < L and v0 + d < V:
+                    o[i_b, t0 + i, i_h, v0 + d] = b_o[i, d]
+            for i in T.Parallel(BT):
+                if t0 + i < L and i_v == 0:
+                    z[i_b, t0 + i, i_h] = b_z[i]
+
+    return parallel_based_fwd
+
+
+def parallel_based_bwd_dq_kernel(
+    K: int,
+    V: int,
+    based: bool,
+    dtype: str,
+    # kernel config
+    BT: int = 64,
+    BS: int = 64,
+    num_stages: int = 2,
+    threads: int = 128,
+):
+    KP, VP = pad_dim(K), pad_dim(V)
+    B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
+
+    @T.prim_func
+    def parallel_based_bwd_dq(
+        q: T.Tensor([B, L, H, K], dtype),
+        k: T.Tensor([B, L, H, K], dtype),
+        v: T.Tensor([B, L, H, V], dtype),
+        do: T.Tensor([B, L, H, V], dtype),
+        dz: T.Tensor([B, L, H], "float32"),
+        dq: T.Tensor([B, L, H, K], dtype),
+        scale: T.float32,
+    ):
+        with T.Kernel(T.ceildiv(L, BT), B * H, threads=threads) as (i_x, i_bh):
+            i_t = T.ceildiv(L, BT) - 1 - i_x
+            i_b, i_h = i_bh // H, i_bh % H
+            t0 = i_t * BT
+
+            q_s = T.alloc_shared([BT, KP], dtype)
+            do_s = T.alloc_shared([BT, VP], dtype)
+            dz_s = T.alloc_shared([BT], "float32")
+            k_s = T.alloc_shared([BS, KP], dtype)
+            v_s = T.alloc_shared([BS, VP], dtype)
+            ds_s = T.alloc_shared([BT, BS], dtype)
+            b_s = T.alloc_fragment([BT, BS], "float32")
+            b_dp = T.alloc_fragment([BT, BS], "float32")
+            b_dq = T.alloc_fragment([BT, KP], "float32")
+
+            for i, d in T.Parallel(BT, KP):
+                q_s[i, d] = T.if_then_else(t0 + i < L and d < K, q[i_b, t0 + i, i_h, d], 0)
+            for i, d in T.Parallel(BT, VP):
+                do_s[i, d] = T.if_then_else(t0 + i < L and d < V, do[i_b, t0 + i, i_h, d], 0)
+            for i in T.Parallel(BT):
+                dz_s[i] = T.if_then_else(t0 + i < L, dz[i_b, t0 + i, i_h], 0)
+            T.clear(b_dq)
+            for c in T.Pipelined(T.ceildiv(T.min(t0 + BT, L), BS), num_stages=num_stages):
+                for j, d in T.Parallel(BS, KP):
+                    k_s[j, d] = T.if_then_else(c * BS + j < L and d < K, k[i_b, c * BS + j, i_h, d], 0)
+                for j, d in T.Parallel(BS, VP):
+                    v_s[j, d] = T.if_then_else(c * BS + j < L and d < V, v[i_b, c * BS + j, i_h, d], 0)
+                T.gemm(q_s, k_s, b_s, transpose_B=True, clear_accum=True)
+                T.gemm(do_s, v_s, b_dp, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(BT, BS):
+                    ds_s[i, j] = T.if_then_else(
+                        t0 + i >= c * BS + j, (b_dp[i, j] + dz_s[i]) * _dscore(based, b_s[i, j] * scale), 0
+                    )
+                T.gemm(ds_s, k_s, b_dq)
+
+            for i, d in T.Parallel(BT, KP):
+                if t0 + i < L and d < K:
+                    dq[i_b, t0 + i, i_h, d] = b_dq[i, d] * scale
+
+    return parallel_based_bwd_dq
+
+
+def parallel_based_bwd_dkv_kernel(
+    K: int,
+    V: int,
+    based: bool,
+    dtype: str,
+    # kernel config
+    BT: int = 64,
+    BS: int = 64,
+    num_stages: int = 2,
+    threads: int = 128,
+):
+    KP, VP = pad_dim(K), pad_dim(V)
+    B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
+
+    @T.prim_func
+    def parallel_based_bwd_dkv(
+        q: T.Tensor([B, L, H, K], dtype),
+        k: T.Tensor([B, L, H, K], dtype),
+        v: T.Tensor([B, L, H, V], dtype),
+        do: T.Tensor([B, L, H, V], dtype),
+        dz: T.Tensor([B, L, H], "float32"),
+        dk: T.Tensor([B, L, H, K], dtype),
+        dv: T.Tensor([B, L, H, V], dtype),
+        scale: T.float32,
+    ):
+        # a block of BT keys (rows j) walks the query blocks (columns i) from the diagonal on; the first key blocks
+        # have the longest walks and start first
+        with T.Kernel(T.ceildiv(L, BT), B * H, threads=threads) as (i_t, i_bh):
+            i_b, i_h = i_bh // H, i_bh % H
+            t0 = i_t * BT
+            c0 = t0 // BS
+
+            k_s = T.alloc_shared([BT, KP], dtype)
+            v_s = T.alloc_shared([BT, VP], dtype)
+            q_s = T.alloc_shared([BS, KP], dtype)
+            do_s = T.alloc_shared([BS, VP], dtype)
+            dz_s = T.alloc_shared([BS], "float32")
+            p_s = T.alloc_shared([BT, BS], dtype)
+            ds_s = T.alloc_shared([BT, BS], dtype)
+            b_s = T.alloc_fragment([BT, BS], "float32")
+            b_dp = T.alloc_fragment([BT, BS], "float32")
+            b_dk = T.alloc_fragment([BT, KP], "float32")
+            b_dv = T.alloc_fragment([BT, VP], "float32")
+
+            for j, d in T.Parallel(BT, KP):
+                k_s[j, d] = T.if_then_else(t0 + j < L and d < K, k[i_b, t0 + j, i_h, d], 0)
+            for j, d in T.Parallel(BT, VP):
+                v_s[j, d] = T.if_then_else(t0 + j < L and d < V, v[i_b, t0 + j, i_h, d], 0)
+            T.clear(b_dk)
+            T.clear(b_dv)
+            for c in T.Pipelined(T.ceildiv(L, BS) - c0, num_stages=num_stages):
+                for i, d in T.Parallel(BS, KP):
+                    q_s[i, d] = T.if_then_else(
+                        (c0 + c) * BS + i < L and d < K, q[i_b, (c0 + c) * BS + i, i_h, d], 0
+                    )
+                for i, d in T.Parallel(BS, VP):
+                    do_s[i, d] = T.if_then_else(
+                        (c0 + c) * BS + i < L and d < V, do[i_b, (c0 + c) * BS + i, i_h, d], 0
+                    )
+                for i in T.Parallel(BS):
+                    dz_s[i] = T.if_then_else((c0 + c) * BS + i < L, dz[i_b, (c0 + c) * BS + i, i_h], 0)
+                # b_s[j, i] = k_j . q_i, b_dp[j, i] = v_j . do_i
+                T.gemm(k_s, q_s, b_s, transpose_B=True, clear_accum=True)
+                T.gemm(v_s, do_s, b_dp, transpose_B=True, clear_accum=True)
+                for j, i in T.Parallel(BT, BS):
+                    p_s[j, i] = T.if_then_else(
+                        (c0 + c) * BS + i >= t0 + j and (c0 + c) * BS + i < L, _score(based, b_s[j, i] * scale), 0
+                    )
+                    ds_s[j, i] = T.if_then_else(
+                        (c0 + c) * BS + i >= t0 + j and (c0 + c) * BS + i < L,
+                        (b_dp[j, i] + dz_s[i]) * _dscore(based, b_s[j, i] * scale),
+                        0,
+                    )
+                T.gemm(p_s, do_s, b_dv)
+                T.gemm(ds_s, q_s, b_dk)
+
+            for j, d in T.Parallel(BT, KP):
+                if t0 + j < L and d < K:
+                    dk[i_b, t0 + j, i_h, d] = b_dk[j, d] * scale
+            for j, d in T.Parallel(BT, VP):
+                if t0 + j < L and d < V:
+                    dv[i_b, t0 + j, i_h, d] = b_dv[j, d]
+
+    return parallel_based_bwd_dkv
+
+
+def _smem(stage: str, K: int, V: int, elt: int, BT: int, BS: int, num_stages: int, BV: int = 128) -> int:
+    """bytes of shared memory a config plans: the resident tiles plus num_stages copies of the streamed ones."""
+    KP, VP = pad_dim(K), pad_dim(V)
+    if stage == "fwd":
+        BV = min(BV, VP)
+        return elt * (BT * KP + BT * BS + num_stages * BS * (KP + BV))
+    if stage == "dq":
+        return elt * (BT * (KP + VP) + BT * BS + num_stages * BS * (KP + VP)) + 4 * BT
+    return elt * (BT * (KP + VP) + 2 * BT * BS + num_stages * BS * (KP + VP)) + 4 * num_stages * BS
+
+
+def kernel_config(stage: str, K: int, V: int, dtype: str) -> dict:
+    """the tiles of a stage ("fwd", "dq", "dkv") for head dims K, V and the input dtype: the most pipeline stages,
+    then the widest streamed tile, whose shared memory fits the budget; two warpgroups for the dk, dv accumulators of
+    a wide V (V > 128) and of fp32 inputs (with 128 threads their TF32 mma operands spill registers)."""
+    elt = 4 if dtype == "float32" else 2
+    for BS, num_stages in ((64, 2), (64, 1), (32, 2), (32, 1)):
+        if _smem(stage, K, V, elt, 64, BS, num_stages) <= SMEM_BUDGET:
+            break
+    config = dict(BT=64, BS=BS, num_stages=num_stages)
+    if stage == "fwd":
+        config["BV"] = 128
+    config["threads"] = 256 if stage == "dkv" and (pad_dim(V) > 128 or dtype == "float32") else 128
+    return config
+
+
+def _launch(factory, stage: str, dims: dict, *args, based: bool):
+    K, V, dtype = dims["K"], dims["V"], TORCH_TO_TL[dims["dtype"]]
+    kernel = get_kernel(factory, target_for(dims["device"]), K=K, V=V, based=based, dtype=dtype,
+                        **kernel_config(stage, K, V, dtype))
+    kernel(*args)
+
+
+def _dims(q, v) -> dict:
+    return dict(K=q.shape[-1], V=v.shape[-1], dtype=q.dtype, device=q.device)
+
+
+def _output(shape, dtype, device) -> torch.Tensor:
+    """an output the kernels fill (uninitialised; the tests swap in NaN-filled tensors)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def parallel_based_fwd(q, k, v, *, scale: float, based: bool):
+    """(o `[B, T, H, V]`, z `[B, T, H]`), both fp32 and unnormalised; q, k `[B, T, H, K]`, v contiguous, one dtype."""
+    B, L, H = q.shape[:3]
+    o = _output((B, L, H, v.shape[-1]), torch.float32, q.device)
+    z = _output((B, L, H), torch.float32, q.device)
+    if o.numel() == 0:
+        return o.zero_(), z.zero_()
+    _launch(parallel_based_fwd_kernel, "fwd", _dims(q, v), q, k, v, o, z, scale, based=based)
+    return o, z
+
+
+def parallel_based_bwd(q, k, v, do, dz, *, scale: float, based: bool):
+    """(dq, dk, dv) in q's dtype; do `[B, T, H, V]` in q's dtype, dz `[B, T, H]` fp32, all contiguous."""
+    dq, dk, dv = (_output(x.shape, x.dtype, x.device) for x in (q, k, v))
+    if q.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    dims = _dims(q, v)
+    _launch(parallel_based_bwd_dq_kernel, "dq", dims, q, k, v, do, dz, dq, scale, based=based)
+    _launch(parallel_based_bwd_dkv_kernel, "dkv", dims, q, k, v, do, dz, dk, dv, scale, based=based)
+    return dq, dk, dv
+
+
+class ParallelBasedFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, scale: float, based: bool):
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+        o, z = parallel_based_fwd(q, k, v, scale=scale, based=based)
+        ctx.save_for_backward(q, k, v)
+        ctx.scale, ctx.based = scale, based
+        return o, z
+
+    @staticmethod
+    def backward(ctx, do, dz):
+        q, k, v = ctx.saved_tensors
+        do = do.to(q.dtype).contiguous()
+        dz = dz.to(torch.float32).contiguous()
+        dq, dk, dv = parallel_based_bwd(q, k, v, do, dz, scale=ctx.scale, based=ctx.based)
+        return dq, dk, dv, None, None
+
+
+def parallel_based_attention(q, k, v, scale: float, based: bool):
+    """(o `[B, T, H, V]`, z `[B, T, H]`), fp32 and unnormalised, differentiable in q, k, v: causal attention with the
+    Based (`based=True`) or ReBased score. q, k `[B, T, H, K]` (K <= 128), v `[B, T, H, V]` (V <= 256), one CUDA
+    device and one dtype (bf16, fp16 or fp32)."""
+    return ParallelBasedFunction.apply(q, k, v, scale, based)
+
+
+__all__ = [
+    "parallel_based_attention",
+    "parallel_based_bwd",
+    "parallel_based_bwd_dkv_kernel",
+    "parallel_based_bwd_dq_kernel",
+    "parallel_based_fwd",
+    "parallel_based_fwd_kernel",
+]
