@@ -29,6 +29,13 @@ case "$1" in
     ( bench 3 la chunk_linear_attn,fused_chunk_linear_attn
       CUDA_VISIBLE_DEVICES=3 timeout 200 python3 tools/profile_ops.py 8 4096 16 128 "rwkv6,abc,simple_gla g,simple_gla gamma" > $OUT/profile.log 2>&1 ) &
     wait ;;
+  b3)
+    suite 0 "tests/test_based.py tests/test_rwkv6.py tests/test_gla.py" &
+    bench 1 rwkv6 chunk_rwkv6 &
+    bench 2 rwkv6fr fused_recurrent_rwkv6 &
+    ( CUDA_VISIBLE_DEVICES=3 timeout 200 python3 tools/profile_ops.py 8 4096 16 128 "rwkv6" > $OUT/profile.log 2>&1
+      CUDA_VISIBLE_DEVICES=3 timeout 300 ${B/8x4096x16x128/4x2048x16x64} --ops parallel_based,parallel_rebased --out $OUT/based.csv > $OUT/based.log 2>&1 ) &
+    wait ;;
   *) eval "$2" ;;
 esac
 tail -3 $OUT/suite.log 2>/dev/null

@@ -367,6 +367,17 @@ OPS: dict[str, OpSpec] = {
         inputs=rwkv6_inputs,
         slow=True,
     ),
+    # Based / ReBased in the attention form (quadratic in T)
+    "parallel_based": OpSpec(
+        fla_tl="fla_tl.ops:parallel_based",
+        fla="fla.ops.based:parallel_based",
+        flops=lambda B, T, H, K, V: B * H * T * T * (K + V),
+    ),
+    "parallel_rebased": OpSpec(
+        fla_tl="fla_tl.ops:parallel_rebased",
+        fla="fla.ops.rebased:parallel_rebased",
+        flops=lambda B, T, H, K, V: B * H * T * T * (K + V),
+    ),
 }
 
 # gated slot attention and ABC: M = 64 slots as fla's tests and benchmarks use; FLOPs of the two passes

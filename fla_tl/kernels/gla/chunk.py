@@ -118,25 +118,32 @@ def chunk_gla_fwd_o_kernel(
             b_bonus = T.alloc_fragment([BT], "float32")
             bonus_s = T.alloc_shared([BT], "float32")
 
-            T.clear(b_o)
-            T.clear(b_a)
-            for i, j in T.Parallel(BT, BC):
-                d_s[i, j] = 0
             if bonus:
+                # two blocks per SM, as the plain form gets with its 128 registers
+                T.annotate_min_blocks_per_sm(2)
+                # sum_k q u k of each query's own token, t0 + i + 1, before the accumulators go live (inside the
+                # main loop the extra registers halved the blocks per SM); q and k staged in qg_s / kg_s, coalesced
                 T.clear(b_bonus)
-            for kk in T.serial(NK):
-                _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK, qs, nq)
-                if bonus:
-                    # sum_k q u k of the query's own token, t0 + i + 1 (its keys staged in kg_s, coalesced)
+                for kk in T.serial(NK):
                     for i, j in T.Parallel(BT, BK):
+                        qg_s[i, j] = T.if_then_else(
+                            i < nq and kk * BK + j < K, q[t0 + 1 + i, i_h, T.min(kk * BK + j, K - 1)], 0)
                         kg_s[i, j] = T.if_then_else(
                             i < nq and kk * BK + j < K, k[t0 + 1 + i, i_h, T.min(kk * BK + j, K - 1)], 0)
                     for i, j in T.Parallel(BT, BK):
-                        b_p[i, j] = T.Cast("float32", q_s[i, j]) * T.Cast("float32", kg_s[i, j]) * T.if_then_else(
+                        b_p[i, j] = T.Cast("float32", qg_s[i, j]) * T.Cast("float32", kg_s[i, j]) * T.if_then_else(
                             kk * BK + j < K, u[i_h, T.min(kk * BK + j, K - 1)], 0)
                     T.reduce_sum(b_p, b_r, dim=1)
                     for i in T.Parallel(BT):
                         b_bonus[i] += b_r[i]
+                for i in T.Parallel(BT):
+                    bonus_s[i] = b_bonus[i] * scale
+            T.clear(b_o)
+            T.clear(b_a)
+            for i, j in T.Parallel(BT, BC):
+                d_s[i, j] = 0
+            for kk in T.serial(NK):
+                _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK, qs, nq)
                 for i, j in T.Parallel(BK, BV):
                     h_s[i, j] = T.if_then_else(
                         kk * BK + i < K and i_v * BV + j < V, h[i_c, i_h, kk * BK + i, i_v * BV + j], 0
@@ -187,8 +194,6 @@ def chunk_gla_fwd_o_kernel(
                 b_o[i, j] *= scale
             T.gemm(a_s, v_s, b_o)
             if bonus:
-                for i in T.Parallel(BT):
-                    bonus_s[i] = b_bonus[i] * scale
                 # the values of the queries' own tokens, staged in v_s (coalesced) once the gemm has read it
                 for i, j in T.Parallel(BT, BV):
                     v_s[i, j] = T.if_then_else(

@@ -121,7 +121,7 @@ def rwkv6_bwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 
             u_s = T.alloc_shared([KP], "float32")
             b_x = T.alloc_fragment([BT, KP], "float32")
             b_y = T.alloc_fragment([BT, VP], "float32")
-            b_z = T.alloc_fragment([KP, BT], "float32")
+            b_z = T.alloc_fragment([BT, KP], "float32")
             b_a = T.alloc_fragment([BT], "float32")
             b_s = T.alloc_fragment([BT], "float32")
             b_du = T.alloc_fragment([KP], "float32")
@@ -152,9 +152,10 @@ def rwkv6_bwd_bonus_kernel(K: int, V: int, dtype: str, reverse: bool, BT: int = 
             for i, j in T.Parallel(BT, VP):
                 if i < nvalid and j < V:
                     dv[t0 + i, i_h, j] = T.Cast("float32", dv[t0 + i, i_h, j]) + a_s[i] * T.Cast("float32", do_s[i, j])
-            for j, i in T.Parallel(KP, BT):
-                b_z[j, i] = s_s[i] * T.Cast("float32", r_s[i, j]) * T.Cast("float32", k_s[i, j])
-            T.reduce_sum(b_z, b_du, dim=1)
+            # rows along the threads' contiguous axis (a transposed walk of r_s / k_s hit one bank 32 times)
+            for i, j in T.Parallel(BT, KP):
+                b_z[i, j] = s_s[i] * T.Cast("float32", r_s[i, j]) * T.Cast("float32", k_s[i, j])
+            T.reduce_sum(b_z, b_du, dim=0)
             for j in T.Parallel(KP):
                 if j < K:
                     du[i_c, i_h, j] = b_du[j]
