@@ -73,6 +73,7 @@ def parallel_based_fwd_kernel(
             v_s = T.alloc_shared([BS, BV], dtype)
             p_s = T.alloc_shared([BT, BS], dtype)
             b_s = T.alloc_fragment([BT, BS], "float32")
+            b_p = T.alloc_fragment([BT, BS], "float32")
             b_o = T.alloc_fragment([BT, BV], "float32")
             b_zs = T.alloc_fragment([BT], "float32")
             b_z = T.alloc_fragment([BT], "float32")
@@ -89,10 +90,16 @@ def parallel_based_fwd_kernel(
                 T.gemm(q_s, k_s, b_s, transpose_B=True, clear_accum=True)
                 for i, j in T.Parallel(BT, BS):
                     b_s[i, j] = T.if_then_else(t0 + i >= c * BS + j, _score(based, b_s[i, j] * scale), 0)
-                T.reduce_sum(b_s, b_zs, dim=1)
+                T.copy(b_s, p_s)
+                if dtype == "float32":
+                    # the TF32 gemm's accumulator layout does not reduce by rows (its sums mixed rows): sum the fp32
+                    # copy in shared memory through a plain fragment
+                    T.copy(p_s, b_p)
+                    T.reduce_sum(b_p, b_zs, dim=1)
+                else:
+                    T.reduce_sum(b_s, b_zs, dim=1)
                 for i in T.Parallel(BT):
                     b_z[i] += b_zs[i]
-                T.copy(b_s, p_s)
                 T.gemm(p_s, v_s, b_o)
 
             for i, d in T.Parallel(BT, BV):
