@@ -82,7 +82,8 @@ def chunk_delta_fwd_h_kernel(
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
-                bl = gate_last(gate, lg, nvalid)
+                # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
+                # consumer wait for every bulk copy of the stage first)
                 # rows past the sequence end are masked below (v_new's store, zero rows of vg)
                 if aligned:
                     # k first: the warp-specialized pipeline frees a stage's gate buffer with its first bulk copy,
@@ -108,10 +109,10 @@ def chunk_delta_fwd_h_kernel(
                 for i, j in T.Parallel(BT, BV):
                     if i < nvalid and i_v * BV + j < V:
                         v_new[t0 + i, i_h, i_v * BV + j] = b_v[i, j]
-                    vg_s[i, j] = T.Cast(dtype, b_v[i, j] * T.exp2(bl - gate_row(gate, lg, i)))
+                    vg_s[i, j] = T.Cast(dtype, b_v[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i)))
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.exp2(bl)
+                        b_h[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(k_s, vg_s, b_h, transpose_A=True)
 
             if store_ht == 1:
@@ -250,7 +251,8 @@ def chunk_delta_bwd_dhu_kernel(
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
-                bl = gate_last(gate, lg, nvalid)
+                # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
+                # consumer wait for every bulk copy of the stage first)
                 # rows past the sequence end are zeroed in dv_new and in the gated do
                 if aligned:
                     # w first: the warp-specialized pipeline frees a stage's gate buffer with its first bulk copy,
@@ -280,7 +282,8 @@ def chunk_delta_bwd_dhu_kernel(
                 for i, j in T.Parallel(BT, BV):
                     b_dv[i, j] = T.if_then_else(
                         i < nvalid,
-                        b_dv[i, j] * T.exp2(bl - gate_row(gate, lg, i)) + T.Cast("float32", dvl_s[i, j]),
+                        b_dv[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i))
+                        + T.Cast("float32", dvl_s[i, j]),
                         0,
                     )
                 for i, j in T.Parallel(BT, BV):
@@ -295,7 +298,7 @@ def chunk_delta_bwd_dhu_kernel(
                 # dS <- 2^bL dS + Q^T diag(scale 2^b) dO - W^T dv_new
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
-                        b_dh[i, j] *= T.exp2(bl)
+                        b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(q_s, dog_s, b_dh, transpose_A=True)
                 T.gemm(w_s, dvn_s, b_dh, transpose_A=True)
 

@@ -76,9 +76,10 @@ def fused_chunk_fwd_kernel(
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
-                bl = gate_last(gate, lg, nvalid)
                 # rows past the sequence end (another sequence's, or zero past Ttot) are masked below:
-                # causally in s, by zero rows in vg, and by the masked store of o
+                # causally in s, by zero rows in vg, and by the masked store of o. The chunk's last gate is read
+                # where it is used, not bound here: a read at the top of the iteration made the consumer wait for
+                # every bulk copy of the stage before its first gemm
                 if aligned:
                     if gate == "g":
                         # the warp-specialized pipeline frees a stage's gate buffer with the stage's first bulk copy:
@@ -106,7 +107,8 @@ def fused_chunk_fwd_kernel(
                     )
                 for i, j in T.Parallel(BT, BV):
                     b_o[i, j] *= scale * T.exp2(gate_row(gate, lg, i))
-                    vg_s[i, j] = T.if_then_else(i < nvalid, v_s[i, j] * T.exp2(bl - gate_row(gate, lg, i)), 0)
+                    vg_s[i, j] = T.if_then_else(
+                        i < nvalid, v_s[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i)), 0)
                 T.gemm(s_s, v_s, b_o)
                 if smem_store and aligned and nvalid == BT:
                     # a full chunk stores through shared memory (one bulk copy); a partial one row by row
@@ -118,7 +120,7 @@ def fused_chunk_fwd_kernel(
                             o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.exp2(bl)
+                        b_h[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(k_s, vg_s, b_h, transpose_A=True)
 
             if store_ht == 1:

@@ -80,7 +80,8 @@ def fused_chunk_delta_fwd_kernel(
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
                 gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
-                bl = gate_last(gate, lg, nvalid)
+                # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
+                # consumer wait for every bulk copy of the stage first)
                 if aligned:
                     # k first: the warp-specialized pipeline frees a stage's gate buffer with the stage's first bulk
                     # copy, and k is read until the state update that ends the iteration (see `fused_chunk`)
@@ -105,7 +106,8 @@ def fused_chunk_delta_fwd_kernel(
                 for i, j in T.Parallel(BT, BV):
                     vn_s[i, j] = T.Cast(dtype, b_v[i, j])
                     vg_s[i, j] = T.if_then_else(
-                        i < nvalid, T.Cast(dtype, b_v[i, j] * T.exp2(bl - gate_row(gate, lg, i))), 0)
+                        i < nvalid,
+                        T.Cast(dtype, b_v[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i))), 0)
                 for i, j in T.Parallel(BT, BT):
                     s_s[i, j] = T.if_then_else(
                         i >= j, b_s[i, j] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
@@ -118,7 +120,7 @@ def fused_chunk_delta_fwd_kernel(
                         o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.exp2(bl)
+                        b_h[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(k_s, vg_s, b_h, transpose_A=True)
 
             if store_ht == 1:
