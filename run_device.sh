@@ -36,6 +36,12 @@ case "$1" in
     ( CUDA_VISIBLE_DEVICES=3 timeout 200 python3 tools/profile_ops.py 8 4096 16 128 "rwkv6" > $OUT/profile.log 2>&1
       CUDA_VISIBLE_DEVICES=3 timeout 300 ${B/8x4096x16x128/4x2048x16x64} --ops parallel_based,parallel_rebased --out $OUT/based.csv > $OUT/based.log 2>&1 ) &
     wait ;;
+  b4)
+    suite 0 "" &
+    ( bench 1 rwkv6 chunk_rwkv6; bench 1 sgla chunk_simple_gla_g ) &
+    ( bench 2 gdn chunk_gated_delta_rule; bench 2 dn chunk_delta_rule ) &
+    ( bench 3 gla chunk_gla; CUDA_VISIBLE_DEVICES=3 timeout 120 python3 tools/profile_ops.py 8 4096 16 128 "rwkv6,simple_gla g,gated_delta_rule" > $OUT/profile.log 2>&1 ) &
+    wait ;;
   *) eval "$2" ;;
 esac
 tail -3 $OUT/suite.log 2>/dev/null
