@@ -169,13 +169,14 @@ def _check_parallel(fn, ref, T, K, V, dtype, **kwargs):
     # ill-conditioned to compare; o and dv still are
     normalised = kwargs.get("use_norm", kwargs.get("use_normalize", False)) and not kwargs.get("return_both", False)
     skip = ("dq", "dk") if T == 1 and normalised else ()
-    # fp32 inputs run TF32 products (as fla's Triton kernels): there, ReBased's normalised o at T = 1,
-    # v s^2 / (s^2 + eps), swings with the rounding of s near 0 and is held to TF32's precision (the bf16 row)
-    o_dtype = torch.bfloat16 if T == 1 and normalised and dtype == torch.float32 and fn is parallel_rebased else dtype
+    # fp32 inputs run TF32 products (as fla's Triton kernels): there, ReBased's normalised o = v s^2 / (s^2 + eps) at
+    # T = 1 and its dv swing with the rounding of s near 0 (seen on the H100: 8.0e-3 and 9.1e-3), so that case is held
+    # to TF32's precision (the bf16 row of the table)
+    tol_dtype = torch.bfloat16 if T == 1 and normalised and dtype == torch.float32 and fn is parallel_rebased else dtype
     for name, a, b in zip(names, (*outs, *grads), (*routs, *rgrads)):
         assert a.dtype == dtype, f"{name}: dtype {a.dtype} != {dtype}"
         if name not in skip:
-            assert_close(name, a, b, o_dtype if name == "o" else dtype)
+            assert_close(name, a, b, tol_dtype)
 
 
 @pytest.mark.gpu
