@@ -137,6 +137,11 @@ def _vec(D: int, *tensors: torch.Tensor) -> int:
     return VEC_ALIGNED if D % VEC_ALIGNED == 0 and all(t.data_ptr() % 16 == 0 for t in tensors) else 1
 
 
+def _vectors(x: torch.Tensor, vec: int) -> torch.Tensor:
+    """`[B, T, H, M]` contiguous as the kernels' `[rows, H * M // vec, vec]`."""
+    return x.view(-1, x.shape[2] * x.shape[3] // vec, vec)
+
+
 class SlotNormaliser(torch.autograd.Function):
     @staticmethod
     def forward(ctx, s, cu_seqlens, out_dtype):
@@ -148,7 +153,7 @@ class SlotNormaliser(torch.autograd.Function):
         vec = _vec(D, s, sn, g, z)
         kernel = get_kernel(slot_normaliser_fwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
                             out_dtype=TORCH_TO_TL[out_dtype], VEC=vec)
-        kernel(*(x.view(-1, D // vec, vec) for x in (s,)), cu, *(x.view(-1, D // vec, vec) for x in (sn, g, z)))
+        kernel(_vectors(s, vec), cu, *(_vectors(x, vec) for x in (sn, g, z)))
         ctx.save_for_backward(s, z, cu)
         return sn, g
 
@@ -162,7 +167,7 @@ class SlotNormaliser(torch.autograd.Function):
         vec = _vec(D, s, z, dsn, dg, ds)
         kernel = get_kernel(slot_normaliser_bwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
                             dsn_dtype=TORCH_TO_TL[dsn.dtype], VEC=vec)
-        kernel(*(x.view(-1, D // vec, vec) for x in (s, z, dsn, dg)), cu, ds.view(-1, D // vec, vec))
+        kernel(*(_vectors(x, vec) for x in (s, z, dsn, dg)), cu, _vectors(ds, vec))
         return ds, None, None
 
 

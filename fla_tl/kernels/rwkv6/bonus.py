@@ -239,14 +239,12 @@ def bonus_scores(r, k, u, scale):
 def shifted_fwd(gla_fwd, extra):
     """an RWKV6 forward launcher from a GLA one: GLA on the queries shifted one token (a copy), its output read one
     token later plus the bonus (`bonus_fwd`). Returns (o `[B * T, H, V]` without the first tokens' h0 read, ht, the
-    keywords its backward reuses: none)."""
+    keywords its backward reuses: none). `first` / `last`: each sequence's first and last token in processing order
+    (`sequence_marks`, swapped for `reverse`)."""
 
-    def fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+    def fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens, first, last):
         B, T, H, K = r.shape
         V = v.shape[-1]
-        first, last, _ = sequence_marks(B, T, cu_seqlens, r.device)
-        if reverse:
-            first, last = last, first
         r_ = r.view(B * T, H, K)
         rq = shift(r_, -1 if reverse else 1, last).view(B, T, H, K)
         og, ht = gla_fwd(rq, k, v, g_gamma=None, scale=scale, initial_state=initial_state,
@@ -275,7 +273,7 @@ class RWKV6Function(torch.autograd.Function):
         h0 = initial_state.contiguous() if initial_state is not None else None
         r_ = r.view(B * T, H, K)
         o, ht, kept = rwkv6_fwd(r, k, v, w, u, scale=scale, initial_state=h0, output_final_state=output_final_state,
-                                reverse=reverse, cu_seqlens=cu_seqlens)
+                                reverse=reverse, cu_seqlens=cu_seqlens, first=first, last=last)
         if h0 is not None:
             o[first] = (o[first].float() + scale * torch.einsum("nhk,nhkv->nhv", r_[first].float(),
                                                                   h0[seq].float())).to(o.dtype)

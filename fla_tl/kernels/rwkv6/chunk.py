@@ -6,14 +6,14 @@ adds the bonus itself. Backward: GLA's on shifted copies, the bonus terms around
 import torch
 
 from ..gla.chunk import chunk_gla_bwd, chunk_gla_fwd
-from .bonus import RWKV6Function, bonus_scores, sequence_marks
+from .bonus import RWKV6Function, bonus_scores
 
 
 def _no_extra(reverse):
     return {}
 
 
-def chunk_rwkv6_fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens):
+def chunk_rwkv6_fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens, first, last):
     """(o `[B * T, H, V]` without the first tokens' h0 read, ht, what the backward reuses): GLA's forward in the bonus
     form, keeping its cumulative gates and intra-chunk scores (those of the shifted queries, as GLA's backward on the
     shifted copy needs them); a sequence's first token (which reads only h0 and the bonus) is filled here."""
@@ -23,7 +23,6 @@ def chunk_rwkv6_fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, 
     o, ht = chunk_gla_fwd(r, k, v, g_gamma=None, scale=scale, initial_state=initial_state,
                           output_final_state=output_final_state, cu_seqlens=cu_seqlens, g=w, u=u, keep=keep)
     o = o.view(B * T, H, -1)
-    first = sequence_marks(B, T, cu_seqlens, r.device)[0]
     r_, k_, v_ = r.view(B * T, H, K)[first], k.view(B * T, H, K)[first], v.view(B * T, H, -1)[first]
     o[first] = (bonus_scores(r_, k_, u, scale)[..., None] * v_.float()).to(o.dtype)
     return o, ht, keep
