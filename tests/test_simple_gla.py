@@ -330,3 +330,24 @@ def test_gate_gradient_chunk_local_identity():
         dS = S.grad - q[e - 1, :, None] * do[e - 1, None, :]  # less the chunk's own last output, o = S^T q
         want[s:e] = r[s:e].flip(0).cumsum(0).flip(0) + (S * dS).sum()
     torch.testing.assert_close(g.grad, want)
+
+
+def test_gate_chunks_layout():
+    """`common.gates.gate_chunks`: the cumulative gates `[Ttot, H]` chunk-major `[H * NT, BT]` (the fused kernels' one
+    bulk copy per chunk), rows past a sequence's end repeating its last value, varlen with an empty sequence."""
+    from fla_tl.kernels.common.gates import gate_chunks
+    from fla_tl.kernels.common.utils import seq_meta
+
+    BT, H = 16, 3
+    lens = (5, 0, 40, 16, 1)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    gc = torch.randn(sum(lens), H)
+    meta = seq_meta(1, sum(lens), cu, BT, gc.device)
+    got = gate_chunks(gc, meta, H, BT, gc).view(H, meta.NT, BT)
+    assert meta.NT == 1 + 0 + 3 + 1 + 1
+    for c, (n, j) in enumerate(meta.chunk_indices.tolist()):
+        bos, eos = int(cu[n]), int(cu[n + 1])
+        for r in range(BT):
+            t = min(bos + j * BT + r, eos - 1)
+            torch.testing.assert_close(got[:, c, r], gc[t])
+    assert gate_chunks(None, meta, H, BT, gc).shape == (1, BT)

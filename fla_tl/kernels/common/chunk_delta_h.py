@@ -18,7 +18,16 @@ ending at the initial state's gradient. dv_local (`chunk_delta_bwd_dv_local`) is
 import tilelang.language as T
 import torch
 
-from .gates import gate_last, gate_load, gate_or_dummy, gate_row, gate_state, head_decay
+from .gates import (
+    gate_chunks,
+    gate_last,
+    gate_load,
+    gate_load_chunk,
+    gate_or_dummy,
+    gate_row,
+    gate_state,
+    head_decay,
+)
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
@@ -46,7 +55,7 @@ def chunk_delta_fwd_h_kernel(
         w: T.Tensor([Ttot, H, K], dtype),
         u: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
+        gc: T.Tensor([NG, BT], "float32"),
         h0: T.Tensor([NH0, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_offsets: T.Tensor([N + 1], "int32"),
@@ -81,13 +90,11 @@ def chunk_delta_fwd_h_kernel(
             for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
-                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+                gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT)
                 # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
                 # consumer wait for every bulk copy of the stage first)
                 # rows past the sequence end are masked below (v_new's store, zero rows of vg)
                 if aligned:
-                    # k first: the warp-specialized pipeline frees a stage's gate buffer with its first bulk copy,
-                    # and k is read by the state update that ends the iteration
                     T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
                     T.copy(w[t0 : t0 + BT, i_h, 0:K], w_s)
                     T.copy(u[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], u_s)
@@ -209,7 +216,7 @@ def chunk_delta_bwd_dhu_kernel(
         do: T.Tensor([Ttot, H, V], dtype),
         dv_local: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
+        gc: T.Tensor([NG, BT], "float32"),
         dht: T.Tensor([NHT, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_offsets: T.Tensor([N + 1], "int32"),
@@ -250,13 +257,11 @@ def chunk_delta_bwd_dhu_kernel(
                 c = nc - 1 - cc
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
-                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+                gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT)
                 # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
                 # consumer wait for every bulk copy of the stage first)
                 # rows past the sequence end are zeroed in dv_new and in the gated do
                 if aligned:
-                    # w first: the warp-specialized pipeline frees a stage's gate buffer with its first bulk copy,
-                    # and w is read by the last product of the iteration
                     T.copy(w[t0 : t0 + BT, i_h, 0:K], w_s)
                     T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
                     T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
@@ -331,8 +336,9 @@ def chunk_delta_fwd_h(k, w, u, *, gate: str, gc, initial_state, output_final_sta
         config = {"num_stages": stages_for(K), **config}
         kernel = get_kernel(chunk_delta_fwd_h_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
-        kernel(k, w, u, head_decay(None, H, k.device), gate_or_dummy(gc, k), h0, meta.cu, meta.chunk_offsets, h,
-               v_new, ht, use_h0, int(output_final_state))
+        gcc = gate_chunks(gc, meta, H, BT, k)
+        kernel(k, w, u, head_decay(None, H, k.device), gcc, h0, meta.cu, meta.chunk_offsets, h, v_new, ht, use_h0,
+               int(output_final_state))
     elif output_final_state:
         ht = h0 if use_h0 else ht.zero_()
     return h, v_new, (ht.view(meta.N, H, K, V) if output_final_state else None)
@@ -358,8 +364,9 @@ def chunk_delta_bwd_dhu(q, k, w, do, dht, *, gate: str, gc, scale: float, need_d
         config = {"num_stages": stages_for(K), **config}
         kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target, K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype],
                             BT=BT, **config)
-        kernel(q, k, w, do, dvl, decay, gate_or_dummy(gc, q), dht_, meta.cu, meta.chunk_offsets, dh, dv_new, dh0,
-               scale, use_dht, int(need_dh0))
+        gcc = gate_chunks(gc, meta, H, BT, q)
+        kernel(q, k, w, do, dvl, decay, gcc, dht_, meta.cu, meta.chunk_offsets, dh, dv_new, dh0, scale, use_dht,
+               int(need_dh0))
     elif need_dh0:
         dh0 = dht_ if use_dht else dh0.zero_()
     return dh, dv_new, (dh0.view(meta.N, H, K, V) if need_dh0 else None)

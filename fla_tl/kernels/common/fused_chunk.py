@@ -8,7 +8,7 @@ dh), dk in fp32 partial sums over V tiles when V spans several.
 import tilelang.language as T
 import torch
 
-from .gates import gate_last, gate_load, gate_or_dummy, gate_row, gate_state
+from .gates import gate_chunks, gate_last, gate_load_chunk, gate_row, gate_state
 from ...autotune.resolve import tile_config
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
@@ -38,9 +38,10 @@ def fused_chunk_fwd_kernel(
         k: T.Tensor([Ttot, H, K], dtype),
         v: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
+        gc: T.Tensor([NG, BT], "float32"),
         h0: T.Tensor([NH0, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
+        chunk_offsets: T.Tensor([N + 1], "int32"),
         o: T.Tensor([Ttot, H, V], dtype),
         ht: T.Tensor([NHT, K, V], "float32"),
         scale: T.float32,
@@ -75,22 +76,14 @@ def fused_chunk_fwd_kernel(
             for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
-                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+                gate_load_chunk(gate, lg, gc, i_h * (NG // H) + chunk_offsets[i_n] + c, BT)
                 # rows past the sequence end (another sequence's, or zero past Ttot) are masked below:
                 # causally in s, by zero rows in vg, and by the masked store of o. The chunk's last gate is read
                 # where it is used, not bound here: a read at the top of the iteration made the consumer wait for
                 # every bulk copy of the stage before its first gemm
                 if aligned:
-                    if gate == "g":
-                        # the warp-specialized pipeline frees a stage's gate buffer with the stage's first bulk copy:
-                        # k is read until the state update that ends the iteration, after every read of the gates
-                        # (q is done after the first two gemms, and the next-but-one chunk's gates would overwrite
-                        # them while still in use)
-                        T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
-                        T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
-                    else:
-                        T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
-                        T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                    T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
+                    T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
                     T.copy(v[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], v_s)
                 else:
                     for i, j in T.Parallel(BT, KP):
@@ -161,9 +154,10 @@ def fused_chunk_bwd_dkv_kernel(
         v: T.Tensor([Ttot, H, V], dtype),
         do: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
+        gc: T.Tensor([NG, BT], "float32"),
         dht: T.Tensor([NHT, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
+        chunk_offsets: T.Tensor([N + 1], "int32"),
         dk: T.Tensor([NV, Ttot, H, K], dk_dtype),
         dv: T.Tensor([Ttot, H, V], dtype),
         dh0: T.Tensor([N * H, K, V], "float32"),
@@ -203,7 +197,7 @@ def fused_chunk_bwd_dkv_kernel(
             for cc in T.Pipelined(nc, num_stages=num_stages):
                 t0 = bos + (nc - 1 - cc) * BT
                 nvalid = T.min(eos - t0, BT)
-                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+                gate_load_chunk(gate, lg, gc, i_h * (NG // H) + chunk_offsets[i_n] + nc - 1 - cc, BT)
                 bl = gate_last(gate, lg, nvalid)
                 if aligned:
                     T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
@@ -340,7 +334,8 @@ def fused_chunk_fwd(
     kernel = get_kernel(
         fused_chunk_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype], **config
     )
-    kernel(q, k, v, g_gamma, gate_or_dummy(gc, q), h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
+    gcc = gate_chunks(gc, meta, H, config.get("BT", 64), q)
+    kernel(q, k, v, g_gamma, gcc, h0, meta.cu, meta.chunk_offsets, o, ht, scale, use_h0, int(output_final_state))
     return o, (ht.view(meta.N, H, K, V) if output_final_state else None)
 
 
@@ -379,7 +374,8 @@ def fused_chunk_bwd(
         dtype=TORCH_TO_TL[q.dtype],
         **config,
     )
-    kernel(q, k, v, do, g_gamma, gate_or_dummy(gc, q), dht_, meta.cu, dk, dv, dh0, scale, use_dht)
+    gcc = gate_chunks(gc, meta, H, config.get("BT", 64), q)
+    kernel(q, k, v, do, g_gamma, gcc, dht_, meta.cu, meta.chunk_offsets, dk, dv, dh0, scale, use_dht)
     dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     dh0 = dh0.view(meta.N, H, K, V).to(initial_state.dtype) if initial_state is not None else None
     return dq, dk, dv, dh0

@@ -12,7 +12,7 @@ Rows past a sequence's end only reach output rows that are not stored, and are z
 import tilelang.language as T
 import torch
 
-from .gates import gate_last, gate_load, gate_or_dummy, gate_row, gate_state, head_decay
+from .gates import gate_chunks, gate_last, gate_load_chunk, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
@@ -41,9 +41,10 @@ def fused_chunk_delta_fwd_kernel(
         w: T.Tensor([Ttot, H, K], dtype),
         u: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
+        gc: T.Tensor([NG, BT], "float32"),
         h0: T.Tensor([NH0, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
+        chunk_offsets: T.Tensor([N + 1], "int32"),
         o: T.Tensor([Ttot, H, V], dtype),
         ht: T.Tensor([NHT, K, V], "float32"),
         scale: T.float32,
@@ -79,12 +80,10 @@ def fused_chunk_delta_fwd_kernel(
             for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
-                gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+                gate_load_chunk(gate, lg, gc, i_h * (NG // H) + chunk_offsets[i_n] + c, BT)
                 # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
                 # consumer wait for every bulk copy of the stage first)
                 if aligned:
-                    # k first: the warp-specialized pipeline frees a stage's gate buffer with the stage's first bulk
-                    # copy, and k is read until the state update that ends the iteration (see `fused_chunk`)
                     T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
                     T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
                     T.copy(w[t0 : t0 + BT, i_h, 0:K], w_s)
@@ -144,7 +143,8 @@ def fused_chunk_delta_fwd(q, k, w, u, *, gate: str, gc, scale: float, initial_st
     if meta.NT > 0:
         kernel = get_kernel(fused_chunk_delta_fwd_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
-        kernel(q, k, w, u, head_decay(None, H, k.device), gate_or_dummy(gc, k), h0, meta.cu, o, ht, scale, use_h0,
+        gcc = gate_chunks(gc, meta, H, BT, k)
+        kernel(q, k, w, u, head_decay(None, H, k.device), gcc, h0, meta.cu, meta.chunk_offsets, o, ht, scale, use_h0,
                int(output_final_state))
     elif output_final_state:
         ht = h0 if use_h0 else ht.zero_()

@@ -34,7 +34,9 @@ def head_decay(g_gamma: torch.Tensor | None, H: int, device: torch.device) -> to
 #   "g"     : a per-token log gate; the stages read `gc` `[Ttot, H]`, its chunk-local inclusive cumulative sum in
 #             log2 units (`common.cumsum.chunk_gate_cumsum`, with g_gamma folded in), so row i carries b_i = gc[t0 + i].
 #             Rows past the sequence end repeat the last valid value (a zero gate), so every factor
-#             2^(b_i - b_j) with i >= j stays <= 1 there too and padded rows cannot overflow.
+#             2^(b_i - b_j) with i >= j stays <= 1 there too and padded rows cannot overflow. The sequential
+#             (warp-specialized) passes read a chunk-major copy `[H * NT, BT]` (`gate_chunks`) by one bulk copy
+#             per chunk (`gate_load_chunk`).
 
 
 def gate_state(gate: str, g_gamma, i_h, BT: int):
@@ -54,6 +56,16 @@ def gate_load(gate, lg, gc, t0, nvalid, i_h, BT):
             lg[i] = T.if_then_else(i < nvalid, gc[t0 + i, i_h], gc[t0 + nvalid - 1, i_h])
 
 
+@T.macro
+def gate_load_chunk(gate, lg, gcc, chunk, BT):
+    """fill the chunk's cumulative log2 gates from their chunk-major copy `gcc` `[H, NT, BT]` (`gate_chunks`) by one
+    bulk copy (gate "g"; a no-op otherwise). A warp-specialized pipeline then keeps a producer of bulk copies only
+    (one warpgroup, registers handed to the consumers); `gate_load`'s element loads made the producer as wide as the
+    consumers and left every thread 128 registers (the fused forward spilled)."""
+    if gate == "g":
+        T.copy(gcc[chunk, 0:BT], lg)
+
+
 def gate_row(gate: str, lg, i):
     """log2 of the cumulative decay from the chunk start through row i."""
     if gate == "gamma":
@@ -70,6 +82,19 @@ def gate_last(gate: str, lg, nvalid):
     if gate == "g":
         return lg[nvalid - 1]
     return 0.0
+
+
+def gate_chunks(gc: torch.Tensor | None, meta, H: int, BT: int, like: torch.Tensor) -> torch.Tensor:
+    """the cumulative gates `gc` `[Ttot, H]` chunk-major, `[H * NT, BT]` fp32 (row h * NT + c: chunk c of head h,
+    rows past its sequence's end repeating the last valid value, as `gate_load` reads them), for
+    `gate_load_chunk`; a `[1, BT]` placeholder the kernels never read without a per-token gate."""
+    if gc is None:
+        return like.new_empty((1, BT), dtype=torch.float32)
+    n, c = meta.chunk_indices[:, 0].long(), meta.chunk_indices[:, 1].long()
+    cu = meta.cu.long()
+    t0 = cu[n] + c * BT
+    rows = torch.minimum(t0[:, None] + torch.arange(BT, device=gc.device), cu[n + 1][:, None] - 1)
+    return gc[rows].permute(2, 0, 1).reshape(H * meta.NT, BT).contiguous()
 
 
 def gate_or_dummy(gc: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
