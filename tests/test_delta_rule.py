@@ -190,7 +190,7 @@ def _wy_reference(k, v, beta, g, cu, BT):
     pytest.param((1, 300, 0, 77), 100, torch.float32, id="varlen-D100-fp32"),
 ])
 def test_wy_kernels(lens, D, dtype, gate):
-    """solve_tril and the WY pair against solve-by-inverse in fp64 on the same (rounded) inputs; not yet run."""
+    """the WY kernel (the inverse and the pair) against solve-by-inverse in fp64 on the same (rounded) inputs."""
     from fla_tl.kernels.common.cumsum import chunk_gate_cumsum
     from fla_tl.kernels.common.utils import seq_meta
     from fla_tl.kernels.common.wy import wy_repr
@@ -208,7 +208,7 @@ def test_wy_kernels(lens, D, dtype, gate):
                                 cu.cpu(), 64)
     from utils import assert_close
 
-    assert_close("Ai", ai.cpu(), rai, torch.float32)
+    assert_close("Ai", ai.float().cpu(), rai, dtype)
     assert_close("w", w.cpu(), rw, dtype)
     assert_close("u", u.cpu(), ru, dtype)
 

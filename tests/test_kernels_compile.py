@@ -55,8 +55,8 @@ def _specs():
 
     # the delta rule's WY stages: the plain rule in bf16 at K = 128, the gated one in fp32 at a padded K = 100
     for gate, dtype, d in (("none", "bfloat16", 128), ("g", "float32", 100)):
-        params.append(pytest.param((wy.solve_tril_kernel, dict(K=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
-                                   id=f"solve_tril_kernel-K{d}-{dtype}-{gate}"))
+        params.append(pytest.param((wy.wy_fwd_kernel, dict(K=d, V=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
+                                   id=f"wy_fwd_kernel-K{d}-{dtype}-{gate}"))
         params.append(pytest.param((wy.apply_tril_kernel, dict(D=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
                                    id=f"apply_tril_kernel-D{d}-{dtype}-{gate}"))
     from fla_tl.kernels.common import chunk_delta_h as dh

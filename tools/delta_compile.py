@@ -20,7 +20,7 @@ def main():
     stages = D.stages_for(K)
     for gate in ("g", "none"):
         specs = [
-            (wy.solve_tril_kernel, dict(K=K, dtype=dtype, beta_dtype="float32", gate=gate, BT=64)),
+            (wy.wy_fwd_kernel, dict(K=K, V=K, dtype=dtype, beta_dtype="float32", gate=gate, BT=64)),
             (wy.apply_tril_kernel, dict(D=K, dtype=dtype, beta_dtype="float32", gate=gate, BT=64)),
             (wy.apply_tril_kernel, dict(D=K, dtype=dtype, beta_dtype="float32", gate="none", BT=64)),
             (F.fused_chunk_delta_fwd_kernel, dict(gate=gate, **kv)),

@@ -1,13 +1,16 @@
-"""Host-side cost of one forward call on the device: the public op, the launcher, the bare kernel call (cProfile).
+"""Host-side cost of one forward call on the device at a tiny shape (where the GPU waits on the host): per op, the
+time per call, then the cProfile of the first op's calls.
 
-    python tools/host_overhead.py
+    python tools/host_overhead.py [op,op,...]     (ops: simple_gla_g, simple_gla, delta, gated_delta)
 """
 
 import cProfile
 import pstats
+import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 
 def per_call_us(fn, n=300):
@@ -21,35 +24,34 @@ def per_call_us(fn, n=300):
     return (time.perf_counter() - s) / n * 1e6
 
 
-def main():
-    import fla_tl.kernels.retention as R
-    from fla_tl.kernels.common import fused_chunk
-    from fla_tl.kernels.common.gates import retention_g_gamma
-    from fla_tl.kernels.common.utils import TORCH_TO_TL, get_kernel, seq_meta, target_for
-    from fla_tl.ops import chunk_retention
+def cases():
+    from fla_tl import ops
 
-    B, T, H, D = 8, 1024, 8, 64
+    B, T, H, D = 1, 64, 1, 128
     q, k, v = (torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-    kw = dict(scale=D ** -0.5, initial_state=None, cu_seqlens=None)
-    print(f"public op     {per_call_us(lambda: chunk_retention(q, k, v)):8.1f} us/call")
-    print(f"launcher      {per_call_us(lambda: R.chunk_retention_fwd(q, k, v, output_final_state=False, **kw)):8.1f} us/call")
-    meta = seq_meta(B, T, None, 64, q.device)
-    gg = retention_g_gamma(H, q.device)
-    cfg = fused_chunk.fused_chunk_config(D, D, "bfloat16", "fwd")
-    kern = get_kernel(fused_chunk.fused_chunk_fwd_kernel, target_for(q.device), K=D, V=D, gate="gamma", dtype="bfloat16", **cfg)
-    q_, k_, v_ = (x.flatten(0, 1) for x in (q, k, v))
-    o = torch.empty_like(v_)
-    h0 = q.new_empty(1, D, D, dtype=torch.float32)
-    ht = q.new_empty(1, D, D, dtype=torch.float32)
-    print(f"bare kernel   {per_call_us(lambda: kern(q_, k_, v_, gg, h0, meta.cu, o, ht, 0.1, 0, 0)):8.1f} us/call")
-    print(f"get_kernel    {per_call_us(lambda: get_kernel(fused_chunk.fused_chunk_fwd_kernel, target_for(q.device), K=D, V=D, gate='gamma', dtype='bfloat16', **cfg)):8.1f} us/call")
+    kn = F.normalize(k.float(), dim=-1).to(k.dtype)
+    g = F.logsigmoid(torch.randn(B, T, H, device="cuda"))
+    beta = torch.rand(B, T, H, device="cuda")
+    return {
+        "simple_gla_g": lambda: ops.chunk_simple_gla(q, k, v, g=g),
+        "simple_gla": lambda: ops.chunk_simple_gla(q, k, v, g_gamma=-torch.ones(H, device="cuda")),
+        "delta": lambda: ops.chunk_delta_rule(q, kn, v, beta),
+        "gated_delta": lambda: ops.chunk_gated_delta_rule(q, kn, v, g, beta),
+    }
+
+
+def main():
+    table = cases()
+    names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(table)
+    for name in names:
+        print(f"{name:14s} {per_call_us(table[name]):8.1f} us/call (1x64x1x128, forward)", flush=True)
     pr = cProfile.Profile()
     pr.enable()
     for _ in range(200):
-        chunk_retention(q, k, v)
+        table[names[0]]()
     torch.cuda.synchronize()
     pr.disable()
-    pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+    pstats.Stats(pr).sort_stats("tottime").print_stats(18)
 
 
 if __name__ == "__main__":

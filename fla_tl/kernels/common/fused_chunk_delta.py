@@ -12,6 +12,7 @@ Rows past a sequence's end only reach output rows that are not stored, and are z
 import tilelang.language as T
 import torch
 
+from .chunk_delta_h import pass_config
 from .gates import gate_chunks, gate_last, gate_load_chunk, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
@@ -66,6 +67,7 @@ def fused_chunk_delta_fwd_kernel(
             vg_s = T.alloc_shared([BT, BV], dtype)
             h_s = T.alloc_shared([KP, BV], dtype)
             s_s = T.alloc_shared([BT, BT], dtype)
+            o_s = T.alloc_shared([BT, BV], dtype)
             b_h = T.alloc_fragment([KP, BV], "float32")
             b_v = T.alloc_fragment([BT, BV], "float32")
             b_o = T.alloc_fragment([BT, BV], "float32")
@@ -114,9 +116,14 @@ def fused_chunk_delta_fwd_kernel(
                 for i, j in T.Parallel(BT, BV):
                     b_o[i, j] *= scale * T.exp2(gate_row(gate, lg, i))
                 T.gemm(s_s, vn_s, b_o)
-                for i, j in T.Parallel(BT, BV):
-                    if i < nvalid and i_v * BV + j < V:
-                        o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
+                if aligned and nvalid == BT:
+                    # a full chunk stores through shared memory (one bulk copy); a partial one row by row
+                    T.copy(b_o, o_s)
+                    T.copy(o_s, o[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV])
+                else:
+                    for i, j in T.Parallel(BT, BV):
+                        if i < nvalid and i_v * BV + j < V:
+                            o[t0 + i, i_h, i_v * BV + j] = b_o[i, j]
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_h[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
@@ -141,6 +148,7 @@ def fused_chunk_delta_fwd(q, k, w, u, *, gate: str, gc, scale: float, initial_st
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     if meta.NT > 0:
+        config = config or pass_config("fused", K, V, meta.N * H, k)
         kernel = get_kernel(fused_chunk_delta_fwd_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
         gcc = gate_chunks(gc, meta, H, BT, k)

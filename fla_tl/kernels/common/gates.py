@@ -90,11 +90,7 @@ def gate_chunks(gc: torch.Tensor | None, meta, H: int, BT: int, like: torch.Tens
     `gate_load_chunk`; a `[1, BT]` placeholder the kernels never read without a per-token gate."""
     if gc is None:
         return like.new_empty((1, BT), dtype=torch.float32)
-    n, c = meta.chunk_indices[:, 0].long(), meta.chunk_indices[:, 1].long()
-    cu = meta.cu.long()
-    t0 = cu[n] + c * BT
-    rows = torch.minimum(t0[:, None] + torch.arange(BT, device=gc.device), cu[n + 1][:, None] - 1)
-    return gc[rows].permute(2, 0, 1).reshape(H * meta.NT, BT).contiguous()
+    return gc.t()[:, meta.chunk_rows(BT)].reshape(H * meta.NT, BT)
 
 
 def gate_or_dummy(gc: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:

@@ -64,7 +64,7 @@ def get_kernel(factory, target: dict, **kwargs):
 class SeqMeta:
     """per-launch sequence layout: int32 `cu_seqlens`, per-sequence chunk offsets and the (seq, chunk) of each chunk."""
 
-    __slots__ = ("cu", "chunk_offsets", "chunk_indices", "N", "NT")
+    __slots__ = ("cu", "chunk_offsets", "chunk_indices", "N", "NT", "_rows")
 
     def __init__(self, cu, chunk_offsets, chunk_indices, N, NT):
         self.cu = cu
@@ -72,6 +72,17 @@ class SeqMeta:
         self.chunk_indices = chunk_indices
         self.N = N
         self.NT = NT
+        self._rows = None
+
+    def chunk_rows(self, BT: int) -> torch.Tensor:
+        """`[NT, BT]` int64: the token row of every slot of every chunk, past a sequence's end its last token; built
+        once per metadata (a dense batch's is cached), so a chunk-major gather is a single indexing kernel."""
+        if self._rows is None or self._rows.shape[1] != BT:
+            n, c = self.chunk_indices[:, 0].long(), self.chunk_indices[:, 1].long()
+            cu = self.cu.long()
+            t0 = cu[n] + c * BT
+            self._rows = torch.minimum(t0[:, None] + torch.arange(BT, device=cu.device), cu[n + 1][:, None] - 1)
+        return self._rows
 
 
 @functools.lru_cache(maxsize=64)

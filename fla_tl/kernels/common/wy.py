@@ -3,7 +3,8 @@
 Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-local cumulative log2 gates b_i (the
 `gc` of `common.cumsum.chunk_gate_cumsum`; gate "none": b = 0):
   A_ij = beta_i (k_i . k_j) 2^(b_i - b_j) for i > j, 0 on and above the diagonal (both i, j inside the sequence);
-  `solve_tril`: Ai = (I + A)^-1, fp32 `[Ttot, H, BT]` (row i of a chunk holds row i of its inverse);
+  Ai = (I + A)^-1, solved in fp32 and stored in k's dtype `[Ttot, H, BT]` (row i of a chunk holds row i of its
+  inverse; its consumers read it in that dtype anyway, for their tensor-core matmuls);
   `apply_tril`: Ai diag(r) X for rows X `[Ttot, H, D]` and row scales r, in X's dtype (Ai and diag(r) X rounded to
   X's dtype for the tensor-core matmul, as fla). The WY pair is
   w = Ai diag(beta 2^b) K and u = Ai diag(beta) V (`wy_repr`), so that the chunk's state correction is
@@ -22,23 +23,30 @@ from .gates import gate_load, gate_or_dummy, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
 
-def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BS: int = 16):
-    """one block of BT threads per chunk: thread j computes column j of the inverse, BS rows at a time in registers
-    (the rows above come from shared memory, the block's own rows by substitution)."""
+def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BS: int = 16, BD: int = 64,
+                  threads: int = 128):
+    """the WY pair of one chunk in one block: A from the chunk's key products, its inverse Ai (stored, in k's dtype),
+    then w = Ai diag(beta 2^b) K and u = Ai diag(beta) V in [BT, BD] tiles. The inverse is forward substitution in
+    fp32 by the first BT threads, thread j computing column j, BS rows at a time in registers (the rows above from
+    shared memory, the block's own rows by substitution); the key tile stays in shared memory for w."""
     KP = pad_dim(K)
+    NV = cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
     @T.prim_func
-    def solve_tril(
+    def wy_fwd(
         k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
         beta: T.Tensor([Ttot, H], beta_dtype),
         g_gamma: T.Tensor([H], "float32"),
         gc: T.Tensor([NG, H], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
-        ai: T.Tensor([Ttot, H, BT], "float32"),
+        ai: T.Tensor([Ttot, H, BT], dtype),
+        w: T.Tensor([Ttot, H, K], dtype),
+        u: T.Tensor([Ttot, H, V], dtype),
     ):
-        with T.Kernel(NT, H, threads=BT) as (i_c, i_h):
+        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
@@ -49,40 +57,70 @@ def solve_tril_kernel(K: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
             kb_s = T.alloc_shared([BT, KP], dtype)
             a_s = T.alloc_shared([BT, BT], "float32")
             x_s = T.alloc_shared([BT, BT], "float32")
+            ai_s = T.alloc_shared([BT, BT], dtype)
+            t_s = T.alloc_shared([BT, BD], dtype)
+            beta_s = T.alloc_shared([BT], "float32")
             b_a = T.alloc_fragment([BT, BT], "float32")
+            b_y = T.alloc_fragment([BT, BD], "float32")
             r = T.alloc_local([BS], "float32")
             xk = T.alloc_local([1], "float32")
             tx = T.get_thread_binding()
 
+            for i in T.Parallel(BT):
+                beta_s[i] = T.if_then_else(i < nvalid, T.Cast("float32", beta[t0 + i, i_h]), 0)
             for i, j in T.Parallel(BT, KP):
                 k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
-                kb_s[i, j] = T.if_then_else(
-                    i < nvalid and j < K, T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j]) * beta[t0 + i, i_h]), 0
-                )
+            for i, j in T.Parallel(BT, KP):
+                kb_s[i, j] = T.Cast(dtype, T.Cast("float32", k_s[i, j]) * beta_s[i])
             T.gemm(kb_s, k_s, b_a, transpose_B=True, clear_accum=True)
+            # A stored transposed (a_s[j, i] = A_ij): the substitution reads the BS entries it needs per step as
+            # one contiguous row (vector loads, the same address across the threads)
             for i, j in T.Parallel(BT, BT):
-                a_s[i, j] = T.if_then_else(
+                a_s[j, i] = T.if_then_else(
                     i > j and i < nvalid, b_a[i, j] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
                 )
             # X = (I + A)^-1 by row blocks: X_b = e_b - A_b,<b X_<b (the rows above, from shared memory), then the
             # block's own rows by substitution (A is zero on and above the diagonal)
-            for b in T.unroll(BT // BS):
-                for i in T.unroll(BS):
-                    r[i] = T.if_then_else(b * BS + i == tx, 1.0, 0.0)
-                for kk in T.serial(b * BS):
-                    xk[0] = x_s[kk, tx]
+            if tx < BT:
+                for b in T.unroll(BT // BS):
                     for i in T.unroll(BS):
-                        r[i] = r[i] - a_s[b * BS + i, kk] * xk[0]
-                for kk in T.unroll(BS):
+                        r[i] = T.if_then_else(b * BS + i == tx, 1.0, 0.0)
+                    for kk in T.serial(b * BS):
+                        xk[0] = x_s[kk, tx]
+                        for i in T.unroll(BS):
+                            r[i] = r[i] - a_s[kk, b * BS + i] * xk[0]
+                    for kk in T.unroll(BS):
+                        for i in T.unroll(BS):
+                            r[i] = r[i] - a_s[b * BS + kk, b * BS + i] * r[kk]
                     for i in T.unroll(BS):
-                        r[i] = r[i] - a_s[b * BS + i, b * BS + kk] * r[kk]
-                for i in T.unroll(BS):
-                    x_s[b * BS + i, tx] = r[i]
-            for i in T.serial(BT):
+                        x_s[b * BS + i, tx] = r[i]
+            for i, j in T.Parallel(BT, BT):
+                ai_s[i, j] = T.if_then_else(i < nvalid and j < nvalid, T.Cast(dtype, x_s[i, j]), 0)
+            for i, j in T.Parallel(BT, BT):
                 if i < nvalid:
-                    ai[t0 + i, i_h, tx] = x_s[i, tx]
+                    ai[t0 + i, i_h, j] = ai_s[i, j]
+            # w = Ai diag(beta 2^b) K, per key tile (the scaled keys overwrite kb_s)
+            for i, j in T.Parallel(BT, KP):
+                kb_s[i, j] = T.Cast(dtype, T.Cast("float32", k_s[i, j]) * beta_s[i] * T.exp2(gate_row(gate, lg, i)))
+            for kt in T.serial(KP // BD):
+                T.gemm(ai_s, kb_s[:, kt * BD : (kt + 1) * BD], b_y, clear_accum=True)
+                T.copy(b_y, t_s)
+                for i, j in T.Parallel(BT, BD):
+                    if i < nvalid and kt * BD + j < K:
+                        w[t0 + i, i_h, kt * BD + j] = t_s[i, j]
+            # u = Ai diag(beta) V, per value tile
+            for vt in T.serial(NV):
+                for i, j in T.Parallel(BT, BD):
+                    t_s[i, j] = T.if_then_else(
+                        i < nvalid and vt * BD + j < V,
+                        T.Cast(dtype, T.Cast("float32", v[t0 + i, i_h, vt * BD + j]) * beta_s[i]), 0)
+                T.gemm(ai_s, t_s, b_y, clear_accum=True)
+                T.copy(b_y, t_s)
+                for i, j in T.Parallel(BT, BD):
+                    if i < nvalid and vt * BD + j < V:
+                        u[t0 + i, i_h, vt * BD + j] = t_s[i, j]
 
-    return solve_tril
+    return wy_fwd
 
 
 def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BD: int = 64, threads: int = 128):
@@ -96,7 +134,7 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
         beta: T.Tensor([Ttot, H], beta_dtype),
         g_gamma: T.Tensor([H], "float32"),
         gc: T.Tensor([NG, H], "float32"),
-        ai: T.Tensor([Ttot, H, BT], "float32"),
+        ai: T.Tensor([Ttot, H, BT], dtype),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         y: T.Tensor([Ttot, H, D], dtype),
@@ -121,9 +159,11 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
                     0,
                 )
             T.gemm(ai_s, x_s, b_y, clear_accum=True)
+            # the result staged in shared memory (x_s is free) for a coalesced store
+            T.copy(b_y, x_s)
             for i, j in T.Parallel(BT, BD):
                 if i < nvalid and i_d * BD + j < D:
-                    y[t0 + i, i_h, i_d * BD + j] = b_y[i, j]
+                    y[t0 + i, i_h, i_d * BD + j] = x_s[i, j]
 
     return apply_tril
 
@@ -148,7 +188,7 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
         beta: T.Tensor([Ttot, H], beta_dtype),
         g_gamma: T.Tensor([H], "float32"),
         gc: T.Tensor([NG, H], "float32"),
-        ai: T.Tensor([Ttot, H, BT], "float32"),
+        ai: T.Tensor([Ttot, H, BT], dtype),
         du: T.Tensor([Ttot, H, V], dtype),
         h: T.Tensor([NT, H, K, V], dtype),
         cu: T.Tensor([N + 1], "int32"),
@@ -173,6 +213,8 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
             xs_s = T.alloc_shared([BT, BD], dtype)
             y_s = T.alloc_shared([BT, BD], dtype)
             h_s = T.alloc_shared([BD, BD], dtype)
+            # a [BT, BD] fp32 result staged for its coalesced store (dk's update, dv)
+            dkc_s = T.alloc_shared([BT, BD], "float32")
             b_dai = T.alloc_fragment([BT, BT], "float32")
             b_kk = T.alloc_fragment([BT, BT], "float32")
             b_m = T.alloc_fragment([BT, BT], "float32")
@@ -208,15 +250,14 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
                         h_s[i, j] = T.if_then_else(
                             kt * BD + i < K and vt * BD + j < V, h[i_c, i_h, kt * BD + i, vt * BD + j], 0)
                     T.gemm(y_s, h_s, b_x, transpose_B=True)
+                # global loads in loops without fragments (a fragment's thread layout would make them narrow)
                 for i, j in T.Parallel(BT, BD):
                     x_s[i, j] = T.if_then_else(i < nvalid and kt * BD + j < K, k[t0 + i, i_h, kt * BD + j], 0)
-                    xs_s[i, j] = T.if_then_else(
-                        i < nvalid and kt * BD + j < K,
-                        T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, kt * BD + j]) * beta_s[i]
-                               * T.exp2(gate_row(gate, lg, i))), 0)
-                    y_s[i, j] = T.Cast(dtype, -b_x[i, j])
                 for i, j in T.Parallel(BT, BD):
-                    dw_s[i, kt * BD + j] = y_s[i, j]
+                    xs_s[i, j] = T.Cast(dtype, T.Cast("float32", x_s[i, j]) * beta_s[i] * T.exp2(gate_row(gate, lg, i)))
+                for i, j in T.Parallel(BT, BD):
+                    y_s[i, j] = T.Cast(dtype, -b_x[i, j])
+                    dw_s[i, kt * BD + j] = T.Cast(dtype, -b_x[i, j])
                 T.gemm(y_s, xs_s, b_dai, transpose_B=True)
                 T.gemm(x_s, x_s, b_kk, transpose_B=True)
             # dAi += du vb^T
@@ -264,11 +305,11 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
                 T.gemm(g2_s, x_s, b_y, transpose_A=True)
                 for i, j in T.Parallel(BT, BD):
                     b_x[i, j] = b_x[i, j] * T.exp2(gate_row(gate, lg, i))
+                    dkc_s[i, j] = b_x[i, j] * beta_s[i] + b_y[i, j]
                 for i, j in T.Parallel(BT, BD):
                     if i < nvalid and kt * BD + j < K:
                         dk[t0 + i, i_h, kt * BD + j] = T.Cast(
-                            dk_dtype, T.Cast("float32", dk[t0 + i, i_h, kt * BD + j]) + b_x[i, j] * beta_s[i]
-                            + b_y[i, j])
+                            dk_dtype, T.Cast("float32", dk[t0 + i, i_h, kt * BD + j]) + dkc_s[i, j])
                 for i, j in T.Parallel(BT, BD):
                     b_x[i, j] = b_x[i, j] * x_s[i, j]
                 T.reduce_sum(b_x, b_r, dim=1)
@@ -282,8 +323,10 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
                     y_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, du[t0 + i, i_h, vt * BD + j], 0)
                 T.gemm(ai_s, y_s, b_x, transpose_A=True, clear_accum=True)
                 for i, j in T.Parallel(BT, BD):
+                    dkc_s[i, j] = b_x[i, j] * beta_s[i]
+                for i, j in T.Parallel(BT, BD):
                     if i < nvalid and vt * BD + j < V:
-                        dv[t0 + i, i_h, vt * BD + j] = T.Cast(dtype, b_x[i, j] * beta_s[i])
+                        dv[t0 + i, i_h, vt * BD + j] = T.Cast(dtype, dkc_s[i, j])
                 for i, j in T.Parallel(BT, BD):
                     b_x[i, j] = b_x[i, j] * x_s[i, j]
                 T.reduce_sum(b_x, b_r, dim=1)
@@ -295,19 +338,6 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
                     db[t0 + i, i_h] = b_db[i] + db_p[i] - db_c[i]
 
     return wy_bwd
-
-
-def solve_tril(k, beta, *, meta: SeqMeta, gate: str = "none", gc=None, BT: int = 64):
-    """(I + A)^-1 per chunk, fp32 `[Ttot, H, BT]`; k `[Ttot, H, K]`, beta `[Ttot, H]`, gc `[Ttot, H]` for gate "g"."""
-    Ttot, H, K = k.shape
-    ai = k.new_empty(Ttot, H, BT, dtype=torch.float32)
-    if meta.NT == 0:
-        return ai
-    kernel = get_kernel(solve_tril_kernel, target_for(k.device), K=K, dtype=TORCH_TO_TL[k.dtype],
-                        beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT)
-    # the gate hooks take a per-head constant; gc already carries any (a zero one here)
-    kernel(k, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), meta.cu, meta.chunk_indices, ai)
-    return ai
 
 
 def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", gc=None, BT: int = 64):
@@ -323,12 +353,17 @@ def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", gc=None, BT: i
 
 
 def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64):
-    """(w = Ai diag(beta 2^b) K, u = Ai diag(beta) V, Ai): the WY pair of every chunk; gc None means no gate."""
+    """(w = Ai diag(beta 2^b) K, u = Ai diag(beta) V, Ai in k's dtype `[Ttot, H, BT]`): the WY pair of every chunk, by
+    `wy_fwd_kernel`; gc None means no gate."""
     gate = "g" if gc is not None else "none"
     k, v, beta = k.contiguous(), v.contiguous(), beta.contiguous()
-    ai = solve_tril(k, beta, meta=meta, gate=gate, gc=gc, BT=BT)
-    w = apply_tril(k, beta, ai, meta=meta, gate=gate, gc=gc, BT=BT)
-    u = apply_tril(v, beta, ai, meta=meta, gate="none", BT=BT)
+    Ttot, H, K = k.shape
+    ai, w, u = k.new_empty(Ttot, H, BT), torch.empty_like(k), torch.empty_like(v)
+    if meta.NT > 0:
+        kernel = get_kernel(wy_fwd_kernel, target_for(k.device), K=K, V=v.shape[-1], dtype=TORCH_TO_TL[k.dtype],
+                            beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT)
+        # the gate hooks take a per-head constant; gc already carries any (a zero one here)
+        kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), meta.cu, meta.chunk_indices, ai, w, u)
     return w, u, ai
 
 
