@@ -85,6 +85,16 @@ def qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) 
     return {"q": q, "k": k, "v": v}
 
 
+# fla's fused_chunk_based takes feature dims up to 16; its second-order Taylor map gives 1 + 16 + 16 * 17 / 2 dims
+BASED_FEATURE, BASED_MAP = 16, 153
+
+
+def based16_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # q, k of the feature dim 16 (scaled like fla's Based layer's feature projections), v of head dim D
+    qk = {n: (torch.randn(B, T, H, BASED_FEATURE, dtype=torch.float32, device=device) / 4).to(dtype) for n in "qk"}
+    return {**qk, "v": torch.randn(B, T, H, D, dtype=dtype, device=device)}
+
+
 def positive_qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     # normalised linear attention divides by q . sum(k): with the positive feature maps it is used with (elu + 1)
     # the denominators stay away from zero; on raw randn they cross it and the output is ill-conditioned
@@ -366,6 +376,13 @@ OPS: dict[str, OpSpec] = {
         flops=recurrent_flops,
         inputs=rwkv6_inputs,
         slow=True,
+    ),
+    # Based on fla's fused chunk kernel: q, k of its feature dim 16 (expanded to 1 + 16 + 136 = 153 by the map)
+    "fused_chunk_based": OpSpec(
+        fla_tl="fla_tl.ops:fused_chunk_based",
+        fla="fla.ops.based:fused_chunk_based",
+        flops=lambda B, T, H, K, V: chunk_flops(B, T, H, BASED_MAP, V),
+        inputs=lambda B, T, H, D, dtype, device: based16_inputs(B, T, H, D, dtype, device),
     ),
     # Based / ReBased in the attention form (quadratic in T)
     "parallel_based": OpSpec(
