@@ -9,6 +9,8 @@ import sys
 
 import torch
 
+from kernel_time import bench  # tools/ is on sys.path when a tool runs
+
 # tile configs swept for the three sequential passes (the first is the launchers' default)
 CONFIGS = [
     dict(BV=64, threads=128),
@@ -31,23 +33,6 @@ def specs(D: int = 128, dtype: str = "bfloat16"):
             out.append(("fwd_h", Dh.chunk_delta_fwd_h_kernel, dict(num_stages=Dh.stages_for(D), **kv)))
             out.append(("dhu", Dh.chunk_delta_bwd_dhu_kernel, dict(num_stages=Dh.stages_for(D), **kv)))
     return out
-
-
-def bench(fn, reps=20):
-    flush = torch.empty(256 * 1024 * 1024, dtype=torch.int8, device="cuda")
-    for _ in range(3):
-        fn()
-    ts = []
-    for _ in range(reps):
-        flush.zero_()
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        ts.append(s.elapsed_time(e))
-    ts.sort()
-    return ts[len(ts) // 2]
 
 
 def run(B, T, H, D):

@@ -31,6 +31,30 @@ from .gates import (
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
 
+@T.macro
+def store_chunk(src, dst, t0, i_h, c0, nvalid, aligned, BT, BC, C):
+    """store a chunk's tile `src` `[BT, BC]` (shared) into dst `[Ttot, H, C]` at rows t0.. and columns c0..: a full
+    chunk of an aligned kernel by one bulk copy, otherwise element by element inside the sequence and the head dim."""
+    if aligned and nvalid == BT:
+        T.copy(src, dst[t0 : t0 + BT, i_h, c0 : c0 + BC])
+    else:
+        for i, j in T.Parallel(BT, BC):
+            if i < nvalid and c0 + j < C:
+                dst[t0 + i, i_h, c0 + j] = src[i, j]
+
+
+@T.macro
+def store_state(src, dst, chunk, i_h, c0, aligned, K, KP, BC, C):
+    """store a state tile `src` `[KP, BC]` (shared) into dst `[NT, H, K, C]` at chunk `chunk`, columns c0..: one bulk
+    copy in an aligned kernel, otherwise element by element inside the head dims."""
+    if aligned:
+        T.copy(src, dst[chunk, i_h, 0:K, c0 : c0 + BC])
+    else:
+        for i, j in T.Parallel(KP, BC):
+            if i < K and c0 + j < C:
+                dst[chunk, i_h, i, c0 + j] = src[i, j]
+
+
 def chunk_delta_fwd_h_kernel(
     K: int,
     V: int,
@@ -107,12 +131,7 @@ def chunk_delta_fwd_h_kernel(
                         u_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, u[t0 + i, i_h, i_v * BV + j], 0)
                 # the state entering chunk c, staged for w S and stored from shared memory (one bulk copy)
                 T.copy(b_h, h_s)
-                if aligned:
-                    T.copy(h_s, h[boc + c, i_h, 0:K, i_v * BV : (i_v + 1) * BV])
-                else:
-                    for i, j in T.Parallel(KP, BV):
-                        if i < K and i_v * BV + j < V:
-                            h[boc + c, i_h, i, i_v * BV + j] = h_s[i, j]
+                store_state(h_s, h, boc + c, i_h, i_v * BV, aligned, K, KP, BV, V)
                 # v_new = u - w S   [BT, BV]
                 T.gemm(w_s, h_s, b_v, clear_accum=True)
                 for i, j in T.Parallel(BT, BV):
@@ -120,12 +139,7 @@ def chunk_delta_fwd_h_kernel(
                 for i, j in T.Parallel(BT, BV):
                     vn_s[i, j] = T.Cast(dtype, b_v[i, j])
                     vg_s[i, j] = T.Cast(dtype, b_v[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i)))
-                if aligned and nvalid == BT:
-                    T.copy(vn_s, v_new[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV])
-                else:
-                    for i, j in T.Parallel(BT, BV):
-                        if i < nvalid and i_v * BV + j < V:
-                            v_new[t0 + i, i_h, i_v * BV + j] = vn_s[i, j]
+                store_chunk(vn_s, v_new, t0, i_h, i_v * BV, nvalid, aligned, BT, BV, V)
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_h[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
@@ -289,12 +303,7 @@ def chunk_delta_bwd_dhu_kernel(
                             i < nvalid and i_v * BV + j < V, dv_local[t0 + i, i_h, i_v * BV + j], 0)
                 # the gradient of the state leaving chunk c, staged for the products and stored from shared memory
                 T.copy(b_dh, dh_s)
-                if aligned:
-                    T.copy(dh_s, dh[boc + c, i_h, 0:K, i_v * BV : (i_v + 1) * BV])
-                else:
-                    for i, j in T.Parallel(KP, BV):
-                        if i < K and i_v * BV + j < V:
-                            dh[boc + c, i_h, i, i_v * BV + j] = dh_s[i, j]
+                store_state(dh_s, dh, boc + c, i_h, i_v * BV, aligned, K, KP, BV, V)
                 # dv_new = dv_local + diag(2^(bL - b)) K dS   [BT, BV]
                 T.gemm(k_s, dh_s, b_dv, clear_accum=True)
                 for i, j in T.Parallel(BT, BV):
@@ -318,12 +327,7 @@ def chunk_delta_bwd_dhu_kernel(
                         b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(q_s, dog_s, b_dh, transpose_A=True)
                 T.gemm(w_s, dvn_s, b_dh, transpose_A=True)
-                if aligned and nvalid == BT:
-                    T.copy(dvo_s, dv_new[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV])
-                else:
-                    for i, j in T.Parallel(BT, BV):
-                        if i < nvalid and i_v * BV + j < V:
-                            dv_new[t0 + i, i_h, i_v * BV + j] = dvo_s[i, j]
+                store_chunk(dvo_s, dv_new, t0, i_h, i_v * BV, nvalid, aligned, BT, BV, V)
 
             if store_dh0 == 1:
                 for i, j in T.Parallel(KP, BV):
