@@ -5,10 +5,10 @@ Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-loca
   A_ij = beta_i (k_i . k_j) 2^(b_i - b_j) for i > j, 0 on and above the diagonal (both i, j inside the sequence);
   Ai = (I + A)^-1, solved in fp32 and stored in k's dtype `[Ttot, H, BT]` (row i of a chunk holds row i of its
   inverse; its consumers read it in that dtype anyway, for their tensor-core matmuls);
-  `apply_tril`: Ai diag(r) X for rows X `[Ttot, H, D]` and row scales r, in X's dtype (Ai and diag(r) X rounded to
-  X's dtype for the tensor-core matmul, as fla). The WY pair is
-  w = Ai diag(beta 2^b) K and u = Ai diag(beta) V (`wy_repr`), so that the chunk's state correction is
-  u - w S (see `fla_tl.reference.delta_rule`).
+  the WY pair w = Ai diag(beta 2^b) K and u = Ai diag(beta) V, so that the chunk's state correction is u - w S (see
+  `fla_tl.reference.delta_rule`). `wy_repr` computes A, Ai, w and u in one kernel per chunk (`wy_fwd_kernel`);
+  `apply_tril` (Ai diag(r) X for rows X `[Ttot, H, D]` and row scales r) recomputes w and u from the kept Ai in the
+  backward. Ai and diag(r) X are rounded to X's dtype for the tensor-core matmuls, as fla.
 The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one thread per column
 of X, 16 rows at a time in registers (A's key products run on tensor cores: exact products for bf16 / fp16 inputs,
 TF32 for fp32 ones, as fla).
