@@ -28,7 +28,7 @@ from .gates import (
     gate_state,
     head_decay,
 )
-from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
+from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, sm_count, state_or_dummy, target_for
 
 
 @T.macro
@@ -347,7 +347,7 @@ def pass_config(name: str, K: int, V: int, blocks: int, like: torch.Tensor) -> d
         return {}
     if name == "dhu":
         return dict(BV=64, threads=256)
-    if blocks * cdiv(V, 128) >= torch.cuda.get_device_properties(like.device).multi_processor_count:
+    if blocks * cdiv(V, 128) >= sm_count(like.device):
         return dict(BV=128, threads=256)
     return {}
 

@@ -24,6 +24,12 @@ def pad_dim(d: int, multiple: int = 64) -> int:
 
 
 @functools.lru_cache(maxsize=16)
+def sm_count(device: torch.device) -> int:
+    """the multiprocessor count of a CUDA device (cached: the launchers ask on every call)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=16)
 def _cuda_arch(index: int) -> str:
     major, minor = torch.cuda.get_device_capability(index)
     return f"sm_{major}{minor}" + ("a" if major == 9 else "")

@@ -12,7 +12,6 @@ then the WY backward (`common.wy.wy_bwd`: dw = -dv_new S^T through w, u and the 
 dg is the chunk-local form of `common.cumsum.gate_grad_chunk` with the WY share added to its rows.
 """
 
-import functools
 
 import torch
 
@@ -22,18 +21,13 @@ from ..common.chunk_o import chunk_bwd_dqk_kernel, chunk_fwd_o
 from ..common.cumsum import chunk_gate_cumsum, gate_grad_chunk, gate_rows
 from ..common.fused_chunk_delta import fused_blocks, fused_chunk_delta_fwd
 from ..common.gates import gate_or_dummy, head_decay
-from ..common.utils import TORCH_TO_TL, get_kernel, seq_meta, target_for
+from ..common.utils import TORCH_TO_TL, get_kernel, seq_meta, sm_count, target_for
 from ..common.wy import apply_tril, wy_bwd, wy_repr
 from .fused_recurrent import _group_sum, prepare_qk
 
 BT = 64
 # the fused forward (states in registers, never written) runs once its grid gives this many blocks per multiprocessor
 FUSED_MIN_BLOCKS_PER_SM = 0.25
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _gates(g, H: int, meta):
@@ -51,7 +45,7 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final
     gate, decay, gc = _gates(g, HV, meta)
     w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc, BT=BT)
     # the fused pass holds q, k, w tiles of every stage in shared memory: K <= 128
-    fused = q.shape[-1] <= 128 and fused_blocks(meta.N, HV, v.shape[-1]) >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(
+    fused = q.shape[-1] <= 128 and fused_blocks(meta.N, HV, v.shape[-1]) >= FUSED_MIN_BLOCKS_PER_SM * sm_count(
         q.device)
     if fused:
         o, ht = fused_chunk_delta_fwd(q, k, w, u, gate=gate, gc=gc, scale=scale, initial_state=initial_state,

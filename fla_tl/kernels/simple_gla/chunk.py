@@ -11,7 +11,6 @@ chunk-parallel one for few long sequences and for small key dims (B=8 T=1024 H=8
 chunk-parallel vs 0.132 fused).
 """
 
-import functools
 
 import torch
 
@@ -21,16 +20,11 @@ from ...autotune.resolve import tile_config
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.cumsum import gate_grad_chunk
 from ..common.gates import chunk_gate
-from ..common.utils import cdiv, pad_dim, seq_meta
+from ..common.utils import cdiv, pad_dim, seq_meta, sm_count
 
 BT = 64
 # the fused kernels run once their grid gives at least this many blocks per multiprocessor
 FUSED_MIN_BLOCKS_PER_SM = 0.25
-
-
-@functools.lru_cache(maxsize=8)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _schedule(q, v, N: int, kind: str, impl: str) -> str:
@@ -45,7 +39,7 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     ref = q.flatten(0, 1)
     BV = tile_config(f"fused_chunk_{kind}", ref, K=K, V=V, gate="gamma", N=N)["BV"]
     blocks = N * H * cdiv(V, BV)
-    return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * _sm_count(q.device) else "parallel"
+    return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * sm_count(q.device) else "parallel"
 
 
 def chunk_simple_gla_fwd(
