@@ -115,10 +115,10 @@ def chunk_gla_fwd_o_kernel(
             b_r = T.alloc_fragment([BT], "float32")
             b_sp = T.alloc_fragment([BK], "float32")
             b_span = T.alloc_fragment([1], "float32")
-            b_bonus = T.alloc_fragment([BT], "float32")
-            bonus_s = T.alloc_shared([BT], "float32")
 
             if bonus:
+                b_bonus = T.alloc_fragment([BT], "float32")
+                bonus_s = T.alloc_shared([BT], "float32")
                 # two blocks per SM, as the plain form gets with its 128 registers
                 T.annotate_min_blocks_per_sm(2)
                 # sum_k q u k of each query's own token, t0 + i + 1, before the accumulators go live (inside the
