@@ -70,8 +70,12 @@ def _specs():
     params.append(pytest.param((dh.chunk_delta_fwd_h_kernel, dict(K=100, V=100, gate="none", dtype="float32", BT=64)),
                                id="chunk_delta_fwd_h_kernel-K100-float32-none"))
     params.append(pytest.param((wy.wy_bwd_kernel, dict(K=128, V=128, dtype="bfloat16", beta_dtype="float32", gate="g",
-                                                        dk_dtype="float32")),
+                                                        dk_dtype="bfloat16")),
                                id="wy_bwd_kernel-K128-bfloat16-g"))
+    # the delta rule's dq / dk / dw pass: gated in bf16 at K = V = 128, plain in fp32 at a padded 100
+    for gate, dtype, d in (("g", "bfloat16", 128), ("none", "float32", 100)):
+        params.append(pytest.param((dh.chunk_delta_bwd_dqkw_kernel, dict(K=d, V=d, gate=gate, dtype=dtype, BT=64)),
+                                   id=f"chunk_delta_bwd_dqkw_kernel-K{d}-{dtype}-{gate}"))
 
     from fla_tl.kernels.common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
     from fla_tl.kernels.common.cumsum import chunk_state_dot_kernel

@@ -61,12 +61,14 @@ def run(B, T, H, D):
         w, u, ai = wy.wy_repr(k, v, beta, meta=meta, gc=gc)
         h, v_new, _ = Dh.chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=None, output_final_state=False,
                                           meta=meta)
-        dk = torch.zeros(N, H, D, device=dev, dtype=torch.float32 if gate == "g" else torch.bfloat16)
         kw = dict(gate=gate, gc=gc, meta=meta)
+        dh, du, _ = Dh.chunk_delta_bwd_dhu(q, k, w, do, None, scale=0.1, need_dh0=False, **kw)
+        _, dk, dw, _, _ = Dh.chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, scale=0.1, **kw)
         stages = {
             "apply_tril(k)": lambda: wy.apply_tril(k, beta, ai, **kw),
             "wy_repr": lambda: wy.wy_repr(k, v, beta, meta=meta, gc=gc),
-            "wy_bwd": lambda: wy.wy_bwd(k, v, beta, ai, v_new, h, dk, meta=meta, gc=gc),
+            "dqkw": lambda: Dh.chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, scale=0.1, **kw),
+            "wy_bwd": lambda: wy.wy_bwd(k, v, beta, ai, du, dw, dk, meta=meta, gc=gc),
         }
         for c in CONFIGS:
             tag = f"BV={c['BV']},thr={c['threads']}"

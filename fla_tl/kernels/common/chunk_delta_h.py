@@ -337,17 +337,160 @@ def chunk_delta_bwd_dhu_kernel(
     return chunk_delta_bwd_dhu
 
 
+def chunk_delta_bwd_dqkw_kernel(
+    K: int,
+    V: int,
+    gate: str,
+    dtype: str,
+    # kernel config
+    BT: int = 64,
+    BK: int = 128,
+    BV: int = 64,
+    num_stages: int = 2,
+    threads: int = 256,
+):
+    """per [BT, BK] key tile of a chunk, from the corrected values v_new, their gradients du = dv_new, the states h
+    entering the chunk and dh the gradients of those leaving it:
+      dq = scale * (diag(2^b) dO S^T + (dO v_new^T * 2^(b_i - b_j), i >= j) K),
+      dk = diag(2^(bL - b)) v_new dS^T + (dO v_new^T * 2^(b_i - b_j), i >= j)^T Q (scale included),
+      dw = -du S^T,
+    and for gate "g" the two parts of the gate's gradient (`cumsum.chunk_gate_grad_scan`), as sums over this key
+    tile: the rows r = q . dq - k . dk and the chunk's state term <S', dS> with S' = 2^bL S + K^T diag(2^(bL - b))
+    v_new the state leaving the chunk, = 2^bL <S, dS> + sum_i k_i . (the dS part of dk_i)."""
+    BK = min(BK, pad_dim(K))
+    NK = cdiv(K, BK)
+    NV = cdiv(V, BV)
+    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
+
+    @T.prim_func
+    def chunk_delta_bwd_dqkw(
+        q: T.Tensor([Ttot, H, K], dtype),
+        k: T.Tensor([Ttot, H, K], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        do: T.Tensor([Ttot, H, V], dtype),
+        du: T.Tensor([Ttot, H, V], dtype),
+        h: T.Tensor([NT, H, K, V], dtype),
+        dh: T.Tensor([NT, H, K, V], dtype),
+        g_gamma: T.Tensor([H], "float32"),
+        gc: T.Tensor([NG, H], "float32"),
+        cu: T.Tensor([N + 1], "int32"),
+        chunk_indices: T.Tensor([NT, 2], "int32"),
+        dq: T.Tensor([Ttot, H, K], dtype),
+        dk: T.Tensor([Ttot, H, K], dtype),
+        dw: T.Tensor([Ttot, H, K], dtype),
+        r: T.Tensor([NK, Ttot, H], "float32"),
+        cs: T.Tensor([NK, NT, H], "float32"),
+        scale: T.float32,
+    ):
+        with T.Kernel(NK, NT, H, threads=threads) as (i_k, i_c, i_h):
+            i_n = chunk_indices[i_c, 0]
+            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
+            nvalid = T.min(cu[i_n + 1] - t0, BT)
+            lg = gate_state(gate, g_gamma, i_h, BT)
+            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
+            bl = gate_last(gate, lg, nvalid)
+            k0 = i_k * BK
+
+            q_s = T.alloc_shared([BT, BK], dtype)
+            k_s = T.alloc_shared([BT, BK], dtype)
+            v_s = T.alloc_shared([BT, BV], dtype)
+            do_s = T.alloc_shared([BT, BV], dtype)
+            du_s = T.alloc_shared([BT, BV], dtype)
+            h_s = T.alloc_shared([BK, BV], dtype)
+            dh_s = T.alloc_shared([BK, BV], dtype)
+            ds_s = T.alloc_shared([BT, BT], dtype)
+            o_s = T.alloc_shared([BT, BK], dtype)
+            b_dq = T.alloc_fragment([BT, BK], "float32")
+            b_dk = T.alloc_fragment([BT, BK], "float32")
+            b_dw = T.alloc_fragment([BT, BK], "float32")
+            b_ds = T.alloc_fragment([BT, BT], "float32")
+            b_r = T.alloc_fragment([BT], "float32")
+            b_c = T.alloc_fragment([1], "float32")
+            if gate == "g":
+                b_hh = T.alloc_fragment([BK, BV], "float32")
+                b_hr = T.alloc_fragment([BK], "float32")
+                b_hc = T.alloc_fragment([1], "float32")
+                T.clear(b_hh)
+
+            T.clear(b_dq)
+            T.clear(b_dk)
+            T.clear(b_dw)
+            T.clear(b_ds)
+            for iv in T.Pipelined(NV, num_stages=num_stages):
+                for i, j in T.Parallel(BT, BV):
+                    v_s[i, j] = T.if_then_else(i < nvalid and iv * BV + j < V, v[t0 + i, i_h, iv * BV + j], 0)
+                    do_s[i, j] = T.if_then_else(i < nvalid and iv * BV + j < V, do[t0 + i, i_h, iv * BV + j], 0)
+                    du_s[i, j] = T.if_then_else(i < nvalid and iv * BV + j < V, du[t0 + i, i_h, iv * BV + j], 0)
+                for i, j in T.Parallel(BK, BV):
+                    h_s[i, j] = T.if_then_else(k0 + i < K and iv * BV + j < V, h[i_c, i_h, k0 + i, iv * BV + j], 0)
+                    dh_s[i, j] = T.if_then_else(k0 + i < K and iv * BV + j < V, dh[i_c, i_h, k0 + i, iv * BV + j], 0)
+                # ds = dO v_new^T; dq += dO S^T; dk += v_new dS^T; dw += du S^T (negated at the store)
+                T.gemm(do_s, v_s, b_ds, transpose_B=True)
+                T.gemm(do_s, h_s, b_dq, transpose_B=True)
+                T.gemm(v_s, dh_s, b_dk, transpose_B=True)
+                T.gemm(du_s, h_s, b_dw, transpose_B=True)
+                if gate == "g":
+                    for i, j in T.Parallel(BK, BV):
+                        b_hh[i, j] += T.Cast("float32", h_s[i, j]) * T.Cast("float32", dh_s[i, j])
+
+            for i, j in T.Parallel(BT, BK):
+                q_s[i, j] = T.if_then_else(i < nvalid and k0 + j < K, q[t0 + i, i_h, k0 + j], 0)
+                k_s[i, j] = T.if_then_else(i < nvalid and k0 + j < K, k[t0 + i, i_h, k0 + j], 0)
+            for i, j in T.Parallel(BT, BK):
+                o_s[i, j] = T.Cast(dtype, -b_dw[i, j])
+            for i, j in T.Parallel(BT, BK):
+                if i < nvalid and k0 + j < K:
+                    dw[t0 + i, i_h, k0 + j] = o_s[i, j]
+            for i, j in T.Parallel(BT, BT):
+                ds_s[i, j] = T.if_then_else(
+                    i >= j, b_ds[i, j] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
+                )
+            for i, j in T.Parallel(BT, BK):
+                b_dq[i, j] *= scale * T.exp2(gate_row(gate, lg, i))
+                b_dk[i, j] *= T.exp2(bl - gate_row(gate, lg, i))
+            if gate == "g":
+                # the state term: 2^bL <S, dS> + sum_i k_i . (the dS part of dk_i); b_dw is free after dw's store
+                for i, j in T.Parallel(BT, BK):
+                    b_dw[i, j] = T.Cast("float32", k_s[i, j]) * b_dk[i, j]
+                T.reduce_sum(b_dw, b_r, dim=1)
+                T.reduce_sum(b_r, b_c, dim=0)
+                T.reduce_sum(b_hh, b_hr, dim=1)
+                T.reduce_sum(b_hr, b_hc, dim=0)
+                cs[i_k, i_c, i_h] = b_hc[0] * T.exp2(bl) + b_c[0]
+            T.gemm(ds_s, k_s, b_dq)
+            T.gemm(ds_s, q_s, b_dk, transpose_A=True)
+            if gate == "g":
+                for i, j in T.Parallel(BT, BK):
+                    b_dw[i, j] = T.Cast("float32", q_s[i, j]) * b_dq[i, j] - T.Cast("float32", k_s[i, j]) * b_dk[i, j]
+                T.reduce_sum(b_dw, b_r, dim=1)
+                for i in T.Parallel(BT):
+                    if i < nvalid:
+                        r[i_k, t0 + i, i_h] = b_r[i]
+            # dq, dk staged in shared memory for coalesced stores
+            T.copy(b_dq, o_s)
+            for i, j in T.Parallel(BT, BK):
+                if i < nvalid and k0 + j < K:
+                    dq[t0 + i, i_h, k0 + j] = o_s[i, j]
+            T.copy(b_dk, o_s)
+            for i, j in T.Parallel(BT, BK):
+                if i < nvalid and k0 + j < K:
+                    dk[t0 + i, i_h, k0 + j] = o_s[i, j]
+
+    return chunk_delta_bwd_dqkw
+
+
 def pass_config(name: str, K: int, V: int, blocks: int, like: torch.Tensor) -> dict:
     """the tile config of a sequential pass ("fused", "fwd_h", "dhu") over `blocks` sequences x heads, from
-    `tools/delta_time.py` on an H100 at 8x4096x16x128 (bf16): for 16-bit inputs with K <= 128, V tiles of 128 with two
-    consumer warpgroups in the forward passes (the gated fused forward 0.78 -> 0.48 ms) while that grid still gives
-    every multiprocessor a block; dhu stages five tiles, so it keeps V tiles of 64 (with 256 threads: 0.96 -> 0.85 ms
-    gated). Otherwise the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong dk: 5% off)."""
+    `tools/delta_time.py` on an H100 at 8x4096x16x128 (bf16, 128 blocks of V tiles of 128 on 132 multiprocessors): for
+    16-bit inputs with K <= 128, V tiles of 128 with two consumer warpgroups in the forward passes (the gated fused
+    forward 0.69 -> 0.34 ms, ungated 0.26 -> 0.24; gated fwd_h 0.35 -> 0.31) while that grid still covers three
+    quarters of the multiprocessors; dhu stages five tiles, so it keeps V tiles of 64 (with 256 threads: 0.90 -> 0.80
+    ms gated). Otherwise the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong dk: 5% off)."""
     if K > 128 or like.device.type != "cuda" or like.element_size() != 2:
         return {}
     if name == "dhu":
         return dict(BV=64, threads=256)
-    if blocks * cdiv(V, 128) >= sm_count(like.device):
+    if 4 * blocks * cdiv(V, 128) >= 3 * sm_count(like.device):
         return dict(BV=128, threads=256)
     return {}
 
@@ -407,3 +550,24 @@ def chunk_delta_bwd_dhu(q, k, w, do, dht, *, gate: str, gc, scale: float, need_d
     elif need_dh0:
         dh0 = dht_ if use_dht else dh0.zero_()
     return dh, dv_new, (dh0.view(meta.N, H, K, V) if need_dh0 else None)
+
+
+def chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, *, gate: str, gc, scale: float, meta: SeqMeta, BT: int = 64,
+                         **config):
+    """(dq, dk, dw `[Ttot, H, K]` in q's dtype, and for gate "g" the gate's rows r `[Ttot, H]` and state terms `[NT,
+    H]` fp32, else None, None): see `chunk_delta_bwd_dqkw_kernel`; du the corrected values' gradients (`dv_new`)."""
+    Ttot, H, K = q.shape
+    V = do.shape[-1]
+    dq, dk, dw = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
+    if meta.NT == 0:
+        return dq, dk, dw, None, None
+    kernel = get_kernel(chunk_delta_bwd_dqkw_kernel, target_for(q.device), K=K, V=V, gate=gate,
+                        dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
+    NK = cdiv(K, min(config.get("BK", 128), pad_dim(K)))
+    r = q.new_empty(NK, Ttot, H, dtype=torch.float32)
+    cs = q.new_empty(NK, meta.NT, H, dtype=torch.float32)
+    kernel(q, k, v_new, do, du, h, dh, head_decay(None, H, q.device), gate_or_dummy(gc, q), meta.cu,
+           meta.chunk_indices, dq, dk, dw, r, cs, scale)
+    if gate != "g":
+        return dq, dk, dw, None, None
+    return dq, dk, dw, r.sum(0) if NK > 1 else r[0], cs.sum(0) if NK > 1 else cs[0]

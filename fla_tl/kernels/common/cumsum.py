@@ -311,6 +311,14 @@ def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.d
     c = torch.empty(meta.NT, H, dtype=torch.float32, device=q.device)
     state_dot = get_kernel(chunk_state_dot_kernel, target_for(q.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype], BT=BT)
     state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)
-    scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(q.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
-    scan(r, c, meta.cu, meta.chunk_indices, dg)
+    return chunk_gate_grad_scan(r, c, meta=meta, dg_dtype=dg_dtype, BT=BT)
+
+
+def chunk_gate_grad_scan(r, c, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64) -> torch.Tensor:
+    """dg `[Ttot, H]` from its rows r `[Ttot, H]` fp32 and the chunks' state terms c `[NT, H]` fp32 (see
+    `gate_grad_chunk`): within each chunk the reverse sum of r plus the chunk's c."""
+    dg = torch.empty(r.shape, dtype=dg_dtype, device=r.device)
+    if meta.NT > 0:
+        scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(r.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
+        scan(r, c, meta.cu, meta.chunk_indices, dg)
     return dg

@@ -12,8 +12,8 @@ Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-loca
 The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one thread per column
 of X, 16 rows at a time in registers (A's key products run on tensor cores: exact products for bf16 / fp16 inputs,
 TF32 for fp32 ones, as fla).
-The backward (`wy_bwd`) takes the gradients of u and of w (as -du S^T from the chunk states) back to k, v, beta and the
-cumulative gates.
+The backward (`wy_bwd`) takes the gradients of u and of w (-du S^T, formed with dq and dk from the chunk states) back
+to k, v, beta and the cumulative gates.
 """
 
 import tilelang.language as T
@@ -170,14 +170,16 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
 
 def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dtype: str, BT: int = 64, BD: int = 64,
                   threads: int = 128):
-    """the WY backward of one chunk: from du (the gradient of u, which is that of v_new = u - w S) and the states S
-    entering each chunk, dw = -du S^T, then with kbg = diag(beta 2^b) K, vb = diag(beta) V:
+    """the WY backward of one chunk: from du (the gradient of u, which is that of v_new = u - w S) and dw (that of w,
+    -du S^T: `chunk_delta_h.chunk_delta_bwd_dqkw`), with kbg = diag(beta 2^b) K, vb = diag(beta) V:
       dAi = dw kbg^T + du vb^T,  dA = -Ai^T dAi Ai^T (strictly lower),  G = dA * 2^(b_i - b_j),
       dk += beta 2^b Ai^T dw + diag(beta) G K + G^T diag(beta) K,  dv = beta Ai^T du,
       dbeta = rows of (2^b K * Ai^T dw) + (V * Ai^T du) + (G * K K^T),
       db = rows of (kbg * Ai^T dw) + rowsum(P) - colsum(P), P = G * A;
-    dk is updated in place (dk += ...); db is the gradient of the chunk-local cumulative log gate (natural units)."""
-    KP = pad_dim(K)
+    dk is updated in place (dk += ...); db is the gradient of the chunk-local cumulative log gate (natural units).
+    Every input tile of the chunk is loaded into shared memory once, up front (the loads' latencies overlap); the
+    dk and dv parts then run over [BT, BD] column tiles of those."""
+    KP, VP = pad_dim(K), pad_dim(V)
     NK, NV = cdiv(K, BD), cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
@@ -190,7 +192,7 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
         gc: T.Tensor([NG, H], "float32"),
         ai: T.Tensor([Ttot, H, BT], dtype),
         du: T.Tensor([Ttot, H, V], dtype),
-        h: T.Tensor([NT, H, K, V], dtype),
+        dw: T.Tensor([Ttot, H, K], dtype),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         dk: T.Tensor([Ttot, H, K], dk_dtype),
@@ -205,17 +207,22 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
             lg = gate_state(gate, g_gamma, i_h, BT)
             gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
 
+            k_s = T.alloc_shared([BT, KP], dtype)
+            dw_s = T.alloc_shared([BT, KP], dtype)
+            v_s = T.alloc_shared([BT, VP], dtype)
+            du_s = T.alloc_shared([BT, VP], dtype)
             ai_s = T.alloc_shared([BT, BT], dtype)
             m_s = T.alloc_shared([BT, BT], dtype)
             g2_s = T.alloc_shared([BT, BT], dtype)
-            dw_s = T.alloc_shared([BT, KP], dtype)
-            x_s = T.alloc_shared([BT, BD], dtype)
-            xs_s = T.alloc_shared([BT, BD], dtype)
-            y_s = T.alloc_shared([BT, BD], dtype)
-            h_s = T.alloc_shared([BD, BD], dtype)
-            # a [BT, BD] fp32 result staged for its coalesced store (dk's update, dv)
-            dkc_s = T.alloc_shared([BT, BD], "float32")
+            # fp32 scratch: G * K K^T for its row and column sums (other layouts than the tiles' row sums), then the
+            # [BT, BD] results staged for their coalesced stores (dk's update, dv)
+            f_s = T.alloc_shared([BT, BD], "float32")
+            beta_s = T.alloc_shared([BT], "float32")
+            dbeta_p = T.alloc_shared([BT], "float32")
+            db_p = T.alloc_shared([BT], "float32")
+            db_c = T.alloc_shared([BT], "float32")
             b_dai = T.alloc_fragment([BT, BT], "float32")
+            b_duv = T.alloc_fragment([BT, BT], "float32")
             b_kk = T.alloc_fragment([BT, BT], "float32")
             b_m = T.alloc_fragment([BT, BT], "float32")
             b_x = T.alloc_fragment([BT, BD], "float32")
@@ -225,51 +232,26 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
             b_db = T.alloc_fragment([BT], "float32")
             b_rp = T.alloc_fragment([BT], "float32")
             b_cp = T.alloc_fragment([BT], "float32")
-            beta_s = T.alloc_shared([BT], "float32")
-            # G * K K^T staged for its row and column sums (in other layouts than the tiles' row sums), and those sums
-            p_s = T.alloc_shared([BT, BT], "float32")
-            dbeta_p = T.alloc_shared([BT], "float32")
-            db_p = T.alloc_shared([BT], "float32")
-            db_c = T.alloc_shared([BT], "float32")
 
             for i in T.Parallel(BT):
                 beta_s[i] = T.if_then_else(i < nvalid, T.Cast("float32", beta[t0 + i, i_h]), 0)
             for i, j in T.Parallel(BT, BT):
                 ai_s[i, j] = T.if_then_else(i < nvalid and j < nvalid, ai[t0 + i, i_h, j], 0)
-            T.clear(b_dai)
-            T.clear(b_kk)
+            for i, j in T.Parallel(BT, KP):
+                k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                dw_s[i, j] = T.if_then_else(i < nvalid and j < K, dw[t0 + i, i_h, j], 0)
+            for i, j in T.Parallel(BT, VP):
+                v_s[i, j] = T.if_then_else(i < nvalid and j < V, v[t0 + i, i_h, j], 0)
+                du_s[i, j] = T.if_then_else(i < nvalid and j < V, du[t0 + i, i_h, j], 0)
             T.clear(b_dbeta)
             T.clear(b_db)
-            # dw = -du S^T per key tile (kept whole in shared), dAi += dw kbg^T, K K^T
-            for kt in T.serial(NK):
-                T.clear(b_x)
-                for vt in T.serial(NV):
-                    for i, j in T.Parallel(BT, BD):
-                        y_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, du[t0 + i, i_h, vt * BD + j], 0)
-                    for i, j in T.Parallel(BD, BD):
-                        h_s[i, j] = T.if_then_else(
-                            kt * BD + i < K and vt * BD + j < V, h[i_c, i_h, kt * BD + i, vt * BD + j], 0)
-                    T.gemm(y_s, h_s, b_x, transpose_B=True)
-                # global loads in loops without fragments (a fragment's thread layout would make them narrow)
-                for i, j in T.Parallel(BT, BD):
-                    x_s[i, j] = T.if_then_else(i < nvalid and kt * BD + j < K, k[t0 + i, i_h, kt * BD + j], 0)
-                for i, j in T.Parallel(BT, BD):
-                    xs_s[i, j] = T.Cast(dtype, T.Cast("float32", x_s[i, j]) * beta_s[i] * T.exp2(gate_row(gate, lg, i)))
-                for i, j in T.Parallel(BT, BD):
-                    y_s[i, j] = T.Cast(dtype, -b_x[i, j])
-                    dw_s[i, kt * BD + j] = T.Cast(dtype, -b_x[i, j])
-                T.gemm(y_s, xs_s, b_dai, transpose_B=True)
-                T.gemm(x_s, x_s, b_kk, transpose_B=True)
-            # dAi += du vb^T
-            for vt in T.serial(NV):
-                for i, j in T.Parallel(BT, BD):
-                    y_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, du[t0 + i, i_h, vt * BD + j], 0)
-                    xs_s[i, j] = T.if_then_else(
-                        i < nvalid and vt * BD + j < V,
-                        T.Cast(dtype, T.Cast("float32", v[t0 + i, i_h, vt * BD + j]) * beta_s[i]), 0)
-                T.gemm(y_s, xs_s, b_dai, transpose_B=True)
+            # dAi = (dw K^T) diag(beta 2^b) + (du V^T) diag(beta); K K^T
+            T.gemm(dw_s, k_s, b_dai, transpose_B=True, clear_accum=True)
+            T.gemm(du_s, v_s, b_duv, transpose_B=True, clear_accum=True)
+            T.gemm(k_s, k_s, b_kk, transpose_B=True, clear_accum=True)
+            for i, j in T.Parallel(BT, BT):
+                m_s[i, j] = T.Cast(dtype, (b_dai[i, j] * T.exp2(gate_row(gate, lg, j)) + b_duv[i, j]) * beta_s[j])
             # dA = -Ai^T dAi Ai^T on the strictly lower triangle; G = dA 2^(b_i - b_j); g2 = diag(beta) G
-            T.copy(b_dai, m_s)
             T.gemm(ai_s, m_s, b_m, transpose_A=True, clear_accum=True)
             T.copy(b_m, m_s)
             T.gemm(m_s, ai_s, b_dai, transpose_B=True, clear_accum=True)
@@ -278,16 +260,16 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
                     i > j and i < nvalid,
                     -b_dai[i, j] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)) * b_kk[i, j], 0)
             # dbeta += rows of G * K K^T; P = G * A = beta_i G K K^T: db += rowsum(P) - colsum(P)
-            T.copy(b_m, p_s)
-            T.reduce_sum(p_s, b_rp, dim=1)
+            T.copy(b_m, f_s)
+            T.reduce_sum(f_s, b_rp, dim=1)
             for i in T.Parallel(BT):
                 dbeta_p[i] = b_rp[i]
             for i, j in T.Parallel(BT, BT):
-                p_s[i, j] = p_s[i, j] * beta_s[i]
-            T.reduce_sum(p_s, b_rp, dim=1)
+                f_s[i, j] = f_s[i, j] * beta_s[i]
+            T.reduce_sum(f_s, b_rp, dim=1)
             for i in T.Parallel(BT):
                 db_p[i] = b_rp[i]
-            T.reduce_sum(p_s, b_cp, dim=0)
+            T.reduce_sum(f_s, b_cp, dim=0)
             for i in T.Parallel(BT):
                 db_c[i] = b_cp[i]
             for i, j in T.Parallel(BT, BT):
@@ -297,38 +279,32 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
                     0)
             # per key tile: dkbg = Ai^T dw; dk += beta 2^b dkbg + g2 K + g2^T K
             for kt in T.serial(NK):
-                for i, j in T.Parallel(BT, BD):
-                    x_s[i, j] = T.if_then_else(i < nvalid and kt * BD + j < K, k[t0 + i, i_h, kt * BD + j], 0)
-                    y_s[i, j] = dw_s[i, kt * BD + j]
-                T.gemm(ai_s, y_s, b_x, transpose_A=True, clear_accum=True)
-                T.gemm(g2_s, x_s, b_y, clear_accum=True)
-                T.gemm(g2_s, x_s, b_y, transpose_A=True)
+                T.gemm(ai_s, dw_s[:, kt * BD : (kt + 1) * BD], b_x, transpose_A=True, clear_accum=True)
+                T.gemm(g2_s, k_s[:, kt * BD : (kt + 1) * BD], b_y, clear_accum=True)
+                T.gemm(g2_s, k_s[:, kt * BD : (kt + 1) * BD], b_y, transpose_A=True)
                 for i, j in T.Parallel(BT, BD):
                     b_x[i, j] = b_x[i, j] * T.exp2(gate_row(gate, lg, i))
-                    dkc_s[i, j] = b_x[i, j] * beta_s[i] + b_y[i, j]
+                    f_s[i, j] = b_x[i, j] * beta_s[i] + b_y[i, j]
                 for i, j in T.Parallel(BT, BD):
                     if i < nvalid and kt * BD + j < K:
                         dk[t0 + i, i_h, kt * BD + j] = T.Cast(
-                            dk_dtype, T.Cast("float32", dk[t0 + i, i_h, kt * BD + j]) + dkc_s[i, j])
+                            dk_dtype, T.Cast("float32", dk[t0 + i, i_h, kt * BD + j]) + f_s[i, j])
                 for i, j in T.Parallel(BT, BD):
-                    b_x[i, j] = b_x[i, j] * x_s[i, j]
+                    b_x[i, j] = b_x[i, j] * k_s[i, kt * BD + j]
                 T.reduce_sum(b_x, b_r, dim=1)
                 for i in T.Parallel(BT):
                     b_dbeta[i] += b_r[i]
                     b_db[i] += b_r[i] * beta_s[i]
             # per value tile: dvb = Ai^T du; dv = beta dvb; dbeta += rows of V * dvb
             for vt in T.serial(NV):
+                T.gemm(ai_s, du_s[:, vt * BD : (vt + 1) * BD], b_x, transpose_A=True, clear_accum=True)
                 for i, j in T.Parallel(BT, BD):
-                    x_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, v[t0 + i, i_h, vt * BD + j], 0)
-                    y_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, du[t0 + i, i_h, vt * BD + j], 0)
-                T.gemm(ai_s, y_s, b_x, transpose_A=True, clear_accum=True)
-                for i, j in T.Parallel(BT, BD):
-                    dkc_s[i, j] = b_x[i, j] * beta_s[i]
+                    f_s[i, j] = b_x[i, j] * beta_s[i]
                 for i, j in T.Parallel(BT, BD):
                     if i < nvalid and vt * BD + j < V:
-                        dv[t0 + i, i_h, vt * BD + j] = T.Cast(dtype, dkc_s[i, j])
+                        dv[t0 + i, i_h, vt * BD + j] = T.Cast(dtype, f_s[i, j])
                 for i, j in T.Parallel(BT, BD):
-                    b_x[i, j] = b_x[i, j] * x_s[i, j]
+                    b_x[i, j] = b_x[i, j] * v_s[i, vt * BD + j]
                 T.reduce_sum(b_x, b_r, dim=1)
                 for i in T.Parallel(BT):
                     b_dbeta[i] += b_r[i]
@@ -367,7 +343,7 @@ def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64):
     return w, u, ai
 
 
-def wy_bwd(k, v, beta, ai, du, h, dk, *, meta: SeqMeta, gc=None, BT: int = 64):
+def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64):
     """the WY backward (see `wy_bwd_kernel`): adds the WY share into dk `[Ttot, H, K]` in place and returns (dv in
     v's dtype, dbeta fp32 `[Ttot, H]`, db fp32 `[Ttot, H]`, the chunk-local cumulative gate's gradient)."""
     Ttot, H, K = k.shape
@@ -380,6 +356,6 @@ def wy_bwd(k, v, beta, ai, du, h, dk, *, meta: SeqMeta, gc=None, BT: int = 64):
     gate = "g" if gc is not None else "none"
     kernel = get_kernel(wy_bwd_kernel, target_for(k.device), K=K, V=V, dtype=TORCH_TO_TL[k.dtype],
                         beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, dk_dtype=TORCH_TO_TL[dk.dtype], BT=BT)
-    kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), ai, du, h, meta.cu, meta.chunk_indices,
+    kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), ai, du, dw, meta.cu, meta.chunk_indices,
            dk, dv, dbeta, db)
     return dv, dbeta, db

@@ -7,21 +7,21 @@ heads x V tiles gives a quarter block per multiprocessor) or the chunk-parallel 
 corrected values v_new = u - w S (`common.chunk_delta_h.chunk_delta_fwd_h`) and the output of linear attention on
 (q, k, v_new) with the states entering each chunk (`common.chunk_o.chunk_fwd_o`).
 Backward: the WY pair and the states again (from the saved inverse), the state gradients with the corrected values'
-gradients (`chunk_delta_bwd_dhu`), dq and dk of the linear-attention part (`chunk_o.chunk_bwd_dqk_kernel` on v_new),
-then the WY backward (`common.wy.wy_bwd`: dw = -dv_new S^T through w, u and the inverse to k, v, beta and the gate);
-dg is the chunk-local form of `common.cumsum.gate_grad_chunk` with the WY share added to its rows.
+gradients (`chunk_delta_bwd_dhu`), dq and dk of the linear-attention part on v_new with dw = -dv_new S^T and the gate's
+rows and state terms (`chunk_delta_bwd_dqkw`), then the WY backward (`common.wy.wy_bwd`: dw and dv_new through w, u
+and the inverse to k, v, beta and the gate); dg is the chunk-local scan of `common.cumsum.chunk_gate_grad_scan` with
+the WY share added to its rows.
 """
 
 
 import torch
 
-from ...autotune.resolve import tile_config
-from ..common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_fwd_h
-from ..common.chunk_o import chunk_bwd_dqk_kernel, chunk_fwd_o
-from ..common.cumsum import chunk_gate_cumsum, gate_grad_chunk, gate_rows
+from ..common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_bwd_dqkw, chunk_delta_fwd_h
+from ..common.chunk_o import chunk_fwd_o
+from ..common.cumsum import chunk_gate_cumsum, chunk_gate_grad_scan
 from ..common.fused_chunk_delta import fused_blocks, fused_chunk_delta_fwd
 from ..common.gates import gate_or_dummy, head_decay
-from ..common.utils import TORCH_TO_TL, get_kernel, seq_meta, sm_count, target_for
+from ..common.utils import seq_meta, sm_count
 from ..common.wy import apply_tril, wy_bwd, wy_repr
 from .fused_recurrent import _group_sum, prepare_qk
 
@@ -58,31 +58,24 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final
 
 
 def chunk_delta_rule_bwd(q, k, v, beta, g, ai, do, dht, *, scale, initial_state, meta):
-    """(dq, dk fp32 or q's dtype, dv, dbeta fp32, dg fp32 or None, dh0 fp32 or None), all per value head."""
-    HV = v.shape[1]
-    K, V = q.shape[-1], v.shape[-1]
-    gate, decay, gc = _gates(g, HV, meta)
+    """(dq, dk, dv in q's dtype, dbeta fp32, dg fp32 or None, dh0 fp32 or None), all per value head."""
+    gate, _, gc = _gates(g, v.shape[1], meta)
     # recompute w, u (from the saved inverse) and the states
     w = apply_tril(k, beta, ai, meta=meta, gate=gate, gc=gc, BT=BT)
     u = apply_tril(v, beta, ai, meta=meta, gate="none", BT=BT)
-    h, v_new, ht = chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=initial_state,
-                                     output_final_state=g is not None, meta=meta, BT=BT)
+    h, v_new, _ = chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=initial_state,
+                                    output_final_state=False, meta=meta, BT=BT)
     dh, dv_new, dh0 = chunk_delta_bwd_dhu(q, k, w, do, dht, gate=gate, gc=gc, scale=scale,
                                          need_dh0=initial_state is not None, meta=meta, BT=BT)
-    # dq, dk of the linear-attention part on (q, k, v_new) (fp32 with a gate: its gradient is formed from them)
-    dqk_dtype = torch.float32 if gate == "g" else q.dtype
-    dq, dk = torch.empty_like(q, dtype=dqk_dtype), torch.empty_like(k, dtype=dqk_dtype)
+    # dq, dk of the linear-attention part on (q, k, v_new), dw = -dv_new S^T, and the gate's rows and state terms
+    dq, dk, dw, r, c = chunk_delta_bwd_dqkw(q, k, v_new, do, dv_new, h, dh, gate=gate, gc=gc, scale=scale, meta=meta,
+                                           BT=BT)
+    # the WY backward adds its share into dk
+    dv, dbeta, db = wy_bwd(k, v, beta, ai, dv_new, dw, dk, meta=meta, gc=gc, BT=BT)
     dg = None
-    if meta.NT > 0:
-        config = tile_config("chunk_bwd_dqk", q, K=K, V=V, gate=gate, N=meta.N)
-        kernel = get_kernel(chunk_bwd_dqk_kernel, target_for(q.device), K=K, V=V, gate=gate,
-                            dtype=TORCH_TO_TL[q.dtype], h_dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
-        kernel(q, k, v_new, do, h, dh, decay, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dq, dk, scale)
-    # the gate's rows from the linear-attention part's dq, dk, before the WY backward adds its share into dk
-    r = gate_rows(q, k, dq, dk, meta=meta, BT=BT) if gate == "g" else None
-    dv, dbeta, db = wy_bwd(k, v, beta, ai, dv_new, h, dk, meta=meta, gc=gc, BT=BT)
     if gate == "g":
-        dg = gate_grad_chunk(q, k, dq, dk, h, dh, ht, meta=meta, dg_dtype=torch.float32, BT=BT, r=r.add_(db))
+        dg = (chunk_gate_grad_scan(r.add_(db), c, meta=meta, dg_dtype=torch.float32, BT=BT) if meta.NT > 0
+              else torch.zeros_like(db))
     return dq, dk, dv, dbeta, dg, dh0
 
 
