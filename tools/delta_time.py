@@ -16,14 +16,16 @@ CONFIGS = [
     dict(BV=64, threads=128),
     dict(BV=128, threads=256),
     dict(BV=64, threads=256),
-    dict(BV=32, threads=128),
 ]
 GATES = ("none", "g")
+# block sizes swept for the WY kernels (the first is their default)
+WY_THREADS = (128, 256)
 
 
 def specs(D: int = 128, dtype: str = "bfloat16"):
     from fla_tl.kernels.common import chunk_delta_h as Dh
     from fla_tl.kernels.common import fused_chunk_delta as F
+    from fla_tl.kernels.common import wy
 
     out = []
     for gate in GATES:
@@ -32,6 +34,11 @@ def specs(D: int = 128, dtype: str = "bfloat16"):
             out.append(("fused", F.fused_chunk_delta_fwd_kernel, kv))
             out.append(("fwd_h", Dh.chunk_delta_fwd_h_kernel, dict(num_stages=Dh.stages_for(D), **kv)))
             out.append(("dhu", Dh.chunk_delta_bwd_dhu_kernel, dict(num_stages=Dh.stages_for(D), **kv)))
+    for gate in GATES:
+        for threads in WY_THREADS:
+            wkv = dict(K=D, V=D, dtype=dtype, beta_dtype="float32", gate=gate, BT=64, threads=threads)
+            out.append(("wy_fwd", wy.wy_fwd_kernel, wkv))
+            out.append(("wy_bwd", wy.wy_bwd_kernel, dict(dk_dtype=dtype, **wkv)))
     return out
 
 
@@ -66,10 +73,12 @@ def run(B, T, H, D):
         _, dk, dw, _, _ = Dh.chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, scale=0.1, **kw)
         stages = {
             "apply_tril(k)": lambda: wy.apply_tril(k, beta, ai, **kw),
-            "wy_repr": lambda: wy.wy_repr(k, v, beta, meta=meta, gc=gc),
             "dqkw": lambda: Dh.chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, scale=0.1, **kw),
-            "wy_bwd": lambda: wy.wy_bwd(k, v, beta, ai, du, dw, dk, meta=meta, gc=gc),
         }
+        for threads in WY_THREADS:
+            stages[f"wy_repr[thr={threads}]"] = lambda t=threads: wy.wy_repr(k, v, beta, meta=meta, gc=gc, threads=t)
+            stages[f"wy_bwd[thr={threads}]"] = lambda t=threads: wy.wy_bwd(k, v, beta, ai, du, dw, dk, meta=meta,
+                                                                            gc=gc, threads=t)
         for c in CONFIGS:
             tag = f"BV={c['BV']},thr={c['threads']}"
             stages[f"fused[{tag}]"] = lambda c=c: Fd.fused_chunk_delta_fwd(

@@ -169,7 +169,7 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
 
 
 def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dtype: str, BT: int = 64, BD: int = 64,
-                  threads: int = 128):
+                  threads: int = 256):
     """the WY backward of one chunk: from du (the gradient of u, which is that of v_new = u - w S) and dw (that of w,
     -du S^T: `chunk_delta_h.chunk_delta_bwd_dqkw`), with kbg = diag(beta 2^b) K, vb = diag(beta) V:
       dAi = dw kbg^T + du vb^T,  dA = -Ai^T dAi Ai^T (strictly lower),  G = dA * 2^(b_i - b_j),
@@ -178,7 +178,8 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
       db = rows of (kbg * Ai^T dw) + rowsum(P) - colsum(P), P = G * A;
     dk is updated in place (dk += ...); db is the gradient of the chunk-local cumulative log gate (natural units).
     Every input tile of the chunk is loaded into shared memory once, up front (the loads' latencies overlap); the
-    dk and dv parts then run over [BT, BD] column tiles of those."""
+    dk and dv parts then run over [BT, BD] column tiles of those. Two warpgroups (H100, 8x4096x16x128 bf16: 1.04 ->
+    0.71 ms plain, 1.19 -> 0.81 ms gated, against one)."""
     KP, VP = pad_dim(K), pad_dim(V)
     NK, NV = cdiv(K, BD), cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
@@ -328,7 +329,7 @@ def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", gc=None, BT: i
     return y
 
 
-def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64):
+def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64, **config):
     """(w = Ai diag(beta 2^b) K, u = Ai diag(beta) V, Ai in k's dtype `[Ttot, H, BT]`): the WY pair of every chunk, by
     `wy_fwd_kernel`; gc None means no gate."""
     gate = "g" if gc is not None else "none"
@@ -337,13 +338,13 @@ def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64):
     ai, w, u = k.new_empty(Ttot, H, BT), torch.empty_like(k), torch.empty_like(v)
     if meta.NT > 0:
         kernel = get_kernel(wy_fwd_kernel, target_for(k.device), K=K, V=v.shape[-1], dtype=TORCH_TO_TL[k.dtype],
-                            beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT)
+                            beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT, **config)
         # the gate hooks take a per-head constant; gc already carries any (a zero one here)
         kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), meta.cu, meta.chunk_indices, ai, w, u)
     return w, u, ai
 
 
-def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64):
+def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64, **config):
     """the WY backward (see `wy_bwd_kernel`): adds the WY share into dk `[Ttot, H, K]` in place and returns (dv in
     v's dtype, dbeta fp32 `[Ttot, H]`, db fp32 `[Ttot, H]`, the chunk-local cumulative gate's gradient)."""
     Ttot, H, K = k.shape
@@ -355,7 +356,7 @@ def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64):
         return dv, dbeta, db
     gate = "g" if gc is not None else "none"
     kernel = get_kernel(wy_bwd_kernel, target_for(k.device), K=K, V=V, dtype=TORCH_TO_TL[k.dtype],
-                        beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, dk_dtype=TORCH_TO_TL[dk.dtype], BT=BT)
+                        beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, dk_dtype=TORCH_TO_TL[dk.dtype], BT=BT, **config)
     kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), ai, du, dw, meta.cu, meta.chunk_indices,
            dk, dv, dbeta, db)
     return dv, dbeta, db
