@@ -7,8 +7,9 @@ Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-loca
   inverse; its consumers read it in that dtype anyway, for their tensor-core matmuls);
   the WY pair w = Ai diag(beta 2^b) K and u = Ai diag(beta) V, so that the chunk's state correction is u - w S (see
   `fla_tl.reference.delta_rule`). `wy_repr` computes A, Ai, w and u in one kernel per chunk (`wy_fwd_kernel`);
-  `apply_tril` (Ai diag(r) X for rows X `[Ttot, H, D]` and row scales r) recomputes w and u from the kept Ai in the
-  backward. Ai and diag(r) X are rounded to X's dtype for the tensor-core matmuls, as fla.
+  `apply_tril` ((Ai diag(r)) X for rows X `[Ttot, H, D]` and row scales r) recomputes w and u from the kept Ai in the
+  backward. The row scales go on Ai's columns: Ai diag(r) is formed from Ai rounded to X's dtype and rounded again for
+  the tensor-core matmuls (`scaled_inverse`), so the forward and the backward's recompute agree exactly.
 The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one thread per column
 of X, 16 rows at a time in registers (A's key products run on tensor cores: exact products for bf16 / fp16 inputs,
 TF32 for fp32 ones, as fla).
@@ -23,12 +24,31 @@ from .gates import gate_load, gate_or_dummy, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
 
+def scaled_inverse(x, r, dtype: str):
+    """an entry of Ai diag(r) in `dtype`, from an entry x of Ai (fp32 or `dtype`) rounded to `dtype` first, as the
+    forward keeps it, so the backward's recompute from the kept inverse gives the forward's w and u exactly."""
+    return T.Cast(dtype, T.Cast("float32", T.Cast(dtype, x)) * r)
+
+
+@T.macro
+def scale_columns(dst, src, scale_s, gate, lg, nvalid, with_gate, BT, dtype):
+    """dst = Ai diag(r) `[BT, BT]` (`scaled_inverse`) from Ai in `src` (shared), r = beta 2^b (`with_gate`) or beta
+    (`scale_s` the chunk's betas): the WY pair's row scales on the inverse's columns, so w = dst K and u = dst V take
+    the tiles as they are."""
+    for i, j in T.Parallel(BT, BT):
+        dst[i, j] = T.if_then_else(
+            i < nvalid and j < nvalid,
+            scaled_inverse(src[i, j], scale_s[j] * (T.exp2(gate_row(gate, lg, j)) if with_gate else 1.0), dtype), 0)
+
+
 def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BS: int = 16, BD: int = 64,
                   threads: int = 128):
     """the WY pair of one chunk in one block: A from the chunk's key products, its inverse Ai (stored, in k's dtype),
     then w = Ai diag(beta 2^b) K and u = Ai diag(beta) V in [BT, BD] tiles. The inverse is forward substitution in
     fp32 by the first BT threads, thread j computing column j, BS rows at a time in registers (the rows above from
-    shared memory, the block's own rows by substitution); the key tile stays in shared memory for w."""
+    shared memory, the block's own rows by substitution); the key tile stays in shared memory for w. The row scales of
+    the pair go on the inverse's columns (Ai diag(beta 2^b), rounded to k's dtype), so K and V enter the products as
+    they are."""
     KP = pad_dim(K)
     NV = cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
@@ -54,7 +74,6 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: in
             gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
 
             k_s = T.alloc_shared([BT, KP], dtype)
-            kb_s = T.alloc_shared([BT, KP], dtype)
             a_s = T.alloc_shared([BT, BT], "float32")
             x_s = T.alloc_shared([BT, BT], "float32")
             ai_s = T.alloc_shared([BT, BT], dtype)
@@ -70,15 +89,13 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: in
                 beta_s[i] = T.if_then_else(i < nvalid, T.Cast("float32", beta[t0 + i, i_h]), 0)
             for i, j in T.Parallel(BT, KP):
                 k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
-            for i, j in T.Parallel(BT, KP):
-                kb_s[i, j] = T.Cast(dtype, T.Cast("float32", k_s[i, j]) * beta_s[i])
-            T.gemm(kb_s, k_s, b_a, transpose_B=True, clear_accum=True)
+            T.gemm(k_s, k_s, b_a, transpose_B=True, clear_accum=True)
             # A stored transposed (a_s[j, i] = A_ij): the substitution reads the BS entries it needs per step as
             # one contiguous row (vector loads, the same address across the threads)
             for i, j in T.Parallel(BT, BT):
                 a_s[j, i] = T.if_then_else(
-                    i > j and i < nvalid, b_a[i, j] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
-                )
+                    i > j and i < nvalid,
+                    b_a[i, j] * beta_s[i] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0)
             # X = (I + A)^-1 by row blocks: X_b = e_b - A_b,<b X_<b (the rows above, from shared memory), then the
             # block's own rows by substitution (A is zero on and above the diagonal)
             if tx < BT:
@@ -99,21 +116,20 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: in
             for i, j in T.Parallel(BT, BT):
                 if i < nvalid:
                     ai[t0 + i, i_h, j] = ai_s[i, j]
-            # w = Ai diag(beta 2^b) K, per key tile (the scaled keys overwrite kb_s)
-            for i, j in T.Parallel(BT, KP):
-                kb_s[i, j] = T.Cast(dtype, T.Cast("float32", k_s[i, j]) * beta_s[i] * T.exp2(gate_row(gate, lg, i)))
+            # w = (Ai diag(beta 2^b)) K per key tile, with the row scales on Ai's columns (no scaled key copy)
+            scale_columns(ai_s, x_s, beta_s, gate, lg, nvalid, True, BT, dtype)
             for kt in T.serial(KP // BD):
-                T.gemm(ai_s, kb_s[:, kt * BD : (kt + 1) * BD], b_y, clear_accum=True)
+                T.gemm(ai_s, k_s[:, kt * BD : (kt + 1) * BD], b_y, clear_accum=True)
                 T.copy(b_y, t_s)
                 for i, j in T.Parallel(BT, BD):
                     if i < nvalid and kt * BD + j < K:
                         w[t0 + i, i_h, kt * BD + j] = t_s[i, j]
-            # u = Ai diag(beta) V, per value tile
+            # u = (Ai diag(beta)) V, per value tile
+            if gate != "none":
+                scale_columns(ai_s, x_s, beta_s, gate, lg, nvalid, False, BT, dtype)
             for vt in T.serial(NV):
                 for i, j in T.Parallel(BT, BD):
-                    t_s[i, j] = T.if_then_else(
-                        i < nvalid and vt * BD + j < V,
-                        T.Cast(dtype, T.Cast("float32", v[t0 + i, i_h, vt * BD + j]) * beta_s[i]), 0)
+                    t_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, v[t0 + i, i_h, vt * BD + j], 0)
                 T.gemm(ai_s, t_s, b_y, clear_accum=True)
                 T.copy(b_y, t_s)
                 for i, j in T.Parallel(BT, BD):
@@ -124,7 +140,7 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: in
 
 
 def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BD: int = 64, threads: int = 128):
-    """y = Ai diag(beta 2^b) x (gate "g") or Ai diag(beta) x, one [BT, BD] tile per block."""
+    """y = (Ai diag(beta 2^b)) x (gate "g") or (Ai diag(beta)) x, one [BT, BD] tile per block."""
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
     ND = cdiv(D, BD)
 
@@ -148,16 +164,17 @@ def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 
 
             ai_s = T.alloc_shared([BT, BT], dtype)
             x_s = T.alloc_shared([BT, BD], dtype)
+            beta_s = T.alloc_shared([BT], "float32")
             b_y = T.alloc_fragment([BT, BD], "float32")
+            for i in T.Parallel(BT):
+                beta_s[i] = T.if_then_else(i < nvalid, T.Cast("float32", beta[t0 + i, i_h]), 0)
+            # y = (Ai diag(r)) x, the row scales on Ai's columns as in `wy_fwd_kernel`
             for i, j in T.Parallel(BT, BT):
-                ai_s[i, j] = T.if_then_else(i < nvalid and j < nvalid, ai[t0 + i, i_h, j], 0)
+                ai_s[i, j] = T.if_then_else(
+                    i < nvalid and j < nvalid,
+                    scaled_inverse(ai[t0 + i, i_h, j], beta_s[j] * T.exp2(gate_row(gate, lg, j)), dtype), 0)
             for i, j in T.Parallel(BT, BD):
-                x_s[i, j] = T.if_then_else(
-                    i < nvalid and i_d * BD + j < D,
-                    T.Cast(dtype, T.Cast("float32", x[t0 + i, i_h, i_d * BD + j]) * beta[t0 + i, i_h]
-                           * T.exp2(gate_row(gate, lg, i))),
-                    0,
-                )
+                x_s[i, j] = T.if_then_else(i < nvalid and i_d * BD + j < D, x[t0 + i, i_h, i_d * BD + j], 0)
             T.gemm(ai_s, x_s, b_y, clear_accum=True)
             # the result staged in shared memory (x_s is free) for a coalesced store
             T.copy(b_y, x_s)
