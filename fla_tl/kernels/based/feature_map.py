@@ -8,24 +8,17 @@ With K <= 16 the features have at most 1 + 16 + 136 = 153 dims, within the kerne
 and the final division are PyTorch (differentiable) around `chunk_simple_gla`'s TileLang kernels.
 """
 
-import functools
-
 import torch
 
 MAX_K = 16
 
 
-@functools.lru_cache(maxsize=8)
-def _pairs(K: int, device: torch.device):
-    i, j = torch.triu_indices(K, K, offset=1, device=device)
-    return i, j
-
-
 def feature_map(x: torch.Tensor, based: bool) -> torch.Tensor:
-    """`[..., K]` -> `[..., F]`, F = 1 + K + K(K+1)/2 (Based) or K(K+1)/2 (ReBased)."""
+    """`[..., K]` -> `[..., F]`, F = 1 + K + K(K+1)/2 (Based) or K(K+1)/2 (ReBased). The pair products x_i x_j (i < j,
+    row-major) are built from slices, whose backward is dense (a gather `x[..., i]` had an atomic scatter for its
+    backward: 25 ms of fused_chunk_based's 150 at 8x4096x16 on the H100)."""
     K = x.shape[-1]
-    i, j = _pairs(K, x.device)
-    cross = x[..., i] * x[..., j]
+    cross = torch.cat([x[..., a : a + 1] * x[..., a + 1 :] for a in range(K)], -1)
     square = x * x
     if based:
         return torch.cat([torch.ones_like(x[..., :1]), x, cross, square * (0.5 ** 0.5)], -1)
