@@ -294,20 +294,17 @@ def gate_rows(q, k, dq, dk, *, meta: SeqMeta, BT: int = 64) -> torch.Tensor:
     return r
 
 
-def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64, r=None):
+def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):
     """dg `[Ttot, H]` of a per-token log gate in the chunk-local form: within chunk c, the reverse sum of
     r = q . dq - k . dk over the rest of the chunk, plus <S_c, dh[c]> with S_c the state leaving chunk c (`h` `[NT, H,
     K, V]` the states entering each chunk, `ht` `[N, H, K, V]` fp32 the final states, `dh` the gradients of the states
     leaving each chunk). The sum over the later chunks is folded into that one state product, so rounding errors of
-    r do not add up along the sequence. With `r` `[Ttot, H]` fp32 given, those rows are used as they are (q, k, dq, dk
-    are then unused: the delta rule passes `gate_rows` plus its WY share)."""
+    r do not add up along the sequence."""
     Ttot, H, K = q.shape
     V = h.shape[-1]
-    dg = torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
     if meta.NT == 0:
-        return dg
-    if r is None:
-        r = gate_rows(q, k, dq, dk, meta=meta, BT=BT)
+        return torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
+    r = gate_rows(q, k, dq, dk, meta=meta, BT=BT)
     c = torch.empty(meta.NT, H, dtype=torch.float32, device=q.device)
     state_dot = get_kernel(chunk_state_dot_kernel, target_for(q.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype], BT=BT)
     state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)
