@@ -1647,7 +1647,8 @@ def chunk_delta_rule(
 ):
     r"""
     DeltaNet in the chunked (WY) form: `h_t = h_{t-1} + k_t (beta_t (v_t - h_{t-1}^T k_t))^T`, `o_t = scale * h_t^T q_t`.
-    Unlike fla 0.6.0, fp32 inputs are accepted. The tilelang backend runs the chunked WY kernels of
+    Unlike fla 0.6.0, fp32 inputs are accepted (on the tilelang backend with K <= 128; wider fp32 keys go to the
+    torch backend, and `backend="tilelang"` refuses them). The tilelang backend runs the chunked WY kernels of
     `fla_tl.kernels.delta_rule` (chunks of 64 tokens whatever `chunk_size`; the result does not depend on it).
 
     Args:
@@ -1733,7 +1734,8 @@ def chunk_gated_delta_rule(
     r"""
     Gated DeltaNet in the chunked (WY) form: `h <- exp(g_t) h`, then the delta update, per value head; grouped value
     heads (HV a multiple of H: value head j reads key head j // (HV / H)). The tilelang backend runs the chunked WY
-    kernels of `fla_tl.kernels.delta_rule` (chunks of 64 tokens whatever `chunk_size`).
+    kernels of `fla_tl.kernels.delta_rule` (chunks of 64 tokens whatever `chunk_size`); it takes fp32 inputs with
+    K <= 128 (wider fp32 keys go to the torch backend).
 
     Args:
         q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, HV, V]`.
@@ -1878,10 +1880,21 @@ def make_delta_backend(mode: str) -> Backend:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return run(q, k, v, beta, g, scale=scale, **kwargs)
 
+    def verifier(inputs: OpInputs) -> list[str]:
+        reasons = tilelang_verifier(caps, "fla_tl.kernels.delta_rule", inputs)
+        if mode == "chunk" and inputs.dtype == torch.float32 and inputs.K > DELTA_TL_MAX_K_FP32:
+            reasons.append(f"fp32 inputs take K <= {DELTA_TL_MAX_K_FP32} (the backward state pass's fp32 tiles of K = "
+                           f"{inputs.K} overflow shared memory): use bf16 / fp16 inputs or backend='torch'")
+        return reasons
+
     kind = "chunked WY" if mode == "chunk" else "token-by-token"
-    return Backend(name="tilelang", capabilities=caps,
-                   verifier=functools.partial(tilelang_verifier, caps, "fla_tl.kernels.delta_rule"), fwd=fwd, bwd=None,
+    return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=fwd, bwd=None,
                    description=f"{kind} TileLang kernels")
+
+
+# the chunk kernels' largest key head dim for fp32 inputs (`kernels.common.chunk_delta_h`: one pipeline stage of fp32
+# [64, K] query and key tiles beside the [K, 64] state gradient)
+DELTA_TL_MAX_K_FP32 = 128
 
 
 DELTA_DROPPED = "fused_chunk_delta_rule is not provided (fla 0.6.0's is a stub that raises): use chunk_delta_rule"

@@ -213,6 +213,77 @@ def test_wy_kernels(lens, D, dtype, gate):
     assert_close("u", u.cpu(), ru, dtype)
 
 
+def _state_pass_reference(q, k, w, u, do, gc, cu, scale, BT=64):
+    """the state passes in fp64 from the WY pair: (h entering each chunk, v_new, dh leaving each chunk, dv_new)."""
+    q, k, w, u, do = (x.double() for x in (q, k, w, u, do))
+    H, K, V = k.shape[1], k.shape[2], u.shape[2]
+    b = gc.double() if gc is not None else torch.zeros(k.shape[:2], dtype=torch.float64, device=k.device)
+    v_new, dv_new, hs, dhs = torch.zeros_like(u), torch.zeros_like(u), [], []
+    for n in range(len(cu) - 1):
+        starts = [(t0, min(t0 + BT, int(cu[n + 1]))) for t0 in range(int(cu[n]), int(cu[n + 1]), BT)]
+        S = torch.zeros(H, K, V, dtype=torch.float64, device=k.device)
+        for t0, t1 in starts:
+            hs.append(S.clone())
+            bc, bl = b[t0:t1], b[t1 - 1]
+            v_new[t0:t1] = u[t0:t1] - torch.einsum("thk,hkv->thv", w[t0:t1], S)
+            S = S * torch.exp2(bl)[:, None, None] + torch.einsum(
+                "thk,thv->hkv", k[t0:t1] * torch.exp2(bl - bc)[..., None], v_new[t0:t1])
+        dS, seq_dhs = torch.zeros_like(S), []
+        for t0, t1 in reversed(starts):
+            seq_dhs.append(dS.clone())
+            bc, bl = b[t0:t1], b[t1 - 1]
+            s = (torch.einsum("ihk,jhk->hij", q[t0:t1], k[t0:t1]) * scale
+                 * torch.exp2(bc.T[:, :, None] - bc.T[:, None, :])).tril()
+            dv_new[t0:t1] = torch.einsum("hij,ihv->jhv", s, do[t0:t1]) + torch.einsum(
+                "jhk,hkv->jhv", k[t0:t1] * torch.exp2(bl - bc)[..., None], dS)
+            dS = (dS * torch.exp2(bl)[:, None, None]
+                  + torch.einsum("ihk,ihv->hkv", q[t0:t1] * (scale * torch.exp2(bc))[..., None], do[t0:t1])
+                  - torch.einsum("jhk,jhv->hkv", w[t0:t1], dv_new[t0:t1]))
+        dhs.extend(reversed(seq_dhs))
+    return torch.stack(hs, 1), v_new, torch.stack(dhs, 1), dv_new
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["none", "g"])
+@pytest.mark.parametrize(("lens", "dtype", "K", "V", "config"), [
+    pytest.param((200, 130), torch.bfloat16, 128, 128, {}, id="bf16-K128-default"),
+    pytest.param((200, 130), torch.bfloat16, 128, 128, dict(BV=128, threads=256), id="bf16-K128-BV128-thr256"),
+    pytest.param((200, 130), torch.bfloat16, 128, 128, dict(BV=64, threads=256), id="bf16-K128-BV64-thr256"),
+    pytest.param((1, 130, 0, 77), torch.float32, 64, 48, {}, id="varlen-fp32-K64-V48"),
+    pytest.param((1, 130, 0, 77), torch.float32, 64, 48, dict(num_stages=2), id="varlen-fp32-K64-V48-stages2"),
+    pytest.param((70, 64), torch.float16, 100, 72, {}, id="fp16-K100-V72"),
+])
+def test_state_passes(lens, dtype, K, V, config, gate):
+    """the two state passes (forming the WY pair from the inverse) at each tile config the launchers pick, against
+    the passes in fp64 on the WY pair of `wy_repr`: the states, v_new, the state gradients and dv_new."""
+    from fla_tl.kernels.common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_fwd_h
+    from fla_tl.kernels.common.cumsum import chunk_gate_cumsum
+    from fla_tl.kernels.common.utils import seq_meta
+    from fla_tl.kernels.common.wy import wy_repr
+
+    Ttot, H = sum(lens), 4
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device="cuda")
+    meta = seq_meta(1, Ttot, cu, 64, torch.device("cuda"))
+    q = torch.randn(Ttot, H, K, device="cuda").to(dtype)
+    k = torch.nn.functional.normalize(torch.randn(Ttot, H, K, device="cuda"), dim=-1).to(dtype)
+    v, do = torch.randn(Ttot, H, V, device="cuda").to(dtype), torch.randn(Ttot, H, V, device="cuda").to(dtype)
+    beta = torch.rand(Ttot, H, device="cuda")
+    # gates near 1 (about 0.995 a token): the states carry across chunks, so w S matters in v_new
+    g = torch.nn.functional.logsigmoid(torch.randn(Ttot, H, device="cuda") + 5) if gate == "g" else None
+    gc = chunk_gate_cumsum(g, torch.zeros(H, device="cuda"), meta) if gate == "g" else None
+    w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc)
+    kw = dict(gate=gate, gc=gc, meta=meta, **config)
+    h, v_new, _ = chunk_delta_fwd_h(k, v, beta, ai, initial_state=None, output_final_state=False, **kw)
+    dh, dv_new, _ = chunk_delta_bwd_dhu(q, k, beta, ai, do, None, scale=K ** -0.5, need_dh0=False, **kw)
+    rh, rv, rdh, rdv = _state_pass_reference(q, k, w, u, do, gc, cu.tolist(), K ** -0.5)
+    from fla_tl.utils import compare
+
+    # every output compared before the verdict (the two passes are independent)
+    results = {name: compare(a, b, dtype) for name, a, b in (
+        ("h", h.transpose(0, 1), rh), ("v_new", v_new, rv), ("dh", dh.transpose(0, 1), rdh), ("dv_new", dv_new, rdv))}
+    assert all(ok for ok, _ in results.values()), "; ".join(f"{n}: {d}" for n, (ok, d) in results.items() if not ok)
+
+
 def test_wy_reference_matches_the_chunked_form():
     """the test's solve-by-inverse WY pair reproduces the chunked form's states: with S = 0 entering a chunk, u - w S
     is u, the corrected values (I + A)^-1 diag(beta) V, so k^T u is the state after one chunk from zero."""
@@ -263,6 +334,7 @@ def test_tilelang_fused_recurrent_ops(lens, dtype, state_v_first, gated):
     pytest.param((63,), torch.float16, False, 1, 1, 100, 72, id="T63-fp16-K100-V72"),
     pytest.param((200,), torch.bfloat16, False, 1, 2, 256, 256, id="T200-bf16-K256"),
     pytest.param((1000,), torch.bfloat16, False, 2, 2, 128, 128, id="T1000-bf16-K128"),
+    pytest.param((130,), torch.float32, False, 1, 1, 128, 128, id="T130-fp32-K128"),
 ])
 @pytest.mark.parametrize("schedule", ["fused", "parallel"])
 def test_tilelang_chunk_ops(lens, dtype, state_v_first, H, HV, K, V, gated, schedule, monkeypatch):

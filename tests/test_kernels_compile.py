@@ -57,18 +57,18 @@ def _specs():
     for gate, dtype, d in (("none", "bfloat16", 128), ("g", "float32", 100)):
         params.append(pytest.param((wy.wy_fwd_kernel, dict(K=d, V=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
                                    id=f"wy_fwd_kernel-K{d}-{dtype}-{gate}"))
-        params.append(pytest.param((wy.apply_tril_kernel, dict(D=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
-                                   id=f"apply_tril_kernel-D{d}-{dtype}-{gate}"))
     from fla_tl.kernels.common import chunk_delta_h as dh
     from fla_tl.kernels.common import fused_chunk_delta
 
-    # the delta rule's state passes, fused forward and WY backward, gated in bf16 at K = V = 128 (bulk copies), and the
-    # forward state pass plain in fp32 at a padded 100 (masked loads)
-    for factory in (dh.chunk_delta_bwd_dhu_kernel, fused_chunk_delta.fused_chunk_delta_fwd_kernel):
+    # the delta rule's state passes and fused forward gated in bf16 at K = V = 128 (bulk copies), the state passes
+    # plain in fp16 at a padded 100 (masked element loads only: a cp.async pipeline)
+    for factory in (dh.chunk_delta_fwd_h_kernel, dh.chunk_delta_bwd_dhu_kernel,
+                    fused_chunk_delta.fused_chunk_delta_fwd_kernel):
         params.append(pytest.param((factory, dict(K=128, V=128, gate="g", dtype="bfloat16", BT=64)),
                                    id=f"{factory.__name__}-K128-bfloat16-g"))
-    params.append(pytest.param((dh.chunk_delta_fwd_h_kernel, dict(K=100, V=100, gate="none", dtype="float32", BT=64)),
-                               id="chunk_delta_fwd_h_kernel-K100-float32-none"))
+    for factory in (dh.chunk_delta_fwd_h_kernel, dh.chunk_delta_bwd_dhu_kernel):
+        params.append(pytest.param((factory, dict(K=100, V=100, gate="none", dtype="float16", BT=64)),
+                                   id=f"{factory.__name__}-K100-float16-none"))
     params.append(pytest.param((wy.wy_bwd_kernel, dict(K=128, V=128, dtype="bfloat16", beta_dtype="float32", gate="g",
                                                         dk_dtype="bfloat16")),
                                id="wy_bwd_kernel-K128-bfloat16-g"))

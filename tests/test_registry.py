@@ -108,6 +108,20 @@ def test_tilelang_refusals(change, expected, tilelang_importable):
         assert want in reason
 
 
+@pytest.mark.parametrize("op", ["chunk_delta_rule", "chunk_gated_delta_rule"])
+def test_chunk_delta_refuses_fp32_wide_keys(op, tilelang_importable):
+    """fp32 inputs with K > 128 overflow the chunk state pass's shared memory: refused with the way out; K = 128
+    fp32, K = 256 bf16 and the token-by-token op take them."""
+    fp32 = dataclasses.replace(H100, dtype=torch.float32)
+    reasons = backend(op, "tilelang").verifier(dataclasses.replace(fp32, K=256))
+    assert len(reasons) == 1 and "fp32 inputs take K <= 128" in reasons[0] and "backend='torch'" in reasons[0]
+    assert select_backend(get_op(op), dataclasses.replace(fp32, K=256)).name == "torch"
+    assert backend(op, "tilelang").verifier(fp32) == []
+    assert backend(op, "tilelang").verifier(dataclasses.replace(H100, K=256)) == []
+    recurrent = op.replace("chunk_", "fused_recurrent_")
+    assert backend(recurrent, "tilelang").verifier(dataclasses.replace(fp32, K=256)) == []
+
+
 def test_tilelang_refuses_without_tilelang(monkeypatch):
     monkeypatch.setattr(ops, "module_missing", lambda name: True)
     assert backend("chunk_retention", "tilelang").verifier(H100) == ["tilelang is not installed"]

@@ -32,8 +32,8 @@ def specs(D: int = 128, dtype: str = "bfloat16"):
         for c in CONFIGS:
             kv = dict(K=D, V=D, gate=gate, dtype=dtype, BT=64, **c)
             out.append(("fused", F.fused_chunk_delta_fwd_kernel, kv))
-            out.append(("fwd_h", Dh.chunk_delta_fwd_h_kernel, dict(num_stages=Dh.stages_for(D), **kv)))
-            out.append(("dhu", Dh.chunk_delta_bwd_dhu_kernel, dict(num_stages=Dh.stages_for(D), **kv)))
+            out.append(("fwd_h", Dh.chunk_delta_fwd_h_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
+            out.append(("dhu", Dh.chunk_delta_bwd_dhu_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
     for gate in GATES:
         for threads in WY_THREADS:
             wkv = dict(K=D, V=D, dtype=dtype, beta_dtype="float32", gate=gate, BT=64, threads=threads)
@@ -66,13 +66,11 @@ def run(B, T, H, D):
     for gate in GATES:
         gc = chunk_gate_cumsum(g, head_decay(None, H, q.device), meta, 64) if gate == "g" else None
         w, u, ai = wy.wy_repr(k, v, beta, meta=meta, gc=gc)
-        h, v_new, _ = Dh.chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=None, output_final_state=False,
-                                          meta=meta)
         kw = dict(gate=gate, gc=gc, meta=meta)
-        dh, du, _ = Dh.chunk_delta_bwd_dhu(q, k, w, do, None, scale=0.1, need_dh0=False, **kw)
+        h, v_new, _ = Dh.chunk_delta_fwd_h(k, v, beta, ai, initial_state=None, output_final_state=False, **kw)
+        dh, du, _ = Dh.chunk_delta_bwd_dhu(q, k, beta, ai, do, None, scale=0.1, need_dh0=False, **kw)
         _, dk, dw, _, _ = Dh.chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, scale=0.1, **kw)
         stages = {
-            "apply_tril(k)": lambda: wy.apply_tril(k, beta, ai, **kw),
             "dqkw": lambda: Dh.chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, scale=0.1, **kw),
         }
         for threads in WY_THREADS:
@@ -84,9 +82,9 @@ def run(B, T, H, D):
             stages[f"fused[{tag}]"] = lambda c=c: Fd.fused_chunk_delta_fwd(
                 q, k, w, u, scale=0.1, initial_state=None, output_final_state=False, **kw, **c)
             stages[f"fwd_h[{tag}]"] = lambda c=c: Dh.chunk_delta_fwd_h(
-                k, w, u, initial_state=None, output_final_state=False, **kw, **c)
+                k, v, beta, ai, initial_state=None, output_final_state=False, **kw, **c)
             stages[f"dhu[{tag}]"] = lambda c=c: Dh.chunk_delta_bwd_dhu(
-                q, k, w, do, None, scale=0.1, need_dh0=False, **kw, **c)
+                q, k, beta, ai, do, None, scale=0.1, need_dh0=False, **kw, **c)
         for name, fn in stages.items():
             try:
                 print(f"  gate={gate:4s} {name:28s} {bench(fn):.3f} ms", flush=True)

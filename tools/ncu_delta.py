@@ -1,4 +1,4 @@
-"""one launch each of the delta rule's WY kernels and dq/dk/dw pass (gate from argv), for ncu."""
+"""one launch each of the delta rule's WY kernels, state passes and dq/dk/dw pass (gate from argv), for ncu."""
 import sys
 
 import torch
@@ -23,8 +23,8 @@ meta = seq_meta(B, T, None, 64, q.device)
 gc = chunk_gate_cumsum(g, head_decay(None, H, q.device), meta, 64) if gate == "g" else None
 kw = dict(gate=gate, gc=gc, meta=meta)
 w, u, ai = wy.wy_repr(k, v, beta, meta=meta, gc=gc)
-h, v_new, _ = Dh.chunk_delta_fwd_h(k, w, u, initial_state=None, output_final_state=False, **kw)
-dh, du, _ = Dh.chunk_delta_bwd_dhu(q, k, w, do, None, scale=0.1, need_dh0=False, **kw)
+h, v_new, _ = Dh.chunk_delta_fwd_h(k, v, beta, ai, initial_state=None, output_final_state=False, **kw)
+dh, du, _ = Dh.chunk_delta_bwd_dhu(q, k, beta, ai, do, None, scale=0.1, need_dh0=False, **kw)
 _, dk, dw, _, _ = Dh.chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, scale=0.1, **kw)
 wy.wy_bwd(k, v, beta, ai, du, dw, dk, meta=meta, gc=gc)
 torch.cuda.synchronize()

@@ -6,13 +6,15 @@ entering it, the chunk's corrected values are v_new = u - w S, and then, as in `
   S <- 2^bL S + sum_j 2^(bL - b_j) k_j v_new_j^T,
 with b the chunk-local cumulative log2 gates (gate "g") or zero (gate "none"). The output is `chunk_o.chunk_fwd_o` on
 (q, k, v_new, h) with the same gate. One block per (V tile, sequence, head) walks the sequence with the whole [K, BV]
-state in registers (w S needs every key row).
+state in registers (w S needs every key row). Both passes form the chunk's w (and the forward pass u) from the kept
+WY inverse, k, v and beta on the fly, so the pair is never written or read back (the backward's recompute of it cost
+two extra passes, 0.42 ms on an H100 at 8x4096x16x128 bf16).
 
 Backward, from the last chunk to the first, with dS the gradient of the state leaving chunk c (stored as dh[c], the
 convention of `chunk_h.chunk_bwd_dh`):
   dv_new = dv_local + diag(2^(bL - b)) K dS,   dv_local = scale * sum_{i>=j} 2^(b_i - b_j) (q_i . k_j) do_i,
   dS <- 2^bL dS + scale * (diag(2^b) Q)^T dO - W^T dv_new,
-ending at the initial state's gradient. dv_local (`chunk_delta_bwd_dv_local`) is chunk-parallel.
+ending at the initial state's gradient; dv_local is formed inside the pass, per chunk.
 """
 
 import tilelang.language as T
@@ -29,6 +31,7 @@ from .gates import (
     head_decay,
 )
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, sm_count, state_or_dummy, target_for
+from .wy import scale_columns
 
 
 @T.macro
@@ -66,6 +69,9 @@ def chunk_delta_fwd_h_kernel(
     num_stages: int = 2,
     threads: int = 128,
 ):
+    """the states entering each chunk and the corrected values v_new = u - w S, with the chunk's WY pair formed here
+    from the kept inverse (`wy.scale_columns`: u = Ai diag(beta) V rounded to the input dtype as `wy.wy_fwd_kernel`
+    stores it, w = Ai diag(beta 2^b) K in [BT, 64] key tiles), so w and u are never written or read."""
     KP = pad_dim(K)
     NV = cdiv(V, BV)
     # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads
@@ -76,8 +82,9 @@ def chunk_delta_fwd_h_kernel(
     @T.prim_func
     def chunk_delta_fwd_h(
         k: T.Tensor([Ttot, H, K], dtype),
-        w: T.Tensor([Ttot, H, K], dtype),
-        u: T.Tensor([Ttot, H, V], dtype),
+        v: T.Tensor([Ttot, H, V], dtype),
+        ai: T.Tensor([Ttot, H, BT], dtype),
+        betac: T.Tensor([H, NT, BT], "float32"),
         g_gamma: T.Tensor([H], "float32"),
         gc: T.Tensor([NG, BT], "float32"),
         h0: T.Tensor([NH0, K, V], "float32"),
@@ -98,13 +105,17 @@ def chunk_delta_fwd_h_kernel(
             lg = gate_state(gate, g_gamma, i_h, BT)
 
             k_s = T.alloc_shared([BT, KP], dtype)
-            w_s = T.alloc_shared([BT, KP], dtype)
-            u_s = T.alloc_shared([BT, BV], dtype)
+            v_s = T.alloc_shared([BT, BV], dtype)
+            ai_s = T.alloc_shared([BT, BT], dtype)
+            beta_s = T.alloc_shared([BT], "float32")
+            aw_s = T.alloc_shared([BT, BT], dtype)
+            wn_s = T.alloc_shared([BT, KP], dtype)
             h_s = T.alloc_shared([KP, BV], dtype)
             vg_s = T.alloc_shared([BT, BV], dtype)
             vn_s = T.alloc_shared([BT, BV], dtype)
             b_h = T.alloc_fragment([KP, BV], "float32")
             b_v = T.alloc_fragment([BT, BV], "float32")
+            b_y = T.alloc_fragment([BT, 64], "float32")
 
             T.clear(b_h)
             if use_h0 == 1:
@@ -115,27 +126,48 @@ def chunk_delta_fwd_h_kernel(
             for c in T.Pipelined(T.ceildiv(eos - bos, BT), num_stages=num_stages):
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
-                gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT)
                 # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
                 # consumer wait for every bulk copy of the stage first)
-                # rows past the sequence end are masked below (v_new's store, zero rows of vg)
+                # rows past the sequence end: the scaled inverse is zero there, v_new's store and vg mask them
                 if aligned:
+                    gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT)
+                    T.copy(betac[i_h, boc + c, 0:BT], beta_s)
                     T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
-                    T.copy(w[t0 : t0 + BT, i_h, 0:K], w_s)
-                    T.copy(u[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], u_s)
+                    T.copy(ai[t0 : t0 + BT, i_h, 0:BT], ai_s)
+                    T.copy(v[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], v_s)
                 else:
+                    # element loads only (a bulk copy beside them raced in the warp-specialized pipeline), beta and the
+                    # gates masked too (an unmasked load broke the 16-bit kernels' code generation)
+                    gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT, nvalid)
+                    for i in T.Parallel(BT):
+                        beta_s[i] = T.if_then_else(i < nvalid, betac[i_h, boc + c, i], 0)
                     for i, j in T.Parallel(BT, KP):
                         k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
-                        w_s[i, j] = T.if_then_else(i < nvalid and j < K, w[t0 + i, i_h, j], 0)
+                    for i, j in T.Parallel(BT, BT):
+                        ai_s[i, j] = T.if_then_else(i < nvalid, ai[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BV):
-                        u_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, u[t0 + i, i_h, i_v * BV + j], 0)
+                        v_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, v[t0 + i, i_h, i_v * BV + j], 0)
+                # u = (Ai diag(beta)) V, rounded to the input dtype as the forward stores it
+                scale_columns(aw_s, ai_s, beta_s, gate, lg, nvalid, False, BT, dtype)
+                T.gemm(aw_s, v_s, b_v, clear_accum=True)
+                for i, j in T.Parallel(BT, BV):
+                    b_v[i, j] = T.Cast("float32", T.Cast(dtype, b_v[i, j]))
                 # the state entering chunk c, staged for w S and stored from shared memory (one bulk copy)
                 T.copy(b_h, h_s)
                 store_state(h_s, h, boc + c, i_h, i_v * BV, aligned, K, KP, BV, V)
-                # v_new = u - w S   [BT, BV]
-                T.gemm(w_s, h_s, b_v, clear_accum=True)
+                # -w = -(Ai diag(beta 2^b)) K, per [BT, 64] key tile
+                if gate != "none":
+                    scale_columns(aw_s, ai_s, beta_s, gate, lg, nvalid, True, BT, dtype)
+                for kt in T.unroll(KP // 64):
+                    T.gemm(aw_s, k_s[:, kt * 64 : (kt + 1) * 64], b_y, clear_accum=True)
+                    for i, j in T.Parallel(BT, 64):
+                        wn_s[i, kt * 64 + j] = T.Cast(dtype, -b_y[i, j])
+                # v_new = u - w S   [BT, BV], in one product over the whole state (one product per row slice of
+                # the state tile gave wrong v_new with two consumer warpgroups on the H100, every run alike; right
+                # with one)
+                T.gemm(wn_s, h_s, b_v)
                 for i, j in T.Parallel(BT, BV):
-                    b_v[i, j] = T.if_then_else(i < nvalid, T.Cast("float32", u_s[i, j]) - b_v[i, j], 0)
+                    b_v[i, j] = T.if_then_else(i < nvalid, b_v[i, j], 0)
                 for i, j in T.Parallel(BT, BV):
                     vn_s[i, j] = T.Cast(dtype, b_v[i, j])
                     vg_s[i, j] = T.Cast(dtype, b_v[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i)))
@@ -153,66 +185,6 @@ def chunk_delta_fwd_h_kernel(
     return chunk_delta_fwd_h
 
 
-def chunk_delta_bwd_dv_local_kernel(
-    K: int,
-    V: int,
-    gate: str,
-    dtype: str,
-    # kernel config
-    BT: int = 64,
-    BV: int = 64,
-    threads: int = 128,
-):
-    """dv_local[j] = scale * sum_{i>=j} 2^(b_i - b_j) (q_i . k_j) do_i, one [BT, BV] tile per block."""
-    KP = pad_dim(K)
-    NV = cdiv(V, BV)
-    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
-
-    @T.prim_func
-    def chunk_delta_bwd_dv_local(
-        q: T.Tensor([Ttot, H, K], dtype),
-        k: T.Tensor([Ttot, H, K], dtype),
-        do: T.Tensor([Ttot, H, V], dtype),
-        g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
-        cu: T.Tensor([N + 1], "int32"),
-        chunk_indices: T.Tensor([NT, 2], "int32"),
-        dv: T.Tensor([Ttot, H, V], dtype),
-        scale: T.float32,
-    ):
-        with T.Kernel(NV, NT, H, threads=threads) as (i_v, i_c, i_h):
-            i_n = chunk_indices[i_c, 0]
-            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
-            nvalid = T.min(cu[i_n + 1] - t0, BT)
-            lg = gate_state(gate, g_gamma, i_h, BT)
-            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
-
-            q_s = T.alloc_shared([BT, KP], dtype)
-            k_s = T.alloc_shared([BT, KP], dtype)
-            do_s = T.alloc_shared([BT, BV], dtype)
-            a_s = T.alloc_shared([BT, BT], dtype)
-            b_a = T.alloc_fragment([BT, BT], "float32")
-            b_dv = T.alloc_fragment([BT, BV], "float32")
-
-            for i, j in T.Parallel(BT, KP):
-                q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
-                k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
-            for i, j in T.Parallel(BT, BV):
-                do_s[i, j] = T.if_then_else(i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
-            # b_a[j, i] = k_j . q_i, kept where i >= j
-            T.gemm(k_s, q_s, b_a, transpose_B=True, clear_accum=True)
-            for j, i in T.Parallel(BT, BT):
-                a_s[j, i] = T.if_then_else(
-                    i >= j, b_a[j, i] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
-                )
-            T.gemm(a_s, do_s, b_dv, clear_accum=True)
-            for i, j in T.Parallel(BT, BV):
-                if i < nvalid and i_v * BV + j < V:
-                    dv[t0 + i, i_h, i_v * BV + j] = b_dv[i, j]
-
-    return chunk_delta_bwd_dv_local
-
-
 def chunk_delta_bwd_dhu_kernel(
     K: int,
     V: int,
@@ -224,6 +196,9 @@ def chunk_delta_bwd_dhu_kernel(
     num_stages: int = 2,
     threads: int = 128,
 ):
+    """the state gradients and the corrected values' gradients, walking each sequence backwards; dv_local (the chunk's
+    causal scores on dO) is formed here per chunk, and W^T dv_new as K^T ((Ai diag(beta 2^b))^T dv_new) from the kept
+    inverse, so neither dv_local nor w is written or read."""
     KP = pad_dim(K)
     NV = cdiv(V, BV)
     # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads
@@ -235,9 +210,9 @@ def chunk_delta_bwd_dhu_kernel(
     def chunk_delta_bwd_dhu(
         q: T.Tensor([Ttot, H, K], dtype),
         k: T.Tensor([Ttot, H, K], dtype),
-        w: T.Tensor([Ttot, H, K], dtype),
+        ai: T.Tensor([Ttot, H, BT], dtype),
+        betac: T.Tensor([H, NT, BT], "float32"),
         do: T.Tensor([Ttot, H, V], dtype),
-        dv_local: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
         gc: T.Tensor([NG, BT], "float32"),
         dht: T.Tensor([NHT, K, V], "float32"),
@@ -261,15 +236,18 @@ def chunk_delta_bwd_dhu_kernel(
 
             q_s = T.alloc_shared([BT, KP], dtype)
             k_s = T.alloc_shared([BT, KP], dtype)
-            w_s = T.alloc_shared([BT, KP], dtype)
+            ai_s = T.alloc_shared([BT, BT], dtype)
+            beta_s = T.alloc_shared([BT], "float32")
             do_s = T.alloc_shared([BT, BV], dtype)
-            dvl_s = T.alloc_shared([BT, BV], dtype)
+            aw_s = T.alloc_shared([BT, BT], dtype)
+            a_s = T.alloc_shared([BT, BT], dtype)
             dog_s = T.alloc_shared([BT, BV], dtype)
-            dvn_s = T.alloc_shared([BT, BV], dtype)
             dvo_s = T.alloc_shared([BT, BV], dtype)
+            t_s = T.alloc_shared([BT, BV], dtype)
             dh_s = T.alloc_shared([KP, BV], dtype)
             b_dh = T.alloc_fragment([KP, BV], "float32")
             b_dv = T.alloc_fragment([BT, BV], "float32")
+            b_a = T.alloc_fragment([BT, BT], "float32")
 
             T.clear(b_dh)
             if use_dht == 1:
@@ -281,52 +259,65 @@ def chunk_delta_bwd_dhu_kernel(
                 c = nc - 1 - cc
                 t0 = bos + c * BT
                 nvalid = T.min(eos - t0, BT)
-                gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT)
                 # the chunk's last gate is read where it is used (see `fused_chunk`: bound here, its read made the
                 # consumer wait for every bulk copy of the stage first)
-                # rows past the sequence end are zeroed in dv_new and in the gated do
+                # rows past the sequence end: the scaled inverse and the scores are zero there, and they are zeroed in
+                # dv_new and in the gated do
                 if aligned:
-                    T.copy(w[t0 : t0 + BT, i_h, 0:K], w_s)
+                    gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT)
+                    T.copy(betac[i_h, boc + c, 0:BT], beta_s)
                     T.copy(q[t0 : t0 + BT, i_h, 0:K], q_s)
                     T.copy(k[t0 : t0 + BT, i_h, 0:K], k_s)
+                    T.copy(ai[t0 : t0 + BT, i_h, 0:BT], ai_s)
                     T.copy(do[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], do_s)
-                    T.copy(dv_local[t0 : t0 + BT, i_h, i_v * BV : (i_v + 1) * BV], dvl_s)
                 else:
+                    # element loads only (a bulk copy beside them raced in the warp-specialized pipeline), beta and the
+                    # gates masked too (an unmasked load broke the 16-bit kernels' code generation)
+                    gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT, nvalid)
+                    for i in T.Parallel(BT):
+                        beta_s[i] = T.if_then_else(i < nvalid, betac[i_h, boc + c, i], 0)
                     for i, j in T.Parallel(BT, KP):
                         q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
                         k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
-                        w_s[i, j] = T.if_then_else(i < nvalid and j < K, w[t0 + i, i_h, j], 0)
+                    for i, j in T.Parallel(BT, BT):
+                        ai_s[i, j] = T.if_then_else(i < nvalid, ai[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BV):
                         do_s[i, j] = T.if_then_else(
                             i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
-                        dvl_s[i, j] = T.if_then_else(
-                            i < nvalid and i_v * BV + j < V, dv_local[t0 + i, i_h, i_v * BV + j], 0)
+                # Ai diag(beta 2^b), with which w = (Ai diag(beta 2^b)) K
+                scale_columns(aw_s, ai_s, beta_s, gate, lg, nvalid, True, BT, dtype)
+                # the causal scores a[j, i] = scale 2^(b_i - b_j) (k_j . q_i), i >= j inside the sequence
+                T.gemm(k_s, q_s, b_a, transpose_B=True, clear_accum=True)
+                for j, i in T.Parallel(BT, BT):
+                    a_s[j, i] = T.if_then_else(
+                        i >= j and i < nvalid, b_a[j, i] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)),
+                        0)
                 # the gradient of the state leaving chunk c, staged for the products and stored from shared memory
                 T.copy(b_dh, dh_s)
                 store_state(dh_s, dh, boc + c, i_h, i_v * BV, aligned, K, KP, BV, V)
-                # dv_new = dv_local + diag(2^(bL - b)) K dS   [BT, BV]
+                # dv_new = a dO + diag(2^(bL - b)) K dS   [BT, BV]
                 T.gemm(k_s, dh_s, b_dv, clear_accum=True)
                 for i, j in T.Parallel(BT, BV):
                     b_dv[i, j] = T.if_then_else(
-                        i < nvalid,
-                        b_dv[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i))
-                        + T.Cast("float32", dvl_s[i, j]),
-                        0,
-                    )
+                        i < nvalid, b_dv[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i)), 0)
+                T.gemm(a_s, do_s, b_dv)
                 for i, j in T.Parallel(BT, BV):
                     dvo_s[i, j] = T.Cast(dtype, b_dv[i, j])
-                    dvn_s[i, j] = T.Cast(dtype, -b_dv[i, j])
                     dog_s[i, j] = T.if_then_else(
                         i < nvalid,
                         T.Cast(dtype, T.Cast("float32", do_s[i, j]) * scale * T.exp2(gate_row(gate, lg, i))),
                         0,
                     )
-                # dS <- 2^bL dS + Q^T diag(scale 2^b) dO - W^T dv_new
+                # W^T dv_new = K^T t with t = (Ai diag(beta 2^b))^T dv_new   [BT, BV] (w itself is never formed)
+                T.gemm(aw_s, dvo_s, b_dv, transpose_A=True, clear_accum=True)
+                for i, j in T.Parallel(BT, BV):
+                    t_s[i, j] = T.Cast(dtype, -b_dv[i, j])
+                # dS <- 2^bL dS + Q^T diag(scale 2^b) dO - K^T t
                 if gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(q_s, dog_s, b_dh, transpose_A=True)
-                T.gemm(w_s, dvn_s, b_dh, transpose_A=True)
+                T.gemm(k_s, t_s, b_dh, transpose_A=True)
                 store_chunk(dvo_s, dv_new, t0, i_h, i_v * BV, nvalid, aligned, BT, BV, V)
 
             if store_dh0 == 1:
@@ -482,70 +473,63 @@ def chunk_delta_bwd_dqkw_kernel(
 def pass_config(name: str, K: int, V: int, blocks: int, like: torch.Tensor) -> dict:
     """the tile config of a sequential pass ("fused", "fwd_h", "dhu") over `blocks` sequences x heads, from
     `tools/delta_time.py` on an H100 at 8x4096x16x128 (bf16, 128 blocks of V tiles of 128 on 132 multiprocessors): for
-    16-bit inputs with K <= 128, V tiles of 128 with two consumer warpgroups in the forward passes (the gated fused
-    forward 0.69 -> 0.34 ms, ungated 0.26 -> 0.24; gated fwd_h 0.35 -> 0.31) while that grid still covers three
-    quarters of the multiprocessors; dhu stages five tiles, so it keeps V tiles of 64 (with 256 threads: 0.90 -> 0.80
-    ms gated). Otherwise the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong dk: 5% off)."""
+    16-bit inputs with K <= 128, V tiles of 128 with two consumer warpgroups while that grid still covers three quarters
+    of the multiprocessors (the gated fused forward 0.69 -> 0.34 ms, ungated 0.26 -> 0.24; fwd_h 0.44 -> 0.29 ungated,
+    0.85 -> 0.36 gated; dhu 0.52 -> 0.34 ungated, 1.12 -> 0.52 gated, against V tiles of 64 with one warpgroup).
+    Otherwise the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong dk: 5% off)."""
     if K > 128 or like.device.type != "cuda" or like.element_size() != 2:
         return {}
-    if name == "dhu":
-        return dict(BV=64, threads=256)
     if 4 * blocks * cdiv(V, 128) >= 3 * sm_count(like.device):
         return dict(BV=128, threads=256)
     return {}
 
 
-def stages_for(K: int) -> int:
-    """pipeline stages of the state passes: two, one past K = 128 (two stages of [64, 256] key tiles overflow shared
-    memory)."""
-    return 2 if pad_dim(K) <= 128 else 1
+def stages_for(K: int, itemsize: int) -> int:
+    """pipeline stages of the state passes for inputs of `itemsize` bytes: two for 16-bit inputs with K <= 128, else
+    one (two stages of [64, 256] key tiles, or of fp32 tiles, overflow shared memory)."""
+    return 2 if pad_dim(K) <= 128 and itemsize == 2 else 1
 
 
-def chunk_delta_fwd_h(k, w, u, *, gate: str, gc, initial_state, output_final_state: bool, meta: SeqMeta,
+def chunk_delta_fwd_h(k, v, beta, ai, *, gate: str, gc, initial_state, output_final_state: bool, meta: SeqMeta,
                       BT: int = 64, **config):
-    """(states entering each chunk `[NT, H, K, V]` in k's dtype, corrected values v_new `[Ttot, H, V]` in u's dtype,
-    final state fp32 `[N, H, K, V]` or None); k, w `[Ttot, H, K]` and u `[Ttot, H, V]` per value head, gc `[Ttot, H]`
-    for gate "g"."""
-    Ttot, H, K = k.shape
-    V = u.shape[-1]
+    """(states entering each chunk `[NT, H, K, V]` in k's dtype, corrected values v_new `[Ttot, H, V]` in v's dtype,
+    final state fp32 `[N, H, K, V]` or None); k `[Ttot, H, K]`, v `[Ttot, H, V]`, beta fp32 `[Ttot, H]` per value head,
+    ai the kept WY inverse (`wy.wy_repr`), gc `[Ttot, H]` for gate "g"."""
+    _, H, K = k.shape
+    V = v.shape[-1]
     h = k.new_empty(meta.NT, H, K, V)
-    v_new = torch.empty_like(u)
+    v_new = torch.empty_like(v)
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     if meta.NT > 0:
-        config = {"num_stages": stages_for(K), **(config or pass_config("fwd_h", K, V, meta.N * H, k))}
+        config = {"num_stages": stages_for(K, k.element_size()), **(config or pass_config("fwd_h", K, V, meta.N * H, k))}
         kernel = get_kernel(chunk_delta_fwd_h_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
-        gcc = gate_chunks(gc, meta, H, BT, k)
-        kernel(k, w, u, head_decay(None, H, k.device), gcc, h0, meta.cu, meta.chunk_offsets, h, v_new, ht, use_h0,
+        kernel(k, v, ai, gate_chunks(beta, meta, H, BT, k).view(H, meta.NT, BT), head_decay(None, H, k.device),
+               gate_chunks(gc, meta, H, BT, k), h0, meta.cu, meta.chunk_offsets, h, v_new, ht, use_h0,
                int(output_final_state))
     elif output_final_state:
         ht = h0 if use_h0 else ht.zero_()
     return h, v_new, (ht.view(meta.N, H, K, V) if output_final_state else None)
 
 
-def chunk_delta_bwd_dhu(q, k, w, do, dht, *, gate: str, gc, scale: float, need_dh0: bool, meta: SeqMeta,
+def chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, *, gate: str, gc, scale: float, need_dh0: bool, meta: SeqMeta,
                         BT: int = 64, **config):
     """(dh `[NT, H, K, V]` the gradients of the states leaving each chunk, in q's dtype; dv_new `[Ttot, H, V]` the
-    corrected values' gradients; dh0 fp32 `[N, H, K, V]` or None); dht `[N, H, K, V]` or None."""
-    Ttot, H, K = q.shape
+    corrected values' gradients; dh0 fp32 `[N, H, K, V]` or None); beta, ai as in `chunk_delta_fwd_h`, dht `[N, H, K,
+    V]` or None."""
+    _, H, K = q.shape
     V = do.shape[-1]
     dh = q.new_empty(meta.NT, H, K, V)
     dv_new = torch.empty_like(do)
     dh0 = q.new_empty(meta.N * H if need_dh0 else 1, K, V, dtype=torch.float32)
     dht_, use_dht = state_or_dummy(dht, q, (K, V))
     if meta.NT > 0:
-        target = target_for(q.device)
-        decay = head_decay(None, H, q.device)
-        dvl = torch.empty_like(do)
-        local = get_kernel(chunk_delta_bwd_dv_local_kernel, target, K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype],
-                           BT=BT)
-        local(q, k, do, decay, gate_or_dummy(gc, q), meta.cu, meta.chunk_indices, dvl, scale)
-        config = {"num_stages": stages_for(K), **(config or pass_config("dhu", K, V, meta.N * H, q))}
-        kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target, K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype],
-                            BT=BT, **config)
-        gcc = gate_chunks(gc, meta, H, BT, q)
-        kernel(q, k, w, do, dvl, decay, gcc, dht_, meta.cu, meta.chunk_offsets, dh, dv_new, dh0, scale, use_dht,
+        config = {"num_stages": stages_for(K, q.element_size()), **(config or pass_config("dhu", K, V, meta.N * H, q))}
+        kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target_for(q.device), K=K, V=V, gate=gate,
+                            dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
+        kernel(q, k, ai, gate_chunks(beta, meta, H, BT, q).view(H, meta.NT, BT), do, head_decay(None, H, q.device),
+               gate_chunks(gc, meta, H, BT, q), dht_, meta.cu, meta.chunk_offsets, dh, dv_new, dh0, scale, use_dht,
                int(need_dh0))
     elif need_dh0:
         dh0 = dht_ if use_dht else dh0.zero_()

@@ -57,13 +57,20 @@ def gate_load(gate, lg, gc, t0, nvalid, i_h, BT):
 
 
 @T.macro
-def gate_load_chunk(gate, lg, gcc, chunk, BT):
+def gate_load_chunk(gate, lg, gcc, chunk, BT, nvalid=None):
     """fill the chunk's cumulative log2 gates from their chunk-major copy `gcc` `[H, NT, BT]` (`gate_chunks`) by one
     bulk copy (gate "g"; a no-op otherwise). A warp-specialized pipeline then keeps a producer of bulk copies only
     (one warpgroup, registers handed to the consumers); `gate_load`'s element loads made the producer as wide as the
-    consumers and left every thread 128 registers (the fused forward spilled)."""
+    consumers and left every thread 128 registers (the fused forward spilled). With `nvalid`, element loads of the
+    chunk's first `nvalid` rows (zero past them; the consumers mask those rows), for kernels whose other loads are
+    element loads too: a bulk copy beside them raced in the delta rule's state passes on fp32 tiles, and an unmasked
+    element load broke their code generation."""
     if gate == "g":
-        T.copy(gcc[chunk, 0:BT], lg)
+        if nvalid is None:
+            T.copy(gcc[chunk, 0:BT], lg)
+        else:
+            for i in T.Parallel(BT):
+                lg[i] = T.if_then_else(i < nvalid, gcc[chunk, i], 0)
 
 
 def gate_row(gate: str, lg, i):

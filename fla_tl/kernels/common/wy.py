@@ -6,10 +6,10 @@ Per chunk of BT tokens with betas beta_i, keys k_i and, for gate "g", chunk-loca
   Ai = (I + A)^-1, solved in fp32 and stored in k's dtype `[Ttot, H, BT]` (row i of a chunk holds row i of its
   inverse; its consumers read it in that dtype anyway, for their tensor-core matmuls);
   the WY pair w = Ai diag(beta 2^b) K and u = Ai diag(beta) V, so that the chunk's state correction is u - w S (see
-  `fla_tl.reference.delta_rule`). `wy_repr` computes A, Ai, w and u in one kernel per chunk (`wy_fwd_kernel`);
-  `apply_tril` ((Ai diag(r)) X for rows X `[Ttot, H, D]` and row scales r) recomputes w and u from the kept Ai in the
-  backward. The row scales go on Ai's columns: Ai diag(r) is formed from Ai rounded to X's dtype and rounded again for
-  the tensor-core matmuls (`scaled_inverse`), so the forward and the backward's recompute agree exactly.
+  `fla_tl.reference.delta_rule`). `wy_repr` computes A, Ai, w and u in one kernel per chunk (`wy_fwd_kernel`); the
+  state passes of `common.chunk_delta_h` form w and u again from the kept Ai per chunk (`scale_columns`). The row
+  scales go on Ai's columns: Ai diag(r) is formed from Ai rounded to k's dtype and rounded again for the tensor-core
+  matmuls (`scaled_inverse`), so the forward and the backward's recompute agree.
 The inverse is forward substitution in fp32 on CUDA cores, X_i = e_i - sum_{k < i} A_ik X_k, one thread per column
 of X, 16 rows at a time in registers (A's key products run on tensor cores: exact products for bf16 / fp16 inputs,
 TF32 for fp32 ones, as fla).
@@ -41,8 +41,8 @@ def scale_columns(dst, src, scale_s, gate, lg, nvalid, with_gate, BT, dtype):
             scaled_inverse(src[i, j], scale_s[j] * (T.exp2(gate_row(gate, lg, j)) if with_gate else 1.0), dtype), 0)
 
 
-def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BS: int = 16, BD: int = 64,
-                  threads: int = 128):
+def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, pair: bool = True, BT: int = 64, BS: int = 16,
+                  BD: int = 64, threads: int = 128):
     """the WY pair of one chunk in one block: A from the chunk's key products, its inverse Ai (stored, in k's dtype),
     then w = Ai diag(beta 2^b) K and u = Ai diag(beta) V in [BT, BD] tiles. The inverse is forward substitution in
     fp32 by the first BT threads, thread j computing column j, BS rows at a time in registers (the rows above from
@@ -52,6 +52,7 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: in
     KP = pad_dim(K)
     NV = cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
+    NW = T.dynamic("NW")
 
     @T.prim_func
     def wy_fwd(
@@ -63,8 +64,8 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: in
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         ai: T.Tensor([Ttot, H, BT], dtype),
-        w: T.Tensor([Ttot, H, K], dtype),
-        u: T.Tensor([Ttot, H, V], dtype),
+        w: T.Tensor([NW, H, K], dtype),
+        u: T.Tensor([NW, H, V], dtype),
     ):
         with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
             i_n = chunk_indices[i_c, 0]
@@ -116,73 +117,28 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, BT: in
             for i, j in T.Parallel(BT, BT):
                 if i < nvalid:
                     ai[t0 + i, i_h, j] = ai_s[i, j]
-            # w = (Ai diag(beta 2^b)) K per key tile, with the row scales on Ai's columns (no scaled key copy)
-            scale_columns(ai_s, x_s, beta_s, gate, lg, nvalid, True, BT, dtype)
-            for kt in T.serial(KP // BD):
-                T.gemm(ai_s, k_s[:, kt * BD : (kt + 1) * BD], b_y, clear_accum=True)
-                T.copy(b_y, t_s)
-                for i, j in T.Parallel(BT, BD):
-                    if i < nvalid and kt * BD + j < K:
-                        w[t0 + i, i_h, kt * BD + j] = t_s[i, j]
-            # u = (Ai diag(beta)) V, per value tile
-            if gate != "none":
-                scale_columns(ai_s, x_s, beta_s, gate, lg, nvalid, False, BT, dtype)
-            for vt in T.serial(NV):
-                for i, j in T.Parallel(BT, BD):
-                    t_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, v[t0 + i, i_h, vt * BD + j], 0)
-                T.gemm(ai_s, t_s, b_y, clear_accum=True)
-                T.copy(b_y, t_s)
-                for i, j in T.Parallel(BT, BD):
-                    if i < nvalid and vt * BD + j < V:
-                        u[t0 + i, i_h, vt * BD + j] = t_s[i, j]
+            if pair:
+                # w = (Ai diag(beta 2^b)) K per key tile, with the row scales on Ai's columns (no scaled key copy)
+                scale_columns(ai_s, x_s, beta_s, gate, lg, nvalid, True, BT, dtype)
+                for kt in T.serial(KP // BD):
+                    T.gemm(ai_s, k_s[:, kt * BD : (kt + 1) * BD], b_y, clear_accum=True)
+                    T.copy(b_y, t_s)
+                    for i, j in T.Parallel(BT, BD):
+                        if i < nvalid and kt * BD + j < K:
+                            w[t0 + i, i_h, kt * BD + j] = t_s[i, j]
+                # u = (Ai diag(beta)) V, per value tile
+                if gate != "none":
+                    scale_columns(ai_s, x_s, beta_s, gate, lg, nvalid, False, BT, dtype)
+                for vt in T.serial(NV):
+                    for i, j in T.Parallel(BT, BD):
+                        t_s[i, j] = T.if_then_else(i < nvalid and vt * BD + j < V, v[t0 + i, i_h, vt * BD + j], 0)
+                    T.gemm(ai_s, t_s, b_y, clear_accum=True)
+                    T.copy(b_y, t_s)
+                    for i, j in T.Parallel(BT, BD):
+                        if i < nvalid and vt * BD + j < V:
+                            u[t0 + i, i_h, vt * BD + j] = t_s[i, j]
 
     return wy_fwd
-
-
-def apply_tril_kernel(D: int, dtype: str, beta_dtype: str, gate: str, BT: int = 64, BD: int = 64, threads: int = 128):
-    """y = (Ai diag(beta 2^b)) x (gate "g") or (Ai diag(beta)) x, one [BT, BD] tile per block."""
-    Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
-    ND = cdiv(D, BD)
-
-    @T.prim_func
-    def apply_tril(
-        x: T.Tensor([Ttot, H, D], dtype),
-        beta: T.Tensor([Ttot, H], beta_dtype),
-        g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
-        ai: T.Tensor([Ttot, H, BT], dtype),
-        cu: T.Tensor([N + 1], "int32"),
-        chunk_indices: T.Tensor([NT, 2], "int32"),
-        y: T.Tensor([Ttot, H, D], dtype),
-    ):
-        with T.Kernel(ND, NT, H, threads=threads) as (i_d, i_c, i_h):
-            i_n = chunk_indices[i_c, 0]
-            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
-            nvalid = T.min(cu[i_n + 1] - t0, BT)
-            lg = gate_state(gate, g_gamma, i_h, BT)
-            gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
-
-            ai_s = T.alloc_shared([BT, BT], dtype)
-            x_s = T.alloc_shared([BT, BD], dtype)
-            beta_s = T.alloc_shared([BT], "float32")
-            b_y = T.alloc_fragment([BT, BD], "float32")
-            for i in T.Parallel(BT):
-                beta_s[i] = T.if_then_else(i < nvalid, T.Cast("float32", beta[t0 + i, i_h]), 0)
-            for i, j in T.Parallel(BT, BT):
-                ai_s[i, j] = T.if_then_else(i < nvalid and j < nvalid, ai[t0 + i, i_h, j], 0)
-            for i, j in T.Parallel(BT, BD):
-                x_s[i, j] = T.if_then_else(i < nvalid and i_d * BD + j < D, x[t0 + i, i_h, i_d * BD + j], 0)
-            # y = (Ai diag(r)) x, the row scales on Ai's columns as in `wy_fwd_kernel` (in place after plain loads:
-            # 0.21 ms for a [8x4096, 16, 128] tile set on an H100, against 0.35 with the scaling inside the loads)
-            scale_columns(ai_s, ai_s, beta_s, gate, lg, nvalid, True, BT, dtype)
-            T.gemm(ai_s, x_s, b_y, clear_accum=True)
-            # the result staged in shared memory (x_s is free) for a coalesced store
-            T.copy(b_y, x_s)
-            for i, j in T.Parallel(BT, BD):
-                if i < nvalid and i_d * BD + j < D:
-                    y[t0 + i, i_h, i_d * BD + j] = x_s[i, j]
-
-    return apply_tril
 
 
 def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dtype: str, BT: int = 64, BD: int = 64,
@@ -334,31 +290,20 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
     return wy_bwd
 
 
-def apply_tril(x, beta, ai, *, meta: SeqMeta, gate: str = "none", gc=None, BT: int = 64):
-    """Ai diag(beta [2^b]) x `[Ttot, H, D]` in x's dtype."""
-    Ttot, H, D = x.shape
-    y = torch.empty_like(x)
-    if meta.NT == 0:
-        return y
-    kernel = get_kernel(apply_tril_kernel, target_for(x.device), D=D, dtype=TORCH_TO_TL[x.dtype],
-                        beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT)
-    kernel(x, beta, head_decay(None, H, x.device), gate_or_dummy(gc, x), ai, meta.cu, meta.chunk_indices, y)
-    return y
-
-
-def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, BT: int = 64, **config):
+def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, pair: bool = True, BT: int = 64, **config):
     """(w = Ai diag(beta 2^b) K, u = Ai diag(beta) V, Ai in k's dtype `[Ttot, H, BT]`): the WY pair of every chunk, by
-    `wy_fwd_kernel`; gc None means no gate."""
+    `wy_fwd_kernel`; gc None means no gate. Without `pair`: (None, None, Ai)."""
     gate = "g" if gc is not None else "none"
     k, v, beta = k.contiguous(), v.contiguous(), beta.contiguous()
     Ttot, H, K = k.shape
-    ai, w, u = k.new_empty(Ttot, H, BT), torch.empty_like(k), torch.empty_like(v)
+    ai = k.new_empty(Ttot, H, BT)
+    w, u = (torch.empty_like(k), torch.empty_like(v)) if pair else (k[:1], v[:1])
     if meta.NT > 0:
         kernel = get_kernel(wy_fwd_kernel, target_for(k.device), K=K, V=v.shape[-1], dtype=TORCH_TO_TL[k.dtype],
-                            beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, BT=BT, **config)
+                            beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, pair=pair, BT=BT, **config)
         # the gate hooks take a per-head constant; gc already carries any (a zero one here)
         kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), meta.cu, meta.chunk_indices, ai, w, u)
-    return w, u, ai
+    return (w, u, ai) if pair else (None, None, ai)
 
 
 def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64, **config):

@@ -1,16 +1,17 @@
 """chunk_(gated_)delta_rule on the shared stages, in chunks of 64 tokens, per value head (key heads repeated over
 grouped value heads).
 
-Forward: the gate's chunk-local cumulative sum (`common.cumsum`), the WY pair w, u (`common.wy.wy_repr`), then either
-one fused pass with the states in registers (`common.fused_chunk_delta`, for K <= 128 when its grid of sequences x
-heads x V tiles gives a quarter block per multiprocessor) or the chunk-parallel pair: the state pass with the
-corrected values v_new = u - w S (`common.chunk_delta_h.chunk_delta_fwd_h`) and the output of linear attention on
-(q, k, v_new) with the states entering each chunk (`common.chunk_o.chunk_fwd_o`).
-Backward: the WY pair and the states again (from the saved inverse), the state gradients with the corrected values'
-gradients (`chunk_delta_bwd_dhu`), dq and dk of the linear-attention part on v_new with dw = -dv_new S^T and the gate's
-rows and state terms (`chunk_delta_bwd_dqkw`), then the WY backward (`common.wy.wy_bwd`: dw and dv_new through w, u
-and the inverse to k, v, beta and the gate); dg is the chunk-local scan of `common.cumsum.chunk_gate_grad_scan` with
-the WY share added to its rows.
+Forward: the gate's chunk-local cumulative sum (`common.cumsum`), the WY inverse Ai (`common.wy.wy_repr`), then either
+one fused pass with the states in registers on the WY pair w, u (`common.fused_chunk_delta`, for K <= 128 when its
+grid of sequences x heads x V tiles gives a quarter block per multiprocessor; `wy_repr` stores the pair) or the
+chunk-parallel pair: the state pass with the corrected values v_new = u - w S, forming w, u per chunk from Ai
+(`common.chunk_delta_h.chunk_delta_fwd_h`), and the output of linear attention on (q, k, v_new) with the states
+entering each chunk (`common.chunk_o.chunk_fwd_o`).
+Backward: the states again (the same state pass, from the saved inverse), the state gradients with the corrected
+values' gradients (`chunk_delta_bwd_dhu`, forming w and the chunk's causal part of dv_new itself), dq and dk of the
+linear-attention part on v_new with dw = -dv_new S^T and the gate's rows and state terms (`chunk_delta_bwd_dqkw`),
+then the WY backward (`common.wy.wy_bwd`: dw and dv_new through w, u and the inverse to k, v, beta and the gate); dg
+is the chunk-local scan of `common.cumsum.chunk_gate_grad_scan` with the WY share added to its rows.
 """
 
 
@@ -20,9 +21,9 @@ from ..common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_bwd_dqkw, ch
 from ..common.chunk_o import chunk_fwd_o
 from ..common.cumsum import chunk_gate_cumsum, chunk_gate_grad_scan
 from ..common.fused_chunk_delta import fused_blocks, fused_chunk_delta_fwd
-from ..common.gates import gate_or_dummy, head_decay
+from ..common.gates import head_decay
 from ..common.utils import seq_meta, sm_count
-from ..common.wy import apply_tril, wy_bwd, wy_repr
+from ..common.wy import wy_bwd, wy_repr
 from .fused_recurrent import _group_sum, prepare_qk
 
 BT = 64
@@ -43,15 +44,16 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final
     `[N, HV, K, V]` fp32; returns (o, final state or None, the WY inverse to keep for the backward)."""
     HV = v.shape[1]
     gate, decay, gc = _gates(g, HV, meta)
-    w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc, BT=BT)
-    # the fused pass holds q, k, w tiles of every stage in shared memory: K <= 128
-    fused = q.shape[-1] <= 128 and fused_blocks(meta.N, HV, v.shape[-1]) >= FUSED_MIN_BLOCKS_PER_SM * sm_count(
+    # the fused pass holds q, k, w tiles of every stage in shared memory: K <= 128 (fp32 tiles: K <= 64)
+    fused = q.shape[-1] <= (128 if q.element_size() == 2 else 64) and fused_blocks(meta.N, HV, v.shape[-1]) >= FUSED_MIN_BLOCKS_PER_SM * sm_count(
         q.device)
+    # the chunk-parallel state pass forms the WY pair itself from the inverse
+    w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc, pair=fused, BT=BT)
     if fused:
         o, ht = fused_chunk_delta_fwd(q, k, w, u, gate=gate, gc=gc, scale=scale, initial_state=initial_state,
                                       output_final_state=output_final_state, meta=meta, BT=BT)
         return o, ht, ai
-    h, v_new, ht = chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=initial_state,
+    h, v_new, ht = chunk_delta_fwd_h(k, v, beta, ai, gate=gate, gc=gc, initial_state=initial_state,
                                      output_final_state=output_final_state, meta=meta, BT=BT)
     o = chunk_fwd_o(q, k, v_new, h, gate=gate, g_gamma=decay, scale=scale, meta=meta, BT=BT, gc=gc)
     return o, ht, ai
@@ -60,12 +62,10 @@ def chunk_delta_rule_fwd(q, k, v, beta, g, *, scale, initial_state, output_final
 def chunk_delta_rule_bwd(q, k, v, beta, g, ai, do, dht, *, scale, initial_state, meta):
     """(dq, dk, dv in q's dtype, dbeta fp32, dg fp32 or None, dh0 fp32 or None), all per value head."""
     gate, _, gc = _gates(g, v.shape[1], meta)
-    # recompute w, u (from the saved inverse) and the states
-    w = apply_tril(k, beta, ai, meta=meta, gate=gate, gc=gc, BT=BT)
-    u = apply_tril(v, beta, ai, meta=meta, gate="none", BT=BT)
-    h, v_new, _ = chunk_delta_fwd_h(k, w, u, gate=gate, gc=gc, initial_state=initial_state,
+    # the states and the corrected values again (both passes form w, u from the kept inverse)
+    h, v_new, _ = chunk_delta_fwd_h(k, v, beta, ai, gate=gate, gc=gc, initial_state=initial_state,
                                     output_final_state=False, meta=meta, BT=BT)
-    dh, dv_new, dh0 = chunk_delta_bwd_dhu(q, k, w, do, dht, gate=gate, gc=gc, scale=scale,
+    dh, dv_new, dh0 = chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, gate=gate, gc=gc, scale=scale,
                                          need_dh0=initial_state is not None, meta=meta, BT=BT)
     # dq, dk of the linear-attention part on (q, k, v_new), dw = -dv_new S^T, and the gate's rows and state terms
     dq, dk, dw, r, c = chunk_delta_bwd_dqkw(q, k, v_new, do, dv_new, h, dh, gate=gate, gc=gc, scale=scale, meta=meta,
