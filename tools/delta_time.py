@@ -16,6 +16,7 @@ CONFIGS = [
     dict(BV=64, threads=128),
     dict(BV=128, threads=256),
     dict(BV=64, threads=256),
+    dict(BV=32, threads=128),
 ]
 GATES = ("none", "g")
 # block sizes swept for the WY kernels (the first is their default)

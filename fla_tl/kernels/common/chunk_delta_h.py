@@ -470,18 +470,22 @@ def chunk_delta_bwd_dqkw_kernel(
     return chunk_delta_bwd_dqkw
 
 
-def pass_config(name: str, K: int, V: int, blocks: int, like: torch.Tensor) -> dict:
+def pass_config(name: str, K: int, V: int, blocks: int, gate: str, like: torch.Tensor) -> dict:
     """the tile config of a sequential pass ("fused", "fwd_h", "dhu") over `blocks` sequences x heads, from
-    `tools/delta_time.py` on an H100 at 8x4096x16x128 (bf16, 128 blocks of V tiles of 128 on 132 multiprocessors): for
-    16-bit inputs with K <= 128, V tiles of 128 with two consumer warpgroups while that grid still covers three quarters
-    of the multiprocessors (the gated fused forward 0.69 -> 0.34 ms, ungated 0.26 -> 0.24; fwd_h 0.44 -> 0.29 ungated,
-    0.85 -> 0.36 gated; dhu 0.52 -> 0.34 ungated, 1.12 -> 0.52 gated, against V tiles of 64 with one warpgroup).
+    `tools/delta_time.py` on an H100 (bf16, K = V = 128, 132 multiprocessors), for 16-bit inputs with K <= 128:
+    - while a grid of V tiles of 128 covers three quarters of the multiprocessors (8x4096x16: 128 blocks), those tiles
+      with two consumer warpgroups (the gated fused forward 0.69 -> 0.34 ms, ungated 0.26 -> 0.24; fwd_h 0.44 -> 0.29
+      ungated, 0.85 -> 0.36 gated; dhu 0.52 -> 0.34 ungated, 1.12 -> 0.52 gated, against V tiles of 64 with one
+      warpgroup);
+    - on smaller grids (2x16384x16: 32 sequences x heads), more, narrower tiles: V tiles of 32 with one warpgroup
+      ungated (fused 0.50 -> 0.35 ms, fwd_h 0.80 -> 0.66, dhu 1.02 -> 0.75), V tiles of 64 with two warpgroups gated
+      (fused 1.26 -> 0.93, fwd_h 1.59 -> 1.13, dhu 2.24 -> 1.51).
     Otherwise the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong dk: 5% off)."""
     if K > 128 or like.device.type != "cuda" or like.element_size() != 2:
         return {}
     if 4 * blocks * cdiv(V, 128) >= 3 * sm_count(like.device):
         return dict(BV=128, threads=256)
-    return {}
+    return dict(BV=64, threads=256) if gate == "g" else dict(BV=32, threads=128)
 
 
 def stages_for(K: int, itemsize: int) -> int:
@@ -502,7 +506,8 @@ def chunk_delta_fwd_h(k, v, beta, ai, *, gate: str, gc, initial_state, output_fi
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     if meta.NT > 0:
-        config = {"num_stages": stages_for(K, k.element_size()), **(config or pass_config("fwd_h", K, V, meta.N * H, k))}
+        config = {"num_stages": stages_for(K, k.element_size()),
+                  **(config or pass_config("fwd_h", K, V, meta.N * H, gate, k))}
         kernel = get_kernel(chunk_delta_fwd_h_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
         kernel(k, v, ai, gate_chunks(beta, meta, H, BT, k).view(H, meta.NT, BT), head_decay(None, H, k.device),
@@ -525,7 +530,8 @@ def chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, *, gate: str, gc, scale: float,
     dh0 = q.new_empty(meta.N * H if need_dh0 else 1, K, V, dtype=torch.float32)
     dht_, use_dht = state_or_dummy(dht, q, (K, V))
     if meta.NT > 0:
-        config = {"num_stages": stages_for(K, q.element_size()), **(config or pass_config("dhu", K, V, meta.N * H, q))}
+        config = {"num_stages": stages_for(K, q.element_size()),
+                  **(config or pass_config("dhu", K, V, meta.N * H, gate, q))}
         kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target_for(q.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
         kernel(q, k, ai, gate_chunks(beta, meta, H, BT, q).view(H, meta.NT, BT), do, head_decay(None, H, q.device),

@@ -148,7 +148,7 @@ def fused_chunk_delta_fwd(q, k, w, u, *, gate: str, gc, scale: float, initial_st
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     if meta.NT > 0:
-        config = config or pass_config("fused", K, V, meta.N * H, k)
+        config = config or pass_config("fused", K, V, meta.N * H, gate, k)
         kernel = get_kernel(fused_chunk_delta_fwd_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
         gcc = gate_chunks(gc, meta, H, BT, k)
