@@ -1867,6 +1867,11 @@ def _delta_self_check(fn, gated, recurrent_opts):
     return run
 
 
+# the chunk kernels' largest key head dim for fp32 inputs (`kernels.common.chunk_delta_h`: one pipeline stage of fp32
+# [64, K] query and key tiles beside the [K, 64] state gradient)
+DELTA_TL_MAX_K_FP32 = 128
+
+
 def make_delta_backend(mode: str) -> Backend:
     """the tilelang backend of the (gated) delta rule ops of `mode`: the chunked WY kernels (chunk) or the
     token-by-token ones (fused_recurrent) of `fla_tl.kernels.delta_rule`, forward and backward; grouped value heads,
@@ -1891,10 +1896,6 @@ def make_delta_backend(mode: str) -> Backend:
     return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=fwd, bwd=None,
                    description=f"{kind} TileLang kernels")
 
-
-# the chunk kernels' largest key head dim for fp32 inputs (`kernels.common.chunk_delta_h`: one pipeline stage of fp32
-# [64, K] query and key tiles beside the [K, 64] state gradient)
-DELTA_TL_MAX_K_FP32 = 128
 
 
 DELTA_DROPPED = "fused_chunk_delta_rule is not provided (fla 0.6.0's is a stub that raises): use chunk_delta_rule"
