@@ -1388,30 +1388,27 @@ def parallel_rebased(
     return chosen.fwd(q, k, v, eps=eps, use_scale=use_scale, use_normalize=use_normalize, return_both=return_both)
 
 
-def make_feature_map_backend(based: bool) -> Backend:
-    """the tilelang backend of fused_chunk_based: linear attention on the Based feature map (`fla_tl.kernels.based`),
-    run by `chunk_simple_gla`'s TileLang kernels; for K <= 16 (fla's limit), where the features fit the kernels' 256
-    dims."""
-    caps = dataclasses.replace(tilelang_capabilities(), varlen=False, initial_state=False, max_head_dim=None)
+def make_fused_chunk_based_backend() -> Backend:
+    """the tilelang backend of fused_chunk_based: the chunked kernels of `fla_tl.kernels.based.fused_chunk`, which form
+    the Taylor features of the 16-dim keys and queries on the fly (K <= 16, fla's limit; V <= 256), forward and
+    backward, with the normalisation in PyTorch."""
+    caps = dataclasses.replace(tilelang_capabilities(), varlen=False, initial_state=False, gate=False)
 
     def verifier(inputs: OpInputs) -> list[str]:
-        reasons = tilelang_verifier(caps, "fla_tl.kernels.simple_gla", inputs)
+        reasons = tilelang_verifier(caps, "fla_tl.kernels.based.fused_chunk", inputs)
         if inputs.K > 16:
-            reasons.append(f"K = {inputs.K} > 16: the feature map would exceed the kernels' 256 dims (fla's limit "
-                           "for fused_chunk_based)")
-        if inputs.V + 1 > MAX_HEAD_DIM:
-            reasons.append(f"V = {inputs.V}: V + 1 (the normaliser column) exceeds {MAX_HEAD_DIM}")
+            reasons.append(f"K = {inputs.K} > 16 (fla's limit for fused_chunk_based: its Taylor features grow as K^2)")
         return reasons
 
     def fwd(q, k, v, scale=None, use_norm=True):
-        from .kernels.based import feature_attention
+        from .kernels.based import fused_chunk_based_attention
 
         scale = q.shape[-1] ** -0.5 if scale is None else scale
-        o, z = feature_attention(q, k, v, scale, based, backend="tilelang")
+        o, z = fused_chunk_based_attention(q, k, v, scale)
         return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
 
     return Backend(name="tilelang", capabilities=caps, verifier=verifier, fwd=fwd, bwd=None,
-                   description="linear attention on the feature maps, TileLang kernels (K <= 16)")
+                   description="chunked Taylor features, TileLang kernels (K <= 16, V <= 256), fwd and bwd")
 
 
 def make_parallel_based_backend(based: bool) -> Backend:
@@ -1519,7 +1516,7 @@ _fused_recurrent_hgrn_spec.fn = fused_recurrent_hgrn
 _fused_chunk_based_spec = _register_plain(
     "fused_chunk_based", "based", "fused_chunk", recurrent_based, parallel_based_torch, varlen=False,
     initial_state=False, self_check=_self_check_attention(fused_chunk_based, recurrent_based),
-    tilelang_backend=make_feature_map_backend(True),
+    tilelang_backend=make_fused_chunk_based_backend(),
 )
 _fused_chunk_based_spec.fn = fused_chunk_based
 _parallel_based_spec = _register_plain(

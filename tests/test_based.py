@@ -72,11 +72,12 @@ def test_tilelang_backend_refusals():
     from fla_tl.registry import OpInputs, get_op
 
     h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=16, V=64, compute_capability=(9, 0))
-    # fused_chunk_based: the feature map route, K <= 16 (fla's limit) and V + 1 <= 256
+    # fused_chunk_based: the chunked feature kernels, K <= 16 (fla's limit) and V <= 256, with a backward
     tl = get_op("fused_chunk_based").backend("tilelang")
-    assert tl.verifier(h100) == []
+    for K, V in ((16, 64), (5, 24), (16, 256)):
+        assert tl.verifier(OpInputs(**{**h100.__dict__, "K": K, "V": V, "backward": True})) == [], (K, V)
     assert "K = 32 > 16" in tl.verifier(OpInputs(**{**h100.__dict__, "K": 32}))[-1]
-    assert "V + 1" in tl.verifier(OpInputs(**{**h100.__dict__, "V": 256}))[-1]
+    assert tl.verifier(OpInputs(**{**h100.__dict__, "V": 257})) == ["head dim V = 257 exceeds 256"]
     # parallel_based / parallel_rebased: the attention-form kernels, K <= 128 and V <= 256, with a backward
     for name in ("parallel_based", "parallel_rebased"):
         tl = get_op(name).backend("tilelang")
@@ -92,18 +93,33 @@ def test_tilelang_backend_refusals():
         parallel_based(q, k, v, backend="tilelang")
 
 
-@pytest.mark.parametrize("based", [True, False], ids=["based", "rebased"])
-def test_feature_map_composition(based):
-    """the TileLang path's composition (feature maps, ones column, linear attention) on the torch linear attention."""
-    from fla_tl.kernels.based import feature_attention
+@pytest.mark.parametrize("K", [1, 5, 16])
+def test_feature_tables(K):
+    """fused_chunk_based's feature tables: the features `fc * xa[fi] * xa[fj]` of xa = [x, 1] give the Taylor score
+    (phi(a) . phi(b) = 1 + a.b + (a.b)^2 / 2), and the chain-rule table gives autograd's gradient of G . phi(x)."""
+    from fla_tl.kernels.based import feature_tables
+    from fla_tl.kernels.based.fused_chunk import feature_dims
 
-    q, k, v = _qkv(K=16)
-    o, z = feature_attention(q, k, v, 0.25, based, backend="torch")
-    if based:
-        want = recurrent_based(q, k, v, scale=0.25, use_norm=False)
-    else:
-        want = recurrent_rebased(q * 0.25, k, v, use_scale=False, use_normalize=False)
-    assert_close("o", o, want, torch.float64)
+    fi, fj, fc, pi, pc = (torch.tensor(t, dtype=torch.float64 if isinstance(t[0], float) else torch.long)
+                          for t in feature_tables(K))
+    assert len(fi) == feature_dims(K) and len(pc) == len(pi) and len(pi) % (K + 1) == 0
+    a, b = torch.randn(50, K, dtype=torch.float64), torch.randn(50, K, dtype=torch.float64)
+
+    def phi(x):
+        xa = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+        return fc * xa[:, fi] * xa[:, fj]
+
+    s = (a * b).sum(1)
+    assert_close("p", (phi(a) * phi(b)).sum(1), 1 + s + s * s / 2, torch.float64)
+    x = a.clone().requires_grad_()
+    G = torch.randn(50, len(fi), dtype=torch.float64)
+    want = torch.autograd.grad((phi(x) * G).sum(), x)[0]
+    xa = torch.cat([a, torch.ones_like(a[:, :1])], 1)
+    got = torch.stack([sum(pc[d * (K + 1) + e] * G[:, pi[d * (K + 1) + e]] * xa[:, e] for e in range(K + 1))
+                       for d in range(K)], 1)
+    assert_close("dx", got, want, torch.float64)
+    # the padding features are zero and the rows past K of the chain table are empty
+    assert torch.all(fc[1 + K + K * (K + 1) // 2:] == 0) and torch.all(pc[K * (K + 1):] == 0)
 
 
 @pytest.mark.gpu
@@ -130,11 +146,12 @@ def test_tilelang(name, dtype):
 def poisoned_outputs(monkeypatch):
     """the attention-form launchers allocate their outputs as NaN (and the freed cache holds NaN), so an element a
     kernel never writes fails the comparison."""
-    from fla_tl.kernels.based import parallel
+    from fla_tl.kernels.based import fused_chunk, parallel
 
     poison_allocator("cuda")
-    monkeypatch.setattr(parallel, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
-                                                                                       device=device))
+    for module in (parallel, fused_chunk):
+        monkeypatch.setattr(module, "_output", lambda shape, dtype, device: torch.full(shape, float("nan"),
+                                                                                         dtype=dtype, device=device))
     yield
     torch.cuda.synchronize()
 
@@ -187,6 +204,48 @@ def test_tilelang_parallel_based(T, K, V, dtype, use_norm, poisoned_outputs):
     from fla_tl.reference.based import parallel_based_torch
 
     _check_parallel(parallel_based, parallel_based_torch, T, K, V, dtype, use_norm=use_norm)
+
+
+# (T, K, V): one token, a partial chunk, several chunks with a tail; K = 16 (fla's), 12 and 5 (the features' padding);
+# V = 48 (a partial V tile), 128, 256 (two V tiles: dq, dk summed over them, dz in one)
+FUSED_CHUNK_CASES = [
+    pytest.param(1, 16, 48, id="T1-K16-V48"),
+    pytest.param(63, 16, 128, id="T63-K16-V128"),
+    pytest.param(300, 12, 48, id="T300-K12-V48"),
+    pytest.param(200, 16, 256, id="T200-K16-V256"),
+    pytest.param(130, 5, 24, id="T130-K5-V24"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("use_norm", [True, False])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize(("T", "K", "V"), FUSED_CHUNK_CASES)
+def test_tilelang_fused_chunk_based(T, K, V, dtype, use_norm, poisoned_outputs):
+    from fla_tl.reference.based import parallel_based_torch
+
+    _check_parallel(fused_chunk_based, parallel_based_torch, T, K, V, dtype, use_norm=use_norm)
+
+
+@pytest.mark.gpu
+def test_tilelang_fused_chunk_kernels_dz():
+    """the differentiable (o, z) of the chunked kernels directly, with gradients on both (dz reaches dq, dk through
+    the normaliser states and the chunk's scores)."""
+    from fla_tl.kernels.based import fused_chunk_based_attention
+    from fla_tl.reference.based import parallel_based_torch
+
+    q, k = (torch.randn(1, 200, 2, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    v = torch.randn(1, 200, 2, 200, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    o, z = fused_chunk_based_attention(q, k, v, 0.3)
+    assert o.dtype == z.dtype == torch.float32 and o.shape == v.shape and z.shape == q.shape[:3]
+    do, dz = torch.randn_like(o), torch.randn_like(z)
+    grads = torch.autograd.grad((o, z), (q, k, v), (do, dz))
+    r = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    ro = parallel_based_torch(*r, scale=0.3, use_norm=False)
+    rz = parallel_based_torch(r[0], r[1], torch.ones_like(r[2][..., :1]), scale=0.3, use_norm=False)[..., 0]
+    rgrads = torch.autograd.grad((ro, rz), r, (do.double(), dz.double()))
+    for name, a, b in zip(("o", "z", "dq", "dk", "dv"), (o, z, *grads), (ro, rz, *rgrads)):
+        assert_close(name, a, b, torch.bfloat16)
 
 
 @pytest.mark.gpu

@@ -104,6 +104,17 @@ def _specs():
             kwargs = dict(K=K, V=V, based=is_based, dtype=dtype, **based.kernel_config(stage, K, V, dtype))
             params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-K{K}-V{V}-{dtype}-"
                                                              f"{'based' if is_based else 'rebased'}"))
+    from fla_tl.kernels.based import fused_chunk as based_chunk
+
+    # fused_chunk_based with the launchers' tiles: bf16 at K = 16, V = 128 (fla's shape; V tiles of 128, and 64 for
+    # dk, dv), and fp16 dk, dv at K = 12, V = 48 (padded features and keys, a partial V tile)
+    for K, V, dtype, stages in ((16, 128, "bfloat16", ("fwd", "dq", "dkv")), (12, 48, "float16", ("dkv",))):
+        for stage in stages:
+            factory = {"fwd": based_chunk.based_fwd_fused_chunk_kernel,
+                       "dq": based_chunk.based_bwd_dq_fused_chunk_kernel,
+                       "dkv": based_chunk.based_bwd_dkv_fused_chunk_kernel}[stage]
+            kwargs = dict(K=K, V=V, dtype=dtype, **based_chunk.kernel_config(stage, K, V, dtype))
+            params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-K{K}-V{V}-{dtype}"))
     for factory in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel):
         for dtype, g_dtype in (("bfloat16", "float32"), ("float32", "float32")):
             params.append(pytest.param((factory, dict(dtype=dtype, g_dtype=g_dtype)),

@@ -1,7 +1,8 @@
 """Host-side cost of one forward call on the device at a tiny shape (where the GPU waits on the host): per op, the
 time per call, then the cProfile of the first op's calls.
 
-    python tools/host_overhead.py [op,op,...]     (ops: simple_gla_g, simple_gla, delta, gated_delta)
+    python tools/host_overhead.py [op,op,...]     (ops: simple_gla_g, simple_gla, delta, gated_delta,
+                                                  linear_attn, linear_attn_plain)
 """
 
 import cProfile
@@ -37,6 +38,8 @@ def cases():
         "simple_gla": lambda: ops.chunk_simple_gla(q, k, v, g_gamma=-torch.ones(H, device="cuda")),
         "delta": lambda: ops.chunk_delta_rule(q, kn, v, beta),
         "gated_delta": lambda: ops.chunk_gated_delta_rule(q, kn, v, g, beta),
+        "linear_attn": lambda: ops.chunk_linear_attn(q, k, v),
+        "linear_attn_plain": lambda: ops.chunk_linear_attn(q, k, v, normalize=False),
     }
 
 

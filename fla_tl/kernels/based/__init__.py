@@ -4,18 +4,18 @@
 - `parallel.py`: the attention form in TileLang, forward and backward, for K <= 128 and V <= 256
   (`parallel_based` / `parallel_rebased`); `parallel_based_attention(q, k, v, scale, based) -> (o, z)`, fp32 and
   unnormalised, differentiable.
-- `feature_map.py`: linear attention on explicit feature maps for K <= 16 (`fused_chunk_based`), by
-  `chunk_simple_gla`'s kernels; `feature_attention(q, k, v, scale, based) -> (o, z)`.
+- `fused_chunk.py`: Based chunk by chunk for K <= 16 (`fused_chunk_based`), the Taylor features formed on the fly
+  and carried across chunks as linear-attention states; `fused_chunk_based_attention(q, k, v, scale) -> (o, z)`.
 The normalisation `o / (z + eps)` is PyTorch around either.
 """
 
-from .feature_map import MAX_K, feature_attention, feature_map
+from .fused_chunk import MAX_K, feature_tables, fused_chunk_based_attention
 from .parallel import parallel_based_attention, parallel_based_bwd, parallel_based_fwd
 
 __all__ = [
     "MAX_K",
-    "feature_attention",
-    "feature_map",
+    "feature_tables",
+    "fused_chunk_based_attention",
     "parallel_based_attention",
     "parallel_based_bwd",
     "parallel_based_fwd",
