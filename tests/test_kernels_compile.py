@@ -45,7 +45,8 @@ def _specs():
 
     # linear attention's normalisation stages (K = 128 on full tiles, V = 60 padded)
     for factory, kwargs in (
-        (Nm.chunk_row_sum_kernel, dict(K=128, dtype="bfloat16", weighted=True)),
+        (Nm.chunk_scan_kernel, dict(K=128, dtype="bfloat16", weighted=True, reverse=True, with_init=True)),
+        (Nm.chunk_scan_kernel, dict(K=60, dtype="bfloat16", weighted=False, reverse=False, with_init=False)),
         (Nm.normalize_fwd_kernel, dict(K=128, V=60, dtype="bfloat16")),
         (Nm.normalize_bwd_c_kernel, dict(V=60, dtype="bfloat16")),
         (Nm.normalize_bwd_dqk_kernel, dict(K=128, dtype="bfloat16")),

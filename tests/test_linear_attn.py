@@ -155,11 +155,17 @@ def _emulated_kernel(factory, target, **kw):
             yield c, t0, min(int(cu[n + 1]) - t0, BT)
 
     name = factory.__name__
-    if name == "chunk_row_sum_kernel":
-        def run(x, w, cu, ci, s):
-            for c, t0, nv in chunks(cu, ci):
-                xs = x[t0:t0 + nv].to(s.dtype)
-                s[c] = (xs * w[t0:t0 + nv, :, None] if kw["weighted"] else xs).sum(0)
+    if name == "chunk_scan_kernel":
+        def run(x, w, init, cu, offsets, s, total):
+            for n in range(len(cu) - 1):
+                acc = init[n].clone() if kw["with_init"] else torch.zeros_like(total[n])
+                nc = int(offsets[n + 1] - offsets[n])
+                for j in (reversed(range(nc)) if kw["reverse"] else range(nc)):
+                    t0 = int(cu[n]) + j * BT
+                    xs = x[t0:min(t0 + BT, int(cu[n + 1]))].to(s.dtype)
+                    s[int(offsets[n]) + j] = acc
+                    acc = acc + (xs * w[t0:t0 + len(xs), :, None] if kw["weighted"] else xs).sum(0)
+                total[n] = acc
     elif name == "normalize_fwd_kernel":
         def run(q, k, o, zc, cu, ci, y, den, scale):
             for c, t0, nv in chunks(cu, ci):

@@ -2,13 +2,15 @@
 (`s >= t` in reverse), per sequence and head, in fp32.
 
 Chunks of BT tokens, one block per (chunk, head):
-- forward: the key sum entering each chunk, Z_c (chunk sums of k by `chunk_row_sum`, then a prefix over the chunks of
-  each sequence in PyTorch: NT x H x K, small), then d_i = scale * (q_i . Z_c + sum_{j <= i} q_i . k_j) from the
-  chunk's causal q k^T row sums; y = o / d.
+- forward: the key sum entering each chunk, Z_c = z_0 + the keys of the sequence's earlier chunks (`chunk_scan`: one
+  block per (sequence, head, key tile) walks the sequence's chunks; it also gives the final key sum), then
+  d_i = scale * (q_i . Z_c + sum_{j <= i} q_i . k_j) from the chunk's causal q k^T row sums; y = o / d.
 - backward, with c_i = -scale * (dy_i . y_i) / d_i (the gradient of q_i . z_i): do = dy / d; dq_i = c_i z_i =
   (C M) k + c_i Z_c; dk_j = sum_{i >= j} c_i q_i = (C M)^T q + R_c, with M the causal mask, C = diag(c) and R_c the
-  sum of c_i q_i over the later chunks of the sequence plus the final key sum's gradient; dz_0 = that gradient plus
-  the sum of c_i q_i over the sequence.
+  sum of c_i q_i over the later chunks of the sequence plus the final key sum's gradient (`chunk_scan` from the last
+  chunk); dz_0 = that gradient plus the sum of c_i q_i over the sequence (the scan's total).
+Two launches forward, three backward, and no PyTorch ops between them (the host cost of the many small prefix ops had
+made the op host-bound at B=8 T=4096 H=16 K=V=128 on an H100).
 Precision: the chunk's q k^T runs on tensor cores (exact products for bf16 / fp16, TF32 for fp32 inputs, whose
 denominators then carry about 1e-3 relative error per product; signed q can make d much smaller than its terms).
 """
@@ -21,38 +23,61 @@ from ..common.utils import TORCH_TO_TL, get_kernel, pad_dim, seq_meta, target_fo
 EPS = 1e-10
 
 
-def chunk_row_sum_kernel(K: int, dtype: str, weighted: bool, BT: int = 64, threads: int = 128):
-    """S[c, h] = sum over the valid rows i of chunk c of (w[i, h] if weighted else 1) * x[i, h, :], fp32."""
+def chunk_scan_kernel(K: int, dtype: str, weighted: bool, reverse: bool, with_init: bool, BT: int = 64, BK: int = 64,
+                      threads: int = 128):
+    """Per sequence n and head h, the running sum of the rows `(w[i, h] if weighted else 1) * x[i, h, :]` over the
+    sequence's chunks (from the last one when reverse), fp32, starting from `init[n, h]` (zero without with_init):
+    `s[c]` = the sum entering chunk c (its own rows excluded), `total[n]` = the sum after the last chunk."""
     KP = pad_dim(K)
-    Ttot, H, N, NT, NW = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NW")
+    BK = min(BK, KP)
+    Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+    NW, NI = T.dynamic("NW"), T.dynamic("NI")
 
     @T.prim_func
-    def chunk_row_sum(
+    def chunk_scan(
         x: T.Tensor([Ttot, H, K], dtype),
         w: T.Tensor([NW, H], "float32"),
+        init: T.Tensor([NI, H, K], "float32"),
         cu: T.Tensor([N + 1], "int32"),
-        chunk_indices: T.Tensor([NT, 2], "int32"),
+        chunk_offsets: T.Tensor([N + 1], "int32"),
         s: T.Tensor([NT, H, K], "float32"),
+        total: T.Tensor([N, H, K], "float32"),
     ):
-        with T.Kernel(NT, H, threads=threads) as (i_c, i_h):
-            i_n = chunk_indices[i_c, 0]
-            t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
-            nvalid = T.min(cu[i_n + 1] - t0, BT)
-            b_x = T.alloc_fragment([BT, KP], "float32")
-            b_s = T.alloc_fragment([KP], "float32")
-            for i, j in T.Parallel(BT, KP):
-                if weighted:
-                    b_x[i, j] = T.if_then_else(
-                        i < nvalid and j < K, T.Cast("float32", x[t0 + i, i_h, j]) * w[t0 + i, i_h], 0
-                    )
-                else:
-                    b_x[i, j] = T.if_then_else(i < nvalid and j < K, T.Cast("float32", x[t0 + i, i_h, j]), 0)
-            T.reduce_sum(b_x, b_s, dim=0)
-            for j in T.Parallel(KP):
-                if j < K:
-                    s[i_c, i_h, j] = b_s[j]
+        with T.Kernel(N, H, KP // BK, threads=threads) as (i_n, i_h, i_k):
+            k0 = i_k * BK
+            nc = chunk_offsets[i_n + 1] - chunk_offsets[i_n]
+            b_x = T.alloc_fragment([BT, BK], "float32")
+            b_s = T.alloc_fragment([BK], "float32")
+            b_acc = T.alloc_fragment([BK], "float32")
 
-    return chunk_row_sum
+            for j in T.Parallel(BK):
+                if with_init:
+                    b_acc[j] = T.if_then_else(k0 + j < K, init[i_n, i_h, k0 + j], 0)
+                else:
+                    b_acc[j] = 0
+            for c in T.Pipelined(nc, num_stages=2):
+                jc = nc - 1 - c if reverse else c
+                t0 = cu[i_n] + jc * BT
+                nvalid = T.min(cu[i_n + 1] - t0, BT)
+                for i, j in T.Parallel(BT, BK):
+                    if weighted:
+                        b_x[i, j] = T.if_then_else(
+                            i < nvalid and k0 + j < K, T.Cast("float32", x[t0 + i, i_h, k0 + j]) * w[t0 + i, i_h], 0
+                        )
+                    else:
+                        b_x[i, j] = T.if_then_else(
+                            i < nvalid and k0 + j < K, T.Cast("float32", x[t0 + i, i_h, k0 + j]), 0
+                        )
+                T.reduce_sum(b_x, b_s, dim=0)
+                for j in T.Parallel(BK):
+                    if k0 + j < K:
+                        s[chunk_offsets[i_n] + jc, i_h, k0 + j] = b_acc[j]
+                    b_acc[j] += b_s[j]
+            for j in T.Parallel(BK):
+                if k0 + j < K:
+                    total[i_n, i_h, k0 + j] = b_acc[j]
+
+    return chunk_scan
 
 
 def normalize_fwd_kernel(K: int, V: int, dtype: str, BT: int = 64, threads: int = 128):
@@ -204,54 +229,34 @@ def _acc(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunk_sums(x, w, meta, BT):
+def _chunk_scan(x, w, init, meta, BT, reverse: bool):
+    """(the sum entering each chunk `[NT, H, K]`, the sum over each sequence `[N, H, K]`), fp32, of the rows of x
+    (weighted by w `[Ttot, H]` when given), per sequence from init `[N, H, K]` (or zero), from the last chunk when
+    reverse."""
     Ttot, H, K = x.shape
     s = torch.empty(meta.NT, H, K, dtype=_acc(x), device=x.device)
-    kernel = get_kernel(chunk_row_sum_kernel, target_for(x.device), K=K, dtype=TORCH_TO_TL[x.dtype],
-                        weighted=w is not None, BT=BT)
-    kernel(x, w if w is not None else x.new_empty(1, H, dtype=_acc(x)), meta.cu, meta.chunk_indices, s)
-    return s
+    total = torch.empty(meta.N, H, K, dtype=_acc(x), device=x.device)
+    kernel = get_kernel(chunk_scan_kernel, target_for(x.device), K=K, dtype=TORCH_TO_TL[x.dtype],
+                        weighted=w is not None, reverse=reverse, with_init=init is not None, BT=BT)
+    kernel(x, w if w is not None else _dummy(x, H), init if init is not None else _dummy(x, H, K), meta.cu,
+           meta.chunk_offsets, s, total)
+    return s, total
 
 
-def _sequence_bounds(meta):
-    """(sequence of each chunk, first chunk of each sequence, last chunk of each sequence, empty sequences)."""
-    seq = meta.chunk_indices[:, 0].long()
-    starts, ends = meta.chunk_offsets[:-1].long(), meta.chunk_offsets[1:].long() - 1
-    return seq, starts, ends, ends < starts
-
-
-def _chunk_cumsum(s):
-    """the inclusive cumulative sum over the chunk axis of `[NT, H, K]`, taken along the last axis of a transposed
-    copy: PyTorch's scan over a leading axis is slow on CUDA (0.15 ms for 512 x 16 x 128 on an H100)."""
-    return s.flatten(1).t().contiguous().cumsum(-1).t().contiguous().view(s.shape)
-
-
-def _prefix(s, meta, incl=None):
-    """(the sum over the earlier chunks of each chunk's sequence `[NT, H, K]`, the sum over each sequence
-    `[N, H, K]`); `incl` is s's inclusive cumulative sum when the caller has it."""
-    seq, starts, ends, empty = _sequence_bounds(meta)
-    incl = _chunk_cumsum(s) if incl is None else incl
-    excl = incl - s
-    if meta.NT == 0:
-        return excl, s.new_zeros(meta.N, *s.shape[1:])
-    total = incl[ends.clamp(min=0)] - excl[starts.clamp(max=meta.NT - 1)]
-    total = torch.where(empty[:, None, None], 0.0, total)
-    return excl - excl[starts[seq]], total
+def _dummy(x, *shape):
+    """a one-row fp32 stand-in for an operand a kernel built without it never reads."""
+    return x.new_empty(1, *shape, dtype=_acc(x))
 
 
 class _KeySumNormalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, o, q, k, z0, scale, meta, BT):
-        s = _chunk_sums(k, None, meta, BT)
-        before, total = _prefix(s, meta)
-        seq = meta.chunk_indices[:, 0].long()
-        zc = before + (z0[seq] if z0 is not None else 0.0)
-        z_final = total + (z0 if z0 is not None else 0.0)
+        zc, z_final = _chunk_scan(k, None, z0, meta, BT, reverse=False)
         y, den = torch.empty_like(o), torch.empty(o.shape[:2], dtype=_acc(q), device=o.device)
         if meta.NT:
             kernel = get_kernel(normalize_fwd_kernel, target_for(q.device), K=q.shape[-1], V=o.shape[-1],
                                 dtype=TORCH_TO_TL[q.dtype], BT=BT)
-            kernel(q, k, o, zc.contiguous(), meta.cu, meta.chunk_indices, y, den, scale)
+            kernel(q, k, o, zc, meta.cu, meta.chunk_indices, y, den, scale)
         ctx.save_for_backward(q, k, y, den, zc)
         ctx.meta, ctx.scale, ctx.BT, ctx.has_z0 = meta, scale, BT, z0 is not None
         return y, z_final
@@ -269,15 +274,12 @@ class _KeySumNormalize(torch.autograd.Function):
         target = target_for(q.device)
         get_kernel(normalize_bwd_c_kernel, target, V=y.shape[-1], dtype=TORCH_TO_TL[y.dtype], BT=BT)(
             dy.contiguous(), y, den, meta.cu, meta.chunk_indices, do, c, ctx.scale)
-        p = _chunk_sums(q, c, meta, BT)
-        seq, _, ends, _ = _sequence_bounds(meta)
-        incl = _chunk_cumsum(p)
-        # the later chunks of the same sequence, and the final key sum's gradient (every key feeds it)
-        rc = incl[ends[seq]] - incl + dzf[seq]
-        _, total = _prefix(p, meta, incl)
+        # R_c: the final key sum's gradient (every key feeds it) plus c_i q_i over the later chunks of the sequence;
+        # the scan's total is dz_0
+        rc, dz0 = _chunk_scan(q, c, dzf.contiguous(), meta, BT, reverse=True)
         get_kernel(normalize_bwd_dqk_kernel, target, K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)(
-            q, k, c, zc, rc.contiguous(), meta.cu, meta.chunk_indices, dq, dk)
-        return do, dq, dk, (dzf + total if ctx.has_z0 else None), None, None, None
+            q, k, c, zc, rc, meta.cu, meta.chunk_indices, dq, dk)
+        return do, dq, dk, (dz0 if ctx.has_z0 else None), None, None, None
 
 
 def key_sum_normalize(o, q, k, scale: float, z_init=None, reverse: bool = False, cu_seqlens=None, BT: int = 64):
