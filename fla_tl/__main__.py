@@ -202,15 +202,20 @@ def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str],
 
     from .autotune.configs import KERNELS
     from .autotune.tuner import OP_KERNELS, launch_spec
-    from .kernels.build import build, kernel_specs
+    from .kernels.build import build, op_kernel_specs
 
-    modes = sorted({registered_op_mode(op) for op in ops})
+    registered = {spec.name: spec for spec in registered_ops()}
     kernels = {name for op in ops for name in OP_KERNELS.get(op, ())}
-    specs = []
+    specs, unlisted = [], set()
     for d in dims:
         for dtype in dtypes:
             for gate in gates:
-                specs += kernel_specs(d, d, dtype, gate, modes=tuple(modes))
+                for op in ops:
+                    found = op_kernel_specs(op, registered[op].variant, registered[op].mode, d, dtype, gate)
+                    if found is None:
+                        unlisted.add(op)
+                    else:
+                        specs += found
                 if space:
                     for name in sorted(kernels):
                         for config in KERNELS[name].candidates(d, d, dtype):
@@ -220,6 +225,9 @@ def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str],
     for spec in specs:
         unique.setdefault((spec[1], tuple(sorted(spec[2].items()))), spec)
     specs = list(unique.values())
+    if unlisted:
+        print(f"no ahead-of-time kernel list for {', '.join(sorted(unlisted))}: their kernels compile on first use",
+              flush=True)
     print(f"compiling {len(specs)} kernels for {arch} ({', '.join(ops)}; D = {dims}; {', '.join(dtypes)}"
           f"{'; every config of the search spaces' if space else ''}) in {workers} processes", flush=True)
     results = build(specs, {"kind": "cuda", "arch": arch}, workers)

@@ -23,6 +23,33 @@ def test_cli_cache_show_and_clear(tmp_path, monkeypatch, capsys):
     assert "removed 0 file(s)" in capsys.readouterr().out
 
 
+def test_compile_lists_each_variants_own_kernels(capsys):
+    """`compile` builds the kernels an op launches: Based's own (at the launchers' tiles), the retention-style set for
+    the constant-decay family, and nothing, with a message, for ops without a list (no unrelated kernels)."""
+    from fla_tl.__main__ import compile_ahead
+    from fla_tl.kernels.based import fused_chunk, parallel
+    from fla_tl.kernels.build import op_kernel_specs
+
+    specs = op_kernel_specs("fused_chunk_based", "based", "fused_chunk", 128, "bfloat16")
+    assert [s[1] for s in specs] == [fused_chunk.based_fwd_fused_chunk_kernel,
+                                     fused_chunk.based_bwd_dq_fused_chunk_kernel,
+                                     fused_chunk.based_bwd_dkv_fused_chunk_kernel]
+    assert specs[2][2] == dict(K=16, V=128, dtype="bfloat16", **fused_chunk.kernel_config("dkv", 16, 128, "bfloat16"))
+    # fp32 inputs take the attention form, as the op does
+    fp32 = op_kernel_specs("fused_chunk_based", "based", "fused_chunk", 64, "float32")
+    assert {s[1] for s in fp32} == {parallel.parallel_based_fwd_kernel, parallel.parallel_based_bwd_dq_kernel,
+                                    parallel.parallel_based_bwd_dkv_kernel}
+    rebased = op_kernel_specs("parallel_rebased", "rebased", "parallel", 64, "bfloat16")
+    assert all(s[2]["based"] is False and s[2]["K"] == 64 for s in rebased)
+    assert op_kernel_specs("parallel_based", "based", "parallel", 256, "bfloat16") == []  # K <= 128
+    assert [s[0] for s in op_kernel_specs("parallel_simple_gla", "simple_gla", "parallel", 64, "bfloat16")][:2] == [
+        "chunk_fwd_h_kernel", "chunk_fwd_o_kernel"]
+    assert op_kernel_specs("chunk_delta_rule", "delta_rule", "chunk", 128, "bfloat16") is None
+    assert compile_ahead("sm_90a", ["chunk_delta_rule"], [128], ["bfloat16"], workers=1) == 0
+    out = capsys.readouterr().out
+    assert "no ahead-of-time kernel list for chunk_delta_rule" in out and "compiling 0 kernels" in out
+
+
 @pytest.mark.compile
 def test_cli_compile_small_op_set(capsys):
     assert main(["compile", "--ops", "fused_chunk_retention", "--dims", "64", "--dtypes", "bfloat16"]) == 0

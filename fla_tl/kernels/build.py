@@ -81,6 +81,44 @@ def titans_kernel_specs(D: int, dtype: str, chunk_sizes=(16,)):
             specs.append(("titans_bwd_chunk_kernel", titans_bwd_chunk_kernel, kwargs))
     return specs
 
+def based_kernel_specs(op: str, D: int, dtype: str):
+    """the kernels of fused_chunk_based (q, k of fla's feature dim 16, V = D; fp32 inputs take the attention form) and
+    parallel_based / parallel_rebased (K = V = D, D <= 128) at their launchers' tiles."""
+    from .based import fused_chunk, parallel
+
+    if op == "fused_chunk_based" and dtype != "float32":
+        stages = (("fwd", fused_chunk.based_fwd_fused_chunk_kernel),
+                  ("dq", fused_chunk.based_bwd_dq_fused_chunk_kernel),
+                  ("dkv", fused_chunk.based_bwd_dkv_fused_chunk_kernel))
+        K = fused_chunk.MAX_K
+        return [(f.__name__, f, dict(K=K, V=D, dtype=dtype, **fused_chunk.kernel_config(stage, K, D, dtype)))
+                for stage, f in stages]
+    K = fused_chunk.MAX_K if op == "fused_chunk_based" else D
+    if K > 128:
+        return []
+    stages = (("fwd", parallel.parallel_based_fwd_kernel), ("dq", parallel.parallel_based_bwd_dq_kernel),
+              ("dkv", parallel.parallel_based_bwd_dkv_kernel))
+    return [(f.__name__, f, dict(K=K, V=D, based=op != "parallel_rebased", dtype=dtype,
+                                 **parallel.kernel_config(stage, K, D, dtype))) for stage, f in stages]
+
+
+# the variants whose ops run the retention-style kernels of `kernel_specs` (parallel_simple_gla: the chunk ones)
+RETENTION_STYLE = frozenset({"retention", "simple_gla", "linear_attn", "lightning_attn"})
+
+
+def op_kernel_specs(op: str, variant: str, mode: str, D: int, dtype: str, gate: str = "gamma"):
+    """the kernels registered op `op` (of `variant`, `mode`) launches at head dim D (K = V) and input dtype `dtype`,
+    or None for the ops with no list here yet (their kernels compile on first use: the delta rule's state-pass tiles,
+    for one, depend on the GPU's multiprocessor count; `tools/delta_time.py --compile` builds them)."""
+    if variant in RETENTION_STYLE:
+        return kernel_specs(D, D, dtype, gate, modes=("chunk" if mode == "parallel" else mode,))
+    if variant in ("based", "rebased"):
+        return based_kernel_specs(op, D, dtype)
+    if variant == "titans":
+        return titans_kernel_specs(D, dtype)
+    return None
+
+
 def _build_one(spec, target: dict):
     name, factory, kwargs = spec
     label = f"{name}({', '.join(f'{k}={v}' for k, v in kwargs.items() if k not in ('gate',))})"
