@@ -66,8 +66,8 @@ def _taylor(s):
     return 1 + s + 0.5 * s * s
 
 
-def _stages(K: int, V: int, dtype: str, BT: int = 64, BV: int = 64, threads: int = 256):
-    """the T.macro stages the three kernels share: the chunk's features and the chain rule back to x."""
+def _stages(K: int, dtype: str, BT: int):
+    """the T.macro stages the three kernels share: the tables' loads, the chunk's features and the chain rule."""
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
 
     @T.macro
@@ -76,6 +76,12 @@ def _stages(K: int, V: int, dtype: str, BT: int = 64, BV: int = 64, threads: int
             fi_s[f] = fi[f]
             fj_s[f] = fj[f]
             fc_s[f] = fc[f]
+
+    @T.macro
+    def load_chain_tables(pi, pc, pi_s, pc_s):
+        for e in T.Parallel(KP * KA):
+            pi_s[e] = pi[e]
+            pc_s[e] = pc[e]
 
     @T.macro
     def features(x, i_b, i_h, t0, L, row_scale, x_s, xa_s, f_s, fi_s, fj_s, fc_s):
@@ -97,7 +103,7 @@ def _stages(K: int, V: int, dtype: str, BT: int = 64, BV: int = 64, threads: int
             for i, a in T.Parallel(BT, KP):
                 b_dx[i, a] += g_scale * pc_s[a * KA + b] * g_s[i, pi_s[a * KA + b]] * xa_s[i, b]
 
-    return load_tables, features, chain
+    return load_tables, load_chain_tables, features, chain
 
 
 def based_fwd_fused_chunk_kernel(
@@ -113,7 +119,7 @@ def based_fwd_fused_chunk_kernel(
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
     NV = cdiv(V, BV)
     B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
-    load_tables, features, _ = _stages(K, V, dtype, BT, BV, threads)
+    load_tables, _, features, _ = _stages(K, dtype, BT)
 
     @T.prim_func
     def based_fwd_fused_chunk(
@@ -208,7 +214,7 @@ def based_bwd_dq_fused_chunk_kernel(
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
     NV = cdiv(V, BV)
     B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
-    load_tables, features, chain = _stages(K, V, dtype, BT, BV, threads)
+    load_tables, load_chain_tables, features, chain = _stages(K, dtype, BT)
 
     @T.prim_func
     def based_bwd_dq_fused_chunk(
@@ -255,9 +261,7 @@ def based_bwd_dq_fused_chunk_kernel(
             b_dq = T.alloc_fragment([BT, KP], "float32")
 
             load_tables(fi, fj, fc, fi_s, fj_s, fc_s)
-            for e in T.Parallel(KP * KA):
-                pi_s[e] = pi[e]
-                pc_s[e] = pc[e]
+            load_chain_tables(pi, pc, pi_s, pc_s)
             for f in T.Parallel(FP):
                 zs_s[f] = 0
             T.clear(b_h)
@@ -311,7 +315,7 @@ def based_bwd_dkv_fused_chunk_kernel(
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
     NV = cdiv(V, BV)
     B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
-    load_tables, features, chain = _stages(K, V, dtype, BT, BV, threads)
+    load_tables, load_chain_tables, features, chain = _stages(K, dtype, BT)
 
     @T.prim_func
     def based_bwd_dkv_fused_chunk(
@@ -363,9 +367,7 @@ def based_bwd_dkv_fused_chunk_kernel(
             b_dv = T.alloc_fragment([BT, BV], "float32")
 
             load_tables(fi, fj, fc, fi_s, fj_s, fc_s)
-            for e in T.Parallel(KP * KA):
-                pi_s[e] = pi[e]
-                pc_s[e] = pc[e]
+            load_chain_tables(pi, pc, pi_s, pc_s)
             for f in T.Parallel(FP):
                 dzs_s[f] = 0
             T.clear(b_dh)
