@@ -66,8 +66,9 @@ def _taylor(s):
     return 1 + s + 0.5 * s * s
 
 
-def _stages(K: int, dtype: str, BT: int):
-    """the T.macro stages the three kernels share: the tables' loads, the chunk's features and the chain rule."""
+def _stages(K: int, V: int, dtype: str, BT: int, BV: int):
+    """the T.macro stages the three kernels share: the tables' loads, the chunk's features and gradient tiles, the key
+    features' sums and the chain rule."""
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
 
     @T.macro
@@ -97,13 +98,35 @@ def _stages(K: int, dtype: str, BT: int):
             f_s[i, f] = T.Cast(dtype, fc_s[f] * xa_s[i, fi_s[f]] * xa_s[i, fj_s[f]])
 
     @T.macro
+    def load_grads(v, do, dz, i_b, i_h, t0, v0, i_v, L, v_s, do_s, dz_s):
+        """the chunk's v, do tiles [BT, BV] (V tile at v0) and dz [BT] (zero outside the V tile 0: dz enters once)."""
+        for i, d in T.Parallel(BT, BV):
+            v_s[i, d] = T.if_then_else(t0 + i < L and v0 + d < V, v[i_b, t0 + i, i_h, v0 + d], 0)
+            do_s[i, d] = T.if_then_else(t0 + i < L and v0 + d < V, do[i_b, t0 + i, i_h, v0 + d], 0)
+        for i in T.Parallel(BT):
+            dz_s[i] = T.if_then_else(t0 + i < L and i_v == 0, dz[i_b, t0 + i, i_h], 0)
+
+    @T.macro
+    def load_transposed(x, i_b, i_h, t0, L, xt_s):
+        """x^T [KP, BT] of the chunk: the K-major operand of a product over the chunk's rows."""
+        for d, i in T.Parallel(KP, BT):
+            xt_s[d, i] = T.if_then_else(t0 + i < L and d < K, x[i_b, t0 + i, i_h, d], 0)
+
+    @T.macro
+    def add_key_features(fk_s, zs_s):
+        """zs [FP] += the column sums of the chunk's key features."""
+        for f in T.Parallel(FP):
+            for j in T.serial(BT):
+                zs_s[f] += fk_s[j, f]
+
+    @T.macro
     def chain(b_dx, g_s, xa_s, pi_s, pc_s, g_scale):
         """b_dx [BT, KP] += g_scale * d(G . phi(xa)) / dx, G = g_s [BT, FP] (fp32)."""
         for b in T.serial(KA):
             for i, a in T.Parallel(BT, KP):
                 b_dx[i, a] += g_scale * pc_s[a * KA + b] * g_s[i, pi_s[a * KA + b]] * xa_s[i, b]
 
-    return load_tables, load_chain_tables, features, chain
+    return load_tables, load_chain_tables, features, load_grads, load_transposed, add_key_features, chain
 
 
 def based_fwd_fused_chunk_kernel(
@@ -119,7 +142,7 @@ def based_fwd_fused_chunk_kernel(
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
     NV = cdiv(V, BV)
     B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
-    load_tables, _, features, _ = _stages(K, dtype, BT)
+    load_tables, _, features, _, _, add_key_features, _ = _stages(K, V, dtype, BT, BV)
 
     @T.prim_func
     def based_fwd_fused_chunk(
@@ -194,9 +217,7 @@ def based_fwd_fused_chunk_kernel(
                             z[i_b, t0 + i, i_h] = b_z[i]
                 # the states take this chunk's keys
                 T.gemm(v_s, fk_s, b_h, transpose_A=True)
-                for f in T.Parallel(FP):
-                    for j in T.serial(BT):
-                        zs_s[f] += fk_s[j, f]
+                add_key_features(fk_s, zs_s)
 
     return based_fwd_fused_chunk
 
@@ -214,7 +235,8 @@ def based_bwd_dq_fused_chunk_kernel(
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
     NV = cdiv(V, BV)
     B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
-    load_tables, load_chain_tables, features, chain = _stages(K, dtype, BT)
+    (load_tables, load_chain_tables, features, load_grads, load_transposed, add_key_features,
+     chain) = _stages(K, V, dtype, BT, BV)
 
     @T.prim_func
     def based_bwd_dq_fused_chunk(
@@ -269,13 +291,8 @@ def based_bwd_dq_fused_chunk_kernel(
                 t0 = c * BT
                 features(q, i_b, i_h, t0, L, scale, q_s, xq_s, fq_s, fi_s, fj_s, fc_s)
                 features(k, i_b, i_h, t0, L, 1.0, k_s, xk_s, fk_s, fi_s, fj_s, fc_s)
-                for i, d in T.Parallel(BT, BV):
-                    v_s[i, d] = T.if_then_else(t0 + i < L and v0 + d < V, v[i_b, t0 + i, i_h, v0 + d], 0)
-                    do_s[i, d] = T.if_then_else(t0 + i < L and v0 + d < V, do[i_b, t0 + i, i_h, v0 + d], 0)
-                for i in T.Parallel(BT):
-                    dz_s[i] = T.if_then_else(t0 + i < L and i_v == 0, dz[i_b, t0 + i, i_h], 0)
-                for d, i in T.Parallel(KP, BT):
-                    kt_s[d, i] = T.if_then_else(t0 + i < L and d < K, k[i_b, t0 + i, i_h, d], 0)
+                load_grads(v, do, dz, i_b, i_h, t0, v0, i_v, L, v_s, do_s, dz_s)
+                load_transposed(k, i_b, i_h, t0, L, kt_s)
                 # this chunk: ds = (do v^T + dz) (1 + s), dq = scale ds k
                 T.gemm(q_s, k_s, b_s, transpose_B=True, clear_accum=True)
                 T.gemm(do_s, v_s, b_dp, transpose_B=True, clear_accum=True)
@@ -295,9 +312,7 @@ def based_bwd_dq_fused_chunk_kernel(
                     if t0 + i < L and a < K:
                         dq[i_v, i_b, t0 + i, i_h, a] = b_dq[i, a]
                 T.gemm(v_s, fk_s, b_h, transpose_A=True)
-                for f in T.Parallel(FP):
-                    for j in T.serial(BT):
-                        zs_s[f] += fk_s[j, f]
+                add_key_features(fk_s, zs_s)
 
     return based_bwd_dq_fused_chunk
 
@@ -315,7 +330,8 @@ def based_bwd_dkv_fused_chunk_kernel(
     KP, KA, FP = _kp(K), K + 1, feature_dims(K)
     NV = cdiv(V, BV)
     B, L, H = T.dynamic("B"), T.dynamic("L"), T.dynamic("H")
-    load_tables, load_chain_tables, features, chain = _stages(K, dtype, BT)
+    (load_tables, load_chain_tables, features, load_grads, load_transposed, add_key_features,
+     chain) = _stages(K, V, dtype, BT, BV)
 
     @T.prim_func
     def based_bwd_dkv_fused_chunk(
@@ -375,13 +391,8 @@ def based_bwd_dkv_fused_chunk_kernel(
                 t0 = (NT - 1 - c) * BT
                 features(q, i_b, i_h, t0, L, scale, q_s, xq_s, fq_s, fi_s, fj_s, fc_s)
                 features(k, i_b, i_h, t0, L, 1.0, k_s, xk_s, fk_s, fi_s, fj_s, fc_s)
-                for i, d in T.Parallel(BT, BV):
-                    v_s[i, d] = T.if_then_else(t0 + i < L and v0 + d < V, v[i_b, t0 + i, i_h, v0 + d], 0)
-                    do_s[i, d] = T.if_then_else(t0 + i < L and v0 + d < V, do[i_b, t0 + i, i_h, v0 + d], 0)
-                for i in T.Parallel(BT):
-                    dz_s[i] = T.if_then_else(t0 + i < L and i_v == 0, dz[i_b, t0 + i, i_h], 0)
-                for d, i in T.Parallel(KP, BT):
-                    qt_s[d, i] = T.if_then_else(t0 + i < L and d < K, q[i_b, t0 + i, i_h, d], 0)
+                load_grads(v, do, dz, i_b, i_h, t0, v0, i_v, L, v_s, do_s, dz_s)
+                load_transposed(q, i_b, i_h, t0, L, qt_s)
                 # the later chunks: dv = phi(k) dh^T, G = v dh + dzs, the gradient of phi(k)
                 T.copy(b_dh, dh_s)
                 for f, d in T.Parallel(FP, BV):
