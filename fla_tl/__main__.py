@@ -1,146 +1,66 @@
 """`python -m fla_tl list` prints the op registry; `check` runs every op against its reference; `compile` builds
-kernels ahead into TileLang's cache; `cache show | clear` lists or removes the user's tuning tables."""
+every op's kernels ahead into TileLang's cache; `tune` tunes tile configs on this GPU; `cache show | clear` lists or
+removes the user's tuning tables."""
 
 import argparse
-import itertools
 import sys
 import time
 
 import torch
 
 from . import ops  # noqa: F401 - registers the ops
-from .registry import format_table, list_ops, registered_ops
-from .utils import compare
-
-
-def _cases(spec):
-    """small dense and varlen cases with an initial state; the recurrent options where the op has them."""
-    caps = spec.backends[-1].capabilities
-    options = [{}]
-    if caps.reverse:
-        options.append({"reverse": True})
-    if caps.state_v_first:
-        options.append({"state_v_first": True})
-    if caps.reverse and caps.state_v_first:
-        options.append({"reverse": True, "state_v_first": True})
-    for opts in options:
-        yield "dense", 2, (100,), 2, 32, 48, opts
-        yield "varlen", 1, (30, 0, 100, 1), 2, 32, 48, opts
-
-
-def _run_case(spec, backend, device, dtype, B, lens, H, K, V, opts, extra):
-    T = sum(lens) if B == 1 else lens[0]
-    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=device) if B == 1 else None
-    N = len(lens) if B == 1 else B
-    q = torch.randn(B, T, H, K, device=device)
-    k = torch.nn.functional.normalize(torch.randn(B, T, H, K, device=device), dim=-1)
-    v = torch.randn(B, T, H, V, device=device)
-    state_shape = (N, H, V, K) if opts.get("state_v_first") else (N, H, K, V)
-    h0 = torch.randn(state_shape, device=device)
-    inputs = [x.to(dtype).requires_grad_() for x in (q, k, v, h0)]
-    grad_names = [name for name, x in extra.items() if isinstance(x, torch.Tensor) and name != "g_gamma"]
-    extra = {name: (x.detach().to(dtype).requires_grad_() if name in grad_names else x) for name, x in extra.items()}
-    o, ht = spec.fn(*inputs[:3], initial_state=inputs[3], output_final_state=True, cu_seqlens=cu, backend=backend,
-                    **extra, **opts)
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    wrt = inputs + [extra[name] for name in grad_names]
-    grads = torch.autograd.grad((o, ht), wrt, (do, dht))
-    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    ref_inputs = [x.detach().to(ref_dtype).requires_grad_() for x in inputs]
-    ref_extra = {name: (x.detach().to(ref_dtype).requires_grad_() if name in grad_names else x)
-                 for name, x in extra.items()}
-    ref_o, ref_ht = spec.reference(*ref_inputs[:3], initial_state=ref_inputs[3], output_final_state=True,
-                                   cu_seqlens=cu, **ref_extra, **opts)
-    ref_wrt = ref_inputs + [ref_extra[name] for name in grad_names]
-    ref_grads = torch.autograd.grad((ref_o, ref_ht), ref_wrt, (do.to(ref_dtype), dht.to(ref_dtype)))
-    names = ["o", "ht", "dq", "dk", "dv", "dh0"] + [f"d{name}" for name in grad_names]
-    return [(name, *compare(a, b, dtype)) for name, a, b in zip(names, (o, ht, *grads), (ref_o, ref_ht, *ref_grads))]
+from .registry import BackendError, format_table, list_ops, registered_ops
+from .testing import run_check
 
 
 def _check_ops(device: torch.device, backend: str, dtypes) -> list[dict]:
-    from .registry import describe_inputs
-
+    """one row per (op, dtype): its `check` cases (`OpSpec.cases`) through the shared harness on `backend`."""
     rows = []
     for spec in registered_ops():
-        chosen = spec.backend(backend)
-        if spec.self_check is not None:
-            rows += _self_check_rows(spec, chosen, backend, device, dtypes)
+        if spec.cases is None:
             continue
         for dtype in dtypes:
-            for kind, B, lens, H, K, V, opts in _cases(spec):
-                torch.manual_seed(0)
-                T = sum(lens) if B == 1 else lens[0]
-                variants = spec.check_cases(B, T, H, device) if spec.check_cases else [("", {})]
-                for extra_label, extra in variants:
-                    label = " ".join(x for x in (kind, extra_label, *opts) if x)
-                    row = {"op": spec.name, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                           "case": label}
-                    probe = torch.empty(B, T, H, K, device=device, dtype=dtype)
-                    refusal = chosen.verifier(describe_inputs(
-                        probe, torch.empty(B, T, H, V, device=device), probe, probe if kind == "varlen" else None,
-                        True, opts.get("reverse", False), opts.get("state_v_first", False), extra.get("g")))
-                    if refusal:
-                        rows.append({**row, "result": "skip", "s": "-", "detail": "; ".join(refusal)})
-                        continue
-                    start = time.perf_counter()
-                    try:
-                        results = _run_case(spec, backend, device, dtype, B, lens, H, K, V, opts, extra)
-                        ok = all(r[1] for r in results)
-                        failed = [f"{name}: {detail}" for name, passed, detail in results if not passed]
-                        worst = max(results, key=lambda r: float(r[2].split("ratio ")[1].split()[0]))
-                        message = "; ".join(failed) if failed else f"worst {worst[0]}: {worst[2]}"
-                    except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported in the table
-                        ok, message = False, f"{type(e).__name__}: {e}".splitlines()[0]
-                    rows.append({**row, "result": "pass" if ok else "FAIL", "s": f"{time.perf_counter() - start:.2f}",
-                                 "detail": message})
-    return rows
-
-
-def _self_check_rows(spec, chosen, backend, device, dtypes) -> list[dict]:
-    """rows for an op with its own check (outside the (q, k, v, state) pattern), or a skip with the backend's reason."""
-    from .registry import OpInputs
-
-    rows = []
-    for dtype in dtypes:
-        row = {"op": spec.name, "backend": backend, "dtype": str(dtype).replace("torch.", ""), "case": "dense"}
-        cc = tuple(torch.cuda.get_device_capability(device)) if device.type == "cuda" else None
-        refusal = chosen.verifier(OpInputs(device_type=device.type, dtype=dtype, K=16, V=16, compute_capability=cc,
-                                           backward=True))
-        if refusal:
-            rows.append({**row, "result": "skip", "s": "-", "detail": "; ".join(refusal)})
-            continue
-        torch.manual_seed(0)
-        start = time.perf_counter()
-        try:
-            results = spec.self_check(device, dtype)
-            failed = [f"{name}: {detail}" for name, passed, detail in results if not passed]
-            worst = max(results, key=lambda r: float(r[2].split("ratio ")[1].split()[0]))
-            ok, message = not failed, "; ".join(failed) if failed else f"worst {worst[0]}: {worst[2]}"
-        except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported in the table
-            ok, message = False, f"{type(e).__name__}: {e}".splitlines()[0]
-        rows.append({**row, "result": "pass" if ok else "FAIL", "s": f"{time.perf_counter() - start:.2f}",
-                     "detail": message})
+            row = {"op": spec.name, "backend": backend, "dtype": str(dtype).replace("torch.", "")}
+            torch.manual_seed(0)
+            start = time.perf_counter()
+            passed, failed, skipped, worst = 0, [], [], (0.0, "")
+            for case in spec.cases(device, dtype):
+                try:
+                    results = run_check(spec.fn, case, backend)
+                except BackendError as e:
+                    skipped.append(str(e).split(": ", 2)[-1])
+                    continue
+                except Exception as e:  # noqa: BLE001 - a crash is a failed check, reported in the table
+                    failed.append(f"{case.label}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    continue
+                bad = [f"{case.label} {r.name}: {r.detail}" for r in results if not r.passed]
+                failed += bad
+                passed += not bad
+                for r in results:
+                    ratio = float(r.detail.split("ratio ")[1].split()[0]) if "ratio " in r.detail else 0.0
+                    worst = max(worst, (ratio, f"{case.label} {r.name}"))
+            if skipped and not passed and not failed:
+                rows.append({**row, "result": "skip", "cases": "-", "s": "-", "detail": skipped[0]})
+                continue
+            detail = "; ".join(failed) if failed else f"worst rel. error {worst[0]:.1e} ({worst[1]})"
+            rows.append({**row, "result": "FAIL" if failed else "pass", "cases": f"{passed}/{passed + len(failed)}",
+                         "s": f"{time.perf_counter() - start:.1f}", "detail": detail[:160]})
     return rows
 
 
 def _check_compile() -> list[dict]:
+    """compile the retention ops' kernels at D = 64 in bf16 for sm_90a (no GPU needed, nvcc is)."""
     try:
-        from .kernels.build import compile_check
-    except ImportError as e:
-        return [{"kernel": "(all)", "result": "skipped", "s": "-", "detail": f"no compile check: {e}"}]
-    rows = []
-    try:
-        results = compile_check()
+        from .autotune.build import build
+        from .registry import get_op
+
+        specs = [s for name in ("chunk_retention", "fused_recurrent_retention")
+                 for s in get_op(name).kernels(64, "bfloat16")]
+        results = build(specs, {"kind": "cuda", "arch": "sm_90a"})
     except Exception as e:  # noqa: BLE001 - a crash of the whole check is one failed row
         return [{"kernel": "(all)", "result": "FAIL", "s": "-", "detail": f"{type(e).__name__}: {e}"}]
-    for name, ok, seconds, message in results:
-        rows.append({
-            "kernel": name,
-            "result": "pass" if ok else "FAIL",
-            "s": f"{seconds:.1f}",
-            "detail": str(message).splitlines()[0] if message else "",
-        })
-    return rows
+    return [{"kernel": name, "result": "pass" if ok else "FAIL", "s": f"{seconds:.1f}",
+             "detail": str(message).splitlines()[0] if message else ""} for name, ok, seconds, message in results]
 
 
 def check(compile_kernels: bool = True) -> int:
@@ -150,12 +70,12 @@ def check(compile_kernels: bool = True) -> int:
         device, backend, dtypes = torch.device("cuda"), "tilelang", (torch.bfloat16, torch.float32)
     else:
         device, backend, dtypes = torch.device("cpu"), "torch", (torch.float64, torch.float32)
-    print(f"fla_tl check: {backend} backend on {device} (torch {torch.__version__})")
+    print(f"fla_tl check: {backend} backend on {device} (torch {torch.__version__})", flush=True)
     rows = _check_ops(device, backend, dtypes)
     print(format_table(rows))
     failures = sum(r["result"] == "FAIL" for r in rows)
     if compile_kernels and not on_gpu:
-        print("\ncompile checks (fla_tl.kernels.build.compile_check):")
+        print("\ncompile checks (the retention kernels for sm_90a):", flush=True)
         compile_rows = _check_compile()
         print(format_table(compile_rows))
         failures += sum(r["result"] == "FAIL" for r in compile_rows)
@@ -165,122 +85,6 @@ def check(compile_kernels: bool = True) -> int:
           f"{f', {skipped} skipped (the backend refuses them, reason in the table)' if skipped else ''}; "
           f"{failures} failure(s)")
     return failures
-
-
-def _table_specs(arch: str, kernels: set[str]) -> list:
-    """(name, factory, kwargs) of every tuned config in the shipped and user tables made on GPUs of `arch`."""
-    import pathlib
-
-    from .autotune import TuningTable, parse_key
-    from .autotune.table import _cache_dir, _shipped_dir
-    from .autotune.tuner import launch_spec
-
-    capability = f"{arch[3]}.{arch[4:].rstrip('a')}" if arch.startswith("sm_") else arch
-    specs = []
-    paths = sorted(_shipped_dir().glob("*.json")) + sorted(pathlib.Path(_cache_dir(), "tables").glob("*.json"))
-    for path in paths:
-        table = TuningTable.load(path)
-        for key in table.keys():
-            fields = parse_key(key)
-            if fields.get("cc") != capability or fields.get("kernel") not in kernels:
-                continue
-            dims = dict(part.split("=") for part in fields["dims"].split(","))
-            dtype = dict(part.split("=") for part in fields["dtypes"].split(","))["dtype"]
-            gate = dict(part.split("=") for part in fields["flags"].split(",")).get("gate", "gamma")
-            name = fields["kernel"]
-            specs.append((name, *launch_spec(name, int(dims["K"]), int(dims["V"]), dtype, gate,
-                                             table.get(key)["config"])))
-    return specs
-
-
-def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int,
-                  space: bool = False, gates: tuple[str, ...] = ("gamma",)) -> int:
-    """compile the kernels of `ops` at head dims `dims` (K = V) and `dtypes` into TileLang's cache: their heuristic
-    configs, every config the tuning tables (shipped and user) hold for GPUs of `arch`, and with `space` every
-    config of the search spaces that fits; return the number of failures."""
-    import dataclasses
-
-    from .autotune.configs import KERNELS
-    from .autotune.tuner import OP_KERNELS, launch_spec
-    from .kernels.build import build, op_kernel_specs
-
-    registered = {spec.name: spec for spec in registered_ops()}
-    kernels = {name for op in ops for name in OP_KERNELS.get(op, ())}
-    specs, unlisted = [], set()
-    for d in dims:
-        for dtype in dtypes:
-            for gate in gates:
-                for op in ops:
-                    found = op_kernel_specs(op, registered[op].variant, registered[op].mode, d, dtype, gate)
-                    if found is None:
-                        unlisted.add(op)
-                    else:
-                        specs += found
-                if space:
-                    for name in sorted(kernels):
-                        for config in KERNELS[name].candidates(d, d, dtype):
-                            specs.append((name, *launch_spec(name, d, d, dtype, gate, dataclasses.asdict(config))))
-    specs += _table_specs(arch, kernels)
-    unique = {}
-    for spec in specs:
-        unique.setdefault((spec[1], tuple(sorted(spec[2].items()))), spec)
-    specs = list(unique.values())
-    if unlisted:
-        print(f"no ahead-of-time kernel list for {', '.join(sorted(unlisted))}: their kernels compile on first use",
-              flush=True)
-    print(f"compiling {len(specs)} kernels for {arch} ({', '.join(ops)}; D = {dims}; {', '.join(dtypes)}"
-          f"{'; every config of the search spaces' if space else ''}) in {workers} processes", flush=True)
-    results = build(specs, {"kind": "cuda", "arch": arch}, workers)
-    rows = [
-        {"kernel": name, "result": "ok" if ok else "FAIL", "s": f"{seconds:.1f}", "detail": message}
-        for name, ok, seconds, message in results
-    ]
-    print(format_table(rows))
-    failures = sum(not r[1] for r in results)
-    print(f"{len(results) - failures} built, {failures} failed")
-    return failures
-
-
-def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | None,
-         gates: tuple[str, ...] = ("gamma",)) -> int:
-    """tune every kernel of `ops` at each (B, T, H, D) shape in bf16 on this GPU, for each gate option of `gates`;
-    store the entries in the user table (or in the table file `out`) and print the default vs tuned times."""
-    from .autotune import TuningTable, device_info, record
-    from .autotune.tuner import OP_KERNELS, make_runner, table_key, tune_kernel
-
-    if not torch.cuda.is_available():
-        print("python -m fla_tl tune: needs a CUDA GPU", file=sys.stderr)
-        return 2
-    device = torch.device("cuda")
-    gpu, _ = device_info(device)
-    table = TuningTable.load(out) if out else None
-    rows, done = [], set()
-    for (B, T, H, D), gate in itertools.product(shapes, gates):
-        for op in ops:
-            for name in OP_KERNELS.get(op, ()):
-                if (name, B, T, H, D, gate) in done:
-                    continue
-                done.add((name, B, T, H, D, gate))
-                runner = make_runner(name, N=B, T=T, H=H, K=D, V=D, dtype=torch.bfloat16, device=device, gate=gate)
-                entry = tune_kernel(name, runner, K=D, V=D, dtype=torch.bfloat16, gate=gate)
-                entry["shape"] = {"B": B, "T": T, "H": H, "D": D}
-                key = table_key(name, D, D, "bfloat16", T, device, gate)
-                if table is not None:
-                    table.put(key, entry)
-                    table.save()
-                else:
-                    record(key, gpu, entry)
-                rows.append({
-                    "kernel": name,
-                    "gate": gate,
-                    "shape": f"{B}x{T}x{H}x{D}",
-                    "default_ms": f"{entry['default_ms']:.4f}",
-                    "tuned_ms": f"{entry['time_ms']:.4f}",
-                    "speedup": f"{entry['default_ms'] / entry['time_ms']:.2f}",
-                    "config": ", ".join(f"{k}={v}" for k, v in entry["config"].items()),
-                })
-    print(format_table(rows))
-    return 0
 
 
 def registered_op_mode(op: str) -> str:
@@ -315,8 +119,6 @@ def main(argv=None) -> int:
     p_compile.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
     p_compile.add_argument("--space", action="store_true",
                            help="also every config of the tuning search spaces (default: heuristic and table configs)")
-    p_compile.add_argument("--gates", default="gamma", help="comma list of gate options: gamma (constant decay, "
-                           "default), g (per-token gate)")
     p_tune = sub.add_parser("tune", help="tune the kernels' tile configs on this GPU and store them in a table")
     p_tune.add_argument("--ops", default="all", help="comma list of registered ops, or all (default)")
     p_tune.add_argument("--shapes", default="8x4096x16x128", help="comma list of BxTxHxD (bf16, K = V = D)")
@@ -337,8 +139,9 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
         dims = [int(d) for d in args.dims.split(",")]
-        gates = _gates(parser, args.gates)
-        return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers, args.space, gates) else 0
+        from .autotune.commands import compile_ahead
+
+        return 1 if compile_ahead(args.arch, ops, dims, args.dtypes.split(","), args.workers, args.space) else 0
     if args.command == "tune":
         ops = [spec.name for spec in registered_ops()] if args.ops == "all" else args.ops.split(",")
         try:
@@ -350,6 +153,8 @@ def main(argv=None) -> int:
         except ValueError as e:
             parser.error(str(e))
         gates = _gates(parser, args.gates)
+        from .autotune.commands import tune
+
         return tune(ops, shapes, args.out, gates)
     if args.command == "cache":
         from .autotune import cache_clear, cache_show

@@ -1,16 +1,25 @@
-"""The op registry: ops, their backends' capabilities and verifiers, backend choice, and the torch custom ops.
+"""The op registry and the one path every op runs through.
 
-Every public op is registered as an :class:`OpSpec` (name, variant, mode, reference, public function) with an
-ordered list of :class:`Backend` entries, preferred first. A backend declares what it supports as data
-(:class:`Capabilities`) and a verifier that returns every reason it refuses an input. The choice:
+An op is an :class:`OpSpec`: name, variant, mode, the signature of its kernel-level call (`schema`), its reference,
+and its :class:`Backend` entries, preferred first. Each backend declares what it supports as data
+(:class:`Capabilities`); its verifier returns every reason it refuses an input. :func:`register` decorates the op's
+public function: it records the op and defines two `torch.library` custom ops, `fla_tl::<op>_fwd` and
+`fla_tl::<op>_bwd`, with fake implementations and autograd, so every op runs inside `torch.compile(fullgraph=True)`.
 
-- `backend="name"` (or `FLA_TL_BACKEND=name`) forces one; if it refuses, :class:`BackendError` lists why;
-- otherwise the first backend that accepts runs; falling back past the preferred one is logged once;
-- if none accepts, one :class:`BackendError` lists every candidate and its reasons.
+The kernel-level call, `spec.run(backend, **args)`:
 
-The forward and backward of every op are `torch.library` custom ops (`fla_tl::<op>_fwd`, `fla_tl::<op>_bwd`)
-with fake implementations and autograd, so the public functions run inside `torch.compile(fullgraph=True)`.
-The backend is resolved inside the custom op, at run time; backend modules are imported on first use.
+- under `torch.compile` it calls the custom ops, which choose the backend at run time;
+- in eager mode it chooses the backend first: a backend with a differentiable PyTorch form runs it directly, the
+  others run the custom ops' bodies through a plain `autograd.Function` (the custom-op dispatcher costs about 100 us
+  of host time per call, which dominates at small shapes).
+
+The choice (:func:`select_backend`): `backend="name"` (or `FLA_TL_BACKEND=name`) forces one, and if it refuses,
+:class:`BackendError` lists why; otherwise the first backend that accepts runs, and falling back past the preferred
+one is logged once; if none accepts, one :class:`BackendError` lists every candidate and its reasons.
+
+A backend's `fwd(**args, requires_grad)` returns the op's outputs, then any residuals its backward needs (an absent
+output is None); `bwd(args, outputs, grads)` returns `{name: gradient}` for the arguments in `spec.grads`. A torch
+backend gives only `differentiable(**args)`, its outputs: the backward is its vector-Jacobian product.
 """
 
 import dataclasses
@@ -23,12 +32,13 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .autotune.table import mode as autotune_mode
 from .utils import log_once
 
 ENV_BACKEND = "FLA_TL_BACKEND"
 AUTO = "auto"
-
-_DTYPE_NAMES = {
+MAX_HEAD_DIM = 256
+DTYPE_NAMES = {
     torch.bfloat16: "bf16",
     torch.float16: "fp16",
     torch.float32: "fp32",
@@ -61,7 +71,7 @@ class Capabilities:
 
         return {
             "device": ",".join(self.devices) if self.devices else "any",
-            "dtypes": ",".join(_DTYPE_NAMES.get(d, str(d)) for d in self.dtypes),
+            "dtypes": ",".join(DTYPE_NAMES.get(d, str(d)) for d in self.dtypes),
             "max K,V": str(self.max_head_dim) if self.max_head_dim else "-",
             "min cc": ".".join(map(str, self.min_compute_capability)) if self.min_compute_capability else "-",
             "varlen": flag(self.varlen),
@@ -73,9 +83,24 @@ class Capabilities:
         }
 
 
+def tilelang_capabilities(**fields) -> Capabilities:
+    """the TileLang kernels' usual capabilities (CUDA sm_90+, bf16 / fp16 / fp32, head dims up to 256), with `fields`
+    changed."""
+    base = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16, torch.float32),
+                        max_head_dim=MAX_HEAD_DIM, min_compute_capability=(9, 0), gate=True)
+    return dataclasses.replace(base, **fields)
+
+
+def torch_capabilities(**fields) -> Capabilities:
+    """the pure-PyTorch forms' capabilities (any device, every float dtype), with `fields` changed."""
+    base = Capabilities(devices=None, dtypes=(torch.bfloat16, torch.float16, torch.float32, torch.float64))
+    return dataclasses.replace(base, **fields)
+
+
 @dataclasses.dataclass(frozen=True)
 class OpInputs:
-    """what a verifier looks at: a light description of one call (tests build it by hand to fake a GPU)."""
+    """what a verifier looks at: a light description of one call (tests build it by hand to fake a GPU); `options`
+    holds an op's own arguments that decide a backend (e.g. a chunk size)."""
 
     device_type: str
     dtype: torch.dtype
@@ -88,6 +113,11 @@ class OpInputs:
     reverse: bool = False
     state_v_first: bool = False
     gate: bool = False
+    options: dict = dataclasses.field(default_factory=dict, compare=False)
+
+
+def compute_capability(x: torch.Tensor) -> tuple[int, int] | None:
+    return tuple(torch.cuda.get_device_capability(x.device)) if x.device.type == "cuda" else None
 
 
 def describe_inputs(
@@ -99,23 +129,22 @@ def describe_inputs(
     reverse: bool = False,
     state_v_first: bool = False,
     g: torch.Tensor | None = None,
+    **options,
 ) -> OpInputs:
-    """the :class:`OpInputs` of a call on real tensors."""
-    cc = None
-    if q.device.type == "cuda":
-        cc = tuple(torch.cuda.get_device_capability(q.device))
+    """the :class:`OpInputs` of a call on real tensors (K from `q`, V from `v`)."""
     return OpInputs(
         device_type=q.device.type,
         dtype=q.dtype,
         K=q.shape[-1],
         V=v.shape[-1],
-        compute_capability=cc,
+        compute_capability=compute_capability(q),
         varlen=cu_seqlens is not None,
         initial_state=initial_state is not None,
         backward=backward,
         reverse=reverse,
         state_v_first=state_v_first,
         gate=g is not None,
+        options=options,
     )
 
 
@@ -125,7 +154,7 @@ def capability_reasons(caps: Capabilities, inputs: OpInputs) -> list[str]:
     if caps.devices is not None and inputs.device_type not in caps.devices:
         reasons.append(f"needs a {' or '.join(caps.devices)} tensor, got {inputs.device_type}")
     if inputs.dtype not in caps.dtypes:
-        names = ", ".join(_DTYPE_NAMES.get(d, str(d)) for d in caps.dtypes)
+        names = ", ".join(DTYPE_NAMES.get(d, str(d)) for d in caps.dtypes)
         reasons.append(f"dtype {inputs.dtype} is not one of {names}")
     if caps.max_head_dim is not None:
         for name, d in (("K", inputs.K), ("V", inputs.V)):
@@ -150,41 +179,115 @@ def capability_reasons(caps: Capabilities, inputs: OpInputs) -> list[str]:
     return reasons
 
 
+_IMPORT_ERRORS: dict[str, str | None] = {}
+
+
+def import_reason(module: str) -> str | None:
+    """why `module` cannot be imported (once per process), or None when it imports."""
+    if module not in _IMPORT_ERRORS:
+        try:
+            importlib.import_module(module)
+            _IMPORT_ERRORS[module] = None
+        except Exception as e:  # noqa: BLE001 - any import failure is a refusal reason
+            _IMPORT_ERRORS[module] = f"cannot import {module}: {type(e).__name__}: {e}"
+    return _IMPORT_ERRORS[module]
+
+
+def module_missing(module: str) -> bool:
+    """whether a top-level module is absent, without importing it."""
+    return importlib.util.find_spec(module) is None
+
+
 @dataclasses.dataclass
 class Backend:
-    """one implementation of an op.
+    """one implementation of an op (see the module docstring for `fwd`, `bwd` and `differentiable`).
 
-    `fwd(q, k, v, g, g_gamma, initial_state, cu_seqlens, *, scale, output_final_state, reverse, state_v_first) ->
-    (o, ht | None)` and `bwd(q, k, v, g, g_gamma, do, dht, initial_state, cu_seqlens, *, scale, reverse,
-    state_v_first, ht) -> (dq, dk, dv, dg | None, dh0 | None)`; both import their heavy modules on first call. `verifier(inputs) -> list[str]` returns every reason it
-    refuses (its capability reasons included).
+    `module` names the kernels a TileLang backend imports on first use (an import failure is a refusal);
+    `extra_reasons(inputs)` adds the backend's own refusals to its capabilities'; `residuals(args, requires_grad)`
+    gives empty tensors shaped like the residuals `fwd` returns (the custom op's fake); `note` makes an entry that
+    refuses every input (an op dropped by fla), shown by `list`. `verifier(inputs)` returns every reason it refuses.
     """
 
     name: str
     capabilities: Capabilities
-    verifier: Callable[[OpInputs], list[str]]
-    fwd: Callable
-    bwd: Callable
+    fwd: Callable | None = None
+    bwd: Callable | None = None
+    differentiable: Callable | None = None
+    residuals: Callable | None = None
+    module: str | None = None
+    extra_reasons: Callable[[OpInputs], list[str]] | None = None
     description: str = ""
-    # set for an entry that refuses every input (not built yet, or dropped by fla): why, shown by `list`
     note: str = ""
+    verifier: Callable[[OpInputs], list[str]] | None = None
+
+    def __post_init__(self):
+        if self.verifier is None:
+            self.verifier = self._reasons
+
+    def _reasons(self, inputs: OpInputs) -> list[str]:
+        reasons = capability_reasons(self.capabilities, inputs)
+        if self.note:
+            return reasons + [self.note]
+        if self.extra_reasons is not None:
+            reasons += self.extra_reasons(inputs)
+        if self.module is not None:
+            if module_missing("tilelang"):
+                reasons.append("tilelang is not installed")
+            elif not reasons:
+                # the kernels are imported only for an input they would run
+                reason = import_reason(self.module)
+                if reason is not None:
+                    reasons.append(reason)
+        return reasons
+
+
+def torch_backend(fn: Callable, caps: Capabilities, description: str = "the pure-PyTorch path") -> Backend:
+    """the `torch` backend of a differentiable PyTorch form `fn(**args) -> outputs`."""
+    return Backend(name="torch", capabilities=caps, differentiable=fn, description=description)
+
+
+def refusing_backend(name: str, caps: Capabilities, reason: str) -> Backend:
+    """an entry that refuses every input with `reason` (an op dropped by fla); `list` shows it and errors name it."""
+    return Backend(name=name, capabilities=caps, description=reason, note=reason)
+
+
+@dataclasses.dataclass
+class KernelSpec:
+    """one TileLang kernel an op launches: the factory and its keywords exactly as the launcher builds it."""
+
+    name: str
+    factory: Callable
+    kwargs: dict
 
 
 @dataclasses.dataclass
 class OpSpec:
-    """one public op: its variant, mode (chunk | fused_chunk | fused_recurrent | parallel), reference and backends."""
+    """one public op.
+
+    `schema` is the kernel-level call as a `torch.library` argument list (tensors and the options the backends take);
+    `outputs` how many tensors it returns (an absent one is None); `grads` the tensor arguments that get gradients;
+    `saved_outputs` the outputs the backward reads; `describe(args, backward)` the :class:`OpInputs` of a call;
+    `fake(args)` empty tensors shaped like the outputs. An op without `schema` runs no kernel-level call (it raises,
+    as fla's does). `kernels(D, dtype)` lists the TileLang kernels the op launches at head dim D and dtype `dtype`
+    (a TileLang name), for compiling ahead, tuning and the compile tests; `cases(device, dtype)` the
+    `fla_tl.testing.Case`s of `python -m fla_tl check`.
+    """
 
     name: str
     variant: str
     mode: str
     reference: Callable
-    fn: Callable | None = None
     backends: list[Backend] = dataclasses.field(default_factory=list)
-    # `(B, T, H, device) -> [(label, kwargs)]`: the op's own arguments (gates, layer index, ...) for `check`, passed
-    # to `fn` and `reference` alike; tensors among them that are floating point get a gradient
-    check_cases: Callable | None = None
-    # for ops outside the (q, k, v, state) pattern: `(device, dtype) -> [(name, passed, detail)]`, run by `check`
-    self_check: Callable | None = None
+    schema: str = ""
+    outputs: int = 2
+    grads: tuple[str, ...] = ()
+    saved_outputs: tuple[int, ...] = ()
+    describe: Callable | None = None
+    fake: Callable | None = None
+    kernels: Callable | None = None
+    cases: Callable | None = None
+    fn: Callable | None = None
+    _call: Callable | None = dataclasses.field(default=None, repr=False)
 
     def backend(self, name: str) -> Backend:
         for b in self.backends:
@@ -194,24 +297,28 @@ class OpSpec:
             f"`backend` must be one of {[b.name for b in self.backends]} or {AUTO!r} for {self.name}, got {name!r}"
         )
 
+    def run(self, backend: str | None = None, **args) -> list:
+        """the kernel-level call: the op's outputs (None where absent) from the chosen backend, differentiable."""
+        check_backend_name(self, backend)
+        return self._call(args, backend if backend not in (None, AUTO) else "")
+
 
 _OPS: dict[str, OpSpec] = {}
 
 
-def register_op(spec: OpSpec) -> OpSpec:
-    """add an op to the registry (its backends may follow through :func:`register_backend`)."""
-    if spec.name in _OPS:
-        raise ValueError(f"op {spec.name!r} is already registered")
-    _OPS[spec.name] = spec
-    return spec
+def register(spec: OpSpec) -> Callable:
+    """decorate an op's public function: record `spec` with it and define its custom ops."""
 
+    def decorate(fn: Callable) -> Callable:
+        if spec.name in _OPS:
+            raise ValueError(f"op {spec.name!r} is already registered")
+        spec.fn = fn
+        if spec.schema:
+            spec._call = _define(spec)
+        _OPS[spec.name] = spec
+        return fn
 
-def register_backend(op: str, backend: Backend) -> None:
-    """append a backend to an op; earlier registrations are preferred in the automatic choice."""
-    spec = get_op(op)
-    if any(b.name == backend.name for b in spec.backends):
-        raise ValueError(f"backend {backend.name!r} is already registered for {op!r}")
-    spec.backends.append(backend)
+    return decorate
 
 
 def get_op(name: str) -> OpSpec:
@@ -275,23 +382,171 @@ def _log_fallback(spec: OpSpec, chosen: Backend, inputs: OpInputs, refusals) -> 
     )
 
 
-_IMPORT_ERRORS: dict[str, str | None] = {}
+# ---------------------------------------------------------------------------------------------- the custom ops
 
 
-def import_reason(module: str) -> str | None:
-    """why `module` cannot be imported (once per process), or None when it imports."""
-    if module not in _IMPORT_ERRORS:
-        try:
-            importlib.import_module(module)
-            _IMPORT_ERRORS[module] = None
-        except Exception as e:  # noqa: BLE001 - any import failure is a refusal reason
-            _IMPORT_ERRORS[module] = f"cannot import {module}: {type(e).__name__}: {e}"
-    return _IMPORT_ERRORS[module]
+def _parse_schema(schema: str) -> tuple[list[str], set[str]]:
+    """(argument names, the names of the tensor arguments) of a `torch.library` argument list."""
+    names, tensors = [], set()
+    for item in schema.split(","):
+        kind, name = item.split()
+        names.append(name)
+        if kind.startswith("Tensor"):
+            tensors.add(name)
+    return names, tensors
 
 
-def module_missing(module: str) -> bool:
-    """whether a top-level module is absent, without importing it."""
-    return importlib.util.find_spec(module) is None
+def _placeholder(args: dict, tensors: list[str]) -> torch.Tensor:
+    """an empty tensor on the device of the first tensor argument: an absent output or gradient."""
+    for name in tensors:
+        if args[name] is not None:
+            return args[name].new_empty(0)
+    raise ValueError("an op needs at least one tensor argument")
+
+
+def _define(spec: OpSpec) -> Callable:
+    """define `fla_tl::<op>_fwd` / `_bwd` (fake, autograd) and return the kernel-level call `(args, backend)`."""
+    names, tensor_set = _parse_schema(spec.schema)
+    tensors = [n for n in names if n in tensor_set]
+    P = spec.outputs
+
+    def choose(args: dict, backward: bool, backend: str) -> Backend:
+        return select_backend(spec, spec.describe(args, backward), backend or None)
+
+    def forward(chosen: Backend, args: dict, requires_grad: bool) -> list[torch.Tensor]:
+        if chosen.module is not None and autotune_mode() == "tune":
+            # `FLA_TL_AUTOTUNE=tune`: the tuner (above the kernels) installs itself as the tile-config miss handler
+            importlib.import_module("fla_tl.autotune.tuner")
+        if chosen.fwd is None:
+            with torch.no_grad():
+                outs = list(chosen.differentiable(**args))
+        else:
+            outs = list(chosen.fwd(**args, requires_grad=requires_grad))
+        # a fresh placeholder per absent output: a custom op's outputs may not alias each other
+        return [_placeholder(args, tensors) if x is None else x for x in outs]
+
+    def backward(chosen: Backend, args: dict, outputs: list, grads: list) -> list[torch.Tensor]:
+        if chosen.bwd is not None:
+            found = chosen.bwd(args, outputs, grads)
+        else:
+            found = _vjp(chosen.differentiable, args, [n for n in spec.grads if args[n] is not None], grads)
+        return [_placeholder(args, tensors) if args[n] is None or found.get(n) is None else found[n].to(args[n].dtype)
+                for n in spec.grads]
+
+    def fwd_impl(*values):
+        args = dict(zip(names, values[:-2]))
+        requires_grad, backend = values[-2:]
+        return forward(choose(args, requires_grad, backend), args, requires_grad)
+
+    def bwd_impl(*values):
+        args = dict(zip(names, values[:-3]))
+        outputs, grads, backend = values[-3:]
+        return backward(choose(args, True, backend), args, list(outputs), list(grads))
+
+    fwd_op = torch.library.custom_op(f"fla_tl::{spec.name}_fwd", fwd_impl, mutates_args=(),
+                                     schema=f"({spec.schema}, bool requires_grad, str backend) -> Tensor[]")
+    bwd_op = torch.library.custom_op(
+        f"fla_tl::{spec.name}_bwd", bwd_impl, mutates_args=(),
+        schema=f"({spec.schema}, Tensor[] outputs, Tensor?[] grads, str backend) -> Tensor[]")
+
+    @fwd_op.register_fake
+    def _(*values):
+        args = dict(zip(names, values[:-2]))
+        requires_grad, backend = values[-2:]
+        outs = [_placeholder(args, tensors) if x is None else x for x in spec.fake(args)]
+        chosen = choose(args, requires_grad, backend)
+        return outs + (list(chosen.residuals(args, requires_grad)) if chosen.residuals is not None else [])
+
+    @bwd_op.register_fake
+    def _(*values):
+        args = dict(zip(names, values[:-3]))
+        return [torch.empty_like(args[n]) if args[n] is not None else _placeholder(args, tensors) for n in spec.grads]
+
+    def save_context(ctx, inputs, output):
+        ctx.set_materialize_grads(False)
+        args = inputs[:len(names)]
+        keep = [output[i] for i in spec.saved_outputs]
+        ctx.save_for_backward(*(args[i] for i, n in enumerate(names) if n in tensor_set), *keep, *output[P:])
+        ctx.options = {n: a for n, a in zip(names, args) if n not in tensor_set}
+        # an absent output (an empty placeholder) gets no gradient
+        ctx.absent = [x.numel() == 0 for x in output[:P]]
+        ctx.backend = inputs[-1]
+
+    def unpack(ctx) -> tuple[dict, list]:
+        saved = list(ctx.saved_tensors)
+        args = {**dict(zip(tensors, saved)), **ctx.options}
+        kept = iter(saved[len(tensors):])
+        outputs = [None] * P
+        for i in spec.saved_outputs:
+            outputs[i] = next(kept)
+        outputs = [x if x is not None else _placeholder(args, tensors) for x in outputs] + list(kept)
+        return args, outputs
+
+    def present(ctx, grads) -> list:
+        return [None if absent else g for g, absent in zip(grads[:P], ctx.absent)]
+
+    def input_grads(args: dict, found: list) -> tuple:
+        by_name = dict(zip(spec.grads, found))
+        return tuple(by_name[n] if n in by_name and args[n] is not None else None for n in names) + (None, None)
+
+    def custom_backward(ctx, grads):
+        args, outputs = unpack(ctx)
+        values = [args[n] for n in names]
+        found = bwd_op(*values, outputs, present(ctx, grads), ctx.backend)
+        return input_grads(args, found)
+
+    fwd_op.register_autograd(custom_backward, setup_context=save_context)
+
+    class EagerFunction(torch.autograd.Function):
+        @staticmethod
+        def forward(chosen, requires_grad, *values):
+            return tuple(forward(chosen, dict(zip(names, values)), requires_grad))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            chosen, requires_grad, *values = inputs
+            save_context(ctx, (*values, requires_grad, ""), output)
+            ctx.chosen = chosen
+
+        @staticmethod
+        def backward(ctx, *grads):
+            args, outputs = unpack(ctx)
+            found = backward(ctx.chosen, args, outputs, present(ctx, grads))
+            return (None, None, *input_grads(args, found)[:-2])
+
+    def call(args: dict, backend: str) -> list:
+        values = [args[n] for n in names]
+        requires_grad = torch.is_grad_enabled() and any(
+            args[n] is not None and args[n].requires_grad for n in spec.grads)
+        if torch.compiler.is_compiling():
+            outs = fwd_op(*values, requires_grad, backend)
+        else:
+            chosen = choose(args, requires_grad, backend)
+            if chosen.fwd is None:
+                outs = list(chosen.differentiable(**args))
+            else:
+                outs = EagerFunction.apply(chosen, requires_grad, *values)
+        return list(outs[:P])
+
+    return call
+
+
+def _vjp(fn: Callable, args: dict, wrt: list[str], grads: list) -> dict:
+    """the gradients of `fn(**args)`'s outputs, with cotangents `grads` (None: zero), for the arguments `wrt`."""
+    present = []
+
+    def partial(*xs):
+        outs = list(fn(**{**args, **dict(zip(wrt, xs))}))
+        present[:] = [x is not None for x in outs]
+        return tuple(x for x in outs if x is not None)
+
+    outputs, vjp_fn = torch.func.vjp(partial, *(args[n] for n in wrt))
+    given = [g for g, p in zip(grads, present) if p]
+    cotangents = tuple(torch.zeros_like(x) if g is None else g.to(x.dtype) for x, g in zip(outputs, given))
+    return {n: g.to(args[n].dtype) for n, g in zip(wrt, vjp_fn(cotangents))}
+
+
+# ---------------------------------------------------------------------------------------------- listing
 
 
 def format_table(rows: Sequence[dict[str, str]]) -> str:
@@ -328,190 +583,3 @@ def list_ops(file=None, quiet: bool = False) -> list[OpSpec]:
     if not quiet:
         print(format_table(registry_rows()), file=file or sys.stdout)
     return registered_ops()
-
-
-def _ht_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def define_linear_attention_ops(name: str) -> tuple:
-    """define `fla_tl::<name>_fwd` and `fla_tl::<name>_bwd` with fake kernels and autograd; return the forward entry
-    point and the backward op.
-
-    fwd: `(q, k, v, g?, g_gamma?, initial_state?, cu_seqlens?, scale, output_final_state, reverse, state_v_first,
-    requires_grad, backend) -> (o, ht)`; bwd: `(q, k, v, g?, g_gamma?, do, dht?, ht?, initial_state?, cu_seqlens?,
-    scale, reverse, state_v_first, backend) -> (dq, dk, dv, dg, dh0)` (`ht`, the forward's final state, is passed
-    when there is a per-token gate and a final state). `g` is a per-token log gate `[B, T, H]` (it gets a
-    gradient), `g_gamma` a per-head constant log decay `[H]` (no gradient, as in fla); ops without them pass None.
-    Custom ops cannot return None: a missing `ht`, `dg` or `dh0` is an empty tensor. The returned forward entry
-    point runs the custom op under `torch.compile`, and in eager mode the same bodies through a plain
-    `autograd.Function` (the custom-op dispatcher costs about 100 us of host time per call, which dominates at small
-    shapes).
-    """
-
-    def fwd_impl(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first,
-                 requires_grad, backend):
-        spec = get_op(name)
-        inputs = describe_inputs(q, v, initial_state, cu_seqlens, requires_grad, reverse, state_v_first, g)
-        chosen = select_backend(spec, inputs, backend or None)
-        o, ht = chosen.fwd(
-            q,
-            k,
-            v,
-            g,
-            g_gamma,
-            initial_state,
-            cu_seqlens,
-            scale=scale,
-            output_final_state=output_final_state,
-            reverse=reverse,
-            state_v_first=state_v_first,
-        )
-        if ht is None:
-            ht = q.new_empty(0, dtype=_ht_dtype(q.dtype))
-        return o.to(q.dtype), ht.to(_ht_dtype(q.dtype))
-
-    def bwd_impl(q, k, v, g, g_gamma, do, dht, ht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
-        spec = get_op(name)
-        inputs = describe_inputs(q, v, initial_state, cu_seqlens, True, reverse, state_v_first, g)
-        chosen = select_backend(spec, inputs, backend or None)
-        dq, dk, dv, dg, dh0 = chosen.bwd(
-            q,
-            k,
-            v,
-            g,
-            g_gamma,
-            do,
-            dht,
-            initial_state,
-            cu_seqlens,
-            scale=scale,
-            reverse=reverse,
-            state_v_first=state_v_first,
-            ht=ht,
-        )
-        dg = q.new_empty(0) if g is None or dg is None else dg.to(g.dtype)
-        dh0 = q.new_empty(0) if initial_state is None or dh0 is None else dh0.to(initial_state.dtype)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dg, dh0
-
-    @torch.library.custom_op(f"fla_tl::{name}_fwd", mutates_args=())
-    def fwd_op(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        g: torch.Tensor | None,
-        g_gamma: torch.Tensor | None,
-        initial_state: torch.Tensor | None,
-        cu_seqlens: torch.Tensor | None,
-        scale: float,
-        output_final_state: bool,
-        reverse: bool,
-        state_v_first: bool,
-        requires_grad: bool,
-        backend: str,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        return fwd_impl(
-            q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first,
-            requires_grad, backend,
-        )
-
-    @fwd_op.register_fake
-    def _(q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first,
-          requires_grad, backend):
-        B, T, H, K = q.shape
-        V = v.shape[-1]
-        if initial_state is not None:
-            N = initial_state.shape[0]
-        elif cu_seqlens is not None:
-            N = cu_seqlens.shape[0] - 1
-        else:
-            N = B
-        o = q.new_empty(B, T, H, V)
-        if not output_final_state:
-            return o, q.new_empty(0, dtype=_ht_dtype(q.dtype))
-        shape = (N, H, V, K) if state_v_first else (N, H, K, V)
-        return o, q.new_empty(shape, dtype=_ht_dtype(q.dtype))
-
-    @torch.library.custom_op(f"fla_tl::{name}_bwd", mutates_args=())
-    def bwd_op(
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        g: torch.Tensor | None,
-        g_gamma: torch.Tensor | None,
-        do: torch.Tensor,
-        dht: torch.Tensor | None,
-        ht: torch.Tensor | None,
-        initial_state: torch.Tensor | None,
-        cu_seqlens: torch.Tensor | None,
-        scale: float,
-        reverse: bool,
-        state_v_first: bool,
-        backend: str,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        return bwd_impl(q, k, v, g, g_gamma, do, dht, ht, initial_state, cu_seqlens, scale, reverse, state_v_first,
-                        backend)
-
-    @bwd_op.register_fake
-    def _(q, k, v, g, g_gamma, do, dht, ht, initial_state, cu_seqlens, scale, reverse, state_v_first, backend):
-        dg = torch.empty_like(g) if g is not None else q.new_empty(0)
-        dh0 = torch.empty_like(initial_state) if initial_state is not None else q.new_empty(0)
-        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dg, dh0
-
-    def save_context(ctx, inputs, output):
-        (q, k, v, g, g_gamma, initial_state, cu_seqlens, scale, output_final_state, reverse, state_v_first, _,
-         backend) = inputs
-        # a per-token gate's gradient needs <ht, dht>: keep the final state (an output, no copy)
-        ht = output[1] if g is not None and output_final_state else None
-        ctx.save_for_backward(q, k, v, g, g_gamma, initial_state, cu_seqlens, ht)
-        ctx.scale = scale
-        ctx.output_final_state = output_final_state
-        ctx.reverse = reverse
-        ctx.state_v_first = state_v_first
-        ctx.backend = backend
-
-    def make_backward(run_bwd):
-        def backward(ctx, do, dht):
-            q, k, v, g, g_gamma, initial_state, cu_seqlens, ht = ctx.saved_tensors
-            if do is None:
-                do = torch.zeros(q.shape[:3] + v.shape[-1:], dtype=q.dtype, device=q.device)
-            if not ctx.output_final_state:
-                dht = None
-            dq, dk, dv, dg, dh0 = run_bwd(
-                q,
-                k,
-                v,
-                g,
-                g_gamma,
-                do.contiguous(),
-                dht.contiguous() if dht is not None else None,
-                ht,
-                initial_state,
-                cu_seqlens,
-                ctx.scale,
-                ctx.reverse,
-                ctx.state_v_first,
-                ctx.backend,
-            )
-            dg = dg if g is not None else None
-            dh0 = dh0 if initial_state is not None else None
-            return dq, dk, dv, dg, None, dh0, None, None, None, None, None, None, None
-
-        return backward
-
-    fwd_op.register_autograd(make_backward(bwd_op), setup_context=save_context)
-
-    class EagerFunction(torch.autograd.Function):
-        @staticmethod
-        def forward(*inputs):
-            return fwd_impl(*inputs)
-
-        setup_context = staticmethod(save_context)
-        backward = staticmethod(make_backward(bwd_impl))
-
-    def forward(*inputs):
-        if torch.compiler.is_compiling():
-            return fwd_op(*inputs)
-        return EagerFunction.apply(*inputs)
-
-    return forward, bwd_op

@@ -1,4 +1,5 @@
-"""Input validation shared by the public ops, and logging once per key."""
+"""Input validation shared by the public ops, and logging once per key (the tolerance table and comparisons of the
+checks live in `fla_tl.testing`)."""
 
 import logging
 
@@ -7,16 +8,6 @@ import torch
 logger = logging.getLogger("fla_tl")
 
 SUPPORTED_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
-
-# the one per-dtype tolerance table, (ratio, floor): a comparison passes when
-# rms(actual - expected) <= ratio * rms(expected) + floor; used by the tests and by `python -m fla_tl check`
-# fp32 inputs run their chunk matmuls on tensor cores in TF32 (10-bit mantissa), as fla's Triton kernels do by default
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-12),
-    torch.float32: (5e-3, 1e-5),
-    torch.float16: (5e-3, 1e-4),
-    torch.bfloat16: (2e-2, 1e-3),
-}
 
 _logged: set = set()
 
@@ -129,23 +120,3 @@ def validate_linear_attention_inputs(
                 f"got {tuple(initial_state.shape)}"
             )
     return N
-
-
-def rms(x: torch.Tensor) -> float:
-    """root mean square in float64 (0 for an empty tensor)."""
-    return x.double().pow(2).mean().sqrt().item() if x.numel() else 0.0
-
-
-def compare(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype) -> tuple[bool, str]:
-    """(passed, detail) of the relative-RMS check of `actual` against `expected` at the tolerance of `dtype`."""
-    if actual.shape != expected.shape:
-        return False, f"shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    bad = (~torch.isfinite(actual)).sum().item()
-    if bad:
-        return False, f"{bad} non-finite elements"
-    if not torch.isfinite(expected).all():
-        return False, "the reference has non-finite elements"
-    ratio, floor = TOLERANCES[dtype]
-    err, ref = rms(actual.double() - expected.double()), rms(expected)
-    detail = f"rms err {err:.3e}, rms ref {ref:.3e}, ratio {err / max(ref, 1e-30):.3e} (tol {ratio:.0e} + {floor:.0e})"
-    return err <= ratio * ref + floor, detail

@@ -1,16 +1,22 @@
 """Which config a launcher runs: the heuristic, the table's entry, explicit overrides; bad or stale entries ignored."""
 
 import dataclasses
+import importlib
 import inspect
 import json
+import linecache
 import logging
+import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from fla_tl.autotune import resolve
 from fla_tl.autotune import table as tt
-from fla_tl.autotune import tuner
+from fla_tl.autotune import tuner  # noqa: F401 - installs the tune-mode miss handler
 from fla_tl.autotune.configs import KERNELS
 
 GPU, CC = "NVIDIA H100 80GB HBM3", "9.0"
@@ -32,7 +38,6 @@ def _env(tmp_path, monkeypatch):
     monkeypatch.delenv(tt.ENV_MODE, raising=False)
     monkeypatch.setattr(tt, "_shipped_dir", lambda: tmp_path / "shipped")
     monkeypatch.setattr(resolve, "device_info", lambda device=None: (GPU, CC))
-    monkeypatch.setattr(tuner, "device_info", lambda device=None: (GPU, CC))
     tt.clear_memory()
     resolve.clear_resolved()
     yield
@@ -41,7 +46,13 @@ def _env(tmp_path, monkeypatch):
 
 
 def _key(name, K=128, V=128, T=4096, dtype="bfloat16"):
-    return tuner.table_key(name, K, V, dtype, T, torch.device("cuda", 0))
+    return resolve.table_key(name, K, V, dtype, T, torch.device("cuda", 0))
+
+
+def _factory(name):
+    """the factory function `configs.KERNELS[name].factory` names."""
+    module, attr = KERNELS[name].factory.split(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def _write(path, entries):
@@ -53,7 +64,7 @@ def _write(path, entries):
 def test_constant_heuristics_are_the_factory_defaults(name):
     """a heuristic that does not depend on the dims must equal the factory's keyword defaults, so the tables' configs
     and the factories speak of the same kernel."""
-    factory = tuner.factory_of(name)
+    factory = _factory(name)
     defaults = {p.name: p.default for p in inspect.signature(factory).parameters.values()
                 if p.default is not inspect.Parameter.empty}
     config = resolve.heuristic_config(name, 128, 128, "bfloat16")
@@ -153,14 +164,69 @@ def test_tune_mode_tunes_a_miss_once_and_records_it(monkeypatch):
     assert calls == ["chunk_bwd_dv"]
 
 
+def test_tune_mode_without_a_tuner_takes_the_heuristic(monkeypatch, caplog):
+    """`tune` mode before `fla_tl.autotune.tuner` is imported (no miss handler): the heuristic, one warning."""
+    monkeypatch.setenv(tt.ENV_MODE, "tune")
+    previous = resolve.set_miss_handler(None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="fla_tl"):
+            got = resolve.tile_config("chunk_bwd_dv", FakeRef(), K=128, V=128, gate="gamma", N=8)
+    finally:
+        resolve.set_miss_handler(previous)
+    assert got == resolve.heuristic_config("chunk_bwd_dv", 128, 128, "bfloat16")
+    assert "no tuner is installed" in caplog.text
+    assert not tt.user_table_path(GPU).exists()
+
+
 def test_compile_cli_takes_the_table_configs():
-    from fla_tl.__main__ import _table_specs
+    from fla_tl.autotune.commands import _table_specs
 
     tuned = {"BK": 128, "BV": 32, "num_stages": 3, "threads": 256}
     _write(tt.user_table_path(GPU), {_key("chunk_fwd_h"): {"config": tuned}})
     specs = _table_specs("sm_90a", {"chunk_fwd_h", "chunk_fwd_o"})
     assert len(specs) == 1
-    name, factory, kwargs = specs[0]
-    assert factory is tuner.factory_of("chunk_fwd_h")
+    factory, kwargs = specs[0].factory, specs[0].kwargs
+    assert factory is _factory("chunk_fwd_h")
     assert {k: kwargs[k] for k in tuned} == tuned and kwargs["K"] == 128 and kwargs["dtype"] == "bfloat16"
     assert _table_specs("sm_80", {"chunk_fwd_h"}) == []
+
+
+# ---------------------------------------------------------------- layering: configs / table / resolve below the kernels
+
+
+def test_lookup_modules_import_no_kernels():
+    """importing `fla_tl.autotune.configs`, `.resolve` and `.table`, and making a table key (which hashes a kernel
+    module's source), imports no `fla_tl.kernels` module, no tilelang and none of the modules above the kernels; the
+    key's source hash, read from the file, is that of the imported module."""
+    code = (
+        "import sys, fla_tl.autotune.configs, fla_tl.autotune.resolve, fla_tl.autotune.table\n"
+        "above = ('fla_tl.autotune.tuner', 'fla_tl.autotune.build', 'fla_tl.autotune.commands')\n"
+        "low = ('fla_tl.kernels', 'tilelang')\n"
+        "loaded = lambda: sorted(m for m in sys.modules if m.startswith(low) or m in above)\n"
+        "print(loaded())\n"
+        "key = fla_tl.autotune.resolve.table_key('chunk_fwd_h', 64, 64, 'bfloat16', 1024)\n"
+        "print(loaded())\n"
+        "print(fla_tl.autotune.table.parse_key(key)['source'])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert out[:2] == ["[]", "[]"], out
+    assert out[2] == tt.source_hash(_factory("chunk_fwd_h"))
+
+
+def test_kernels_import_nothing_above_them():
+    """no module under fla_tl/kernels imports the tuner, the build helper or the CLI commands (they sit above)."""
+    root = pathlib.Path(__file__).resolve().parents[1] / "fla_tl" / "kernels"
+    above = re.compile(r"autotune(\.|\s+import\s+[^\n]*\b)(tuner|build|commands)\b")
+    found = [f"{path.relative_to(root)}: {line.strip()}" for path in sorted(root.rglob("*.py"))
+             for line in path.read_text().splitlines() if above.search(line)]
+    assert found == []
+
+
+@pytest.mark.parametrize("name", sorted(KERNELS))
+def test_source_file_is_the_modules(name):
+    """the source a table key hashes for a module not imported yet is the imported module's source."""
+    module_name = KERNELS[name].factory.split(":")[0]
+    module = importlib.import_module(module_name)
+    path = tt._source_file(module_name)
+    assert pathlib.Path(path) == pathlib.Path(module.__file__)
+    assert "".join(linecache.getlines(path)) == inspect.getsource(module)

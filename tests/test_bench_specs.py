@@ -35,3 +35,14 @@ def test_bench_op_runs_on_cpu(name):
     assert o.shape[:2] == (B, T) and o.shape[-1] == inputs.get("v", inputs.get("x")).shape[-1]
     assert torch.isfinite(o).all()
     assert op.flops(B, T, H, D, D) > 0
+
+
+def test_every_bench_op_has_one_results_file():
+    """results are filed as benchmarks/results/<gpu>-<op set>.csv: every op belongs to exactly one op set."""
+    bench = _bench()
+    sets = [s for s, members in bench.OP_SETS.items() for _ in members]
+    members = [op for ops in bench.OP_SETS.values() for op in ops]
+    assert sorted(members) == sorted(bench.OPS), "OP_SETS must list every op of OPS once"
+    assert len(set(members)) == len(members) and len(sets) == len(members)
+    assert bench.default_out("NVIDIA H100 80GB HBM3", ["chunk_retention"]).name == "h100-retention.csv"
+    assert bench.default_out("NVIDIA H200", ["chunk_gla", "chunk_hgrn"]).name == "h200-gla-family.csv"

@@ -77,44 +77,69 @@ def test_compile_inductor():
     assert_close("o", out, f(q, k, v), torch.float32)
 
 
-OPCHECK_CASES = [
-    pytest.param("chunk_retention", dict(h0=True, cu=False, final=True), id="chunk-h0"),
-    pytest.param("chunk_retention", dict(h0=False, cu=True, final=False), id="chunk-varlen"),
-    pytest.param("fused_chunk_retention", dict(h0=True, cu=True, final=True), id="fused_chunk-varlen-h0"),
-    pytest.param("fused_recurrent_retention", dict(h0=True, cu=False, final=True, reverse=True, v_first=True),
-                 id="fused_recurrent-reverse-vfirst"),
-    pytest.param("chunk_simple_gla", dict(h0=True, cu=True, final=True, g=True, g_gamma=True), id="simple_gla-g"),
-    pytest.param("fused_recurrent_simple_gla", dict(h0=False, cu=False, final=True, g=True, reverse=True),
-                 id="fr_simple_gla-g-reverse"),
-]
+def _kernel_call(spec, case):
+    """the arguments of `spec`'s kernel-level call when its public function runs `case` (recorded on the way)."""
+    calls = []
+    call = spec._call
+
+    def record(args, backend):
+        calls.append(dict(args))
+        return call(args, backend)
+
+    spec._call = record
+    try:
+        spec.fn(**case.args, backend="torch")
+    finally:
+        spec._call = call
+    assert calls, f"{spec.name}: the case made no kernel-level call"
+    return calls[0]
 
 
-@pytest.mark.parametrize(("op", "case"), OPCHECK_CASES)
-def test_opcheck(op, case):
+def _specs():
+    from fla_tl.registry import registered_ops
+
+    return [pytest.param(spec.name, id=spec.name) for spec in registered_ops() if spec.schema]
+
+
+@pytest.mark.parametrize("op", _specs())
+def test_opcheck(op):
+    """every op's custom ops through `torch.library.opcheck` (schema, fake tensors, autograd registration, AOT
+    dispatch), on its first `check` case in fp64 with the torch backend."""
+    from fla_tl.registry import get_op
+    from fla_tl.testing import _leaves
+
+    spec = get_op(op)
     torch.manual_seed(0)
-    varlen = case["cu"]
-    q, k, v, h0 = _inputs(B=1 if varlen else 2, T=40, N=3 if varlen else None, v_first=case.get("v_first", False))
-    cu = torch.tensor([0, 10, 10, 40]) if varlen else None
-    h0 = h0 if case["h0"] else None
-    g = torch.randn(q.shape[:3], dtype=q.dtype).sigmoid().log().requires_grad_() if case.get("g") else None
-    g_gamma = -torch.rand(q.shape[2], dtype=torch.float32) if case.get("g_gamma") else None
+    case = spec.cases(torch.device("cpu"), torch.float64)[0]
+    args = _kernel_call(spec, case)
+    names = [item.split()[1] for item in spec.schema.split(",")]
+    for name, x in _leaves(args, spec.grads):
+        args[name] = x.detach().requires_grad_()
+    values = tuple(args[n] for n in names)
     fwd = getattr(torch.ops.fla_tl, f"{op}_fwd").default
-    args = (q, k, v, g, g_gamma, h0, cu, 0.25, case["final"], case.get("reverse", False), case.get("v_first", False),
-            True, "torch")
-    torch.library.opcheck(fwd, args)
-    do = torch.randn(q.shape[:3] + v.shape[-1:], dtype=q.dtype)
-    dht = torch.randn_like(h0) if (case["final"] and h0 is not None) else None
+    torch.library.opcheck(fwd, values + (True, "torch"))
+    outputs = [x.detach() for x in fwd(*values, False, "torch")]
+    grads = [torch.randn_like(x) if x.numel() else None for x in outputs[:spec.outputs]]
     bwd = getattr(torch.ops.fla_tl, f"{op}_bwd").default
-    ht = torch.randn_like(h0) if (g is not None and dht is not None) else None
-    bwd_args = tuple(x.detach() if isinstance(x, torch.Tensor) else x
-                     for x in (q, k, v, g, g_gamma, do, dht, ht, h0, cu))
+    plain = tuple(x.detach() if isinstance(x, torch.Tensor) else x for x in values)
     # bwd gets test_autograd_registration only: the schema, fake and aot checks wrap the real op in dispatch modes
     # that cannot see through the torch.func.vjp of the torch backend (the fwd opcheck runs bwd through autograd)
-    torch.library.opcheck(
-        bwd,
-        bwd_args + (0.25, case.get("reverse", False), case.get("v_first", False), "torch"),
-        test_utils=("test_autograd_registration",),
-    )
+    torch.library.opcheck(bwd, plain + (outputs, grads, "torch"), test_utils=("test_autograd_registration",))
+
+
+@pytest.mark.parametrize("op", _specs())
+def test_compile_every_op(op):
+    """every public op inside `torch.compile(fullgraph=True)` (no graph break) on its first `check` case: outputs,
+    final states and every gradient against the fp64 reference."""
+    from fla_tl.registry import get_op
+    from fla_tl.testing import assert_matches
+
+    spec = get_op(op)
+    torch.manual_seed(0)
+    case = spec.cases(torch.device("cpu"), torch.float64)[0]
+    torch._dynamo.reset()
+    compiled = torch.compile(spec.fn, fullgraph=True, backend="aot_eager")
+    assert_matches(compiled, case, backend="torch")
 
 
 def test_compile_gated_and_normalized():

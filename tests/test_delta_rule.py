@@ -13,10 +13,10 @@ from fla_tl.ops import (
     fused_recurrent_delta_rule,
     fused_recurrent_gated_delta_rule,
 )
-from fla_tl.reference.delta_rule import l2norm, recurrent_gated_delta_rule
+from fla_tl.reference.delta_rule import chunk_gated_delta_rule_torch, l2norm, recurrent_gated_delta_rule
 
 from test_retention import _cu
-from utils import assert_close
+from utils import Case, assert_close, assert_matches
 
 
 def _inputs(B=2, T=70, H=2, HV=2, K=16, V=12, N=None, dtype=torch.float64, gate=True, normalize_k=True,
@@ -32,44 +32,33 @@ def _inputs(B=2, T=70, H=2, HV=2, K=16, V=12, N=None, dtype=torch.float64, gate=
             for n, x in dict(q=q, k=k, v=v, beta=beta, g=g, h0=h0).items()}
 
 
-def _check(call, x, ref_kwargs=None, **kw):
-    """call(x) -> (o, ht) against the recurrence on the same inputs; every gradient."""
-    names = [n for n in ("q", "k", "v", "beta", "g", "h0") if x[n] is not None]
-    o, ht = call(x)
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    grads = torch.autograd.grad((o, ht), [x[n] for n in names], (do, dht))
-    r = {n: x[n].detach().double().requires_grad_() for n in names}
-    ro, rht = recurrent_gated_delta_rule(r["q"], r["k"], r["v"], r["beta"], r.get("g"), initial_state=r["h0"],
-                                         output_final_state=True, **(ref_kwargs or {}))
-    rgrads = torch.autograd.grad((ro, rht), [r[n] for n in names], (do.double(), dht.double()))
+def _check(fn, x, backend=None, **kwargs):
+    """fn against the recurrence (`fla_tl.testing`'s harness) on the inputs `x` (h0 as the initial state) and
+    `kwargs` (the same for both): o, the final state and the gradient of every input."""
+    args = {n: x[n] for n in ("q", "k", "v", "beta", "g") if x[n] is not None}
+    args.update(initial_state=x["h0"], output_final_state=True, **kwargs)
     dtype = x["q"].dtype
-    assert_close("o", o, ro, dtype)
-    assert_close("ht", ht, rht, dtype)
-    for n, a, b in zip(names, grads, rgrads):
-        assert a.dtype == x[n].dtype
-        assert_close(f"d{n}", a, b, dtype)
+    grad = tuple(n for n in ("q", "k", "v", "beta", "g", "initial_state") if args.get(n) is not None)
+    case = Case(fn.__name__, args, grad, recurrent_gated_delta_rule, dtype=dtype,
+                out_dtypes={"o": dtype, "ht": torch.float64 if dtype == torch.float64 else torch.float32})
+    assert_matches(fn, case, backend)
 
 
 @pytest.mark.parametrize("T", [1, 63, 64, 130])
 @pytest.mark.parametrize("fn", [chunk_delta_rule, fused_recurrent_delta_rule], ids=["chunk", "fused_recurrent"])
 def test_delta_rule(fn, T):
-    x = _inputs(T=T, gate=False)
-    _check(lambda x: fn(x["q"], x["k"], x["v"], x["beta"], initial_state=x["h0"], output_final_state=True), x)
+    _check(fn, _inputs(T=T, gate=False))
 
 
 @pytest.mark.parametrize("HV", [2, 4], ids=["HV=H", "GVA"])
 @pytest.mark.parametrize("T", [1, 63, 130])
 def test_chunk_gated(T, HV):
-    x = _inputs(T=T, HV=HV)
-    _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
-                                            output_final_state=True), x)
+    _check(chunk_gated_delta_rule, _inputs(T=T, HV=HV))
 
 
 @pytest.mark.parametrize("HV", [2, 4], ids=["HV=H", "GVA"])
 def test_fused_recurrent_gated(HV):
-    x = _inputs(HV=HV)
-    _check(lambda x: fused_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], beta=x["beta"],
-                                                      initial_state=x["h0"], output_final_state=True), x)
+    _check(fused_recurrent_gated_delta_rule, _inputs(HV=HV))
 
 
 @pytest.mark.parametrize("fn", [chunk_gated_delta_rule, fused_recurrent_gated_delta_rule],
@@ -77,17 +66,11 @@ def test_fused_recurrent_gated(HV):
 def test_varlen_state_v_first(fn):
     lens = (1, 63, 0, 70)
     x = _inputs(B=1, T=sum(lens), HV=4, N=len(lens), state_v_first=True)
-    cu = _cu(lens)
-    _check(lambda x: fn(x["q"], x["k"], x["v"], x["g"], beta=x["beta"], initial_state=x["h0"],
-                        output_final_state=True, state_v_first=True, cu_seqlens=cu), x,
-           {"state_v_first": True, "cu_seqlens": cu})
+    _check(fn, x, state_v_first=True, cu_seqlens=_cu(lens))
 
 
 def test_qk_l2norm_with_raw_keys():
-    x = _inputs(normalize_k=False)
-    _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
-                                            output_final_state=True, use_qk_l2norm_in_kernel=True), x,
-           {"use_qk_l2norm_in_kernel": True})
+    _check(chunk_gated_delta_rule, _inputs(normalize_k=False), use_qk_l2norm_in_kernel=True)
 
 
 def test_l2norm_matches_fla():
@@ -125,9 +108,7 @@ def test_gate_in_kernel():
 
 def test_fp32_and_bf16_accepted():
     for dtype in (torch.float32, torch.bfloat16):
-        x = _inputs(dtype=dtype)
-        _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"], initial_state=x["h0"],
-                                                output_final_state=True), x)
+        _check(chunk_gated_delta_rule, _inputs(dtype=dtype))
 
 
 def test_empty_sequence_and_defaults():
@@ -161,6 +142,142 @@ def test_bad_inputs():
         fused_chunk_delta_rule(q=q)
     with pytest.raises(BackendError, match="tilelang"):
         chunk_delta_rule(q, k, v[:, :, :2], beta[..., :2], backend="tilelang")
+
+
+# ---------------------------------------------------------------- the chunk backend's glue, stages emulated
+
+
+def _packed_recurrence(q, k, v, beta, g, h0, scale, meta):
+    """what the packed chunk stages compute: `[Ttot, HV, *]` q, k (repeated over the value heads), v, beta, g, the
+    states `[N, HV, K, V]`; (o, final state) by the chunked PyTorch form (`torch.func` differentiates it)."""
+    o, ht = chunk_gated_delta_rule_torch(q[None], k[None], v[None], beta[None], g[None] if g is not None else None,
+                                       scale=scale, initial_state=h0, output_final_state=True,
+                                       cu_seqlens=meta.cu.long())
+    return o[0], ht
+
+
+def _emulated_chunk(monkeypatch, op):
+    """the chunk ops' tilelang backend on the CPU with the packed stages (`chunk.chunk_delta_rule_fwd` / `_bwd`)
+    emulated in PyTorch: the backend's own glue runs (grouped value heads, L2 norm, state layouts, the WY
+    inverse kept as the residual)."""
+    pytest.importorskip("tilelang")
+    from fla_tl.kernels.delta_rule import chunk as C
+    from fla_tl.registry import get_op
+
+    def fwd(q, k, v, beta, g, *, scale, initial_state, output_final_state, meta):
+        o, ht = _packed_recurrence(q, k, v, beta, g, initial_state, scale, meta)
+        # a stand-in for the WY inverse, with its shape and dtype
+        return o.to(q.dtype), (ht if output_final_state else None), torch.full((*k.shape[:2], 64), 7.0, dtype=k.dtype)
+
+    def bwd(q, k, v, beta, g, ai, do, dht, *, scale, initial_state, meta):
+        assert ai.shape == (*k.shape[:2], 64) and ai.dtype == k.dtype and bool((ai == 7).all())
+        xs = (q, k, v, beta, g, initial_state)
+
+        def f(*present):
+            found = iter(present)
+            full = [next(found) if x is not None else None for x in xs]
+            return _packed_recurrence(*full[:5], full[5], scale, meta)
+
+        # torch.func: the backward also runs inside the custom op, where autograd records nothing
+        (_, ht), vjp = torch.func.vjp(f, *(x for x in xs if x is not None))
+        found = iter(vjp((do, dht if dht is not None else torch.zeros_like(ht))))
+        return tuple(next(found) if x is not None else None for x in xs)
+
+    monkeypatch.setattr(C, "chunk_delta_rule_fwd", fwd)
+    monkeypatch.setattr(C, "chunk_delta_rule_bwd", bwd)
+    # the backend's capabilities name CUDA: accept the CPU here
+    monkeypatch.setattr(get_op(op.__name__).backend("tilelang"), "verifier", lambda inputs: [])
+
+
+@pytest.mark.parametrize(("gated", "HV", "lens", "l2norm"), [
+    pytest.param(False, 2, None, False, id="delta"),
+    pytest.param(True, 4, None, True, id="gated-GVA-l2norm"),
+    pytest.param(True, 4, (1, 63, 0, 70), False, id="gated-GVA-varlen-vfirst"),
+])
+def test_chunk_glue_with_emulated_stages(gated, HV, lens, l2norm, monkeypatch):
+    op = chunk_gated_delta_rule if gated else chunk_delta_rule
+    _emulated_chunk(monkeypatch, op)
+    varlen = lens is not None
+    x = _inputs(B=1 if varlen else 2, T=sum(lens) if varlen else 70, HV=HV, N=len(lens) if varlen else None,
+                dtype=torch.float32, gate=gated, normalize_k=not l2norm, state_v_first=varlen)
+    kw = dict(cu_seqlens=_cu(lens), state_v_first=True) if varlen else {}
+    _check(op, x, backend="tilelang", use_qk_l2norm_in_kernel=l2norm, **kw)
+
+
+def test_chunk_custom_ops_with_emulated_stages(monkeypatch):
+    """the custom ops `fla_tl::chunk_gated_delta_rule_fwd` / `_bwd` on the tilelang backend: their fakes (the residual
+    Ai) match the real outputs (`torch.library.opcheck`), and under torch.compile the op matches eager."""
+    _emulated_chunk(monkeypatch, chunk_gated_delta_rule)
+    x = _inputs(HV=4, dtype=torch.float32, normalize_k=False, state_v_first=True)
+    args = (x["q"], x["k"], x["v"], x["beta"], x["g"], x["h0"], None, 0.3, True, True, True)
+    torch.library.opcheck(torch.ops.fla_tl.chunk_gated_delta_rule_fwd.default, (*args, True, "tilelang"))
+
+    def run(fn):
+        o, ht = fn(x["q"], x["k"], x["v"], x["g"], x["beta"], scale=0.3, initial_state=x["h0"], output_final_state=True,
+                   state_v_first=True, use_qk_l2norm_in_kernel=True, backend="tilelang")
+        return (o, ht, *torch.autograd.grad((o * o).sum() + (ht * ht).sum(), [x["q"], x["beta"], x["g"], x["h0"]]))
+
+    eager = run(chunk_gated_delta_rule)
+    compiled = run(torch.compile(chunk_gated_delta_rule, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
+
+
+class _FakeCuda:
+    """a tensor's stand-in for the pass configs: on a CUDA device with the tensor's element size."""
+
+    def __init__(self, x):
+        self.device, self._size = torch.device("cuda"), x.element_size()
+
+    def element_size(self):
+        return self._size
+
+
+@pytest.mark.parametrize(("D", "dtype"), [(128, torch.bfloat16), (64, torch.float32)], ids=["D128-bf16", "D64-fp32"])
+@pytest.mark.parametrize("name", ["chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule",
+                                  "fused_recurrent_gated_delta_rule"])
+def test_kernel_list_matches_the_launchers(name, D, dtype, monkeypatch):
+    """`spec.kernels(D, dtype)` is exactly what the launchers build (factory and keywords), forward and backward, over
+    every option the op takes and every grid size (the fused and the chunk-parallel forward, the small- and
+    large-grid pass configs on a GPU of 132 multiprocessors): the launchers run on the CPU with `get_kernel`
+    recording and the kernels doing nothing."""
+    pytest.importorskip("tilelang")
+    from fla_tl.kernels.common import chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, wy
+    from fla_tl.kernels.common.utils import TORCH_TO_TL
+    from fla_tl.kernels.delta_rule import chunk, fused_recurrent
+    from fla_tl.registry import get_op
+
+    built = set()
+
+    def record(factory, target, **kwargs):
+        built.add((factory, tuple(sorted(kwargs.items()))))
+        return lambda *args: None
+
+    for module in (chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, wy, fused_recurrent):
+        monkeypatch.setattr(module, "get_kernel", record)
+    pass_config = chunk_delta_h.pass_config
+    for module in (chunk_delta_h, fused_chunk_delta):
+        monkeypatch.setattr(module, "pass_config", lambda n, K, V, blocks, gate, like: pass_config(
+            n, K, V, blocks, gate, _FakeCuda(like)))
+    monkeypatch.setattr(chunk_delta_h, "sm_count", lambda device: 132)
+    monkeypatch.setattr(chunk, "sm_count", lambda device: 132)
+    spec = get_op(name)
+    monkeypatch.setattr(spec.backend("tilelang"), "verifier", lambda inputs: [])
+    gated = "gated" in name
+    # sequences x value heads: 4 (chunk-parallel forward, small grid), 24 (fused, small grid), 100 (fused, large)
+    for B, HV in ((2, 2), (6, 4), (25, 4)):
+        for g_on, svf in [(g_on, svf) for g_on in (False, True) for svf in (False, True)] if gated else [(False,) * 2]:
+            x = _inputs(B=B, T=3, H=2, HV=HV, K=D, V=D, dtype=dtype, gate=g_on, state_v_first=svf)
+            kw = dict(initial_state=x["h0"], output_final_state=True, backend="tilelang")
+            if gated:
+                o, ht = spec.fn(x["q"], x["k"], x["v"], x["g"], beta=x["beta"], state_v_first=svf, **kw)
+            else:
+                o, ht = spec.fn(x["q"], x["k"], x["v"], x["beta"], **kw)
+            torch.autograd.grad((o.float().sum() + ht.sum()), [x["q"]])
+    listed = {(k.factory, tuple(sorted(k.kwargs.items()))) for k in spec.kernels(D, TORCH_TO_TL[dtype])}
+    name_of = lambda ks: sorted((f.__name__, kw) for f, kw in ks)  # noqa: E731
+    assert built == listed, (f"built, not listed: {name_of(built - listed)}; "
+                             f"listed, not built: {name_of(listed - built)}")
 
 
 # ---------------------------------------------------------------- the WY stages (`fla_tl.kernels.common.wy`)
@@ -206,7 +323,7 @@ def test_wy_kernels(lens, D, dtype, gate):
     w, u, ai = wy_repr(k, v, beta, meta=meta, gc=gc)
     rw, ru, rai = _wy_reference(*(x.double().cpu() for x in (k, v, beta)), g.double().cpu() if gate else None,
                                 cu.cpu(), 64)
-    from utils import assert_close
+    from utils import Case, assert_close, assert_matches
 
     assert_close("Ai", ai.float().cpu(), rai, dtype)
     assert_close("w", w.cpu(), rw, dtype)
@@ -277,7 +394,7 @@ def test_state_passes(lens, dtype, K, V, config, gate):
     h, v_new, _ = chunk_delta_fwd_h(k, v, beta, ai, initial_state=None, output_final_state=False, **kw)
     dh, dv_new, _ = chunk_delta_bwd_dhu(q, k, beta, ai, do, None, scale=K ** -0.5, need_dh0=False, **kw)
     rh, rv, rdh, rdv = _state_pass_reference(q, k, w, u, do, gc, cu.tolist(), K ** -0.5)
-    from fla_tl.utils import compare
+    from fla_tl.testing import compare
 
     # every output compared before the verdict (the two passes are independent)
     results = {name: compare(a, b, dtype) for name, a, b in (
@@ -315,15 +432,11 @@ def test_tilelang_fused_recurrent_ops(lens, dtype, state_v_first, gated):
                 normalize_k=False, state_v_first=state_v_first)
     x = {n: (t.detach().to("cuda", dtype if n in ("q", "k", "v") else torch.float32).requires_grad_()
              if t is not None else None) for n, t in x.items()}
-    kw = dict(initial_state=x["h0"], output_final_state=True, backend="tilelang", use_qk_l2norm_in_kernel=True,
-              cu_seqlens=_cu(lens, "cuda") if varlen else None)
-    ref_kw = dict(state_v_first=state_v_first, use_qk_l2norm_in_kernel=True,
-                  cu_seqlens=_cu(lens, "cuda") if varlen else None)
+    kw = dict(backend="tilelang", use_qk_l2norm_in_kernel=True, cu_seqlens=_cu(lens, "cuda") if varlen else None)
     if gated:
-        _check(lambda x: fused_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], beta=x["beta"],
-                                                          state_v_first=state_v_first, **kw), x, ref_kw)
+        _check(fused_recurrent_gated_delta_rule, x, state_v_first=state_v_first, **kw)
     else:
-        _check(lambda x: fused_recurrent_delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw), x, ref_kw)
+        _check(fused_recurrent_delta_rule, x, **kw)
 
 
 @pytest.mark.gpu
@@ -351,12 +464,8 @@ def test_tilelang_chunk_ops(lens, dtype, state_v_first, H, HV, K, V, gated, sche
                 normalize_k=False, state_v_first=state_v_first)
     x = {n: (t.detach().to("cuda", dtype if n in ("q", "k", "v") else torch.float32).requires_grad_()
              if t is not None else None) for n, t in x.items()}
-    kw = dict(initial_state=x["h0"], output_final_state=True, backend="tilelang", use_qk_l2norm_in_kernel=True,
-              cu_seqlens=_cu(lens, "cuda") if varlen else None)
-    ref_kw = dict(state_v_first=state_v_first, use_qk_l2norm_in_kernel=True,
-                  cu_seqlens=_cu(lens, "cuda") if varlen else None)
+    kw = dict(backend="tilelang", use_qk_l2norm_in_kernel=True, cu_seqlens=_cu(lens, "cuda") if varlen else None)
     if gated:
-        _check(lambda x: chunk_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], x["beta"],
-                                                state_v_first=state_v_first, **kw), x, ref_kw)
+        _check(chunk_gated_delta_rule, x, state_v_first=state_v_first, **kw)
     else:
-        _check(lambda x: chunk_delta_rule(x["q"], x["k"], x["v"], x["beta"], **kw), x, ref_kw)
+        _check(chunk_delta_rule, x, **kw)

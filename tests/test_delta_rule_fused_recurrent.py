@@ -1,13 +1,17 @@
-"""The (gated) delta rule's TileLang token-by-token kernels (`fla_tl.kernels.delta_rule`) against the fp32 recurrence:
-o, the final state and every gradient (q, k, v, beta, g, h0) on the GPU; the kernels' builds for sm_90a; and, on the
-CPU, the autograd glue with the kernels emulated in PyTorch (the backward's identities, the forward's scaled state)."""
+"""The (gated) delta rule's TileLang token-by-token kernels (`fla_tl.kernels.delta_rule`) through
+`fused_recurrent_gated_delta_rule`'s tilelang backend against the fp32 recurrence: o, the final state and every
+gradient (q, k, v, beta, g, h0) on the GPU; the kernels' builds for sm_90a; and, on the CPU, the backend's glue (its
+forward, residuals and backward, eager and as custom ops) with the kernels emulated in PyTorch (the backward's
+identities, the forward's scaled state)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
-from utils import assert_close, poison_allocator
+from utils import Case, assert_matches
 
+from fla_tl.ops import fused_recurrent_gated_delta_rule
 from fla_tl.reference.delta_rule import recurrent_gated_delta_rule
+from fla_tl.registry import get_op
 
 SM90A = {"kind": "cuda", "arch": "sm_90a"}
 
@@ -32,34 +36,20 @@ def _inputs(lens, H, HV, K, V, *, dtype, gate, normalize_k=True, state_v_first=F
     return {n: (t.to(device).requires_grad_() if t is not None else None) for n, t in x.items()}, cu
 
 
-def _check(fn, x, cu, *, dtype, state_v_first, l2norm, output_final_state=True):
-    """fn and the fp32 recurrence on the same inputs: o, ht and the gradient of every input."""
-    names = [n for n in ("q", "k", "v", "beta", "g", "h0") if x[n] is not None]
-    K = x["q"].shape[-1]
-    kwargs = {"scale": K ** -0.5, "initial_state": x["h0"], "output_final_state": output_final_state,
-              "state_v_first": state_v_first, "cu_seqlens": cu, "use_qk_l2norm_in_kernel": l2norm}
-    o, ht = fn(x["q"], x["k"], x["v"], x["beta"], x["g"], **kwargs)
-    assert o.dtype == x["q"].dtype and o.shape == x["v"].shape
-    do = torch.randn_like(o)
-    outs, grads_out = [o], [do]
-    if output_final_state:
-        assert ht.dtype == torch.float32
-        dht = torch.randn_like(ht)
-        outs.append(ht)
-        grads_out.append(dht)
-    grads = torch.autograd.grad(outs, [x[n] for n in names], grads_out)
+def _case(x, cu, *, dtype, state_v_first, l2norm, output_final_state=True) -> Case:
+    """fused_recurrent_gated_delta_rule and the fp32 recurrence on the same inputs: o (in q's dtype), ht (fp32) and
+    the gradient of every input (in its dtype)."""
+    args = {"q": x["q"], "k": x["k"], "v": x["v"], "g": x["g"], "beta": x["beta"], "scale": x["q"].shape[-1] ** -0.5,
+            "initial_state": x["h0"], "output_final_state": output_final_state, "state_v_first": state_v_first,
+            "cu_seqlens": cu, "use_qk_l2norm_in_kernel": l2norm}
+    grad = tuple(n for n in ("q", "k", "v", "beta", "g", "initial_state") if args[n] is not None)
+    return Case("fused_recurrent_gated_delta_rule", args, grad, recurrent_gated_delta_rule,
+                outputs=("o", "ht") if output_final_state else ("o",), dtype=dtype,
+                out_dtypes={"o": dtype, "ht": torch.float32})
 
-    r = {n: x[n].detach().float().requires_grad_() for n in names}
-    ro, rht = recurrent_gated_delta_rule(r["q"], r["k"], r["v"], r["beta"], r.get("g"), **{
-        **kwargs, "initial_state": r.get("h0")})
-    routs = [ro] + ([rht] if output_final_state else [])
-    rgrads = torch.autograd.grad(routs, [r[n] for n in names], [t.float() for t in grads_out])
-    assert_close("o", o, ro, dtype)
-    if output_final_state:
-        assert_close("ht", ht, rht, dtype)
-    for n, a, b in zip(names, grads, rgrads):
-        assert a.dtype == x[n].dtype, f"d{n}: dtype {a.dtype} != {x[n].dtype}"
-        assert_close(f"d{n}", a, b, dtype)
+
+def _check(x, cu, **kwargs):
+    assert_matches(fused_recurrent_gated_delta_rule, _case(x, cu, **kwargs), "tilelang")
 
 
 # (lens, H, HV, K, V, dtype, gate, varlen, state_v_first, l2norm)
@@ -85,26 +75,19 @@ GPU_CASES = {
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
-def test_fused_recurrent(case):
-    from fla_tl.kernels.delta_rule import fused_recurrent_gated_delta_rule_tl
-
+def test_fused_recurrent(case, poisoned_cuda):
     lens, H, HV, K, V, dtype, gate, varlen, svf, l2norm = case
     x, cu = _inputs(lens, H, HV, K, V, dtype=dtype, gate=gate, normalize_k=not l2norm, state_v_first=svf,
                     varlen=varlen)
-    poison_allocator("cuda")
-    _check(fused_recurrent_gated_delta_rule_tl, x, cu, dtype=dtype, state_v_first=svf, l2norm=l2norm)
+    _check(x, cu, dtype=dtype, state_v_first=svf, l2norm=l2norm)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("gate", [False, True], ids=["plain", "gated"])
-def test_fused_recurrent_no_states(gate):
+def test_fused_recurrent_no_states(gate, poisoned_cuda):
     """no initial state, no final state (so no dht and no dh0)."""
-    from fla_tl.kernels.delta_rule import fused_recurrent_gated_delta_rule_tl
-
     x, cu = _inputs((130, 130), 2, 4, 128, 128, dtype=torch.bfloat16, gate=gate, h0=False)
-    poison_allocator("cuda")
-    _check(fused_recurrent_gated_delta_rule_tl, x, cu, dtype=torch.bfloat16, state_v_first=False, l2norm=False,
-           output_final_state=False)
+    _check(x, cu, dtype=torch.bfloat16, state_v_first=False, l2norm=False, output_final_state=False)
 
 
 def _compile_specs():
@@ -113,7 +96,8 @@ def _compile_specs():
     except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
         return [pytest.param(None, id="tilelang-missing")]
     # the benchmark's forward (gated bf16, K = V = 128) and the backward at a padded head dim in fp32
-    fwd_cfg, bwd_cfg = M.fused_recurrent_delta_rule_fwd_config(128, 128), M.fused_recurrent_delta_rule_bwd_config(100, 100)
+    fwd_cfg = M.fused_recurrent_delta_rule_fwd_config(128, 128)
+    bwd_cfg = M.fused_recurrent_delta_rule_bwd_config(100, 100)
     specs = [
         (M.fused_recurrent_delta_rule_fwd_kernel,
          {"K": 128, "V": 128, "gate": "g", "state_v_first": False, "dtype": "bfloat16", **fwd_cfg}),
@@ -126,6 +110,7 @@ def _compile_specs():
 
 
 @pytest.mark.compile
+@pytest.mark.compile_all
 @pytest.mark.parametrize("spec", _compile_specs())
 def test_kernel_builds_for_sm90a(spec):
     from fla_tl.kernels.common.utils import get_kernel
@@ -226,24 +211,62 @@ def _scan(r, *, meta, reverse, out_dtype, offset=None):
     return out
 
 
-@pytest.mark.parametrize("case", [
-    {"lens": (40, 40), "HV": 4, "gate": True, "svf": False, "l2norm": False, "strong": False, "varlen": False},
-    {"lens": (1, 50, 0, 23), "HV": 2, "gate": True, "svf": True, "l2norm": True, "strong": True, "varlen": True},
-    {"lens": (37,), "HV": 2, "gate": False, "svf": False, "l2norm": False, "strong": False, "varlen": False},
-], ids=["dense-gated-gva", "varlen-strong-decay-svf-l2norm", "plain"])
-def test_glue_with_emulated_kernels(case, monkeypatch):
+def _emulated(monkeypatch):
+    """the tilelang backend of fused_recurrent_gated_delta_rule on the CPU, its kernels emulated in PyTorch: a padded
+    head dim (K = 12) and two backward V tiles (32 columns each; the partial sums over V add up)."""
     pytest.importorskip("tilelang")
     from fla_tl.kernels.delta_rule import fused_recurrent as M
 
     monkeypatch.setattr(M, "get_kernel", lambda factory, target, **kw: _emulate(factory, **kw))
     monkeypatch.setattr(M, "_sequence_scan", _scan)
-    # a padded head dim (K = 12) and two backward V tiles (32 columns each; the partial sums over V add up)
-    config = {"K": 12, "V": 40}
     M_bwd = M.fused_recurrent_delta_rule_bwd_config
     monkeypatch.setattr(M, "fused_recurrent_delta_rule_bwd_config", lambda K, V: {**M_bwd(K, V), "BV": 32,
                                                                                    "threads": 64})
-    x, cu = _inputs(case["lens"], 2 if case["HV"] == 4 else 1, case["HV"], config["K"], config["V"],
-                    dtype=torch.float32, gate=case["gate"], normalize_k=not case["l2norm"],
-                    state_v_first=case["svf"], varlen=case["varlen"], device="cpu", strong_decay=case["strong"])
-    _check(M.fused_recurrent_gated_delta_rule_tl, x, cu, dtype=torch.float32, state_v_first=case["svf"],
-           l2norm=case["l2norm"])
+    # the backend's capabilities name CUDA: accept the CPU here
+    monkeypatch.setattr(get_op("fused_recurrent_gated_delta_rule").backend("tilelang"), "verifier", lambda inputs: [])
+    return {"K": 12, "V": 40}
+
+
+GLUE_CASES = [
+    {"lens": (40, 40), "HV": 4, "gate": True, "svf": False, "l2norm": False, "strong": False, "varlen": False},
+    {"lens": (1, 50, 0, 23), "HV": 2, "gate": True, "svf": True, "l2norm": True, "strong": True, "varlen": True},
+    {"lens": (37,), "HV": 2, "gate": False, "svf": False, "l2norm": False, "strong": False, "varlen": False},
+]
+GLUE_IDS = ["dense-gated-gva", "varlen-strong-decay-svf-l2norm", "plain"]
+
+
+def _glue_inputs(case, config):
+    return _inputs(case["lens"], 2 if case["HV"] == 4 else 1, case["HV"], config["K"], config["V"],
+                   dtype=torch.float32, gate=case["gate"], normalize_k=not case["l2norm"], state_v_first=case["svf"],
+                   varlen=case["varlen"], device="cpu", strong_decay=case["strong"])
+
+
+@pytest.mark.parametrize("case", GLUE_CASES, ids=GLUE_IDS)
+def test_glue_with_emulated_kernels(case, monkeypatch):
+    config = _emulated(monkeypatch)
+    x, cu = _glue_inputs(case, config)
+    _check(x, cu, dtype=torch.float32, state_v_first=case["svf"], l2norm=case["l2norm"])
+
+
+@pytest.mark.parametrize("case", GLUE_CASES[:2], ids=GLUE_IDS[:2])
+def test_custom_ops_with_emulated_kernels(case, monkeypatch):
+    """the custom ops `fla_tl::fused_recurrent_gated_delta_rule_fwd` / `_bwd` on the tilelang backend: their fakes
+    (the residual w) match the real outputs (`torch.library.opcheck`), and under torch.compile the op matches eager."""
+    config = _emulated(monkeypatch)
+    x, cu = _glue_inputs(case, config)
+    args = dict(q=x["q"], k=x["k"], v=x["v"], beta=x["beta"], g=x["g"], initial_state=x["h0"], cu_seqlens=cu,
+                scale=0.3, output_final_state=True, state_v_first=case["svf"],
+                use_qk_l2norm_in_kernel=case["l2norm"])
+    torch.library.opcheck(torch.ops.fla_tl.fused_recurrent_gated_delta_rule_fwd.default,
+                          (*args.values(), True, "tilelang"))
+
+    def run(fn):
+        o, ht = fn(x["q"], x["k"], x["v"], x["g"], beta=x["beta"], scale=0.3, initial_state=x["h0"],
+                   output_final_state=True, state_v_first=case["svf"], cu_seqlens=cu,
+                   use_qk_l2norm_in_kernel=case["l2norm"], backend="tilelang")
+        return (o, ht, *torch.autograd.grad((o * o).sum() + (ht * ht).sum(), [x["q"], x["beta"], x["g"]]))
+
+    eager = run(fused_recurrent_gated_delta_rule)
+    compiled = run(torch.compile(fused_recurrent_gated_delta_rule, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)

@@ -6,10 +6,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_retention import _cu
-from utils import assert_close
+from utils import Case, assert_close, assert_matches
 
 from fla_tl.ops import BackendError, chunk_abc, chunk_gsa, fused_recurrent_gsa
 from fla_tl.reference import chunk_gsa_torch, recurrent_abc, recurrent_gsa, slot_gates
+from fla_tl.testing import reference_dtype
 
 
 def make_gsa_inputs(B, T, HQ, H, K, V, M, dtype, device="cpu", N=None, gate=True, h0=True, strong=False):
@@ -30,35 +31,17 @@ def make_gsa_inputs(B, T, HQ, H, K, V, M, dtype, device="cpu", N=None, gate=True
 
 
 def check_gsa(fn, q, k, v, s, g, h0, *, abc=False, backend=None, cu_seqlens=None, **kwargs):
-    """fn against the fp32/fp64 recurrence: o, both final states, and the gradients of q, k, v, s, g, h0."""
+    """fn against the fp32/fp64 recurrence (`fla_tl.testing`): o, both final states (fp32, fp64 for fp64 inputs), and
+    the gradients of q, k, v, s, g, h0 in their inputs' dtypes."""
     dtype = q.dtype
-    if abc:
-        o, ht = fn(q, k, v, s, initial_state=h0, output_final_state=True, backend=backend)
-    else:
-        o, ht = fn(q, k, v, s, g, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, backend=backend,
-                   **kwargs)
-    assert o.dtype == dtype
-    assert all(h.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for h in ht)
-    inputs = [q, k, v, s] + ([g] if g is not None else []) + (list(h0) if h0 is not None else [])
-    names = ["q", "k", "v", "s"] + (["g"] if g is not None else []) + (["hk0", "hv0"] if h0 is not None else [])
-    douts = [torch.randn_like(o), torch.randn_like(ht[0]), torch.randn_like(ht[1])]
-    grads = torch.autograd.grad((o, *ht), inputs, douts)
-    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    r = [x.detach().to(ref_dtype).requires_grad_() for x in inputs]
-    rd = dict(zip(names, r))
-    rh0 = (rd["hk0"], rd["hv0"]) if h0 is not None else None
-    if abc:
-        ro, rht = recurrent_abc(rd["q"], rd["k"], rd["v"], rd["s"], initial_state=rh0, output_final_state=True)
-    else:
-        ro, rht = recurrent_gsa(rd["q"], rd["k"], rd["v"], rd["s"], rd.get("g"), initial_state=rh0,
-                                output_final_state=True, cu_seqlens=cu_seqlens, **kwargs)
-    rgrads = torch.autograd.grad((ro, *rht), r, [d.to(ref_dtype) for d in douts])
-    assert_close("o", o, ro, dtype)
-    assert_close("hk", ht[0], rht[0], dtype)
-    assert_close("hv", ht[1], rht[1], dtype)
-    for name, a, b, x in zip(names, grads, rgrads, inputs):
-        assert a.dtype == x.dtype, f"d{name}: dtype {a.dtype} != {x.dtype}"
-        assert_close(f"d{name}", a, b, dtype)
+    args = dict(q=q, k=k, v=v, s=s, initial_state=h0, output_final_state=True)
+    if not abc:
+        args.update(g=g, cu_seqlens=cu_seqlens, **kwargs)
+    grad = ("q", "k", "v", "s") + (() if abc else ("g",)) + ("initial_state",)
+    acc = reference_dtype(dtype)
+    case = Case(fn.__name__, args, grad, recurrent_abc if abc else recurrent_gsa, outputs=("o", "hk", "hv"),
+                dtype=dtype, out_dtypes={"o": dtype, "hk": acc, "hv": acc})
+    assert_matches(fn, case, backend)
 
 
 # ---------------------------------------------------------------- CPU: the torch backend, fp64
@@ -169,6 +152,10 @@ def test_bad_inputs():
         chunk_gsa(q, k, v, s, g, chunk_size=48)
     with pytest.raises(ValueError, match="`checkpoint_level`"):
         chunk_gsa(q, k, v, s, g, checkpoint_level=3)
+    with pytest.raises(TypeError, match=r"chunk_gsa\(\) got unexpected keyword arguments \['initial_states'\]"):
+        chunk_gsa(q, k, v, s, g, initial_states=h0)
+    with pytest.raises(DeprecationWarning, match="head_first"):
+        chunk_gsa(q, k, v, s, g, head_first=False)
     with pytest.raises(ValueError, match="batch size B = 1"):
         chunk_gsa(q, k, v, s, g, cu_seqlens=torch.tensor([0, 10]))
     with pytest.raises(TypeError, match="`g` must be a floating-point"):
@@ -181,21 +168,136 @@ def test_registry_refusals():
     h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0), varlen=True,
                     initial_state=True, backward=True)
     assert "variable-length" in " ".join(get_op("chunk_abc").backend("tilelang").verifier(h100))
+    # at most 256 slots (the chunk stages' tiles), a refusal of the tilelang backend only
+    wide = OpInputs(**{**h100.__dict__, "options": {"M": 512}})
+    for name in ("chunk_gsa", "fused_recurrent_gsa"):
+        assert get_op(name).backend("tilelang").verifier(wide)[-1] == (
+            "`s`: the tilelang backend takes at most M = 256 slots, got 512")
+        assert get_op(name).backend("torch").verifier(wide) == []
     q, k, v, s, g, _ = make_gsa_inputs(1, 10, 2, 2, 8, 8, 4, torch.float32, h0=False)
     with pytest.raises(BackendError, match="needs a cuda tensor"):
         chunk_gsa(q, k, v, s, g, backend="tilelang")
 
 
+GLUE_CASES = [
+    # op, g given, initial states, varlen, reverse, output_final_state, query heads per key head
+    pytest.param("chunk_abc", False, True, False, False, True, 1, id="abc"),
+    pytest.param("chunk_abc", False, False, False, False, False, 1, id="abc-no-h0-no-ht"),
+    pytest.param("chunk_gsa", True, True, True, False, True, 2, id="gsa-varlen-gqa"),
+    pytest.param("chunk_gsa", False, True, True, False, True, 2, id="gsa-abc-gates-varlen-gqa"),
+    pytest.param("chunk_gsa", True, False, False, False, False, 1, id="gsa-no-h0-no-ht"),
+    pytest.param("fused_recurrent_gsa", True, True, True, True, True, 2, id="recurrent-varlen-reverse-gqa"),
+    pytest.param("fused_recurrent_gsa", False, True, True, True, True, 1, id="recurrent-abc-gates-varlen-reverse"),
+    pytest.param("fused_recurrent_gsa", True, True, False, True, False, 2, id="recurrent-reverse-gqa-no-ht"),
+]
+
+
+@pytest.mark.parametrize(("name", "gate", "h0", "varlen", "reverse", "final", "NG"), GLUE_CASES)
+def test_composition_glue(name, gate, h0, varlen, reverse, final, NG, monkeypatch):
+    """the tilelang backend's forward and backward (`kernels.gsa.chunk.gsa_fwd` / `gsa_bwd`: ABC's slot gates,
+    grouped query heads, reverse by flips, the final states' and gradients' plumbing) with the two passes and the
+    normaliser replaced by the reference give GSA's outputs, final states and every gradient (fp64, CPU)."""
+    pytest.importorskip("tilelang")
+    import fla_tl.kernels.gsa.chunk as C
+    import fla_tl.kernels.gsa.normaliser as NZ
+    from fla_tl.registry import get_op
+
+    def passes_fwd(q, k, v, s, g, *, scale, initial_state, output_final_state, cu_seqlens):
+        o, ht = recurrent_gsa(q, k, v, s, g, scale=scale, initial_state=initial_state,
+                              output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+        return o, q.new_zeros(*q.shape[:3], s.shape[-1]), *(ht if ht is not None else (None, None))
+
+    def passes_bwd(q, k, v, s, g, ok, do, dhkt, dhvt, *, scale, initial_state, cu_seqlens):
+        xs = [x.detach().requires_grad_() for x in (q, k, v, s, g, *(initial_state or ()))]
+        with torch.enable_grad():
+            o, (hk, hv) = recurrent_gsa(*xs[:5], scale=scale, initial_state=tuple(xs[5:]) or None,
+                                        output_final_state=True, cu_seqlens=cu_seqlens)
+            loss = (o * do).sum() + sum((h * d).sum() for h, d in ((hk, dhkt), (hv, dhvt)) if d is not None)
+            grads = torch.autograd.grad(loss, xs)
+        return (*grads[:5], *(grads[5:] or (None, None)))
+
+    def gates_fwd(s, cu_seqlens=None, out_dtype=None):
+        sn, g = slot_gates(s, cu_seqlens)
+        return sn.to(out_dtype), g, torch.zeros_like(g)
+
+    def gates_bwd(s, z, dsn, dg, cu_seqlens=None):
+        x = s.detach().requires_grad_()
+        with torch.enable_grad():
+            return torch.autograd.grad(slot_gates(x, cu_seqlens), x, (dsn, dg))[0]
+
+    for module, attr, fn in ((C, "chunk_gsa_fwd", passes_fwd), (C, "chunk_gsa_bwd", passes_bwd),
+                             (NZ, "slot_normaliser_fwd", gates_fwd), (NZ, "slot_normaliser_bwd", gates_bwd)):
+        monkeypatch.setattr(module, attr, fn)
+    lens = (9, 0, 14, 1)
+    B, T = (1, sum(lens)) if varlen else (2, 11)
+    N = len(lens) if varlen else B
+    q, k, v, s, g, states = make_gsa_inputs(B, T, 2 * NG, 2, 6, 7, 5, torch.float64, N=N, gate=gate, h0=h0)
+    args = dict(q=q, k=k, v=v, s=s, g=g, hk0=states[0] if h0 else None, hv0=states[1] if h0 else None,
+                cu_seqlens=_cu(lens) if varlen else None, scale=0.3, output_final_state=final, reverse=reverse)
+    tl = get_op(name).backend("tilelang")
+    with torch.no_grad():
+        o, hk, hv, *residuals = tl.fwd(**args, requires_grad=True)
+        do = torch.randn_like(o)
+        dht = [torch.randn_like(hk), torch.randn_like(hv)] if final else [None, None]
+        found = tl.bwd(args, [o, q.new_empty(0), q.new_empty(0), *residuals], [do, *dht])
+    assert (hk is None) == (hv is None) == (not final)
+    names = [n for n in ("q", "k", "v", "s", "g", "hk0", "hv0") if args[n] is not None]
+    ro, rht = recurrent_gsa(q, k, v, s, g, scale=0.3, initial_state=states, output_final_state=True,
+                            reverse=reverse, cu_seqlens=args["cu_seqlens"])
+    loss = (ro * do).sum() + (sum((h * d).sum() for h, d in zip(rht, dht)) if final else 0)
+    expected = dict(zip(names, torch.autograd.grad(loss, [args[n] for n in names])))
+    torch.testing.assert_close(o, ro)
+    if final:
+        torch.testing.assert_close(hk, rht[0])
+        torch.testing.assert_close(hv, rht[1])
+    if not gate:
+        assert found["g"] is None
+    for n in names:
+        torch.testing.assert_close(found[n], expected[n], msg=f"d{n}")
+
+
+COMPILE_CASES = [
+    # op, g given, varlen, reverse, output_final_state, query heads per key head
+    pytest.param("chunk_abc", False, False, False, True, 1, id="abc"),
+    pytest.param("chunk_gsa", True, True, False, True, 2, id="gsa-varlen-gqa"),
+    pytest.param("chunk_gsa", False, False, False, True, 2, id="gsa-abc-gates-gqa"),
+    pytest.param("fused_recurrent_gsa", True, True, True, True, 2, id="recurrent-varlen-reverse-gqa"),
+    # two absent outputs (each its own empty placeholder: a custom op's outputs may not alias)
+    pytest.param("chunk_gsa", True, False, False, False, 1, id="gsa-no-final-state"),
+]
+
+
+@pytest.mark.parametrize(("name", "gate", "varlen", "reverse", "final", "NG"), COMPILE_CASES)
+def test_compile_fullgraph(name, gate, varlen, reverse, final, NG):
+    """the op inside `torch.compile(fullgraph=True)` (its custom ops `fla_tl::<op>_fwd` / `_bwd`) gives eager's
+    outputs and gradients of every input; `torch.library.opcheck` of the forward custom op."""
+    import fla_tl.ops as ops
+
+    fn = getattr(ops, name)
+    lens = (20, 0, 50)
+    B, T = (1, sum(lens)) if varlen else (2, 40)
+    N = len(lens) if varlen else B
+    cu = _cu(lens) if varlen else None
+    q, k, v, s, g, h0 = make_gsa_inputs(B, T, 2 * NG, 2, 8, 6, 5, torch.float64, N=N, gate=gate)
+    xs = [q, k, v, s, *h0] + ([g] if gate else [])
+    kwargs = {} if name == "chunk_abc" else {"cu_seqlens": cu, **({"reverse": True} if reverse else {})}
+
+    def run(q, k, v, s, hk0, hv0, g=None):
+        args = (q, k, v, s) if name == "chunk_abc" else (q, k, v, s, g)
+        o, ht = fn(*args, initial_state=(hk0, hv0), output_final_state=final, **kwargs)
+        return (o, *ht) if final else (o,)
+
+    torch._dynamo.reset()
+    outs = [run(*xs), torch.compile(run, fullgraph=True, backend="aot_eager")(*xs)]
+    cot = [torch.randn_like(x) for x in outs[0]]
+    grads = [torch.autograd.grad(out, xs, cot) for out in outs]
+    for a, b in zip([*outs[0], *grads[0]], [*outs[1], *grads[1]]):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(getattr(torch.ops.fla_tl, f"{name}_fwd").default,
+                          (q, k, v, s, g, *h0, cu, 0.3, final, reverse, True, "torch"))
+
+
 # ---------------------------------------------------------------- GPU: the tilelang backend vs the fp32 recurrence
-
-
-@pytest.fixture
-def poisoned_cuda():
-    from utils import poison_allocator
-
-    poison_allocator("cuda")
-    yield
-    torch.cuda.synchronize()
 
 
 # two kernel sets (bf16 at K = V = 128, M = 64 as fla's benchmarks; fp32 at padded K = 100, V = 60, M = 32) so the
@@ -258,16 +360,17 @@ def test_tilelang_chunk_abc(T, dtype, poisoned_cuda):
 def test_tilelang_slot_normaliser(lens, M, dtype, poisoned_cuda):
     """ABC's slot normaliser on its TileLang scans (`kernels/gsa/normaliser.py`) against `slot_gates` in fp64: the
     normalised slots, the gates and ds, with logits spread over +-8 (so z jumps and decays)."""
-    from fla_tl.kernels.gsa.normaliser import slot_gates_tl
+    from fla_tl.kernels.gsa.normaliser import slot_normaliser_bwd, slot_normaliser_fwd
 
     varlen = len(lens) > 1
     B, T = (1, sum(lens)) if varlen else (2, lens[0])
     cu = _cu(lens, "cuda") if varlen else None
-    s = (4 * torch.randn(B, T, 3, M, device="cuda")).to(dtype).requires_grad_()
-    sn, g = slot_gates_tl(s, cu, dtype)
+    s = (4 * torch.randn(B, T, 3, M, device="cuda")).to(dtype)
+    sn, g, z = slot_normaliser_fwd(s, cu, dtype)
     assert sn.dtype == dtype and g.dtype == torch.float32
     dsn, dg = torch.randn_like(sn), torch.randn_like(g)
-    (ds,) = torch.autograd.grad((sn, g), s, (dsn, dg))
+    ds = slot_normaliser_bwd(s, z, dsn, dg, cu)
+    assert ds.dtype == dtype
     r = s.detach().double().requires_grad_()
     rsn, rg = slot_gates(r, cu)
     (rds,) = torch.autograd.grad((rsn, rg), r, (dsn.double(), dg.double()))
@@ -301,6 +404,7 @@ def _compile_specs():
 
 
 @pytest.mark.compile
+@pytest.mark.compile_all
 @pytest.mark.parametrize("spec", _compile_specs())
 def test_kernel_builds_for_sm90a(spec):
     if spec is None:

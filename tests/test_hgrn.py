@@ -8,7 +8,7 @@ from fla_tl.ops import BackendError, chunk_hgrn, fused_recurrent_hgrn
 from fla_tl.reference import recurrent_hgrn
 
 from test_retention import _cu
-from utils import assert_close
+from utils import Case, assert_close, assert_matches
 
 
 def _inputs(B, T, D, N=None, dtype=torch.float64, shift=2.0, device="cpu"):
@@ -18,16 +18,12 @@ def _inputs(B, T, D, N=None, dtype=torch.float64, shift=2.0, device="cpu"):
     return x, g, h0
 
 
-def _check(fn, x, g, h0, cu=None, **kw):
-    o, ht = fn(x, g, h0, True, **kw)
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    grads = torch.autograd.grad((o, ht), (x, g, h0), (do, dht))
-    ref_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    r = [t.detach().to(ref_dtype).requires_grad_() for t in (x, g, h0)]
-    ro, rht = recurrent_hgrn(*r, True, cu)
-    rgrads = torch.autograd.grad((ro, rht), r, (do.to(ref_dtype), dht.to(ref_dtype)))
-    for name, a, b in zip(("o", "ht", "dx", "dg", "dh0"), (o, ht, *grads), (ro, rht, *rgrads)):
-        assert_close(name, a, b, x.dtype)
+def _check(fn, x, g, h0, cu=None, backend=None, dtype=None):
+    """fn against the recurrence: o, the final state and the gradients of x, g, h0 (at the tolerance of `dtype`,
+    default x's)."""
+    args = dict(x=x, g=g, initial_state=h0, output_final_state=True, **({"cu_seqlens": cu} if cu is not None else {}))
+    assert_matches(fn, Case(fn.__name__, args, ("x", "g", "initial_state"), recurrent_hgrn, dtype=dtype or x.dtype),
+                   backend)
 
 
 @pytest.mark.parametrize(("B", "T", "D"), [(2, 1, 8), (2, 63, 16), (1, 200, 33)])
@@ -43,8 +39,7 @@ def test_strong_gates_stay_finite():
 def test_varlen():
     lens = (1, 70, 0, 64)
     x, g, h0 = _inputs(1, sum(lens), 12, N=len(lens))
-    cu = _cu(lens)
-    _check(fused_recurrent_hgrn, x, g, h0, cu, cu_seqlens=cu)
+    _check(fused_recurrent_hgrn, x, g, h0, _cu(lens))
 
 
 def test_bf16():
@@ -73,12 +68,9 @@ def test_bad_inputs():
     pytest.param((2048,), 1024, torch.float32, id="T2048-D1024-fp32"),
     pytest.param((1, 300, 0, 77), 256, torch.bfloat16, id="varlen-D256-bf16"),
 ])
-def test_tilelang_fused_recurrent_kernels(lens, D, dtype):
-    from fla_tl.kernels.hgrn import fused_recurrent_hgrn_bwd, fused_recurrent_hgrn_fwd
+def test_tilelang_fused_recurrent_kernels(lens, D, dtype, poisoned_cuda):
+    from fla_tl.kernels.hgrn.fused_recurrent import fused_recurrent_hgrn_bwd, fused_recurrent_hgrn_fwd
 
-    from utils import poison_allocator
-
-    poison_allocator("cuda")
     varlen = len(lens) > 1
     B, T = (1, sum(lens)) if varlen else (2, lens[0])
     N = len(lens) if varlen else B
@@ -110,13 +102,5 @@ def test_tilelang_op(fn, varlen):
     x = torch.randn(B, T, 256, device="cuda").to(torch.bfloat16).requires_grad_()
     g = F.logsigmoid(torch.randn(B, T, 256, device="cuda") + 2).requires_grad_()
     h0 = torch.randn(N, 256, device="cuda", requires_grad=True)
-    kw = {"cu_seqlens": cu} if varlen else {}
-    o, ht = fn(x, g, h0, True, backend="tilelang", **kw)
-    do, dht = torch.randn_like(o), torch.randn_like(ht)
-    grads = torch.autograd.grad((o, ht), (x, g, h0), (do, dht))
-    r = [t.detach().float().requires_grad_() for t in (x, g, h0)]
-    ro, rht = recurrent_hgrn(*r, True, cu)
-    rgrads = torch.autograd.grad((ro, rht), r, (do.float(), dht))
-    assert grads[0].dtype == x.dtype and grads[1].dtype == g.dtype
-    for name, a, b in zip(("o", "ht", "dx", "dg", "dh0"), (o, ht, *grads), (ro, rht, *rgrads)):
-        assert_close(name, a, b, torch.bfloat16)
+    # run_check also asserts each gradient's dtype: dx in x's (bf16), dg in g's (fp32)
+    _check(fn, x, g, h0, cu, backend="tilelang", dtype=torch.bfloat16)

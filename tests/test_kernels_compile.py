@@ -1,134 +1,164 @@
-"""`compile` marker: every TileLang kernel the simple-GLA-family ops launch lowers and builds for sm_90a, no GPU needed.
+"""`compile` marker: every TileLang kernel factory builds for sm_90a, without a GPU (nvcc is needed), once per load path.
 
-Covers both load paths (full tiles with async copies at D = 64, masked loads for a padded head dim at D = 100), every
-fused_recurrent flag combination, fp32 inputs, the per-token gate ("g") variants with their cumulative-sum and
-gradient kernels, GLA's per-key gate ("gk") in the fused_recurrent kernels and chunk_gla's kernels, linear attention's
-normalisation stages, the delta rule's WY stages and forward state pass, Based / ReBased's attention-form kernels
-and the HGRN scans (the delta rule's fused_recurrent kernels: `test_delta_rule_fused_recurrent.py`). Skips with a
-reason where nvcc or tilelang is missing.
+The kernels come from the ops' own lists (`OpSpec.kernels(D, dtype)`, the lists `python -m fla_tl compile` builds), at
+D = 128 (full 64-wide tiles: bulk copies) and D = 100 (head dims padded to the tile: masked loads), bf16; one case per
+(factory, load path). Each case checks what can break for a real reason on the GPU:
+
+- the build itself (TileLang's lowering and nvcc);
+- the launch's dynamic shared memory fits a Hopper block (227 KB), and for the tunable stages of
+  `fla_tl.autotune.configs` it is at most what the fit arithmetic counts plus the budget's headroom for barriers
+  (the tuner and the heuristics trust that arithmetic);
+- the generated code uses the instruction families the factory is written for (`INTENDED`): bulk tensor copies (TMA)
+  on full tiles and none on padded ones, warpgroup MMA rather than the pre-Hopper `mma.sync`, async copies where the
+  kernel pipelines element loads.
+
+`FLA_TL_COMPILE_ALL=1` adds every kernel of every op at D in {64, 100, 128, 256} and bf16 / fp16 / fp32 (marker
+`compile_all`, opt-in: a few hundred builds).
 """
+
+import re
 
 import pytest
 
 SM90A = {"kind": "cuda", "arch": "sm_90a"}
+# the dynamic shared memory a Hopper block may use (227 KB)
+MAX_SMEM = 227 * 1024
+# the instruction families found in TileLang's CUDA source for sm_90a
+FAMILIES = {"tma": "tl::tma_load", "wgmma": "wgmma", "mma": "tl::mma_sync", "cp_async": "cp_async"}
+# what each factory's code is meant to use for bf16 inputs: (full tiles, padded head dims); families not named must
+# not appear. The chunk stages that pipeline whole tiles load them by TMA; padded head dims load element by element.
+INTENDED = {
+    "chunk_fwd_h_kernel": ("tma wgmma", "wgmma"),
+    "chunk_bwd_dh_kernel": ("tma wgmma", "wgmma"),
+    "chunk_fwd_o_kernel": ("wgmma", "wgmma"),
+    "chunk_bwd_dv_kernel": ("wgmma", "wgmma"),
+    "chunk_bwd_dqk_kernel": ("cp_async wgmma", "wgmma"),
+    "fused_chunk_fwd_kernel": ("tma wgmma", "wgmma"),
+    "fused_chunk_bwd_dkv_kernel": ("tma wgmma", "wgmma"),
+    "fused_recurrent_fwd_kernel": ("", ""),
+    "fused_recurrent_bwd_kernel": ("", ""),
+    "chunk_gate_cumsum_kernel": ("", ""),
+    "chunk_reverse_cumsum_kernel": ("", ""),
+    "sequence_cumsum_kernel": ("", ""),
+    "gate_dot_kernel": ("", ""),
+    "chunk_state_dot_kernel": ("", ""),
+    "chunk_scan_kernel": ("", ""),
+    "normalize_fwd_kernel": ("wgmma", "wgmma"),
+    "normalize_bwd_c_kernel": ("", ""),
+    "normalize_bwd_dqk_kernel": ("", ""),
+    "chunk_gla_fwd_o_kernel": ("wgmma", "wgmma"),
+    "chunk_gla_bwd_dv_kernel": ("wgmma", "wgmma"),
+    "chunk_gla_bwd_dqk_kernel": ("wgmma", "wgmma"),
+    "fused_recurrent_hgrn_fwd_kernel": ("cp_async", "cp_async"),
+    "fused_recurrent_hgrn_bwd_kernel": ("cp_async", "cp_async"),
+    "based_fwd_fused_chunk_kernel": ("wgmma", "wgmma"),
+    "based_bwd_dq_fused_chunk_kernel": ("wgmma", "wgmma"),
+    "based_bwd_dkv_fused_chunk_kernel": ("wgmma", "wgmma"),
+    "parallel_based_fwd_kernel": ("wgmma", "wgmma"),
+    "parallel_based_bwd_dq_kernel": ("wgmma", "wgmma"),
+    "parallel_based_bwd_dkv_kernel": ("wgmma", "wgmma"),
+    "wy_fwd_kernel": ("wgmma", "wgmma"),
+    "wy_bwd_kernel": ("wgmma", "wgmma"),
+    "fused_chunk_delta_fwd_kernel": ("tma wgmma", "wgmma"),
+    "chunk_delta_fwd_h_kernel": ("tma wgmma", "wgmma"),
+    "chunk_delta_bwd_dhu_kernel": ("tma wgmma", "wgmma"),
+    "chunk_delta_bwd_dqkw_kernel": ("cp_async wgmma", "wgmma"),
+    "fused_recurrent_delta_rule_fwd_kernel": ("", ""),
+    "fused_recurrent_delta_rule_bwd_dkv_kernel": ("", ""),
+    "fused_recurrent_delta_rule_bwd_dqk_kernel": ("", ""),
+    # the small [BT, D] x [D, D] products of a chunk of 16 run on mma.sync, the [D, D] updates on wgmma
+    "titans_fwd_chunk_kernel": ("mma wgmma", "mma wgmma"),
+    "titans_bwd_chunk_kernel": ("mma wgmma", "mma wgmma"),
+    "rwkv6_fwd_bonus_kernel": ("", ""),
+    "rwkv6_bwd_bonus_kernel": ("", ""),
+    "slot_normaliser_fwd_kernel": ("cp_async", "cp_async"),
+    "slot_normaliser_bwd_kernel": ("cp_async", "cp_async"),
+}
 
 
-def _specs():
+def _load_path(kwargs: dict) -> str:
+    dims = [v for k, v in kwargs.items() if k in ("K", "V", "D") and isinstance(v, int)]
+    return "padded" if any(d % 64 for d in dims) else "full"
+
+
+def _cases(full: bool) -> list:
     try:
-        from fla_tl.kernels.build import kernel_specs
-    except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
-        return [pytest.param(None, id="tilelang-missing")]
-    cases = [
-        (64, 64, "bfloat16", "gamma", None),
-        (100, 100, "bfloat16", "gamma", ("chunk", "fused_chunk")),
-        (64, 128, "float32", "gamma", ("chunk", "fused_chunk")),
-        (128, 128, "bfloat16", "g", ("chunk", "fused_chunk")),
-        (100, 100, "float32", "g", ("chunk", "fused_chunk")),
-        (128, 128, "bfloat16", "gk", ("fused_recurrent",)),
-        (100, 100, "float32", "gk", ("fused_recurrent",)),
-    ]
-    params = []
-    for K, V, dtype, gate, modes in cases:
-        specs = kernel_specs(K, V, dtype, gate=gate, modes=modes) if modes else kernel_specs(K, V, dtype, gate=gate)
-        if gate == "g":
-            specs += [s for s in kernel_specs(K, V, dtype, gate=gate, modes=("fused_recurrent",))
-                      if s[0].startswith("fused_recurrent") and not s[2]["reverse"] and not s[2]["state_v_first"]]
-        if gate == "gk":  # one flag combination (the flags compile as for the other gates)
-            specs = [s for s in specs if not s[2].get("reverse") and not s[2].get("state_v_first")][:2]
-        for name, factory, kwargs in specs:
-            flags = "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in kwargs.items()
-                             if k in ("reverse", "state_v_first", "BV", "g_dtype", "out_dtype"))
-            dims = f"K{kwargs['K']}-V{kwargs['V']}" if "V" in kwargs else f"K{kwargs.get('K', '-')}"
-            params.append(pytest.param((factory, kwargs), id=f"{name}-{dims}-{dtype}-{gate}-{flags}"))
-    from fla_tl.kernels.hgrn.fused_recurrent import fused_recurrent_hgrn_bwd_kernel, fused_recurrent_hgrn_fwd_kernel
-    from fla_tl.kernels.linear_attn import normalize as Nm
+        import fla_tl.ops  # noqa: F401 - registers the ops
+        from fla_tl.registry import registered_ops
+    except Exception as e:  # noqa: BLE001 - the marker's skip reason covers a missing tilelang
+        return [pytest.param(None, id=f"unavailable-{type(e).__name__}")]
+    grid = [(D, dtype) for D in (64, 100, 128, 256) for dtype in ("bfloat16", "float16", "float32")] if full else [
+        (128, "bfloat16"), (100, "bfloat16")]
+    found = {}
+    for spec in registered_ops():
+        if spec.kernels is None:
+            continue
+        for D, dtype in grid:
+            for kernel in spec.kernels(D, dtype):
+                path = _load_path(kernel.kwargs)
+                key = (kernel.factory, tuple(sorted(kernel.kwargs.items()))) if full else (kernel.name, path)
+                found.setdefault(key, (spec.name, kernel, path))
+    return [pytest.param(case, id=f"{kernel.name}-{path}" + (f"-{_label(kernel.kwargs)}" if full else ""))
+            for case in found.values() for _, kernel, path in [case]]
 
-    # linear attention's normalisation stages (K = 128 on full tiles, V = 60 padded)
-    for factory, kwargs in (
-        (Nm.chunk_scan_kernel, dict(K=128, dtype="bfloat16", weighted=True, reverse=True, with_init=True)),
-        (Nm.chunk_scan_kernel, dict(K=60, dtype="bfloat16", weighted=False, reverse=False, with_init=False)),
-        (Nm.normalize_fwd_kernel, dict(K=128, V=60, dtype="bfloat16")),
-        (Nm.normalize_bwd_c_kernel, dict(V=60, dtype="bfloat16")),
-        (Nm.normalize_bwd_dqk_kernel, dict(K=128, dtype="bfloat16")),
-    ):
-        params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-bfloat16"))
-    from fla_tl.kernels.common import wy
 
-    # the delta rule's WY stages: the plain rule in bf16 at K = 128, the gated one in fp32 at a padded K = 100
-    for gate, dtype, d in (("none", "bfloat16", 128), ("g", "float32", 100)):
-        params.append(pytest.param((wy.wy_fwd_kernel, dict(K=d, V=d, dtype=dtype, beta_dtype=dtype, gate=gate)),
-                                   id=f"wy_fwd_kernel-K{d}-{dtype}-{gate}"))
-    from fla_tl.kernels.common import chunk_delta_h as dh
-    from fla_tl.kernels.common import fused_chunk_delta
+def _label(kwargs: dict) -> str:
+    return "-".join(f"{k}{int(v) if isinstance(v, bool) else v}" for k, v in kwargs.items())
 
-    # the delta rule's state passes and fused forward gated in bf16 at K = V = 128 (bulk copies), the state passes
-    # plain in fp16 at a padded 100 (masked element loads only: a cp.async pipeline)
-    for factory in (dh.chunk_delta_fwd_h_kernel, dh.chunk_delta_bwd_dhu_kernel,
-                    fused_chunk_delta.fused_chunk_delta_fwd_kernel):
-        params.append(pytest.param((factory, dict(K=128, V=128, gate="g", dtype="bfloat16", BT=64)),
-                                   id=f"{factory.__name__}-K128-bfloat16-g"))
-    for factory in (dh.chunk_delta_fwd_h_kernel, dh.chunk_delta_bwd_dhu_kernel):
-        params.append(pytest.param((factory, dict(K=100, V=100, gate="none", dtype="float16", BT=64)),
-                                   id=f"{factory.__name__}-K100-float16-none"))
-    params.append(pytest.param((wy.wy_bwd_kernel, dict(K=128, V=128, dtype="bfloat16", beta_dtype="float32", gate="g",
-                                                        dk_dtype="bfloat16")),
-                               id="wy_bwd_kernel-K128-bfloat16-g"))
-    # the delta rule's dq / dk / dw pass: gated in bf16 at K = V = 128, plain in fp32 at a padded 100
-    for gate, dtype, d in (("g", "bfloat16", 128), ("none", "float32", 100)):
-        params.append(pytest.param((dh.chunk_delta_bwd_dqkw_kernel, dict(K=d, V=d, gate=gate, dtype=dtype, BT=64)),
-                                   id=f"chunk_delta_bwd_dqkw_kernel-K{d}-{dtype}-{gate}"))
 
-    from fla_tl.kernels.common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
-    from fla_tl.kernels.common.cumsum import chunk_state_dot_kernel
-    from fla_tl.kernels.gla import chunk as gla
+def _dynamic_smem(kernel) -> int:
+    """the dynamic shared memory of the kernel's launch, from the host code TileLang generated (the last launch
+    argument, when the kernel declares dynamic shared memory)."""
+    if "extern __shared__" not in kernel.get_kernel_source():
+        return 0
+    values = re.findall(r"\.v_int64\) = \(\(int64_t\)(\d+)\);\s*\(\(\(TVMFFIAny\*\)stack_ffi_any\)\[\d+\]\.type_index\) = 0;",
+                        kernel.get_host_source())
+    assert values, "no launch found in the host code"
+    return int(values[-1])
 
-    # chunk_gla: its own kernels in bf16 at K = V = 128 (the fp32 path at a padded 100 for the two with both intra-chunk
-    # forms), the state passes with gate "gk" as the launcher configures them, and the per-key state product of dg
-    for d, dtype, factories in ((128, "bfloat16", (gla.chunk_gla_fwd_o_kernel, gla.chunk_gla_bwd_dv_kernel,
-                                                   gla.chunk_gla_bwd_dqk_kernel)),
-                                (100, "float32", (gla.chunk_gla_fwd_o_kernel, gla.chunk_gla_bwd_dqk_kernel))):
-        for factory in factories:
-            params.append(pytest.param((factory, dict(K=d, V=d, dtype=dtype, h_dtype=dtype, BT=64)),
-                                       id=f"{factory.__name__}-K{d}-{dtype}"))
-    for factory in (chunk_fwd_h_kernel, chunk_bwd_dh_kernel):
-        params.append(pytest.param((factory, dict(K=128, V=128, gate="gk", dtype="bfloat16", h_dtype="bfloat16",
-                                                  BT=64, **gla.STATE_CONFIG)), id=f"{factory.__name__}-K128-gk"))
-    params.append(pytest.param((chunk_state_dot_kernel, dict(K=128, V=128, h_dtype="bfloat16", per_key=True, BT=64)),
-                               id="chunk_state_dot_kernel-K128-per_key"))
-    from fla_tl.kernels.based import parallel as based
 
-    # Based / ReBased in the attention form, with the launchers' tiles: Based in bf16 at K = 64 (wgmma), ReBased in fp32
-    # at K = 128, V = 256 (TF32 mma, two value blocks in the forward, the narrower key loop, 256 threads for dk, dv)
-    for is_based, K, V, dtype in ((True, 64, 128, "bfloat16"), (False, 128, 256, "float32")):
-        for stage, factory in (("fwd", based.parallel_based_fwd_kernel), ("dq", based.parallel_based_bwd_dq_kernel),
-                               ("dkv", based.parallel_based_bwd_dkv_kernel)):
-            kwargs = dict(K=K, V=V, based=is_based, dtype=dtype, **based.kernel_config(stage, K, V, dtype))
-            params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-K{K}-V{V}-{dtype}-"
-                                                             f"{'based' if is_based else 'rebased'}"))
-    from fla_tl.kernels.based import fused_chunk as based_chunk
+def _check(case):
+    from fla_tl.autotune.configs import KERNELS, SMEM_BUDGET
+    from fla_tl.kernels.common.utils import get_kernel
 
-    # fused_chunk_based with the launchers' tiles: bf16 at K = 16, V = 128 (fla's shape; V tiles of 128, and 64 for
-    # dk, dv), and fp16 dk, dv at K = 12, V = 48 (padded features and keys, a partial V tile)
-    for K, V, dtype, stages in ((16, 128, "bfloat16", ("fwd", "dq", "dkv")), (12, 48, "float16", ("dkv",))):
-        for stage in stages:
-            factory = {"fwd": based_chunk.based_fwd_fused_chunk_kernel,
-                       "dq": based_chunk.based_bwd_dq_fused_chunk_kernel,
-                       "dkv": based_chunk.based_bwd_dkv_fused_chunk_kernel}[stage]
-            kwargs = dict(K=K, V=V, dtype=dtype, **based_chunk.kernel_config(stage, K, V, dtype))
-            params.append(pytest.param((factory, kwargs), id=f"{factory.__name__}-K{K}-V{V}-{dtype}"))
-    for factory in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel):
-        for dtype, g_dtype in (("bfloat16", "float32"), ("float32", "float32")):
-            params.append(pytest.param((factory, dict(dtype=dtype, g_dtype=g_dtype)),
-                                       id=f"{factory.__name__}-{dtype}-g{g_dtype}"))
-    return params
+    op, spec, path = case
+    kernel = get_kernel(spec.factory, SM90A, **spec.kwargs)
+    source = kernel.get_kernel_source()
+    assert "__global__" in source
+    smem = _dynamic_smem(kernel)
+    assert smem <= MAX_SMEM, f"{spec.name}: {smem} bytes of dynamic shared memory, a block has {MAX_SMEM}"
+    tunable = KERNELS.get(spec.name.removesuffix("_kernel"))
+    if tunable is not None:
+        config = tunable.config_cls(**{f: spec.kwargs[f] for f in tunable.config_cls.__dataclass_fields__})
+        planned = tunable.smem(spec.kwargs["K"], spec.kwargs["V"], spec.kwargs["dtype"], config)
+        assert smem <= planned + MAX_SMEM - SMEM_BUDGET, (
+            f"{spec.name}: the launch takes {smem} bytes, the fit arithmetic counts {planned}")
+    return kernel, source
 
 
 @pytest.mark.compile
-@pytest.mark.parametrize("spec", _specs())
-def test_kernel_builds_for_sm90a(spec):
-    from fla_tl.kernels.common.utils import get_kernel
+@pytest.mark.parametrize("case", _cases(full=False))
+def test_kernel_builds_for_sm90a(case):
+    kernel, source = _check(case)
+    op, spec, path = case
+    assert spec.factory.__name__ in INTENDED, f"{spec.factory.__name__}: add its intended instructions to INTENDED"
+    full, padded = INTENDED[spec.factory.__name__]
+    intended = set((full if path == "full" else padded).split())
+    found = {name for name, pattern in FAMILIES.items() if pattern in source}
+    assert found == intended, f"{spec.name} ({path} tiles, from {op}): uses {sorted(found)}, meant {sorted(intended)}"
 
-    factory, kwargs = spec
-    kernel = get_kernel(factory, SM90A, **kwargs)
-    source = kernel.get_kernel_source()
-    assert "__global__" in source
+
+@pytest.mark.compile
+@pytest.mark.compile_all
+@pytest.mark.parametrize("case", _cases(full=True))
+def test_every_kernel_builds_for_sm90a(case):
+    _check(case)
+
+
+def test_every_factory_has_intended_instructions():
+    """each kernel factory under fla_tl/kernels is named in INTENDED (a new factory gets its compile case)."""
+    import pathlib
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "fla_tl" / "kernels"
+    factories = {m for path in root.rglob("*.py") for m in re.findall(r"^def (\w+_kernel)\(", path.read_text(), re.M)}
+    assert factories - {"get_kernel"} == set(INTENDED)

@@ -7,7 +7,7 @@ from fla_tl.ops import chunk_lightning_attn, fused_recurrent_lightning_attn
 from fla_tl.reference import lightning_g_gamma, recurrent_lightning_attn
 
 from test_retention import _cu, make_inputs
-from utils import check_op, poison_allocator
+from utils import check_op
 
 OPS = {"chunk": chunk_lightning_attn, "fused_recurrent": fused_recurrent_lightning_attn}
 
@@ -46,13 +46,6 @@ def test_bad_layer_arguments(op):
         OPS[op](q, k, v, layer_idx=4, num_layers=4)
     with pytest.raises(TypeError, match="`layer_idx` must be an int"):
         OPS[op](q, k, v, layer_idx=1.0, num_layers=4)
-
-
-@pytest.fixture
-def poisoned_cuda():
-    poison_allocator("cuda")
-    yield
-    torch.cuda.synchronize()
 
 
 @pytest.mark.gpu

@@ -11,7 +11,7 @@ from fla_tl.ops import chunk_linear_attn, fused_chunk_linear_attn, fused_recurre
 from fla_tl.reference import normalize_with_key_sum, recurrent_linear_attn
 
 from test_retention import _cu, make_inputs
-from utils import assert_close, check_op, poison_allocator
+from utils import assert_close, check_op
 
 OPS = {
     "chunk": chunk_linear_attn,
@@ -100,13 +100,6 @@ def test_varlen(op):
 # ---------------------------------------------------------------- gpu
 
 
-@pytest.fixture
-def poisoned_cuda():
-    poison_allocator("cuda")
-    yield
-    torch.cuda.synchronize()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(("T", "D", "dtype"), [
     pytest.param(63, 64, torch.bfloat16, id="T63-D64-bf16"),
@@ -138,9 +131,30 @@ def test_tilelang_varlen_normalized(op, poisoned_cuda):
 
 # ---------------------------------------------------------------- the TileLang normalisation stages
 #
-# `fla_tl.kernels.linear_attn.key_sum_normalize`: its PyTorch glue (chunk prefixes per sequence, reverse, the autograd
-# function) runs here on CPU with each kernel replaced by a PyTorch emulation of its contract; the kernels themselves
-# run in the gpu test.
+# `fla_tl.kernels.linear_attn.normalize`'s `key_sum_normalize_fwd` / `_bwd`: their PyTorch glue (chunk prefixes per
+# sequence, reverse) runs here on CPU with each kernel replaced by a PyTorch emulation of its contract; the kernels
+# themselves run in the gpu test.
+
+
+def _key_sum_normalize(o, q, k, scale, z_init, reverse, cu, **kw):
+    """the normalisation stages as one differentiable function (forward and backward launchers)."""
+    from fla_tl.kernels.linear_attn import normalize as Nm
+
+    class Stages(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, o, q, k, z_init):
+            y, z, den, zc = Nm.key_sum_normalize_fwd(o, q, k, scale, z_init, reverse, cu, **kw)
+            ctx.save_for_backward(q, k, y, den, zc)
+            ctx.has_z0 = z_init is not None
+            return y, z
+
+        @staticmethod
+        def backward(ctx, dy, dz):
+            q, k, y, den, zc = ctx.saved_tensors
+            return Nm.key_sum_normalize_bwd(q, k, y, den, zc, dy, dz, scale=scale, has_z0=ctx.has_z0,
+                                            reverse=reverse, cu_seqlens=cu, **kw)
+
+    return Stages.apply(o, q, k, z_init)
 
 
 def _emulated_kernel(factory, target, **kw):
@@ -194,8 +208,8 @@ def _emulated_kernel(factory, target, **kw):
 @pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "rev"])
 @pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
 def test_normalize_stages_glue(monkeypatch, varlen, reverse, z0):
-    """key_sum_normalize with its kernels emulated in fp64 against the PyTorch stage: output, final key sum and the
-    gradients of o, q, k and z0."""
+    """the normalisation stages with their kernels emulated in fp64 against the PyTorch stage: output, final key sum
+    and the gradients of o, q, k and z0."""
     from fla_tl.kernels.linear_attn import normalize as Nm
 
     monkeypatch.setattr(Nm, "get_kernel", _emulated_kernel)
@@ -208,7 +222,7 @@ def test_normalize_stages_glue(monkeypatch, varlen, reverse, z0):
     cu = _cu(lens) if varlen else None
     z_init = torch.rand(N, 1, 2, 5, dtype=torch.float64, requires_grad=True) if z0 else None
     inputs = [x for x in (o, q, k, z_init) if x is not None]
-    got = Nm.key_sum_normalize(o, q, k, 0.3, z_init, reverse, cu, BT=16)
+    got = _key_sum_normalize(o, q, k, 0.3, z_init, reverse, cu, BT=16)
     want = normalize_with_key_sum(o, q, k, 0.3, z_init, reverse, cu)
     torch.testing.assert_close(got[0], want[0])
     torch.testing.assert_close(got[1], want[1])
@@ -228,8 +242,6 @@ def test_normalize_kernels(varlen, reverse, dtype):
     """the TileLang normalisation against the PyTorch stage in fp32 (output, final key sum, gradients). q and k are
     positive, as the feature maps normalisation is meant for: with signed q the denominators come near zero and the
     fp32 path's TF32 products (about 1e-3 relative) blow up there."""
-    from fla_tl.kernels.linear_attn import key_sum_normalize
-
     lens = (1, 300, 0, 64, 1000, 77)
     B, T = (1, sum(lens)) if varlen else (2, 500)
     N = len(lens) if varlen else B
@@ -237,7 +249,7 @@ def test_normalize_kernels(varlen, reverse, dtype):
     o = torch.randn(B, T, 4, 128, device="cuda").to(dtype).requires_grad_()
     q, k = (torch.rand(B, T, 4, 128, device="cuda").to(dtype).requires_grad_() for _ in range(2))
     z0 = torch.rand(N, 1, 4, 128, device="cuda", requires_grad=True)
-    y, z = key_sum_normalize(o, q, k, 128 ** -0.5, z0, reverse, cu)
+    y, z = _key_sum_normalize(o, q, k, 128 ** -0.5, z0, reverse, cu)
     dy, dz = torch.randn_like(y), torch.randn_like(z)
     grads = torch.autograd.grad((y, z), (o, q, k, z0), (dy, dz))
     ref = [x.detach().float().requires_grad_() for x in (o, q, k, z0)]

@@ -14,28 +14,23 @@ from fla_tl.registry import BackendError, OpInputs, get_op, select_backend
 
 OP_NAMES = ["chunk_retention", "fused_chunk_retention", "fused_recurrent_retention"]
 ALL_OPS = OP_NAMES + [
-    "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla",
+    "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla", "parallel_simple_gla",
     "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
-    "chunk_gla", "fused_recurrent_gla", "fused_chunk_gla",
     "chunk_lightning_attn", "fused_recurrent_lightning_attn",
-    "parallel_simple_gla", "chunk_hgrn", "fused_recurrent_hgrn", "fused_chunk_based", "parallel_based",
-    "parallel_rebased",
+    "chunk_gla", "fused_recurrent_gla", "fused_chunk_gla",
+    "chunk_hgrn", "fused_recurrent_hgrn", "fused_chunk_based", "parallel_based", "parallel_rebased",
     "chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
     "fused_chunk_delta_rule",
     "chunk_titans_linear",
     "chunk_rwkv6", "fused_recurrent_rwkv6",
     "chunk_abc", "chunk_gsa", "fused_recurrent_gsa",
 ]
-# ops whose tilelang entry refuses every input (no kernel yet, or dropped by fla)
-NO_TILELANG = {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla", "parallel_simple_gla", "chunk_hgrn",
-               "fused_recurrent_hgrn", "fused_chunk_based", "parallel_based", "parallel_rebased", "chunk_delta_rule",
-               "fused_recurrent_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_gated_delta_rule",
-               "fused_chunk_delta_rule"}
-# ops without custom ops (plain PyTorch until they get kernels)
-PLAIN = (NO_TILELANG - {"chunk_gla", "fused_recurrent_gla", "fused_chunk_gla"}) | {
-    "chunk_titans_linear", "chunk_rwkv6", "fused_recurrent_rwkv6", "chunk_abc", "chunk_gsa", "fused_recurrent_gsa"}
-# ops whose tilelang entry takes no varlen input (their own tests check it accepts the dense form)
-NO_VARLEN = {"chunk_titans_linear"}
+# ops without a kernel-level call (fla dropped them: they raise; both backend entries refuse every input)
+DROPPED = {"fused_chunk_gla", "fused_chunk_delta_rule"}
+# ops whose tilelang entry takes no varlen input, no initial state or no K = 128 (their own tests check what it
+# accepts)
+NO_VARLEN = {"chunk_titans_linear", "chunk_hgrn", "fused_chunk_based", "parallel_based", "parallel_rebased",
+             "parallel_simple_gla"}
 
 # what the tilelang backend accepts: a Hopper GPU, bf16, head dims within the limit
 H100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0),
@@ -45,8 +40,8 @@ H100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_
 @pytest.fixture
 def tilelang_importable(monkeypatch):
     """pretend tilelang and its kernels import, so only the input decides."""
-    monkeypatch.setattr(ops, "module_missing", lambda name: False)
-    monkeypatch.setattr(ops, "import_reason", lambda module: None)
+    monkeypatch.setattr(registry, "module_missing", lambda name: False)
+    monkeypatch.setattr(registry, "import_reason", lambda module: None)
 
 
 def backend(op, name):
@@ -73,11 +68,12 @@ def test_registration(op):
 
 
 def test_custom_ops_defined():
-    for op in [op for op in ALL_OPS if op not in PLAIN]:
+    """every op but the two fla dropped is a custom op pair (one wrapping path)."""
+    for op in [op for op in ALL_OPS if op not in DROPPED]:
         assert hasattr(torch.ops.fla_tl, f"{op}_fwd") and hasattr(torch.ops.fla_tl, f"{op}_bwd")
 
 
-@pytest.mark.parametrize("op", [op for op in ALL_OPS if op not in NO_TILELANG | NO_VARLEN])
+@pytest.mark.parametrize("op", [op for op in ALL_OPS if op not in DROPPED | NO_VARLEN])
 def test_tilelang_accepts(op, tilelang_importable):
     # chunk_abc takes no cu_seqlens (as fla)
     inputs = dataclasses.replace(H100, varlen=False) if op == "chunk_abc" else H100
@@ -123,13 +119,13 @@ def test_chunk_delta_refuses_fp32_wide_keys(op, tilelang_importable):
 
 
 def test_tilelang_refuses_without_tilelang(monkeypatch):
-    monkeypatch.setattr(ops, "module_missing", lambda name: True)
+    monkeypatch.setattr(registry, "module_missing", lambda name: True)
     assert backend("chunk_retention", "tilelang").verifier(H100) == ["tilelang is not installed"]
 
 
 def test_tilelang_refuses_broken_kernels(monkeypatch):
-    monkeypatch.setattr(ops, "module_missing", lambda name: False)
-    monkeypatch.setattr(registry, "_IMPORT_ERRORS", {"fla_tl.kernels.retention": "cannot import it: boom"})
+    monkeypatch.setattr(registry, "module_missing", lambda name: False)
+    monkeypatch.setattr(registry, "_IMPORT_ERRORS", {"fla_tl.kernels.simple_gla.chunk": "cannot import it: boom"})
     assert backend("chunk_retention", "tilelang").verifier(H100) == ["cannot import it: boom"]
 
 
@@ -235,9 +231,12 @@ def test_list_ops(capsys):
 
 
 def test_no_kernel_import_at_import_time():
-    code = "import sys, fla_tl, fla_tl.ops; print(any(m.startswith(('tilelang', 'fla_tl.kernels')) for m in sys.modules))"
+    """importing the ops imports no TileLang and no kernel module: only the variants' `ops` modules (and the shared
+    op plumbing); the kernels load on first use."""
+    code = ("import sys, fla_tl, fla_tl.ops; print(sorted(m for m in sys.modules if m.startswith('tilelang') or "
+            "(m.startswith('fla_tl.kernels.') and m.split('.')[-1] not in ('ops', 'state_op') and m.count('.') > 2)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "False"
+    assert out.strip() == "[]"
 
 
 def test_cli_list():
@@ -246,9 +245,49 @@ def test_cli_list():
         assert op in out
 
 
-@pytest.mark.parametrize("op", sorted(PLAIN))
-def test_plain_ops_have_a_self_check(op):
-    """`python -m fla_tl check` runs the self check of each op outside the linear-attention table (a merge once left
-    one unset)."""
+@pytest.mark.parametrize("op", sorted(set(ALL_OPS) - DROPPED))
+def test_ops_have_check_cases(op):
+    """`python -m fla_tl check` runs every op's cases (a merge once left one unset)."""
     spec = get_op(op)
-    assert callable(spec.self_check) and callable(spec.fn)
+    assert callable(spec.cases) and callable(spec.fn)
+    assert spec.cases(torch.device("cpu"), torch.float64)
+
+
+def _kernel_style_backend(spec):
+    """a backend shaped like a TileLang one (fwd with a residual, bwd reading it) made of the op's PyTorch form, on
+    the CPU: it drives the eager autograd path and the custom ops' fake residuals without a GPU."""
+    form = spec.backend("torch").differentiable
+
+    def fwd(requires_grad, **args):
+        with torch.no_grad():
+            o, ht = form(**args)
+        return o, ht, args["q"].sum((-1, -2)).float()  # a residual of the input's shape [B, T]
+
+    def residuals(args, requires_grad):
+        return [args["q"].new_empty(args["q"].shape[:2], dtype=torch.float32)]
+
+    def bwd(args, outputs, grads):
+        assert torch.equal(outputs[2], args["q"].sum((-1, -2)).float()), "the residual reaches the backward"
+        wrt = [n for n in spec.grads if args[n] is not None]
+        return registry._vjp(form, args, wrt, grads)
+
+    caps = registry.torch_capabilities(state_v_first=True, gate=True)
+    return registry.Backend(name="emulated", capabilities=caps, fwd=fwd, bwd=bwd, residuals=residuals)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_kernel_style_backend(compiled, monkeypatch):
+    """the path the TileLang backends take (fwd -> outputs + residuals, bwd from saved outputs and residuals), eager
+    through the autograd.Function and compiled through the custom ops, against the recurrence."""
+    from fla_tl.reference import recurrent_simple_gla
+    from fla_tl.testing import check_states
+
+    spec = get_op("chunk_simple_gla")
+    monkeypatch.setattr(spec, "backends", [_kernel_style_backend(spec), *spec.backends])
+    fn = torch.compile(ops.chunk_simple_gla, fullgraph=True, backend="aot_eager") if compiled else ops.chunk_simple_gla
+    torch._dynamo.reset()
+    q, k, v = (torch.randn(1, 90, 2, 16, dtype=torch.float64) for _ in range(3))
+    h0 = torch.randn(3, 2, 16, 16, dtype=torch.float64)
+    g = torch.nn.functional.logsigmoid(torch.randn(1, 90, 2, dtype=torch.float64))
+    check_states(fn, recurrent_simple_gla, q, k, v, h0, cu_seqlens=torch.tensor([0, 20, 20, 90]),
+                 backend="emulated", grad_kwargs={"g": g})

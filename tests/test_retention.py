@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from fla_tl.ops import chunk_retention, fused_chunk_retention, fused_recurrent_retention
 from fla_tl.reference import chunk_simple_gla_torch, recurrent_retention, recurrent_simple_gla
 
-from utils import assert_close, poison_allocator
+from utils import assert_close, check_states
 
 OPS = {
     "chunk": chunk_retention,
@@ -37,29 +37,7 @@ def make_inputs(B, T, H, K, V, dtype, device="cpu", h0=True, state_v_first=False
 
 def check_against_reference(fn, q, k, v, h0, cu_seqlens=None, backend=None, **kwargs):
     """run `fn` and the fp32/fp64 recurrence on the same inputs; compare o, ht and dq, dk, dv, dh0."""
-    dtype = q.dtype
-    o, ht = fn(q, k, v, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, backend=backend, **kwargs)
-    assert o.dtype == dtype
-    assert ht.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
-    do = torch.randn_like(o)
-    dht = torch.randn_like(ht)
-    inputs = [x for x in (q, k, v, h0) if x is not None]
-    grads = torch.autograd.grad((o, ht), inputs, (do, dht))
-
-    ref_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    ref_inputs = [x.detach().to(ref_dtype).requires_grad_() for x in inputs]
-    rq, rk, rv = ref_inputs[:3]
-    rh0 = ref_inputs[3] if h0 is not None else None
-    ref_o, ref_ht = recurrent_retention(
-        rq, rk, rv, initial_state=rh0, output_final_state=True, cu_seqlens=cu_seqlens, **kwargs
-    )
-    ref_grads = torch.autograd.grad((ref_o, ref_ht), ref_inputs, (do.to(ref_dtype), dht.to(ref_dtype)))
-
-    assert_close("o", o, ref_o, dtype)
-    assert_close("ht", ht, ref_ht, dtype)
-    for name, g, rg, x in zip(("dq", "dk", "dv", "dh0"), grads, ref_grads, inputs):
-        assert g.dtype == x.dtype, f"{name}: dtype {g.dtype} != {x.dtype}"
-        assert_close(name, g, rg, dtype)
+    check_states(fn, recurrent_retention, q, k, v, h0, cu_seqlens=cu_seqlens, backend=backend, **kwargs)
 
 
 # ---------------------------------------------------------------- cpu: torch backend vs the recurrence in fp64
@@ -243,13 +221,6 @@ def _gpu_cases():
 GPU_CASES = _gpu_cases()
 
 
-@pytest.fixture
-def poisoned_cuda():
-    poison_allocator("cuda")
-    yield
-    torch.cuda.synchronize()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize(("B", "T", "H", "D", "dtype", "h0"), GPU_CASES)
 @pytest.mark.parametrize("op", list(OPS))
@@ -316,16 +287,18 @@ def test_tilelang_auto_choice():
 @pytest.mark.parametrize("impl", ["parallel", "fused"])
 def test_tilelang_chunk_schedules(impl, poisoned_cuda):
     """both schedules of chunk_retention (picked by grid size in the op) against the recurrence, varlen with h0."""
-    from fla_tl.kernels.retention import chunk_retention_bwd, chunk_retention_fwd
+    from fla_tl.kernels.retention.ops import retention_decay
+    from fla_tl.kernels.simple_gla.chunk import chunk_simple_gla_bwd, chunk_simple_gla_fwd
 
     lens = (1, 300, 0, 64, 1000, 77)
     q, k, v, h0 = make_inputs(1, sum(lens), 4, 128, 128, torch.bfloat16, device="cuda", N=len(lens))
     cu = _cu(lens, "cuda")
     scale = 128 ** -0.5
-    kw = dict(scale=scale, initial_state=h0.detach(), cu_seqlens=cu, impl=impl)
-    o, ht = chunk_retention_fwd(q.detach(), k.detach(), v.detach(), output_final_state=True, **kw)
+    kw = dict(scale=scale, initial_state=h0.detach(), cu_seqlens=cu, impl=impl,
+              g_gamma=retention_decay(4, q.device))
+    o, ht = chunk_simple_gla_fwd(q.detach(), k.detach(), v.detach(), output_final_state=True, **kw)
     do, dht = torch.randn_like(o), torch.randn_like(ht)
-    grads = chunk_retention_bwd(q.detach(), k.detach(), v.detach(), do, dht, **kw)
+    grads = chunk_simple_gla_bwd(q.detach(), k.detach(), v.detach(), do, dht, **kw)[:4]
 
     ref = [x.detach().float().requires_grad_() for x in (q, k, v, h0)]
     ref_o, ref_ht = recurrent_retention(*ref[:3], scale=scale, initial_state=ref[3], output_final_state=True, cu_seqlens=cu)

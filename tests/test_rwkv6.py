@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from test_retention import _cu, make_inputs
-from utils import check_op
+from utils import Case, assert_matches
 
 from fla_tl.ops import BackendError, chunk_rwkv6, fused_recurrent_rwkv6
 from fla_tl.reference import chunk_rwkv6_torch, recurrent_rwkv6
+from fla_tl.testing import reference_dtype
 
 
 def _wu(B, T, H, K, dtype=torch.float64, device="cpu", strong=False):
@@ -27,8 +28,11 @@ def _check(fn, B, T, H, K, V, dtype, *, lens=None, h0=True, device="cpu", backen
     N = len(lens) if varlen else B
     r, k, v, state = make_inputs(B, T, H, K, V, dtype, device=device, N=N, h0=h0)
     w, u = _wu(B, T, H, K, w_dtype or dtype, device, strong)
-    check_op(fn, recurrent_rwkv6, r, k, v, state, cu_seqlens=_cu(lens, device) if varlen else None, backend=backend,
-             grad_kwargs={"w": w, "u": u}, **kwargs)
+    args = dict(r=r, k=k, v=v, w=w, u=u, initial_state=state, output_final_state=True,
+                cu_seqlens=_cu(lens, device) if varlen else None, **kwargs)
+    case = Case(fn.__name__, args, ("r", "k", "v", "w", "u", "initial_state"), recurrent_rwkv6, dtype=dtype,
+                out_dtypes={"o": dtype, "ht": reference_dtype(dtype)})
+    assert_matches(fn, case, backend)
 
 
 @pytest.mark.parametrize(("B", "T", "H", "K", "V"), [(2, 1, 2, 16, 16), (2, 63, 2, 32, 16), (1, 130, 3, 20, 36)])
@@ -80,9 +84,9 @@ def test_empty_sequence():
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("varlen", [False, True])
 def test_shift_glue(varlen, reverse):
-    """`kernels.rwkv6.bonus.RWKV6Function` (the one-token query shift, the first token's read of h0 and the bonus)
-    with GLA's launchers replaced by the GLA reference gives RWKV6's outputs and every gradient."""
-    from fla_tl.kernels.rwkv6.bonus import RWKV6Function, shifted_fwd
+    """`kernels.rwkv6.bonus.rwkv6_fwd` / `rwkv6_bwd` (the one-token query shift, the first token's read of h0 and
+    the bonus) with GLA's launchers replaced by the GLA reference give RWKV6's outputs and every gradient."""
+    from fla_tl.kernels.rwkv6.bonus import rwkv6_bwd, rwkv6_fwd, shifted_fwd
     from fla_tl.reference import recurrent_gla
 
     def gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g, **kw):
@@ -108,9 +112,13 @@ def test_shift_glue(varlen, reverse):
         r, k, v, h0 = make_inputs(B, T, 2, 8, 6, torch.float64, N=N, h0=use_h0)
         w, u = _wu(B, T, 2, 8)
         xs = [r, k, v, w, u] + ([h0] if use_h0 else [])
-        o, ht = RWKV6Function.apply(r, k, v, w, u, 0.3, h0, True, reverse, cu, launchers)
-        do, dht = torch.randn_like(o), torch.randn_like(ht)
-        grads = torch.autograd.grad((o, ht), xs, (do, dht))
+        with torch.no_grad():
+            o, ht, kept = rwkv6_fwd(launchers, r, k, v, w, u, scale=0.3, initial_state=h0, output_final_state=True,
+                                    reverse=reverse, cu_seqlens=cu, keep=True)
+            do, dht = torch.randn_like(o), torch.randn_like(ht)
+            grads = rwkv6_bwd(launchers, r, k, v, w, u, do, dht, scale=0.3, initial_state=h0, reverse=reverse,
+                              cu_seqlens=cu, ht=ht, kept=kept)
+        grads = grads[:5] + ((grads[5],) if use_h0 else ())
         ro, rht = recurrent_rwkv6(r, k, v, w, u, scale=0.3, initial_state=h0, output_final_state=True,
                                   reverse=reverse, cu_seqlens=cu)
         rgrads = torch.autograd.grad((ro, rht), xs, (do, dht))
@@ -166,7 +174,38 @@ def test_registry_refusals():
         fused_recurrent_rwkv6(*(x.double() for x in (r, k, v, w, u)), backend="tilelang")
 
 
+@pytest.mark.parametrize("varlen", [False, True], ids=["dense", "varlen"])
+@pytest.mark.parametrize(("op", "reverse"), [("chunk_rwkv6", False), ("fused_recurrent_rwkv6", True)])
+def test_compile_fullgraph(op, reverse, varlen):
+    """the op inside `torch.compile(fullgraph=True)` (its custom ops `fla_tl::<op>_fwd` / `_bwd`) gives eager's
+    outputs and gradients of every input; `torch.library.opcheck` of the forward custom op."""
+    import fla_tl.ops as ops
+
+    fn = getattr(ops, op)
+    lens = (20, 0, 50)
+    B, T, N = (1, sum(lens), len(lens)) if varlen else (2, 40, 2)
+    cu = _cu(lens) if varlen else None
+    r, k, v, h0 = make_inputs(B, T, 2, 8, 6, torch.float64, N=N)
+    w, u = _wu(B, T, 2, 8)
+    xs = [r, k, v, w, u, h0]
+    kwargs = {"reverse": True} if reverse else {}
+
+    def run(*xs):
+        o, ht = fn(*xs[:5], initial_state=xs[5], output_final_state=True, cu_seqlens=cu, **kwargs)
+        return o, ht
+
+    torch._dynamo.reset()
+    outs = [run(*xs), torch.compile(run, fullgraph=True, backend="aot_eager")(*xs)]
+    cot = [torch.randn_like(x) for x in outs[0]]
+    grads = [torch.autograd.grad(out, xs, cot) for out in outs]
+    for a, b in zip([*outs[0], *grads[0]], [*outs[1], *grads[1]]):
+        torch.testing.assert_close(a, b)
+    torch.library.opcheck(getattr(torch.ops.fla_tl, f"{op}_fwd").default,
+                          (*xs[:5], h0, cu, 0.3, True, reverse, True, "torch"))
+
+
 @pytest.mark.compile
+@pytest.mark.compile_all
 @pytest.mark.parametrize(("stage", "K", "V", "dtype", "reverse"), [
     ("fwd", 128, 128, "bfloat16", False),
     ("bwd", 100, 36, "float32", True),
@@ -187,15 +226,6 @@ def test_kernels_build_for_sm90a(stage, K, V, dtype, reverse):
         factory = bonus.rwkv6_fwd_bonus_kernel if stage == "fwd" else bonus.rwkv6_bwd_bonus_kernel
         kernel = get_kernel(factory, tgt, K=K, V=V, dtype=dtype, reverse=reverse, BT=64)
     assert "__global__" in kernel.get_kernel_source()
-
-
-@pytest.fixture
-def poisoned_cuda():
-    from utils import poison_allocator
-
-    poison_allocator("cuda")
-    yield
-    torch.cuda.synchronize()
 
 
 GPU_CASES = [
@@ -234,11 +264,13 @@ def test_tilelang_fused_recurrent(lens, D, dtype, strong, reverse, poisoned_cuda
 
 @pytest.mark.gpu
 def test_check_op_table_on_cuda():
-    """`python -m fla_tl check`'s self checks of both ops on the tilelang backend (varlen, h0, reverse)."""
-    from fla_tl.ops import _rwkv6_specs
+    """`python -m fla_tl check`'s cases of both ops on the tilelang backend (varlen, h0, reverse)."""
+    from fla_tl.registry import get_op
+    from fla_tl.testing import run_check
 
-    for spec in _rwkv6_specs.values():
+    for name in ("chunk_rwkv6", "fused_recurrent_rwkv6"):
+        spec = get_op(name)
         for dtype in (torch.bfloat16, torch.float32):
-            results = spec.self_check(torch.device("cuda"), dtype)
-            failed = [(n, d) for n, ok, d in results if not ok]
-            assert not failed, f"{spec.name} {dtype}: {failed}"
+            for case in spec.cases(torch.device("cuda"), dtype):
+                failed = [(r.name, r.detail) for r in run_check(spec.fn, case, "tilelang") if not r.passed]
+                assert not failed, f"{name} {dtype} {case.label}: {failed}"

@@ -2,8 +2,8 @@
 `g_gamma`, or both.
 
 CPU (fp64): the `torch` backend (chunked form) against the recurrence to 1e-10, every gradient including dg.
-GPU (`gpu` marker): the `tilelang` backend (constant decay `g_gamma`; the per-token gate has no TileLang kernel yet
-and the registry refuses it there) in bf16 / fp32 against the fp32 recurrence.
+GPU (`gpu` marker): the `tilelang` backend (constant decay `g_gamma`, the per-token gate `g`, both) in bf16 / fp32
+against the fp32 recurrence.
 """
 
 import pytest
@@ -14,7 +14,7 @@ from fla_tl.ops import BackendError, chunk_simple_gla, fused_chunk_simple_gla, f
 from fla_tl.reference import recurrent_simple_gla
 
 from test_retention import _cu, make_inputs
-from utils import check_op, poison_allocator
+from utils import check_op
 
 OPS = {
     "chunk": chunk_simple_gla,
@@ -140,13 +140,6 @@ def test_tilelang_takes_the_per_token_gate():
 # ---------------------------------------------------------------- gpu: tilelang backend vs the fp32 recurrence
 
 
-@pytest.fixture
-def poisoned_cuda():
-    poison_allocator("cuda")
-    yield
-    torch.cuda.synchronize()
-
-
 GPU_CASES = [
     pytest.param(B, T, H, D, dtype, id=f"B{B}-T{T}-H{H}-D{D}-{str(dtype)[6:]}")
     for B, T, H, D, dtype in [
@@ -183,8 +176,7 @@ def test_tilelang_varlen(op, poisoned_cuda):
 @pytest.mark.parametrize(("K", "V"), [(128, 1), (100, 100), (64, 16)], ids=["K128-V1", "K100-V100", "K64-V16"])
 @pytest.mark.parametrize("op", list(OPS))
 def test_tilelang_varlen_unaligned(op, K, V, poisoned_cuda):
-    """varlen with head dims off the 64-wide tiles (masked loads). Written after a normalised linear attention built on
-    a V = 1 launch failed its varlen gpu test (session 4; dense V = 1 passed against fla); not run on a GPU yet."""
+    """varlen with head dims off the 64-wide tiles (masked loads), down to V = 1."""
     lens = (1, 300, 0, 64, 1000, 77)
     q, k, v, state = make_inputs(1, sum(lens), 4, K, V, torch.bfloat16, device="cuda", N=len(lens))
     check_op(OPS[op], recurrent_simple_gla, q, k, v, state, cu_seqlens=_cu(lens, "cuda"), backend="tilelang",
@@ -214,8 +206,7 @@ def test_tilelang_per_token_gate(op, varlen, poisoned_cuda):
 
 # ---------------------------------------------------------------- gpu: the per-token gate kernels, launcher level
 #
-# The registry keeps the per-token gate on the torch backend until these pass on a GPU; they drive the TileLang
-# launchers directly.
+# These drive the TileLang launchers directly, both schedules of the chunk form included.
 
 GATE_CASES = [
     pytest.param(B, lens, D, dtype, id=f"B{B}-T{'+'.join(map(str, lens))}-D{D}-{str(dtype)[6:]}")
@@ -231,8 +222,9 @@ GATE_CASES = [
 
 
 def _launchers(mode, impl=None):
-    from fla_tl.kernels import simple_gla as S
+    import importlib
 
+    S = importlib.import_module(f"fla_tl.kernels.simple_gla.{mode}")
     fwd, bwd = getattr(S, f"{mode}_simple_gla_fwd"), getattr(S, f"{mode}_simple_gla_bwd")
     if impl is None:
         return fwd, bwd

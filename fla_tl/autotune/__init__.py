@@ -1,4 +1,9 @@
-"""Autotuning: the per-GPU tuning table of kernel configs, shipped with the package and in the user cache."""
+"""Autotuning: the per-GPU tuning table of kernel configs, shipped with the package and in the user cache.
+
+Layering: `configs` (tile constants, config dataclasses, heuristics, search spaces, shared-memory arithmetic),
+`table` and `resolve` (lookups) sit below the kernels and import nothing from `fla_tl.kernels`; `tuner`, `build` and
+`commands` sit above them (they launch or compile kernels) and are imported only on demand, never from here.
+"""
 
 from .table import (
     ENV_CACHE,

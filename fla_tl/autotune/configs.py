@@ -4,6 +4,10 @@ default, the search space, and the shared-memory arithmetic that filters out con
 `factory(**dims, **asdict(config))` builds the kernel. The chunk length BT is fixed at 64 (every stage of a chunk op
 must agree on it), so it is not a field. Sizes below are bytes; `es` is the input element size, KP the key dim padded
 to the kernel's tile (64 for the chunk kernels, 16 for the recurrent ones).
+
+This module sits below the kernels: they import their constants, tile arithmetic and heuristics from here, and it
+imports nothing from `fla_tl.kernels`. A kernel is named by its factory's "module:function" string (`TunableKernel.
+factory`); its module's source hash keys the tuning table.
 """
 
 import dataclasses
@@ -11,12 +15,28 @@ import itertools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ..kernels.common.utils import cdiv, pad_dim
+import torch
 
+# the chunk length of every chunk kernel
 BT = 64
 # sm_90 gives a block at most 227 KB of dynamic shared memory; 2 KB stay for barriers and alignment
 SMEM_BUDGET = 225 * 1024
 ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
+# the TileLang names of the input dtypes the kernels take
+TORCH_TO_TL = {
+    torch.bfloat16: "bfloat16",
+    torch.float16: "float16",
+    torch.float32: "float32",
+}
+
+
+def cdiv(a: int, b: int) -> int:
+    return (a + b - 1) // b
+
+
+def pad_dim(d: int, multiple: int = 64) -> int:
+    """the tile extent that holds a head dim: the next multiple of 64 (a warpgroup mma's m-extent)."""
+    return cdiv(d, multiple) * multiple
 
 
 @dataclass(frozen=True)
@@ -103,16 +123,37 @@ def smem_chunk_bwd_dv(K, V, dtype, c: ChunkBwdDvConfig) -> int:
 
 def smem_chunk_bwd_dqk(K, V, dtype, c: ChunkBwdDqkConfig) -> int:
     # q, k [BT, BK] + v, do [BT, BV] + h, dh [BK, BV] + ds [BT, BT]; its V-tile loop loads through registers, so the
-    # pipeline keeps one buffer each (fp32, K = V = 128 with the defaults ran on an H100, where a per-stage copy
-    # would not have fit)
+    # pipeline keeps one buffer each (a copy per stage would put fp32 K = V = 128 at the defaults over the budget,
+    # and that config launches)
     BK = min(c.BK, pad_dim(K))
     return ELEMENT_SIZE[dtype] * (2 * BT * BK + 2 * BT * c.BV + 2 * BK * c.BV + BT * BT)
 
 
+def fused_chunk_smem(
+    K: int, V: int, dtype: str, kind: str, BT: int = BT, BV: int = 64, num_stages: int = 2, smem_store: bool = False
+) -> int:
+    """bytes of dynamic shared memory a fused chunk kernel (`common.fused_chunk`, `kind` "fwd" or "dkv") asks for,
+    by the formula of its allocations.
+
+    fwd: stages * (q, k [BT, KP] + v [BT, BV]) + vg [BT, BV] + h [KP, BV] + s [BT, BT] (+ o [BT, BV])
+    dkv: stages * (q, k [BT, KP] + v, do [BT, BV]) + x [BT, BV] + dh [KP, BV] + a [BT, BT] (+ dk [BT, KP], dv [BT, BV])
+    dk is staged in fp32 when it is a partial sum over several V tiles. Checked against TileLang's lowering
+    (`dyn_shared_memory_buf`): fwd fp32 K = V = 128, BV = 64, 2 stages lowers to 229376 bytes, the formula's number;
+    the dkv kernel at the same sizes asks for 262144, more than sm_90 gives a block, as the budget predicts.
+    """
+    KP, es = pad_dim(K), ELEMENT_SIZE[dtype]
+    nv_tiles = 1 if kind == "fwd" else 2
+    staged = num_stages * (2 * BT * KP + nv_tiles * BT * BV)
+    total = es * (staged + BT * BV + KP * BV + BT * BT)
+    if smem_store:
+        total += es * BT * BV
+        if kind == "dkv":
+            total += BT * KP * (es if cdiv(V, BV) == 1 else 4)
+    return total
+
+
 def smem_fused_chunk(kind: str) -> Callable:
     def smem(K, V, dtype, c: FusedChunkConfig) -> int:
-        from ..kernels.common.fused_chunk import fused_chunk_smem
-
         return fused_chunk_smem(K, V, dtype, kind, BV=c.BV, num_stages=c.num_stages, smem_store=c.smem_store)
 
     return smem
@@ -138,6 +179,7 @@ class TunableKernel:
     smem: Callable
     space: dict  # field -> candidate values
     heuristic: Callable  # (K, V, dtype) -> config
+    factory: str  # "module:function" of the kernel factory the configs feed (its module's source hash keys the table)
 
     def fits(self, K: int, V: int, dtype: str, config) -> bool:
         """whether the config launches: shared memory within the budget, tiles no wider than the padded dims."""
@@ -157,18 +199,44 @@ class TunableKernel:
         return out
 
 
+# ---------------------------------------------------------------- heuristic defaults
+
+
+def fused_chunk_config(K: int, V: int, dtype: str, kind: str) -> dict:
+    """the heuristic tile config of a fused chunk kernel: the first candidate whose shared memory fits the budget.
+
+    Candidates run from the widest V tile (q and k are read once for more of V) and the deepest pipeline down; a
+    shared-memory store of full chunks (one bulk copy instead of row stores from registers) is preferred at each size.
+    256 threads (two consumer warpgroups) once the state tile [KP, BV] holds more than 128 x 64 fp32 values, so it
+    stays at 64 registers per thread or below (a wider state on 128 threads spills registers: fused_chunk_based's
+    fp32 feature maps, K = 153, for one)."""
+    for BV, num_stages in ((128, 2), (64, 2), (128, 1), (64, 1), (32, 2), (32, 1), (16, 1)):
+        if BV > pad_dim(V):
+            continue
+        for smem_store in (True, False):
+            if fused_chunk_smem(K, V, dtype, kind, BV=BV, num_stages=num_stages, smem_store=smem_store) <= SMEM_BUDGET:
+                threads = 256 if pad_dim(K) * BV > 128 * 64 else 128
+                return dict(BV=BV, num_stages=num_stages, threads=threads, smem_store=smem_store)
+    raise ValueError(f"no fused_chunk tile config fits K={K}, V={V}, dtype={dtype}")
+
+
+def fused_recurrent_bwd_config(K: int, V: int) -> dict:
+    """the heuristic tiles of the token-by-token backward: one V tile up to 128 wide where the state fits registers,
+    so dq and dk are written once in the input dtype instead of as fp32 partial sums over V tiles (four 32-wide tiles
+    hold eight times the memory of bf16 dq and dk)."""
+    BV = 128 if V > 64 and pad_dim(K, 16) <= 128 else 64
+    threads = 256 if pad_dim(K, 16) * BV >= 128 * 128 else 128
+    return dict(BV=BV, threads=threads)
+
+
 def _fused_heuristic(kind: str) -> Callable:
     def heuristic(K, V, dtype) -> FusedChunkConfig:
-        from ..kernels.common.fused_chunk import fused_chunk_config
-
         return FusedChunkConfig(**fused_chunk_config(K, V, dtype, kind))
 
     return heuristic
 
 
 def _recurrent_bwd_heuristic(K, V, dtype) -> FusedRecurrentConfig:
-    from ..kernels.common.fused_recurrent import fused_recurrent_bwd_config
-
     return FusedRecurrentConfig(**fused_recurrent_bwd_config(K, V))
 
 
@@ -183,42 +251,51 @@ KERNELS = {
             "chunk_fwd_h", ChunkFwdHConfig, smem_chunk_fwd_h,
             {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)},
             _constant(ChunkFwdHConfig()),
+            "fla_tl.kernels.common.chunk_h:chunk_fwd_h_kernel",
         ),
         TunableKernel(
             "chunk_fwd_o", ChunkFwdOConfig, smem_chunk_fwd_o,
             {"BV": (32, 64, 128), "threads": (128, 256)}, _constant(ChunkFwdOConfig()),
+            "fla_tl.kernels.common.chunk_o:chunk_fwd_o_kernel",
         ),
         TunableKernel(
             "chunk_bwd_dh", ChunkBwdDhConfig, smem_chunk_bwd_dh,
             {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)},
             _constant(ChunkBwdDhConfig()),
+            "fla_tl.kernels.common.chunk_h:chunk_bwd_dh_kernel",
         ),
         TunableKernel(
             "chunk_bwd_dv", ChunkBwdDvConfig, smem_chunk_bwd_dv,
             {"BV": (32, 64, 128), "threads": (128, 256)}, _constant(ChunkBwdDvConfig()),
+            "fla_tl.kernels.common.chunk_o:chunk_bwd_dv_kernel",
         ),
         TunableKernel(
             "chunk_bwd_dqk", ChunkBwdDqkConfig, smem_chunk_bwd_dqk,
             {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2), "threads": (128, 256)},
             _constant(ChunkBwdDqkConfig()),
+            "fla_tl.kernels.common.chunk_o:chunk_bwd_dqk_kernel",
         ),
         TunableKernel(
             "fused_chunk_fwd", FusedChunkConfig, smem_fused_chunk("fwd"),
             {"BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256), "smem_store": (True, False)},
             _fused_heuristic("fwd"),
+            "fla_tl.kernels.common.fused_chunk:fused_chunk_fwd_kernel",
         ),
         TunableKernel(
             "fused_chunk_bwd_dkv", FusedChunkConfig, smem_fused_chunk("dkv"),
             {"BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256), "smem_store": (True, False)},
             _fused_heuristic("dkv"),
+            "fla_tl.kernels.common.fused_chunk:fused_chunk_bwd_dkv_kernel",
         ),
         TunableKernel(
             "fused_recurrent_fwd", FusedRecurrentConfig, smem_fused_recurrent("fwd"),
             {"TB": (8, 16, 32), "BV": (16, 32, 64), "threads": (128, 256)}, _constant(FusedRecurrentConfig()),
+            "fla_tl.kernels.common.fused_recurrent:fused_recurrent_fwd_kernel",
         ),
         TunableKernel(
             "fused_recurrent_bwd", FusedRecurrentConfig, smem_fused_recurrent("bwd"),
             {"TB": (8, 16, 32), "BV": (32, 64, 128), "threads": (128, 256)}, _recurrent_bwd_heuristic,
+            "fla_tl.kernels.common.fused_recurrent:fused_recurrent_bwd_kernel",
         ),
     )
 }

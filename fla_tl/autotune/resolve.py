@@ -6,30 +6,61 @@ lookup is one tuple and one dict access; the table files are read once per proce
 
 - `off`: the heuristic default of `configs.KERNELS[name]`;
 - `lookup` (default): the user table, then the table shipped for this GPU, else the heuristic;
-- `tune`: as `lookup`, and a miss is tuned on the spot (`tuner.tune_kernel` at the call's shape) and recorded in the
-  user table, so the next process finds it.
+- `tune`: as `lookup`, and a miss goes to the handler installed with `set_miss_handler` (importing
+  `fla_tl.autotune.tuner` installs one that tunes the kernel on the spot at the call's shape); its entry is recorded
+  in the user table, so the next process finds it. Without a handler a miss takes the heuristic, with one warning.
 
 A table entry whose config does not fit the kernel (other fields, shared memory over the budget) is ignored with one
 warning; the op never fails because of a table.
+
+This module sits below the kernels: it imports nothing from `fla_tl.kernels` nor from the tuner. A kernel's module is
+named by `configs.KERNELS[name].factory` ("module:function"); its source hash keys the table.
 """
 
 import dataclasses
 import logging
 import os
+from collections.abc import Callable
 
-from ..kernels.common.utils import TORCH_TO_TL
 from ..utils import log_once
-from .configs import KERNELS
-from .table import ENV_CACHE, ENV_MODE, device_info, lookup, mode, record, seqlen_bucket
+from .configs import KERNELS, TORCH_TO_TL
+from .table import ENV_CACHE, ENV_MODE, device_info, lookup, make_key, mode, record, seqlen_bucket, source_hash
 
 _resolved: dict = {}
 # kernels being tuned in this process: their own launches inside the tuner take the heuristic
 _tuning: set = set()
+# `fn(name, ref, *, K, V, gate, N, T) -> table entry` for a miss in `tune` mode (see `set_miss_handler`)
+_miss_handler: Callable | None = None
+
+
+def set_miss_handler(fn: Callable | None) -> Callable | None:
+    """install `fn(name, ref, *, K, V, gate, N, T) -> entry` (a table entry: a dict with at least "config") as what a
+    miss runs in `tune` mode; None removes it. Returns the previous handler. `fla_tl.autotune.tuner` installs its own
+    when imported."""
+    global _miss_handler
+    previous, _miss_handler = _miss_handler, fn
+    return previous
 
 
 def heuristic_config(name: str, K: int, V: int, dtype: str) -> dict:
     """the heuristic default of kernel `name` as factory keywords."""
     return dataclasses.asdict(KERNELS[name].heuristic(K, V, dtype))
+
+
+def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None, gate: str = "gamma") -> str:
+    """the tuning-table key of kernel `name` at head dims K, V, input dtype `dtype` (a TileLang name), gate option
+    `gate` and T tokens per sequence on `device`'s GPU (the current one by default)."""
+    gpu, capability = device_info(device)
+    return make_key(
+        gpu=gpu,
+        capability=capability,
+        kernel=name,
+        source=source_hash(KERNELS[name].factory),
+        dims={"K": K, "V": V},
+        dtypes={"dtype": dtype},
+        flags={"gate": gate},
+        bucket=seqlen_bucket(T),
+    )
 
 
 def tile_config(name: str, ref, *, K: int, V: int, gate: str, N: int, overrides: dict | None = None) -> dict:
@@ -72,8 +103,6 @@ def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int) -> dict:
     current = mode()
     if current == "off" or ref.device.type != "cuda" or name in _tuning:
         return default
-    from .tuner import table_key
-
     key = table_key(name, K, V, dtype, T, ref.device, gate=gate)
     gpu, _ = device_info(ref.device)
     found = lookup(key, gpu)
@@ -82,20 +111,23 @@ def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int) -> dict:
         if config is not None:
             return config
     if current == "tune":
-        return _tune(name, ref, K, V, gate, N, T, key, gpu)
+        return _tune(name, ref, K, V, gate, N, T, key, gpu, default)
     return default
 
 
-def _tune(name, ref, K, V, gate, N, T, key, gpu) -> dict:
-    from .tuner import make_runner, tune_kernel
-
-    log_once(("autotune.tune", name, K, V, str(ref.dtype), seqlen_bucket(T)),
-             f"{ENV_MODE}=tune: tuning {name} (K={K}, V={V}, {TORCH_TO_TL[ref.dtype]}, {N} x {T} tokens); the result "
-             "goes to the user table", logging.WARNING)
+def _tune(name, ref, K, V, gate, N, T, key, gpu, default) -> dict:
+    dtype = TORCH_TO_TL[ref.dtype]
+    if _miss_handler is None:
+        log_once(("autotune.nohandler",), f"{ENV_MODE}=tune, but no tuner is installed (import "
+                 "fla_tl.autotune.tuner): the kernels without a table entry take their heuristic configs",
+                 logging.WARNING)
+        return default
+    log_once(("autotune.tune", name, K, V, dtype, seqlen_bucket(T)),
+             f"{ENV_MODE}=tune: tuning {name} (K={K}, V={V}, {dtype}, {N} x {T} tokens); the result goes to the user "
+             "table", logging.WARNING)
     _tuning.add(name)
     try:
-        runner = make_runner(name, N=N, T=T, H=ref.shape[1], K=K, V=V, dtype=ref.dtype, device=ref.device, gate=gate)
-        entry = tune_kernel(name, runner, K=K, V=V, dtype=ref.dtype, gate=gate)
+        entry = _miss_handler(name, ref, K=K, V=V, gate=gate, N=N, T=T)
     finally:
         _tuning.discard(name)
     entry["shape"] = {"N": N, "T": T, "H": ref.shape[1]}

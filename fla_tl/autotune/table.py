@@ -13,6 +13,7 @@ import hashlib
 import importlib.metadata
 import inspect
 import json
+import linecache
 import logging
 import os
 import pathlib
@@ -46,11 +47,41 @@ def seqlen_bucket(T: int) -> int:
     return min(1 << (max(int(T), _MIN_BUCKET) - 1).bit_length(), _MAX_BUCKET)
 
 
+def _source_file(name: str) -> str:
+    """the source file of module `name`, looked up in the folders of its deepest imported package (nothing is
+    imported)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, 0, -1):
+        package = sys.modules.get(".".join(parts[:i]))
+        if getattr(package, "__path__", None) is not None:
+            break
+    else:
+        raise OSError(f"no imported package holds {name}")
+    folders = [pathlib.Path(p, *parts[i:-1]) for p in package.__path__]
+    for folder in folders:
+        for path in (folder / f"{parts[-1]}.py", folder / parts[-1] / "__init__.py"):
+            if path.is_file():
+                return str(path)
+    raise OSError(f"no source file for {name}")
+
+
+def _module_source(name: str) -> str:
+    """the source text of module `name` (as `inspect.getsource` gives it); read from its file without executing it
+    when it is not imported yet."""
+    module = sys.modules.get(name)
+    if module is not None:
+        return inspect.getsource(module)
+    origin = _source_file(name)
+    lines = linecache.getlines(origin)
+    if not lines:
+        raise OSError(f"cannot read {origin}")
+    return "".join(lines)
+
+
 @functools.cache
 def _module_hash(name: str) -> str:
-    module = sys.modules[name]
     try:
-        text = inspect.getsource(module)
+        text = _module_source(name)
     except (OSError, TypeError):
         # no source (frozen or compiled): fall back to the module name, stale entries then go unnoticed
         text = name
@@ -58,7 +89,10 @@ def _module_hash(name: str) -> str:
 
 
 def source_hash(factory) -> str:
-    """16 hex chars of sha256 over the source of the module that defines `factory`."""
+    """16 hex chars of sha256 over the source of the module that defines `factory`: a function, or its
+    "module:function" name (`configs.TunableKernel.factory`; the module is read, not imported, when not loaded)."""
+    if isinstance(factory, str):
+        return _module_hash(factory.partition(":")[0])
     return _module_hash(inspect.unwrap(factory).__module__)
 
 

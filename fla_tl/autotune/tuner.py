@@ -1,11 +1,14 @@
 """The tuner: time every fitting config of a kernel on this GPU, keep the fastest that agrees with the default.
 
 Method (METHOD.md of the device notes): random inputs (never zeros), every candidate compiled first in parallel
-processes into TileLang's disk cache (`fla_tl.kernels.build.build`; the tuning process then only loads them), 3 warm-up
-calls, then `reps` calls timed with CUDA events, each
-after an L2 flush with a buffer larger than any L2; the median counts. A candidate whose outputs differ from the
-default config's beyond the dtype's tolerance (`fla_tl.utils.TOLERANCES`) is rejected; one that fails to compile or
-launch is recorded with its error. Every candidate's time is kept in the table entry, not only the winner's.
+processes into TileLang's disk cache (`fla_tl.autotune.build.build`; the tuning process then only loads them), 3
+warm-up calls, then `reps` calls timed with CUDA events, each after an L2 flush with a buffer larger than any L2; the
+median counts. A candidate whose outputs differ from the default config's beyond the dtype's tolerance
+(`fla_tl.testing.TOLERANCES`) is rejected; one that fails to compile or launch is recorded with its error. Every
+candidate's time is kept in the table entry, not only the winner's.
+
+This module sits above the kernels (it launches them); importing it installs `tune_miss` as `resolve`'s miss handler
+for `FLA_TL_AUTOTUNE=tune`.
 """
 
 import dataclasses
@@ -15,62 +18,24 @@ from collections.abc import Callable
 
 import torch
 
-from ..utils import compare
-from .configs import KERNELS
-from .table import make_key, device_info, seqlen_bucket, source_hash
+from ..testing import compare
+from . import resolve
+from .configs import BT, KERNELS, TORCH_TO_TL
 
-# the kernels each op launches
-OP_KERNELS = {
-    "chunk_retention": (
-        "fused_chunk_fwd", "fused_chunk_bwd_dkv", "chunk_fwd_h", "chunk_fwd_o", "chunk_bwd_dh", "chunk_bwd_dv",
-        "chunk_bwd_dqk",
-    ),
-    "fused_chunk_retention": ("fused_chunk_fwd", "fused_chunk_bwd_dkv"),
-    "fused_recurrent_retention": ("fused_recurrent_fwd", "fused_recurrent_bwd"),
-}
 FLUSH_BYTES = 256 * 1024 * 1024
 
 
-def factory_of(name: str):
-    """the TileLang kernel factory a tunable kernel's configs feed (its source hash keys the table)."""
-    from ..kernels.common import chunk_h, chunk_o, fused_chunk, fused_recurrent
+def op_kernels(op: str, D: int, dtype: str = "bfloat16") -> list[tuple[str, int, int, str]] | None:
+    """the tunable kernels (`configs.KERNELS`) registered op `op` launches at head dim D and input dtype `dtype` (a
+    TileLang name), as (name, K, V, gate option) in the order of its kernel list; None for an op without one."""
+    from ..registry import get_op
 
-    return {
-        "chunk_fwd_h": chunk_h.chunk_fwd_h_kernel,
-        "chunk_bwd_dh": chunk_h.chunk_bwd_dh_kernel,
-        "chunk_fwd_o": chunk_o.chunk_fwd_o_kernel,
-        "chunk_bwd_dv": chunk_o.chunk_bwd_dv_kernel,
-        "chunk_bwd_dqk": chunk_o.chunk_bwd_dqk_kernel,
-        "fused_chunk_fwd": fused_chunk.fused_chunk_fwd_kernel,
-        "fused_chunk_bwd_dkv": fused_chunk.fused_chunk_bwd_dkv_kernel,
-        "fused_recurrent_fwd": fused_recurrent.fused_recurrent_fwd_kernel,
-        "fused_recurrent_bwd": fused_recurrent.fused_recurrent_bwd_kernel,
-    }[name]
-
-
-def launch_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict) -> tuple:
-    """(factory, keywords) exactly as the launchers of kernel `name` build it with tile `config` (for compiling it
-    ahead); the fused_recurrent kernels are listed with their default flags (forward order, state [K, V])."""
-    base = dict(K=K, V=V, gate=gate, dtype=dtype)
-    if name.startswith("chunk_"):
-        base.update(h_dtype=dtype, BT=64)
-    if name.startswith("fused_recurrent"):
-        base.update(reverse=False, state_v_first=False)
-    return factory_of(name), {**base, **config}
-
-
-def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None, gate: str = "gamma") -> str:
-    gpu, capability = device_info(device)
-    return make_key(
-        gpu=gpu,
-        capability=capability,
-        kernel=name,
-        source=source_hash(factory_of(name)),
-        dims={"K": K, "V": V},
-        dtypes={"dtype": dtype},
-        flags={"gate": gate},
-        bucket=seqlen_bucket(T),
-    )
+    spec = get_op(op)
+    if spec.kernels is None:
+        return None
+    found = ((k.name, k.kwargs["K"], k.kwargs["V"], k.kwargs["gate"]) for k in spec.kernels(D, dtype)
+             if k.name in KERNELS)
+    return list(dict.fromkeys(found))
 
 
 def make_runner(
@@ -86,7 +51,7 @@ def make_runner(
     k = (torch.randn(N * T, H, K, device=device, generator=g) / K ** 0.5).to(dtype)
     v = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     do = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
-    meta = seq_meta(N, T, None, 64, device)
+    meta = seq_meta(N, T, None, BT, device)
     decay = retention_g_gamma(H, device)
     if gate == "g":
         # a per-token gate as fla draws it: the chunk kernels read its chunk-local cumulative sum, fused_recurrent g
@@ -167,8 +132,6 @@ def tune_kernel(
 ) -> dict:
     """time every fitting config of kernel `name` with `runner`; return the table entry (the winner, its time, the
     default's time and every candidate with its time or the reason it was rejected)."""
-    from ..kernels.common.utils import TORCH_TO_TL
-
     kernel = KERNELS[name]
     tl_dtype = TORCH_TO_TL[dtype]
     candidates = kernel.candidates(K, V, tl_dtype)
@@ -176,10 +139,11 @@ def tune_kernel(
 
     # compile ahead in parallel processes (into TileLang's disk cache); the first call of each config then loads it
     if compile_workers > 1 and torch.cuda.is_available():
-        from ..kernels.build import build
+        from ..kernels.common.state_op import stage_spec
         from ..kernels.common.utils import target_for
+        from .build import build
 
-        specs = [(name, *launch_spec(name, K, V, tl_dtype, gate, dataclasses.asdict(c))) for c in candidates]
+        specs = [stage_spec(name, K, V, tl_dtype, gate, dataclasses.asdict(c)) for c in candidates]
         build(specs, target_for(torch.device("cuda")), compile_workers)
 
     def warm(config):
@@ -231,3 +195,13 @@ def tune_kernel(
         "candidates": rows,
         "tuned_in_s": round(time.perf_counter() - start, 1),
     }
+
+
+def tune_miss(name: str, ref, *, K: int, V: int, gate: str, N: int, T: int) -> dict:
+    """`FLA_TL_AUTOTUNE=tune`'s answer to a table miss (installed in `resolve` when this module is imported): tune
+    kernel `name` at the launch's shape (N sequences of T tokens, `ref` `[Ttot, H, *]`) and return the entry."""
+    runner = make_runner(name, N=N, T=T, H=ref.shape[1], K=K, V=V, dtype=ref.dtype, device=ref.device, gate=gate)
+    return tune_kernel(name, runner, K=K, V=V, dtype=ref.dtype, gate=gate)
+
+
+resolve.set_miss_handler(tune_miss)

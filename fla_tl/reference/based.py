@@ -9,6 +9,8 @@ Layout `[B, T, H, D]`; computed in fp32 (fp64 for fp64 inputs), returned in q's 
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from .simple_gla import checkpointing
+
 QUERY_BLOCK = 512
 
 
@@ -23,7 +25,9 @@ def _block(q, k, v, start, feature):
     return a @ v, a.sum(-1)
 
 
-def _attention(q, k, v, scale, feature):
+def attention_form(q, k, v, scale, feature):
+    """the unnormalised causal attention with the score map `feature`: (o `[B, H, T, V]`, z `[B, H, T]`) in fp32 (fp64
+    for fp64 inputs), queries in blocks."""
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v = (x.to(dtype).transpose(1, 2) for x in (q, k, v))  # [B, H, T, D]
     q = q * scale
@@ -32,7 +36,7 @@ def _attention(q, k, v, scale, feature):
     for start in range(0, T, QUERY_BLOCK):
         end = min(start + QUERY_BLOCK, T)
         args = (q[..., start:end, :], k[..., :end, :], v[..., :end, :], start, feature)
-        o, z = checkpoint(_block, *args, use_reentrant=False) if torch.is_grad_enabled() else _block(*args)
+        o, z = checkpoint(_block, *args, use_reentrant=False) if checkpointing() else _block(*args)
         outs.append(o)
         zs.append(z)
     o = torch.cat(outs, -2) if outs else v.new_zeros(v.shape)
@@ -40,11 +44,11 @@ def _attention(q, k, v, scale, feature):
     return o, z  # [B, H, T, V], [B, H, T]
 
 
-def _based_feature(s):
+def based_feature(s):
     return 1 + s + 0.5 * s * s
 
 
-def _rebased_feature(s):
+def rebased_feature(s):
     return s * s
 
 
@@ -52,7 +56,7 @@ def parallel_based_torch(q, k, v, scale: float | None = None, use_norm: bool = T
     """Based in the attention form; `[B, T, H, V]` in q's dtype (fla's `parallel_based` / `fused_chunk_based`)."""
     if scale is None:
         scale = q.shape[-1] ** -0.5
-    o, z = _attention(q, k, v, scale, _based_feature)
+    o, z = attention_form(q, k, v, scale, based_feature)
     if use_norm:
         o = o / (z[..., None] + 1e-6)
     return o.transpose(1, 2).to(q.dtype)
@@ -63,7 +67,7 @@ def parallel_rebased_torch(q, k, v, eps: float = 1e-5, use_scale: bool = True, u
     """ReBased in the attention form (fla's `parallel_rebased`): `[B, T, H, V]` in q's dtype, or with `return_both`
     the unnormalised `o` `[B, H, T, V]` and `z` `[B, H, T]` (fla's layout for that case)."""
     scale = q.shape[-1] ** -0.5 if use_scale else 1.0
-    o, z = _attention(q, k, v, scale, _rebased_feature)
+    o, z = attention_form(q, k, v, scale, rebased_feature)
     if return_both:
         return o, z
     if use_normalize:

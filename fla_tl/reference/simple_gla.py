@@ -94,6 +94,13 @@ def _recurrent_steps(q, k, v, g, h, scale):
     return torch.stack(outputs, 1), h
 
 
+def checkpointing() -> bool:
+    """whether the references checkpoint their blocks: under autograd, but not inside a torch.func transform (the
+    torch backend's vector-Jacobian product under torch.compile), which does not support checkpoint's saved-tensor
+    hooks."""
+    return torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active()
+
+
 def segmented_recurrence(steps, xs: tuple, v, h, scale, segment: int = 64):
     """run `steps(*xs, h, scale) -> (o, h)` over one sequence (every x `[H, L, ...]`, time on dim 1; `v` gives the
     output width); under autograd, segments of `segment` steps are checkpointed so memory stays `O(L/segment)`
@@ -101,7 +108,7 @@ def segmented_recurrence(steps, xs: tuple, v, h, scale, segment: int = 64):
     L = xs[0].shape[1]
     if L == 0:
         return v.new_zeros(v.shape[0], 0, v.shape[-1]), h
-    if not torch.is_grad_enabled() or L <= segment:
+    if not checkpointing() or L <= segment:
         return steps(*xs, h, scale)
     outputs = []
     for s in range(0, L, segment):
@@ -300,9 +307,9 @@ def parallel_simple_gla_torch(q, k, v, g=None, scale=None, output_attentions: bo
     outs = []
     for start in range(0, T, query_block):
         qb = qf[..., start:start + query_block, :]
-        if torch.is_grad_enabled():
+        if checkpointing():
             outs.append(checkpoint(lambda x, s=start: block(x, s)[0], qb, use_reentrant=False))
         else:
             outs.append(block(qb, start)[0])
     o = torch.cat(outs, -2) if outs else vf.new_zeros(B, H, 0, v.shape[-1])
-    return o.transpose(1, 2).to(q.dtype), None
+    return o.transpose(1, 2).to(q.dtype).contiguous(), None

@@ -24,11 +24,13 @@ import functools
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import SMEM_BUDGET
 from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, target_for
 
 MAX_K = 16
-# the shared memory a launch may plan for (Hopper allows 227 KiB per block; room left for TileLang's own buffers)
-SMEM_BUDGET = 210 * 1024
+# the shared memory these launches plan for: `_smem` counts the tiles the kernels allocate, not TileLang's own
+# buffers, so it keeps a margin under the block budget
+PLANNED_SMEM = SMEM_BUDGET - 15 * 1024
 
 
 def feature_dims(K: int) -> int:
@@ -443,7 +445,7 @@ def kernel_config(stage: str, K: int, V: int, dtype: str) -> dict:
     """the V tile of a stage ("fwd", "dq", "dkv"): 128 (one tile for V <= 128) while the shared memory fits, else
     64; two warpgroups (a [BV, F] fp32 state and a [BT, F] gradient tile overflow one warpgroup's registers)."""
     elt = 4 if dtype == "float32" else 2
-    BV = 128 if V > 64 and _smem(stage, K, V, elt, 64, 128) <= SMEM_BUDGET else 64
+    BV = 128 if V > 64 and _smem(stage, K, V, elt, 64, 128) <= PLANNED_SMEM else 64
     return dict(BT=64, BV=BV, num_stages=1, threads=256)
 
 
@@ -494,34 +496,26 @@ def based_fused_chunk_bwd(q, k, v, do, dz, *, scale: float):
     return dq.sum(0).to(q.dtype), dk.sum(0).to(k.dtype), dv
 
 
-class FusedChunkBasedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, z = based_fused_chunk_fwd(q, k, v, scale=scale)
-        ctx.save_for_backward(q, k, v)
-        ctx.scale = scale
-        return o, z
-
-    @staticmethod
-    def backward(ctx, do, dz):
-        q, k, v = ctx.saved_tensors
-        do = do.to(q.dtype).contiguous()
-        dz = dz.to(torch.float32).contiguous()
-        dq, dk, dv = based_fused_chunk_bwd(q, k, v, do, dz, scale=ctx.scale)
-        return dq, dk, dv, None
-
-
-def fused_chunk_based_attention(q, k, v, scale: float):
-    """(o `[B, T, H, V]`, z `[B, T, H]`), fp32 and unnormalised, differentiable in q, k, v: causal Based attention by
-    the chunked feature-map kernels. q, k `[B, T, H, K]` (K <= 16), v `[B, T, H, V]` (V <= 256), one CUDA device and
-    one dtype (bf16, fp16 or fp32). fp32 inputs run the attention form (`parallel.py`, the same function): their
-    feature tiles and states would need more shared memory than a block has."""
+def fused_chunk_based_fwd(q, k, v, *, scale: float):
+    """(o `[B, T, H, V]`, z `[B, T, H]`), fp32 and unnormalised: causal Based attention by the chunked feature-map
+    kernels. q, k `[B, T, H, K]` (K <= 16), v `[B, T, H, V]` (V <= 256), contiguous, on one CUDA device and of one
+    dtype (bf16, fp16 or fp32). fp32 inputs run the attention form (`parallel.py`, the same function): their feature
+    tiles and states would need more shared memory than a block has."""
     if q.dtype == torch.float32:
-        from .parallel import parallel_based_attention
+        from .parallel import parallel_based_fwd
 
-        return parallel_based_attention(q, k, v, scale, True)
-    return FusedChunkBasedFunction.apply(q, k, v, scale)
+        return parallel_based_fwd(q, k, v, scale=scale, based=True)
+    return based_fused_chunk_fwd(q, k, v, scale=scale)
+
+
+def fused_chunk_based_bwd(q, k, v, do, dz, *, scale: float):
+    """(dq, dk, dv) in q's dtype of :func:`fused_chunk_based_fwd`; do `[B, T, H, V]` in q's dtype, dz `[B, T, H]`
+    fp32, all contiguous."""
+    if q.dtype == torch.float32:
+        from .parallel import parallel_based_bwd
+
+        return parallel_based_bwd(q, k, v, do, dz, scale=scale, based=True)
+    return based_fused_chunk_bwd(q, k, v, do, dz, scale=scale)
 
 
 __all__ = [
@@ -533,6 +527,7 @@ __all__ = [
     "based_fwd_fused_chunk_kernel",
     "feature_dims",
     "feature_tables",
-    "fused_chunk_based_attention",
+    "fused_chunk_based_bwd",
+    "fused_chunk_based_fwd",
     "kernel_config",
 ]

@@ -5,7 +5,7 @@ With s_ij = scale * q_i . k_j and j <= i:
   p_ij = 1 + s_ij + s_ij^2 / 2 (Based) or s_ij^2 (ReBased),   o_i = sum_j p_ij v_j,   z_i = sum_j p_ij
   dp_ij = do_i . v_j + dz_i,   ds_ij = dp_ij (1 + s_ij) (Based) or 2 dp_ij s_ij (ReBased)
   dq_i = scale * sum_j ds_ij k_j,   dk_j = scale * sum_i ds_ij q_i,   dv_j = sum_i p_ij do_i
-o and z are unnormalised and fp32; the division by z + eps is PyTorch around `parallel_based_attention`.
+o and z are unnormalised and fp32; the division by z + eps is PyTorch around the ops' kernel-level call.
 
 Three kernels, each block on one (batch, head) and one tile of rows, recomputing the scores:
 - forward: a block of BT queries walks the key blocks up to the causal diagonal (o per BV value columns);
@@ -19,10 +19,12 @@ products with fp32 accumulation for bf16 / fp16, TF32 for fp32 inputs.
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import SMEM_BUDGET
 from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, pad_dim, target_for
 
-# the shared memory a launch may plan for (Hopper allows 227 KiB per block; room left for TileLang's own buffers)
-SMEM_BUDGET = 200 * 1024
+# the shared memory these launches plan for: `_smem` counts the tiles the kernels allocate, not TileLang's own
+# buffers, so it keeps a margin under the block budget
+PLANNED_SMEM = SMEM_BUDGET - 25 * 1024
 
 
 def _score(based: bool, s):
@@ -281,7 +283,7 @@ def kernel_config(stage: str, K: int, V: int, dtype: str) -> dict:
     a wide V (V > 128) and of fp32 inputs (with 128 threads their TF32 mma operands spill registers)."""
     elt = 4 if dtype == "float32" else 2
     for BS, num_stages in ((64, 2), (64, 1), (32, 2), (32, 1)):
-        if _smem(stage, K, V, elt, 64, BS, num_stages) <= SMEM_BUDGET:
+        if _smem(stage, K, V, elt, 64, BS, num_stages) <= PLANNED_SMEM:
             break
     config = dict(BT=64, BS=BS, num_stages=num_stages)
     if stage == "fwd":
@@ -328,33 +330,7 @@ def parallel_based_bwd(q, k, v, do, dz, *, scale: float, based: bool):
     return dq, dk, dv
 
 
-class ParallelBasedFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale: float, based: bool):
-        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-        o, z = parallel_based_fwd(q, k, v, scale=scale, based=based)
-        ctx.save_for_backward(q, k, v)
-        ctx.scale, ctx.based = scale, based
-        return o, z
-
-    @staticmethod
-    def backward(ctx, do, dz):
-        q, k, v = ctx.saved_tensors
-        do = do.to(q.dtype).contiguous()
-        dz = dz.to(torch.float32).contiguous()
-        dq, dk, dv = parallel_based_bwd(q, k, v, do, dz, scale=ctx.scale, based=ctx.based)
-        return dq, dk, dv, None, None
-
-
-def parallel_based_attention(q, k, v, scale: float, based: bool):
-    """(o `[B, T, H, V]`, z `[B, T, H]`), fp32 and unnormalised, differentiable in q, k, v: causal attention with the
-    Based (`based=True`) or ReBased score. q, k `[B, T, H, K]` (K <= 128), v `[B, T, H, V]` (V <= 256), one CUDA
-    device and one dtype (bf16, fp16 or fp32)."""
-    return ParallelBasedFunction.apply(q, k, v, scale, based)
-
-
 __all__ = [
-    "parallel_based_attention",
     "parallel_based_bwd",
     "parallel_based_bwd_dkv_kernel",
     "parallel_based_bwd_dq_kernel",

@@ -7,8 +7,8 @@ entering it, the chunk's corrected values are v_new = u - w S, and then, as in `
 with b the chunk-local cumulative log2 gates (gate "g") or zero (gate "none"). The output is `chunk_o.chunk_fwd_o` on
 (q, k, v_new, h) with the same gate. One block per (V tile, sequence, head) walks the sequence with the whole [K, BV]
 state in registers (w S needs every key row). Both passes form the chunk's w (and the forward pass u) from the kept
-WY inverse, k, v and beta on the fly, so the pair is never written or read back (the backward's recompute of it cost
-two extra passes, 0.42 ms on an H100 at 8x4096x16x128 bf16).
+WY inverse, k, v and beta on the fly, so the pair is never written or read back (a recompute of it in the backward
+costs two extra passes over the sequence).
 
 Backward, from the last chunk to the first, with dS the gradient of the state leaving chunk c (stored as dh[c], the
 convention of `chunk_h.chunk_bwd_dh`):
@@ -163,8 +163,7 @@ def chunk_delta_fwd_h_kernel(
                     for i, j in T.Parallel(BT, 64):
                         wn_s[i, kt * 64 + j] = T.Cast(dtype, -b_y[i, j])
                 # v_new = u - w S   [BT, BV], in one product over the whole state (one product per row slice of
-                # the state tile gave wrong v_new with two consumer warpgroups on the H100, every run alike; right
-                # with one)
+                # the state tile gave wrong v_new with two consumer warpgroups, every run alike; right with one)
                 T.gemm(wn_s, h_s, b_v)
                 for i, j in T.Parallel(BT, BV):
                     b_v[i, j] = T.if_then_else(i < nvalid, b_v[i, j], 0)
@@ -470,22 +469,29 @@ def chunk_delta_bwd_dqkw_kernel(
     return chunk_delta_bwd_dqkw
 
 
+def state_pass_configs(K: int, itemsize: int, gate: str) -> list[dict]:
+    """every tile config of the sequential passes ("fused", "fwd_h", "dhu"), chosen with `benchmarks/delta_time.py`
+    (bf16, K = V = 128): for 16-bit inputs with K <= 128 the large-grid one (V tiles of 128 with two consumer
+    warpgroups: faster than V tiles of 64 with one warpgroup in every pass, gated or not), then the small-grid one
+    (more, narrower tiles so more blocks run: V tiles of 32 with one warpgroup ungated, V tiles of 64 with two
+    warpgroups gated); otherwise only the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong
+    dk: 5% off)."""
+    if K > 128 or itemsize != 2:
+        return [{}]
+    return [dict(BV=128, threads=256), dict(BV=64, threads=256) if gate == "g" else dict(BV=32, threads=128)]
+
+
 def pass_config(name: str, K: int, V: int, blocks: int, gate: str, like: torch.Tensor) -> dict:
-    """the tile config of a sequential pass ("fused", "fwd_h", "dhu") over `blocks` sequences x heads, from
-    `tools/delta_time.py` on an H100 (bf16, K = V = 128, 132 multiprocessors), for 16-bit inputs with K <= 128:
-    - while a grid of V tiles of 128 covers three quarters of the multiprocessors (8x4096x16: 128 blocks), those tiles
-      with two consumer warpgroups (the gated fused forward 0.69 -> 0.34 ms, ungated 0.26 -> 0.24; fwd_h 0.44 -> 0.29
-      ungated, 0.85 -> 0.36 gated; dhu 0.52 -> 0.34 ungated, 1.12 -> 0.52 gated, against V tiles of 64 with one
-      warpgroup);
-    - on smaller grids (2x16384x16: 32 sequences x heads), more, narrower tiles: V tiles of 32 with one warpgroup
-      ungated (fused 0.50 -> 0.35 ms, fwd_h 0.80 -> 0.66, dhu 1.02 -> 0.75), V tiles of 64 with two warpgroups gated
-      (fused 1.26 -> 0.93, fwd_h 1.59 -> 1.13, dhu 2.24 -> 1.51).
-    Otherwise the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong dk: 5% off)."""
-    if K > 128 or like.device.type != "cuda" or like.element_size() != 2:
+    """the tile config of a sequential pass over `blocks` sequences x heads (`state_pass_configs`): the large-grid one while
+    a grid of V tiles of 128 covers three quarters of the multiprocessors (8 sequences x 16 heads at V = 128: 128
+    blocks), else the small-grid one (e.g. 2 sequences x 16 heads)."""
+    if like.device.type != "cuda":
         return {}
-    if 4 * blocks * cdiv(V, 128) >= 3 * sm_count(like.device):
-        return dict(BV=128, threads=256)
-    return dict(BV=64, threads=256) if gate == "g" else dict(BV=32, threads=128)
+    configs = state_pass_configs(K, like.element_size(), gate)
+    if len(configs) == 1:
+        return configs[0]
+    large, small = configs
+    return large if 4 * blocks * cdiv(V, 128) >= 3 * sm_count(like.device) else small
 
 
 def stages_for(K: int, itemsize: int) -> int:

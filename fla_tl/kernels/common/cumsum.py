@@ -13,8 +13,8 @@ The sums run in fp32; chunks of 64 tokens are staged through shared memory and s
 Two forms. `gate_grad` scans r over the rest of the whole sequence: used by fused_recurrent, whose dq, dk come in
 fp32 from fp32 arithmetic. `gate_grad_chunk` scans r only inside each chunk and adds <S_c, dh[c]>, S_c the state
 leaving chunk c (which equals the sum of r over all later chunks plus <ht, dht>): used by the chunk kernels, whose dq,
-dk carry bf16 intermediates; summing their r along a whole sequence let the error grow with T (a review's CPU
-emulation: relative RMS 4e-2 at T = 2048 in bf16, against about 1e-2 for the chunk-local form).
+dk carry bf16 intermediates; summing their r along a whole sequence lets the error grow with T, while the
+chunk-local form's error stays that of one chunk's sum.
 """
 
 import torch

@@ -9,6 +9,9 @@ import tilelang.language as T
 import torch
 
 from .gates import gate_chunks, gate_last, gate_load_chunk, gate_row, gate_state
+from ...autotune.configs import BT
+# the tiles' shared-memory arithmetic and heuristic live with the tile configs; re-exported here
+from ...autotune.configs import ELEMENT_SIZE, SMEM_BUDGET, fused_chunk_config, fused_chunk_smem  # noqa: F401
 from ...autotune.resolve import tile_config
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
@@ -265,52 +268,6 @@ def fused_chunk_bwd_dkv_kernel(
     return fused_chunk_bwd_dkv
 
 
-# sm_90 gives a block at most 227 KB of shared memory; keep 2 KB for barriers and alignment
-SMEM_BUDGET = 225 * 1024
-ELEMENT_SIZE = {"bfloat16": 2, "float16": 2, "float32": 4}
-
-
-def fused_chunk_smem(
-    K: int, V: int, dtype: str, kind: str, BT: int = 64, BV: int = 64, num_stages: int = 2, smem_store: bool = False
-) -> int:
-    """bytes of dynamic shared memory a fused kernel asks for, by the formula of its allocations.
-
-    fwd: stages * (q, k [BT, KP] + v [BT, BV]) + vg [BT, BV] + h [KP, BV] + s [BT, BT] (+ o [BT, BV])
-    dkv: stages * (q, k [BT, KP] + v, do [BT, BV]) + x [BT, BV] + dh [KP, BV] + a [BT, BT] (+ dk [BT, KP], dv [BT, BV])
-    dk is staged in fp32 when it is a partial sum over several V tiles. Checked against TileLang's lowering
-    (`dyn_shared_memory_buf`): fwd fp32 K = V = 128, BV = 64, 2 stages: 229376 bytes, the formula's number; the dkv
-    kernel at the same sizes needs 262144 and failed to launch on an H100, as the budget predicts.
-    """
-    KP, es = pad_dim(K), ELEMENT_SIZE[dtype]
-    nv_tiles = 1 if kind == "fwd" else 2
-    staged = num_stages * (2 * BT * KP + nv_tiles * BT * BV)
-    total = es * (staged + BT * BV + KP * BV + BT * BT)
-    if smem_store:
-        total += es * BT * BV
-        if kind == "dkv":
-            total += BT * KP * (es if cdiv(V, BV) == 1 else 4)
-    return total
-
-
-def fused_chunk_config(K: int, V: int, dtype: str, kind: str) -> dict:
-    """the heuristic tile config of a fused kernel: the first candidate whose shared memory fits the budget.
-
-    Candidates run from the widest V tile (q and k are read once for more of V) and the deepest pipeline down; a
-    shared-memory store of full chunks (one bulk copy instead of row stores from registers: 0.41 -> 0.25 ms for the
-    H100 forward at B=8, T=4096, H=16, K=V=128) is preferred at each size. 256 threads (two consumer warpgroups) once
-    the state tile [KP, BV] holds more than 128 x 64 fp32 values, so it stays at 64 registers per thread or below
-    (a [192, 64] state on 128 threads spilled 5 KB per thread: fused_chunk_based's fp32 feature maps, K = 153,
-    forward 37.7 -> 18.2 ms on the H100 with 256)."""
-    for BV, num_stages in ((128, 2), (64, 2), (128, 1), (64, 1), (32, 2), (32, 1), (16, 1)):
-        if BV > pad_dim(V):
-            continue
-        for smem_store in (True, False):
-            if fused_chunk_smem(K, V, dtype, kind, BV=BV, num_stages=num_stages, smem_store=smem_store) <= SMEM_BUDGET:
-                threads = 256 if pad_dim(K) * BV > 128 * 64 else 128
-                return dict(BV=BV, num_stages=num_stages, threads=threads, smem_store=smem_store)
-    raise ValueError(f"no fused_chunk tile config fits K={K}, V={V}, dtype={dtype}")
-
-
 def fused_chunk_fwd(
     q,
     k,
@@ -335,7 +292,7 @@ def fused_chunk_fwd(
     kernel = get_kernel(
         fused_chunk_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate, dtype=TORCH_TO_TL[q.dtype], **config
     )
-    gcc = gate_chunks(gc, meta, H, config.get("BT", 64), q)
+    gcc = gate_chunks(gc, meta, H, config.get("BT", BT), q)
     kernel(q, k, v, g_gamma, gcc, h0, meta.cu, meta.chunk_offsets, o, ht, scale, use_h0, int(output_final_state))
     return o, (ht.view(meta.N, H, K, V) if output_final_state else None)
 
@@ -375,7 +332,7 @@ def fused_chunk_bwd(
         dtype=TORCH_TO_TL[q.dtype],
         **config,
     )
-    gcc = gate_chunks(gc, meta, H, config.get("BT", 64), q)
+    gcc = gate_chunks(gc, meta, H, config.get("BT", BT), q)
     kernel(q, k, v, do, g_gamma, gcc, dht_, meta.cu, meta.chunk_offsets, dk, dv, dh0, scale, use_dht)
     dk = dk[0] if NV == 1 else dk.sum(0).to(k.dtype)
     dh0 = dh0.view(meta.N, H, K, V).to(initial_state.dtype) if initial_state is not None else None

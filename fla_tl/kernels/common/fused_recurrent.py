@@ -11,6 +11,8 @@ walks back with dh for dk, dv; dq and dk come in fp32 partial sums when V spans 
 import tilelang.language as T
 import torch
 
+# the backward's heuristic tiles live with the tile configs; re-exported here
+from ...autotune.configs import fused_recurrent_bwd_config  # noqa: F401
 from ...autotune.resolve import tile_config
 from .gates import gate_or_dummy
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
@@ -329,15 +331,6 @@ def fused_recurrent_fwd(
     )
     kernel(q, k, v, g_gamma, gate_or_dummy(g, q), h0, meta.cu, o, ht, scale, use_h0, int(output_final_state))
     return o, (ht.view(meta.N, H, *tail) if output_final_state else None)
-
-
-def fused_recurrent_bwd_config(K: int, V: int) -> dict:
-    """the heuristic tiles of the backward: one V tile up to 128 wide where the state fits registers, so dq and dk
-    are written once in the input dtype instead of as fp32 partial sums over V tiles (peak memory: at B=8, T=4096,
-    H=16, K=V=128 the fp32 partials of four 32-wide tiles took 2 GB)."""
-    BV = 128 if V > 64 and pad_dim(K, 16) <= 128 else 64
-    threads = 256 if pad_dim(K, 16) * BV >= 128 * 128 else 128
-    return dict(BV=BV, threads=threads)
 
 
 def fused_recurrent_bwd(

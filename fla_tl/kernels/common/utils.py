@@ -5,22 +5,10 @@ import os
 
 import torch
 
+# the tile arithmetic and dtype names live with the tile configs (below the kernels); re-exported here
+from ...autotune.configs import TORCH_TO_TL, cdiv, pad_dim  # noqa: F401
+
 LOG2E = 1.4426950408889634
-
-TORCH_TO_TL = {
-    torch.bfloat16: "bfloat16",
-    torch.float16: "float16",
-    torch.float32: "float32",
-}
-
-
-def cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
-
-
-def pad_dim(d: int, multiple: int = 64) -> int:
-    """the tile extent that holds a head dim: the next multiple of 64 (a warpgroup mma's m-extent)."""
-    return cdiv(d, multiple) * multiple
 
 
 @functools.lru_cache(maxsize=16)

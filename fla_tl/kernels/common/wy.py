@@ -151,8 +151,8 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
       db = rows of (kbg * Ai^T dw) + rowsum(P) - colsum(P), P = G * A;
     dk is updated in place (dk += ...); db is the gradient of the chunk-local cumulative log gate (natural units).
     Every input tile of the chunk is loaded into shared memory once, up front (the loads' latencies overlap); the
-    dk and dv parts then run over [BT, BD] column tiles of those. Two warpgroups (H100, 8x4096x16x128 bf16: 1.04 ->
-    0.71 ms plain, 1.19 -> 0.81 ms gated, against one)."""
+    dk and dv parts then run over [BT, BD] column tiles of those. Two warpgroups by default (faster than one, gated or
+    not)."""
     KP, VP = pad_dim(K), pad_dim(V)
     NK, NV = cdiv(K, BD), cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")

@@ -20,11 +20,16 @@ through shared memory; the sum over K of du is a halving butterfly across the wa
 Then in PyTorch: dv = beta du, dbeta = du . w, and the gate's gradient from the identity
   dg_t = sum_{s >= t} (q_s . dq_s - v_s . dv_s) + <dht, ht>   (per sequence),
 summed by `common.cumsum`'s per-sequence scan.
+
+`fused_recurrent_gated_delta_rule_fwd` / `_bwd` are the tilelang backend's forward and backward on the op's
+`[B, T, ...]` tensors (the L2 norm of q and k, their grouping over value heads, the state layouts); the forward keeps
+w for the backward when gradients are needed.
 """
 
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import BT
 from ...reference.delta_rule import l2norm
 from ..common.cumsum import _sequence_scan
 from ..common.gates import state_term
@@ -577,116 +582,89 @@ def prepare_qk(q, k, v, cu_seqlens, use_qk_l2norm_in_kernel: bool):
     return q, k
 
 
+def l2norm_bwd(x, dy, eps: float = 1e-6):
+    """the gradient of `l2norm(x.float()).to(x.dtype)` (`prepare_qk`) for the output gradient `dy`, in fp32:
+    `dy r - x r^3 (dy . x)` with `r = 1 / sqrt(|x|^2 + eps)`."""
+    x, dy = x.float(), dy.float()
+    r = torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
+    return dy * r - x * (r * r * r) * (dy * x).sum(-1, keepdim=True)
+
+
+def qk_grads(q, k, dq, dk, use_qk_l2norm_in_kernel: bool):
+    """dq, dk `[B, T, H, K]` per key head of the kernels' (normalised) q, k, rounded to their dtype, taken through the
+    L2 norm when it was applied."""
+    dq, dk = dq.to(q.dtype), dk.to(q.dtype)
+    if use_qk_l2norm_in_kernel:
+        dq, dk = l2norm_bwd(q, dq), l2norm_bwd(k, dk)
+    return dq, dk
+
+
 def _group_sum(x, H: int):
     """`[Ttot, HV, K]` per value head -> `[Ttot, H, K]` per key head."""
     Ttot, HV, K = x.shape
     return x if HV == H else x.view(Ttot, H, HV // H, K).sum(2)
 
 
-class FusedRecurrentDeltaRuleFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens):
-        B, T, H, K = q.shape
-        HV, V = v.shape[2:]
-        meta = seq_meta(B, T, cu_seqlens, 64, q.device)
-        q_, k_ = q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous()
-        v_ = v.reshape(B * T, HV, V).to(q.dtype).contiguous()
-        beta_ = beta.reshape(B * T, HV).float().contiguous()
-        g_ = g.reshape(B * T, HV).float().contiguous() if g is not None else None
-        h0 = initial_state.contiguous() if initial_state is not None else None
-        o, ht, w = fused_recurrent_delta_rule_fwd(
-            q_, k_, v_, beta_, g_, scale=scale, initial_state=h0, output_final_state=output_final_state,
-            state_v_first=state_v_first, meta=meta, store_w=any(ctx.needs_input_grad),
-        )
-        ctx.save_for_backward(q_, k_, v_, beta_, g_, h0, w, ht if g is not None else None)
-        ctx.meta, ctx.scale, ctx.state_v_first, ctx.shape = meta, scale, state_v_first, (B, T, H, HV)
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype, beta.dtype, g.dtype if g is not None else None)
-        ctx.set_materialize_grads(False)
-        return o.view(B, T, HV, V), ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, beta, g, h0, w, ht = ctx.saved_tensors
-        B, T, H, HV = ctx.shape
-        meta = ctx.meta
-        do = torch.zeros_like(v) if do is None else do.reshape(v.shape).to(v.dtype).contiguous()
-        dht = dht.float().contiguous() if dht is not None else None
-        dq, dk, du, dh0 = fused_recurrent_delta_rule_bwd(
-            q, k, beta, g, w, do, dht, scale=ctx.scale, initial_state=h0, state_v_first=ctx.state_v_first,
-            meta=meta,
-        )
-        dv = du * beta[..., None]
-        dbeta = (du * w).sum(-1)
-        dg = None
-        if g is not None and q.shape[0] == 0:
-            dg = torch.zeros_like(g)
-        elif g is not None:
-            # dg_t = sum_{s >= t} (q_s . dq_s - v_s . dv_s) + <dht, ht>, per sequence and value head
-            G = HV // H
-            r = (dq.view(-1, H, G, q.shape[-1]) * q.float()[:, :, None]).sum(-1).view(-1, HV)
-            r = r - (v.float() * dv).sum(-1)
-            dg = _sequence_scan(r.contiguous(), meta=meta, reverse=False, out_dtype=torch.float32,
-                                offset=state_term(ht, dht))
-        q_dtype, k_dtype, v_dtype, beta_dtype, g_dtype = ctx.dtypes
-        return (
-            _group_sum(dq, H).view(B, T, H, -1).to(q_dtype),
-            _group_sum(dk, H).view(B, T, H, -1).to(k_dtype),
-            dv.view(B, T, HV, -1).to(v_dtype),
-            dbeta.view(B, T, HV).to(beta_dtype),
-            dg.view(B, T, HV).to(g_dtype) if dg is not None else None,
-            None,
-            dh0.to(h0.dtype) if dh0 is not None else None,
-            None,
-            None,
-            None,
-        )
-
-
-def fused_recurrent_gated_delta_rule_tl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    beta: torch.Tensor,
-    g: torch.Tensor | None = None,
-    *,
-    scale: float,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    state_v_first: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-    use_qk_l2norm_in_kernel: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""
-    The (gated) delta rule token by token on the TileLang kernels, differentiable in q, k, v, beta, g and
-    initial_state.
-
-    Args:
-        q, k (torch.Tensor): `[B, T, H, K]`, bf16 / fp16 / fp32, K <= 256.
-        v (torch.Tensor): `[B, T, HV, V]`, HV a multiple of H (value head j reads key head j // (HV / H)), V <= 256.
-        beta (torch.Tensor): `[B, T, HV]`, already activated.
-        g (Optional[torch.Tensor]): log gates `[B, T, HV]` (fp32 recommended). Default: None (the plain delta rule).
-        scale (float): the output scale (fla's default is `K ** -0.5`).
-        initial_state (Optional[torch.Tensor]): `[N, HV, K, V]` (`[N, HV, V, K]` with `state_v_first`). Default: None.
-        output_final_state (bool): return the final state. Default: False.
-        state_v_first (bool): states as `[N, HV, V, K]`. Default: False.
-        cu_seqlens (Optional[torch.Tensor]): `[N + 1]` sequence offsets, with B == 1. Default: None.
-        use_qk_l2norm_in_kernel (bool): L2-normalise q and k first (eps 1e-6, in PyTorch). Default: False.
-
-    Returns:
-        o `[B, T, HV, V]` in q's dtype and the final state fp32 `[N, HV, K, V]` (`[N, HV, V, K]`) or None.
-
-    Examples::
-        >>> q, k = torch.randn(2, 64, 2, 128, device="cuda"), torch.randn(2, 64, 2, 128, device="cuda")
-        >>> v, beta = torch.randn(2, 64, 4, 128, device="cuda"), torch.rand(2, 64, 4, device="cuda")
-        >>> g = F.logsigmoid(torch.randn(2, 64, 4, device="cuda"))
-        >>> o, ht = fused_recurrent_gated_delta_rule_tl(q, k, v, beta, g, scale=128 ** -0.5, output_final_state=True,
-        ...                                            use_qk_l2norm_in_kernel=True)
-        >>> cu = torch.tensor([0, 50, 128], device="cuda")
-        >>> o, ht = fused_recurrent_gated_delta_rule_tl(q.view(1, 128, 2, 128), k.view(1, 128, 2, 128),
-        ...                                            v.view(1, 128, 4, 128), beta.view(1, 128, 4), g.view(1, 128, 4),
-        ...                                            scale=128 ** -0.5, cu_seqlens=cu, output_final_state=True,
-        ...                                            use_qk_l2norm_in_kernel=True)
-    """
+def _packed(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel: bool):
+    """(meta, q, k `[Ttot, H, K]` in q's dtype, v `[Ttot, HV, V]`, beta and g fp32 `[Ttot, HV]` or None)."""
     q, k = prepare_qk(q, k, v, cu_seqlens, use_qk_l2norm_in_kernel)
-    return FusedRecurrentDeltaRuleFunction.apply(q, k, v, beta, g, float(scale), initial_state, output_final_state,
-                                                 state_v_first, cu_seqlens)
+    B, T, H, K = q.shape
+    HV, V = v.shape[2:]
+    meta = seq_meta(B, T, cu_seqlens, BT, q.device)
+    q_, k_ = q.reshape(B * T, H, K).contiguous(), k.reshape(B * T, H, K).contiguous()
+    v_ = v.reshape(B * T, HV, V).to(q.dtype).contiguous()
+    beta_ = beta.reshape(B * T, HV).float().contiguous()
+    g_ = g.reshape(B * T, HV).float().contiguous() if g is not None else None
+    return meta, q_, k_, v_, beta_, g_
+
+
+def fused_recurrent_gated_delta_rule_fwd(
+    q, k, v, beta, g, *, scale: float, initial_state, output_final_state: bool, state_v_first: bool, cu_seqlens,
+    use_qk_l2norm_in_kernel: bool, requires_grad: bool,
+):
+    """the forward on `[B, T, H, K]` q, k, `[B, T, HV, V]` v, `[B, T, HV]` beta and g (None: no gate): (o `[B, T, HV,
+    V]` in q's dtype, final state fp32 `[N, HV, K, V]` (`[N, HV, V, K]` with `state_v_first`) or None, and with
+    `requires_grad` the backward's residual w `[B * T, HV, V]` fp32, else None)."""
+    B, T = q.shape[:2]
+    HV, V = v.shape[2:]
+    meta, q_, k_, v_, beta_, g_ = _packed(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    o, ht, w = fused_recurrent_delta_rule_fwd(
+        q_, k_, v_, beta_, g_, scale=scale, initial_state=h0, output_final_state=output_final_state,
+        state_v_first=state_v_first, meta=meta, store_w=requires_grad,
+    )
+    return o.view(B, T, HV, V), ht, w
+
+
+def fused_recurrent_gated_delta_rule_bwd(
+    q, k, v, beta, g, w, ht, do, dht, *, scale: float, initial_state, state_v_first: bool, cu_seqlens,
+    use_qk_l2norm_in_kernel: bool,
+):
+    """(dq, dk `[B, T, H, K]` in q's dtype, dv `[B, T, HV, V]`, dbeta `[B, T, HV]` fp32, dg fp32 or None, dh0 fp32 or
+    None) from the forward's inputs, its residual w and final state ht (needed for dg when dht is given; None
+    without a final state), and the output gradients do, dht (None: zero)."""
+    B, T, H, _ = q.shape
+    HV = v.shape[2]
+    meta, q_, k_, v_, beta_, g_ = _packed(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    do = torch.zeros_like(v_) if do is None else do.reshape(v_.shape).to(v_.dtype).contiguous()
+    dht = dht.float().contiguous() if dht is not None else None
+    dq, dk, du, dh0 = fused_recurrent_delta_rule_bwd(
+        q_, k_, beta_, g_, w, do, dht, scale=scale, initial_state=h0, state_v_first=state_v_first, meta=meta,
+    )
+    dv = du * beta_[..., None]
+    dbeta = (du * w).sum(-1)
+    dg = None
+    if g_ is not None and q_.shape[0] == 0:
+        dg = torch.zeros_like(g_)
+    elif g_ is not None:
+        # dg_t = sum_{s >= t} (q_s . dq_s - v_s . dv_s) + <dht, ht>, per sequence and value head
+        G = HV // H
+        r = (dq.view(-1, H, G, q_.shape[-1]) * q_.float()[:, :, None]).sum(-1).view(-1, HV)
+        r = r - (v_.float() * dv).sum(-1)
+        dg = _sequence_scan(r.contiguous(), meta=meta, reverse=False, out_dtype=torch.float32,
+                            offset=state_term(ht, dht))
+    dq, dk = qk_grads(q, k, _group_sum(dq, H).view(B, T, H, -1), _group_sum(dk, H).view(B, T, H, -1),
+                      use_qk_l2norm_in_kernel)
+    return (dq, dk, dv.view(B, T, HV, -1), dbeta.view(B, T, HV), dg.view(B, T, HV) if dg is not None else None,
+            dh0)

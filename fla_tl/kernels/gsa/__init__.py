@@ -1,8 +1,7 @@
 """GSA (gated slot attention) and ABC on chunk_gla's TileLang stages: `chunk.py` composes the two gated passes
 (keys to slots with the gate on the slot side of the state, slots to values as GLA) with the softmax between;
-`fused_recurrent.py` is the same composition with `reverse`."""
+`fused_recurrent.py` is the same composition with `reverse`; `normaliser.py` derives ABC's slot gates."""
 
-from .chunk import ChunkGSAFunction, chunk_gsa_bwd, chunk_gsa_fwd, gsa_tl
-from .fused_recurrent import fused_recurrent_gsa_tl
+from .ops import chunk_abc, chunk_gsa, fused_recurrent_gsa
 
-__all__ = ["ChunkGSAFunction", "chunk_gsa_bwd", "chunk_gsa_fwd", "fused_recurrent_gsa_tl", "gsa_tl"]
+__all__ = ["chunk_abc", "chunk_gsa", "fused_recurrent_gsa"]

@@ -10,17 +10,19 @@ With `g` `[B, T, H, M]` the slot log gates and G their chunk-local cumulative lo
   state hk0^T), the same bilinear form. So dq = O'' and (ds, dk, dg, dhk0^T) are GLA'''s backward with do = q:
   one forward-and-backward of chunk_gla's stages, its output kept.
 The softmax and its backward (dok = p (dp - <p, dp>)) are PyTorch glue in fp32; p enters pass 2 in the input dtype,
-as in fla. `reverse` (fused_recurrent_gsa) flips the time axis (and the sequence order of a varlen batch).
+as in fla. `gsa_fwd` / `gsa_bwd` compose a whole op around the two passes: ABC's slot gates (`normaliser.py`),
+grouped query heads by repeating the key heads' tensors, and `reverse` (fused_recurrent_gsa) by flipping the time axis
+(and the sequence order of a varlen batch).
 """
 
 import torch
 
+from ...autotune.configs import BT
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import per_key_gate_grad_chunk
 from ..common.gates import head_decay
 from ..common.utils import SeqMeta, seq_meta
 from ..gla.chunk import (
-    BT,
     _kernel,
     _state_config,
     chunk_gla_bwd_dqk_kernel,
@@ -134,51 +136,116 @@ def chunk_gsa_bwd(q, k, v, s, g, ok, do, dhkt, dhvt, *, scale, initial_state, cu
     return (dq.view(shape), dk.view(shape), dv.view(shape), ds.view(shape), dg.view(shape), dhk0, dhv0)
 
 
-class ChunkGSAFunction(torch.autograd.Function):
-
-    @staticmethod
-    def forward(ctx, q, k, v, s, g, hk0, hv0, scale, output_final_state, cu_seqlens):
-        q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
-        initial_state = None if hk0 is None else (hk0.contiguous(), hv0.contiguous())
-        o, ok, hkt, hvt = chunk_gsa_fwd(q, k, v, s, g, scale=scale, initial_state=initial_state,
-                                        output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-        ctx.save_for_backward(q, k, v, s, g, ok, hk0, hv0, cu_seqlens)
-        ctx.scale = scale
-        return o, hkt, hvt
-
-    @staticmethod
-    def backward(ctx, do, dhkt, dhvt):
-        q, k, v, s, g, ok, hk0, hv0, cu_seqlens = ctx.saved_tensors
-        initial_state = None if hk0 is None else (hk0, hv0)
-        dhkt = dhkt.contiguous() if dhkt is not None else None
-        dhvt = dhvt.contiguous() if dhvt is not None else None
-        dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(q, k, v, s, g, ok, do.contiguous(), dhkt, dhvt,
-                                                       scale=ctx.scale, initial_state=initial_state,
-                                                       cu_seqlens=cu_seqlens)
-        if hk0 is not None:
-            dhk0, dhv0 = dhk0.to(hk0), dhv0.to(hv0)
-        return dq.to(q), dk.to(k), dv.to(v), ds.to(s), dg.to(g), dhk0, dhv0, None, None, None
+def _grouped(NG: int, *xs, dim: int):
+    """grouped query heads: each key head's tensors repeated for its NG query heads (None stays None)."""
+    return tuple(x.repeat_interleave(NG, dim=dim) if x is not None and NG > 1 else x for x in xs)
 
 
-def gsa_tl(q, k, v, s, g, *, scale: float, initial_state=None, output_final_state: bool = False, reverse=False,
-           cu_seqlens=None):
-    """GSA on the TileLang stages: o `[B, T, H, V]` in q's dtype and `[hk, hv]` fp32 (or `[None, None]`); one query
-    head per key head, a gate `g` given (ABC's derived gates come from the caller); `reverse` flips time."""
-    hk0, hv0 = initial_state if initial_state is not None else (None, None)
-    if cu_seqlens is not None:
-        cu_seqlens = cu_seqlens.to(torch.int64).contiguous()
+def _ungrouped(NG: int, *xs, dim: int):
+    """the gradients of `_grouped`: the sum over each group of NG heads."""
+    return tuple(x.unflatten(dim, (-1, NG)).sum(dim + 1) if x is not None and NG > 1 else x for x in xs)
+
+
+def _first_of_groups(NG: int, x):
+    """the gradient of a final state's `[:, ::NG]` (each group's first head): zero for the other heads."""
+    if x is None or NG == 1:
+        return x
+    y = x.new_zeros(x.shape[0], x.shape[1] * NG, *x.shape[2:])
+    y[:, ::NG] = x
+    return y
+
+
+def _flip(dim: int, *xs):
+    return tuple(x.flip(dim) if x is not None else None for x in xs)
+
+
+def _reversed_cu(cu, T: int):
+    """the offsets of the time-flipped batch: the sequences in reverse order."""
+    return (T - cu).flip(0)
+
+
+def _cu_int64(cu):
+    return cu.to(torch.int64).contiguous() if cu is not None else None
+
+
+def gsa_fwd(q, k, v, s, g, hk0, hv0, *, scale: float, output_final_state: bool, reverse: bool = False,
+            cu_seqlens=None, keep: bool = False):
+    """GSA on the TileLang stages: (o `[B, T, HQ, V]` in q's dtype, hk `[N, H, K, M]`, hv `[N, H, M, V]` fp32 or
+    None, None, the residuals of :func:`gsa_bwd`: with `keep`, ok `[B, T, HQ, M]` (the slot scores, in processing
+    order) and, for ABC (`g` None), the normaliser's sn `[B, T, H, M]` (k's dtype), its gates and z (fp32)).
+
+    `g` None: ABC's gates from the running normaliser of `s` (`normaliser.py`); grouped query heads (HQ a multiple of
+    H) by repeating k, v, s, g and the initial states per group; `reverse` flips time (and the sequence order of a
+    varlen batch) around the two passes."""
+    abc = []
+    if g is None:
+        from .normaliser import slot_normaliser_fwd
+
+        s, g, z = slot_normaliser_fwd(s, cu_seqlens, k.dtype)
+        abc = [s, g, z]
+    NG = q.shape[2] // k.shape[2]
+    k, v, s, g = _grouped(NG, k, v, s, g, dim=2)
+    hk0, hv0 = _grouped(NG, hk0, hv0, dim=1)
+    cu = _cu_int64(cu_seqlens)
     if reverse:
-        T = q.shape[1]
-        q, k, v, s, g = (x.flip(1) for x in (q, k, v, s, g))
-        if cu_seqlens is not None:
-            cu_seqlens = (T - cu_seqlens).flip(0)
-            hk0, hv0 = (x.flip(0) if x is not None else None for x in (hk0, hv0))
-    o, hkt, hvt = ChunkGSAFunction.apply(q, k, v, s, g, hk0, hv0, float(scale), bool(output_final_state),
-                                         cu_seqlens)
+        q, k, v, s, g = _flip(1, q, k, v, s, g)
+        if cu is not None:
+            cu = _reversed_cu(cu, q.shape[1])
+            hk0, hv0 = _flip(0, hk0, hv0)
+    q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
+    initial_state = None if hk0 is None else (hk0.contiguous(), hv0.contiguous())
+    o, ok, hkt, hvt = chunk_gsa_fwd(q, k, v, s, g, scale=scale, initial_state=initial_state,
+                                    output_final_state=output_final_state, cu_seqlens=cu)
     if reverse:
         o = o.flip(1)
-        if cu_seqlens is not None and output_final_state:
+        if cu is not None and output_final_state:
             hkt, hvt = hkt.flip(0), hvt.flip(0)
     if not output_final_state:
-        return o, [None, None]
-    return o, [hkt, hvt]
+        hkt = hvt = None
+    elif NG > 1:
+        hkt, hvt = hkt[:, ::NG].contiguous(), hvt[:, ::NG].contiguous()
+    return o, hkt, hvt, ([ok, *abc] if keep else [])
+
+
+def gsa_bwd(q, k, v, s, g, hk0, hv0, do, dhkt, dhvt, *, scale: float, reverse: bool = False, cu_seqlens=None,
+            residuals=()):
+    """(dq, dk, dv, ds, dg (None for ABC), dhk0, dhv0 (None without initial states)) from the output gradients
+    (`do` None: zero; `dhkt`, `dhvt` None: none) and :func:`gsa_fwd`'s residuals, in the inputs' dtypes (dg in g's);
+    the same transforms as the forward, undone in reverse order."""
+    ok, *abc = residuals
+    s_in = s
+    if g is None:
+        s, g, z = abc
+    NG = q.shape[2] // k.shape[2]
+    k, v, s, g = _grouped(NG, k, v, s, g, dim=2)
+    hk0, hv0 = _grouped(NG, hk0, hv0, dim=1)
+    cu = _cu_int64(cu_seqlens)
+    if do is None:
+        do = q.new_zeros(*q.shape[:3], v.shape[-1])
+    dhkt, dhvt = _first_of_groups(NG, dhkt), _first_of_groups(NG, dhvt)
+    if reverse:
+        q, k, v, s, g, do = _flip(1, q, k, v, s, g, do)
+        if cu is not None:
+            cu = _reversed_cu(cu, q.shape[1])
+            hk0, hv0, dhkt, dhvt = _flip(0, hk0, hv0, dhkt, dhvt)
+    q, k, v, s, g = (x.contiguous() for x in (q, k, v, s, g))
+    initial_state = None if hk0 is None else (hk0.contiguous(), hv0.contiguous())
+    dhkt = dhkt.contiguous() if dhkt is not None else None
+    dhvt = dhvt.contiguous() if dhvt is not None else None
+    dq, dk, dv, ds, dg, dhk0, dhv0 = chunk_gsa_bwd(q, k, v, s, g, ok, do.contiguous(), dhkt, dhvt, scale=scale,
+                                                   initial_state=initial_state, cu_seqlens=cu)
+    dq, dk, dv, ds, dg = dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), ds.to(s.dtype), dg.to(g.dtype)
+    if hk0 is not None:
+        dhk0, dhv0 = dhk0.to(hk0.dtype), dhv0.to(hv0.dtype)
+    if reverse:
+        dq, dk, dv, ds, dg = _flip(1, dq, dk, dv, ds, dg)
+        if cu is not None:
+            dhk0, dhv0 = _flip(0, dhk0, dhv0)
+    dk, dv, ds, dg = _ungrouped(NG, dk, dv, ds, dg, dim=2)
+    dhk0, dhv0 = _ungrouped(NG, dhk0, dhv0, dim=1)
+    if abc:
+        from .normaliser import slot_normaliser_bwd
+
+        ds, dg = slot_normaliser_bwd(s_in, z, ds, dg, cu_seqlens), None
+    return dq, dk, dv, ds, dg, dhk0, dhv0
+

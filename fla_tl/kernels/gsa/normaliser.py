@@ -142,36 +142,37 @@ def _vectors(x: torch.Tensor, vec: int) -> torch.Tensor:
     return x.view(-1, x.shape[2] * x.shape[3] // vec, vec)
 
 
-class SlotNormaliser(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, s, cu_seqlens, out_dtype):
-        s = s.contiguous()
-        D = s.shape[2] * s.shape[3]
-        cu = _cu(s, cu_seqlens)
-        sn = torch.empty_like(s, dtype=out_dtype)
-        g, z = (torch.empty_like(s, dtype=torch.float32) for _ in range(2))
-        vec = _vec(D, s, sn, g, z)
-        kernel = get_kernel(slot_normaliser_fwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
-                            out_dtype=TORCH_TO_TL[out_dtype], VEC=vec)
-        kernel(_vectors(s, vec), cu, *(_vectors(x, vec) for x in (sn, g, z)))
-        ctx.save_for_backward(s, z, cu)
-        return sn, g
-
-    @staticmethod
-    def backward(ctx, dsn, dg):
-        s, z, cu = ctx.saved_tensors
-        D = s.shape[2] * s.shape[3]
-        dsn = torch.zeros_like(z) if dsn is None else dsn.contiguous()
-        dg = torch.zeros_like(z) if dg is None else dg.float().contiguous()
-        ds = torch.empty_like(s)
-        vec = _vec(D, s, z, dsn, dg, ds)
-        kernel = get_kernel(slot_normaliser_bwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
-                            dsn_dtype=TORCH_TO_TL[dsn.dtype], VEC=vec)
-        kernel(*(_vectors(x, vec) for x in (s, z, dsn, dg)), cu, _vectors(ds, vec))
-        return ds, None, None
+def slot_normaliser_fwd(s: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                        out_dtype: torch.dtype | None = None):
+    """ABC's (normalised slots `[B, T, H, M]` in `out_dtype` (default s's), log gates fp32, the running log-sum-exp
+    z fp32 for the backward) from the raw slot logits `s` (bf16 / fp16 / fp32, CUDA): the forward of
+    `fla_tl.reference.gsa.slot_gates` on TileLang scans."""
+    s = s.contiguous()
+    out_dtype = out_dtype or s.dtype
+    D = s.shape[2] * s.shape[3]
+    cu = _cu(s, cu_seqlens)
+    sn = torch.empty_like(s, dtype=out_dtype)
+    g, z = (torch.empty_like(s, dtype=torch.float32) for _ in range(2))
+    vec = _vec(D, s, sn, g, z)
+    kernel = get_kernel(slot_normaliser_fwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
+                        out_dtype=TORCH_TO_TL[out_dtype], VEC=vec)
+    kernel(_vectors(s, vec), cu, *(_vectors(x, vec) for x in (sn, g, z)))
+    return sn, g, z
 
 
-def slot_gates_tl(s: torch.Tensor, cu_seqlens: torch.Tensor | None = None, out_dtype: torch.dtype | None = None):
-    """ABC's (normalised slots `[B, T, H, M]` in `out_dtype` (default s's), log gates fp32) from the raw slot logits
-    `s` (bf16 / fp16 / fp32, CUDA), differentiable in s: `fla_tl.reference.gsa.slot_gates` on TileLang scans."""
-    return SlotNormaliser.apply(s, cu_seqlens, out_dtype or s.dtype)
+def slot_normaliser_bwd(s: torch.Tensor, z: torch.Tensor, dsn: torch.Tensor | None, dg: torch.Tensor | None,
+                        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """ds in s's dtype from the gradients of the normalised slots `dsn` and of the log gates `dg` (None: zero) and
+    the forward's z (:func:`slot_normaliser_fwd`)."""
+    s = s.contiguous()
+    D = s.shape[2] * s.shape[3]
+    cu = _cu(s, cu_seqlens)
+    z = z.contiguous()
+    dsn = torch.zeros_like(z) if dsn is None else dsn.contiguous()
+    dg = torch.zeros_like(z) if dg is None else dg.float().contiguous()
+    ds = torch.empty_like(s)
+    vec = _vec(D, s, z, dsn, dg, ds)
+    kernel = get_kernel(slot_normaliser_bwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
+                        dsn_dtype=TORCH_TO_TL[dsn.dtype], VEC=vec)
+    kernel(*(_vectors(x, vec) for x in (s, z, dsn, dg)), cu, _vectors(ds, vec))
+    return ds

@@ -193,26 +193,3 @@ def fused_recurrent_hgrn_bwd(x, g, o, do, dht, *, initial_state, cu_seqlens, **c
 
 
 __all__ = ["fused_recurrent_hgrn_bwd", "fused_recurrent_hgrn_fwd"]
-
-
-class _HGRN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, g, initial_state, output_final_state, cu_seqlens):
-        x, g = x.contiguous(), g.contiguous()
-        h0 = initial_state.contiguous() if initial_state is not None else None
-        o, ht = fused_recurrent_hgrn_fwd(x, g, initial_state=h0, output_final_state=output_final_state,
-                                         cu_seqlens=cu_seqlens)
-        ctx.save_for_backward(x, g, o, h0, cu_seqlens)
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        x, g, o, h0, cu_seqlens = ctx.saved_tensors
-        dx, dg, dh0 = fused_recurrent_hgrn_bwd(x, g, o, do.contiguous(), dht.contiguous() if dht is not None else None,
-                                               initial_state=h0, cu_seqlens=cu_seqlens)
-        return dx, dg, dh0, None, None
-
-
-def hgrn(x, g, initial_state=None, output_final_state: bool = False, cu_seqlens=None):
-    """(o `[B, T, D]` in x's dtype, final state `[N, D]` fp32 or None), differentiable in x, g and initial_state."""
-    return _HGRN.apply(x, g, initial_state, output_final_state, cu_seqlens)

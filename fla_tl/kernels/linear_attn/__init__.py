@@ -1,6 +1,6 @@
-"""Linear attention's normalisation (fla's `normalize=True`) as TileLang stages: `key_sum_normalize`, which the ops
-run on a GPU (`tests/test_linear_attn.py::test_normalize_kernels` and the op tests check it there)."""
+"""Linear attention: simple GLA's kernels with no decay, and the key-sum normalisation stages of `normalize.py`
+(fla's `normalize=True`), see README.md."""
 
-from .normalize import key_sum_normalize
+from .ops import chunk_linear_attn, fused_chunk_linear_attn, fused_recurrent_linear_attn
 
-__all__ = ["key_sum_normalize"]
+__all__ = ["chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn"]

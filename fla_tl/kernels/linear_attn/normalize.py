@@ -10,8 +10,8 @@ Chunks of BT tokens, one block per (chunk, head):
   sums down and up the chunk), with R_c the sum of c_i q_i over the later chunks of the sequence plus the final key
   sum's gradient (`chunk_scan` from the last chunk); dz_0 = that gradient plus the sum of c_i q_i over the sequence
   (the scan's total).
-Two launches forward, three backward, and no PyTorch ops between them (the host cost of the many small prefix ops had
-made the op host-bound at B=8 T=4096 H=16 K=V=128 on an H100).
+Two launches forward, three backward, and no PyTorch ops between them (many small PyTorch prefix ops would make the
+op bound by host time).
 Precision: the chunk's q k^T runs on tensor cores (exact products for bf16 / fp16, TF32 for fp32 inputs, whose
 denominators then carry about 1e-3 relative error per product; signed q can make d much smaller than its terms).
 """
@@ -182,8 +182,7 @@ def normalize_bwd_c_kernel(V: int, dtype: str, BT: int = 64, threads: int = 128)
 
 def normalize_bwd_dqk_kernel(K: int, dtype: str, BT: int = 64, threads: int = 128):
     """dq_i = c_i (Z_c + sum_{j <= i} k_j) and dk_j = R_c + sum_{i >= j} c_i q_i, in the input dtype: running fp32 sums
-    down and up the chunk's rows, staged in shared memory (a [BT, BT] fp32 mask product took 0.88 ms per call at
-    8x4096x16x128 on the H100)."""
+    down and up the chunk's rows, staged in shared memory (several times faster than a [BT, BT] fp32 mask product)."""
     KP = pad_dim(K)
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
 
@@ -236,12 +235,12 @@ def _acc(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunk_scan(x, w, init, meta, BT, reverse: bool):
+def _chunk_scan(x, w, init, meta, BT, reverse: bool, rows: int | None = None):
     """(the sum entering each chunk `[NT, H, K]`, the sum over each sequence `[N, H, K]`), fp32, of the rows of x
     (weighted by w `[Ttot, H]` when given), per sequence from init `[N, H, K]` (or zero), from the last chunk when
-    reverse."""
+    reverse; `rows` >= NT allocates that many chunk rows (a shape known without the sequence lengths)."""
     Ttot, H, K = x.shape
-    s = torch.empty(meta.NT, H, K, dtype=_acc(x), device=x.device)
+    s = torch.empty(rows if rows is not None else meta.NT, H, K, dtype=_acc(x), device=x.device)
     total = torch.empty(meta.N, H, K, dtype=_acc(x), device=x.device)
     kernel = get_kernel(chunk_scan_kernel, target_for(x.device), K=K, dtype=TORCH_TO_TL[x.dtype],
                         weighted=w is not None, reverse=reverse, with_init=init is not None, BT=BT)
@@ -255,57 +254,77 @@ def _dummy(x, *shape):
     return x.new_empty(1, *shape, dtype=_acc(x))
 
 
-class _KeySumNormalize(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, o, q, k, z0, scale, meta, BT):
-        zc, z_final = _chunk_scan(k, None, z0, meta, BT, reverse=False)
-        y, den = torch.empty_like(o), torch.empty(o.shape[:2], dtype=_acc(q), device=o.device)
-        if meta.NT:
-            kernel = get_kernel(normalize_fwd_kernel, target_for(q.device), K=q.shape[-1], V=o.shape[-1],
-                                dtype=TORCH_TO_TL[q.dtype], BT=BT)
-            kernel(q, k, o, zc, meta.cu, meta.chunk_indices, y, den, scale)
-        ctx.save_for_backward(q, k, y, den, zc)
-        ctx.meta, ctx.scale, ctx.BT, ctx.has_z0 = meta, scale, BT, z0 is not None
-        return y, z_final
-
-    @staticmethod
-    def backward(ctx, dy, dz_final):
-        q, k, y, den, zc = ctx.saved_tensors
-        meta, BT = ctx.meta, ctx.BT
-        Ttot, H, K = q.shape
-        do, c = torch.empty_like(y), torch.empty(Ttot, H, dtype=_acc(q), device=q.device)
-        dq, dk = torch.empty_like(q), torch.empty_like(k)
-        dzf = dz_final.to(_acc(q)) if dz_final is not None else q.new_zeros(meta.N, H, K, dtype=_acc(q))
-        if meta.NT == 0:
-            return do, dq, dk, (dzf if ctx.has_z0 else None), None, None, None
-        target = target_for(q.device)
-        get_kernel(normalize_bwd_c_kernel, target, V=y.shape[-1], dtype=TORCH_TO_TL[y.dtype], BT=BT)(
-            dy.contiguous(), y, den, meta.cu, meta.chunk_indices, do, c, ctx.scale)
-        # R_c: the final key sum's gradient (every key feeds it) plus c_i q_i over the later chunks of the sequence;
-        # the scan's total is dz_0
-        rc, dz0 = _chunk_scan(q, c, dzf.contiguous(), meta, BT, reverse=True)
-        get_kernel(normalize_bwd_dqk_kernel, target, K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)(
-            q, k, c, zc, rc, meta.cu, meta.chunk_indices, dq, dk)
-        return do, dq, dk, (dz0 if ctx.has_z0 else None), None, None, None
+def chunk_rows(B: int, T: int, N: int, BT: int = 64) -> int:
+    """an upper bound of the chunks of B x T tokens split into N sequences (each adds at most one partial chunk)."""
+    return B * T // BT + N
 
 
-def key_sum_normalize(o, q, k, scale: float, z_init=None, reverse: bool = False, cu_seqlens=None, BT: int = 64):
-    """`fla_tl.reference.linear_attn.normalize_with_key_sum` on the TileLang stages (same arguments and returns: y in
-    o's dtype, the final key sum `[N, 1, H, K]` fp32); differentiable in o, q, k and z_init."""
-    B, T, H, K = q.shape
+def _packed(x, reverse: bool):
+    """`[B, T, H, D]` -> `[B * T, H, D]` in processing order: a reversed packed batch has each sequence reversed
+    and the sequences in reverse order."""
     if reverse:
-        # a reversed packed batch: each sequence reversed, the sequences in reverse order
-        o, q, k = (x.flip(1) for x in (o, q, k))
-        if cu_seqlens is not None:
-            cu_seqlens = B * T - cu_seqlens.flip(0)
-            if z_init is not None:
-                z_init = z_init.flip(0)
-    meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    z0 = z_init[:, 0].to(_acc(q)).contiguous() if z_init is not None else None
-    y, z = _KeySumNormalize.apply(o.reshape(B * T, H, -1).contiguous(), q.reshape(B * T, H, K).contiguous(),
-                                  k.reshape(B * T, H, K).contiguous(), z0, float(scale), meta, BT)
+        x = x.flip(1)
+    return x.flatten(0, 1).contiguous()
+
+
+def _meta(q, reverse: bool, cu_seqlens, BT: int):
+    B, T = q.shape[:2]
+    if reverse and cu_seqlens is not None:
+        cu_seqlens = B * T - cu_seqlens.flip(0)
+    return seq_meta(B, T, cu_seqlens, BT, q.device)
+
+
+def key_sum_normalize_fwd(o, q, k, scale: float, z_init=None, reverse: bool = False, cu_seqlens=None, BT: int = 64):
+    """`fla_tl.reference.linear_attn.normalize_with_key_sum` on the TileLang stages: (y in o's dtype, the final key
+    sum `[N, 1, H, K]` fp32) and the residuals of :func:`key_sum_normalize_bwd` (the denominators `[B * T, H]` and
+    the key sums entering each chunk, in processing order)."""
+    B, T, H, K = q.shape
+    meta = _meta(q, reverse, cu_seqlens, BT)
+    o_, q_, k_ = (_packed(x, reverse) for x in (o, q, k))
+    z0 = None
+    if z_init is not None:
+        z0 = (z_init.flip(0) if reverse and cu_seqlens is not None else z_init)[:, 0].to(_acc(q)).contiguous()
+    zc, z = _chunk_scan(k_, None, z0, meta, BT, reverse=False, rows=chunk_rows(B, T, meta.N, BT))
+    y, den = torch.empty_like(o_), torch.empty(o_.shape[:2], dtype=_acc(q), device=o.device)
+    if meta.NT:
+        kernel = get_kernel(normalize_fwd_kernel, target_for(q.device), K=K, V=o.shape[-1],
+                            dtype=TORCH_TO_TL[q.dtype], BT=BT)
+        kernel(q_, k_, o_, zc, meta.cu, meta.chunk_indices, y, den, scale)
     y = y.view(B, T, H, -1)
     if reverse:
         y = y.flip(1)
         z = z.flip(0) if cu_seqlens is not None else z
-    return y, z[:, None]
+    return y, z[:, None], den, zc
+
+
+def key_sum_normalize_bwd(q, k, y, den, zc, dy, dz, *, scale: float, has_z0: bool, reverse: bool = False,
+                          cu_seqlens=None, BT: int = 64):
+    """the gradients (do, dq, dk, dz_init or None) of :func:`key_sum_normalize_fwd` from the gradients of y and of
+    the final key sum (either may be None)."""
+    B, T, H, K = q.shape
+    meta = _meta(q, reverse, cu_seqlens, BT)
+    q_, k_, y_ = (_packed(x, reverse) for x in (q, k, y))
+    dy_ = _packed(dy, reverse) if dy is not None else torch.zeros_like(y_)
+    do, c = torch.empty_like(y_), torch.empty(B * T, H, dtype=_acc(q), device=q.device)
+    dq, dk = torch.empty_like(q_), torch.empty_like(k_)
+    if dz is None:
+        dzf = q.new_zeros(meta.N, H, K, dtype=_acc(q))
+    else:
+        dzf = (dz.flip(0) if reverse and cu_seqlens is not None else dz)[:, 0].to(_acc(q)).contiguous()
+    dz0 = dzf
+    if meta.NT:
+        target = target_for(q.device)
+        get_kernel(normalize_bwd_c_kernel, target, V=y.shape[-1], dtype=TORCH_TO_TL[y.dtype], BT=BT)(
+            dy_, y_, den, meta.cu, meta.chunk_indices, do, c, scale)
+        # R_c: the final key sum's gradient (every key feeds it) plus c_i q_i over the later chunks of the sequence;
+        # the scan's total is dz_0
+        rc, dz0 = _chunk_scan(q_, c, dzf, meta, BT, reverse=True)
+        get_kernel(normalize_bwd_dqk_kernel, target, K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)(
+            q_, k_, c, zc, rc, meta.cu, meta.chunk_indices, dq, dk)
+    grads = [x.view(B, T, H, -1) for x in (do, dq, dk)]
+    if reverse:
+        grads = [x.flip(1) for x in grads]
+    if not has_z0:
+        return (*grads, None)
+    dz0 = dz0.flip(0) if reverse and cu_seqlens is not None else dz0
+    return (*grads, dz0[:, None])

@@ -1,7 +1,6 @@
 """RWKV6 (GLA's per-key decayed state, read before the current token, plus a per-head bonus `u` for the current
 token): the chunk and fused_recurrent ops on GLA's TileLang kernels with a one-token query shift (`bonus.py`)."""
 
-from .chunk import chunk_rwkv6_tl
-from .fused_recurrent import fused_recurrent_rwkv6_tl
+from .ops import chunk_rwkv6, fused_recurrent_rwkv6
 
-__all__ = ["chunk_rwkv6_tl", "fused_recurrent_rwkv6_tl"]
+__all__ = ["chunk_rwkv6", "fused_recurrent_rwkv6"]

@@ -1,4 +1,5 @@
-"""RWKV6 on GLA's kernels: the one-token query shift and the bonus term, and the autograd function over both modes.
+"""RWKV6 on GLA's kernels: the one-token query shift and the bonus term, and the forward and backward of both modes
+(`rwkv6_fwd` / `rwkv6_bwd`, on the launchers of `chunk.py` or `fused_recurrent.py`).
 
 RWKV6's query at t reads the state before token t, h_{t-1}, the state a GLA query at t - 1 reads. So the gated part
 of the output is GLA's output with the queries moved one token back, r'_{t-1} = r_t (within each sequence, in the
@@ -12,9 +13,8 @@ du = scale sum_t s_t r_t k_t.
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import BT
 from ..common.utils import TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, seq_meta, target_for
-
-BT = 64
 
 
 @T.macro
@@ -239,10 +239,10 @@ def bonus_scores(r, k, u, scale):
 def shifted_fwd(gla_fwd, extra):
     """an RWKV6 forward launcher from a GLA one: GLA on the queries shifted one token (a copy), its output read one
     token later plus the bonus (`bonus_fwd`). Returns (o `[B * T, H, V]` without the first tokens' h0 read, ht, the
-    keywords its backward reuses: none). `first` / `last`: each sequence's first and last token in processing order
+    tensors its backward reuses: none). `first` / `last`: each sequence's first and last token in processing order
     (`sequence_marks`, swapped for `reverse`)."""
 
-    def fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens, first, last):
+    def fwd(r, k, v, w, u, *, scale, initial_state, output_final_state, reverse, cu_seqlens, first, last, keep):
         B, T, H, K = r.shape
         V = v.shape[-1]
         r_ = r.view(B * T, H, K)
@@ -257,57 +257,59 @@ def shifted_fwd(gla_fwd, extra):
     return fwd
 
 
-class RWKV6Function(torch.autograd.Function):
-    """RWKV6 through the launchers (`fwd`: an RWKV6 forward, see `shifted_fwd`; `bwd`: a GLA backward; `extra`: its
-    keywords), chunk or fused_recurrent: see `chunk.py` / `fused_recurrent.py`."""
+def _marks(r, cu_seqlens, reverse):
+    B, T = r.shape[:2]
+    first, last, seq = sequence_marks(B, T, cu_seqlens, r.device)
+    return (last, first, seq) if reverse else (first, last, seq)
 
-    @staticmethod
-    def forward(ctx, r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens, launchers):
-        rwkv6_fwd = launchers[0]
-        B, T, H, K = r.shape
-        V = v.shape[-1]
-        first, last, seq = sequence_marks(B, T, cu_seqlens, r.device)
-        if reverse:
-            first, last = last, first
-        r, k, v, w = (x.contiguous() for x in (r, k, v, w))
-        h0 = initial_state.contiguous() if initial_state is not None else None
-        r_ = r.view(B * T, H, K)
-        o, ht, kept = rwkv6_fwd(r, k, v, w, u, scale=scale, initial_state=h0, output_final_state=output_final_state,
-                                reverse=reverse, cu_seqlens=cu_seqlens, first=first, last=last)
-        if h0 is not None:
-            o[first] = (o[first].float() + scale * torch.einsum("nhk,nhkv->nhv", r_[first].float(),
-                                                                  h0[seq].float())).to(o.dtype)
-        o = o.view(B, T, H, V)
-        ctx.save_for_backward(r, k, v, w, u, h0, cu_seqlens, ht)
-        # intermediates of the forward its backward launcher takes as keywords (chunk: the gates and scores)
-        ctx.scale, ctx.reverse, ctx.launchers, ctx.kept = scale, reverse, launchers, kept
-        ctx.set_materialize_grads(False)
-        return o, ht
 
-    @staticmethod
-    def backward(ctx, do, dht):
-        r, k, v, w, u, h0, cu_seqlens, ht = ctx.saved_tensors
-        _, gla_bwd, extra = ctx.launchers
-        scale, reverse = ctx.scale, ctx.reverse
-        B, T, H, K = r.shape
-        V = v.shape[-1]
-        first, last, seq = sequence_marks(B, T, cu_seqlens, r.device)
-        if reverse:
-            first, last = last, first
-        step = -1 if reverse else 1
-        do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
-        dht = dht.float().contiguous() if dht is not None else None
-        r_, k_, v_, do_ = r.view(-1, H, K), k.view(-1, H, K), v.view(-1, H, V), do.view(-1, H, V)
-        rq = shift(r_, step, last).view(B, T, H, K)
-        dog = shift(do_, step, last).view(B, T, H, V)
-        dq, dk, dv, dh0, dw = gla_bwd(rq, k, v, dog, dht, g_gamma=None, scale=scale, initial_state=h0,
-                                      cu_seqlens=cu_seqlens, g=w, ht=ht, **extra(reverse), **ctx.kept)
-        meta = seq_meta(B, T, cu_seqlens, BT, r.device)
-        dr, dk, dv, du = bonus_bwd(r_, k_, v_, do_, dq.view(-1, H, K), dk.view(-1, H, K), dv.view(-1, H, V), u,
-                                   scale=scale, reverse=reverse, first=first, meta=meta)
-        if h0 is not None:
-            do32 = do_[first].float()
-            dr[first] = (dr[first].float() + scale * torch.einsum("nhkv,nhv->nhk", h0[seq].float(), do32)).to(dr.dtype)
-            dh0 = dh0.float().index_add(0, seq, scale * torch.einsum("nhk,nhv->nhkv", r_[first].float(), do32))
-        return (dr.to(r.dtype).view_as(r), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), dw.to(w.dtype),
-                du.to(u.dtype), None, dh0.to(h0.dtype) if h0 is not None else None, None, None, None, None)
+def rwkv6_fwd(launchers, r, k, v, w, u, *, scale: float, initial_state, output_final_state: bool, reverse: bool,
+              cu_seqlens, keep: bool):
+    """RWKV6's forward through `launchers` = (an RWKV6 forward launcher, see `shifted_fwd`; a GLA backward; its
+    keywords by direction): (o `[B, T, H, V]` in v's dtype, the final state fp32 or None, `kept`: the forward's
+    intermediates the backward takes as keywords when `keep`, e.g. chunk's cumulative gates and scores). Adds the
+    first tokens' read of the initial state, scale r^T h0."""
+    rwkv6_fwd_launch = launchers[0]
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    first, last, seq = _marks(r, cu_seqlens, reverse)
+    r, k, v, w = (x.contiguous() for x in (r, k, v, w))
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    r_ = r.view(B * T, H, K)
+    o, ht, kept = rwkv6_fwd_launch(r, k, v, w, u, scale=scale, initial_state=h0,
+                                   output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens,
+                                   first=first, last=last, keep=keep)
+    if h0 is not None:
+        o[first] = (o[first].float() + scale * torch.einsum("nhk,nhkv->nhv", r_[first].float(),
+                                                              h0[seq].float())).to(o.dtype)
+    return o.view(B, T, H, V), ht, kept
+
+
+def rwkv6_bwd(launchers, r, k, v, w, u, do, dht, *, scale: float, initial_state, reverse: bool, cu_seqlens, ht,
+              kept: dict):
+    """RWKV6's backward through `launchers` (see :func:`rwkv6_fwd`): (dr, dk, dv, dw, du, dh0 or None), from the
+    output gradients `do` (None: zero) and `dht` (None: no final state gradient), the forward's final state `ht` and
+    its `kept` intermediates."""
+    _, gla_bwd, extra = launchers
+    B, T, H, K = r.shape
+    V = v.shape[-1]
+    first, last, seq = _marks(r, cu_seqlens, reverse)
+    step = -1 if reverse else 1
+    r, k, v, w = (x.contiguous() for x in (r, k, v, w))
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    do = torch.zeros_like(v) if do is None else do.to(v.dtype).contiguous()
+    dht = dht.float().contiguous() if dht is not None else None
+    r_, k_, v_, do_ = r.view(-1, H, K), k.view(-1, H, K), v.view(-1, H, V), do.view(-1, H, V)
+    rq = shift(r_, step, last).view(B, T, H, K)
+    dog = shift(do_, step, last).view(B, T, H, V)
+    dq, dk, dv, dh0, dw = gla_bwd(rq, k, v, dog, dht, g_gamma=None, scale=scale, initial_state=h0,
+                                  cu_seqlens=cu_seqlens, g=w, ht=ht, **extra(reverse), **kept)
+    meta = seq_meta(B, T, cu_seqlens, BT, r.device)
+    dr, dk, dv, du = bonus_bwd(r_, k_, v_, do_, dq.view(-1, H, K), dk.view(-1, H, K), dv.view(-1, H, V), u,
+                               scale=scale, reverse=reverse, first=first, meta=meta)
+    if h0 is not None:
+        do32 = do_[first].float()
+        dr[first] = (dr[first].float() + scale * torch.einsum("nhkv,nhv->nhk", h0[seq].float(), do32)).to(dr.dtype)
+        dh0 = dh0.float().index_add(0, seq, scale * torch.einsum("nhk,nhv->nhkv", r_[first].float(), do32))
+    return (dr.to(r.dtype).view_as(r), dk.to(k.dtype).view_as(k), dv.to(v.dtype).view_as(v), dw.to(w.dtype),
+            du.to(u.dtype), dh0.to(h0.dtype) if h0 is not None else None)

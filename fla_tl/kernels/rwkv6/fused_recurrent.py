@@ -2,10 +2,8 @@
 with gate "gk", the per-key dg scan), with the queries shifted one token in processing order and the bonus added
 around them (`bonus.py`); `reverse` runs the recurrence from the last token."""
 
-import torch
-
 from ..gla.fused_recurrent import fused_recurrent_gla_bwd, fused_recurrent_gla_fwd
-from .bonus import RWKV6Function, shifted_fwd
+from .bonus import rwkv6_bwd, rwkv6_fwd, shifted_fwd
 
 
 def _extra(reverse):
@@ -15,29 +13,19 @@ def _extra(reverse):
 LAUNCHERS = (shifted_fwd(fused_recurrent_gla_fwd, _extra), fused_recurrent_gla_bwd, _extra)
 
 
-def fused_recurrent_rwkv6_tl(
-    r: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    w: torch.Tensor,
-    u: torch.Tensor,
-    *,
-    scale: float,
-    initial_state: torch.Tensor | None = None,
-    output_final_state: bool = False,
-    reverse: bool = False,
-    cu_seqlens: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    r"""
-    RWKV6 token by token on the TileLang kernels; the arguments and returns of
-    :func:`fla_tl.kernels.rwkv6.chunk_rwkv6_tl`, plus `reverse` (process the sequence from its end).
+def fused_recurrent_rwkv6_fwd(r, k, v, w, u, *, scale: float, initial_state=None, output_final_state: bool = False,
+                              reverse: bool = False, cu_seqlens=None, keep: bool = False):
+    """RWKV6 token by token on the TileLang kernels; the arguments and returns of
+    :func:`fla_tl.kernels.rwkv6.chunk.chunk_rwkv6_fwd`, plus `reverse` (process the sequence from its end); no
+    residuals."""
+    o, ht, _ = rwkv6_fwd(LAUNCHERS, r, k, v, w, u, scale=scale, initial_state=initial_state,
+                         output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens, keep=keep)
+    return o, ht, []
 
-    Examples::
-        >>> r, k, v = (torch.randn(1, 300, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
-        >>> w = torch.nn.functional.logsigmoid(torch.randn(1, 300, 4, 64, device="cuda"))
-        >>> cu = torch.tensor([0, 100, 300], device="cuda")
-        >>> o, ht = fused_recurrent_rwkv6_tl(r, k, v, w, torch.randn(4, 64, device="cuda"), scale=0.125,
-        ...                                  reverse=True, cu_seqlens=cu, output_final_state=True)
-    """
-    return RWKV6Function.apply(r, k, v, w, u, scale, initial_state, output_final_state, reverse, cu_seqlens,
-                               LAUNCHERS)
+
+def fused_recurrent_rwkv6_bwd(r, k, v, w, u, do, dht, *, scale: float, initial_state=None, reverse: bool = False,
+                              cu_seqlens=None, ht=None, residuals=()):
+    """(dr, dk, dv, dw, du, dh0 or None); `ht` (the forward's final state) is needed for dw when `dht` is given."""
+    return rwkv6_bwd(LAUNCHERS, r, k, v, w, u, do, dht, scale=scale, initial_state=initial_state, reverse=reverse,
+                     cu_seqlens=cu_seqlens, ht=ht, kept={})
+

@@ -5,10 +5,9 @@ Two schedules share the chunk algebra. The fused kernels carry the state between
 it to memory; their grid is (sequences x heads x V tiles), each block walking its sequence. The chunk-parallel passes
 split the state into [64, 64] blocks for the sequential state pass (more blocks), write the state entering every
 chunk, then run the output / gradient passes one block per chunk. The fused schedule runs when its grid gives at
-least a quarter block per multiprocessor and K >= 128 (H100, bf16, D=128, B=8 T=4096 H=16, 128 blocks: forward
-0.25 vs 0.98 ms, backward 1.09 vs 2.38 ms; B=4 T=2048 H=16, 64 blocks: 0.13 vs 0.28 ms, 0.33 vs 0.65 ms), the
-chunk-parallel one for few long sequences and for small key dims (B=8 T=1024 H=8 D=64: forward 0.070 ms
-chunk-parallel vs 0.132 fused).
+least a quarter block per multiprocessor and K >= 128; the chunk-parallel one for few long sequences (a small fused
+grid leaves multiprocessors idle) and for small key dims (little sequential work per chunk). The measurements behind
+the rule are in benchmarks/README.md.
 """
 
 
@@ -21,8 +20,8 @@ from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.cumsum import gate_grad_chunk
 from ..common.gates import chunk_gate
 from ..common.utils import cdiv, pad_dim, seq_meta, sm_count
+from ...autotune.configs import BT
 
-BT = 64
 # the fused kernels run once their grid gives at least this many blocks per multiprocessor
 FUSED_MIN_BLOCKS_PER_SM = 0.25
 
@@ -32,8 +31,7 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     if impl != "auto":
         return impl
     K, V, H = q.shape[-1], v.shape[-1], q.shape[-2]
-    # small key dims give the chunk-parallel passes little sequential work per chunk (B=8 T=1024 H=8 K=V=64,
-    # 64 blocks: forward 0.070 ms chunk-parallel vs 0.132 ms fused)
+    # small key dims give the chunk-parallel passes little sequential work per chunk: they win there
     if pad_dim(K) < 128:
         return "parallel"
     ref = q.flatten(0, 1)

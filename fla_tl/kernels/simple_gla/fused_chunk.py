@@ -4,9 +4,8 @@ constant decay and/or a per-token log gate. With a per-token gate the backward r
 
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.gates import chunk_gate
+from ...autotune.configs import BT
 from ..common.utils import seq_meta
-
-BT = 64
 
 
 def fused_chunk_simple_gla_fwd(

@@ -1,5 +1,5 @@
-"""Titans (linear memory): the chunked forward and backward TileLang kernels, and the differentiable
-`chunk_titans_linear_tl`.
+"""Titans (linear memory): the chunked forward and backward TileLang kernels and their launchers
+(`chunk_titans_linear_fwd` / `chunk_titans_linear_bwd`).
 
 Per chunk of BT tokens, with the memory M and momentum S entering it (both `[D, D]`, fp32 in registers), the
 in-chunk coefficients beta, f, G, and the last rows gL = G[L], nL = N[L] and (beta_L, f_L, m_L) of
@@ -495,13 +495,13 @@ def titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, *, eps: float,
                threads: int = 256):
     """the gradients (dq, dk, dv, dw, db, dtheta, dalpha, deta, dh0), fp32, by the TileLang reverse sweep and the
     PyTorch glue: the in-chunk attention's share of dq, dk (batched matmuls) and the coefficients' backward to theta,
-    alpha, eta (autograd of `titans_chunk_coefs`)."""
+    alpha, eta (the vector-Jacobian product of `titans_chunk_coefs`)."""
     B, T, H, D = q.shape
     BT = chunk_size
-    th, al, et = (x.detach().reshape(B, T, H).float().requires_grad_() for x in (theta, alpha, eta))
-    with torch.enable_grad():
-        coefs = titans_chunk_coefs(th, al, et, BT)
-    beta, f, G, gL, nL, cL = (x.detach() for x in coefs)
+    # torch.func.vjp (not autograd): a custom op's backward runs below the autograd dispatch key
+    th, al, et = (x.detach().reshape(B, T, H).float() for x in (theta, alpha, eta))
+    coefs, coefs_vjp = torch.func.vjp(lambda *xs: titans_chunk_coefs(*xs, BT), th, al, et)
+    beta, f, G, gL, nL, cL = coefs
     qc, kc = _chunked(q, BT).float(), _chunked(k, BT).float()
     QK = torch.matmul(qc, kc.transpose(-1, -2)).tril()
     A = (QK * G).contiguous()
@@ -523,7 +523,7 @@ def titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, *, eps: float,
     dq += _unchunked(torch.matmul(dAG, kc), T)
     dk += _unchunked(torch.matmul(dAG.transpose(-1, -2), qc), T)
     dcL[..., 3] = 0
-    dth, dal, det = torch.autograd.grad(coefs, (th, al, et), (dbeta, df, dA * QK, dgL, dnL, dcL))
+    dth, dal, det = coefs_vjp((dbeta, df, dA * QK, dgL, dnL, dcL))
     dwb = dwb.view(B, H, 2, D).sum(0)
     return (dq, dk, dv, dwb[:, 0], dwb[:, 1], dth, dal, det, dh0.view(B, H, D, D))
 
@@ -534,49 +534,53 @@ def bwd_fits(D: int, BT: int, elem: int) -> bool:
     return 4 * D * D * elem + 9 * BT * D * elem + 5 * BT * D * 4 + BT * BT * elem <= 220 * 1024
 
 
-class ChunkTitansLinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, w, b, theta, alpha, eta, initial_state, eps, chunk_size, output_final_state):
-        # the TileLang backward stages M, S, dM, dS in q's dtype in shared memory: bf16 / fp16, within the budget
-        tl_bwd = (TL_BACKWARD and bwd_fits(q.shape[-1], chunk_size, q.element_size())
-                  and q.dtype in (torch.bfloat16, torch.float16) and any(ctx.needs_input_grad[:9]))
-        o, ht, states = titans_fwd(q, k, v, w, b, theta, alpha, eta, eps=eps, chunk_size=chunk_size,
-                                   initial_state=initial_state, output_final_state=output_final_state,
-                                   store_states=tl_bwd)
-        hm, hs = states if tl_bwd else (None, None)
-        ctx.save_for_backward(q, k, v, w, b, theta, alpha, eta, initial_state, hm, hs)
-        ctx.eps, ctx.chunk_size, ctx.output_final_state, ctx.tl_bwd = eps, chunk_size, output_final_state, tl_bwd
-        return o, ht
-
-    @staticmethod
-    def backward(ctx, do, dht):
-        q, k, v, w, b, theta, alpha, eta, h0, hm, hs = ctx.saved_tensors
-        saved = (q, k, v, w, b, theta, alpha, eta, h0)
-        dht = dht if ctx.output_final_state else None
-        if ctx.tl_bwd:
-            grads = titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, eps=ctx.eps,
-                               chunk_size=ctx.chunk_size)
-            result = [g.reshape(x.shape).to(x.dtype) if x is not None else None for g, x in zip(grads, saved)]
-            return (*result, None, None, None)
-        # the autograd of the chunked PyTorch form, recomputed in fp32
-        inputs = [x.detach().float().requires_grad_() if x is not None else None for x in saved]
-        with torch.enable_grad():
-            o, ht = chunk_titans_linear_torch(*inputs[:8], ctx.eps, ctx.chunk_size, inputs[8], dht is not None)
-            outs, grads_out = [o], [do.float()]
-            if ht is not None:
-                outs.append(ht)
-                grads_out.append(dht.float())
-            needed = [x for x in inputs if x is not None]
-            grads = iter(torch.autograd.grad(outs, needed, grads_out, allow_unused=True))
-        result = []
-        for x, s in zip(inputs, saved):
-            g = next(grads) if x is not None else None
-            result.append(g.to(s.dtype) if g is not None else None)
-        return (*result, None, None, None)
+def tl_backward(D: int, chunk_size: int, dtype: torch.dtype) -> bool:
+    """whether the TileLang backward runs: it stages M, S, dM, dS in q's dtype in shared memory, so bf16 / fp16
+    within the budget (`bwd_fits`); the other inputs take the PyTorch recompute."""
+    return (TL_BACKWARD and dtype in (torch.bfloat16, torch.float16)
+            and bwd_fits(D, chunk_size, torch.empty((), dtype=dtype).element_size()))
 
 
-def chunk_titans_linear_tl(q, k, v, w, b, theta, alpha, eta, eps: float = 1e-6, chunk_size: int = 16,
-                           initial_state=None, output_final_state: bool = False):
-    """Titans (linear memory) by the TileLang forward kernel, differentiable (see the module docstring)."""
-    return ChunkTitansLinearFunction.apply(q, k, v, w, b, theta, alpha, eta, initial_state, float(eps),
-                                           int(chunk_size), bool(output_final_state))
+def chunk_titans_linear_fwd(q, k, v, w, b, theta, alpha, eta, initial_state, *, eps: float, chunk_size: int,
+                            output_final_state: bool, requires_grad: bool):
+    """(o `[B, T, H, D]` in q's dtype, final memory fp32 `[B, H, D, D]` or None) by the forward kernel, followed by
+    the residuals of :func:`chunk_titans_linear_bwd`: the states entering each chunk (hm, hs) when a backward will
+    run on the TileLang kernel (`requires_grad` and `tl_backward`), else none."""
+    store = requires_grad and tl_backward(q.shape[-1], chunk_size, q.dtype)
+    o, ht, states = titans_fwd(q, k, v, w, b, theta, alpha, eta, eps=eps, chunk_size=chunk_size,
+                               initial_state=initial_state, output_final_state=output_final_state,
+                               store_states=store)
+    return (o, ht, *states) if store else (o, ht)
+
+
+def chunk_titans_linear_bwd(q, k, v, w, b, theta, alpha, eta, initial_state, do, dht, states, *, eps: float,
+                            chunk_size: int):
+    """the gradients of (q, k, v, w, b, theta, alpha, eta, initial_state) in their inputs' shapes and dtypes (None
+    for an absent initial state), for the output gradients do and dht (either may be None): by the TileLang reverse
+    sweep from the stored `states` (hm, hs), or without them by the vector-Jacobian product of the chunked PyTorch
+    form, recomputed in fp32 from the inputs."""
+    saved = (q, k, v, w, b, theta, alpha, eta, initial_state)
+    if states is not None:
+        hm, hs = states
+        do = torch.zeros_like(q) if do is None else do
+        grads = titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, eps=eps, chunk_size=chunk_size)
+        return [g.reshape(x.shape).to(x.dtype) if x is not None else None for g, x in zip(grads, saved)]
+    # the vector-Jacobian product of the chunked PyTorch form in fp32 (torch.func: a custom op's backward runs below
+    # the autograd dispatch key)
+    present = [i for i, x in enumerate(saved) if x is not None]
+
+    def form(*xs):
+        full = [None] * len(saved)
+        for i, x in zip(present, xs):
+            full[i] = x
+        o, ht = chunk_titans_linear_torch(*full[:8], eps, chunk_size, full[8], dht is not None)
+        return (o, ht) if dht is not None else (o,)
+
+    outs, form_vjp = torch.func.vjp(form, *(saved[i].detach().float() for i in present))
+    cotangents = (do.float() if do is not None else torch.zeros_like(outs[0]),)
+    if dht is not None:
+        cotangents += (dht.float(),)
+    result = [None] * len(saved)
+    for i, g in zip(present, form_vjp(cotangents)):
+        result[i] = g.to(saved[i].dtype)
+    return result
