@@ -33,10 +33,17 @@ import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
+# `python benchmarks/bench.py` puts benchmarks/ on the path, not the repo: make fla_tl importable uninstalled
+if str(REPO) not in sys.path:
+    sys.path.insert(1, str(REPO))
+
+from fla_tl.testing import compare, rel_rms  # noqa: E402  (the shared check harness)
 
 # measured device-to-device copy ceiling (bytes read + bytes written) on the H100, GB/s
 COPY_CEILING_GBPS = 3000.0
-# a failed gate: relative RMS of fla_tl against the reference above this, or NaN
+# a failed gate against fla: relative RMS of fla_tl against fla above this, or NaN. Both sides round (fla_tl and fla
+# in the input dtype), so the bound is looser than the harness's table (fla_tl.testing.TOLERANCES), which applies
+# when the gate compares against the fp32 reference instead
 GATE_TOL = 5e-2
 # the chunk length the FLOP model of the chunked ops assumes
 FLOP_BT = 64
@@ -45,7 +52,7 @@ BWD_FLOP_FACTOR = 2.5
 # L2 flush buffer, larger than any L2 (50 MB on H100)
 FLUSH_BYTES = 256 * 1024 * 1024
 
-# fla's benchmark shape set, (B, T, H, D), plus the issue's target shape
+# fla's benchmark shape set, (B, T, H, D), plus the main comparison shape B=8, T=4096, H=16, D=128
 SHAPES = [
     (1, 8192, 96, 128),
     (2, 16384, 16, 128),
@@ -522,11 +529,6 @@ def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # the run
 
@@ -553,6 +555,19 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+def gpu_tag(name: str) -> str:
+    """the GPU's short name for file names: "NVIDIA H100 80GB HBM3" -> "h100", "NVIDIA H200" -> "h200"."""
+    m = re.search(r"\b([a-z]*\d{3,}[a-z]*)\b", name.lower())
+    return m.group(1) if m else slug(name)
+
+
+def default_out(gpu: str, ops: list[str]) -> Path:
+    """results/<gpu>-<op set>.csv: the op set of the ops (`OP_SETS`), sets joined by "+" when they span several."""
+    sets = [s for s, members in OP_SETS.items() if any(op in members for op in ops)]
+    name = "all" if len(sets) == len(OP_SETS) else "+".join(sets) or "custom"
+    return HERE / "results" / f"{gpu_tag(gpu)}-{name}.csv"
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ops", default="all", help=f"comma list or 'all' (default); known: {', '.join(OPS)}")
@@ -566,7 +581,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--providers", default="fla_tl,fla,sdpa",
                    help="comma list of fla_tl, fla, flash_qla, sdpa (default fla_tl,fla,sdpa)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
-    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu-slug>.csv)")
+    p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu>-<op set>.csv)")
     p.add_argument("--plot", default=None, help="PNG path (default beside the CSV, same stem)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
     p.add_argument("--append", action="store_true", help="append to the CSV instead of overwriting it")
@@ -585,7 +600,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="spin the GPU this long before each timed call so host launch overhead is hidden (default 0: counted)",
     )
     p.add_argument("--skip-slow", action="store_true", help=f"skip slow ops (fused_recurrent) at B*T*H > {SLOW_BTH}")
-    p.add_argument("--gate-tol", type=float, default=GATE_TOL, help=f"gate threshold on rel RMS (default {GATE_TOL})")
+    p.add_argument("--gate-tol", type=float, default=GATE_TOL,
+                   help=f"gate threshold on the rel RMS against fla (default {GATE_TOL})")
     p.add_argument("--no-gate", action="store_true", help="skip the correctness gate (speed-ups then unreported)")
     p.add_argument("--fla-dispatch", action="store_true", help="leave fla's backend dispatch on (default: Triton path)")
     p.add_argument("--copy-gbps", type=float, default=COPY_CEILING_GBPS, help="copy ceiling for pct_of_copy")
@@ -650,6 +666,23 @@ OPS["chunk_titans_linear"] = OpSpec(
     slow=True,
 )
 
+# the op sets, one results file per GPU and set (benchmarks/results/<gpu>-<set>.csv)
+OP_SETS = {
+    "retention": ("chunk_retention", "fused_chunk_retention", "fused_recurrent_retention"),
+    "gla-family": (
+        "chunk_simple_gla", "chunk_simple_gla_g", "fused_chunk_simple_gla", "fused_recurrent_simple_gla",
+        "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
+        "chunk_lightning_attn", "fused_recurrent_lightning_attn", "chunk_gla", "fused_recurrent_gla",
+        "chunk_hgrn", "fused_recurrent_hgrn", "chunk_rwkv6", "fused_recurrent_rwkv6",
+        "chunk_abc", "chunk_gsa", "fused_recurrent_gsa",
+    ),
+    "delta-rule": ("chunk_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_delta_rule",
+                   "fused_recurrent_gated_delta_rule"),
+    "based": ("fused_chunk_based", "parallel_based", "parallel_rebased"),
+    "titans": ("chunk_titans_linear",),
+}  # fmt: skip
+
+
 def cases(args):
     """(op, shape, mode, provider, skip-reason) in run order: per shape, sdpa once, then per op fla before fla_tl."""
     order = [x for x in ("fla", "flash_qla", "fla_tl") if x in args.providers]
@@ -679,7 +712,7 @@ def dry_run(args) -> None:
         flops_fn = sdpa_flops if op == "sdpa" else OPS[op].flops
         fl = flops_fn(B, T, H, D, D) * (1 + BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
         print(f"{op:<28}{prov:<8}{mode:<8}{shape_name(shape):<18}{nbytes / 1e6:>10.1f}{fl / 1e9:>10.1f}  {skip or ''}")
-    print(f"gate: fla_tl vs fla (fallback: fp32 reference), rel RMS <= {args.gate_tol}")
+    print(f"gate: fla_tl vs fla, rel RMS <= {args.gate_tol} (fallback: fp32 reference, fla_tl.testing.TOLERANCES)")
     print(f"fla path: {'dispatch' if args.fla_dispatch else 'triton (FLA_DISABLE_BACKEND_DISPATCH=1)'}")
 
 
@@ -698,14 +731,11 @@ def fmt(x, spec=".3f") -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    # `python benchmarks/bench.py` puts benchmarks/ on the path, not the repo: make fla_tl importable uninstalled
-    if str(REPO) not in sys.path:
-        sys.path.insert(1, str(REPO))
     if args.dry_run:
         dry_run(args)
         return 0
     if not torch.cuda.is_available():
-        print("bench.py: no CUDA GPU here; run it on the device machine (or use --dry-run to list the cases)")
+        print("bench.py: no CUDA GPU here; run it on a GPU machine (or use --dry-run to list the cases)")
         return 2
 
     # fla's Triton kernels, not whatever backend fla would dispatch to, unless asked
@@ -716,7 +746,7 @@ def main(argv=None) -> int:
     dtype = DTYPES[args.dtype]
     elem = torch.empty((), dtype=dtype).element_size()
     gpu = torch.cuda.get_device_name()
-    out = Path(args.out) if args.out else HERE / "results" / f"{slug(gpu)}.csv"
+    out = Path(args.out) if args.out else default_out(gpu, args.ops)
     plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
 
     # resolve the callables once; a missing package becomes an error status on its rows
@@ -807,7 +837,12 @@ def main(argv=None) -> int:
             try:
                 results = [run(f_tl), run(ref_fn)]
                 err = max_err(*results)
-                ok = not math.isnan(err) and err <= args.gate_tol
+                if ref_name == "fla":
+                    ok = not math.isnan(err) and err <= args.gate_tol
+                else:
+                    # the fp32 reference: the check harness's tolerance for the input dtype, per output and gradient
+                    ok = not math.isnan(err) and all(compare(x, y, dtype)[0]
+                                                     for x, y in zip(*results))
                 if not ok and ref_name == "fla" and not math.isnan(err):
                     # fla_tl and fla differ: which of them is the closer to fla_tl's fp32 torch backend on the same
                     # inputs in fp32? fla_tl passes when its error is no larger than fla's

@@ -1,13 +1,13 @@
 """Host-side cost of one forward call on the device at a tiny shape (where the GPU waits on the host): per op, the
 time per call, then the cProfile of the first op's calls.
 
-    python tools/host_overhead.py [op,op,...]     (ops: simple_gla_g, simple_gla, delta, gated_delta,
-                                                  linear_attn, linear_attn_plain)
+    python benchmarks/host_overhead.py [op,op,...]     (ops: simple_gla_g, simple_gla, delta, gated_delta,
+                                                       linear_attn, linear_attn_plain; default all)
 """
 
+import argparse
 import cProfile
 import pstats
-import sys
 import time
 
 import torch
@@ -43,9 +43,17 @@ def cases():
     }
 
 
-def main():
+OPS = ("simple_gla_g", "simple_gla", "delta", "gated_delta", "linear_attn", "linear_attn_plain")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("ops", nargs="?", default=",".join(OPS), help="comma list of the ops above (default all)")
+    args = p.parse_args(argv)
+    names = args.ops.split(",")
+    if not set(names) <= set(OPS):
+        p.error(f"unknown ops {sorted(set(names) - set(OPS))}; known: {', '.join(OPS)}")
     table = cases()
-    names = sys.argv[1].split(",") if len(sys.argv) > 1 else list(table)
     for name in names:
         print(f"{name:14s} {per_call_us(table[name]):8.1f} us/call (1x64x1x128, forward)", flush=True)
     pr = cProfile.Profile()

@@ -1,12 +1,12 @@
 """Device timing of chunk_gla's stages over a few tile configs (no fla), for kernel work between benchmark runs.
 
-    python tools/gla_time.py [B T H D]          (on the GPU)
-    python tools/gla_time.py --compile           (here: build every timed config for sm_90a into the cache)
+    python benchmarks/gla_time.py [B T H D]     (on the GPU; default 8 4096 16 128)
+    python benchmarks/gla_time.py --compile     (no GPU needed: build every timed config for sm_90a, D = 128)
 """
 
-import sys
-
 import torch
+
+from kernel_time import bench, get_shape, shape_args  # benchmarks/ is on sys.path when a script here runs
 
 CUMSUM_BH = [64, 128]
 FWD_H = [dict(BK=64, BV=128, num_stages=2, threads=256),
@@ -15,34 +15,35 @@ FWD_O = [dict(BK=64, BV=128, threads=256), dict(BK=32, BV=128, threads=256), dic
 BWD_DQK = [dict(BK=64, BV=128, threads=256), dict(BK=32, BV=128, threads=256), dict(BK=64, BV=128, threads=128)]
 
 
-def compile_all(K=128, V=128, dtype="bfloat16"):
+def specs(K=128, V=128, dtype="bfloat16"):
+    """every timed config as a `KernelSpec` (for `fla_tl.autotune.build.build`)."""
     from fla_tl.kernels.common.chunk_h import chunk_bwd_dh_kernel, chunk_fwd_h_kernel
-    from fla_tl.kernels.common.utils import get_kernel
-    from fla_tl.kernels.gla.chunk import chunk_gla_bwd_dqk_kernel, chunk_gla_fwd_o_kernel
-
-    tgt = {"kind": "cuda", "arch": "sm_90a"}
     from fla_tl.kernels.common.cumsum import chunk_gate_cumsum_kernel
+    from fla_tl.kernels.gla.chunk import chunk_gla_bwd_dqk_kernel, chunk_gla_fwd_o_kernel
+    from fla_tl.registry import KernelSpec
 
-    for BH in CUMSUM_BH:
-        get_kernel(chunk_gate_cumsum_kernel, tgt, g_dtype="float32", BT=64, BH=BH)
-    for c in FWD_H:
-        for f in (chunk_fwd_h_kernel, chunk_bwd_dh_kernel):
-            get_kernel(f, tgt, K=K, V=V, gate="gk", dtype=dtype, h_dtype=dtype, BT=64, **c)
-    for c in FWD_O:
-        get_kernel(chunk_gla_fwd_o_kernel, tgt, K=K, V=V, dtype=dtype, h_dtype=dtype, BT=64, **c)
-    for c in BWD_DQK:
-        get_kernel(chunk_gla_bwd_dqk_kernel, tgt, K=K, V=V, dtype=dtype, h_dtype=dtype, BT=64, **c)
+    tiles = dict(K=K, V=V, dtype=dtype, h_dtype=dtype, BT=64)
+    out = [KernelSpec("cumsum", chunk_gate_cumsum_kernel, dict(g_dtype="float32", BT=64, BH=BH)) for BH in CUMSUM_BH]
+    out += [KernelSpec(f.__name__, f, dict(tiles, gate="gk", **c))
+            for c in FWD_H for f in (chunk_fwd_h_kernel, chunk_bwd_dh_kernel)]
+    out += [KernelSpec("fwd_o", chunk_gla_fwd_o_kernel, dict(tiles, **c)) for c in FWD_O]
+    out += [KernelSpec("bwd_dqk", chunk_gla_bwd_dqk_kernel, dict(tiles, **c)) for c in BWD_DQK]
+    return out
 
 
-def main():
-    from kernel_time import bench
+def compile_all(workers=2):
+    from fla_tl.autotune.build import build
 
+    for name, ok, seconds, message in build(specs(), {"kind": "cuda", "arch": "sm_90a"}, workers):
+        print(f"{name} {'ok' if ok else 'FAIL'} {seconds:.1f}s {message[:300]}", flush=True)
+
+
+def run(B, T, H, D):
     from fla_tl.kernels.common.chunk_h import chunk_bwd_dh, chunk_fwd_h
     from fla_tl.kernels.common.gates import head_decay
     from fla_tl.kernels.common.utils import seq_meta
     from fla_tl.kernels.gla import chunk as G
 
-    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
     q, k, v, do = (torch.randn(B * T, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(4))
     g = torch.nn.functional.logsigmoid(torch.randn(B, T, H, D, device="cuda"))
     meta = seq_meta(B, T, None, 64, q.device)
@@ -65,8 +66,16 @@ def main():
         print(f"bwd_dv+dqk {t:.3f} ms  {c}")
 
 
-if __name__ == "__main__":
-    if "--compile" in sys.argv:
-        compile_all()
+def main(argv=None):
+    p = shape_args(__doc__)
+    p.add_argument("--compile", action="store_true", help="build the timed configs for sm_90a (no GPU needed)")
+    p.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    args = p.parse_args(argv)
+    if args.compile:
+        compile_all(args.workers)
     else:
-        main()
+        run(*get_shape(p, args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,14 +1,14 @@
 """Device timing of fused_chunk_based's three kernels (no fla) at a few tile configs, for kernel work between benchmark
 runs; the configs are compiled first in parallel processes.
 
-    python tools/based_time.py [B T H V ...]     (default 8 4096 16 128 and 2 16384 16 128; q, k of dim 16)
+    python benchmarks/based_time.py [B T H V ...]     (default 8 4096 16 128 and 2 16384 16 128; q, k of dim 16)
 """
 
-import sys
+import argparse
 
 import torch
 
-from kernel_time import bench  # tools/ is on sys.path when a tool runs
+from kernel_time import bench  # benchmarks/ is on sys.path when a script here runs
 
 K = 16
 # (stage, config overrides) timed beside the launcher's default
@@ -58,15 +58,23 @@ def run(B, T, H, V):
               f"({B * H * NV} blocks)", flush=True)
 
 
-def main():
-    from fla_tl.kernels.build import build
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("shapes", nargs="*", type=int, metavar="N", help="B T H V, repeated (default 8 4096 16 128 2 16384 16 128)")
+    p.add_argument("--workers", type=int, default=8, help="compile processes (default 8)")
+    args = p.parse_args(argv)
+    if len(args.shapes) % 4:
+        p.error(f"expected groups of 4 numbers (B T H V), got {args.shapes}")
+    shapes = [tuple(args.shapes[i:i + 4]) for i in range(0, len(args.shapes), 4)] or [(8, 4096, 16, 128),
+                                                                                       (2, 16384, 16, 128)]
+    from fla_tl.autotune.build import build
+    from fla_tl.registry import KernelSpec
 
-    specs = [(stage, _factory(stage), _kwargs(stage, 128, o)) for stage, o in VARIANTS]
-    for name, ok, seconds, message in build(specs, {"kind": "cuda", "arch": "sm_90a"}, workers=8):
+    # the configs at V = 128 (other V compile on first use)
+    specs = [KernelSpec(stage, _factory(stage), _kwargs(stage, 128, o)) for stage, o in VARIANTS]
+    for name, ok, seconds, message in build(specs, {"kind": "cuda", "arch": "sm_90a"}, workers=args.workers):
         if not ok:
             print(f"{name} FAIL {seconds:.1f}s {message[:300]}", flush=True)
-    args = [int(x) for x in sys.argv[1:]]
-    shapes = [tuple(args[i:i + 4]) for i in range(0, len(args), 4)] or [(8, 4096, 16, 128), (2, 16384, 16, 128)]
     for shape in shapes:
         run(*shape)
 

@@ -1,12 +1,13 @@
-"""Per-kernel CUDA time of a few ops' forward + backward (torch.profiler), for kernel work between benchmark runs.
+"""Per-kernel CUDA time of a few ops' forward + backward (torch.profiler, five calls after three warm-up calls), for
+kernel work between benchmark runs.
 
-    python tools/profile_ops.py [B T H D [case,case]]
+    python benchmarks/profile_ops.py [B T H D] [--cases "simple_gla g,gla"]     (default 8 4096 16 128, every case)
 """
-
-import sys
 
 import torch
 import torch.nn.functional as F
+
+from kernel_time import get_shape, shape_args  # benchmarks/ is on sys.path when a script here runs
 
 
 def _delta_qkv(qkv):
@@ -38,9 +39,18 @@ def cases(B, T, H, D):
         [F.elu(x.detach()).add(1).requires_grad_() for x in qkv()]
 
 
-def main():
-    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
-    only = sys.argv[5].split(",") if len(sys.argv) > 5 else None
+CASES = ("simple_gla g", "simple_gla gamma", "gla", "gated_delta_rule", "delta_rule", "rwkv6", "abc",
+         "linear_attn normalize")
+
+
+def main(argv=None):
+    p = shape_args(__doc__)
+    p.add_argument("--cases", default=None, help=f"comma list among: {', '.join(CASES)} (default all)")
+    args = p.parse_args(argv)
+    B, T, H, D = get_shape(p, args)
+    only = args.cases.split(",") if args.cases else None
+    if only and not set(only) <= set(CASES):
+        p.error(f"--cases: unknown {sorted(set(only) - set(CASES))}; known: {', '.join(CASES)}")
     for name, fn, inputs in cases(B, T, H, D):
         if only and name not in only:
             continue

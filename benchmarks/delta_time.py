@@ -1,15 +1,13 @@
-"""Device timing of the chunk (gated) delta rule's stages and of the state passes' tile configs (no fla), for kernel
-work between benchmark runs.
+"""Device timing of the chunk (gated) delta rule's stages and of the tile configs of its state passes and WY kernels
+(no fla), for kernel work between benchmark runs.
 
-    python tools/delta_time.py [B T H D]                 (on the GPU: every stage, then the config sweeps)
-    python tools/delta_time.py --compile [workers] [D]   (here or on the GPU host: build the swept configs)
+    python benchmarks/delta_time.py [B T H D]                          (on the GPU; default 8 4096 16 128)
+    python benchmarks/delta_time.py --compile [--workers N] [--dim D]  (no GPU needed: build the swept configs)
 """
-
-import sys
 
 import torch
 
-from kernel_time import bench  # tools/ is on sys.path when a tool runs
+from kernel_time import bench, get_shape, shape_args  # benchmarks/ is on sys.path when a script here runs
 
 # tile configs swept for the three sequential passes (the first is the launchers' default)
 CONFIGS = [
@@ -24,22 +22,24 @@ WY_THREADS = (128, 256)
 
 
 def specs(D: int = 128, dtype: str = "bfloat16"):
+    """the swept kernels as `KernelSpec`s (for `fla_tl.autotune.build.build`)."""
     from fla_tl.kernels.common import chunk_delta_h as Dh
     from fla_tl.kernels.common import fused_chunk_delta as F
     from fla_tl.kernels.common import wy
+    from fla_tl.registry import KernelSpec
 
     out = []
     for gate in GATES:
         for c in CONFIGS:
             kv = dict(K=D, V=D, gate=gate, dtype=dtype, BT=64, **c)
-            out.append(("fused", F.fused_chunk_delta_fwd_kernel, kv))
-            out.append(("fwd_h", Dh.chunk_delta_fwd_h_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
-            out.append(("dhu", Dh.chunk_delta_bwd_dhu_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
+            out.append(KernelSpec("fused", F.fused_chunk_delta_fwd_kernel, kv))
+            out.append(KernelSpec("fwd_h", Dh.chunk_delta_fwd_h_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
+            out.append(KernelSpec("dhu", Dh.chunk_delta_bwd_dhu_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
     for gate in GATES:
         for threads in WY_THREADS:
             wkv = dict(K=D, V=D, dtype=dtype, beta_dtype="float32", gate=gate, BT=64, threads=threads)
-            out.append(("wy_fwd", wy.wy_fwd_kernel, wkv))
-            out.append(("wy_bwd", wy.wy_bwd_kernel, dict(dk_dtype=dtype, **wkv)))
+            out.append(KernelSpec("wy_fwd", wy.wy_fwd_kernel, wkv))
+            out.append(KernelSpec("wy_bwd", wy.wy_bwd_kernel, dict(dk_dtype=dtype, **wkv)))
     return out
 
 
@@ -93,17 +93,19 @@ def run(B, T, H, D):
                 print(f"  gate={gate:4s} {name:28s} FAILED {type(e).__name__}: {str(e)[:200]}", flush=True)
 
 
-def main():
-    if sys.argv[1:2] == ["--compile"]:
-        from fla_tl.kernels.build import build
+def main(argv=None):
+    p = shape_args(__doc__)
+    p.add_argument("--compile", action="store_true", help="build the swept configs for sm_90a (no GPU needed)")
+    p.add_argument("--workers", type=int, default=2, help="compile processes (default 2)")
+    p.add_argument("--dim", type=int, default=128, help="K = V of --compile (default 128)")
+    args = p.parse_args(argv)
+    if args.compile:
+        from fla_tl.autotune.build import build
 
-        workers = int(sys.argv[2]) if len(sys.argv) > 2 else 2
-        D = int(sys.argv[3]) if len(sys.argv) > 3 else 128
-        for name, ok, seconds, message in build(specs(D), {"kind": "cuda", "arch": "sm_90a"}, workers):
-            print(f"{name:8s} {'ok' if ok else 'FAIL'} {seconds:.1f}s {message[:300]}", flush=True)
+        for name, ok, seconds, message in build(specs(args.dim), {"kind": "cuda", "arch": "sm_90a"}, args.workers):
+            print(f"{name} {'ok' if ok else 'FAIL'} {seconds:.1f}s {message[:300]}", flush=True)
         return
-    B, T, H, D = (int(x) for x in sys.argv[1:5]) if len(sys.argv) > 4 else (8, 4096, 16, 128)
-    run(B, T, H, D)
+    run(*get_shape(p, args))
 
 
 if __name__ == "__main__":
