@@ -47,6 +47,12 @@ DELTA_NOTE = ("The recurrence is unstable when keys are not normalised (the stat
               "eigenvalue 1 - beta |k|^2): pass L2-normalised keys or `use_qk_l2norm_in_kernel=True`, as with fla.")
 
 
+def _with_note(fn):
+    """a public function with DELTA_NOTE at the end of its docstring."""
+    fn.__doc__ = fn.__doc__.rstrip() + "\n\n    " + DELTA_NOTE + "\n"
+    return fn
+
+
 # ---------------------------------------------------------------------------------------------- validation
 
 
@@ -372,7 +378,6 @@ FUSED_CHUNK = OpSpec(
     name="fused_chunk_delta_rule", variant="delta_rule", mode="fused_chunk", reference=recurrent_gated_delta_rule,
     backends=[refusing_backend("tilelang", tilelang_capabilities(), DELTA_DROPPED),
               refusing_backend("torch", torch_capabilities(), DELTA_DROPPED)],
-    cases=lambda device, dtype: [],
 )
 
 
@@ -407,6 +412,7 @@ def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state,
 
 
 @register(CHUNK)
+@_with_note
 def chunk_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -448,7 +454,6 @@ def chunk_delta_rule(
         >>> q, k, v, beta = (x.flatten(0, 1)[None] for x in (q, k, v, beta))
         >>> o, ht = chunk_delta_rule(q, k, v, beta, cu_seqlens=torch.tensor([0, 100, 600]), output_final_state=True)
 
-    {note}
     """
     _delta_chunk_size("chunk_delta_rule", kwargs)
     if kwargs:
@@ -458,6 +463,7 @@ def chunk_delta_rule(
 
 
 @register(FUSED_RECURRENT)
+@_with_note
 def fused_recurrent_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -485,6 +491,7 @@ def fused_recurrent_delta_rule(
 
 
 @register(CHUNK_GATED)
+@_with_note
 def chunk_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -552,6 +559,7 @@ def chunk_gated_delta_rule(
 
 
 @register(FUSED_RECURRENT_GATED)
+@_with_note
 def fused_recurrent_gated_delta_rule(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -599,8 +607,3 @@ def fused_recurrent_gated_delta_rule(
 def fused_chunk_delta_rule(**kwargs):
     """fla 0.6.0's stub raises; so does fla_tl (registered with that refusal): use :func:`chunk_delta_rule`."""
     raise NotImplementedError("fused_chunk_delta_rule is deprecated. Please use chunk_delta_rule instead.")
-
-
-for _fn in (chunk_delta_rule, fused_recurrent_delta_rule, chunk_gated_delta_rule, fused_recurrent_gated_delta_rule):
-    _fn.__doc__ = _fn.__doc__.replace("{note}", DELTA_NOTE) if "{note}" in _fn.__doc__ else _fn.__doc__ + "\n    " + \
-        DELTA_NOTE + "\n"
