@@ -343,3 +343,61 @@ def test_gate_chunks_layout():
             t = min(bos + j * BT + r, eos - 1)
             torch.testing.assert_close(got[:, c, r], gc[t])
     assert gate_chunks(None, meta, H, BT, gc).shape == (1, BT)
+
+
+# ---------------------------------------------------------------- cpu: the tilelang backend's glue, launchers emulated
+
+
+def _emulated_launchers(mode):
+    """PyTorch stand-ins with the contract of the simple-GLA launchers of `mode` (states `[K, V]` in the chunk modes)."""
+    from fla_tl.reference import chunk_simple_gla_torch
+
+    def fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, **options):
+        with torch.no_grad():
+            return chunk_simple_gla_torch(q, k, v, g=g, g_gamma=g_gamma, scale=scale, initial_state=initial_state,
+                                          output_final_state=output_final_state, cu_seqlens=cu_seqlens, **options)
+
+    def bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens, g=None, ht=None, **options):
+        assert ht is not None or g is None or dht is None, "the gate's gradient needs the final state"
+        given = [x for x in (q, k, v, initial_state, g) if x is not None]
+
+        def form(q, k, v, *rest):
+            rest = list(rest)
+            h0 = rest.pop(0) if initial_state is not None else None
+            gate = rest.pop(0) if g is not None else None
+            o, h = chunk_simple_gla_torch(q, k, v, g=gate, g_gamma=g_gamma, scale=scale, initial_state=h0,
+                                          output_final_state=dht is not None, cu_seqlens=cu_seqlens, **options)
+            return (o, h) if dht is not None else (o,)
+
+        # torch.func: the compiled path runs this inside a custom op, below autograd
+        _, vjp = torch.func.vjp(form, *given)
+        grads = iter(vjp((do, dht) if dht is not None else (do,)))
+        return tuple(next(grads) if x is not None else None for x in (q, k, v, initial_state, g))
+
+    return fwd, bwd
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize(("op", "options"), [
+    ("chunk", {"state_v_first": True}), ("fused_chunk", {}), ("fused_recurrent", {"reverse": True, "state_v_first": True}),
+])
+def test_tilelang_glue_with_emulated_launchers(op, options, compiled, monkeypatch):
+    """the tilelang backend's glue (contiguity, state transposes, gates, the final state for dg, the eager and custom-op
+    paths) on the CPU, each launcher replaced by a PyTorch stand-in of its contract, against the recurrence."""
+    import importlib
+
+    from fla_tl.registry import get_op
+
+    module = importlib.import_module(f"fla_tl.kernels.simple_gla.{op}")
+    fwd, bwd = _emulated_launchers(op)
+    monkeypatch.setattr(module, f"{op}_simple_gla_fwd", fwd)
+    monkeypatch.setattr(module, f"{op}_simple_gla_bwd", bwd)
+    monkeypatch.setattr(get_op(f"{op}_simple_gla").backend("tilelang"), "verifier", lambda inputs: [])
+    fn = torch.compile(OPS[op], fullgraph=True, backend="aot_eager") if compiled else OPS[op]
+    torch._dynamo.reset()
+    lens = (1, 63, 0, 70)
+    q, k, v, state = make_inputs(1, sum(lens), 2, 16, 24, torch.float64, N=len(lens),
+                                 state_v_first=options.get("state_v_first", False))
+    grad, plain = make_gates(1, sum(lens), 2, torch.float64, kind="g+g_gamma")
+    check_op(fn, recurrent_simple_gla, q, k, v, state, cu_seqlens=_cu(lens), backend="tilelang", grad_kwargs=grad,
+             **plain, **options)
