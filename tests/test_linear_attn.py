@@ -182,6 +182,7 @@ def _emulated_kernel(factory, target, **kw):
                 total[n] = acc
     elif name == "normalize_fwd_kernel":
         def run(q, k, o, zc, cu, ci, y, den, scale):
+            assert zc.shape[0] == ci.shape[0], "the kernel's zc and chunk_indices share their first extent (NT)"
             for c, t0, nv in chunks(cu, ci):
                 qs, ks = q[t0:t0 + nv].to(den.dtype), k[t0:t0 + nv].to(den.dtype)
                 a = torch.einsum("ihk,jhk->hij", qs, ks).tril()
@@ -194,6 +195,7 @@ def _emulated_kernel(factory, target, **kw):
             c.copy_(-scale * (dy * y).sum(-1).to(c.dtype) / den)
     elif name == "normalize_bwd_dqk_kernel":
         def run(q, k, c, zc, rc, cu, ci, dq, dk):
+            assert zc.shape[0] == rc.shape[0] == ci.shape[0], "zc, rc and chunk_indices share their first extent (NT)"
             for ch, t0, nv in chunks(cu, ci):
                 cs = c[t0:t0 + nv]  # [nv, H]
                 m = torch.ones(nv, nv, dtype=cs.dtype).tril()[None] * cs.T[:, :, None]  # [H, i, j] = c_i (j <= i)

@@ -289,7 +289,8 @@ def key_sum_normalize_fwd(o, q, k, scale: float, z_init=None, reverse: bool = Fa
     if meta.NT:
         kernel = get_kernel(normalize_fwd_kernel, target_for(q.device), K=K, V=o.shape[-1],
                             dtype=TORCH_TO_TL[q.dtype], BT=BT)
-        kernel(q_, k_, o_, zc, meta.cu, meta.chunk_indices, y, den, scale)
+        # the kernels index the first NT rows (the buffer's shape is known from the input shapes alone)
+        kernel(q_, k_, o_, zc[:meta.NT], meta.cu, meta.chunk_indices, y, den, scale)
     y = y.view(B, T, H, -1)
     if reverse:
         y = y.flip(1)
@@ -320,7 +321,7 @@ def key_sum_normalize_bwd(q, k, y, den, zc, dy, dz, *, scale: float, has_z0: boo
         # the scan's total is dz_0
         rc, dz0 = _chunk_scan(q_, c, dzf, meta, BT, reverse=True)
         get_kernel(normalize_bwd_dqk_kernel, target, K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)(
-            q_, k_, c, zc, rc, meta.cu, meta.chunk_indices, dq, dk)
+            q_, k_, c, zc[:meta.NT], rc, meta.cu, meta.chunk_indices, dq, dk)
     grads = [x.view(B, T, H, -1) for x in (do, dq, dk)]
     if reverse:
         grads = [x.flip(1) for x in grads]
