@@ -1,19 +1,20 @@
-"""Time fla_tl against fla (Triton) and causal SDPA at fla's benchmark shapes.
+"""Time fla_tl against fla (Triton), FlashQLA and causal SDPA at fla's benchmark shapes.
 
 Modes: `fwd` (forward only, inputs without grad) and `fwdbwd` (forward + `o.backward(do)`).
 For each (op, shape) a correctness gate runs first: fla_tl against fla (or, when fla is missing or refuses,
 against an fp32 PyTorch reference where the op has one). A row whose gate fails gets no speed-up.
 
-Writes one CSV row per (op, provider, mode, shape) and a PNG; prints a compact table last.
-See benchmarks/README.md for the columns and the formulas.
+Writes one CSV row per (op, provider, mode, shape) as each finishes, and a PNG; prints a compact table last.
+Ops, shapes and models live in benchmarks/specs.py; see benchmarks/README.md for the columns and the formulas.
 
-    python benchmarks/bench.py --ops chunk_retention --shapes 8x4096x16x128 --modes fwd,fwdbwd
+    python benchmarks/bench.py --ops chunk_retention --shapes main --modes fwd,fwdbwd
+    python benchmarks/bench.py --ops chunk --shapes fla --providers fla_tl,fla --resume --time-budget 480 --out X.csv
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import contextlib
 import datetime
 import importlib
 import importlib.metadata
@@ -25,442 +26,66 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-# `python benchmarks/bench.py` puts benchmarks/ on the path, not the repo: make fla_tl importable uninstalled
-if str(REPO) not in sys.path:
-    sys.path.insert(1, str(REPO))
+# `python benchmarks/bench.py` puts benchmarks/ on the path, not the repo: make fla_tl importable uninstalled, and
+# specs / plan where bench.py is loaded from elsewhere (the tests)
+for _path in (REPO, HERE):
+    if str(_path) not in sys.path:
+        sys.path.insert(1, str(_path))
 
-from fla_tl.testing import compare, rel_rms  # noqa: E402  (the shared check harness)
+from plan import (  # noqa: E402
+    Budget,
+    Case,
+    done_keys,
+    export_autotune,
+    plan,
+    read_csv,
+    row_key,
+    row_shape,
+    write_csv,
+)
+from specs import (  # noqa: E402
+    BWD_FLOP_FACTOR,
+    NAMED_SHAPES,
+    OP_SETS,
+    OPS,
+    REGISTRY_MODES,
+    SHAPE_SYNTAX,
+    Shape,
+    op_consts,
+    op_inputs,
+    ops_of_mode,
+    parse_shapes,
+    registry_modes,
+    sdpa_call,
+    sdpa_flops,
+    sdpa_inputs,
+    takes_argument,
+)
 
+# the shared check harness
+from fla_tl.testing import compare, rel_rms  # noqa: E402
+
+START = time.monotonic()
 # measured device-to-device copy ceiling (bytes read + bytes written) on the H100, GB/s
 COPY_CEILING_GBPS = 3000.0
 # a failed gate against fla: relative RMS of fla_tl against fla above this, or NaN. Both sides round (fla_tl and fla
 # in the input dtype), so the bound is looser than the harness's table (fla_tl.testing.TOLERANCES), which applies
 # when the gate compares against the fp32 reference instead
 GATE_TOL = 5e-2
-# the chunk length the FLOP model of the chunked ops assumes
-FLOP_BT = 64
-# backward costs about 2.5x the forward in FLOPs; fwdbwd = 3.5x fwd
-BWD_FLOP_FACTOR = 2.5
 # L2 flush buffer, larger than any L2 (50 MB on H100)
 FLUSH_BYTES = 256 * 1024 * 1024
 
-# fla's benchmark shape set, (B, T, H, D), plus the main comparison shape B=8, T=4096, H=16, D=128
-SHAPES = [
-    (1, 8192, 96, 128),
-    (2, 16384, 16, 128),
-    (4, 2048, 16, 128),
-    (4, 4096, 64, 128),
-    (8, 1024, 8, 64),
-    (8, 2048, 32, 256),
-    (8, 4096, 16, 128),
-]
-# fused_recurrent is skipped above this B*T*H under --skip-slow
-SLOW_BTH = 8 * 4096 * 16
-
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-PROVIDERS = ("fla_tl", "fla", "flash_qla", "sdpa")
+# where the inputs live (the tests run the loop on the CPU with a stand-in timer)
+DEVICE = "cuda"
+PROVIDERS = ("fla_tl", "fla", "flashqla", "sdpa")
 MODES = ("fwd", "fwdbwd")
-CSV_COLUMNS = [
-    "date", "gpu", "torch", "triton", "tilelang", "fla_version", "fla_tl_version",
-    "op", "provider", "mode", "B", "T", "H", "D", "dtype",
-    "median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "tflops", "peak_mem_mb",
-    "ratio_to_fla", "gate_rel_rms", "gate", "fla_path", "status",
-]  # fmt: skip
-
-
-def shape_name(shape: tuple[int, int, int, int]) -> str:
-    return "x".join(str(x) for x in shape)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# inputs, FLOP models, references
-
-
-def qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # layout [B, T, H, D]; k l2-normalised like fla's benchmarks, so the un-gated states stay bounded
-    q = torch.randn(B, T, H, D, dtype=dtype, device=device)
-    k = F.normalize(torch.randn(B, T, H, D, dtype=torch.float32, device=device), p=2, dim=-1).to(dtype)
-    v = torch.randn(B, T, H, D, dtype=dtype, device=device)
-    return {"q": q, "k": k, "v": v}
-
-
-# fla's fused_chunk_based takes feature dims up to 16; its second-order Taylor map gives 1 + 16 + 16 * 17 / 2 dims
-BASED_FEATURE, BASED_MAP = 16, 153
-
-
-def based16_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # q, k of the feature dim 16 (scaled like fla's Based layer's feature projections), v of head dim D
-    qk = {n: (torch.randn(B, T, H, BASED_FEATURE, dtype=torch.float32, device=device) / 4).to(dtype) for n in "qk"}
-    return {**qk, "v": torch.randn(B, T, H, D, dtype=dtype, device=device)}
-
-
-def positive_qkv_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # normalised linear attention divides by q . sum(k): with the positive feature maps it is used with (elu + 1)
-    # the denominators stay away from zero; on raw randn they cross it and the output is ill-conditioned
-    x = qkv_inputs(B, T, H, D, dtype, device)
-    return {**x, "q": (F.elu(x["q"].float()) + 1).to(dtype), "k": (F.elu(x["k"].float()) + 1).to(dtype)}
-
-
-def qkvg_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # simple GLA's per-token log gate, fp32 as fla's benchmarks draw it
-    return {**qkv_inputs(B, T, H, D, dtype, device),
-            "g": F.logsigmoid(torch.randn(B, T, H, dtype=torch.float32, device=device))}
-
-
-def hgrn_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # HGRN runs on [B, T, H * D] channels; log forget gates in the input dtype, as fla's tests draw them
-    return {"x": torch.randn(B, T, H * D, dtype=torch.float32, device=device).to(dtype),
-            "g": F.logsigmoid(torch.randn(B, T, H * D, dtype=torch.float32, device=device)).to(dtype)}
-
-
-def qkvgk_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # GLA's per-key log gate, fp32
-    return {**qkv_inputs(B, T, H, D, dtype, device),
-            "g": F.logsigmoid(torch.randn(B, T, H, D, dtype=torch.float32, device=device))}
-
-
-def qkv_gk_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # fused_recurrent_gla names the key gate gk
-    x = qkvgk_inputs(B, T, H, D, dtype, device)
-    x["gk"] = x.pop("g")
-    return x
-
-
-def delta_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # DeltaNet: normalised keys, beta in (0, 1)
-    x = qkv_inputs(B, T, H, D, dtype, device)
-    x["beta"] = torch.rand(B, T, H, dtype=dtype, device=device)
-    return x
-
-
-def gated_delta_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    x = delta_inputs(B, T, H, D, dtype, device)
-    x["g"] = F.logsigmoid(torch.randn(B, T, H, dtype=torch.float32, device=device))
-    return x
-
-
-def rwkv6_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # RWKV6: receptance r, per-key log decays w (fp32, as GLA's gate), the bonus u [H, K]
-    x = qkv_inputs(B, T, H, D, dtype, device)
-    return {"r": x.pop("q"), **x, "w": F.logsigmoid(torch.randn(B, T, H, D, dtype=torch.float32, device=device)),
-            "u": torch.randn(H, D, dtype=dtype, device=device)}
-
-
-def decay_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
-    # retention-like per-head constant decays
-    return {"g_gamma": torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, dtype=torch.float32, device=device)))}
-
-
-def lightning_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
-    return {"layer_idx": 1, "num_layers": 8}
-
-
-def chunk_flops(B: int, T: int, H: int, K: int, V: int) -> float:
-    # per token per head, chunk length BT: q k^T in the chunk (2*BT*K), A v (2*BT*V),
-    # q h against the chunk-start state (2*K*V), the state update k^T v (2*K*V); causal halving ignored
-    return B * T * H * 2.0 * (FLOP_BT * K + FLOP_BT * V + 2 * K * V)
-
-
-def recurrent_flops(B: int, T: int, H: int, K: int, V: int) -> float:
-    # per token per head: rank-1 state update k^T v (2*K*V) and the readout q S (2*K*V)
-    return B * T * H * 4.0 * K * V
-
-
-def hgrn_flops(B: int, T: int, H: int, K: int, V: int) -> float:
-    # per channel per token: exp(g), the multiply and the add
-    return B * T * H * K * 3.0
-
-
-def sdpa_flops(B: int, T: int, H: int, K: int, V: int) -> float:
-    # causal: q k^T and p v over half the T*T square, 2*B*T*T*H*D in all
-    return 2.0 * B * T * T * H * K
-
-
-def retention_reference(q, k, v, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
-    """fp32 chunked retention, fla's decay gamma_h = 1 - 2^(-5 - h); dense, no initial state. Gate fallback only."""
-    if initial_state is not None or cu_seqlens is not None:
-        raise NotImplementedError("reference gate covers the dense, stateless call only")
-    B, T, H, K = q.shape
-    V = v.shape[-1]
-    BT = 64
-    scale = K**-0.5 if scale is None else scale
-    q, k, v = (x.float().transpose(1, 2) for x in (q, k, v))  # [B, H, T, *]
-    pad = (-T) % BT
-    if pad:
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-    NT = (T + pad) // BT
-    q, k, v = (x.reshape(B, H, NT, BT, -1) for x in (q, k, v))
-    log_gamma = torch.log1p(-torch.pow(2.0, -5.0 - torch.arange(H, device=q.device, dtype=torch.float32)))
-    i = torch.arange(BT, device=q.device, dtype=torch.float32)
-    lg = log_gamma[:, None, None]
-    # [H, BT, BT] decay gamma^(i - j) on and under the diagonal
-    decay = torch.exp((i[:, None] - i[None, :]) * lg).masked_fill(i[:, None] < i[None, :], 0.0)
-    q_decay = torch.exp((i + 1) * log_gamma[:, None])[:, :, None]  # [H, BT, 1]
-    k_decay = torch.exp((BT - 1 - i) * log_gamma[:, None])[:, :, None]  # [H, BT, 1]
-    chunk_decay = torch.exp(BT * log_gamma)[:, None, None]  # [H, 1, 1]
-    state = q.new_zeros(B, H, K, V)
-    outs = []
-    for n in range(NT):
-        qn, kn, vn = q[:, :, n], k[:, :, n], v[:, :, n]
-        attn = (qn @ kn.transpose(-1, -2)) * decay
-        outs.append((attn @ vn + (qn * q_decay) @ state) * scale)
-        state = chunk_decay * state + (kn * k_decay).transpose(-1, -2) @ vn
-    o = torch.stack(outs, dim=2).reshape(B, H, NT * BT, V)[:, :, :T].transpose(1, 2)
-    # the padded tail decayed the state pad steps too far
-    state = state * torch.exp(-pad * log_gamma)[:, None, None]
-    return o, (state if output_final_state else None)
-
-
-@dataclass(frozen=True)
-class OpSpec:
-    """One benchmarked op: where its fla_tl and fla functions live ("module:attr"), and its models.
-
-    `inputs(B, T, H, D, dtype, device)` returns the keyword tensors; every one gets a gradient in fwdbwd.
-    `consts(B, T, H, D, device)` returns keyword arguments without gradient (a constant decay, a layer index).
-    The call is `fn(**inputs, **consts)` and its first return value is the output `o`.
-    """
-
-    fla_tl: str
-    fla: str | None
-    flops: Callable[[int, int, int, int, int], float]
-    inputs: Callable[..., dict[str, torch.Tensor]] = qkv_inputs
-    reference: Callable | None = None
-    slow: bool = False
-    consts: Callable[..., dict] | None = None
-    # FlashQLA's counterpart ("module:attr"; Gated DeltaNet only), timed as its own provider
-    flash_qla: str | None = None
-
-
-# adding an op is one entry here
-OPS: dict[str, OpSpec] = {
-    "chunk_retention": OpSpec(
-        fla_tl="fla_tl.ops:chunk_retention",
-        fla="fla.ops.retention:chunk_retention",
-        flops=chunk_flops,
-        reference=retention_reference,
-    ),
-    "fused_chunk_retention": OpSpec(
-        fla_tl="fla_tl.ops:fused_chunk_retention",
-        fla="fla.ops.retention:fused_chunk_retention",
-        flops=chunk_flops,
-        reference=retention_reference,
-    ),
-    "fused_recurrent_retention": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_retention",
-        fla="fla.ops.retention:fused_recurrent_retention",
-        flops=recurrent_flops,
-        reference=retention_reference,
-        slow=True,
-    ),
-    "chunk_simple_gla": OpSpec(
-        fla_tl="fla_tl.ops:chunk_simple_gla",
-        fla="fla.ops.simple_gla:chunk_simple_gla",
-        flops=chunk_flops,
-        consts=decay_consts,
-    ),
-    # the per-token gate g (fp32) instead of a constant decay
-    "chunk_simple_gla_g": OpSpec(
-        fla_tl="fla_tl.ops:chunk_simple_gla",
-        fla="fla.ops.simple_gla:chunk_simple_gla",
-        flops=chunk_flops,
-        inputs=qkvg_inputs,
-    ),
-    "fused_chunk_simple_gla": OpSpec(
-        fla_tl="fla_tl.ops:fused_chunk_simple_gla",
-        fla="fla.ops.simple_gla:fused_chunk_simple_gla",
-        flops=chunk_flops,
-        consts=decay_consts,
-    ),
-    "fused_recurrent_simple_gla": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_simple_gla",
-        fla="fla.ops.simple_gla:fused_recurrent_simple_gla",
-        flops=recurrent_flops,
-        consts=decay_consts,
-        slow=True,
-    ),
-    "chunk_linear_attn": OpSpec(
-        fla_tl="fla_tl.ops:chunk_linear_attn",
-        fla="fla.ops.linear_attn:chunk_linear_attn",
-        flops=chunk_flops,
-        inputs=positive_qkv_inputs,
-    ),
-    "fused_chunk_linear_attn": OpSpec(
-        fla_tl="fla_tl.ops:fused_chunk_linear_attn",
-        fla="fla.ops.linear_attn:fused_chunk_linear_attn",
-        flops=chunk_flops,
-        inputs=positive_qkv_inputs,
-    ),
-    "fused_recurrent_linear_attn": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_linear_attn",
-        fla="fla.ops.linear_attn:fused_recurrent_linear_attn",
-        flops=recurrent_flops,
-        slow=True,
-    ),
-    # no TileLang kernel yet: fla_tl runs its torch backend
-    "chunk_gla": OpSpec(
-        fla_tl="fla_tl.ops:chunk_gla",
-        fla="fla.ops.gla:chunk_gla",
-        flops=chunk_flops,
-        inputs=qkvgk_inputs,
-    ),
-    "fused_recurrent_gla": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_gla",
-        fla="fla.ops.gla:fused_recurrent_gla",
-        flops=recurrent_flops,
-        inputs=qkv_gk_inputs,
-        slow=True,
-    ),
-    "chunk_delta_rule": OpSpec(
-        fla_tl="fla_tl.ops:chunk_delta_rule",
-        fla="fla.ops.delta_rule:chunk_delta_rule",
-        flops=chunk_flops,
-        inputs=delta_inputs,
-    ),
-    "chunk_gated_delta_rule": OpSpec(
-        fla_tl="fla_tl.ops:chunk_gated_delta_rule",
-        fla="fla.ops.gated_delta_rule:chunk_gated_delta_rule",
-        flops=chunk_flops,
-        inputs=gated_delta_inputs,
-        flash_qla="flash_qla:chunk_gated_delta_rule",
-    ),
-    "fused_recurrent_delta_rule": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_delta_rule",
-        fla="fla.ops.delta_rule:fused_recurrent_delta_rule",
-        flops=recurrent_flops,
-        inputs=delta_inputs,
-        slow=True,
-    ),
-    # fla 0.6.0's has no backward (its fwdbwd row is an error row)
-    "fused_recurrent_gated_delta_rule": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_gated_delta_rule",
-        fla="fla.ops.gated_delta_rule:fused_recurrent_gated_delta_rule",
-        flops=recurrent_flops,
-        inputs=gated_delta_inputs,
-        slow=True,
-    ),
-    "chunk_hgrn": OpSpec(
-        fla_tl="fla_tl.ops:chunk_hgrn",
-        fla="fla.ops.hgrn:chunk_hgrn",
-        flops=hgrn_flops,
-        inputs=hgrn_inputs,
-    ),
-    "fused_recurrent_hgrn": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_hgrn",
-        fla="fla.ops.hgrn:fused_recurrent_hgrn",
-        flops=hgrn_flops,
-        inputs=hgrn_inputs,
-    ),
-    "chunk_lightning_attn": OpSpec(
-        fla_tl="fla_tl.ops:chunk_lightning_attn",
-        fla="fla.ops.lightning_attn:chunk_lightning_attn",
-        flops=chunk_flops,
-        consts=lightning_consts,
-    ),
-    "fused_recurrent_lightning_attn": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_lightning_attn",
-        fla="fla.ops.lightning_attn:fused_recurrent_lightning_attn",
-        flops=recurrent_flops,
-        consts=lightning_consts,
-        slow=True,
-    ),
-    "chunk_rwkv6": OpSpec(
-        fla_tl="fla_tl.ops:chunk_rwkv6",
-        fla="fla.ops.rwkv6:chunk_rwkv6",
-        flops=chunk_flops,
-        inputs=rwkv6_inputs,
-    ),
-    "fused_recurrent_rwkv6": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_rwkv6",
-        fla="fla.ops.rwkv6:fused_recurrent_rwkv6",
-        flops=recurrent_flops,
-        inputs=rwkv6_inputs,
-        slow=True,
-    ),
-    # Based on fla's fused chunk kernel: q, k of its feature dim 16 (expanded to 1 + 16 + 136 = 153 by the map)
-    "fused_chunk_based": OpSpec(
-        fla_tl="fla_tl.ops:fused_chunk_based",
-        fla="fla.ops.based:fused_chunk_based",
-        flops=lambda B, T, H, K, V: chunk_flops(B, T, H, BASED_MAP, V),
-        inputs=lambda B, T, H, D, dtype, device: based16_inputs(B, T, H, D, dtype, device),
-    ),
-    # Based / ReBased in the attention form (quadratic in T)
-    "parallel_based": OpSpec(
-        fla_tl="fla_tl.ops:parallel_based",
-        fla="fla.ops.based:parallel_based",
-        flops=lambda B, T, H, K, V: B * H * T * T * (K + V),
-    ),
-    "parallel_rebased": OpSpec(
-        fla_tl="fla_tl.ops:parallel_rebased",
-        fla="fla.ops.rebased:parallel_rebased",
-        flops=lambda B, T, H, K, V: B * H * T * T * (K + V),
-    ),
-}
-
-# gated slot attention and ABC: M = 64 slots as fla's tests and benchmarks use; FLOPs of the two passes
-GSA_SLOTS = 64
-
-
-def abc_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    return {**qkv_inputs(B, T, H, D, dtype, device),
-            "s": torch.randn(B, T, H, GSA_SLOTS, dtype=torch.float32, device=device).to(dtype)}
-
-
-def gsa_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # the slot log gate in fp32
-    return {**abc_inputs(B, T, H, D, dtype, device),
-            "g": F.logsigmoid(torch.randn(B, T, H, GSA_SLOTS, dtype=torch.float32, device=device))}
-
-
-def gsa_chunk_flops(B: int, T: int, H: int, K: int, V: int) -> float:
-    return chunk_flops(B, T, H, K, GSA_SLOTS) + chunk_flops(B, T, H, GSA_SLOTS, V)
-
-
-def gsa_recurrent_flops(B: int, T: int, H: int, K: int, V: int) -> float:
-    return recurrent_flops(B, T, H, K, GSA_SLOTS) + recurrent_flops(B, T, H, GSA_SLOTS, V)
-
-
-OPS.update({
-    "chunk_abc": OpSpec(
-        fla_tl="fla_tl.ops:chunk_abc",
-        fla="fla.ops.abc:chunk_abc",
-        flops=gsa_chunk_flops,
-        inputs=abc_inputs,
-    ),
-    "chunk_gsa": OpSpec(
-        fla_tl="fla_tl.ops:chunk_gsa",
-        fla="fla.ops.gsa:chunk_gsa",
-        flops=gsa_chunk_flops,
-        inputs=gsa_inputs,
-    ),
-    "fused_recurrent_gsa": OpSpec(
-        fla_tl="fla_tl.ops:fused_recurrent_gsa",
-        fla="fla.ops.gsa:fused_recurrent_gsa",
-        flops=gsa_recurrent_flops,
-        inputs=gsa_inputs,
-        slow=True,
-    ),
-})
-
-
-def sdpa_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    # layout [B, H, T, D] as SDPA wants it
-    return {n: torch.randn(B, H, T, D, dtype=dtype, device=device) for n in ("query", "key", "value")}
-
-
-def sdpa_call(**kw):
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    # flash attention only: a refusal becomes an error row rather than a silent slower backend
-    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
-        return F.scaled_dot_product_attention(**kw, is_causal=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -474,6 +99,19 @@ def io_bytes(inputs: dict[str, torch.Tensor], out_numel: int, elem: int, mode: s
     if mode == "fwd":
         return fwd
     return fwd + read_in + out_numel * elem + read_in
+
+
+def out_shape(op: str, shape: Shape, inputs: dict) -> tuple[int, ...]:
+    B, T, H, D = shape.B, shape.T, shape.H, shape.D
+    if op == "sdpa":
+        return B, H, T, D
+    # hgrn (inputs with "x") returns [B, T, H * D]
+    return (B, T, H * D) if "x" in inputs else (B, T, shape.value_heads, D)
+
+
+def case_flops(op: str, shape: Shape, mode: str) -> float:
+    fn = sdpa_flops if op == "sdpa" else OPS[op].flops
+    return fn(shape.B, shape.T, shape.value_heads, shape.D, shape.D) * (1 + BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
 
 
 def quantile(xs: list[float], p: float) -> float:
@@ -494,7 +132,8 @@ class Timer:
         self.flush = torch.empty(FLUSH_BYTES, dtype=torch.int8, device="cuda")
 
     def run(self, step: Callable[[], None], reset: Callable[[], None]) -> list[float]:
-        """Warm up (>= 3 calls and warmup_ms), then time `step` with CUDA events; `reset` and the L2 flush run outside."""
+        """Warm up (>= 3 calls and warmup_ms), then time `step` with CUDA events; `reset` and the L2 flush run
+        outside the timed region."""
         t0 = time.perf_counter()
         n = 0
         while n < 3 or (time.perf_counter() - t0) * 1e3 < self.warmup_ms:
@@ -525,6 +164,47 @@ class Timer:
         return [a.elapsed_time(b) for a, b in zip(starts, ends)]
 
 
+def capture_graph(step: Callable[[], None], reset: Callable[[], None]) -> torch.cuda.CUDAGraph:
+    """`step` captured in a CUDA graph after three eager calls on a side stream. A host synchronisation inside the op
+    (a `.item()`, a `.tolist()`, a copy to the host) or a launch on another stream breaks the capture: the error
+    raised names the first exception of the chain, the op's own."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            reset()
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    # gradients allocated inside the capture live in the graph's pool and are rewritten by each replay
+    reset()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        # the outer context puts the current stream back where a failed capture leaves the capture stream current
+        with torch.cuda.stream(torch.cuda.current_stream()), torch.cuda.graph(graph):
+            step()
+    except Exception as e:
+        cause = e
+        while cause.__context__ is not None:
+            cause = cause.__context__
+        msg = str(cause).splitlines()[0][:160] if str(cause) else ""
+        raise RuntimeError(f"CUDA graph capture failed: {type(cause).__name__}: {msg}") from e
+    return graph
+
+
+def peak_memory_mb(step: Callable[[], None], reset: Callable[[], None]) -> float:
+    """the peak memory of one eager call above what is held before it (inputs, do, flush buffer), MiB."""
+    reset()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
+    reset()
+    return peak
+
+
 def first(out):
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -544,9 +224,10 @@ def version(dist: str, module: str | None = None) -> str:
     except importlib.metadata.PackageNotFoundError:
         pass
     if module:
+        # a package may raise anything on import (FlashQLA refuses GPUs it has no kernels for)
         try:
             return getattr(importlib.import_module(module), "__version__", "?")
-        except ImportError:
+        except Exception:  # noqa: BLE001
             return ""
     return ""
 
@@ -568,23 +249,57 @@ def default_out(gpu: str, ops: list[str]) -> Path:
     return HERE / "results" / f"{gpu_tag(gpu)}-{name}.csv"
 
 
+def parse_ops(text: str) -> list[str]:
+    """a comma list of op names (`OPS`), registry modes (`chunk`, ...: the ops fla_tl registers in that mode) or all."""
+    ops: list[str] = []
+    modes = None
+    for item in (s.strip() for s in text.split(",")):
+        if not item:
+            continue
+        if item == "all":
+            found = list(OPS)
+        elif item in REGISTRY_MODES:
+            modes = modes if modes is not None else registry_modes()
+            found = ops_of_mode(item, modes)
+        elif item in OPS:
+            found = [item]
+        else:
+            raise ValueError(f"unknown op {item!r}; expected all, a mode ({', '.join(REGISTRY_MODES)}) or one of "
+                             f"{', '.join(OPS)}")
+        ops += [op for op in found if op not in ops]
+    return ops
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", default="all", help=f"comma list or 'all' (default); known: {', '.join(OPS)}")
-    p.add_argument(
-        "--shapes",
-        default="all",
-        help="comma list of BxTxHxD (e.g. 8x4096x16x128) or 'all' (default): "
-        + ", ".join(shape_name(s) for s in SHAPES),
-    )
+    p.add_argument("--ops", default="all",
+                   help=f"comma list of ops, modes ({', '.join(REGISTRY_MODES)}: every op fla_tl registers in that "
+                        f"mode) or 'all' (default); ops: {', '.join(OPS)}")
+    sets = "; ".join(f"{name}: {', '.join(s.name for s in shapes)}" for name, shapes in NAMED_SHAPES.items())
+    p.add_argument("--shapes", default="fla",
+                   help=f"comma list of set names and shapes ({SHAPE_SYNTAX}); default fla. Sets: {sets}")
     p.add_argument("--modes", default="fwd,fwdbwd", help="comma list of fwd, fwdbwd (default both)")
     p.add_argument("--providers", default="fla_tl,fla,sdpa",
-                   help="comma list of fla_tl, fla, flash_qla, sdpa (default fla_tl,fla,sdpa)")
+                   help="comma list of fla_tl, fla, flashqla, sdpa (default fla_tl,fla,sdpa)")
     p.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     p.add_argument("--out", default=None, help="CSV path (default benchmarks/results/<gpu>-<op set>.csv)")
     p.add_argument("--plot", default=None, help="PNG path (default beside the CSV, same stem)")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
-    p.add_argument("--append", action="store_true", help="append to the CSV instead of overwriting it")
+    p.add_argument("--append", action="store_true", help="keep the CSV's rows and add this run's (every case runs)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the CSV's rows and run only the cases it lacks (skipped rows are decided again)")
+    p.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="start no (op, shape) group that would end past SECONDS from the start; exit 0 with the "
+                        "count of cases left")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="time the replay of a CUDA graph of the call (fwd, or fwd + bwd); a failed capture is the "
+                        "row's error")
+    p.add_argument("--cache-dir", default=None,
+                   help="Triton's cache (TRITON_CACHE_DIR: compiled kernels and fla's autotune results); default "
+                        "$TRITON_CACHE_DIR, else benchmarks/results/cache/<gpu>")
+    p.add_argument("--cache-export", default=None, metavar="FILE",
+                   help="write the autotune results of --cache-dir (*.autotune.json) to FILE (.tar.gz) after each "
+                        "group; unpack it into the next run's --cache-dir")
     p.add_argument("--warmup-ms", type=float, default=200.0, help="warm-up time per case after 3 calls (default 200)")
     p.add_argument("--rep", type=int, default=50, help="timed repetitions per case, at most (default 50)")
     p.add_argument(
@@ -599,7 +314,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=0.0,
         help="spin the GPU this long before each timed call so host launch overhead is hidden (default 0: counted)",
     )
-    p.add_argument("--skip-slow", action="store_true", help=f"skip slow ops (fused_recurrent) at B*T*H > {SLOW_BTH}")
+    p.add_argument("--skip-slow", action="store_true",
+                   help="skip the slow cases (fused_recurrent ops, fla's titans reference) at large B*T*H")
     p.add_argument("--gate-tol", type=float, default=GATE_TOL,
                    help=f"gate threshold on the rel RMS against fla (default {GATE_TOL})")
     p.add_argument("--no-gate", action="store_true", help="skip the correctness gate (speed-ups then unreported)")
@@ -609,20 +325,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="list the cases and their models; needs no GPU")
     args = p.parse_args(argv)
 
-    args.ops = list(OPS) if args.ops == "all" else [s.strip() for s in args.ops.split(",") if s.strip()]
-    for op in args.ops:
-        if op not in OPS:
-            p.error(f"--ops: unknown op {op!r}; known: {', '.join(OPS)}")
-    if args.shapes == "all":
-        args.shapes = list(SHAPES)
-    else:
-        shapes = []
-        for s in args.shapes.split(","):
-            m = re.fullmatch(r"(\d+)x(\d+)x(\d+)x(\d+)", s.strip())
-            if not m:
-                p.error(f"--shapes: expected BxTxHxD like 8x4096x16x128, got {s!r}")
-            shapes.append(tuple(int(x) for x in m.groups()))
-        args.shapes = shapes
+    try:
+        args.ops = parse_ops(args.ops)
+    except ValueError as e:
+        p.error(f"--ops: {e}")
+    try:
+        args.shapes = parse_shapes(args.shapes)
+    except ValueError as e:
+        p.error(f"--shapes: {e}")
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for m in args.modes:
         if m not in MODES:
@@ -631,98 +341,49 @@ def parse_args(argv=None) -> argparse.Namespace:
     for x in args.providers:
         if x not in PROVIDERS:
             p.error(f"--providers: unknown provider {x!r}; expected among {PROVIDERS}")
+    if args.resume and args.append:
+        p.error("--resume and --append: give one (--resume keeps the CSV's rows and runs only what it lacks)")
+    if args.time_budget is not None and args.time_budget <= 0:
+        p.error(f"--time-budget: expected seconds > 0, got {args.time_budget}")
     return args
 
 
-
-# Titans (linear memory). fla 0.6.0 ships it as plain PyTorch only: the fla provider is its chunked reference
-# `chunk_titans_linear_ref` ([B, T, H, D], fp32 inside, Python loops over each chunk's tokens).
-def titans_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    x = qkv_inputs(B, T, H, D, dtype, device)
-    x["w"] = torch.ones(H, D, dtype=dtype, device=device)
-    x["b"] = torch.zeros(H, D, dtype=dtype, device=device)
-    # learning rate small against fla's vn (grows like D), decay and momentum in (0, 1)
-    x["theta"] = (torch.rand(B, T, H, 1, device=device) * 0.05 / D ** 0.5).to(dtype)
-    x["alpha"] = (torch.rand(B, T, H, 1, device=device) * 0.2).to(dtype)
-    x["eta"] = (0.5 + 0.5 * torch.rand(B, T, H, 1, device=device)).to(dtype)
-    return x
-
-
-def titans_consts(B: int, T: int, H: int, D: int, device: str) -> dict:
-    return {"eps": 1e-6, "chunk_size": 16}
-
-
-def titans_flops(B: int, T: int, H: int, K: int, V: int) -> float:
-    # per token: K M, Q M, Q S, the two state updates (2 K V each) and the [16, 16] in-chunk attention both ways
-    return B * T * H * (10.0 * K * V + 4.0 * 16 * (K + V) / 2)
-
-
-OPS["chunk_titans_linear"] = OpSpec(
-    fla_tl="fla_tl.ops:chunk_titans_linear",
-    fla="fla.ops.titans.naive:chunk_titans_linear_ref",
-    flops=titans_flops,
-    inputs=titans_inputs,
-    consts=titans_consts,
-    slow=True,
-)
-
-# the op sets, one results file per GPU and set (benchmarks/results/<gpu>-<set>.csv)
-OP_SETS = {
-    "retention": ("chunk_retention", "fused_chunk_retention", "fused_recurrent_retention"),
-    "gla-family": (
-        "chunk_simple_gla", "chunk_simple_gla_g", "fused_chunk_simple_gla", "fused_recurrent_simple_gla",
-        "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
-        "chunk_lightning_attn", "fused_recurrent_lightning_attn", "chunk_gla", "fused_recurrent_gla",
-        "chunk_hgrn", "fused_recurrent_hgrn", "chunk_rwkv6", "fused_recurrent_rwkv6",
-        "chunk_abc", "chunk_gsa", "fused_recurrent_gsa",
-    ),
-    "delta-rule": ("chunk_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_delta_rule",
-                   "fused_recurrent_gated_delta_rule"),
-    "based": ("fused_chunk_based", "parallel_based", "parallel_rebased"),
-    "titans": ("chunk_titans_linear",),
-}  # fmt: skip
-
-
-def cases(args):
-    """(op, shape, mode, provider, skip-reason) in run order: per shape, sdpa once, then per op fla before fla_tl."""
-    order = [x for x in ("fla", "flash_qla", "fla_tl") if x in args.providers]
-    for shape in args.shapes:
-        B, T, H, _ = shape
-        for mode in args.modes:
-            if "sdpa" in args.providers:
-                yield "sdpa", shape, mode, "sdpa", None
-        for op in args.ops:
-            spec = OPS[op]
-            skip = "skipped: slow (--skip-slow)" if args.skip_slow and spec.slow and B * T * H > SLOW_BTH else None
-            for mode in args.modes:
-                for prov in order:
-                    if prov != "flash_qla" or spec.flash_qla:
-                        yield op, shape, mode, prov, skip
+def cu_seqlens_check(args) -> Callable[[str], bool]:
+    """op -> whether fla_tl's function takes cu_seqlens; imports fla_tl only where a packed shape asks."""
+    if not any(s.seqs for s in args.shapes):
+        return lambda op: True
+    return lambda op: takes_argument(resolve(OPS[op].fla_tl), "cu_seqlens")
 
 
 def dry_run(args) -> None:
     elem = torch.empty((), dtype=DTYPES[args.dtype]).element_size()
-    print(f"dry run: {len(args.shapes)} shapes, ops {args.ops}, modes {args.modes}, providers {args.providers}")
-    print(f"{'op':<28}{'prov':<8}{'mode':<8}{'shape':<18}{'MB moved':>10}{'GFLOP':>10}  note")
-    for op, shape, mode, prov, skip in cases(args):
-        B, T, H, D = shape
-        # meta tensors: the shapes without memory
-        make = sdpa_inputs if op == "sdpa" else OPS[op].inputs
-        nbytes = io_bytes(make(B, T, H, D, DTYPES[args.dtype], "meta"), B * T * H * D, elem, mode)
-        flops_fn = sdpa_flops if op == "sdpa" else OPS[op].flops
-        fl = flops_fn(B, T, H, D, D) * (1 + BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
-        print(f"{op:<28}{prov:<8}{mode:<8}{shape_name(shape):<18}{nbytes / 1e6:>10.1f}{fl / 1e9:>10.1f}  {skip or ''}")
+    done = done_keys(read_csv(Path(args.out))) if args.resume and args.out else None
+    groups = plan(args, cu_seqlens_check(args), done)
+    shapes = ", ".join(s.name for s in args.shapes)
+    print(f"dry run: shapes {shapes}; {len(args.ops)} ops {args.ops}; modes {args.modes}; providers {args.providers}")
+    if args.resume and not args.out:
+        print("note: --resume needs --out here (the GPU's name picks the default file): listing every case")
+    print(f"{'op':<34}{'prov':<10}{'mode':<8}{'shape':<22}{'MB moved':>10}{'GFLOP':>10}  note")
+    for g in groups:
+        for c in g.cases:
+            s = c.shape
+            # meta tensors: the shapes without memory
+            if c.op == "sdpa":
+                inputs = sdpa_inputs(s.B, s.T, s.H, s.D, DTYPES[args.dtype], "meta")
+            else:
+                inputs = op_inputs(OPS[c.op], s, DTYPES[args.dtype], "meta")
+            numel = math.prod(out_shape(c.op, s, inputs))
+            nbytes = io_bytes(inputs, numel, elem, c.mode)
+            fl = case_flops(c.op, s, c.mode)
+            print(f"{c.op:<34}{c.provider:<10}{c.mode:<8}{s.name:<22}{nbytes / 1e6:>10.1f}{fl / 1e9:>10.1f}"
+                  f"  {c.skip or ''}")
+    runnable = sum(g.runnable() for g in groups)
+    skipped = sum(len(g.cases) for g in groups) - runnable
+    print(f"{runnable} cases to run in {sum(g.runnable() > 0 for g in groups)} (op, shape) groups, {skipped} skipped"
+          + (f" ({len(done)} rows already in {args.out})" if done is not None else ""))
     print(f"gate: fla_tl vs fla, rel RMS <= {args.gate_tol} (fallback: fp32 reference, fla_tl.testing.TOLERANCES)")
-    print(f"fla path: {'dispatch' if args.fla_dispatch else 'triton (FLA_DISABLE_BACKEND_DISPATCH=1)'}")
-
-
-def write_csv(path: Path, rows: list[dict], previous: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS)
-        w.writeheader()
-        for r in previous + rows:
-            w.writerow({c: r.get(c, "") for c in CSV_COLUMNS})
+    print(f"fla path: {'dispatch' if args.fla_dispatch else 'triton (FLA_DISABLE_BACKEND_DISPATCH=1)'}; "
+          f"timing: {'CUDA graph replay' if args.cuda_graph else 'CUDA events'}")
 
 
 def fmt(x, spec=".3f") -> str:
@@ -748,19 +409,39 @@ def main(argv=None) -> int:
     gpu = torch.cuda.get_device_name()
     out = Path(args.out) if args.out else default_out(gpu, args.ops)
     plot_path = Path(args.plot) if args.plot else out.with_suffix(".png")
+    timing = "graph" if args.cuda_graph else "events"
 
-    # resolve the callables once; a missing package becomes an error status on its rows
+    # fla 0.6.0 autotunes with Triton's cache_results (FLA_CACHE_RESULTS=1, its default): the results persist in
+    # Triton's cache directory, set before fla (and Triton) first run a kernel
+    cache_dir = Path(args.cache_dir or os.environ.get("TRITON_CACHE_DIR") or HERE / "results" / "cache" / gpu_tag(gpu))
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["TRITON_CACHE_DIR"] = str(cache_dir.resolve())
+    os.environ.setdefault("FLA_CACHE_RESULTS", "1")
+    cached = len(list(cache_dir.rglob("*.autotune.json")))
+
+    # resolve the callables once; a package that does not import skips its provider's rows
     fns: dict[tuple[str, str], Callable | str] = {}
     for op in args.ops:
         spec = OPS[op]
-        for prov, target in (("fla_tl", spec.fla_tl), ("fla", spec.fla), ("flash_qla", spec.flash_qla)):
-            if prov not in args.providers:
+        for prov, target in (("fla_tl", spec.fla_tl), ("fla", spec.fla), ("flashqla", spec.flashqla)):
+            if prov not in args.providers or (prov == "flashqla" and not target):
+                continue
+            if not target:
+                fns[op, prov] = "skipped: no fla counterpart"
                 continue
             try:
-                fns[op, prov] = resolve(target) if target else "error: no fla counterpart"
+                fns[op, prov] = resolve(target)
             except Exception as e:  # noqa: BLE001
-                fns[op, prov] = f"error: import {target}: {type(e).__name__}: {e}"
-                print(f"note: cannot import {target}: {type(e).__name__}: {e}", file=sys.stderr)
+                msg = str(e).splitlines()[0][:120] if str(e) else ""
+                fns[op, prov] = f"skipped: {target} not importable ({type(e).__name__}: {msg})"
+    # one line per provider that does not import
+    missing = {}
+    for (op, prov), fn in fns.items():
+        if isinstance(fn, str) and "not importable" in fn:
+            missing.setdefault(prov, []).append(op)
+    for prov, ops in missing.items():
+        print(f"note: {prov}'s rows of {len(ops)} op(s) skipped: {fns[ops[0], prov].removeprefix('skipped: ')}",
+              file=sys.stderr)
     meta = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "gpu": gpu,
@@ -771,59 +452,69 @@ def main(argv=None) -> int:
         "fla_tl_version": version("fla-tl", "fla_tl"),
         "dtype": args.dtype,
         "fla_path": fla_path,
+        "timing": timing,
     }
     print(
         f"{gpu} | torch {meta['torch']} triton {meta['triton']} tilelang {meta['tilelang']} "
-        f"fla {meta['fla_version'] or '-'} ({fla_path}) fla_tl {meta['fla_tl_version'] or '-'}"
+        f"fla {meta['fla_version'] or '-'} ({fla_path}) fla_tl {meta['fla_tl_version'] or '-'} "
+        f"flash_qla {version('flash-qla', 'flash_qla') or '-'} | timing: {timing}"
     )
+    print(f"Triton cache: {cache_dir} ({cached} autotune results)")
 
-    previous: list[dict] = []
-    if args.append and out.exists():
-        with open(out, newline="") as f:
-            previous = list(csv.DictReader(f))
+    previous = read_csv(out) if args.append or args.resume else []
+    done = done_keys(previous) if args.resume else None
+    unavailable = {key: fn for key, fn in fns.items() if isinstance(fn, str)}
+    groups = plan(args, cu_seqlens_check(args), done, unavailable)
+    total = sum(g.runnable() for g in groups)
+    if args.resume:
+        print(f"resume: {len(done)} rows in {out}; {total} cases to run")
     torch.manual_seed(args.seed)
     timer = Timer(args.warmup_ms, args.rep, args.max_case_ms, args.sleep_us)
+    budget = Budget(args.time_budget, START)
     rows: list[dict] = []
-    # gate per (op, shape, mode): (rel rms or None, 'PASS' / 'FAIL' / 'n/a ...')
-    gates: dict[tuple, tuple[float | None, str]] = {}
-    # fla median per (op, shape, mode), for the ratio
+    # fla median per (op, shape, mode), for the ratio: this run's, else the CSV's newest on this GPU
     fla_ms: dict[tuple, float] = {}
-    data: dict[tuple, dict] = {}
+    for r in sorted(previous, key=lambda r: r.get("date", "")):
+        if r["provider"] == "fla" and r.get("median_ms") and r.get("gpu") == gpu and row_key(r)[4] == timing:
+            fla_ms[r["op"], row_shape(r), r["mode"]] = float(r["median_ms"])
+    data: dict[tuple, tuple] = {}
 
-    def get_inputs(op: str, shape) -> tuple[dict, torch.Tensor]:
+    def get_inputs(op: str, shape: Shape) -> tuple[dict, torch.Tensor]:
         make = sdpa_inputs if op == "sdpa" else OPS[op].inputs
         key = (make, shape)
         if key not in data:
             data.clear()
             torch.cuda.empty_cache()
-            B, T, H, D = shape
-            inputs = make(B, T, H, D, dtype, "cuda")
-            # hgrn (inputs with "x") returns [B, T, H * D]
-            o_shape = (B, H, T, D) if op == "sdpa" else (B, T, H * D) if "x" in inputs else (B, T, H, D)
-            do = torch.randn(o_shape, dtype=dtype, device="cuda")
+            if op == "sdpa":
+                inputs = sdpa_inputs(shape.B, shape.T, shape.H, shape.D, dtype, DEVICE)
+            else:
+                inputs = op_inputs(OPS[op], shape, dtype, DEVICE)
+            do = torch.randn(out_shape(op, shape, inputs), dtype=dtype, device=DEVICE)
             data[key] = (inputs, do)
         return data[key]
 
-    def get_consts(op: str, shape) -> dict:
-        spec = OPS.get(op)
-        return spec.consts(*shape, "cuda") if spec is not None and spec.consts is not None else {}
+    def get_consts(op: str, shape: Shape) -> dict:
+        return {} if op == "sdpa" else op_consts(OPS[op], shape, DEVICE)
 
-    def gate(op: str, shape, mode: str) -> tuple[float | None, str]:
+    def gate(case: Case, fla_skip: str | None) -> tuple[float | None, str]:
         if args.no_gate:
             return None, "n/a (--no-gate)"
+        op, shape, mode = case.op, case.shape, case.mode
         spec = OPS[op]
         f_tl = fns.get((op, "fla_tl"))
         if not callable(f_tl):
             return None, "n/a (no fla_tl)"
         inputs, do = get_inputs(op, shape)
-        refs = [("fla", fns.get((op, "fla"))), ("reference", spec.reference)]
+        consts = get_consts(op, shape)
+        # a slow fla (titans' pure-PyTorch reference) is not called by the gate either
+        refs = [("fla", None if fla_skip else fns.get((op, "fla"))), ("reference", spec.reference)]
         reasons = []
 
         def run(fn, cast=None, **kw):
             xs = {n: (t.detach().clone() if cast is None else t.detach().to(cast)).requires_grad_(mode == "fwdbwd")
                   for n, t in inputs.items()}
             with torch.set_grad_enabled(mode == "fwdbwd"):
-                o = first(fn(**xs, **get_consts(op, shape), **kw))
+                o = first(fn(**xs, **consts, **kw))
                 if mode == "fwdbwd":
                     o.backward(do.to(o.dtype))
             return [o.detach()] + ([xs[n].grad for n in xs] if mode == "fwdbwd" else [])
@@ -841,8 +532,7 @@ def main(argv=None) -> int:
                     ok = not math.isnan(err) and err <= args.gate_tol
                 else:
                     # the fp32 reference: the check harness's tolerance for the input dtype, per output and gradient
-                    ok = not math.isnan(err) and all(compare(x, y, dtype)[0]
-                                                     for x, y in zip(*results))
+                    ok = not math.isnan(err) and all(compare(x, y, dtype)[0] for x, y in zip(*results))
                 if not ok and ref_name == "fla" and not math.isnan(err):
                     # fla_tl and fla differ: which of them is the closer to fla_tl's fp32 torch backend on the same
                     # inputs in fp32? fla_tl passes when its error is no larger than fla's
@@ -874,76 +564,106 @@ def main(argv=None) -> int:
             for x in xs.values():
                 x.grad = None
 
-        times = timer.run(step, reset)
-        # peak memory of one call above what is held before it (inputs, do, flush buffer)
-        reset()
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
-        reset()
-        return times, peak_mb
+        if args.cuda_graph:
+            graph = capture_graph(step, reset)
+            try:
+                times = timer.run(graph.replay, lambda: None)
+            finally:
+                del graph
+        else:
+            times = timer.run(step, reset)
+        return times, peak_memory_mb(step, reset)
 
-    for op, shape, mode, prov, skip in cases(args):
-        B, T, H, D = shape
-        row = dict(meta, op=op, provider=prov, mode=mode, B=B, T=T, H=H, D=D)
-        key = (op, shape, mode)
-        if op != "sdpa" and prov == "fla_tl" and key not in gates and not skip:
-            gates[key] = gate(op, shape, mode)
-        if prov == "fla_tl" and key in gates:
-            err, label = gates[key]
+    def run_case(case: Case, fla_skip: str | None) -> dict:
+        op, shape, mode, prov = case.op, case.shape, case.mode, case.provider
+        row = dict(meta, op=op, provider=prov, mode=mode, B=shape.B, T=shape.T, H=shape.H, D=shape.D,
+                   HV=shape.HV or "", seqs=shape.seqs or "")
+        key = (op, shape.name, mode)
+        fn = sdpa_call if op == "sdpa" else fns.get((op, prov))
+        skip = case.skip
+        if skip is None and shape.seqs and not takes_argument(fn, "cu_seqlens"):
+            skip = f"skipped: {prov}'s {op} takes no cu_seqlens (packed sequences)"
+        if skip is None and prov == "fla_tl" and op != "sdpa":
+            err, label = gate(case, fla_skip)
             row["gate_rel_rms"] = fmt(err, ".3e")
             row["gate"] = label
-        fn = sdpa_call if op == "sdpa" else fns.get((op, prov))
         if skip:
             row["status"] = skip
-        elif not callable(fn):
-            row["status"] = fn or "error: not resolved"
-        else:
-            try:
-                inputs, do = get_inputs(op, shape)
-                times, peak_mb = measure(fn, inputs, do, mode, get_consts(op, shape) if op != "sdpa" else {})
-                med = statistics.median(times)
-                nbytes = io_bytes(inputs, do.numel(), elem, mode)
-                flops_fn = sdpa_flops if op == "sdpa" else OPS[op].flops
-                flops = flops_fn(B, T, H, D, D) * (1 + BWD_FLOP_FACTOR if mode == "fwdbwd" else 1)
-                gbps = nbytes / (med * 1e-3) / 1e9
-                row.update(
-                    median_ms=fmt(med, ".4f"),
-                    p20_ms=fmt(quantile(times, 0.2), ".4f"),
-                    p80_ms=fmt(quantile(times, 0.8), ".4f"),
-                    gbps=fmt(gbps, ".1f"),
-                    pct_of_copy=fmt(100 * gbps / args.copy_gbps, ".1f"),
-                    tflops=fmt(flops / (med * 1e-3) / 1e12, ".2f"),
-                    peak_mem_mb=fmt(peak_mb, ".1f"),
-                    status=f"ok ({len(times)} reps)",
-                )
-                if prov == "fla":
-                    fla_ms[key] = med
-                if prov == "fla_tl" and key in fla_ms and row.get("gate", "").startswith("PASS"):
-                    row["ratio_to_fla"] = fmt(med / fla_ms[key], ".3f")
-            except Exception as e:  # noqa: BLE001
-                msg = str(e).splitlines()[0][:200] if str(e) else ""
-                row["status"] = f"error: {type(e).__name__}: {msg}"
-                print(f"[{op} {prov} {mode} {shape_name(shape)}] {row['status']}", file=sys.stderr)
-                if os.environ.get("BENCH_TRACEBACK"):
-                    traceback.print_exc()
-                torch.cuda.empty_cache()
-        rows.append(row)
-        print(
-            f"{op:<26} {prov:<9} {mode:<7} {shape_name(shape):<16} {row.get('median_ms', '') or '-':>10} ms  "
-            f"{row.get('gbps', '') or '-':>7} GB/s  {row.get('gate', '')} {row['status']}",
-            flush=True,
-        )
-        # rewrite after each row, so a run cut short keeps what it measured
-        write_csv(out, rows, previous)
+            return row
+        try:
+            inputs, do = get_inputs(op, shape)
+            times, peak_mb = measure(fn, inputs, do, mode, get_consts(op, shape))
+            med = statistics.median(times)
+            nbytes = io_bytes(inputs, do.numel(), elem, mode)
+            gbps = nbytes / (med * 1e-3) / 1e9
+            row.update(
+                median_ms=fmt(med, ".4f"),
+                p20_ms=fmt(quantile(times, 0.2), ".4f"),
+                p80_ms=fmt(quantile(times, 0.8), ".4f"),
+                gbps=fmt(gbps, ".1f"),
+                pct_of_copy=fmt(100 * gbps / args.copy_gbps, ".1f"),
+                tflops=fmt(case_flops(op, shape, mode) / (med * 1e-3) / 1e12, ".2f"),
+                peak_mem_mb=fmt(peak_mb, ".1f"),
+                status=f"ok ({len(times)} reps)",
+            )
+            if prov == "fla":
+                fla_ms[key] = med
+            if prov == "fla_tl" and key in fla_ms and row.get("gate", "").startswith("PASS"):
+                row["ratio_to_fla"] = fmt(med / fla_ms[key], ".3f")
+        except Exception as e:  # noqa: BLE001
+            msg = str(e).splitlines()[0][:200] if str(e) else ""
+            row["status"] = f"error: {type(e).__name__}: {msg}"
+            print(f"[{op} {prov} {mode} {shape}] {row['status']}", file=sys.stderr)
+            if os.environ.get("BENCH_TRACEBACK"):
+                traceback.print_exc()
+            # a failed launch or capture can leave an error on the stream: surface it here, not in the next case
+            with contextlib.suppress(Exception):
+                torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        return row
+
+    stopped = None
+    for i, group in enumerate(groups):
+        if not budget.allows(group.runnable()):
+            left = groups[i:]
+            stopped = (sum(g.runnable() for g in left), sum(g.runnable() > 0 for g in left))
+            break
+        # the fla case's skip reason, for the gate of the fla_tl cases
+        fla_skip = {c.mode: c.skip for c in group.cases if c.provider == "fla"}
+        for case in group.cases:
+            t0 = time.monotonic()
+            row = run_case(case, fla_skip.get(case.mode))
+            if case.skip is None:
+                budget.record(time.monotonic() - t0)
+            # a new row of a key replaces the CSV's skipped rows of that key
+            previous = [r for r in previous
+                        if not (row_key(r) == row_key(row) and r.get("status", "").startswith("skipped"))]
+            rows.append(row)
+            print(
+                f"{case.op:<26} {case.provider:<9} {case.mode:<7} {case.shape.name:<20} "
+                f"{row.get('median_ms', '') or '-':>10} ms  {row.get('gbps', '') or '-':>7} GB/s  "
+                f"{row.get('gate', '')} {row['status']}",
+                flush=True,
+            )
+            # rewrite after each row, so a run cut short keeps what it measured
+            write_csv(out, previous + rows)
+        if args.cache_export:
+            export_autotune(cache_dir, Path(args.cache_export))
 
     print(f"\nCSV: {out}")
+    if args.cache_export:
+        n = export_autotune(cache_dir, Path(args.cache_export))
+        print(f"autotune results: {n} files in {args.cache_export} (unpack into the next run's --cache-dir)")
     if not args.no_plot:
-        plot(previous + rows if args.append else rows, plot_path)
+        plot(previous + rows if args.append or args.resume else rows, plot_path)
     summary(rows)
+    if stopped:
+        est = budget.estimate()
+        print(f"\ntime budget: stopped after {time.monotonic() - START:.0f} s of {args.time_budget:.0f} s "
+              f"(~{est or 0:.0f} s per case); {stopped[0]} cases in {stopped[1]} (op, shape) groups left: "
+              f"run again with --resume")
+    else:
+        print("\nall cases done")
     return 0
 
 
@@ -964,12 +684,11 @@ def plot(rows: list[dict], path: Path) -> None:
     fig, axes = plt.subplots(len(modes), 1, figsize=(16, 5 * len(modes)), squeeze=False)
     for ax, mode in zip(axes[:, 0], modes):
         mr = [r for r in ok if r["mode"] == mode]
-        shapes = list(dict.fromkeys(f"{r['B']}x{r['T']}x{r['H']}x{r['D']}" for r in mr))
+        shapes = list(dict.fromkeys(row_shape(r) for r in mr))
         series = list(dict.fromkeys((r["op"], r["provider"]) for r in mr))
         width = 0.8 / max(len(series), 1)
         for i, (op, prov) in enumerate(series):
-            vals = {f"{r['B']}x{r['T']}x{r['H']}x{r['D']}": float(r["median_ms"]) for r in mr
-                    if (r["op"], r["provider"]) == (op, prov)}  # fmt: skip
+            vals = {row_shape(r): float(r["median_ms"]) for r in mr if (r["op"], r["provider"]) == (op, prov)}
             xs = [j + (i - (len(series) - 1) / 2) * width for j, s in enumerate(shapes) if s in vals]
             ys = [vals[s] for s in shapes if s in vals]
             label = "sdpa (causal flash)" if op == "sdpa" else f"{op} / {prov}"
@@ -990,36 +709,36 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def summary(rows: list[dict]) -> None:
-    by = {(r["op"], r["mode"], r["B"], r["T"], r["H"], r["D"], r["provider"]): r for r in rows}
-    print(f"\n{'op':<26} {'mode':<7} {'shape':<16} {'fla_tl ms':>10} {'fla ms':>10} {'ratio':>7}  {'gate':<6} rel_rms")
+    by = {(r["op"], r["mode"], row_shape(r), r["provider"]): r for r in rows}
+    qla = any(r["provider"] == "flashqla" for r in rows)
+    print(f"\n{'op':<26} {'mode':<7} {'shape':<20} {'fla_tl ms':>10} {'fla ms':>10} {'ratio':>7}  {'gate':<6} "
+          f"{'rel_rms':<10}" + (f" {'flashqla ms':>11}" if qla else ""))
     seen = set()
     for r in rows:
-        k = (r["op"], r["mode"], r["B"], r["T"], r["H"], r["D"])
+        shape = row_shape(r)
+        k = (r["op"], r["mode"], shape)
         if k in seen:
             continue
         seen.add(k)
-        shape = f"{r['B']}x{r['T']}x{r['H']}x{r['D']}"
         if r["op"] == "sdpa":
             s = by.get(k + ("sdpa",), {})
-            print(f"{'sdpa':<26} {r['mode']:<7} {shape:<16} {s.get('median_ms') or s.get('status', '')[:30]:>10}")
+            print(f"{'sdpa':<26} {r['mode']:<7} {shape:<20} {s.get('median_ms') or s.get('status', '')[:30]:>10}")
             continue
-        tl, fl = by.get(k + ("fla_tl",), {}), by.get(k + ("fla",), {})
-        print(
-            f"{r['op']:<26} {r['mode']:<7} {shape:<16} {tl.get('median_ms') or '-':>10} {fl.get('median_ms') or '-':>10} "
-            f"{tl.get('ratio_to_fla') or '-':>7}  {(tl.get('gate') or '-').split()[0]:<6} {tl.get('gate_rel_rms') or ''}"
-        )
+        tl, fl, fq = (by.get(k + (p,), {}) for p in ("fla_tl", "fla", "flashqla"))
+        gate = (tl.get("gate") or "-").split()[0]
+        print(f"{r['op']:<26} {r['mode']:<7} {shape:<20} {tl.get('median_ms') or '-':>10} "
+              f"{fl.get('median_ms') or '-':>10} {tl.get('ratio_to_fla') or '-':>7}  {gate:<6} "
+              f"{tl.get('gate_rel_rms') or '':<10}" + (f" {fq.get('median_ms') or '-':>11}" if qla else ""))
     noisy = [r for r in rows if r.get("p20_ms") and float(r["p80_ms"]) > 1.5 * float(r["p20_ms"])]
     if noisy:
         print(f"\n{len(noisy)} rows with p80 > 1.5x p20 (host-bound or noisy; try --sleep-us 2000):")
         for r in noisy:
-            print(
-                f"  {r['op']} {r['provider']} {r['mode']} {r['B']}x{r['T']}x{r['H']}x{r['D']}: {r['p20_ms']}..{r['p80_ms']}"
-            )
+            print(f"  {r['op']} {r['provider']} {r['mode']} {row_shape(r)}: {r['p20_ms']}..{r['p80_ms']}")
     errs = [r for r in rows if r.get("status", "").startswith("error")]
     if errs:
         print(f"\n{len(errs)} error rows:")
         for r in errs:
-            print(f"  {r['op']} {r['provider']} {r['mode']} {r['B']}x{r['T']}x{r['H']}x{r['D']}: {r['status'][:150]}")
+            print(f"  {r['op']} {r['provider']} {r['mode']} {row_shape(r)}: {r['status'][:150]}")
 
 
 if __name__ == "__main__":

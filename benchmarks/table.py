@@ -1,11 +1,13 @@
 """Markdown tables from bench.py's CSV files (the tables of benchmarks/README.md and README.md).
 
     python benchmarks/table.py benchmarks/results/h100-*.csv
-        one row per (op, mode, shape): fla_tl ms, fla ms, ratio (fla_tl / fla of the same run)
+        one row per (op, mode, shape): fla_tl ms, fla ms, ratio (fla_tl / fla), and FlashQLA's ms where measured
     python benchmarks/table.py --ratios --shape 8x4096x16x128 benchmarks/results/*.csv
         one row per op with a ratio at that shape: the ratio of each (GPU, mode)
 
 Where a file holds several rows of an (op, provider, mode, shape), the newest counts. Numbers are printed as recorded.
+Shapes read as bench.py names them: `h<HV>` value heads, `n<N>` packed sequences; rows timed by CUDA graph replay
+(`--cuda-graph`) have their own mode, `fwd graph` / `fwd+bwd graph`.
 """
 
 import argparse
@@ -14,8 +16,8 @@ import re
 from pathlib import Path
 
 MODES = {"fwd": "fwd", "fwdbwd": "fwd+bwd"}
-
-
+# the provider's name in files written before it was renamed
+PROVIDER_NAMES = {"flash_qla": "flashqla"}
 PREFIXES = ("chunk_", "fused_chunk_", "fused_recurrent_", "parallel_")
 
 
@@ -27,6 +29,28 @@ def op_order(op: str) -> tuple:
     return op, len(PREFIXES)
 
 
+def shape_of(row: dict) -> str:
+    """the shape's name as bench.py gives it (files without the HV / seqs columns hold dense shapes)."""
+    hv = f"h{row['HV']}" if row.get("HV") else ""
+    packed = f"n{row['seqs']}" if row.get("seqs") not in (None, "", "0") else ""
+    return f"{row['B']}x{row['T']}x{row['H']}x{row['D']}{hv}{packed}"
+
+
+def mode_of(row: dict) -> str:
+    """`fwd` / `fwdbwd`, with ` graph` for rows timed by CUDA graph replay."""
+    return row["mode"] + (" graph" if row.get("timing") == "graph" else "")
+
+
+def mode_label(mode: str) -> str:
+    base, _, graph = mode.partition(" ")
+    return MODES[base] + (f" {graph}" if graph else "")
+
+
+def mode_rank(mode: str) -> tuple:
+    base, _, graph = mode.partition(" ")
+    return bool(graph), list(MODES).index(base)
+
+
 def load(paths: list[str]) -> dict[tuple, dict]:
     """(gpu, op, provider, mode, shape) -> the newest row; ordered by file, op, shape (as first met) and mode."""
     rows: dict[tuple, dict] = {}
@@ -35,12 +59,14 @@ def load(paths: list[str]) -> dict[tuple, dict]:
     for n, path in enumerate(paths):
         with open(path, newline="") as f:
             for r in csv.DictReader(f):
-                shape = f"{r['B']}x{r['T']}x{r['H']}x{r['D']}"
+                shape = shape_of(r)
                 shapes.setdefault(shape, len(shapes))
-                key = (r["gpu"], r["op"], r["provider"], r["mode"], shape)
+                provider = PROVIDER_NAMES.get(r["provider"], r["provider"])
+                mode = mode_of(r)
+                key = (r["gpu"], r["op"], provider, mode, shape)
                 if key not in rows or r["date"] >= rows[key]["date"]:
                     rows[key] = r
-                order.setdefault(key, (n, op_order(r["op"]), shapes[shape], list(MODES).index(r["mode"])))
+                order.setdefault(key, (n, op_order(r["op"]), shapes[shape], mode_rank(mode)))
     return {key: rows[key] for key in sorted(rows, key=lambda k: order[k])}
 
 
@@ -58,23 +84,28 @@ def ms(row: dict | None) -> str:
 
 
 def full_table(rows: dict[tuple, dict]) -> list[str]:
-    out = ["| op | mode | shape | fla_tl ms | fla ms | ratio |", "|---|---|---|---|---|---|"]
+    qla = any(key[2] == "flashqla" for key in rows)
+    out = ["| op | mode | shape | fla_tl ms | fla ms | ratio |" + (" flashqla ms |" if qla else ""),
+           "|---|---|---|---|---|---|" + ("---|" if qla else "")]
     for (gpu, op, provider, mode, shape), tl in rows.items():
         if provider != "fla_tl":
             continue
         fla = rows.get((gpu, op, "fla", mode, shape))
         ratio = tl.get("ratio_to_fla") or "-"
-        out.append(f"| {op} | {MODES[mode]} | {shape} | {ms(tl)} | {ms(fla)} | {ratio} |")
+        line = f"| {op} | {mode_label(mode)} | {shape} | {ms(tl)} | {ms(fla)} | {ratio} |"
+        if qla:
+            line += f" {ms(rows.get((gpu, op, 'flashqla', mode, shape)))} |"
+        out.append(line)
     return out
 
 
 def ratio_table(rows: dict[tuple, dict], shape: str) -> list[str]:
     cols = list(dict.fromkeys((gpu, mode) for (gpu, _, p, mode, s) in rows if p == "fla_tl" and s == shape))
-    cols.sort(key=lambda c: (short_gpu(c[0]), list(MODES).index(c[1])))
+    cols.sort(key=lambda c: (short_gpu(c[0]), mode_rank(c[1])))
     # the ops with a ratio at this shape, variants by name
     ops = sorted({op for (_, op, p, _, s), r in rows.items() if p == "fla_tl" and s == shape and r.get("ratio_to_fla")},
                  key=op_order)
-    head = " | ".join(f"{short_gpu(g)} {MODES[m]}" for g, m in cols)
+    head = " | ".join(f"{short_gpu(g)} {mode_label(m)}" for g, m in cols)
     out = [f"| op | {head} |", "|---" * (len(cols) + 1) + "|"]
     for op in ops:
         cells = []
