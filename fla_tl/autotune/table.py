@@ -20,6 +20,7 @@ import pathlib
 import re
 import sys
 import tempfile
+import textwrap
 
 import torch
 
@@ -285,6 +286,26 @@ def parse_key(key: str) -> dict:
     return dict(part.partition("=")[::2] for part in key.split("|"))
 
 
+# the fields of a key, in `make_key`'s order
+KEY_FIELDS = ("kernel", "dims", "dtypes", "flags", "bucket", "gpu", "cc", "source", "tilelang", "fla_tl")
+
+
+def key_fields(key: str) -> dict | None:
+    """the fields of a key made by `make_key`, with dims, dtypes and flags as dicts of strings and bucket an int;
+    None for a malformed key (other fields, a list item that is not `name=value`, a bucket that is not an int)."""
+    fields = parse_key(key)
+    if tuple(fields) != KEY_FIELDS or key.count("|") != len(KEY_FIELDS) - 1:
+        return None
+    try:
+        for name in ("dims", "dtypes", "flags"):
+            items = [item.split("=") for item in fields[name].split(",")] if fields[name] else []
+            fields[name] = dict(items)
+        fields["bucket"] = int(fields["bucket"])
+    except ValueError:
+        return None
+    return fields
+
+
 # fields that change when the code changes: an entry that matches a key in everything else is stale
 _VERSION_FIELDS = ("source", "tilelang", "fla_tl")
 
@@ -341,22 +362,39 @@ def clear_memory() -> None:
     _pairs.clear()
 
 
+# key fields that name where an entry was tuned, not what it tunes: shown once per table when every entry shares them
+_ORIGIN_FIELDS = ("gpu", "cc", "source", "tilelang", "fla_tl")
+
+
 def _describe(path: pathlib.Path) -> list[str]:
+    """a table's lines for `cache show`: per entry, every key field (those every entry shares once, in the table's
+    line), then its config and time."""
     table = TuningTable.load(path)
+    parsed = {key: key_fields(key) for key in sorted(table.keys())}
+    good = [f for f in parsed.values() if f is not None]
+    shared = {k: good[0][k] for k in _ORIGIN_FIELDS if good and all(f[k] == good[0][k] for f in good)}
     lines = [f"  {path}: {len(table)} entries"]
-    for key in sorted(table.keys()):
+    if shared:
+        lines += textwrap.wrap(" ".join(f"{k}={v}" for k, v in shared.items()), 100,
+                               initial_indent="    every entry: ", subsequent_indent="      ")
+    for key, fields in parsed.items():
         entry = table.get(key)
-        fields = parse_key(key)
+        if fields is None:
+            lines.append(f"    malformed key (never matched): {key}")
+        else:
+            what = [fields["kernel"]] + [",".join(f"{k}={v}" for k, v in fields[name].items()) or f"no {name}"
+                                         for name in ("dims", "dtypes", "flags")]
+            origin = [f"{k}={fields[k]}" for k in _ORIGIN_FIELDS if k not in shared]
+            lines.append(f"    {'  '.join(what)}  T<={fields['bucket']}" + "".join(f"  {o}" for o in origin))
         config = " ".join(f"{k}={v}" for k, v in sorted(entry["config"].items()))
         time_ms = entry.get("time_ms")
         time = f"{time_ms:.4f} ms" if isinstance(time_ms, (int, float)) else "no time"
-        lines.append(f"    {fields.get('kernel', key)} [{fields.get('dims', '')}] T<={fields.get('bucket', '?')}"
-                     f" -> {config} ({time})")
+        lines.append(f"      -> {config} ({time})")
     return lines
 
 
 def cache_show() -> str:
-    """the cache dir, then each user and shipped table with its entry count and entries."""
+    """the cache dir, then each user and shipped table with its entries: every key field, the config and time."""
     lines = [f"cache dir: {_cache_dir()}"]
     for title, folder in (("user tables", _cache_dir() / "tables"), ("shipped tables", _shipped_dir())):
         paths = sorted(folder.glob("*.json"))
