@@ -5,8 +5,14 @@ registration); this module is the menu. `python -m fla_tl list` prints the regis
 """
 
 # the registry lists the ops in this order (variant by variant)
-from .kernels.retention import chunk_retention, fused_chunk_retention, fused_recurrent_retention
-from .kernels.simple_gla import chunk_simple_gla, fused_chunk_simple_gla, fused_recurrent_simple_gla, parallel_simple_gla
+# isort: off
+from .kernels.retention import chunk_retention, fused_chunk_retention, fused_recurrent_retention, parallel_retention
+from .kernels.simple_gla import (
+    chunk_simple_gla,
+    fused_chunk_simple_gla,
+    fused_recurrent_simple_gla,
+    parallel_simple_gla,
+)
 from .kernels.linear_attn import chunk_linear_attn, fused_chunk_linear_attn, fused_recurrent_linear_attn
 from .kernels.lightning_attn import chunk_lightning_attn, fused_recurrent_lightning_attn
 from .kernels.gla import chunk_gla, fused_chunk_gla, fused_recurrent_gla
@@ -22,12 +28,14 @@ from .kernels.delta_rule import (
 from .kernels.titans import chunk_titans_linear
 from .kernels.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
 from .kernels.gsa import chunk_abc, chunk_gsa, fused_recurrent_gsa
-from .registry import BackendError, list_ops
+from .registry import BackendError, FallbackWarning, list_ops
+# isort: on
 
 __all__ = [
     "chunk_retention",
     "fused_chunk_retention",
     "fused_recurrent_retention",
+    "parallel_retention",
     "chunk_simple_gla",
     "fused_chunk_simple_gla",
     "fused_recurrent_simple_gla",
@@ -58,4 +66,5 @@ __all__ = [
     "fused_recurrent_gsa",
     "list_ops",
     "BackendError",
+    "FallbackWarning",
 ]

@@ -15,7 +15,8 @@ The kernel-level call, `spec.run(backend, **args)`:
 
 The choice (:func:`select_backend`): `backend="name"` (or `FLA_TL_BACKEND=name`) forces one, and if it refuses,
 :class:`BackendError` lists why; otherwise the first backend that accepts runs, and falling back past the preferred
-one is logged once; if none accepts, one :class:`BackendError` lists every candidate and its reasons.
+one warns once per op and reason (:class:`FallbackWarning`); if none accepts, one :class:`BackendError` lists every
+candidate and its reasons.
 
 A backend's `fwd(**args, requires_grad)` returns the op's outputs, then any residuals its backward needs (an absent
 output is None); `bwd(args, outputs, grads)` returns `{name: gradient}` for the arguments in `spec.grads`. A torch
@@ -25,15 +26,14 @@ backend gives only `differentiable(**args)`, its outputs: the backward is its ve
 import dataclasses
 import importlib
 import importlib.util
-import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
 from .autotune.table import mode as autotune_mode
-from .utils import log_once
+from .utils import check_cu_seqlens_values, warn_once
 
 ENV_BACKEND = "FLA_TL_BACKEND"
 AUTO = "auto"
@@ -48,6 +48,12 @@ DTYPE_NAMES = {
 
 class BackendError(RuntimeError):
     """no backend can run an input: the forced one refused it, or every candidate did."""
+
+
+class FallbackWarning(UserWarning):
+    """an automatic choice ran a backend other than the preferred one (e.g. the PyTorch path for CPU tensors): warned
+    once per process for each op and set of reasons; silence it with `warnings.filterwarnings("ignore",
+    category=FallbackWarning)`."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +93,7 @@ def tilelang_capabilities(**fields) -> Capabilities:
     """the TileLang kernels' usual capabilities (CUDA sm_90+, bf16 / fp16 / fp32, head dims up to 256), with `fields`
     changed."""
     base = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                        max_head_dim=MAX_HEAD_DIM, min_compute_capability=(9, 0), gate=True)
+                        max_head_dim=MAX_HEAD_DIM, min_compute_capability=(9, 0))
     return dataclasses.replace(base, **fields)
 
 
@@ -289,12 +295,13 @@ class OpSpec:
     fn: Callable | None = None
     _call: Callable | None = dataclasses.field(default=None, repr=False)
 
-    def backend(self, name: str) -> Backend:
+    def backend(self, name: str, source: str = "`backend`") -> Backend:
+        """the backend called `name`; `ValueError` naming `source` (where the name came from) if there is none."""
         for b in self.backends:
             if b.name == name:
                 return b
         raise ValueError(
-            f"`backend` must be one of {[b.name for b in self.backends]} or {AUTO!r} for {self.name}, got {name!r}"
+            f"{source} must be one of {[b.name for b in self.backends]} or {AUTO!r} for {self.name}, got {name!r}"
         )
 
     def run(self, backend: str | None = None, **args) -> list:
@@ -349,7 +356,7 @@ def select_backend(spec: OpSpec, inputs: OpInputs, backend: str | None = None) -
     """the backend that runs `inputs`: the forced one (argument or env var) or the first that accepts."""
     requested = requested_backend(backend)
     if requested != AUTO:
-        chosen = spec.backend(requested)
+        chosen = spec.backend(requested, "`backend`" if backend else f"the environment variable {ENV_BACKEND}")
         reasons = chosen.verifier(inputs)
         if reasons:
             source = "backend=" if backend else f"{ENV_BACKEND}="
@@ -363,22 +370,20 @@ def select_backend(spec: OpSpec, inputs: OpInputs, backend: str | None = None) -
         reasons = candidate.verifier(inputs)
         if not reasons:
             if refusals:
-                _log_fallback(spec, candidate, inputs, refusals)
+                _warn_fallback(spec, candidate, inputs, refusals)
             return candidate
         refusals.append((candidate.name, reasons))
     lines = "\n".join(f"  - {name}: {'; '.join(reasons)}" for name, reasons in refusals)
     raise BackendError(f"{spec.name}: no backend can run this input:\n{lines}")
 
 
-def _log_fallback(spec: OpSpec, chosen: Backend, inputs: OpInputs, refusals) -> None:
+def _warn_fallback(spec: OpSpec, chosen: Backend, inputs: OpInputs, refusals) -> None:
     why = "; ".join(f"{name}: {', '.join(reasons)}" for name, reasons in refusals)
     what = chosen.description or f"the {chosen.name} backend"
-    # a fallback on a GPU is a surprise worth a warning; on a CPU it is the plan
-    level = logging.WARNING if inputs.device_type == "cuda" else logging.INFO
-    log_once(
+    warn_once(
         ("fallback", spec.name, chosen.name, inputs.device_type, why),
         f"fla_tl: {spec.name} runs {what} on {inputs.device_type}: {why}",
-        level=level,
+        FallbackWarning,
     )
 
 
@@ -436,6 +441,9 @@ def _define(spec: OpSpec) -> Callable:
     def fwd_impl(*values):
         args = dict(zip(names, values[:-2]))
         requires_grad, backend = values[-2:]
+        if args.get("cu_seqlens") is not None:
+            # the value checks that tracing cannot make (a compiled call; the eager path made them in validation)
+            check_cu_seqlens_values(args["cu_seqlens"], args[tensors[0]].shape[1], tensors[0])
         return forward(choose(args, requires_grad, backend), args, requires_grad)
 
     def bwd_impl(*values):
@@ -549,18 +557,6 @@ def _vjp(fn: Callable, args: dict, wrt: list[str], grads: list) -> dict:
 # ---------------------------------------------------------------------------------------------- listing
 
 
-def format_table(rows: Sequence[dict[str, str]]) -> str:
-    """a plain-text table with a header row from the keys of `rows`."""
-    if not rows:
-        return ""
-    keys = list(rows[0])
-    widths = {k: max(len(k), *(len(str(r[k])) for r in rows)) for k in keys}
-    lines = ["  ".join(k.ljust(widths[k]) for k in keys).rstrip()]
-    lines.append("  ".join("-" * widths[k] for k in keys))
-    lines += ["  ".join(str(r[k]).ljust(widths[k]) for k in keys).rstrip() for r in rows]
-    return "\n".join(lines)
-
-
 def registry_rows() -> list[dict[str, str]]:
     """one row per (op, backend), preferred backend first."""
     rows = []
@@ -578,8 +574,10 @@ def registry_rows() -> list[dict[str, str]]:
 
 
 def list_ops(file=None, quiet: bool = False) -> list[OpSpec]:
-    """print the registry table (op, variant, mode, backends with their capabilities) to `file` (default stdout)
-    unless `quiet`; return the ops."""
+    """print the table of `python -m fla_tl list` (op, mode, backends, what the TileLang backend supports) to `file`
+    (default stdout) unless `quiet`; return the ops."""
     if not quiet:
-        print(format_table(registry_rows()), file=file or sys.stdout)
+        from .cli import list_table
+
+        print(list_table(), file=file or sys.stdout)
     return registered_ops()

@@ -1,7 +1,6 @@
 """The registry: capabilities as data, every refusal reason of every verifier, forced and automatic choice."""
 
 import dataclasses
-import logging
 import subprocess
 import sys
 
@@ -10,10 +9,11 @@ import torch
 
 import fla_tl.ops as ops
 from fla_tl import registry
-from fla_tl.registry import BackendError, OpInputs, get_op, select_backend
+from fla_tl.registry import BackendError, FallbackWarning, OpInputs, get_op, select_backend
 
 OP_NAMES = ["chunk_retention", "fused_chunk_retention", "fused_recurrent_retention"]
 ALL_OPS = OP_NAMES + [
+    "parallel_retention",
     "chunk_simple_gla", "fused_chunk_simple_gla", "fused_recurrent_simple_gla", "parallel_simple_gla",
     "chunk_linear_attn", "fused_chunk_linear_attn", "fused_recurrent_linear_attn",
     "chunk_lightning_attn", "fused_recurrent_lightning_attn",
@@ -30,7 +30,7 @@ DROPPED = {"fused_chunk_gla", "fused_chunk_delta_rule"}
 # ops whose tilelang entry takes no varlen input, no initial state or no K = 128 (their own tests check what it
 # accepts)
 NO_VARLEN = {"chunk_titans_linear", "chunk_hgrn", "fused_chunk_based", "parallel_based", "parallel_rebased",
-             "parallel_simple_gla"}
+             "parallel_simple_gla", "parallel_retention"}
 
 # what the tilelang backend accepts: a Hopper GPU, bf16, head dims within the limit
 H100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0),
@@ -154,25 +154,23 @@ def test_torch_accepts_anything_float():
         assert backend("chunk_retention", "torch").verifier(inputs) == []
 
 
-def test_auto_falls_back_to_torch_and_logs_once(caplog, monkeypatch):
-    monkeypatch.setattr(registry, "_logged", set(), raising=False)
-    monkeypatch.setattr("fla_tl.utils._logged", set())
+def test_auto_falls_back_to_torch_and_warns_once(monkeypatch):
+    monkeypatch.setattr("fla_tl.utils._warned", set())
     inputs = OpInputs(device_type="cpu", dtype=torch.float32, K=8, V=8)
-    with caplog.at_level(logging.INFO, logger="fla_tl"):
+    with pytest.warns(FallbackWarning) as record:
         for _ in range(3):
             assert select_backend(get_op("chunk_retention"), inputs).name == "torch"
-    messages = [r.getMessage() for r in caplog.records]
+    messages = [str(w.message) for w in record if issubclass(w.category, FallbackWarning)]
     assert len(messages) == 1
     assert messages[0].startswith("fla_tl: chunk_retention runs the pure-PyTorch path on cpu: tilelang: ")
     assert "needs a cuda tensor, got cpu" in messages[0]
 
 
-def test_auto_fallback_on_gpu_warns(caplog, monkeypatch):
-    monkeypatch.setattr("fla_tl.utils._logged", set())
+def test_auto_fallback_on_gpu_warns(monkeypatch):
+    monkeypatch.setattr("fla_tl.utils._warned", set())
     inputs = OpInputs(**{**H100.__dict__, "compute_capability": (8, 0)})
-    with caplog.at_level(logging.INFO, logger="fla_tl"):
+    with pytest.warns(FallbackWarning, match="needs compute capability >= 9.0, got 8.0"):
         assert select_backend(get_op("chunk_retention"), inputs).name == "torch"
-    assert [r.levelno for r in caplog.records] == [logging.WARNING]
 
 
 def test_forced_backend_raises(tilelang_importable):
@@ -217,8 +215,14 @@ def test_env_var_forces_backend(monkeypatch, tilelang_importable):
     monkeypatch.setenv("FLA_TL_BACKEND", "auto")
     assert select_backend(get_op("chunk_retention"), H100).name == "tilelang"
     monkeypatch.setenv("FLA_TL_BACKEND", "nope")
-    with pytest.raises(ValueError, match="`backend` must be one of"):
+    with pytest.raises(ValueError, match=r"the environment variable FLA_TL_BACKEND must be one of \['tilelang', "
+                       r"'torch'\] or 'auto' for chunk_retention, got 'nope'"):
         select_backend(get_op("chunk_retention"), H100)
+    with pytest.raises(ValueError, match="the environment variable FLA_TL_BACKEND must be one of"):
+        ops.chunk_retention(q, q, q)
+    # a bad argument is named as the argument, whatever the variable holds
+    with pytest.raises(ValueError, match="^`backend` must be one of"):
+        select_backend(get_op("chunk_retention"), H100, "nope")
 
 
 def test_list_ops(capsys):
@@ -227,7 +231,7 @@ def test_list_ops(capsys):
     assert [s.name for s in specs] == ALL_OPS
     for op in ALL_OPS:
         assert op in out
-    assert "tilelang (preferred)" in out and "bf16,fp16,fp32" in out
+    assert "tilelang, torch" in out and "bf16/fp16/fp32" in out
 
 
 def test_no_kernel_import_at_import_time():

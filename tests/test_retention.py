@@ -1,7 +1,8 @@
 """Retention: every entry point against the token-by-token recurrence.
 
-CPU (fp64): the `torch` backend (the chunked form) must match the recurrence to 1e-10 for the output, the final
-state and every gradient. GPU (`gpu` marker): the `tilelang` backend in bf16 / fp32 against the fp32 recurrence.
+CPU (fp64): the `torch` backend (the chunked form, the attention form for parallel_retention) must match the
+recurrence to 1e-10 for the output, the final state and every gradient, and parallel_retention's attention matrix the
+one written out. GPU (`gpu` marker): the `tilelang` backend in bf16 / fp16 / fp32 against the fp32 references.
 """
 
 import warnings
@@ -9,11 +10,17 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
+from utils import Case, assert_close, assert_matches, check_states
 
-from fla_tl.ops import chunk_retention, fused_chunk_retention, fused_recurrent_retention
+from fla_tl.ops import (
+    BackendError,
+    chunk_retention,
+    fused_chunk_retention,
+    fused_recurrent_retention,
+    parallel_retention,
+)
 from fla_tl.reference import chunk_simple_gla_torch, recurrent_retention, recurrent_simple_gla
-
-from utils import assert_close, check_states
+from fla_tl.reference.retention import parallel_retention_reference
 
 OPS = {
     "chunk": chunk_retention,
@@ -194,6 +201,127 @@ def test_api_no_grad_inputs():
     assert not o.requires_grad and not ht.requires_grad
 
 
+# ---------------------------------------------------------------- parallel_retention: the attention form
+
+
+def check_parallel(q, k, v, cu_seqlens=None, backend=None, **kwargs):
+    """parallel_retention against its reference: o against the recurrence, the attention matrix (when asked) against
+    the one written out, and the gradients of q, k, v through both; o and attn in q's dtype."""
+    attn = kwargs.get("output_attentions", False)
+    case = Case("parallel_retention", dict(q=q, k=k, v=v, cu_seqlens=cu_seqlens, **kwargs), ("q", "k", "v"),
+                parallel_retention_reference, outputs=("o", "attn") if attn else ("o",), dtype=q.dtype,
+                out_dtypes={"o": q.dtype, "attn": q.dtype})
+    assert_matches(parallel_retention, case, backend)
+
+
+PARALLEL_CASES = [
+    pytest.param(*case, id="B{}-T{}-H{}-K{}-V{}-scale{}".format(*case))
+    for case in [
+        (2, 1, 2, 32, 32, None),
+        (2, 63, 2, 32, 32, 0.1),
+        (1, 64, 3, 60, 100, None),
+        (2, 65, 2, 100, 60, None),
+        (1, 200, 4, 60, 100, 1.0),
+        (2, 200, 1, 16, 16, None),
+    ]
+]
+DTYPES = [pytest.param(d, id=str(d)[6:]) for d in (torch.float64, torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("output_attentions", [False, True], ids=["o", "attn"])
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "scale"), PARALLEL_CASES)
+def test_parallel(B, T, H, K, V, scale, output_attentions, dtype):
+    q, k, v, _ = make_inputs(B, T, H, K, V, dtype, h0=False)
+    check_parallel(q, k, v, backend="torch", scale=scale, output_attentions=output_attentions)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lens", [(1, 63, 64, 65), (130, 0, 7, 200), (0, 100)], ids=lambda x: "-".join(map(str, x)))
+def test_parallel_varlen(lens, dtype):
+    q, k, v, _ = make_inputs(1, sum(lens), 2, 60, 100, dtype, h0=False)
+    check_parallel(q, k, v, cu_seqlens=_cu(lens), backend="torch")
+
+
+def test_parallel_attention_matrix():
+    """the attention matrix as fla defines it: scale * (q_i . k_j) * gamma_h ** (i - j), zero above the diagonal,
+    [B, H, T, T]; o is attn @ v; the same o as chunk_retention."""
+    q, k, v, _ = make_inputs(2, 50, 3, 16, 24, torch.float64, h0=False)
+    o, attn = parallel_retention(q, k, v, scale=0.3, output_attentions=True)
+    assert attn.shape == (2, 3, 50, 50) and attn.dtype == torch.float64
+    assert torch.equal(attn.triu(1), torch.zeros_like(attn))
+    # fla takes the log decay in fp32
+    gamma = (1 - 2.0 ** (-5.0 - torch.arange(3, dtype=torch.float32))).log().double().exp()
+    i, j = 7, 3
+    want = 0.3 * (q[:, i] * k[:, j]).sum(-1) * gamma ** (i - j)  # [B, H]
+    assert_close("attn[i, j]", attn[:, :, i, j], want, torch.float64)
+    assert_close("o", o, torch.einsum("bhij,bjhv->bihv", attn, v), torch.float64)
+    assert_close("o", o, chunk_retention(q, k, v, scale=0.3)[0], torch.float64)
+
+
+def test_parallel_api():
+    q, k, v, _ = make_inputs(2, 40, 2, 16, 24, torch.float32, h0=False)
+    o, attn = parallel_retention(q, k, v)
+    assert o.shape == (2, 40, 2, 24) and o.dtype == torch.float32 and attn is None
+    torch.testing.assert_close(parallel_retention(q, k, v, scale=16 ** -0.5)[0], o, rtol=0, atol=0)
+    _, attn = parallel_retention(q.bfloat16(), k.bfloat16(), v.bfloat16(), output_attentions=True)
+    assert attn.shape == (2, 2, 40, 40) and attn.dtype == torch.bfloat16
+    # T = 0
+    o, attn = parallel_retention(q[:, :0], k[:, :0], v[:, :0], output_attentions=True)
+    assert o.shape == (2, 0, 2, 24) and attn.shape == (2, 2, 0, 0)
+    # fla's keywords
+    torch.testing.assert_close(parallel_retention(q, k, v, chunk_size=64)[0], parallel_retention(q, k, v)[0])
+    with pytest.raises(ValueError, match="power of 2"):
+        parallel_retention(q, k, v, chunk_size=48)
+    with pytest.raises(DeprecationWarning, match="head_first"):
+        parallel_retention(q, k, v, head_first=True)
+    with pytest.raises(TypeError, match="bogus"):
+        parallel_retention(q, k, v, bogus=1)
+
+
+def test_parallel_refusals(monkeypatch):
+    """no attention matrix with cu_seqlens (as in fla); the tilelang backend refuses output_attentions with its
+    reason, so the automatic choice takes the torch backend and a forced tilelang raises."""
+    from fla_tl import registry
+    from fla_tl.kernels.common.state_op import NO_ATTENTION
+    from fla_tl.registry import OpInputs, get_op, select_backend
+
+    q, k, v, _ = make_inputs(1, 30, 2, 16, 16, torch.float32, h0=False)
+    with pytest.raises(ValueError, match="output_attentions"):
+        parallel_retention(q, k, v, cu_seqlens=_cu((10, 20)), output_attentions=True)
+    with pytest.raises(ValueError, match="batch size B = 1"):
+        parallel_retention(*(x.expand(2, -1, -1, -1) for x in (q, k, v)), cu_seqlens=_cu((10, 20)))
+    with pytest.raises(BackendError, match="materialise the attention"):
+        parallel_retention(q, k, v, output_attentions=True, backend="tilelang")
+
+    monkeypatch.setattr(registry, "module_missing", lambda name: False)
+    monkeypatch.setattr(registry, "import_reason", lambda module: None)
+    spec = get_op("parallel_retention")
+    h100 = OpInputs(device_type="cuda", dtype=torch.bfloat16, K=128, V=128, compute_capability=(9, 0), varlen=True,
+                    backward=True, options={"output_attentions": False})
+    attn = OpInputs(**{**h100.__dict__, "varlen": False, "options": {"output_attentions": True}})
+    assert spec.backend("tilelang").verifier(h100) == []
+    assert select_backend(spec, h100).name == "tilelang"
+    assert spec.backend("tilelang").verifier(attn) == [NO_ATTENTION]
+    assert select_backend(spec, attn).name == "torch"
+    assert "does not support an initial state" in spec.backend("tilelang").verifier(
+        OpInputs(**{**h100.__dict__, "initial_state": True}))
+
+
+def test_parallel_compile():
+    """the attention matrix and its gradient inside torch.compile(fullgraph=True), through the custom ops."""
+    q, k, v, _ = make_inputs(2, 70, 2, 16, 24, torch.float64, h0=False)
+    torch._dynamo.reset()
+    compiled = torch.compile(parallel_retention, fullgraph=True, backend="aot_eager")
+    o, attn = compiled(q, k, v, output_attentions=True)
+    ro, rattn = parallel_retention_reference(q, k, v, output_attentions=True)
+    do, da = torch.randn_like(o), torch.randn_like(attn)
+    grads = torch.autograd.grad((o, attn), (q, k, v), (do, da))
+    rgrads = torch.autograd.grad((ro, rattn), (q, k, v), (do, da))
+    for name, a, b in zip(("o", "attn", "dq", "dk", "dv"), (o, attn, *grads), (ro, rattn, *rgrads)):
+        assert_close(name, a, b, torch.float64)
+
+
 # ---------------------------------------------------------------- gpu: tilelang backend vs the fp32 recurrence
 
 D_VALUES = [64, 100, 128, 256]
@@ -301,9 +429,64 @@ def test_tilelang_chunk_schedules(impl, poisoned_cuda):
     grads = chunk_simple_gla_bwd(q.detach(), k.detach(), v.detach(), do, dht, **kw)[:4]
 
     ref = [x.detach().float().requires_grad_() for x in (q, k, v, h0)]
-    ref_o, ref_ht = recurrent_retention(*ref[:3], scale=scale, initial_state=ref[3], output_final_state=True, cu_seqlens=cu)
+    ref_o, ref_ht = recurrent_retention(*ref[:3], scale=scale, initial_state=ref[3], output_final_state=True,
+                                        cu_seqlens=cu)
     ref_grads = torch.autograd.grad((ref_o, ref_ht), ref, (do.float(), dht))
     assert_close("o", o, ref_o, torch.bfloat16)
     assert_close("ht", ht, ref_ht, torch.bfloat16)
     for name, g, rg in zip(("dq", "dk", "dv", "dh0"), grads, ref_grads):
         assert_close(name, g, rg, torch.bfloat16)
+
+
+PARALLEL_GPU_CASES = [
+    pytest.param(B, T, H, K, V, dtype, id=f"B{B}-T{T}-H{H}-K{K}-V{V}-{str(dtype)[6:]}")
+    for B, T, H, K, V, dtype in [
+        (2, 1, 4, 64, 64, torch.bfloat16),
+        (2, 63, 4, 64, 64, torch.bfloat16),
+        (2, 65, 4, 128, 128, torch.bfloat16),
+        (2, 1000, 4, 128, 128, torch.bfloat16),
+        (1, 1000, 4, 256, 256, torch.bfloat16),
+        (2, 500, 2, 100, 100, torch.bfloat16),
+        (2, 200, 2, 64, 128, torch.bfloat16),
+        (2, 63, 4, 64, 64, torch.float16),
+        (2, 1000, 4, 128, 128, torch.float16),
+        (2, 1, 1, 64, 64, torch.float32),
+        (2, 65, 4, 64, 64, torch.float32),
+        (1, 1000, 4, 128, 128, torch.float32),
+    ]
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("B", "T", "H", "K", "V", "dtype"), PARALLEL_GPU_CASES)
+def test_tilelang_parallel(B, T, H, K, V, dtype, poisoned_cuda):
+    q, k, v, _ = make_inputs(B, T, H, K, V, dtype, device="cuda", h0=False)
+    check_parallel(q, k, v, backend="tilelang")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+def test_tilelang_parallel_varlen(dtype, poisoned_cuda):
+    lens = (1, 300, 0, 64, 1000, 77)
+    q, k, v, _ = make_inputs(1, sum(lens), 4, 128, 128, dtype, device="cuda", h0=False)
+    check_parallel(q, k, v, cu_seqlens=_cu(lens, "cuda"), backend="tilelang")
+
+
+@pytest.mark.gpu
+def test_tilelang_parallel_attentions(poisoned_cuda):
+    """on a Hopper GPU the automatic choice runs tilelang, and the torch backend when the attention matrix is asked
+    for; a forced tilelang refuses it."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("the tilelang backend needs compute capability >= 9.0")
+    from fla_tl.registry import describe_inputs, get_op, select_backend
+
+    q, k, v, _ = make_inputs(2, 300, 4, 64, 64, torch.bfloat16, device="cuda", h0=False)
+    spec = get_op("parallel_retention")
+    assert select_backend(spec, describe_inputs(q, v, output_attentions=False)).name == "tilelang"
+    assert select_backend(spec, describe_inputs(q, v, output_attentions=True)).name == "torch"
+    with pytest.raises(BackendError, match="materialise the attention"):
+        parallel_retention(q, k, v, output_attentions=True, backend="tilelang")
+    check_parallel(q, k, v, output_attentions=True)
+    o, _ = parallel_retention(q, k, v)
+    o_attn, _ = parallel_retention(q, k, v, output_attentions=True)
+    assert_close("o", o, o_attn.float(), torch.bfloat16)

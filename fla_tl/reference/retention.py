@@ -1,4 +1,5 @@
-"""Retention (RetNet): simple GLA with the per-head constant log decay `log(1 - 2 ** (-5 - h))`."""
+"""Retention (RetNet): simple GLA with the per-head constant log decay `log(1 - 2 ** (-5 - h))`; the recurrence, the
+chunked form and the attention matrix written out."""
 
 import torch
 
@@ -61,3 +62,40 @@ def chunk_retention_torch(
         state_v_first=state_v_first,
         cu_seqlens=cu_seqlens,
     )
+
+
+def retention_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """retention's attention matrix written out, `[B, H, T, T]` in fp32 (fp64 for fp64 inputs):
+    `a[b, h, i, j] = scale * (q_i . k_j) * gamma_h ** (i - j)` for `j <= i` in the same sequence, else 0, with the
+    power taken as `exp((i - j) * log(gamma_h))` on the integer distance (no cumulative sum)."""
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    _, T, H, K = q.shape
+    scale = K ** -0.5 if scale is None else scale
+    pos = torch.arange(T, device=q.device)
+    seq = torch.zeros(T, dtype=torch.long, device=q.device)
+    if cu_seqlens is not None:
+        seq = torch.bucketize(pos, cu_seqlens[1:].to(q.device), right=True)
+    keep = (pos[None, :] <= pos[:, None]) & (seq[None, :] == seq[:, None])  # [T, T]
+    distance = (pos[:, None] - pos[None, :]).clamp(min=0).to(dtype)
+    decay = torch.exp(distance[None] * retention_g_gamma(H, q.device).to(dtype)[:, None, None])  # [H, T, T]
+    scores = torch.einsum("bihk,bjhk->bhij", q.to(dtype), k.to(dtype)) * scale
+    return torch.where(keep, scores * decay, 0)
+
+
+def parallel_retention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    output_attentions: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """the reference of `parallel_retention`: `o` by the token-by-token recurrence, the attention matrix written out
+    (:func:`retention_attention`) when `output_attentions`, else None."""
+    o, _ = recurrent_retention(q, k, v, scale=scale, cu_seqlens=cu_seqlens)
+    return o, (retention_attention(q, k, scale=scale, cu_seqlens=cu_seqlens) if output_attentions else None)

@@ -13,6 +13,7 @@ from ...registry import (
     Backend,
     KernelSpec,
     OpSpec,
+    check_backend_name,
     describe_inputs,
     register,
     tilelang_capabilities,
@@ -20,7 +21,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import validate_linear_attention_inputs
+from ...utils import join_graph, validate_linear_attention_inputs
 
 SCHEMA = "Tensor q, Tensor k, Tensor v, float scale"
 FUSED_CHUNK_MODULE = "fla_tl.kernels.based.fused_chunk"
@@ -32,6 +33,16 @@ PARALLEL_MAX_K = 128
 def _check_head_dim(name: str, q: torch.Tensor, limit: int) -> None:
     if q.shape[-1] > limit:
         raise ValueError(f"{name}: the feature dim K must be <= {limit} (fla's limit), got {q.shape[-1]}")
+
+
+def _based_run(spec: OpSpec, q, k, v, scale: float, backend) -> tuple[torch.Tensor, torch.Tensor]:
+    """the unnormalised (o, z) of the op's kernel-level call; for T = 0 no kernel runs and the empty outputs still
+    reach the autograd graph of q, k, v (zero gradients)."""
+    if q.shape[1] == 0:
+        check_backend_name(spec, backend)
+        o, z = _fake(dict(q=q, v=v))
+        return tuple(join_graph([o, z], (q, k, v)))
+    return tuple(spec.run(backend, q=q, k=k, v=v, scale=float(scale)))
 
 
 def _describe(args: dict, backward: bool):
@@ -61,7 +72,7 @@ def _tilelang(module: str, launchers, extra_reasons, description: str) -> Backen
                             scale=args["scale"])
         return {"q": dq, "k": dk, "v": dv}
 
-    caps = tilelang_capabilities(varlen=False, initial_state=False, gate=False)
+    caps = tilelang_capabilities(varlen=False, initial_state=False)
     return Backend(name="tilelang", capabilities=caps, fwd=fwd, bwd=bwd, module=module, extra_reasons=extra_reasons,
                    description=description)
 
@@ -187,7 +198,12 @@ def fused_chunk_based(
     r"""
     Based: causal linear attention with the 2nd-order Taylor feature map, `a_ij = 1 + s_ij + s_ij^2 / 2`,
     `s_ij = scale * q_i . k_j`; normalised by `sum_j a_ij + 1e-6` when `use_norm`. `[B, T, H, K]` with `K <= 16`
-    (fla's limit); returns `o` `[B, T, H, V]`.
+    (fla's limit); returns `o` `[B, T, H, V]`. `scale` defaults to `K ** -0.5`; a non-finite one raises `ValueError`.
+
+    Range: the feature map is computed in fp32 (fp64 for fp64 inputs) and overflows for large `|s_ij|`: `s_ij^2`
+    passes fp32's 3.4e38 near `|s_ij| ~ 1.8e19`, and the sums over `j` (up to T terms) reach it sooner; the output
+    is then inf / NaN, as with fla. With bf16 / fp16 inputs the output is cast to q's dtype, whose range is the
+    tighter limit (fp16: 65504, reached by the unnormalised output of `use_norm=False` long before fp32 overflows).
 
     Examples::
         >>> q, k, v = torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 16), torch.randn(2, 300, 4, 64)
@@ -196,7 +212,7 @@ def fused_chunk_based(
     validate_linear_attention_inputs(q, k, v, scale=scale)
     _check_head_dim("fused_chunk_based", q, FUSED_CHUNK_MAX_K)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    o, z = FUSED_CHUNK.run(backend, q=q, k=k, v=v, scale=float(scale))
+    o, z = _based_run(FUSED_CHUNK, q, k, v, scale, backend)
     return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
 
 
@@ -212,6 +228,12 @@ def parallel_based(
     r"""
     Based in the parallel (attention) form; same math as :func:`fused_chunk_based` with `K <= 128`.
 
+    `scale` defaults to `K ** -0.5`; a non-finite one raises `ValueError`. Range: the Taylor feature map
+    `1 + s + s^2 / 2` (`s = scale * q_i . k_j`) is computed in fp32 (fp64 for fp64 inputs) and overflows when
+    `|s|` nears 1.8e19 (`s^2` passes fp32's 3.4e38; the sums over up to T keys reach it sooner), giving inf / NaN as
+    fla does; with bf16 / fp16 inputs the output dtype's range is the tighter limit (fp16: 65504, reached first by
+    the unnormalised output of `use_norm=False`).
+
     Examples::
         >>> q, k, v = torch.randn(2, 300, 4, 64), torch.randn(2, 300, 4, 64), torch.randn(2, 300, 4, 64)
         >>> o = parallel_based(q, k, v, use_norm=False)
@@ -219,7 +241,7 @@ def parallel_based(
     validate_linear_attention_inputs(q, k, v, scale=scale)
     _check_head_dim("parallel_based", q, PARALLEL_MAX_K)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    o, z = PARALLEL_BASED.run(backend, q=q, k=k, v=v, scale=float(scale))
+    o, z = _based_run(PARALLEL_BASED, q, k, v, scale, backend)
     return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
 
 
@@ -246,7 +268,7 @@ def parallel_rebased(
     """
     validate_linear_attention_inputs(q, k, v)
     _check_head_dim("parallel_rebased", q, PARALLEL_MAX_K)
-    o, z = PARALLEL_REBASED.run(backend, q=q, k=k, v=v, scale=float(q.shape[-1] ** -0.5 if use_scale else 1.0))
+    o, z = _based_run(PARALLEL_REBASED, q, k, v, q.shape[-1] ** -0.5 if use_scale else 1.0, backend)
     if return_both:
         return o.transpose(1, 2).to(q.dtype), z.transpose(1, 2).to(q.dtype)
     return (o / (z[..., None] + eps) if use_normalize else o).to(q.dtype)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import torch
 
 from ...autotune.configs import BT
+from ...reference.simple_gla import chunk_simple_gla_torch
 from ...registry import (
     Backend,
     KernelSpec,
@@ -26,9 +27,8 @@ from ...registry import (
     torch_backend,
     torch_capabilities,
 )
-from ...reference.simple_gla import chunk_simple_gla_torch
 from ...testing import reference_dtype, state_case
-from ...utils import validate_linear_attention_inputs
+from ...utils import join_graph, validate_linear_attention_inputs
 
 STATE_SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? g_gamma, Tensor? initial_state, Tensor? cu_seqlens, "
                 "float scale, bool output_final_state, bool reverse, bool state_v_first")
@@ -54,7 +54,7 @@ def _transpose(x):
     return x.transpose(-1, -2).contiguous() if x is not None else None
 
 
-def tilelang_state_backend(module: str, name: str, *, recurrent: bool, state_v_first: bool,
+def tilelang_state_backend(module: str, name: str, *, recurrent: bool, state_v_first: bool, gate: bool = True,
                            decay: Callable | None = None) -> Backend:
     """the tilelang backend on the launchers `<name>_fwd` / `<name>_bwd` of `module` (the contract of
     `fla_tl.kernels.simple_gla`); `decay(H, device)` gives the per-head log decay of an op that has a fixed one
@@ -109,10 +109,40 @@ def tilelang_state_backend(module: str, name: str, *, recurrent: bool, state_v_f
         (dh0,) = states(args, dh0)
         return {"q": dq, "k": dk, "v": dv, "g": found[4] if len(found) > 4 else None, "initial_state": dh0}
 
-    caps = tilelang_capabilities(reverse=recurrent, state_v_first=state_v_first)
+    caps = tilelang_capabilities(reverse=recurrent, state_v_first=state_v_first, gate=gate)
     return Backend(name="tilelang", capabilities=caps, fwd=fwd, bwd=bwd, module=module,
                    description="the TileLang kernels")
 
+
+NO_ATTENTION = "does not materialise the attention matrix (output_attentions=True); the torch backend does"
+
+
+def parallel_tilelang_backend(decay: Callable | None = None) -> Backend:
+    """chunk_simple_gla's TileLang backend on the arguments of the attention forms (`parallel_simple_gla`,
+    `parallel_retention`: q, k, v, optional g, cu_seqlens, scale, output_attentions): no states, and a refusal of
+    `output_attentions` (the torch backend materialises the matrix)."""
+    inner = tilelang_state_backend(SIMPLE_GLA_MODULES["chunk"], "chunk_simple_gla", recurrent=False,
+                                   state_v_first=False, gate=decay is None, decay=decay)
+
+    def state_args(args):
+        return dict(q=args["q"], k=args["k"], v=args["v"], g=args.get("g"), g_gamma=None, initial_state=None,
+                    cu_seqlens=args["cu_seqlens"], scale=args["scale"], output_final_state=False, reverse=False,
+                    state_v_first=False)
+
+    def fwd(requires_grad, **args):
+        o, _ = inner.fwd(**state_args(args), requires_grad=requires_grad)
+        return o, None
+
+    def bwd(args, outputs, grads):
+        return inner.bwd(state_args(args), [outputs[0], outputs[1]], [grads[0], None])
+
+    def attention_reason(inputs):
+        return [NO_ATTENTION] if inputs.options.get("output_attentions") else []
+
+    caps = tilelang_capabilities(initial_state=False, gate=decay is None)
+    return Backend(name="tilelang", capabilities=caps, fwd=fwd, bwd=bwd, module=SIMPLE_GLA_MODULES["chunk"],
+                   extra_reasons=attention_reason,
+                   description="chunk_simple_gla's TileLang kernels" + (" with a fixed decay" if decay else ""))
 
 def torch_state_backend(form: Callable, *, recurrent: bool, state_v_first: bool, gate: bool) -> Backend:
     """the torch backend on a chunked PyTorch form `form(q, k, v, g, g_gamma, **options) -> (o, ht)`."""
@@ -162,8 +192,8 @@ def simple_gla_spec(name: str, variant: str, mode: str, reference, *, gate: bool
         return state_kernels(D, dtype, (mode,), ("gamma", "g") if gate else ("gamma",))
 
     backends = [
-        tilelang_state_backend(SIMPLE_GLA_MODULES[mode], f"{mode}_simple_gla", recurrent=recurrent, state_v_first=state_v_first,
-                               decay=decay),
+        tilelang_state_backend(SIMPLE_GLA_MODULES[mode], f"{mode}_simple_gla", recurrent=recurrent,
+                               state_v_first=state_v_first, gate=gate, decay=decay),
         torch_state_backend(form, recurrent=recurrent, state_v_first=state_v_first, gate=gate),
     ]
     return state_op(name, variant, mode, reference, backends, kernels=kernels, cases=cases)
@@ -184,23 +214,26 @@ def run_state_op(
     g: torch.Tensor | None = None,
     g_gamma: torch.Tensor | None = None,
     g_per_key: bool = False,
+    g_name: str = "g",
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """validate, default the scale, handle T = 0, and run the op's kernel-level call."""
+    """validate, default the scale, handle T = 0 (no kernel runs; the outputs still reach the autograd graph of the
+    inputs), and run the op's kernel-level call."""
     N = validate_linear_attention_inputs(q, k, v, scale=scale, initial_state=initial_state, cu_seqlens=cu_seqlens,
-                                         state_v_first=state_v_first, g=g, g_gamma=g_gamma, g_per_key=g_per_key)
+                                         state_v_first=state_v_first, g=g, g_gamma=g_gamma, g_per_key=g_per_key,
+                                         g_name=g_name)
     B, T, H, K = q.shape
     V = v.shape[-1]
     if scale is None:
         scale = K ** -0.5
     if T == 0:
         check_backend_name(spec, backend)
-        o = v.new_empty(B, 0, H, V)
-        if not output_final_state:
-            return o, None
-        if initial_state is not None:
-            return o, initial_state.to(reference_dtype(q.dtype), copy=True)
-        shape = (N, H, V, K) if state_v_first else (N, H, K, V)
-        return o, q.new_zeros(shape, dtype=reference_dtype(q.dtype))
+        o, ht = v.new_empty(B, 0, H, V), None
+        if output_final_state and initial_state is not None:
+            ht = initial_state.to(reference_dtype(q.dtype), copy=True)
+        elif output_final_state:
+            ht = q.new_zeros((N, H, V, K) if state_v_first else (N, H, K, V), dtype=reference_dtype(q.dtype))
+        o, ht = join_graph([o, ht], (q, k, v, g, initial_state))
+        return o, ht
     o, ht = spec.run(backend, q=q, k=k, v=v, g=g, g_gamma=g_gamma, initial_state=initial_state,
                      cu_seqlens=cu_seqlens, scale=float(scale), output_final_state=bool(output_final_state),
                      reverse=bool(reverse), state_v_first=bool(state_v_first))
@@ -305,13 +338,15 @@ def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, 
         if gate == "g":
             # the per-token gate's cumulative sum (g in fp32 or the input dtype) and its gradient
             for g_dtype in sorted({"float32", dtype}):
-                specs += [KernelSpec("chunk_gate_cumsum_kernel", chunk_gate_cumsum_kernel, dict(g_dtype=g_dtype, BT=BT)),
+                specs += [KernelSpec("chunk_gate_cumsum_kernel", chunk_gate_cumsum_kernel,
+                                     dict(g_dtype=g_dtype, BT=BT)),
                           KernelSpec("chunk_reverse_cumsum_kernel", chunk_reverse_cumsum_kernel,
                                      dict(out_dtype=g_dtype, BT=BT))]
                 specs += [KernelSpec("sequence_cumsum_kernel", sequence_cumsum_kernel,
                                      dict(reverse=reverse, out_dtype=g_dtype, BT=BT)) for reverse in (False, True)]
             # the chunk kernels' dg reads dq, dk in the input dtype, fused_recurrent's in fp32
-            specs += [KernelSpec("gate_dot_kernel", gate_dot_kernel, dict(K=D, dtype=dtype, grad_dtype=grad_dtype, BT=BT))
+            specs += [KernelSpec("gate_dot_kernel", gate_dot_kernel,
+                                 dict(K=D, dtype=dtype, grad_dtype=grad_dtype, BT=BT))
                       for grad_dtype in sorted({"float32", dtype})]
             specs.append(KernelSpec("chunk_state_dot_kernel", chunk_state_dot_kernel,
                                     dict(K=D, V=D, h_dtype=dtype, BT=BT)))

@@ -29,7 +29,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import validate_linear_attention_inputs
+from ...utils import check_device, check_tensor, join_graph, validate_linear_attention_inputs
 from ..common.state_op import pop_state_layout
 
 SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, Tensor? cu_seqlens, "
@@ -86,14 +86,13 @@ def _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, 
         if x.device != q.device:
             raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
     if initial_state is not None:
+        check_tensor("initial_state", initial_state)
+        check_device("initial_state", initial_state, q.device)
         want = (N, HV, V, K) if state_v_first else (N, HV, K, V)
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != want:
-            got = (tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor)
-                   else type(initial_state).__name__)
+        if tuple(initial_state.shape) != want:
             layout = "[N, HV, V, K]" if state_v_first else "[N, HV, K, V]"
-            raise ValueError(f"`initial_state` must have shape {layout} = {list(want)}, got {got}")
-        if initial_state.device != q.device:
-            raise ValueError(f"`initial_state` must be on the device of `q` ({q.device}), got {initial_state.device}")
+            raise ValueError(f"`initial_state` must have shape {layout} = {list(want)}, got "
+                             f"{tuple(initial_state.shape)}")
     return N
 
 
@@ -384,7 +383,7 @@ FUSED_CHUNK = OpSpec(
 def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
                use_qk_l2norm_in_kernel, backend):
     N = _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale)
-    B, T, _, K = q.shape
+    _, T, _, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     args = dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens,
                 scale=float(scale), output_final_state=bool(output_final_state), state_v_first=bool(state_v_first),
@@ -396,14 +395,16 @@ def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state,
             backward = torch.is_grad_enabled() and any(
                 isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, beta, g, initial_state))
             select_backend(spec, spec.describe(args, backward), backend if backend != AUTO else None)
-        o = v.new_empty(v.shape)
-        if not output_final_state:
-            return o, None
+        o, ht = v.new_empty(v.shape), None
         HV, V = v.shape[2:]
         ht_dtype = reference_dtype(q.dtype)
-        if initial_state is not None:
-            return o, initial_state.to(ht_dtype, copy=True)
-        return o, q.new_zeros((N, HV, V, K) if state_v_first else (N, HV, K, V), dtype=ht_dtype)
+        if output_final_state and initial_state is not None:
+            ht = initial_state.to(ht_dtype, copy=True)
+        elif output_final_state:
+            ht = q.new_zeros((N, HV, V, K) if state_v_first else (N, HV, K, V), dtype=ht_dtype)
+        # no kernel runs; the outputs still reach the autograd graph of the inputs (zero gradients)
+        o, ht = join_graph([o, ht], (q, k, v, beta, g, initial_state))
+        return o, ht
     o, ht = spec.run(backend, **args)
     return o, (ht if output_final_state else None)
 
@@ -440,6 +441,7 @@ def chunk_delta_rule(
         initial_state (Optional[torch.Tensor]): `[N, H, K, V]`. output_final_state (bool): Default: `False`.
         use_qk_l2norm_in_kernel (bool): L2-normalise q and k first. Default: `False`.
         cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu: accepted, unused.
+        backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
         kwargs: `chunk_size` in {16, 32, 64} (accepted; the torch form uses 64); `head_first` raises.
 
     Returns:
@@ -531,6 +533,7 @@ def chunk_gated_delta_rule(
         state_v_first (bool): states laid out `[N, HV, V, K]`. Default: `False`.
         cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu, chunk_indices: accepted,
             unused. cp_context: context parallelism is not supported (raises).
+        backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
         kwargs: `chunk_size` in {16, 32, 64}; `use_gate_in_kernel` with `A_log` `[HV]` and `dt_bias` `[HV]` (the gate
             becomes `-exp(A_log) * softplus(g + dt_bias)`); the deprecated `transpose_state_layout`; `head_first`
             raises.

@@ -60,7 +60,8 @@ def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpe
               KernelSpec("chunk_state_dot_kernel", cumsum.chunk_state_dot_kernel,
                          dict(K=D, V=D, h_dtype=dtype, per_key=True, BT=chunk.BT)),
               ]
-    specs += [KernelSpec("chunk_reverse_cumsum_kernel", cumsum.chunk_reverse_cumsum_kernel, dict(out_dtype=g, BT=chunk.BT))
+    specs += [KernelSpec("chunk_reverse_cumsum_kernel", cumsum.chunk_reverse_cumsum_kernel,
+                         dict(out_dtype=g, BT=chunk.BT))
               for g in g_dtypes]
     return specs
 
@@ -179,7 +180,7 @@ def fused_recurrent_gla(
     state_v_first = pop_state_layout("fused_recurrent_gla", state_v_first, kwargs)
     return run_state_op(FUSED_RECURRENT, q, k, v, scale=scale, initial_state=initial_state,
                         output_final_state=output_final_state, reverse=reverse, state_v_first=state_v_first,
-                        cu_seqlens=cu_seqlens, backend=backend, g=gk, g_per_key=True)
+                        cu_seqlens=cu_seqlens, backend=backend, g=gk, g_per_key=True, g_name="gk")
 
 
 @register(FUSED_CHUNK)

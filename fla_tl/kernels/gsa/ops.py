@@ -27,7 +27,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import validate_linear_attention_inputs
+from ...utils import join_graph, validate_linear_attention_inputs
 from ..common.state_op import pop_chunk_size
 
 GSA_MAX_SLOTS = 256
@@ -89,17 +89,20 @@ def _validate_gsa(q, k, v, s, g, scale, initial_state, cu_seqlens, grouped: bool
     return N
 
 
-def _gsa_empty(q, k, v, s, N, initial_state, output_final_state):
-    """the result of a T = 0 input: an empty output and the initial (or zero) states."""
+def _gsa_empty(q, k, v, s, g, N, initial_state, output_final_state):
+    """the result of a T = 0 input: an empty output and the initial (or zero) states, joined to the autograd graph
+    of the inputs (zero gradients; the states pass theirs on to the initial states)."""
     B, _, HQ, K = q.shape
     H, V, M = k.shape[2], v.shape[3], s.shape[3]
     o = v.new_empty(B, 0, HQ, V)
-    if not output_final_state:
-        return o, None
     ht_dtype = reference_dtype(q.dtype)
+    hk0, hv0 = initial_state if initial_state is not None else (None, None)
     if initial_state is not None:
-        return o, [x.to(ht_dtype, copy=True) for x in initial_state]
-    return o, [q.new_zeros(N, H, K, M, dtype=ht_dtype), q.new_zeros(N, H, M, V, dtype=ht_dtype)]
+        states = [x.to(ht_dtype, copy=True) for x in initial_state]
+    else:
+        states = [q.new_zeros(N, H, K, M, dtype=ht_dtype), q.new_zeros(N, H, M, V, dtype=ht_dtype)]
+    o, *states = join_graph([o, *states] if output_final_state else [o], (q, k, v, s, g, hk0, hv0))
+    return o, (states if output_final_state else None)
 
 
 def _gsa_run(spec, q, k, v, s, g, scale, initial_state, output_final_state, reverse, cu_seqlens, backend,
@@ -110,7 +113,7 @@ def _gsa_run(spec, q, k, v, s, g, scale, initial_state, output_final_state, reve
         scale = q.shape[-1] ** -0.5
     if q.shape[1] == 0:
         check_backend_name(spec, backend)
-        return _gsa_empty(q, k, v, s, N, initial_state, output_final_state)
+        return _gsa_empty(q, k, v, s, g, N, initial_state, output_final_state)
     hk0, hv0 = initial_state if initial_state is not None else (None, None)
     o, hk, hv = spec.run(backend, q=q, k=k, v=v, s=s, g=g, hk0=hk0, hv0=hv0, cu_seqlens=cu_seqlens,
                          scale=float(scale), output_final_state=bool(output_final_state), reverse=bool(reverse))

@@ -13,6 +13,7 @@ from ...registry import (
     Backend,
     KernelSpec,
     OpSpec,
+    check_backend_name,
     describe_inputs,
     register,
     tilelang_capabilities,
@@ -20,13 +21,14 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import validate_linear_attention_inputs
+from ...utils import check_cu_seqlens, check_device, check_tensor, join_graph
 
 SCHEMA = "Tensor x, Tensor g, Tensor? initial_state, Tensor? cu_seqlens, bool output_final_state"
 MODULE = "fla_tl.kernels.hgrn.fused_recurrent"
 
 
-def _check_hgrn(x, g, initial_state, cu_seqlens):
+def _check_hgrn(x, g, initial_state, cu_seqlens) -> int:
+    """the checks of the HGRN ops, each error naming the argument; returns N."""
     for name, t in (("x", x), ("g", g)):
         if not isinstance(t, torch.Tensor) or not t.is_floating_point():
             raise TypeError(f"`{name}` must be a floating-point torch.Tensor [B, T, D], got "
@@ -37,17 +39,34 @@ def _check_hgrn(x, g, initial_state, cu_seqlens):
         raise ValueError(f"`g` must have the shape of `x` {tuple(x.shape)}, got {tuple(g.shape)}")
     if g.device != x.device:
         raise ValueError(f"`g` must be on the device of `x` ({x.device}), got {g.device}")
-    B, T, D = x.shape
+    B, _, D = x.shape
     N = B
     if cu_seqlens is not None:
-        # the shared checks of cu_seqlens, on a [B, T, 1, D] view
-        validate_linear_attention_inputs(x[..., None, :], x[..., None, :], x[..., None, :], cu_seqlens=cu_seqlens)
-        N = cu_seqlens.numel() - 1
+        N = check_cu_seqlens(cu_seqlens, x, "x")
     if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or tuple(initial_state.shape) != (N, D):
-            got = (tuple(initial_state.shape) if isinstance(initial_state, torch.Tensor)
-                   else type(initial_state).__name__)
-            raise ValueError(f"`initial_state` must have shape [N, D] = {[N, D]}, got {got}")
+        check_tensor("initial_state", initial_state)
+        check_device("initial_state", initial_state, x.device, "x")
+        if tuple(initial_state.shape) != (N, D):
+            raise ValueError(f"`initial_state` must have shape [N, D] = {[N, D]}, got {tuple(initial_state.shape)}")
+    return N
+
+
+def _hgrn_run(spec, x, g, initial_state, output_final_state, cu_seqlens, backend):
+    """validate, handle T = 0 (no kernel runs; the outputs still reach the autograd graph of the inputs), and run
+    the op's kernel-level call."""
+    N = _check_hgrn(x, g, initial_state, cu_seqlens)
+    if x.shape[1] == 0:
+        check_backend_name(spec, backend)
+        ht = None
+        if output_final_state:
+            ht_dtype = reference_dtype(x.dtype)
+            ht = (initial_state.to(ht_dtype, copy=True) if initial_state is not None
+                  else x.new_zeros(N, x.shape[-1], dtype=ht_dtype))
+        o, ht = join_graph([x.new_empty(x.shape), ht], (x, g, initial_state))
+        return o, ht
+    o, ht = spec.run(backend, x=x, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                     output_final_state=bool(output_final_state))
+    return o, (ht if output_final_state else None)
 
 
 def _sequences(args) -> int:
@@ -165,10 +184,7 @@ def chunk_hgrn(
         >>> x, g = torch.randn(2, 500, 256), torch.randn(2, 500, 256).sigmoid().log()
         >>> o, ht = chunk_hgrn(x, g, output_final_state=True)
     """
-    _check_hgrn(x, g, initial_state, None)
-    o, ht = CHUNK.run(backend, x=x, g=g, initial_state=initial_state, cu_seqlens=None,
-                      output_final_state=bool(output_final_state))
-    return o, (ht if output_final_state else None)
+    return _hgrn_run(CHUNK, x, g, initial_state, output_final_state, None, backend)
 
 
 @register(FUSED_RECURRENT)
@@ -188,7 +204,4 @@ def fused_recurrent_hgrn(
         >>> x, g = torch.randn(1, 500, 256), torch.randn(1, 500, 256).sigmoid().log()
         >>> o, ht = fused_recurrent_hgrn(x, g, output_final_state=True, cu_seqlens=torch.tensor([0, 100, 500]))
     """
-    _check_hgrn(x, g, initial_state, cu_seqlens)
-    o, ht = FUSED_RECURRENT.run(backend, x=x, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens,
-                                output_final_state=bool(output_final_state))
-    return o, (ht if output_final_state else None)
+    return _hgrn_run(FUSED_RECURRENT, x, g, initial_state, output_final_state, cu_seqlens, backend)

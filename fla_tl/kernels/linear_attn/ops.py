@@ -17,7 +17,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import reference_dtype
-from ...utils import validate_linear_attention_inputs
+from ...utils import join_graph, validate_linear_attention_inputs
 from ..common.state_op import SIMPLE_GLA_MODULES, simple_gla_form, state_cases, state_kernels
 
 SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor? initial_state, Tensor? z0, Tensor? cu_seqlens, float scale, "
@@ -81,7 +81,7 @@ def _tilelang(mode: str) -> Backend:
         acc = torch.promote_types(q.dtype, torch.float32)
         return [q.new_empty(B * T, H, dtype=acc), q.new_empty(chunk_rows(B, T, N), H, K, dtype=acc)]
 
-    caps = tilelang_capabilities(reverse=recurrent, gate=False)
+    caps = tilelang_capabilities(reverse=recurrent)
     return Backend(name="tilelang", capabilities=caps, fwd=fwd, bwd=bwd, residuals=residuals,
                    module=SIMPLE_GLA_MODULES[mode], description="the TileLang kernels")
 
@@ -149,7 +149,8 @@ def _linear_attn(spec, q, k, v, scale, initial_state, output_final_state, revers
         want = (N, 1, H, K)
         if not isinstance(z0, torch.Tensor) or tuple(z0.shape) != want:
             got = tuple(z0.shape) if isinstance(z0, torch.Tensor) else type(z0).__name__
-            raise ValueError(f"`initial_state[1]` (the key sum z) must have shape [N, 1, H, K] = {list(want)}, got {got}")
+            raise ValueError(
+                f"`initial_state[1]` (the key sum z) must have shape [N, 1, H, K] = {list(want)}, got {got}")
     scale = K ** -0.5 if scale is None else scale
     if T == 0:
         check_backend_name(spec, backend)
@@ -159,6 +160,8 @@ def _linear_attn(spec, q, k, v, scale, initial_state, output_final_state, revers
             ht = h0.to(acc, copy=True) if h0 is not None else q.new_zeros(N, H, K, v.shape[-1], dtype=acc)
         if normalize:
             _, z = normalize_with_key_sum(o, q, k, scale, z0, reverse, cu_seqlens)
+        # no kernel runs; the outputs still reach the autograd graph of the inputs (zero gradients)
+        o, ht, z = join_graph([o, ht, z], (q, k, v, h0, z0))
     else:
         o, ht, z = spec.run(backend, q=q, k=k, v=v, initial_state=h0, z0=z0, cu_seqlens=cu_seqlens,
                             scale=float(scale), output_final_state=bool(output_final_state), reverse=bool(reverse),
@@ -241,7 +244,8 @@ def fused_chunk_linear_attn(
         >>> q, k, v = (torch.randn(2, 1000, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         >>> o, (ht, z) = fused_chunk_linear_attn(q, k, v, output_final_state=True)
         >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
-        >>> o, ht = fused_chunk_linear_attn(q, k, v, normalize=False, cu_seqlens=torch.tensor([0, 9, 2000], device="cuda"))
+        >>> cu_seqlens = torch.tensor([0, 9, 2000], device="cuda")
+        >>> o, ht = fused_chunk_linear_attn(q, k, v, normalize=False, cu_seqlens=cu_seqlens)
     """
     return _linear_attn(FUSED_CHUNK, q, k, v, scale, initial_state, output_final_state, False, normalize, cu_seqlens,
                         backend)
@@ -268,7 +272,8 @@ def fused_recurrent_linear_attn(
         >>> q, k, v = (torch.randn(2, 64, 4, 64, device="cuda", dtype=torch.bfloat16) for _ in range(3))
         >>> o, ht = fused_recurrent_linear_attn(q, k, v, output_final_state=True, reverse=True)
         >>> q, k, v = (x.flatten(0, 1)[None] for x in (q, k, v))
-        >>> o, (ht, z) = fused_recurrent_linear_attn(q, k, v, normalize=True, cu_seqlens=torch.tensor([0, 10, 128], device="cuda"))
+        >>> cu_seqlens = torch.tensor([0, 10, 128], device="cuda")
+        >>> o, (ht, z) = fused_recurrent_linear_attn(q, k, v, normalize=True, cu_seqlens=cu_seqlens)
     """
     return _linear_attn(FUSED_RECURRENT, q, k, v, scale, initial_state, output_final_state, reverse, normalize,
                         cu_seqlens, backend)

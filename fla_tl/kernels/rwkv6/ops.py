@@ -25,7 +25,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import validate_linear_attention_inputs
+from ...utils import join_graph, validate_linear_attention_inputs
 from ..common.state_op import pop_chunk_size
 
 SCHEMA = ("Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor? initial_state, Tensor? cu_seqlens, float scale, "
@@ -63,14 +63,15 @@ def _rwkv6_run(spec, r, k, v, w, u, scale, initial_state, output_final_state, re
     if scale is None:
         scale = K ** -0.5
     if T == 0:
+        # no kernel runs; the outputs still reach the autograd graph of the inputs (zero gradients)
         check_backend_name(spec, backend)
-        o = v.new_empty(B, 0, H, V)
-        if not output_final_state:
-            return o, None
-        ht_dtype = reference_dtype(r.dtype)
-        if initial_state is not None:
-            return o, initial_state.to(ht_dtype, copy=True)
-        return o, r.new_zeros(N, H, K, V, dtype=ht_dtype)
+        o, ht, ht_dtype = v.new_empty(B, 0, H, V), None, reference_dtype(r.dtype)
+        if output_final_state and initial_state is not None:
+            ht = initial_state.to(ht_dtype, copy=True)
+        elif output_final_state:
+            ht = r.new_zeros(N, H, K, V, dtype=ht_dtype)
+        o, ht = join_graph([o, ht], (r, k, v, w, u, initial_state))
+        return o, ht
     o, ht = spec.run(backend, r=r, k=k, v=v, w=w, u=u, initial_state=initial_state, cu_seqlens=cu_seqlens,
                      scale=float(scale), output_final_state=bool(output_final_state), reverse=bool(reverse))
     return o, (ht if output_final_state else None)
@@ -154,7 +155,7 @@ def make_rwkv6_backend(mode: str) -> Backend:
         B, T, H, K = r.shape
         return [r.new_empty(B * T, H, K, dtype=torch.float32), r.new_empty(B * T, H, BT, dtype=torch.float32)]
 
-    caps = tilelang_capabilities(reverse=mode == "fused_recurrent")
+    caps = tilelang_capabilities(reverse=mode == "fused_recurrent", gate=True)
     return Backend(name="tilelang", capabilities=caps, fwd=fwd, bwd=bwd, residuals=residuals, module=module,
                    description="GLA's TileLang kernels with a one-token query shift and the bonus")
 

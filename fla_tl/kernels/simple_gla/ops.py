@@ -5,27 +5,25 @@ import torch
 
 from ...reference.simple_gla import parallel_simple_gla_torch, recurrent_simple_gla
 from ...registry import (
-    Backend,
-    BackendError,
     OpSpec,
+    check_backend_name,
     describe_inputs,
     register,
-    tilelang_capabilities,
     torch_backend,
     torch_capabilities,
 )
 from ...testing import Case
-from ...utils import validate_linear_attention_inputs
+from ...utils import join_graph, validate_linear_attention_inputs
 from ..common.state_op import (
-    SIMPLE_GLA_MODULES,
+    parallel_tilelang_backend,
     pop_chunk_size,
     pop_state_layout,
     run_state_op,
     simple_gla_spec,
     state_cases,
     state_kernels,
-    tilelang_state_backend,
 )
+
 
 def _gates(B, T, H, device):
     g_gamma = -torch.rand(H, device=device) * 0.2
@@ -38,7 +36,8 @@ CHUNK = simple_gla_spec("chunk_simple_gla", "simple_gla", "chunk", recurrent_sim
 FUSED_CHUNK = simple_gla_spec("fused_chunk_simple_gla", "simple_gla", "fused_chunk", recurrent_simple_gla,
                               cases=state_cases(recurrent_simple_gla, extras=_gates))
 FUSED_RECURRENT = simple_gla_spec("fused_recurrent_simple_gla", "simple_gla", "fused_recurrent", recurrent_simple_gla,
-                                  state_v_first=True, cases=state_cases(recurrent_simple_gla, recurrent=True, state_v_first=True,
+                                  state_v_first=True,
+                                  cases=state_cases(recurrent_simple_gla, recurrent=True, state_v_first=True,
                                                     extras=_gates))
 
 
@@ -181,26 +180,6 @@ def fused_recurrent_simple_gla(
 PARALLEL_SCHEMA = "Tensor q, Tensor k, Tensor v, Tensor? g, Tensor? cu_seqlens, float scale, bool output_attentions"
 
 
-def _parallel_tilelang():
-    """chunk_simple_gla's TileLang backend on the parallel op's arguments (no state, no attention matrix)."""
-    inner = tilelang_state_backend(SIMPLE_GLA_MODULES["chunk"], "chunk_simple_gla", recurrent=False, state_v_first=False)
-
-    def state_args(q, k, v, g, cu_seqlens, scale, output_attentions):
-        return dict(q=q, k=k, v=v, g=g, g_gamma=None, initial_state=None, cu_seqlens=cu_seqlens, scale=scale,
-                    output_final_state=False, reverse=False, state_v_first=False)
-
-    def fwd(requires_grad, **args):
-        o, _ = inner.fwd(**state_args(**args), requires_grad=requires_grad)
-        return o, None
-
-    def bwd(args, outputs, grads):
-        return inner.bwd(state_args(**args), [outputs[0], outputs[1]], [grads[0], None])
-
-    caps = tilelang_capabilities(initial_state=False)
-    return Backend(name="tilelang", capabilities=caps, fwd=fwd, bwd=bwd, module=SIMPLE_GLA_MODULES["chunk"],
-                   description="chunk_simple_gla's TileLang kernels")
-
-
 def _parallel_torch(q, k, v, g, cu_seqlens, scale, output_attentions):
     return parallel_simple_gla_torch(q, k, v, g, scale=scale, output_attentions=output_attentions,
                                      cu_seqlens=cu_seqlens)
@@ -222,11 +201,11 @@ def _parallel_cases(device, dtype):
 
 PARALLEL = OpSpec(
     name="parallel_simple_gla", variant="simple_gla", mode="parallel", reference=recurrent_simple_gla,
-    backends=[_parallel_tilelang(),
+    backends=[parallel_tilelang_backend(),
               torch_backend(_parallel_torch, torch_capabilities(initial_state=False, gate=True))],
     schema=PARALLEL_SCHEMA, outputs=2, grads=("q", "k", "v", "g"),
     describe=lambda args, backward: describe_inputs(args["q"], args["v"], None, args["cu_seqlens"], backward,
-                                                    g=args["g"]),
+                                                    g=args["g"], output_attentions=args["output_attentions"]),
     fake=_parallel_fake, kernels=lambda D, dtype: state_kernels(D, dtype, ("chunk",), ("gamma", "g")),
     cases=_parallel_cases,
 )
@@ -260,15 +239,11 @@ def parallel_simple_gla(
     validate_linear_attention_inputs(q, k, v, scale=scale, cu_seqlens=cu_seqlens, g=g)
     if output_attentions and cu_seqlens is not None:
         raise ValueError("`output_attentions=True` is not supported with `cu_seqlens` (as in fla)")
-    if output_attentions:
-        # the attention matrix exists only in the torch backend's attention form
-        if backend == "tilelang":
-            raise BackendError("parallel_simple_gla: the tilelang backend does not materialise the attention "
-                               "(output_attentions=True); use backend='torch' or None")
-        backend = "torch"
     if q.shape[1] == 0:
-        return parallel_simple_gla_torch(q, k, v, g, scale=scale, output_attentions=output_attentions,
-                                         cu_seqlens=cu_seqlens)
+        check_backend_name(PARALLEL, backend)
+        found = parallel_simple_gla_torch(q, k, v, g, scale=scale, output_attentions=output_attentions,
+                                          cu_seqlens=cu_seqlens)
+        return tuple(join_graph(list(found), (q, k, v, g)))
     o, attn = PARALLEL.run(backend, q=q, k=k, v=v, g=g, cu_seqlens=cu_seqlens,
                            scale=float(q.shape[-1] ** -0.5 if scale is None else scale),
                            output_attentions=bool(output_attentions))

@@ -24,6 +24,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
+from ...utils import check_device, check_tensor, join_graph
 
 TITANS_TL_CHUNK_SIZES = (16, 32, 64)
 TITANS_TL_MAX_D = 128
@@ -66,14 +67,11 @@ def _validate_titans(q, k, v, w, b, theta, alpha, eta, eps, chunk_size, initial_
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"`chunk_size` must be a positive int, got {chunk_size!r}")
     if initial_state is not None:
-        if not isinstance(initial_state, torch.Tensor) or not initial_state.is_floating_point():
-            raise TypeError(f"`initial_state` must be a floating-point torch.Tensor [B, H, D, D], got "
-                            f"{type(initial_state).__name__}")
+        check_tensor("initial_state", initial_state)
+        check_device("initial_state", initial_state, q.device)
         if tuple(initial_state.shape) != (B, H, D, D):
             raise ValueError(f"`initial_state` must have shape [B, H, D, D] = {[B, H, D, D]}, got "
                              f"{tuple(initial_state.shape)}")
-        if initial_state.device != q.device:
-            raise ValueError(f"`initial_state` must be on the device of `q` ({q.device}), got {initial_state.device}")
 
 
 def _describe(args: dict, backward: bool):
@@ -239,6 +237,8 @@ def chunk_titans_linear(
             ht_dtype = reference_dtype(q.dtype)
             ht = (initial_state.to(ht_dtype, copy=True) if initial_state is not None
                   else q.new_zeros(B, H, D, D, dtype=ht_dtype))
-        return q.new_empty(q.shape), ht
+        # the outputs still reach the autograd graph of the inputs (zero gradients)
+        o, ht = join_graph([q.new_empty(q.shape), ht], (q, k, v, w, b, theta, alpha, eta, initial_state))
+        return o, ht
     o, ht = CHUNK.run(backend, **args)
     return o, (ht if output_final_state else None)
