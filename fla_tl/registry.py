@@ -70,6 +70,8 @@ class Capabilities:
     reverse: bool = False
     state_v_first: bool = False
     gate: bool = False  # a per-token log gate `g`
+    # sequences x heads: the state passes put them in a grid dimension other than the first (at most 65535 blocks)
+    max_sequences_x_heads: int | None = None
 
     def describe(self) -> dict[str, str]:
         def flag(x: bool) -> str:
@@ -93,7 +95,7 @@ def tilelang_capabilities(**fields) -> Capabilities:
     """the TileLang kernels' usual capabilities (CUDA sm_90+, bf16 / fp16 / fp32, head dims up to 256), with `fields`
     changed."""
     base = Capabilities(devices=("cuda",), dtypes=(torch.bfloat16, torch.float16, torch.float32),
-                        max_head_dim=MAX_HEAD_DIM, min_compute_capability=(9, 0))
+                        max_head_dim=MAX_HEAD_DIM, min_compute_capability=(9, 0), max_sequences_x_heads=65535)
     return dataclasses.replace(base, **fields)
 
 
@@ -119,6 +121,7 @@ class OpInputs:
     reverse: bool = False
     state_v_first: bool = False
     gate: bool = False
+    sequences_x_heads: int = 0  # 0: not described
     options: dict = dataclasses.field(default_factory=dict, compare=False)
 
 
@@ -138,6 +141,7 @@ def describe_inputs(
     **options,
 ) -> OpInputs:
     """the :class:`OpInputs` of a call on real tensors (K from `q`, V from `v`)."""
+    sequences = cu_seqlens.shape[0] - 1 if cu_seqlens is not None else q.shape[0]
     return OpInputs(
         device_type=q.device.type,
         dtype=q.dtype,
@@ -150,6 +154,7 @@ def describe_inputs(
         reverse=reverse,
         state_v_first=state_v_first,
         gate=g is not None,
+        sequences_x_heads=sequences * max(q.shape[-2], v.shape[-2]) if q.dim() == 4 else 0,
         options=options,
     )
 
@@ -182,6 +187,9 @@ def capability_reasons(caps: Capabilities, inputs: OpInputs) -> list[str]:
     ):
         if getattr(inputs, field) and not getattr(caps, field):
             reasons.append(f"does not support {what}")
+    if caps.max_sequences_x_heads is not None and inputs.sequences_x_heads > caps.max_sequences_x_heads:
+        reasons.append(f"sequences x heads = {inputs.sequences_x_heads} exceeds {caps.max_sequences_x_heads} (the "
+                       "blocks a CUDA grid dimension of its state passes holds)")
     return reasons
 
 

@@ -16,6 +16,7 @@ D = 128 (full 64-wide tiles: bulk copies) and D = 100 (head dims padded to the t
 `compile_all`, opt-in: a few hundred builds).
 """
 
+import math
 import re
 
 import pytest
@@ -117,6 +118,65 @@ def _dynamic_smem(kernel) -> int:
     return int(values[-1])
 
 
+# global-memory offsets: every tensor of a dynamic shape is indexed in 64 bits (it may pass 2^31 elements)
+_KERNEL = re.compile(r"__global__ void (?:__launch_bounds__\([^)]*\) )?\w+\(([^)]*)\)\s*\{")
+
+
+def _closing(text: str, i: int) -> int:
+    """the position of the bracket closing the one at `text[i]`."""
+    depth = 0
+    for j in range(i, len(text)):
+        depth += (text[j] == text[i]) - (text[j] == {"[": "]", "(": ")"}[text[i]])
+        if depth == 0:
+            return j
+    raise ValueError(f"unbalanced {text[i]!r} at {i}")
+
+
+def global_indices(source: str) -> dict[str, list[str]]:
+    """the index expressions of the global-memory accesses (`p[i]`, `(p + (i))`, `(p + i)`) in TileLang's CUDA source,
+    by pointer argument of the kernel."""
+    found = {}
+    for kernel in _KERNEL.finditer(source):
+        body = source[kernel.end() :]
+        for name in re.findall(r"\*\s*__restrict__\s+(\w+)", kernel.group(1)):
+            for access in re.finditer(rf"(?<![\w.]){name}\s*(\[|\+\s*\(|\+\s*\w+)", body):
+                start = access.start(1)
+                if body[start] == "[":
+                    index = body[start + 1 : _closing(body, start)]
+                elif access.group(1).endswith("("):
+                    open_ = access.end(1) - 1
+                    index = body[open_ + 1 : _closing(body, open_)]
+                else:
+                    index = access.group(1).lstrip("+ ")
+                found.setdefault(name, []).append(index)
+    return found
+
+
+def narrow_indices(source: str, exempt=()) -> list[str]:
+    """the global-memory accesses whose index is computed in 32 bits: no int64 cast or int64 local in a non-constant
+    index (`exempt`: pointer arguments not checked)."""
+    wide = set(re.findall(r"\bint64_t\s+(\w+)\s*=", source))
+    narrow = []
+    for name, indices in global_indices(source).items():
+        if name in exempt:
+            continue
+        for index in indices:
+            names = set(re.findall(r"[A-Za-z_]\w*", index))
+            if names and "int64_t" not in names and not names & wide:
+                narrow.append(f"{name}[{index[:120]}]")
+    return narrow
+
+
+def _small_static_buffers(func) -> set[str]:
+    """the buffer arguments of a prim_func with a fixed shape of fewer than 2^31 elements."""
+    small = set()
+    for buffer in func.buffer_map.values():
+        dims = [getattr(d, "value", None) for d in buffer.shape]
+        if all(isinstance(d, int) for d in dims) and math.prod(dims) < 2**31:
+            small.add(buffer.name)
+    return small
+
+
 def _check(case):
     from fla_tl.autotune.configs import KERNELS, SMEM_BUDGET
     from fla_tl.kernels.common.utils import get_kernel
@@ -125,6 +185,9 @@ def _check(case):
     kernel = get_kernel(spec.factory, SM90A, **spec.kwargs)
     source = kernel.get_kernel_source()
     assert "__global__" in source
+    func = kernel.prim_func if kernel.prim_func is not None else spec.factory(**spec.kwargs)
+    narrow = narrow_indices(source, exempt=_small_static_buffers(func))
+    assert not narrow, f"{spec.name} ({path} tiles): 32-bit global offsets: {narrow[:3]}"
     smem = _dynamic_smem(kernel)
     assert smem <= MAX_SMEM, f"{spec.name}: {smem} bytes of dynamic shared memory, a block has {MAX_SMEM}"
     tunable = KERNELS.get(spec.name.removesuffix("_kernel"))

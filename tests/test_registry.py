@@ -9,7 +9,7 @@ import torch
 
 import fla_tl.ops as ops
 from fla_tl import registry
-from fla_tl.registry import BackendError, FallbackWarning, OpInputs, get_op, select_backend
+from fla_tl.registry import BackendError, FallbackWarning, OpInputs, describe_inputs, get_op, select_backend
 
 OP_NAMES = ["chunk_retention", "fused_chunk_retention", "fused_recurrent_retention"]
 ALL_OPS = OP_NAMES + [
@@ -87,6 +87,7 @@ REFUSALS = [
     pytest.param(dict(K=320), ["head dim K = 320 exceeds 256"], id="K"),
     pytest.param(dict(V=512), ["head dim V = 512 exceeds 256"], id="V"),
     pytest.param(dict(compute_capability=(8, 0)), ["needs compute capability >= 9.0, got 8.0"], id="cc"),
+    pytest.param(dict(sequences_x_heads=65536), ["sequences x heads = 65536 exceeds 65535"], id="grid"),
     pytest.param(
         dict(device_type="cpu", compute_capability=None, dtype=torch.float64, K=300, V=300),
         ["needs a cuda tensor", "dtype torch.float64", "K = 300", "V = 300"],
@@ -102,6 +103,14 @@ def test_tilelang_refusals(change, expected, tilelang_importable):
     assert len(reasons) == len(expected), reasons
     for reason, want in zip(reasons, expected):
         assert want in reason
+
+
+def test_describe_counts_sequences_x_heads():
+    """varlen: the sequences of cu_seqlens; grouped value heads: the value heads."""
+    q, v = torch.empty(1, 10, 2, 8), torch.empty(1, 10, 4, 8)
+    assert describe_inputs(q, v).sequences_x_heads == 4
+    assert describe_inputs(q, v, cu_seqlens=torch.tensor([0, 3, 7, 10])).sequences_x_heads == 12
+    assert describe_inputs(q.expand(5, -1, -1, -1), v.expand(5, -1, -1, -1)).sequences_x_heads == 20
 
 
 @pytest.mark.parametrize("op", ["chunk_delta_rule", "chunk_gated_delta_rule"])

@@ -372,7 +372,9 @@ def chunk_delta_bwd_dqkw_kernel(
         cs: T.Tensor([NK, NT, H], "float32"),
         scale: T.float32,
     ):
-        with T.Kernel(NK, NT, H, threads=threads) as (i_k, i_c, i_h):
+        # chunks in the first grid dimension (the other two stop at 65535), K tiles fastest
+        with T.Kernel(NK * NT, H, threads=threads) as (i_kc, i_h):
+            i_k, i_c = i_kc % NK, i_kc // NK
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)

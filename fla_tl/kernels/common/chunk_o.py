@@ -44,7 +44,9 @@ def chunk_fwd_o_kernel(
         o: T.Tensor([Ttot, H, V], dtype),
         scale: T.float32,
     ):
-        with T.Kernel(NV, NT, H, threads=threads) as (i_v, i_c, i_h):
+        # chunks in the first grid dimension (the other two stop at 65535), V tiles fastest
+        with T.Kernel(NV * NT, H, threads=threads) as (i_vc, i_h):
+            i_v, i_c = i_vc % NV, i_vc // NV
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
@@ -112,7 +114,9 @@ def chunk_bwd_dv_kernel(
         dv: T.Tensor([Ttot, H, V], dtype),
         scale: T.float32,
     ):
-        with T.Kernel(NV, NT, H, threads=threads) as (i_v, i_c, i_h):
+        # chunks in the first grid dimension (the other two stop at 65535), V tiles fastest
+        with T.Kernel(NV * NT, H, threads=threads) as (i_vc, i_h):
+            i_v, i_c = i_vc % NV, i_vc // NV
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
@@ -190,7 +194,9 @@ def chunk_bwd_dqk_kernel(
         dk: T.Tensor([Ttot, H, K], dqk_dtype),
         scale: T.float32,
     ):
-        with T.Kernel(NK, NT, H, threads=threads) as (i_k, i_c, i_h):
+        # chunks in the first grid dimension (the other two stop at 65535), K tiles fastest
+        with T.Kernel(NK * NT, H, threads=threads) as (i_kc, i_h):
+            i_k, i_c = i_kc % NK, i_kc // NK
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)

@@ -1,4 +1,15 @@
-"""Compile cache, targets and sequence metadata shared by every TileLang launcher."""
+"""Compile cache, targets and sequence metadata shared by every TileLang launcher.
+
+Global-memory offsets: a factory declares its extents as int32 dynamic dims (`T.dynamic("Ttot")`), and tensors past
+2^31 elements (q at T * H * K, the chunk states at NT * H * K * V) still index correctly: TileLang's FlattenBuffer
+computes each flattened global index whose bound can pass int32 in 64-bit arithmetic, while loop counters,
+shared-memory and fragment indices stay 32-bit. Declaring the extents int64 only widens the bounds checks, and the pass
+option `tl.config_index_bitwidth=64` widens every integer (it breaks the packed API in 0.1.15). What a kernel must do:
+keep every dimension below 2^31 and index tensors by their dimensions, never through an element offset computed into a
+scalar (`T.alloc_var`, a local) first. A grid's second and third dimensions stop at 65535 blocks, so the chunk count
+(65536 chunks of 64 tokens: 4.2M tokens) goes in the first one. tests/test_large_offsets.py checks every kernel's
+generated code and runs a sequence past element 2^31 through each family of stages.
+"""
 
 import functools
 import os

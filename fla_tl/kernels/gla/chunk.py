@@ -93,7 +93,9 @@ def chunk_gla_fwd_o_kernel(
         scale: T.float32,
         store_A: T.int32,
     ):
-        with T.Kernel(NV, NT, H, threads=threads) as (i_v, i_c, i_h):
+        # chunks in the first grid dimension (the other two stop at 65535), V tiles fastest
+        with T.Kernel(NV * NT, H, threads=threads) as (i_vc, i_h):
+            i_v, i_c = i_vc % NV, i_vc // NV
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
@@ -235,7 +237,9 @@ def chunk_gla_bwd_dv_kernel(
         chunk_indices: T.Tensor([NT, 2], "int32"),
         dv: T.Tensor([Ttot, H, V], dtype),
     ):
-        with T.Kernel(NV, NT, H, threads=threads) as (i_v, i_c, i_h):
+        # chunks in the first grid dimension (the other two stop at 65535), V tiles fastest
+        with T.Kernel(NV * NT, H, threads=threads) as (i_vc, i_h):
+            i_v, i_c = i_vc % NV, i_vc // NV
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
@@ -307,7 +311,9 @@ def chunk_gla_bwd_dqk_kernel(
         r: T.Tensor([Ttot, H, K], "float32"),
         scale: T.float32,
     ):
-        with T.Kernel(NK, NT, H, threads=threads) as (i_k, i_c, i_h):
+        # chunks in the first grid dimension (the other two stop at 65535), K tiles fastest
+        with T.Kernel(NK * NT, H, threads=threads) as (i_kc, i_h):
+            i_k, i_c = i_kc % NK, i_kc // NK
             i_n = chunk_indices[i_c, 0]
             t0 = cu[i_n] + chunk_indices[i_c, 1] * BT
             nvalid = T.min(cu[i_n + 1] - t0, BT)
