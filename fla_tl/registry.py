@@ -154,7 +154,8 @@ def describe_inputs(
         reverse=reverse,
         state_v_first=state_v_first,
         gate=g is not None,
-        sequences_x_heads=sequences * max(q.shape[-2], v.shape[-2]) if q.dim() == 4 else 0,
+        # [B, T, H, K] inputs; HGRN's [B, T, D] has no heads
+        sequences_x_heads=sequences * (max(q.shape[-2], v.shape[-2]) if q.dim() == 4 else 1),
         options=options,
     )
 

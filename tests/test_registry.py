@@ -111,6 +111,8 @@ def test_describe_counts_sequences_x_heads():
     assert describe_inputs(q, v).sequences_x_heads == 4
     assert describe_inputs(q, v, cu_seqlens=torch.tensor([0, 3, 7, 10])).sequences_x_heads == 12
     assert describe_inputs(q.expand(5, -1, -1, -1), v.expand(5, -1, -1, -1)).sequences_x_heads == 20
+    x = torch.empty(3, 10, 8)  # HGRN: [B, T, D]
+    assert describe_inputs(x, x).sequences_x_heads == 3
 
 
 @pytest.mark.parametrize("op", ["chunk_delta_rule", "chunk_gated_delta_rule"])
