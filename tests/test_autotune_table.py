@@ -278,8 +278,8 @@ def test_cache_show_and_clear(_cache):
 
 def test_shipped_tables_match_the_kernel_sources():
     """every shipped entry was tuned against the current source of its kernel's module: an edit to a module drops
-    its entries at run time (they are ignored as stale), so a kernel edit must re-tune or, where the generated code of
-    the tuned paths is unchanged, carry the entries over to the new source hash."""
+    its entries at run time (they are ignored as stale), so a kernel edit re-tunes them on the GPU (or drops them until
+    it can); an entry is never moved to a new source hash by hand."""
     from fla_tl.autotune.configs import KERNELS
 
     for path in sorted((pathlib.Path(fla_tl.__file__).parent / "autotune" / "tables").glob("*.json")):
