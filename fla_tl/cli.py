@@ -25,6 +25,17 @@ dtype (seconds); --full runs every case in two dtypes (bf16 and fp32 on a GPU, f
 the retention kernels for {ARCH}. Prints one line per op; exit code 1 on a failure."""
 
 
+# `tune`'s shape without --shapes or --all
+TUNE_SHAPE = "8x4096x16x128"
+
+TUNE_HELP = """\
+Tune the tunable kernels' tile configs on this GPU (bf16) and store the winners in the user table or FILE, saved
+after each key (kernel, dims, gate option, sequence-length bucket). A key the table already holds for the current
+kernel source and versions is skipped, so a run that is cut off continues where it stopped when run again. --all
+tunes the whole table (fla_tl.autotune.commands.TUNE_SHAPES at D = 64, 128, 256). Prints the keys to tune and a
+time estimate first; a key that fails is reported and skipped, and the exit code is 1."""
+
+
 def format_table(rows, width: int | None = None) -> str:
     """a plain-text table with a header from the keys of `rows`; with `width`, the last column is cut to fit."""
     if not rows:
@@ -370,11 +381,17 @@ def _op_list(parser: argparse.ArgumentParser, value: str) -> list[str]:
     return ops
 
 
-def _gates(parser: argparse.ArgumentParser, value: str) -> tuple[str, ...]:
-    """the `--gates` option as a tuple; a parser error for an unknown gate option."""
+# the gate options of the tunable kernels: none, a constant decay, a per-token gate, a per-key gate
+GATES = ("none", "gamma", "g", "gk")
+
+
+def _gates(parser: argparse.ArgumentParser, value: str | None) -> tuple[str, ...] | None:
+    """the `--gates` option as a tuple (None: every gate option); a parser error for an unknown one."""
+    if value is None:
+        return None
     gates = tuple(value.split(","))
-    if not set(gates) <= {"gamma", "g"}:
-        parser.error(f"--gates: expected a comma list of gamma, g; got {value!r}")
+    if not set(gates) <= set(GATES):
+        parser.error(f"--gates: expected a comma list of {', '.join(GATES)}; got {value!r}")
     return gates
 
 
@@ -404,12 +421,16 @@ def _parser() -> argparse.ArgumentParser:
                            help="also every config of the tuning search spaces (default: heuristic and table configs)")
     p_compile.add_argument("-v", "--verbose", action="store_true", help="print every kernel; keep TileLang's logs")
 
-    p_tune = sub.add_parser("tune", help="tune the kernels' tile configs on this GPU and store them in a table")
+    p_tune = sub.add_parser("tune", help="tune the kernels' tile configs on this GPU and store them in a table",
+                            description=TUNE_HELP)
+    p_tune.add_argument("--all", action="store_true", help="the whole table: every tunable kernel at D = 64, 128, "
+                        "256 and one shape per sequence-length bucket of fla's benchmark shapes")
     p_tune.add_argument("--ops", default="all", help="comma list of registered ops, or all (default)")
-    p_tune.add_argument("--shapes", default="8x4096x16x128", help="comma list of BxTxHxD (bf16, K = V = D)")
+    p_tune.add_argument("--shapes", default=None,
+                        help=f"comma list of BxTxHxD (bf16, K = V = D; default {TUNE_SHAPE}; not with --all)")
     p_tune.add_argument("--out", default=None, help="table file to write (default: the user table of this GPU)")
-    p_tune.add_argument("--gates", default="gamma,g", help="comma list of gate options: gamma (constant decay), "
-                        "g (per-token gate); default both")
+    p_tune.add_argument("--gates", default=None, help=f"comma list of gate options ({', '.join(GATES)}): none, "
+                        "constant decay, per-token gate, per-key gate; default every one the ops launch")
 
     p_cache = sub.add_parser("cache", help="show or clear the user's tuning tables")
     p_cache.add_argument("action", choices=("show", "clear"))
@@ -478,12 +499,16 @@ def main(argv=None) -> int:
             verbose=args.verbose,
         )
         return 1 if failures else 0
+    if args.all and args.shapes is not None:
+        parser.error("--shapes: not with --all, which tunes its own shape set")
+    text = args.shapes or TUNE_SHAPE
     try:
-        shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes.split(",")]
+        shapes = [tuple(int(x) for x in s.split("x")) for s in text.split(",")]
     except ValueError:
         shapes = []
     if not shapes or any(len(shape) != 4 for shape in shapes):
-        parser.error(f"--shapes: expected a comma list of BxTxHxD, got {args.shapes!r}")
-    from .autotune.commands import tune
+        parser.error(f"--shapes: expected a comma list of BxTxHxD, got {text!r}")
+    gates = _gates(parser, args.gates)
+    from .autotune.commands import all_shapes, tune
 
-    return tune(ops, shapes, args.out, _gates(parser, args.gates))
+    return tune(ops, all_shapes() if args.all else shapes, args.out, gates)

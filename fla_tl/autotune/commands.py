@@ -16,12 +16,14 @@ import os
 import pathlib
 import shutil
 import sys
+import time
 
 import torch
 
 from ..registry import KernelSpec, get_op
 from ..utils import log_once
 from .configs import KERNELS
+from .table import seqlen_bucket
 
 # where TileLang looks for the CUDA toolkit after $CUDA_HOME / $CUDA_PATH and nvcc on PATH
 CUDA_DEFAULT_HOMES = ("/usr/local/cuda",)
@@ -197,53 +199,146 @@ def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str],
     return failures
 
 
+# `tune --all`: the head dims (K = V), D = 128 first (most of fla's benchmark shapes use it), so a short run tunes it
+TUNE_DIMS = (128, 64, 256)
+# `tune --all`: one (B, T, H) per sequence-length bucket, each tuned at every head dim of TUNE_DIMS. fla's benchmark
+# shapes (1x8192x96x128, 2x16384x16x128, 4x2048x16x128, 4x4096x64x128, 8x1024x8x64, 8x2048x32x256) and T = 4096 fall
+# in the five buckets 1024, 2048, 4096, 8192 and 16384; a tuning shape covers one bucket, so five is the smallest set.
+# B and H are those of fla's benchmark shape in the bucket (for 2048, the larger of its two), so the tuned kernel sees
+# the grid the benchmark launches: B x H sequence-heads for the state passes, chunks x heads for the chunk kernels.
+TUNE_SHAPES = ((8, 1024, 8), (8, 2048, 32), (4, 4096, 64), (1, 8192, 96), (2, 16384, 16))
+# the estimate's seconds per candidate config before any is measured (its compile in one of the tuner's compile
+# processes, warm-up, correctness check and timed calls): a first guess, replaced by the measured average after
+# MEASURED_AFTER keys
+SECONDS_PER_CANDIDATE = 1.0
+# keys tuned before the estimate switches to the measured seconds per candidate
+MEASURED_AFTER = 3
+
+
+def all_shapes() -> list[tuple[int, int, int, int]]:
+    """the (B, T, H, D) shapes `tune --all` tunes at: TUNE_SHAPES at every head dim of TUNE_DIMS."""
+    return [(B, T, H, D) for D in TUNE_DIMS for B, T, H in TUNE_SHAPES]
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneKey:
+    """one tuning-table entry to make: kernel `name` at K, V and gate option `gate`, tuned at shape (B, T, H, D)."""
+
+    name: str
+    K: int
+    V: int
+    gate: str
+    shape: tuple[int, int, int, int]
+    key: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} K={self.K} V={self.V} {self.gate} T<={seqlen_bucket(self.shape[1])}"
+
+
+def plan_keys(ops: list[str], shapes: list[tuple[int, int, int, int]], gates: tuple[str, ...] | None,
+              device) -> tuple[list[TuneKey], list[str]]:
+    """the table keys `tune` makes for the tunable kernels of `ops` at each (B, T, H, D) shape in bf16 on `device`'s
+    GPU, for the gate options among `gates` (None: every one the ops launch), each key once (the first shape of its
+    bucket); and the ops that have none."""
+    from .resolve import table_key
+    from .tuner import op_kernels
+
+    keys, tuned = {}, set()
+    for B, T, H, D in shapes:
+        for op in ops:
+            for name, K, V, gate in op_kernels(op, D, "bfloat16") or ():
+                if gates is None or gate in gates:
+                    tuned.add(op)
+                    key = table_key(name, K, V, "bfloat16", T, device, gate)
+                    keys.setdefault(key, TuneKey(name, K, V, gate, (B, T, H, D), key))
+    return list(keys.values()), [op for op in ops if op not in tuned]
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _candidates(k: TuneKey) -> int:
+    return len(KERNELS[k.name].candidates(k.K, k.V, "bfloat16"))
+
+
 def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | None,
-         gates: tuple[str, ...] = ("gamma",)) -> int:
+         gates: tuple[str, ...] | None = None) -> int:
     """tune the tunable kernels of `ops` (those of each op's kernel list named in `configs.KERNELS`, at the head dims
     and gate options the op launches them with) at each (B, T, H, D) shape in bf16 on this GPU, for the gate options
-    among `gates`; store the entries in the user table (or in the table file `out`) and print the default vs tuned
-    times."""
-    from ..cli import format_table
-    from .resolve import table_key
-    from .table import TuningTable, device_info, record
-    from .tuner import make_runner, op_kernels, tune_kernel
+    among `gates` (None: all); store the entries in the user table (or in the table file `out`), saved after each key,
+    and print the default vs tuned times. A key the table already holds (same source hash and versions) is skipped,
+    so a cut-off run continues where it stopped; a key whose tuning raises is reported and skipped. Returns 0, 1 when
+    a key failed, 2 without a GPU."""
+    from tqdm import tqdm
+
+    from ..cli import format_table, progress
+    from . import tuner
+    from .table import TuningTable, device_info, user_table_path
 
     if not torch.cuda.is_available():
         print("python -m fla_tl tune: needs a CUDA GPU", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     gpu, _ = device_info(device)
-    table = TuningTable.load(out) if out else None
-    rows, done, untuned = [], set(), set()
-    for B, T, H, D in shapes:
-        for op in ops:
-            stages = [s for s in op_kernels(op, D, "bfloat16") or () if s[3] in gates]
-            if not stages:
-                untuned.add(op)
-            for name, K, V, gate in stages:
-                if (name, B, T, H, K, V, gate) in done:
-                    continue
-                done.add((name, B, T, H, K, V, gate))
-                runner = make_runner(name, N=B, T=T, H=H, K=K, V=V, dtype=torch.bfloat16, device=device, gate=gate)
-                entry = tune_kernel(name, runner, K=K, V=V, dtype=torch.bfloat16, gate=gate)
+    table = TuningTable.load(out or user_table_path(gpu))
+    table.gpu = table.gpu or gpu
+    keys, untuned = plan_keys(ops, shapes, gates, device)
+    if untuned:
+        among = f" with gate options {', '.join(gates)}" if gates else ""
+        print(f"no tunable kernels{among} for {', '.join(untuned)}", flush=True)
+    todo = [k for k in keys if table.get(k.key) is None]
+    n_candidates = sum(_candidates(k) for k in todo)
+    print(f"tune: {len(keys)} keys, {len(keys) - len(todo)} already in {table.path} (skipped), {len(todo)} to tune: "
+          f"{n_candidates} candidate configs, about {_duration(n_candidates * SECONDS_PER_CANDIDATE)} at "
+          f"{SECONDS_PER_CANDIDATE:g} s per candidate", flush=True)
+    rows, failed, done_candidates = [], 0, 0
+    start = time.perf_counter()
+    with progress(len(keys)) as bar:
+        bar.update(len(keys) - len(todo))
+        for i, k in enumerate(todo):
+            per_candidate = SECONDS_PER_CANDIDATE
+            if i >= MEASURED_AFTER:
+                per_candidate = (time.perf_counter() - start) / done_candidates
+            left = (n_candidates - done_candidates) * per_candidate
+            bar.set_description_str(f"{k.label} (~{_duration(left)} left)")
+            B, T, H, D = k.shape
+            try:
+                runner = tuner.make_runner(k.name, N=B, T=T, H=H, K=k.K, V=k.V, dtype=torch.bfloat16, device=device,
+                                           gate=k.gate)
+                entry = tuner.tune_kernel(k.name, runner, K=k.K, V=k.V, dtype=torch.bfloat16, gate=k.gate,
+                                          progress=False)
+            except Exception as e:  # noqa: BLE001 - one key's failure is reported, the run goes on
+                failed += 1
+                text = str(e).strip()
+                tqdm.write(f"FAIL {k.label} at {B}x{T}x{H}x{D}: {type(e).__name__}"
+                           f"{': ' + text.splitlines()[0][:200] if text else ''}", file=sys.stdout)
+            else:
                 entry["shape"] = {"B": B, "T": T, "H": H, "D": D}
-                key = table_key(name, K, V, "bfloat16", T, device, gate)
-                if table is not None:
-                    table.put(key, entry)
+                table.put(k.key, entry)
+                try:
                     table.save()
-                else:
-                    record(key, gpu, entry)
+                except OSError as e:
+                    print(f"python -m fla_tl tune: cannot write {table.path}: {e.strerror or e}", file=sys.stderr)
+                    return 1
                 rows.append({
-                    "kernel": name,
-                    "gate": gate,
-                    "shape": f"{B}x{T}x{H}x{D}" + (f" (K={K}, V={V})" if (K, V) != (D, D) else ""),
+                    "kernel": k.name,
+                    "gate": k.gate,
+                    "shape": f"{B}x{T}x{H}x{D}" + (f" (K={k.K}, V={k.V})" if (k.K, k.V) != (D, D) else ""),
                     "default_ms": f"{entry['default_ms']:.4f}",
                     "tuned_ms": f"{entry['time_ms']:.4f}",
                     "speedup": f"{entry['default_ms'] / entry['time_ms']:.2f}",
-                    "config": ", ".join(f"{k}={v}" for k, v in entry["config"].items()),
+                    "config": ", ".join(f"{name}={v}" for name, v in entry["config"].items()),
                 })
-    if untuned:
-        print(f"no tunable kernels with gate options {', '.join(gates)} for {', '.join(sorted(untuned))}",
-              flush=True)
-    print(format_table(rows))
-    return 0
+            done_candidates += _candidates(k)
+            bar.update()
+    if rows:
+        print(format_table(rows))
+    print(f"{len(rows)} tuned, {len(keys) - len(todo)} skipped (already in the table), {failed} failed "
+          f"in {_duration(time.perf_counter() - start)}")
+    return 1 if failed else 0

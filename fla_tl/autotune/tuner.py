@@ -41,7 +41,8 @@ def op_kernels(op: str, D: int, dtype: str = "bfloat16") -> list[tuple[str, int,
 def make_runner(
     name: str, *, N: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, device, gate: str = "gamma"
 ) -> Callable:
-    """a function `config dict -> output tensors` that launches kernel `name` on fixed random inputs."""
+    """a function `config dict -> output tensors` that launches kernel `name` on fixed random inputs with gate option
+    `gate` ("gamma", "none", "g" or "gk")."""
     from ..kernels.common import chunk_h, chunk_o, fused_chunk, fused_recurrent
     from ..kernels.common.gates import retention_g_gamma
     from ..kernels.common.utils import seq_meta
@@ -53,13 +54,20 @@ def make_runner(
     do = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     meta = seq_meta(N, T, None, BT, device)
     decay = retention_g_gamma(H, device)
-    if gate == "g":
-        # a per-token gate as fla draws it: the chunk kernels read its chunk-local cumulative sum, fused_recurrent g
+    if gate in ("g", "gk"):
+        # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
+        # sum, fused_recurrent the gate itself
         from ..kernels.common.cumsum import chunk_gate_cumsum
 
-        g = torch.nn.functional.logsigmoid(torch.randn(N * T, H, device=device, generator=g))
-        extra = {"g": g} if name.startswith("fused_recurrent") else {"gc": chunk_gate_cumsum(g, decay, meta)}
-        gate = dict(gate="g", g_gamma=decay, **extra)
+        shape = (N * T, H) if gate == "g" else (N * T, H, K)
+        lg = torch.nn.functional.logsigmoid(torch.randn(shape, device=device, generator=g))
+        if name.startswith("fused_recurrent"):
+            extra = {"g": lg}
+        elif gate == "g":
+            extra = {"gc": chunk_gate_cumsum(lg, decay, meta)}
+        else:
+            extra = {"gc": chunk_gate_cumsum(lg.view(-1, H * K), decay.repeat_interleave(K), meta).view(-1, H, K)}
+        gate = dict(gate=gate, g_gamma=decay, **extra)
     else:
         gate = dict(gate=gate, g_gamma=decay)
     scale = K ** -0.5
@@ -77,7 +85,9 @@ def make_runner(
             k, v, initial_state=None, output_final_state=True, meta=meta, **gate, **c
         ),
         "chunk_fwd_o": lambda c: (chunk_o.chunk_fwd_o(q, k, v, h, scale=scale, meta=meta, **gate, **c),),
-        "chunk_bwd_dh": lambda c: chunk_h.chunk_bwd_dh(q, do, None, scale=scale, need_dh0=False, meta=meta, **gate, **c),
+        "chunk_bwd_dh": lambda c: chunk_h.chunk_bwd_dh(
+            q, do, None, scale=scale, need_dh0=False, meta=meta, **gate, **c
+        ),
         "chunk_bwd_dv": lambda c: chunk_o.chunk_bwd_dqkv(
             q, k, v, do, h, dh, scale=scale, meta=meta, dv_config=c, **gate
         )[2:],
