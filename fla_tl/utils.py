@@ -6,6 +6,7 @@ import math
 import os
 import sys
 import warnings
+import weakref
 
 import torch
 
@@ -104,6 +105,23 @@ def check_cu_seqlens(cu_seqlens, x: torch.Tensor, name: str = "q") -> int:
     return cu_seqlens.shape[0] - 1
 
 
+# cu_seqlens tensors read back to the host: id -> (weak reference, version, values)
+_host_bounds: dict = {}
+
+
+def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
+    """the values of `cu_seqlens` on the host, read back (a sync) once per tensor and in-place change: the ops of
+    every layer of one packed batch share it, so only the first op of a batch waits for the GPU."""
+    hit = _host_bounds.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
+        return hit[2]
+    bounds = cu_seqlens.tolist()
+    if len(_host_bounds) >= 64:
+        _host_bounds.clear()
+    _host_bounds[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
+    return bounds
+
+
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, T: int, name: str = "q") -> None:
     """`cu_seqlens` starts at 0, is non-decreasing and ends at `T`, the length of the argument `name`; else
     `ValueError`. The values are copied to the host (a sync); skipped while a CUDA graph is captured (a sync is
@@ -112,7 +130,7 @@ def check_cu_seqlens_values(cu_seqlens: torch.Tensor, T: int, name: str = "q") -
         return
     if cu_seqlens.is_cuda and torch.cuda.is_current_stream_capturing():
         return
-    bounds = cu_seqlens.tolist()
+    bounds = host_bounds(cu_seqlens)
     if bounds[0] != 0:
         raise ValueError(f"`cu_seqlens` must start at 0, got {bounds[0]}")
     if any(b < a for a, b in zip(bounds[:-1], bounds[1:])):

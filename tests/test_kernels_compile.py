@@ -64,6 +64,7 @@ INTENDED = {
     "chunk_delta_fwd_h_kernel": ("tma wgmma", "wgmma"),
     "chunk_delta_bwd_dhu_kernel": ("tma wgmma", "wgmma"),
     "chunk_delta_bwd_dqkw_kernel": ("cp_async wgmma", "wgmma"),
+    "combine_states_kernel": ("", ""),
     "fused_recurrent_delta_rule_fwd_kernel": ("", ""),
     "fused_recurrent_delta_rule_bwd_dkv_kernel": ("", ""),
     "fused_recurrent_delta_rule_bwd_dqk_kernel": ("", ""),

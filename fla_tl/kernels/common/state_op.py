@@ -321,6 +321,7 @@ def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, 
         gate_dot_kernel,
         sequence_cumsum_kernel,
     )
+    from .ranges import combine_states_kernel
 
     specs = []
     for gate in gates:
@@ -331,6 +332,11 @@ def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, 
             # the fused schedule: forward, dq (the forward kernel on (do, v, k)) and the dk/dv sweep
             specs += [stage_spec("fused_chunk_fwd", D, D, dtype, gate),
                       stage_spec("fused_chunk_bwd_dkv", D, D, dtype, gate)]
+        if ("chunk" in modes or ("fused_chunk" in modes and "g" in gates)) and gate == gates[0]:
+            # few long sequences: the combine of the chunk ranges' states (a diagonal decay), both directions (the
+            # fused_chunk ops' backward with a per-token gate runs the chunk schedule)
+            specs += [KernelSpec("combine_states_kernel", combine_states_kernel,
+                                 dict(K=D, V=D, reverse=reverse, diagonal=True)) for reverse in (False, True)]
         if "fused_recurrent" in modes:
             for reverse, svf in itertools.product((False, True), (False, True)):
                 specs += [stage_spec(name, D, D, dtype, gate, reverse=reverse, state_v_first=svf)

@@ -13,6 +13,7 @@ generated code and runs a sequence past element 2^31 through each family of stag
 
 import functools
 import os
+import weakref
 
 import torch
 
@@ -69,14 +70,18 @@ def get_kernel(factory, target: dict, **kwargs):
 class SeqMeta:
     """per-launch sequence layout: int32 `cu_seqlens`, per-sequence chunk offsets and the (seq, chunk) of each chunk."""
 
-    __slots__ = ("cu", "chunk_offsets", "chunk_indices", "N", "NT", "_rows")
+    __slots__ = ("cu", "chunk_offsets", "chunk_indices", "N", "NT", "host", "ranges", "_rows")
 
-    def __init__(self, cu, chunk_offsets, chunk_indices, N, NT):
+    def __init__(self, cu, chunk_offsets, chunk_indices, N, NT, host=None):
         self.cu = cu
         self.chunk_offsets = chunk_offsets
         self.chunk_indices = chunk_indices
         self.N = N
         self.NT = NT
+        # (cu, chunk offsets) as host lists, read back with NT by a varlen batch's one sync (None for a dense batch)
+        self.host = host
+        # chunk ranges over these sequences by range length (`common.ranges.range_meta`)
+        self.ranges = {}
         self._rows = None
 
     def chunk_rows(self, BT: int) -> torch.Tensor:
@@ -100,18 +105,43 @@ def _dense_meta(B: int, T: int, BT: int, device: torch.device) -> SeqMeta:
     return SeqMeta(cu, offsets, torch.stack([n, c], 1).contiguous(), B, B * nc)
 
 
+# varlen metadata by cu_seqlens tensor: id -> (weak reference, version, BT, meta)
+_varlen_metas: dict = {}
+
+
 def seq_meta(B: int, T: int, cu_seqlens: torch.Tensor | None, BT: int, device: torch.device) -> SeqMeta:
-    """sequence metadata for a dense batch (cached) or a varlen batch (one host sync, like fla)."""
+    """sequence metadata for a dense batch (cached by shape) or a varlen batch (one host sync, like fla; cached by
+    `cu_seqlens` tensor and its in-place version, so the ops of every layer of one packed batch reuse it without a
+    sync, and a CUDA graph captured after a first call replays without one)."""
     if cu_seqlens is None:
         return _dense_meta(B, T, BT, device)
+    hit = _varlen_metas.get(id(cu_seqlens))
+    if hit is not None and hit[0]() is cu_seqlens and hit[1:3] == (cu_seqlens._version, BT):
+        return hit[3]
+    meta = _varlen_meta(cu_seqlens, BT, device)
+    if len(_varlen_metas) >= 64:
+        _varlen_metas.clear()
+    _varlen_metas[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, BT, meta)
+    return meta
+
+
+def _varlen_meta(cu_seqlens: torch.Tensor, BT: int, device: torch.device) -> SeqMeta:
+    from ...utils import host_bounds
+
+    # the bounds on the host (read back once per tensor, shared with the op's value checks)
+    cu_host = host_bounds(cu_seqlens)
+    off_host = [0]
+    for a, b in zip(cu_host[:-1], cu_host[1:]):
+        off_host.append(off_host[-1] + cdiv(b - a, BT))
     lens = cu_seqlens[1:] - cu_seqlens[:-1]
     nc = (lens + BT - 1) // BT
     offsets = torch.cat([nc.new_zeros(1), nc.cumsum(0)])
-    N, NT = lens.numel(), int(offsets[-1].item())
+    host = (cu_host, off_host)
+    N, NT = lens.numel(), off_host[-1]
     n = torch.repeat_interleave(torch.arange(N, device=device), nc, output_size=NT)
     c = torch.arange(NT, device=device) - offsets[n]
     indices = torch.stack([n, c], 1).to(torch.int32).contiguous()
-    return SeqMeta(cu_seqlens.to(torch.int32), offsets.to(torch.int32), indices, N, NT)
+    return SeqMeta(cu_seqlens.to(torch.int32), offsets.to(torch.int32), indices, N, NT, host)
 
 
 def state_or_dummy(state: torch.Tensor | None, like: torch.Tensor, shape_tail: tuple) -> tuple[torch.Tensor, int]:

@@ -24,6 +24,7 @@ import torch
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import chunk_gate_cumsum, per_key_gate_grad_chunk
 from ..common.gates import head_decay
+from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, pick_ranges
 from ...autotune.configs import BT
 from ..common.utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, seq_meta, target_for
 
@@ -478,6 +479,13 @@ def _gate(g, q):
     return g if g is not None else torch.zeros_like(q, dtype=torch.float32)
 
 
+def _ranges(q, v, meta, cu_seqlens):
+    """the chunk ranges (`common.ranges`) the state passes run over for few long sequences, or None (from the grid of
+    sequences x heads x V tiles of 64, forward and backward alike)."""
+    B, T, H = q.shape[:3]
+    return pick_ranges(meta, meta.N * H * cdiv(v.shape[-1], 64), q, BT, (B, T) if cu_seqlens is None else None)
+
+
 def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, u=None,
                   keep=None):
     """(o `[B, T, H, V]`, the final state or None); with RWKV6's bonus `u` the output kernel's `bonus` form (see
@@ -488,7 +496,15 @@ def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state,
     gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
-    h, ht = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=output_final_state, **kw)
+    # few long sequences: the state pass runs over chunk ranges from the combined range starts
+    ranges = _ranges(q, v, meta, cu_seqlens)
+    skw, h0 = kw, initial_state
+    if ranges is not None:
+        h0, _ = chunk_h_range_starts(k_, v_, initial_state, ranges, **kw)
+        skw = {**kw, "meta": ranges.meta}
+    h, ht = chunk_fwd_h(k_, v_, initial_state=h0, output_final_state=output_final_state, **skw)
+    if ht is not None and ranges is not None:
+        ht = ht[ranges.last]
     o, A = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=keep is not None, u=u)
     if keep is not None:
         keep.update(gc=gc, A=A)
@@ -506,11 +522,22 @@ def chunk_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens
         gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
     kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
-    h, h_last = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=g is not None, **kw)
+    # over chunk ranges as the forward ran: the range starts again, the ranges' terminal gradients by the reverse
+    # combine, then both passes over the ranges
+    ranges = _ranges(q, v, meta, cu_seqlens)
+    skw, h0, dhe = kw, initial_state, dht
+    if ranges is not None:
+        h0, decays = chunk_h_range_starts(k_, v_, initial_state, ranges, **kw)
+        dhe = chunk_dh_range_ends(q_, do_, dht, decays, ranges, scale=scale, **kw)
+        skw = {**kw, "meta": ranges.meta}
+    h, h_last = chunk_fwd_h(k_, v_, initial_state=h0, output_final_state=g is not None, **skw)
     if A is None:
         _, A = chunk_gla_fwd_o(q_, k_, v_, h, gc, scale=scale, meta=meta, store_A=True)
-    dh, dh0 = chunk_bwd_dh(q_, do_, dht, scale=scale, need_dh0=initial_state is not None, **kw)
+    dh, dh0 = chunk_bwd_dh(q_, do_, dhe, scale=scale, need_dh0=initial_state is not None, **skw)
     dq, dk, dv, r = chunk_gla_bwd_dqkv(q_, k_, v_, do_, h, dh, gc, A, scale=scale, meta=meta)
+    if ranges is not None:
+        dh0 = dh0[ranges.first[:-1].long()] if dh0 is not None else None
+        h_last = h_last[ranges.last] if h_last is not None else None
     if dh0 is not None:
         dh0 = dh0.to(initial_state.dtype)
     dg = None

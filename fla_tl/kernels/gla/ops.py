@@ -43,6 +43,7 @@ def _key_gate(B, T, H, device):
 def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpec]:
     """the kernels chunk_gla launches at K = V = D (with RWKV6's `bonus` form of the output kernel too)."""
     from ..common import cumsum
+    from ..common.ranges import combine_states_kernel
     from ..common.utils import pad_dim
     from . import chunk
 
@@ -53,6 +54,9 @@ def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpe
     specs = [KernelSpec("chunk_gate_cumsum_kernel", cumsum.chunk_gate_cumsum_kernel, dict(g_dtype=g, BT=chunk.BT))
              for g in g_dtypes]
     specs += [stage_spec(name, D, D, dtype, "gk", config=state) for name in ("chunk_fwd_h", "chunk_bwd_dh")]
+    # few long sequences: the combine of the chunk ranges' states (a per-key decay), both directions
+    specs += [KernelSpec("combine_states_kernel", combine_states_kernel, dict(K=D, V=D, reverse=r, diagonal=True))
+              for r in (False, True)]
     specs += [KernelSpec("chunk_gla_fwd_o_kernel", chunk.chunk_gla_fwd_o_kernel, dict(tiles, bonus=b))
               for b in ((False, True) if bonus else (False,))]
     specs += [KernelSpec("chunk_gla_bwd_dv_kernel", chunk.chunk_gla_bwd_dv_kernel, tiles),

@@ -19,6 +19,7 @@ from ...autotune.resolve import tile_config
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.cumsum import gate_grad_chunk
 from ..common.gates import chunk_gate
+from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, pick_ranges
 from ..common.utils import cdiv, pad_dim, seq_meta, sm_count
 from ...autotune.configs import BT
 
@@ -40,6 +41,13 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * sm_count(q.device) else "parallel"
 
 
+def _ranges(q, v, meta, cu_seqlens):
+    """the chunk ranges (`common.ranges`) the state passes run over for few long sequences, or None; decided from the
+    fused grid of sequences x heads x V tiles of 64, forward and backward alike."""
+    B, T, H = q.shape[:3]
+    return pick_ranges(meta, meta.N * H * cdiv(v.shape[-1], 64), q, BT, (B, T) if cu_seqlens is None else None)
+
+
 def chunk_simple_gla_fwd(
     q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, impl="auto"
 ):
@@ -48,13 +56,21 @@ def chunk_simple_gla_fwd(
     gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
-    if _schedule(q, v, meta.N, "fwd", impl) == "fused":
-        o, ht = fused_chunk_fwd(
-            q_, k_, v_, scale=scale, initial_state=initial_state, output_final_state=output_final_state, **kw
-        )
-        return o.view(B, T, H, -1), ht
-    h, ht = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=output_final_state, BT=BT, **kw)
-    o = chunk_fwd_o(q_, k_, v_, h, scale=scale, BT=BT, **kw)
+    ranges = _ranges(q, v, meta, cu_seqlens)
+    # few long sequences: the state passes run over chunk ranges from the combined range starts
+    skw, h0 = kw, initial_state
+    if ranges is not None:
+        h0, _ = chunk_h_range_starts(k_, v_, initial_state, ranges, BT=BT, **kw)
+        skw = {**kw, "meta": ranges.meta}
+    N = skw["meta"].N
+    if _schedule(q, v, N, "fwd", impl) == "fused":
+        o, ht = fused_chunk_fwd(q_, k_, v_, scale=scale, initial_state=h0, output_final_state=output_final_state,
+                                **skw)
+    else:
+        h, ht = chunk_fwd_h(k_, v_, initial_state=h0, output_final_state=output_final_state, BT=BT, **skw)
+        o = chunk_fwd_o(q_, k_, v_, h, scale=scale, BT=BT, **kw)
+    if ht is not None and ranges is not None:
+        ht = ht[ranges.last]
     return o.view(B, T, H, -1), ht
 
 
@@ -68,19 +84,39 @@ def chunk_simple_gla_bwd(
     gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
     kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
+    ranges = _ranges(q, v, meta, cu_seqlens)
+    # over chunk ranges: the forward's range starts again, each range's state gradient from a zero terminal gradient,
+    # the reverse combine, then the passes over the ranges from their starts and terminal gradients
+    skw, h0, dhe = kw, initial_state, dht
+    if ranges is not None:
+        h0, decays = chunk_h_range_starts(k_, v_, initial_state, ranges, BT=BT, **kw)
+        dhe = chunk_dh_range_ends(q_, do_, dht, decays, ranges, scale=scale, BT=BT, **kw)
+        skw = {**kw, "meta": ranges.meta}
+    N = skw["meta"].N
+
+    def first_ranges(dh0):
+        return dh0[ranges.first[:-1].long()] if dh0 is not None and ranges is not None else dh0
+
     # a per-token gate's gradient needs the chunk states and their gradients: the chunk-parallel schedule has them
-    if g is None and _schedule(q, v, meta.N, "bwd_dkv", impl) == "fused":
-        dq, dk, dv, dh0 = fused_chunk_bwd(q_, k_, v_, do_, dht, scale=scale, initial_state=initial_state, **kw)
-        return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, None
+    if g is None and _schedule(q, v, N, "bwd_dkv", impl) == "fused":
+        dq, dk, dv, dh0 = fused_chunk_bwd(q_, k_, v_, do_, dhe, scale=scale, initial_state=h0, **skw)
+        dh0 = first_ranges(dh0) if initial_state is not None else None
+        return dq.view_as(q), dk.view_as(k), dv.view_as(v), _like(dh0, initial_state), None
     # recompute the chunk states instead of keeping them from the forward
-    h, h_last = chunk_fwd_h(k_, v_, initial_state=initial_state, output_final_state=g is not None, BT=BT, **kw)
-    dh, dh0 = chunk_bwd_dh(q_, do_, dht, scale=scale, need_dh0=initial_state is not None, BT=BT, **kw)
+    h, h_last = chunk_fwd_h(k_, v_, initial_state=h0, output_final_state=g is not None, BT=BT, **skw)
+    dh, dh0 = chunk_bwd_dh(q_, do_, dhe, scale=scale, need_dh0=initial_state is not None, BT=BT, **skw)
     dq, dk, dv = chunk_bwd_dqkv(q_, k_, v_, do_, h, dh, scale=scale, BT=BT, **kw)
-    if dh0 is not None:
-        dh0 = dh0.to(initial_state.dtype)
+    dh0 = _like(first_ranges(dh0), initial_state)
     dg = None
     if g is not None:
+        if ranges is not None:
+            h_last = h_last[ranges.last]
         # dq, dk come in fp32 here: r = q . dq - k . dk is formed before they are rounded
         dg = gate_grad_chunk(q_, k_, dq, dk, h, dh, h_last, meta=meta, dg_dtype=g.dtype, BT=BT).view_as(g)
         dq, dk = dq.to(q.dtype), dk.to(k.dtype)
     return dq.view_as(q), dk.view_as(k), dv.view_as(v), dh0, dg
+
+
+def _like(dh0, initial_state):
+    """the initial state's gradient in its dtype (None without one)."""
+    return dh0.to(initial_state.dtype) if dh0 is not None and initial_state is not None else None
