@@ -122,6 +122,31 @@ def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     return bounds
 
 
+def use_host_copy(cu_seqlens, cu_seqlens_cpu) -> None:
+    """take fla's `cu_seqlens_cpu` (a host copy of `cu_seqlens`) as the host bounds of `cu_seqlens`, so the op reads
+    nothing back from the GPU (no sync): its values are trusted as fla trusts them. A copy that is not an integer CPU
+    tensor of `cu_seqlens`' shape raises `TypeError` / `ValueError` naming `cu_seqlens_cpu`."""
+    if cu_seqlens_cpu is None:
+        return
+    if not isinstance(cu_seqlens_cpu, torch.Tensor):
+        raise TypeError(f"`cu_seqlens_cpu` must be an integer torch.Tensor (a host copy of `cu_seqlens`), got "
+                        f"{type(cu_seqlens_cpu).__name__}")
+    if cu_seqlens_cpu.dtype.is_floating_point or cu_seqlens_cpu.dtype.is_complex or cu_seqlens_cpu.dtype == torch.bool:
+        raise TypeError(f"`cu_seqlens_cpu` must have an integer dtype (torch.int64), got {cu_seqlens_cpu.dtype}")
+    if cu_seqlens is None:
+        raise ValueError("`cu_seqlens_cpu` is given without `cu_seqlens`: pass both (or neither)")
+    if cu_seqlens_cpu.device.type != "cpu":
+        raise ValueError(f"`cu_seqlens_cpu` must be on the CPU, got {cu_seqlens_cpu.device}")
+    if not isinstance(cu_seqlens, torch.Tensor) or tuple(cu_seqlens_cpu.shape) != tuple(cu_seqlens.shape):
+        raise ValueError(f"`cu_seqlens_cpu` must have the shape of `cu_seqlens` "
+                         f"{tuple(getattr(cu_seqlens, 'shape', ()))}, got {tuple(cu_seqlens_cpu.shape)}")
+    if torch.compiler.is_compiling():
+        return
+    if len(_host_bounds) >= 64:
+        _host_bounds.clear()
+    _host_bounds[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, cu_seqlens_cpu.tolist())
+
+
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, T: int, name: str = "q") -> None:
     """`cu_seqlens` starts at 0, is non-decreasing and ends at `T`, the length of the argument `name`; else
     `ValueError`. The values are copied to the host (a sync); skipped while a CUDA graph is captured (a sync is

@@ -397,3 +397,62 @@ def test_backend_docstring(op):
     lines = doc[doc.find("backend (Optional[str])"):].split("\n\n")[0] if "backend (Optional[str])" in doc else ""
     for b in spec.backends:
         assert not lines or f'"{b.name}"' in lines, (op, b.name, lines)
+
+
+def test_cu_seqlens_cpu_is_the_host_copy(monkeypatch):
+    """fla's `cu_seqlens_cpu` stands for the values of `cu_seqlens`: the op reads nothing back (the device tensor's
+    `tolist` is never called), and a malformed copy raises naming `cu_seqlens_cpu`."""
+    import fla_tl.ops as ops
+    from fla_tl.utils import host_bounds, use_host_copy
+
+    cu = torch.tensor([0, 5, 12], dtype=torch.int64)
+    use_host_copy(cu, cu.clone())
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: calls.append(1) or [])
+    assert host_bounds(cu) == [0, 5, 12] and not calls
+    monkeypatch.undo()
+    q, k, v = (torch.randn(1, 12, 2, 8) for _ in range(3))
+    g = torch.randn(1, 12, 2, 8).sigmoid().log()
+    for bad, err in ((cu.float(), TypeError), (cu[:2].clone(), ValueError), ([0, 5, 12], TypeError)):
+        with pytest.raises(err, match="cu_seqlens_cpu"):
+            ops.chunk_gla(q, k, v, g, cu_seqlens=cu, cu_seqlens_cpu=bad)
+    with pytest.raises(ValueError, match="cu_seqlens_cpu"):
+        ops.chunk_gla(q, k, v, g, cu_seqlens_cpu=cu)
+    o, _ = ops.chunk_gla(q, k, v, g, cu_seqlens=cu, cu_seqlens_cpu=cu.clone())
+    torch.testing.assert_close(o, ops.chunk_gla(q, k, v, g, cu_seqlens=cu)[0])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("op", ["chunk_gla", "chunk_simple_gla", "chunk_gated_delta_rule", "chunk_rwkv6"])
+def test_packed_batch_without_host_sync(op):
+    """with `cu_seqlens_cpu`, or from the second call on the same `cu_seqlens`, a packed batch's forward and backward
+    make no host sync (`torch.cuda.set_sync_debug_mode("error")` raises on one)."""
+    import fla_tl.ops as ops
+
+    dev, lens = "cuda", (1, 130, 0, 700, 64)
+    T, H, D = sum(lens), 2, 64
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], device=dev)
+    q, k, v = (torch.randn(1, T, H, D, device=dev, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    args = [q, k, v]
+    if op in ("chunk_gla", "chunk_rwkv6"):
+        args.append(torch.randn(1, T, H, D, device=dev).sigmoid().log().requires_grad_())
+    if op == "chunk_rwkv6":
+        args.append(torch.randn(H, D, device=dev, requires_grad=True))
+    kw = {"g": torch.randn(1, T, H, device=dev).sigmoid().log()} if op == "chunk_simple_gla" else {}
+    if op == "chunk_gated_delta_rule":
+        kw = dict(g=torch.randn(1, T, H, device=dev).sigmoid().log(), beta=torch.rand(1, T, H, device=dev))
+    fn = getattr(ops, op)
+
+    def step(cu_, **extra):
+        o, ht = fn(*args, **kw, cu_seqlens=cu_, output_final_state=True, backend="tilelang", **extra)
+        (o.float().sum() + ht.sum()).backward()
+
+    step(cu)  # compiles the kernels and reads `cu` back once
+    fresh, host = cu.clone(), cu.cpu()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step(fresh, cu_seqlens_cpu=host)  # a new tensor with its host copy
+        step(cu)  # the same tensor again: its metadata is reused
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

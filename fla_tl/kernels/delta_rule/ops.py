@@ -29,7 +29,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import check_device, check_tensor, join_graph, validate_linear_attention_inputs
+from ...utils import check_device, check_tensor, join_graph, use_host_copy, validate_linear_attention_inputs
 from ..common.state_op import pop_state_layout
 
 SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, Tensor? cu_seqlens, "
@@ -440,7 +440,8 @@ def chunk_delta_rule(
         scale (Optional[float]): Default: `K ** -0.5`.
         initial_state (Optional[torch.Tensor]): `[N, H, K, V]`. output_final_state (bool): Default: `False`.
         use_qk_l2norm_in_kernel (bool): L2-normalise q and k first. Default: `False`.
-        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu: accepted, unused.
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu: a CPU copy of it (no host
+            sync then).
         backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
         kwargs: `chunk_size` in {16, 32, 64} (accepted; the torch form uses 64); `head_first` raises.
 
@@ -460,6 +461,7 @@ def chunk_delta_rule(
     _delta_chunk_size("chunk_delta_rule", kwargs)
     if kwargs:
         raise TypeError(f"chunk_delta_rule() got unexpected keyword arguments {sorted(kwargs)}")
+    use_host_copy(cu_seqlens, cu_seqlens_cpu)
     return _delta_run(CHUNK, q, k, v, beta, None, scale, initial_state, output_final_state, False, cu_seqlens,
                       use_qk_l2norm_in_kernel, backend)
 
@@ -531,8 +533,8 @@ def chunk_gated_delta_rule(
         use_beta_sigmoid_in_kernel (bool): apply `sigmoid` to beta (times 2 with `allow_neg_eigval`). Default: `False`.
         allow_neg_eigval (bool): see above. Default: `False`.
         state_v_first (bool): states laid out `[N, HV, V, K]`. Default: `False`.
-        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu, chunk_indices: accepted,
-            unused. cp_context: context parallelism is not supported (raises).
+        cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. cu_seqlens_cpu: a CPU copy of it (no host
+            sync then). chunk_indices: accepted, unused. cp_context: context parallelism is not supported (raises).
         backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
         kwargs: `chunk_size` in {16, 32, 64}; `use_gate_in_kernel` with `A_log` `[HV]` and `dt_bias` `[HV]` (the gate
             becomes `-exp(A_log) * softplus(g + dt_bias)`); the deprecated `transpose_state_layout`; `head_first`
@@ -556,6 +558,7 @@ def chunk_gated_delta_rule(
     A_log, dt_bias = kwargs.pop("A_log", None), kwargs.pop("dt_bias", None)
     _delta_chunk_size("chunk_gated_delta_rule", kwargs)
     state_v_first = pop_state_layout("chunk_gated_delta_rule", state_v_first, kwargs)
+    use_host_copy(cu_seqlens, cu_seqlens_cpu)
     return _delta_run(CHUNK_GATED, q, k, v, _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval),
                       _gdn_gate(g, use_gate_in_kernel, A_log, dt_bias), scale, initial_state, output_final_state,
                       state_v_first, cu_seqlens, use_qk_l2norm_in_kernel, backend)

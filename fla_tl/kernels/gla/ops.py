@@ -13,6 +13,7 @@ from ...registry import (
     tilelang_capabilities,
     torch_capabilities,
 )
+from ...utils import use_host_copy
 from ..common.state_op import (
     pop_state_layout,
     run_state_op,
@@ -130,7 +131,7 @@ def chunk_gla(
         output_final_state (bool): Default: `False`.
         state_v_first (bool): states laid out `[N, H, V, K]`. Default: `False`.
         cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. Default: `None`.
-        cu_seqlens_cpu (Optional[torch.LongTensor]): accepted for fla compatibility and unused.
+        cu_seqlens_cpu (Optional[torch.LongTensor]): a CPU copy of `cu_seqlens`: no host sync then.
         backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
 
     Returns:
@@ -146,6 +147,7 @@ def chunk_gla(
     """
     if not isinstance(g, torch.Tensor):
         raise TypeError(f"`g` must be a torch.Tensor [B, T, H, K], got {type(g).__name__}")
+    use_host_copy(cu_seqlens, cu_seqlens_cpu)
     return run_state_op(CHUNK, q, k, v, scale=scale, initial_state=initial_state,
                         output_final_state=output_final_state, reverse=False, state_v_first=state_v_first,
                         cu_seqlens=cu_seqlens, backend=backend, g=g, g_per_key=True)

@@ -27,7 +27,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import join_graph, validate_linear_attention_inputs
+from ...utils import join_graph, use_host_copy, validate_linear_attention_inputs
 from ..common.state_op import pop_chunk_size
 
 GSA_MAX_SLOTS = 256
@@ -366,7 +366,7 @@ def chunk_gsa(
         checkpoint_level (int): 0, 1 or 2, accepted for fla compatibility (the backward always recomputes the
             states). Default: `2`.
         cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. Default: `None`.
-        cu_seqlens_cpu (Optional[torch.LongTensor]): accepted for fla compatibility and unused.
+        cu_seqlens_cpu (Optional[torch.LongTensor]): a CPU copy of `cu_seqlens`: no host sync then.
         backend (Optional[str]): `"tilelang"`, `"torch"` or `None`. Default: `None`.
         kwargs: `chunk_size` (a power of 2; accepted, the kernels use 64); `head_first` raises; any other keyword
             raises `TypeError`.
@@ -388,6 +388,7 @@ def chunk_gsa(
         raise TypeError(f"chunk_gsa() got unexpected keyword arguments {sorted(kwargs)}")
     if checkpoint_level not in (0, 1, 2):
         raise ValueError(f"`checkpoint_level` must be 0, 1 or 2, got {checkpoint_level}")
+    use_host_copy(cu_seqlens, cu_seqlens_cpu)
     o, ht = _gsa_run(CHUNK_GSA, q, k, v, s, g, scale, initial_state, output_final_state, False, cu_seqlens, backend,
                      grouped=True)
     return o, (ht if ht is not None else [None, None])

@@ -25,7 +25,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import join_graph, validate_linear_attention_inputs
+from ...utils import join_graph, use_host_copy, validate_linear_attention_inputs
 from ..common.state_op import pop_chunk_size
 
 SCHEMA = ("Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor? initial_state, Tensor? cu_seqlens, float scale, "
@@ -265,7 +265,7 @@ def chunk_rwkv6(
         initial_state (Optional[torch.Tensor]): `[N, H, K, V]`. Default: `None`.
         output_final_state (bool): Default: `False`.
         cu_seqlens (Optional[torch.LongTensor]): `[N + 1]` with `B = 1`. Default: `None`.
-        cu_seqlens_cpu (Optional[torch.LongTensor]): accepted for fla compatibility and unused.
+        cu_seqlens_cpu (Optional[torch.LongTensor]): a CPU copy of `cu_seqlens`: no host sync then.
         backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (the first that fits). Default: `None`.
         kwargs: `chunk_size` (a power of 2; accepted, the kernels use 64); `head_first` raises.
 
@@ -281,6 +281,7 @@ def chunk_rwkv6(
         >>> o, ht = chunk_rwkv6(r, k, v, w, u, cu_seqlens=torch.tensor([0, 300, 1000]), output_final_state=True)
     """
     _rwkv6_kwargs("chunk_rwkv6", kwargs)
+    use_host_copy(cu_seqlens, cu_seqlens_cpu)
     return _rwkv6_run(CHUNK, r, k, v, w, u, scale, initial_state, output_final_state, False, cu_seqlens, backend)
 
 

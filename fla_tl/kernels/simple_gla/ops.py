@@ -13,7 +13,7 @@ from ...registry import (
     torch_capabilities,
 )
 from ...testing import Case
-from ...utils import join_graph, validate_linear_attention_inputs
+from ...utils import join_graph, use_host_copy, validate_linear_attention_inputs
 from ..common.state_op import (
     parallel_tilelang_backend,
     pop_chunk_size,
@@ -82,7 +82,7 @@ def chunk_simple_gla(
         cu_seqlens (Optional[torch.LongTensor]):
             cumulative sequence lengths of shape `[N + 1]` with `B = 1`. Default: `None`.
         cu_seqlens_cpu (Optional[torch.LongTensor]):
-            accepted for fla compatibility and unused. Default: `None`.
+            a CPU copy of `cu_seqlens`: the op then reads nothing back from the GPU (no host sync). Default: `None`.
         backend (Optional[str]):
             `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). Default: `None`.
         kwargs:
@@ -108,6 +108,7 @@ def chunk_simple_gla(
     """
     pop_chunk_size(kwargs)
     state_v_first = pop_state_layout("chunk_simple_gla", state_v_first, kwargs)
+    use_host_copy(cu_seqlens, cu_seqlens_cpu)
     return run_state_op(CHUNK, q, k, v, scale=scale, initial_state=initial_state,
                         output_final_state=output_final_state, reverse=False, state_v_first=state_v_first,
                         cu_seqlens=cu_seqlens, backend=backend, g=g, g_gamma=g_gamma)
@@ -236,6 +237,7 @@ def parallel_simple_gla(
         >>> q, k, v, g = (x.flatten(0, 1)[None] for x in (q, k, v, g))
         >>> o, _ = parallel_simple_gla(q, k, v, g, cu_seqlens=torch.tensor([0, 100, 600]))
     """
+    use_host_copy(cu_seqlens, cu_seqlens_cpu)
     validate_linear_attention_inputs(q, k, v, scale=scale, cu_seqlens=cu_seqlens, g=g)
     if output_attentions and cu_seqlens is not None:
         raise ValueError("`output_attentions=True` is not supported with `cu_seqlens` (as in fla)")
