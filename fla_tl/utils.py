@@ -115,7 +115,10 @@ def host_bounds(cu_seqlens: torch.Tensor) -> list[int]:
     hit = _host_bounds.get(id(cu_seqlens))
     if hit is not None and hit[0]() is cu_seqlens and hit[1] == cu_seqlens._version:
         return hit[2]
-    bounds = cu_seqlens.tolist()
+    return _remember_bounds(cu_seqlens, cu_seqlens.tolist())
+
+
+def _remember_bounds(cu_seqlens: torch.Tensor, bounds: list[int]) -> list[int]:
     if len(_host_bounds) >= 64:
         _host_bounds.clear()
     _host_bounds[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, bounds)
@@ -140,11 +143,8 @@ def use_host_copy(cu_seqlens, cu_seqlens_cpu) -> None:
     if not isinstance(cu_seqlens, torch.Tensor) or tuple(cu_seqlens_cpu.shape) != tuple(cu_seqlens.shape):
         raise ValueError(f"`cu_seqlens_cpu` must have the shape of `cu_seqlens` "
                          f"{tuple(getattr(cu_seqlens, 'shape', ()))}, got {tuple(cu_seqlens_cpu.shape)}")
-    if torch.compiler.is_compiling():
-        return
-    if len(_host_bounds) >= 64:
-        _host_bounds.clear()
-    _host_bounds[id(cu_seqlens)] = (weakref.ref(cu_seqlens), cu_seqlens._version, cu_seqlens_cpu.tolist())
+    if not torch.compiler.is_compiling():
+        _remember_bounds(cu_seqlens, cu_seqlens_cpu.tolist())
 
 
 def check_cu_seqlens_values(cu_seqlens: torch.Tensor, T: int, name: str = "q") -> None:
