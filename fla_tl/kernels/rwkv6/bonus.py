@@ -213,8 +213,14 @@ def sequence_marks(B: int, T: int, cu_seqlens, device):
     if cu_seqlens is None:
         seq = torch.arange(B, device=device)
         return seq * T, seq * T + T - 1, seq
+    from ...utils import host_bounds
+
+    # the count of non-empty sequences from the host bounds (read back once per tensor, or fla's cu_seqlens_cpu),
+    # so no nonzero() waits for the GPU: a stable sort puts the non-empty sequences first, in order
+    cu_host = host_bounds(cu_seqlens)
+    count = sum(b > a for a, b in zip(cu_host[:-1], cu_host[1:]))
     cu = cu_seqlens.to(device=device, dtype=torch.long)
-    seq = torch.nonzero(cu[1:] > cu[:-1]).flatten()
+    seq = torch.argsort((cu[1:] <= cu[:-1]).to(torch.int8), stable=True)[:count]
     return cu[:-1][seq], cu[1:][seq] - 1, seq
 
 
