@@ -23,6 +23,7 @@ WY_THREADS = (128, 256)
 
 def specs(D: int = 128, dtype: str = "bfloat16"):
     """the swept kernels as `KernelSpec`s (for `fla_tl.autotune.build.build`)."""
+    from fla_tl.autotune.configs import delta_pass_stages
     from fla_tl.kernels.common import chunk_delta_h as Dh
     from fla_tl.kernels.common import fused_chunk_delta as F
     from fla_tl.kernels.common import wy
@@ -32,9 +33,10 @@ def specs(D: int = 128, dtype: str = "bfloat16"):
     for gate in GATES:
         for c in CONFIGS:
             kv = dict(K=D, V=D, gate=gate, dtype=dtype, BT=64, **c)
+            staged = dict(num_stages=delta_pass_stages(D, dtype), **kv)
             out.append(KernelSpec("fused", F.fused_chunk_delta_fwd_kernel, kv))
-            out.append(KernelSpec("fwd_h", Dh.chunk_delta_fwd_h_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
-            out.append(KernelSpec("dhu", Dh.chunk_delta_bwd_dhu_kernel, dict(num_stages=Dh.stages_for(D, 2), **kv)))
+            out.append(KernelSpec("fwd_h", Dh.chunk_delta_fwd_h_kernel, staged))
+            out.append(KernelSpec("dhu", Dh.chunk_delta_bwd_dhu_kernel, staged))
     for gate in GATES:
         for threads in WY_THREADS:
             wkv = dict(K=D, V=D, dtype=dtype, beta_dtype="float32", gate=gate, BT=64, threads=threads)

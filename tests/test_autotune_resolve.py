@@ -69,7 +69,8 @@ def test_constant_heuristics_are_the_factory_defaults(name):
                 if p.default is not inspect.Parameter.empty}
     config = resolve.heuristic_config(name, 128, 128, "bfloat16")
     assert set(config) <= set(defaults), f"{name}: config fields {set(config) - set(defaults)} are not keywords"
-    if name not in ("fused_chunk_fwd", "fused_chunk_bwd_dkv", "fused_recurrent_bwd"):
+    if name not in ("fused_chunk_fwd", "fused_chunk_bwd_dkv", "fused_recurrent_bwd", "chunk_delta_fwd_h",
+                    "chunk_delta_bwd_dhu", "fused_chunk_delta_fwd"):
         assert config == {k: defaults[k] for k in config}
 
 
@@ -230,3 +231,21 @@ def test_source_file_is_the_modules(name):
     path = tt._source_file(module_name)
     assert pathlib.Path(path) == pathlib.Path(module.__file__)
     assert "".join(linecache.getlines(path)) == inspect.getsource(module)
+
+
+@pytest.mark.parametrize(("N", "gate", "dtype", "K", "want"), [
+    (8, "none", torch.bfloat16, 128, dict(BV=128, threads=256)),  # 8 x 16 heads: a full grid
+    (2, "none", torch.bfloat16, 128, dict(BV=32, threads=128)),  # 2 x 16 heads: narrower tiles, more blocks
+    (2, "g", torch.bfloat16, 128, dict(BV=64, threads=256)),
+    (8, "g", torch.bfloat16, 128, dict(BV=128, threads=256)),
+    (2, "none", torch.float32, 128, dict(BV=64, threads=128)),  # fp32 and K > 128: the kernels' defaults
+    (2, "g", torch.bfloat16, 256, dict(BV=64, threads=128)),
+])
+def test_delta_pass_defaults_follow_the_grid(monkeypatch, N, gate, dtype, K, want):
+    """the delta rules' passes take the large-grid config while a grid of V tiles of 128 covers three quarters of the
+    multiprocessors, else the small-grid one; explicit keywords win over either."""
+    monkeypatch.setattr(resolve, "_sm_count", lambda device: 132)
+    for name in ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu", "fused_chunk_delta_fwd"):
+        ref = FakeRef(Ttot=N * 4096, K=K, dtype=dtype)
+        assert resolve.tile_config(name, ref, K=K, V=K, gate=gate, N=N) == want, name
+        assert resolve.tile_config(name, ref, K=K, V=K, gate=gate, N=N, overrides={"BV": 64}) == {**want, "BV": 64}

@@ -164,6 +164,8 @@ def test_tunable_kernels_spaces(D, dtype):
     from fla_tl.autotune.configs import KERNELS, SMEM_BUDGET
 
     for name, kern in KERNELS.items():
+        if kern.launches is not None and not kern.launches(D, D, dtype):
+            continue  # the ops never launch it there (e.g. fp32 delta-rule passes with K > 128)
         candidates = kern.candidates(D, D, dtype)
         default = kern.heuristic(D, D, dtype)
         assert candidates[0] == default, name

@@ -223,17 +223,8 @@ def test_chunk_custom_ops_with_emulated_stages(monkeypatch):
         torch.testing.assert_close(a, b)
 
 
-class _FakeCuda:
-    """a tensor's stand-in for the pass configs: on a CUDA device with the tensor's element size."""
-
-    def __init__(self, x):
-        self.device, self._size = torch.device("cuda"), x.element_size()
-
-    def element_size(self):
-        return self._size
-
-
-@pytest.mark.parametrize(("D", "dtype"), [(128, torch.bfloat16), (64, torch.float32)], ids=["D128-bf16", "D64-fp32"])
+@pytest.mark.parametrize(("D", "dtype"), [(128, torch.bfloat16), (64, torch.bfloat16), (64, torch.float32)],
+                         ids=["D128-bf16", "D64-bf16", "D64-fp32"])
 @pytest.mark.parametrize("name", ["chunk_delta_rule", "fused_recurrent_delta_rule", "chunk_gated_delta_rule",
                                   "fused_recurrent_gated_delta_rule"])
 def test_kernel_list_matches_the_launchers(name, D, dtype, monkeypatch):
@@ -242,6 +233,8 @@ def test_kernel_list_matches_the_launchers(name, D, dtype, monkeypatch):
     large-grid pass configs on a GPU of 132 multiprocessors): the launchers run on the CPU with `get_kernel`
     recording and the kernels doing nothing."""
     pytest.importorskip("tilelang")
+    from fla_tl.autotune import resolve
+    from fla_tl.autotune.configs import KERNELS
     from fla_tl.kernels.common import chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, wy
     from fla_tl.kernels.common.utils import TORCH_TO_TL
     from fla_tl.kernels.delta_rule import chunk, fused_recurrent
@@ -255,17 +248,16 @@ def test_kernel_list_matches_the_launchers(name, D, dtype, monkeypatch):
 
     for module in (chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, wy, fused_recurrent):
         monkeypatch.setattr(module, "get_kernel", record)
-    pass_config = chunk_delta_h.pass_config
-    for module in (chunk_delta_h, fused_chunk_delta):
-        monkeypatch.setattr(module, "pass_config", lambda n, K, V, blocks, gate, like: pass_config(
-            n, K, V, blocks, gate, _FakeCuda(like)))
-    monkeypatch.setattr(chunk_delta_h, "sm_count", lambda device: 132)
+    # the grid the passes' defaults depend on, as on a GPU of 132 multiprocessors
+    monkeypatch.setattr(resolve, "launch_grid",
+                        lambda name, ref, N: (N * ref.shape[1], 132) if KERNELS[name].grid else None)
     monkeypatch.setattr(chunk, "sm_count", lambda device: 132)
     spec = get_op(name)
     monkeypatch.setattr(spec.backend("tilelang"), "verifier", lambda inputs: [])
     gated = "gated" in name
-    # sequences x value heads: 4 (chunk-parallel forward, small grid), 24 (fused, small grid), 100 (fused, large)
-    for B, HV in ((2, 2), (6, 4), (25, 4)):
+    # sequences x value heads: 4 (chunk-parallel forward, small grid), 24 (fused at V = 128, small grid), 40 (fused
+    # at V = 64 too, small grid), 100 (fused, large)
+    for B, HV in ((2, 2), (6, 4), (10, 4), (25, 4)):
         for g_on, svf in [(g_on, svf) for g_on in (False, True) for svf in (False, True)] if gated else [(False,) * 2]:
             x = _inputs(B=B, T=3, H=2, HV=HV, K=D, V=D, dtype=dtype, gate=g_on, state_v_first=svf)
             kw = dict(initial_state=x["h0"], output_final_state=True, backend="tilelang")

@@ -91,6 +91,15 @@ class FusedRecurrentConfig:
     threads: int = 128
 
 
+@dataclass(frozen=True)
+class DeltaPassConfig:
+    """the sequential passes of the delta rules (`common.chunk_delta_h`'s state passes forward and backward,
+    `common.fused_chunk_delta`'s fused forward): the V tile and the block size (one or two consumer warpgroups)."""
+
+    BV: int = 64
+    threads: int = 128
+
+
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
@@ -172,6 +181,34 @@ def smem_fused_recurrent(kind: str) -> Callable:
 # ---------------------------------------------------------------- registry of tunable kernels
 
 
+def smem_delta_pass(kind: str) -> Callable:
+    """shared memory of a delta-rule pass ("fwd_h", "dhu", "fused") at a config: its pipelined chunk tiles (two stages
+    for 16-bit inputs with K <= 128, else one: `delta_pass_stages`) plus its single tiles, as the kernels allocate
+    them."""
+
+    def smem(K, V, dtype, c: DeltaPassConfig) -> int:
+        es, KP, BV = ELEMENT_SIZE[dtype], pad_dim(K), c.BV
+        stages = delta_pass_stages(K, dtype)
+        if kind == "fwd_h":  # k, v, Ai, beta per stage; aw, wn, h, vg, vn
+            staged = es * (BT * KP + BT * BV + BT * BT) + 4 * BT
+            single = es * (BT * BT + BT * KP + KP * BV + 2 * BT * BV)
+        elif kind == "dhu":  # q, k, Ai, beta, do per stage; aw, a, dog, dvo, t, dh
+            staged = es * (2 * BT * KP + BT * BT + BT * BV) + 4 * BT
+            single = es * (2 * BT * BT + 3 * BT * BV + KP * BV)
+        else:  # q, k, w, u per stage; vn, vg, h, s, o
+            staged = es * (3 * BT * KP + BT * BV)
+            single = es * (3 * BT * BV + KP * BV + BT * BT)
+        return stages * staged + single
+
+    return smem
+
+
+def delta_pass_stages(K: int, dtype: str) -> int:
+    """pipeline stages of the delta-rule state passes: two for 16-bit inputs with K <= 128, else one (two stages of
+    [64, 256] key tiles, or of fp32 tiles, overflow shared memory)."""
+    return 2 if pad_dim(K) <= 128 and ELEMENT_SIZE[dtype] == 2 else 1
+
+
 @dataclass(frozen=True)
 class TunableKernel:
     name: str
@@ -180,10 +217,19 @@ class TunableKernel:
     space: dict  # field -> candidate values
     heuristic: Callable  # (K, V, dtype) -> config
     factory: str  # "module:function" of the kernel factory the configs feed (its module's source hash keys the table)
+    # the heuristic also takes the launch's gate option and grid: (K, V, dtype, *, gate, blocks, sms) with `blocks`
+    # sequences x heads and `sms` the GPU's multiprocessors (the defaults' small-grid rules)
+    grid: bool = False
+    # a launch rule beyond shared memory and tile width, (K, V, dtype, config) -> bool, or None
+    rule: Callable | None = None
+    # (K, V, dtype) -> whether the ops launch the kernel at these dims, or None (always)
+    launches: Callable | None = None
 
     def fits(self, K: int, V: int, dtype: str, config) -> bool:
         """whether the config launches: shared memory within the budget, tiles no wider than the padded dims."""
         if getattr(config, "BV", 0) > pad_dim(V):
+            return False
+        if self.rule is not None and not self.rule(K, V, dtype, config):
             return False
         return self.smem(K, V, dtype, config) <= SMEM_BUDGET
 
@@ -244,6 +290,53 @@ def _constant(config) -> Callable:
     return lambda K, V, dtype: config
 
 
+def delta_pass_configs(K: int, V: int, dtype: str, gate: str) -> list[DeltaPassConfig]:
+    """the heuristic tile configs of the delta-rule passes, chosen with `benchmarks/delta_time.py` (bf16, K = V =
+    128): for 16-bit inputs with K <= 128 the large-grid one (V tiles of 128 with two consumer warpgroups: faster
+    than V tiles of 64 with one warpgroup in every pass, gated or not; no wider than V), then the small-grid one
+    (more, narrower tiles so more blocks run: V tiles of 32 with one warpgroup ungated, V tiles of 64 with two
+    warpgroups gated); otherwise only the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong
+    dk: 5% off)."""
+    if K > 128 or ELEMENT_SIZE[dtype] != 2:
+        return [DeltaPassConfig()]
+    return [DeltaPassConfig(BV=min(128, pad_dim(V)), threads=256),
+            DeltaPassConfig(BV=64, threads=256) if gate == "g" else DeltaPassConfig(BV=32, threads=128)]
+
+
+def delta_pass_heuristic(K: int, V: int, dtype: str, *, gate: str = "none", blocks: int | None = None,
+                         sms: int | None = None) -> DeltaPassConfig:
+    """the default of a delta-rule pass over `blocks` sequences x heads on `sms` multiprocessors: the large-grid
+    config while a grid of V tiles of 128 covers three quarters of the multiprocessors (8 sequences x 16 heads at
+    V = 128: 128 blocks), else the small-grid one (e.g. 2 sequences x 16 heads); the large-grid one without a grid."""
+    configs = delta_pass_configs(K, V, dtype, gate)
+    if len(configs) == 1 or blocks is None or sms is None:
+        return configs[0]
+    large, small = configs
+    return large if 4 * blocks * cdiv(V, 128) >= 3 * sms else small
+
+
+def delta_pass_rule(K: int, V: int, dtype: str, config: DeltaPassConfig) -> bool:
+    """two consumer warpgroups only for 16-bit inputs (fp32 inputs with two gave dhu wrong dk)."""
+    return config.threads == 128 or ELEMENT_SIZE[dtype] == 2
+
+
+# the widest fp32 keys the delta rules' chunk kernels take (their fp32 tiles overflow shared memory beyond)
+DELTA_MAX_K_FP32 = 128
+
+
+def delta_pass_launches(kind: str) -> Callable:
+    """(K, V, dtype) -> whether the delta rules launch pass `kind` there: the state passes for keys up to 256 (fp32:
+    `DELTA_MAX_K_FP32`), the fused forward up to 128 (fp32: 64: it holds q, k and w tiles in shared memory)."""
+
+    def launches(K: int, V: int, dtype: str) -> bool:
+        wide = ELEMENT_SIZE[dtype] == 2
+        if kind == "fused":
+            return K <= (128 if wide else 64)
+        return K <= (256 if wide else DELTA_MAX_K_FP32)
+
+    return launches
+
+
 KERNELS = {
     k.name: k
     for k in (
@@ -296,6 +389,24 @@ KERNELS = {
             "fused_recurrent_bwd", FusedRecurrentConfig, smem_fused_recurrent("bwd"),
             {"TB": (8, 16, 32), "BV": (32, 64, 128), "threads": (128, 256)}, _recurrent_bwd_heuristic,
             "fla_tl.kernels.common.fused_recurrent:fused_recurrent_bwd_kernel",
+        ),
+        TunableKernel(
+            "chunk_delta_fwd_h", DeltaPassConfig, smem_delta_pass("fwd_h"),
+            {"BV": (32, 64, 128), "threads": (128, 256)}, delta_pass_heuristic,
+            "fla_tl.kernels.common.chunk_delta_h:chunk_delta_fwd_h_kernel", grid=True, rule=delta_pass_rule,
+            launches=delta_pass_launches("fwd_h"),
+        ),
+        TunableKernel(
+            "chunk_delta_bwd_dhu", DeltaPassConfig, smem_delta_pass("dhu"),
+            {"BV": (32, 64, 128), "threads": (128, 256)}, delta_pass_heuristic,
+            "fla_tl.kernels.common.chunk_delta_h:chunk_delta_bwd_dhu_kernel", grid=True, rule=delta_pass_rule,
+            launches=delta_pass_launches("dhu"),
+        ),
+        TunableKernel(
+            "fused_chunk_delta_fwd", DeltaPassConfig, smem_delta_pass("fused"),
+            {"BV": (32, 64, 128), "threads": (128, 256)}, delta_pass_heuristic,
+            "fla_tl.kernels.common.fused_chunk_delta:fused_chunk_delta_fwd_kernel", grid=True, rule=delta_pass_rule,
+            launches=delta_pass_launches("fused"),
         ),
     )
 }

@@ -18,6 +18,7 @@ named by `configs.KERNELS[name].factory` ("module:function"); its source hash ke
 """
 
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -42,9 +43,30 @@ def set_miss_handler(fn: Callable | None) -> Callable | None:
     return previous
 
 
-def heuristic_config(name: str, K: int, V: int, dtype: str) -> dict:
-    """the heuristic default of kernel `name` as factory keywords."""
-    return dataclasses.asdict(KERNELS[name].heuristic(K, V, dtype))
+def heuristic_config(name: str, K: int, V: int, dtype: str, gate: str | None = None,
+                     grid: tuple[int, int] | None = None) -> dict:
+    """the heuristic default of kernel `name` as factory keywords; for a kernel whose default depends on the launch
+    (`TunableKernel.grid`), at gate option `gate` and `grid` (sequences x heads, multiprocessors) where given."""
+    kernel = KERNELS[name]
+    if kernel.grid and grid is not None:
+        blocks, sms = grid
+        return dataclasses.asdict(kernel.heuristic(K, V, dtype, gate=gate, blocks=blocks, sms=sms))
+    return dataclasses.asdict(kernel.heuristic(K, V, dtype))
+
+
+def launch_grid(name: str, ref, N: int) -> tuple[int, int] | None:
+    """(sequences x heads, the GPU's multiprocessors) of a launch of kernel `name` on `ref` (`[Ttot, H, *]`) over N
+    sequences, for a kernel whose default depends on it; None otherwise or off a CUDA device."""
+    if not KERNELS[name].grid or ref.device.type != "cuda":
+        return None
+    return N * ref.shape[1], _sm_count(ref.device)
+
+
+@functools.lru_cache(maxsize=16)
+def _sm_count(device) -> int:
+    import torch
+
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None, gate: str = "gamma") -> str:
@@ -66,14 +88,15 @@ def table_key(name: str, K: int, V: int, dtype: str, T: int, device=None, gate: 
 def tile_config(name: str, ref, *, K: int, V: int, gate: str, N: int, overrides: dict | None = None) -> dict:
     """the tile keywords of kernel `name` for a launch on `ref` (`[Ttot, H, *]`, its dtype and device decide) over
     N sequences. Non-empty `overrides` win over everything (tests and the tuner pass them). Do not mutate the result."""
+    grid = launch_grid(name, ref, N)
     if overrides:
-        return {**heuristic_config(name, K, V, TORCH_TO_TL[ref.dtype]), **overrides}
+        return {**heuristic_config(name, K, V, TORCH_TO_TL[ref.dtype], gate, grid), **overrides}
     T = ref.shape[0] // max(N, 1)
     key = (name, K, V, ref.dtype, gate, seqlen_bucket(T), ref.device, os.environ.get(ENV_MODE),
-           os.environ.get(ENV_CACHE))
+           os.environ.get(ENV_CACHE), grid)
     config = _resolved.get(key)
     if config is None:
-        config = _resolved[key] = _resolve(name, ref, K, V, gate, N, T)
+        config = _resolved[key] = _resolve(name, ref, K, V, gate, N, T, grid)
     return config
 
 
@@ -97,9 +120,9 @@ def _checked(name: str, found: dict, K: int, V: int, dtype: str, where: str) -> 
     return None
 
 
-def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int) -> dict:
+def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int, grid: tuple[int, int] | None) -> dict:
     dtype = TORCH_TO_TL[ref.dtype]
-    default = heuristic_config(name, K, V, dtype)
+    default = heuristic_config(name, K, V, dtype, gate, grid)
     current = mode()
     if current == "off" or ref.device.type != "cuda" or name in _tuning:
         return default

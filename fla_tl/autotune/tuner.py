@@ -42,7 +42,7 @@ def make_runner(
     name: str, *, N: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, device, gate: str = "gamma"
 ) -> Callable:
     """a function `config dict -> output tensors` that launches kernel `name` on fixed random inputs with gate option
-    `gate` ("gamma", "none", "g" or "gk")."""
+    `gate` ("gamma", "none", "g" or "gk"; the delta-rule passes: "none" or "g")."""
     from ..kernels.common import chunk_h, chunk_o, fused_chunk, fused_recurrent
     from ..kernels.common.gates import retention_g_gamma
     from ..kernels.common.utils import seq_meta
@@ -53,6 +53,8 @@ def make_runner(
     v = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     do = torch.randn(N * T, H, V, device=device, generator=g).to(dtype)
     meta = seq_meta(N, T, None, BT, device)
+    if name in DELTA_PASSES:
+        return _delta_runner(name, q, k, v, do, meta, gate, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
@@ -102,6 +104,41 @@ def make_runner(
             q, k, v, do, None, scale=scale, initial_state=None, reverse=False, state_v_first=False, meta=meta,
             **gate, **c
         )[:3],
+    }
+    return runners[name]
+
+
+# the delta rules' sequential passes (`common.chunk_delta_h`, `common.fused_chunk_delta`)
+DELTA_PASSES = ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu", "fused_chunk_delta_fwd")
+
+
+def _delta_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
+    """the runner of a delta-rule pass: keys L2-normalised as the delta rules take them, betas in (0, 1), for gate
+    "g" a per-token log gate as fla draws it, and the WY form of every chunk (`wy.wy_repr`)."""
+    from ..kernels.common import chunk_delta_h, fused_chunk_delta, wy
+    from ..kernels.common.cumsum import chunk_gate_cumsum
+    from ..kernels.common.gates import head_decay
+
+    Ttot, H, K = k.shape
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
+    beta = torch.rand(Ttot, H, device=k.device, generator=g)
+    gc = None
+    if gate == "g":
+        lg = torch.nn.functional.logsigmoid(torch.randn(Ttot, H, device=k.device, generator=g))
+        gc = chunk_gate_cumsum(lg, head_decay(None, H, k.device), meta, BT)
+    w, u, ai = wy.wy_repr(k, v, beta, meta=meta, gc=gc, pair=True, BT=BT)
+    scale = K ** -0.5
+    common = dict(gate=gate, gc=gc, meta=meta, BT=BT)
+    runners = {
+        "fused_chunk_delta_fwd": lambda c: fused_chunk_delta.fused_chunk_delta_fwd(
+            q, k, w, u, scale=scale, initial_state=None, output_final_state=True, **common, **c
+        ),
+        "chunk_delta_fwd_h": lambda c: chunk_delta_h.chunk_delta_fwd_h(
+            k, v, beta, ai, initial_state=None, output_final_state=True, **common, **c
+        ),
+        "chunk_delta_bwd_dhu": lambda c: chunk_delta_h.chunk_delta_bwd_dhu(
+            q, k, beta, ai, do, None, scale=scale, need_dh0=False, **common, **c
+        )[:2],
     }
     return runners[name]
 

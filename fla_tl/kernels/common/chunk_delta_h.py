@@ -20,6 +20,8 @@ ending at the initial state's gradient; dv_local is formed inside the pass, per 
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import delta_pass_stages
+from ...autotune.resolve import tile_config
 from .gates import (
     gate_chunks,
     gate_last,
@@ -30,7 +32,7 @@ from .gates import (
     gate_state,
     head_decay,
 )
-from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, sm_count, state_or_dummy, target_for
+from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 from .wy import scale_columns
 
 
@@ -471,37 +473,6 @@ def chunk_delta_bwd_dqkw_kernel(
     return chunk_delta_bwd_dqkw
 
 
-def state_pass_configs(K: int, itemsize: int, gate: str) -> list[dict]:
-    """every tile config of the sequential passes ("fused", "fwd_h", "dhu"), chosen with `benchmarks/delta_time.py`
-    (bf16, K = V = 128): for 16-bit inputs with K <= 128 the large-grid one (V tiles of 128 with two consumer
-    warpgroups: faster than V tiles of 64 with one warpgroup in every pass, gated or not), then the small-grid one
-    (more, narrower tiles so more blocks run: V tiles of 32 with one warpgroup ungated, V tiles of 64 with two
-    warpgroups gated); otherwise only the kernels' defaults (fp32 inputs with two consumer warpgroups gave dhu wrong
-    dk: 5% off)."""
-    if K > 128 or itemsize != 2:
-        return [{}]
-    return [dict(BV=128, threads=256), dict(BV=64, threads=256) if gate == "g" else dict(BV=32, threads=128)]
-
-
-def pass_config(name: str, K: int, V: int, blocks: int, gate: str, like: torch.Tensor) -> dict:
-    """the tile config of a sequential pass over `blocks` sequences x heads (`state_pass_configs`): the large-grid one while
-    a grid of V tiles of 128 covers three quarters of the multiprocessors (8 sequences x 16 heads at V = 128: 128
-    blocks), else the small-grid one (e.g. 2 sequences x 16 heads)."""
-    if like.device.type != "cuda":
-        return {}
-    configs = state_pass_configs(K, like.element_size(), gate)
-    if len(configs) == 1:
-        return configs[0]
-    large, small = configs
-    return large if 4 * blocks * cdiv(V, 128) >= 3 * sm_count(like.device) else small
-
-
-def stages_for(K: int, itemsize: int) -> int:
-    """pipeline stages of the state passes for inputs of `itemsize` bytes: two for 16-bit inputs with K <= 128, else
-    one (two stages of [64, 256] key tiles, or of fp32 tiles, overflow shared memory)."""
-    return 2 if pad_dim(K) <= 128 and itemsize == 2 else 1
-
-
 def chunk_delta_fwd_h(k, v, beta, ai, *, gate: str, gc, initial_state, output_final_state: bool, meta: SeqMeta,
                       BT: int = 64, **config):
     """(states entering each chunk `[NT, H, K, V]` in k's dtype, corrected values v_new `[Ttot, H, V]` in v's dtype,
@@ -514,8 +485,8 @@ def chunk_delta_fwd_h(k, v, beta, ai, *, gate: str, gc, initial_state, output_fi
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     if meta.NT > 0:
-        config = {"num_stages": stages_for(K, k.element_size()),
-                  **(config or pass_config("fwd_h", K, V, meta.N * H, gate, k))}
+        config = {"num_stages": delta_pass_stages(K, TORCH_TO_TL[k.dtype]),
+                  **tile_config("chunk_delta_fwd_h", k, K=K, V=V, gate=gate, N=meta.N, overrides=config)}
         kernel = get_kernel(chunk_delta_fwd_h_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
         kernel(k, v, ai, gate_chunks(beta, meta, H, BT, k).view(H, meta.NT, BT), head_decay(None, H, k.device),
@@ -538,8 +509,8 @@ def chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, *, gate: str, gc, scale: float,
     dh0 = q.new_empty(meta.N * H if need_dh0 else 1, K, V, dtype=torch.float32)
     dht_, use_dht = state_or_dummy(dht, q, (K, V))
     if meta.NT > 0:
-        config = {"num_stages": stages_for(K, q.element_size()),
-                  **(config or pass_config("dhu", K, V, meta.N * H, gate, q))}
+        config = {"num_stages": delta_pass_stages(K, TORCH_TO_TL[q.dtype]),
+                  **tile_config("chunk_delta_bwd_dhu", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)}
         kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target_for(q.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
         kernel(q, k, ai, gate_chunks(beta, meta, H, BT, q).view(H, meta.NT, BT), do, head_decay(None, H, q.device),

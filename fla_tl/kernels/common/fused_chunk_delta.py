@@ -12,7 +12,7 @@ Rows past a sequence's end only reach output rows that are not stored, and are z
 import tilelang.language as T
 import torch
 
-from .chunk_delta_h import pass_config
+from ...autotune.resolve import tile_config
 from .gates import gate_chunks, gate_last, gate_load_chunk, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
 
@@ -148,7 +148,7 @@ def fused_chunk_delta_fwd(q, k, w, u, *, gate: str, gc, scale: float, initial_st
     ht = k.new_empty(meta.N * H if output_final_state else 1, K, V, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, k, (K, V))
     if meta.NT > 0:
-        config = config or pass_config("fused", K, V, meta.N * H, gate, k)
+        config = tile_config("fused_chunk_delta_fwd", k, K=K, V=V, gate=gate, N=meta.N, overrides=config)
         kernel = get_kernel(fused_chunk_delta_fwd_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
         gcc = gate_chunks(gc, meta, H, BT, k)

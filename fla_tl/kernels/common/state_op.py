@@ -298,12 +298,16 @@ def state_cases(reference: Callable, *, recurrent: bool = False, state_v_first: 
 def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | None = None, **flags) -> KernelSpec:
     """the tunable stage `name` (`fla_tl.autotune.configs.KERNELS`) as its launcher builds it for head dims K, V,
     input dtype `dtype`, gate option `gate` and tile `config` (default: the heuristic); `flags` override keywords."""
-    from ...autotune.configs import KERNELS
+    from ...autotune.configs import KERNELS, delta_pass_stages
     from ...autotune.resolve import heuristic_config
 
     module, attr = KERNELS[name].factory.split(":")
     base = dict(K=K, V=V, gate=gate, dtype=dtype)
-    if name.startswith("chunk_"):
+    if name in ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu"):
+        base.update(BT=BT, num_stages=delta_pass_stages(K, dtype))
+    elif name == "fused_chunk_delta_fwd":
+        base.update(BT=BT)
+    elif name.startswith("chunk_"):
         base.update(h_dtype=dtype, BT=BT)
     if name.startswith("fused_recurrent"):
         base.update(reverse=False, state_v_first=False)

@@ -10,9 +10,16 @@ state in fp32, fp64 for fp64 inputs, or None). The tilelang backends keep residu
 WY form the inverse Ai, the token-by-token one w (only when gradients are needed) and the final state (gated op).
 """
 
+import dataclasses
+
 import torch
 
-from ...autotune.configs import BT
+from ...autotune.configs import (
+    BT,
+    DELTA_MAX_K_FP32,
+    delta_pass_configs,
+    delta_pass_launches,
+)
 from ...reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule
 from ...registry import (
     AUTO,
@@ -41,7 +48,7 @@ MODULES = {
 }
 # the chunk kernels' largest key head dim for fp32 inputs (`kernels.common.chunk_delta_h`: one pipeline stage of fp32
 # [64, K] query and key tiles beside the [K, 64] state gradient)
-DELTA_TL_MAX_K_FP32 = 128
+DELTA_TL_MAX_K_FP32 = DELTA_MAX_K_FP32
 DELTA_DROPPED = "fused_chunk_delta_rule is not provided (fla 0.6.0's is a stub that raises): use chunk_delta_rule"
 DELTA_NOTE = ("The recurrence is unstable when keys are not normalised (the state update I - beta k k^T has an "
               "eigenvalue 1 - beta |k|^2): pass L2-normalised keys or `use_qk_l2norm_in_kernel=True`, as with fla.")
@@ -246,17 +253,14 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
     fused forward (where it fits) and the chunk-parallel forward, the state passes at every pass config, the output
     stage, the dq / dk / dw pass and the gate gradient's scan."""
     from ..common import chunk_delta_h as Dh
-    from ..common import fused_chunk_delta as Fd
     from ..common import wy
     from ..common.cumsum import chunk_gate_cumsum_kernel, chunk_reverse_cumsum_kernel
     from ..common.state_op import stage_spec
 
     if dtype == "float32" and D > DELTA_TL_MAX_K_FP32:
         return []
-    itemsize = 4 if dtype == "float32" else 2
     # the fused forward holds q, k, w tiles in shared memory: K <= 128 (fp32: K <= 64)
-    fused = D <= (128 if itemsize == 2 else 64)
-    stages = Dh.stages_for(D, itemsize)
+    fused = delta_pass_launches("fused")(D, D, dtype)
     specs = []
     for gate in gates:
         base = dict(K=D, V=D, gate=gate, dtype=dtype, BT=BT)
@@ -266,14 +270,10 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
         for pair in ((True, False) if fused else (False,)):
             specs.append(KernelSpec("wy_fwd_kernel", wy.wy_fwd_kernel,
                                     dict(K=D, V=D, dtype=dtype, beta_dtype="float32", gate=gate, pair=pair, BT=BT)))
-        for config in Dh.state_pass_configs(D, itemsize, gate):
-            if fused:
-                specs.append(KernelSpec("fused_chunk_delta_fwd_kernel", Fd.fused_chunk_delta_fwd_kernel,
-                                        {**base, **config}))
-            specs += [KernelSpec("chunk_delta_fwd_h_kernel", Dh.chunk_delta_fwd_h_kernel,
-                                 {**base, "num_stages": stages, **config}),
-                      KernelSpec("chunk_delta_bwd_dhu_kernel", Dh.chunk_delta_bwd_dhu_kernel,
-                                 {**base, "num_stages": stages, **config})]
+        # every default the grid can pick (`delta_pass_heuristic`: the large- and the small-grid configs)
+        for config in map(dataclasses.asdict, delta_pass_configs(D, D, dtype, gate)):
+            passes = (("fused_chunk_delta_fwd",) if fused else ()) + ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu")
+            specs += [stage_spec(name, D, D, dtype, gate, config) for name in passes]
         specs.append(stage_spec("chunk_fwd_o", D, D, dtype, gate))
         specs.append(KernelSpec("chunk_delta_bwd_dqkw_kernel", Dh.chunk_delta_bwd_dqkw_kernel, dict(base)))
         specs.append(KernelSpec("wy_bwd_kernel", wy.wy_bwd_kernel,
