@@ -178,9 +178,6 @@ def smem_fused_recurrent(kind: str) -> Callable:
     return smem
 
 
-# ---------------------------------------------------------------- registry of tunable kernels
-
-
 def smem_delta_pass(kind: str) -> Callable:
     """shared memory of a delta-rule pass ("fwd_h", "dhu", "fused") at a config: its pipelined chunk tiles (two stages
     for 16-bit inputs with K <= 128, else one: `delta_pass_stages`) plus its single tiles, as the kernels allocate
@@ -207,6 +204,9 @@ def delta_pass_stages(K: int, dtype: str) -> int:
     """pipeline stages of the delta-rule state passes: two for 16-bit inputs with K <= 128, else one (two stages of
     [64, 256] key tiles, or of fp32 tiles, overflow shared memory)."""
     return 2 if pad_dim(K) <= 128 and ELEMENT_SIZE[dtype] == 2 else 1
+
+
+# ---------------------------------------------------------------- registry of tunable kernels
 
 
 @dataclass(frozen=True)
