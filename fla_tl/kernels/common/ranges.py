@@ -233,6 +233,13 @@ def pick_ranges(meta: SeqMeta, blocks: int, like: torch.Tensor, BT: int, dense: 
     return range_meta(meta, L, BT, dense)
 
 
+def state_pass_ranges(q, v, meta: SeqMeta, cu_seqlens, BT: int) -> RangeMeta | None:
+    """the chunk ranges (`pick_ranges`) a chunk op's state passes run over for `q` `[B, T, H, K]` and `v`, or None:
+    decided from the grid of sequences x heads x V tiles of 64, forward and backward alike."""
+    B, T, H = q.shape[:3]
+    return pick_ranges(meta, meta.N * H * cdiv(v.shape[-1], 64), q, BT, (B, T) if cu_seqlens is None else None)
+
+
 def chunk_h_range_starts(k, v, initial_state, ranges, *, gate: str, g_gamma, gc, meta: SeqMeta, BT: int = 64,
                          **config):
     """over chunk ranges (`common.ranges`): (the state entering every range `[R, H, K, V]` fp32, the ranges' decays

@@ -46,9 +46,6 @@ MODULES = {
     "chunk": "fla_tl.kernels.delta_rule.chunk",
     "fused_recurrent": "fla_tl.kernels.delta_rule.fused_recurrent",
 }
-# the chunk kernels' largest key head dim for fp32 inputs (`kernels.common.chunk_delta_h`: one pipeline stage of fp32
-# [64, K] query and key tiles beside the [K, 64] state gradient)
-DELTA_TL_MAX_K_FP32 = DELTA_MAX_K_FP32
 DELTA_DROPPED = "fused_chunk_delta_rule is not provided (fla 0.6.0's is a stub that raises): use chunk_delta_rule"
 DELTA_NOTE = ("The recurrence is unstable when keys are not normalised (the state update I - beta k k^T has an "
               "eigenvalue 1 - beta |k|^2): pass L2-normalised keys or `use_qk_l2norm_in_kernel=True`, as with fla.")
@@ -157,8 +154,8 @@ def _describe(args: dict, backward: bool):
 
 
 def _chunk_reasons(inputs) -> list[str]:
-    if inputs.dtype == torch.float32 and inputs.K > DELTA_TL_MAX_K_FP32:
-        return [f"fp32 inputs take K <= {DELTA_TL_MAX_K_FP32} (the backward state pass's fp32 tiles of K = "
+    if inputs.dtype == torch.float32 and inputs.K > DELTA_MAX_K_FP32:
+        return [f"fp32 inputs take K <= {DELTA_MAX_K_FP32} (the backward state pass's fp32 tiles of K = "
                 f"{inputs.K} overflow shared memory): use bf16 / fp16 inputs or backend='torch'"]
     return []
 
@@ -257,7 +254,7 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
     from ..common.cumsum import chunk_gate_cumsum_kernel, chunk_reverse_cumsum_kernel
     from ..common.state_op import stage_spec
 
-    if dtype == "float32" and D > DELTA_TL_MAX_K_FP32:
+    if dtype == "float32" and D > DELTA_MAX_K_FP32:
         return []
     # the fused forward holds q, k, w tiles in shared memory: K <= 128 (fp32: K <= 64)
     fused = delta_pass_launches("fused")(D, D, dtype)

@@ -24,7 +24,7 @@ import torch
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import chunk_gate_cumsum, per_key_gate_grad_chunk
 from ..common.gates import head_decay
-from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, pick_ranges
+from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, state_pass_ranges
 from ...autotune.configs import BT
 from ..common.utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, seq_meta, target_for
 
@@ -479,13 +479,6 @@ def _gate(g, q):
     return g if g is not None else torch.zeros_like(q, dtype=torch.float32)
 
 
-def _ranges(q, v, meta, cu_seqlens):
-    """the chunk ranges (`common.ranges`) the state passes run over for few long sequences, or None (from the grid of
-    sequences x heads x V tiles of 64, forward and backward alike)."""
-    B, T, H = q.shape[:3]
-    return pick_ranges(meta, meta.N * H * cdiv(v.shape[-1], 64), q, BT, (B, T) if cu_seqlens is None else None)
-
-
 def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, u=None,
                   keep=None):
     """(o `[B, T, H, V]`, the final state or None); with RWKV6's bonus `u` the output kernel's `bonus` form (see
@@ -497,7 +490,7 @@ def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state,
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
     # few long sequences: the state pass runs over chunk ranges from the combined range starts
-    ranges = _ranges(q, v, meta, cu_seqlens)
+    ranges = state_pass_ranges(q, v, meta, cu_seqlens, BT)
     skw, h0 = kw, initial_state
     if ranges is not None:
         h0, _ = chunk_h_range_starts(k_, v_, initial_state, ranges, **kw)
@@ -524,7 +517,7 @@ def chunk_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens
     kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
     # over chunk ranges as the forward ran: the range starts again, the ranges' terminal gradients by the reverse
     # combine, then both passes over the ranges
-    ranges = _ranges(q, v, meta, cu_seqlens)
+    ranges = state_pass_ranges(q, v, meta, cu_seqlens, BT)
     skw, h0, dhe = kw, initial_state, dht
     if ranges is not None:
         h0, decays = chunk_h_range_starts(k_, v_, initial_state, ranges, **kw)

@@ -19,7 +19,7 @@ from ...autotune.resolve import tile_config
 from ..common.fused_chunk import fused_chunk_bwd, fused_chunk_fwd
 from ..common.cumsum import gate_grad_chunk
 from ..common.gates import chunk_gate
-from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, pick_ranges
+from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, state_pass_ranges
 from ..common.utils import cdiv, pad_dim, seq_meta, sm_count
 from ...autotune.configs import BT
 
@@ -41,13 +41,6 @@ def _schedule(q, v, N: int, kind: str, impl: str) -> str:
     return "fused" if blocks >= FUSED_MIN_BLOCKS_PER_SM * sm_count(q.device) else "parallel"
 
 
-def _ranges(q, v, meta, cu_seqlens):
-    """the chunk ranges (`common.ranges`) the state passes run over for few long sequences, or None; decided from the
-    fused grid of sequences x heads x V tiles of 64, forward and backward alike."""
-    B, T, H = q.shape[:3]
-    return pick_ranges(meta, meta.N * H * cdiv(v.shape[-1], 64), q, BT, (B, T) if cu_seqlens is None else None)
-
-
 def chunk_simple_gla_fwd(
     q, k, v, *, g_gamma, scale, initial_state, output_final_state, cu_seqlens, g=None, impl="auto"
 ):
@@ -56,7 +49,7 @@ def chunk_simple_gla_fwd(
     gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
     kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
-    ranges = _ranges(q, v, meta, cu_seqlens)
+    ranges = state_pass_ranges(q, v, meta, cu_seqlens, BT)
     # few long sequences: the state passes run over chunk ranges from the combined range starts
     skw, h0 = kw, initial_state
     if ranges is not None:
@@ -84,7 +77,7 @@ def chunk_simple_gla_bwd(
     gate, g_gamma, gc = chunk_gate(g, g_gamma, H, meta, BT)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
     kw = dict(gate=gate, g_gamma=g_gamma, gc=gc, meta=meta)
-    ranges = _ranges(q, v, meta, cu_seqlens)
+    ranges = state_pass_ranges(q, v, meta, cu_seqlens, BT)
     # over chunk ranges: the forward's range starts again, each range's state gradient from a zero terminal gradient,
     # the reverse combine, then the passes over the ranges from their starts and terminal gradients
     skw, h0, dhe = kw, initial_state, dht
