@@ -383,6 +383,7 @@ def test_tilelang_slot_normaliser(lens, M, dtype, poisoned_cuda):
 
 def _compile_specs():
     try:
+        from fla_tl.autotune.resolve import heuristic_config
         from fla_tl.kernels.common.chunk_h import chunk_fwd_h_kernel
         from fla_tl.kernels.gla import chunk as gla
         from fla_tl.kernels.gsa import normaliser
@@ -394,7 +395,8 @@ def _compile_specs():
         pytest.param((gla.chunk_gla_bwd_dqk_kernel, dict(K=64, V=128, dtype="bfloat16", h_dtype="bfloat16", BT=64)),
                      id="chunk_gla_bwd_dqk_kernel-M64-K128-bf16"),
         pytest.param((chunk_fwd_h_kernel, dict(K=64, V=128, gate="gk", dtype="bfloat16", h_dtype="bfloat16", BT=64,
-                                               **gla.STATE_CONFIG)), id="chunk_fwd_h_kernel-M64-K128-gk"),
+                                               **heuristic_config("chunk_fwd_h", 64, 128, "bfloat16", "gk"))),
+                     id="chunk_fwd_h_kernel-M64-K128-gk"),
         # ABC's slot normaliser, forward and backward (16-byte vectors of bf16)
         pytest.param((normaliser.slot_normaliser_fwd_kernel, dict(dtype="bfloat16", out_dtype="bfloat16", VEC=8)),
                      id="slot_normaliser_fwd-bf16"),

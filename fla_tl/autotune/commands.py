@@ -148,7 +148,7 @@ def _space(spec: KernelSpec, dtype: str) -> list[KernelSpec]:
     kernel = KERNELS[spec.name]
     K, V = spec.kwargs["K"], spec.kwargs["V"]
     return [KernelSpec(spec.name, spec.factory, {**spec.kwargs, **dataclasses.asdict(config)})
-            for config in kernel.candidates(K, V, spec.kwargs.get("dtype", dtype))]
+            for config in kernel.candidates(K, V, spec.kwargs.get("dtype", dtype), spec.kwargs.get("gate"))]
 
 
 def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int,
@@ -264,7 +264,7 @@ def _duration(seconds: float) -> str:
 
 
 def _candidates(k: TuneKey) -> int:
-    return len(KERNELS[k.name].candidates(k.K, k.V, "bfloat16"))
+    return len(KERNELS[k.name].candidates(k.K, k.V, "bfloat16", k.gate))
 
 
 def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | None,

@@ -100,6 +100,16 @@ class DeltaPassConfig:
     threads: int = 128
 
 
+@dataclass(frozen=True)
+class WyConfig:
+    """the WY stages (`common.wy`: the forward's inverse and pair, the backward): the column tile of their [BT, BD]
+    products over the key and value dims (the backward stages [BT, BT] tiles in it too: BD = BT there), and the block
+    size."""
+
+    BD: int = 64
+    threads: int = 128
+
+
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
@@ -200,6 +210,33 @@ def smem_delta_pass(kind: str) -> Callable:
     return smem
 
 
+def smem_wy_fwd(K, V, dtype, c: WyConfig) -> int:
+    # k [BT, KP], Ai [BT, BT] and the product tile [BT, BD] in the input dtype; A, X [BT, BT], beta and the gate
+    # [BT] in fp32
+    es = ELEMENT_SIZE[dtype]
+    return es * (BT * pad_dim(K) + BT * BT + BT * c.BD) + 4 * (2 * BT * BT + 2 * BT)
+
+
+def smem_wy_bwd(K, V, dtype, c: WyConfig) -> int:
+    # k, dw [BT, KP], v, du [BT, VP], Ai, M, G2 [BT, BT] in the input dtype; the staged tile [BT, BD] and five [BT]
+    # rows (beta, gate, dbeta, db parts) in fp32
+    es = ELEMENT_SIZE[dtype]
+    return es * (2 * BT * pad_dim(K) + 2 * BT * pad_dim(V) + 3 * BT * BT) + 4 * (BT * c.BD + 5 * BT)
+
+
+def wy_rule(K: int, V: int, dtype: str, config: WyConfig) -> bool:
+    """the column tile divides the padded key and value dims (the stages slice their [BT, KP] / [BT, VP] tiles)."""
+    return pad_dim(K) % config.BD == 0 and pad_dim(V) % config.BD == 0
+
+
+def smem_chunk_delta_bwd_dqkw(K, V, dtype, c: ChunkBwdDqkConfig) -> int:
+    # v, do, du [BT, BV] + h, dh [BK, BV] (the V-tile loop loads through registers: one buffer each) + q, k [BT, BK] +
+    # ds [BT, BT]; the staged output [BT, BK] shares the loop's buffers (an upper bound of TileLang's lowering: bf16
+    # K = V = 128 at the default lowers to 91136 bytes, this counts 98304)
+    BK = min(c.BK, pad_dim(K))
+    return ELEMENT_SIZE[dtype] * (3 * BT * c.BV + 2 * BK * c.BV + 2 * BT * BK + BT * BT)
+
+
 def delta_pass_stages(K: int, dtype: str) -> int:
     """pipeline stages of the delta-rule state passes: two for 16-bit inputs with K <= 128, else one (two stages of
     [64, 256] key tiles, or of fp32 tiles, overflow shared memory)."""
@@ -215,10 +252,10 @@ class TunableKernel:
     config_cls: type
     smem: Callable
     space: dict  # field -> candidate values
-    heuristic: Callable  # (K, V, dtype) -> config
+    heuristic: Callable  # (K, V, dtype, *, gate) -> config, gate the launch's gate option (None: unknown)
     factory: str  # "module:function" of the kernel factory the configs feed (its module's source hash keys the table)
-    # the heuristic also takes the launch's gate option and grid: (K, V, dtype, *, gate, blocks, sms) with `blocks`
-    # sequences x heads and `sms` the GPU's multiprocessors (the defaults' small-grid rules)
+    # the heuristic also takes the launch's grid: (K, V, dtype, *, gate, blocks, sms) with `blocks` sequences x heads
+    # and `sms` the GPU's multiprocessors (the defaults' small-grid rules)
     grid: bool = False
     # a launch rule beyond shared memory and tile width, (K, V, dtype, config) -> bool, or None
     rule: Callable | None = None
@@ -233,9 +270,9 @@ class TunableKernel:
             return False
         return self.smem(K, V, dtype, config) <= SMEM_BUDGET
 
-    def candidates(self, K: int, V: int, dtype: str) -> list:
-        """every config of the search space that fits, the heuristic default first."""
-        default = self.heuristic(K, V, dtype)
+    def candidates(self, K: int, V: int, dtype: str, gate: str | None = None) -> list:
+        """every config of the search space that fits, the heuristic default at gate option `gate` first."""
+        default = self.heuristic(K, V, dtype, gate=gate)
         out = [default]
         fields = list(self.space)
         for values in itertools.product(*(self.space[f] for f in fields)):
@@ -276,18 +313,28 @@ def fused_recurrent_bwd_config(K: int, V: int) -> dict:
 
 
 def _fused_heuristic(kind: str) -> Callable:
-    def heuristic(K, V, dtype) -> FusedChunkConfig:
+    def heuristic(K, V, dtype, **_) -> FusedChunkConfig:
         return FusedChunkConfig(**fused_chunk_config(K, V, dtype, kind))
 
     return heuristic
 
 
-def _recurrent_bwd_heuristic(K, V, dtype) -> FusedRecurrentConfig:
+def _recurrent_bwd_heuristic(K, V, dtype, **_) -> FusedRecurrentConfig:
     return FusedRecurrentConfig(**fused_recurrent_bwd_config(K, V))
 
 
 def _constant(config) -> Callable:
-    return lambda K, V, dtype: config
+    return lambda K, V, dtype, **_: config
+
+
+def _state_pass_heuristic(cls) -> Callable:
+    """the chunk state passes (chunk_fwd_h, chunk_bwd_dh): the class defaults, and under GLA's per-key gate ("gk")
+    V tiles of 128 on two warpgroups (faster there than BK = BV = 64 on 128 threads)."""
+
+    def heuristic(K, V, dtype, *, gate=None, **_):
+        return cls(BK=64, BV=min(128, pad_dim(V)), num_stages=2, threads=256) if gate == "gk" else cls()
+
+    return heuristic
 
 
 def delta_pass_configs(K: int, V: int, dtype: str, gate: str) -> list[DeltaPassConfig]:
@@ -343,7 +390,7 @@ KERNELS = {
         TunableKernel(
             "chunk_fwd_h", ChunkFwdHConfig, smem_chunk_fwd_h,
             {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)},
-            _constant(ChunkFwdHConfig()),
+            _state_pass_heuristic(ChunkFwdHConfig),
             "fla_tl.kernels.common.chunk_h:chunk_fwd_h_kernel",
         ),
         TunableKernel(
@@ -354,7 +401,7 @@ KERNELS = {
         TunableKernel(
             "chunk_bwd_dh", ChunkBwdDhConfig, smem_chunk_bwd_dh,
             {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2, 3), "threads": (128, 256)},
-            _constant(ChunkBwdDhConfig()),
+            _state_pass_heuristic(ChunkBwdDhConfig),
             "fla_tl.kernels.common.chunk_h:chunk_bwd_dh_kernel",
         ),
         TunableKernel(
@@ -407,6 +454,21 @@ KERNELS = {
             {"BV": (32, 64, 128), "threads": (128, 256)}, delta_pass_heuristic,
             "fla_tl.kernels.common.fused_chunk_delta:fused_chunk_delta_fwd_kernel", grid=True, rule=delta_pass_rule,
             launches=delta_pass_launches("fused"),
+        ),
+        TunableKernel(
+            "wy_fwd", WyConfig, smem_wy_fwd, {"BD": (32, 64, 128), "threads": (128, 256)}, _constant(WyConfig()),
+            "fla_tl.kernels.common.wy:wy_fwd_kernel", rule=wy_rule, launches=delta_pass_launches("fwd_h"),
+        ),
+        TunableKernel(
+            "wy_bwd", WyConfig, smem_wy_bwd, {"BD": (64,), "threads": (128, 256)},
+            _constant(WyConfig(threads=256)),
+            "fla_tl.kernels.common.wy:wy_bwd_kernel", rule=wy_rule, launches=delta_pass_launches("fwd_h"),
+        ),
+        TunableKernel(
+            "chunk_delta_bwd_dqkw", ChunkBwdDqkConfig, smem_chunk_delta_bwd_dqkw,
+            {"BK": (64, 128), "BV": (32, 64, 128), "num_stages": (1, 2), "threads": (128, 256)},
+            _constant(ChunkBwdDqkConfig()),
+            "fla_tl.kernels.common.chunk_delta_h:chunk_delta_bwd_dqkw_kernel", launches=delta_pass_launches("fwd_h"),
         ),
     )
 }

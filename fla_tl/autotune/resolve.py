@@ -51,7 +51,7 @@ def heuristic_config(name: str, K: int, V: int, dtype: str, gate: str | None = N
     if kernel.grid and grid is not None:
         blocks, sms = grid
         return dataclasses.asdict(kernel.heuristic(K, V, dtype, gate=gate, blocks=blocks, sms=sms))
-    return dataclasses.asdict(kernel.heuristic(K, V, dtype))
+    return dataclasses.asdict(kernel.heuristic(K, V, dtype, gate=gate))
 
 
 def launch_grid(name: str, ref, N: int) -> tuple[int, int] | None:

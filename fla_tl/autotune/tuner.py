@@ -109,12 +109,14 @@ def make_runner(
 
 
 # the delta rules' sequential passes (`common.chunk_delta_h`, `common.fused_chunk_delta`)
-DELTA_PASSES = ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu", "fused_chunk_delta_fwd")
+DELTA_PASSES = ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu", "fused_chunk_delta_fwd", "wy_fwd", "wy_bwd",
+                "chunk_delta_bwd_dqkw")
 
 
 def _delta_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
-    """the runner of a delta-rule pass: keys L2-normalised as the delta rules take them, betas in (0, 1), for gate
-    "g" a per-token log gate as fla draws it, and the WY form of every chunk (`wy.wy_repr`)."""
+    """the runner of a delta-rule stage: keys L2-normalised as the delta rules take them, betas in (0, 1), for gate
+    "g" a per-token log gate as fla draws it, and the WY form of every chunk (`wy.wy_repr`). The WY backward adds
+    into dk in place, so its runner adds into a fresh copy each call (the copy is timed with every config)."""
     from ..kernels.common import chunk_delta_h, fused_chunk_delta, wy
     from ..kernels.common.cumsum import chunk_gate_cumsum
     from ..kernels.common.gates import head_decay
@@ -139,8 +141,24 @@ def _delta_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -
         "chunk_delta_bwd_dhu": lambda c: chunk_delta_h.chunk_delta_bwd_dhu(
             q, k, beta, ai, do, None, scale=scale, need_dh0=False, **common, **c
         )[:2],
+        "wy_fwd": lambda c: wy.wy_repr(k, v, beta, meta=meta, gc=gc, pair=True, BT=BT, **c),
     }
-    return runners[name]
+    if name in runners:
+        return runners[name]
+    # the backward stages on the forward's states and fixed random output gradients
+    h, v_new, _ = chunk_delta_h.chunk_delta_fwd_h(k, v, beta, ai, initial_state=None, output_final_state=False,
+                                                  **common)
+    dh, dv_new, _ = chunk_delta_h.chunk_delta_bwd_dhu(q, k, beta, ai, do, None, scale=scale, need_dh0=False, **common)
+    if name == "chunk_delta_bwd_dqkw":
+        return lambda c: chunk_delta_h.chunk_delta_bwd_dqkw(q, k, v_new, do, dv_new, h, dh, scale=scale, **common,
+                                                            **c)[:3]
+    dw = torch.randn(k.shape, device=k.device, generator=g).to(k.dtype)
+
+    def wy_bwd(c):
+        dk = dw.clone()
+        return (dk, *wy.wy_bwd(k, v, beta, ai, dv_new, dw, dk, meta=meta, gc=gc, BT=BT, **c))
+
+    return wy_bwd
 
 
 def cuda_time_ms(fn: Callable[[], object], reps: int = 30, warmup: int = 3) -> list[float]:
@@ -181,7 +199,7 @@ def tune_kernel(
     default's time and every candidate with its time or the reason it was rejected)."""
     kernel = KERNELS[name]
     tl_dtype = TORCH_TO_TL[dtype]
-    candidates = kernel.candidates(K, V, tl_dtype)
+    candidates = kernel.candidates(K, V, tl_dtype, gate)
     default = candidates[0]
 
     # compile ahead in parallel processes (into TileLang's disk cache); the first call of each config then loads it

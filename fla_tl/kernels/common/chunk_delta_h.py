@@ -522,14 +522,16 @@ def chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, *, gate: str, gc, scale: float,
 
 
 def chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, *, gate: str, gc, scale: float, meta: SeqMeta, BT: int = 64,
-                         **config):
+                         config: dict | None = None):
     """(dq, dk, dw `[Ttot, H, K]` in q's dtype, and for gate "g" the gate's rows r `[Ttot, H]` and state terms `[NT,
-    H]` fp32, else None, None): see `chunk_delta_bwd_dqkw_kernel`; du the corrected values' gradients (`dv_new`)."""
+    H]` fp32, else None, None): see `chunk_delta_bwd_dqkw_kernel`; du the corrected values' gradients (`dv_new`).
+    `config` overrides the resolved tile config (kernel "chunk_delta_bwd_dqkw")."""
     Ttot, H, K = q.shape
     V = do.shape[-1]
     dq, dk, dw = torch.empty_like(q), torch.empty_like(q), torch.empty_like(q)
     if meta.NT == 0:
         return dq, dk, dw, None, None
+    config = tile_config("chunk_delta_bwd_dqkw", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     kernel = get_kernel(chunk_delta_bwd_dqkw_kernel, target_for(q.device), K=K, V=V, gate=gate,
                         dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
     NK = cdiv(K, min(config.get("BK", 128), pad_dim(K)))

@@ -305,13 +305,16 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
     base = dict(K=K, V=V, gate=gate, dtype=dtype)
     if name in ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu"):
         base.update(BT=BT, num_stages=delta_pass_stages(K, dtype))
-    elif name == "fused_chunk_delta_fwd":
+    elif name in ("fused_chunk_delta_fwd", "chunk_delta_bwd_dqkw"):
         base.update(BT=BT)
+    elif name.startswith("wy_"):
+        # the betas as the delta rules pass them (fp32); the backward adds into a dk of the input dtype
+        base.update(BT=BT, beta_dtype="float32", **({"pair": True} if name == "wy_fwd" else {"dk_dtype": dtype}))
     elif name.startswith("chunk_"):
         base.update(h_dtype=dtype, BT=BT)
     if name.startswith("fused_recurrent"):
         base.update(reverse=False, state_v_first=False)
-    config = config if config is not None else heuristic_config(name, K, V, dtype)
+    config = config if config is not None else heuristic_config(name, K, V, dtype, gate)
     return KernelSpec(name, getattr(importlib.import_module(module), attr), {**base, **config, **flags})
 
 

@@ -20,6 +20,7 @@ to k, v, beta and the cumulative gates.
 import tilelang.language as T
 import torch
 
+from ...autotune.resolve import tile_config
 from .gates import gate_load, gate_or_dummy, gate_row, gate_state, head_decay
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
@@ -292,13 +293,15 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
 
 def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, pair: bool = True, BT: int = 64, **config):
     """(w = Ai diag(beta 2^b) K, u = Ai diag(beta) V, Ai in k's dtype `[Ttot, H, BT]`): the WY pair of every chunk, by
-    `wy_fwd_kernel`; gc None means no gate. Without `pair`: (None, None, Ai)."""
+    `wy_fwd_kernel`; gc None means no gate. Without `pair`: (None, None, Ai). `config` (tile keywords)
+    overrides the resolved tile config (`fla_tl.autotune`, kernel "wy_fwd")."""
     gate = "g" if gc is not None else "none"
     k, v, beta = k.contiguous(), v.contiguous(), beta.contiguous()
     Ttot, H, K = k.shape
     ai = k.new_empty(Ttot, H, BT)
     w, u = (torch.empty_like(k), torch.empty_like(v)) if pair else (k[:1], v[:1])
     if meta.NT > 0:
+        config = tile_config("wy_fwd", k, K=K, V=v.shape[-1], gate=gate, N=meta.N, overrides=config)
         kernel = get_kernel(wy_fwd_kernel, target_for(k.device), K=K, V=v.shape[-1], dtype=TORCH_TO_TL[k.dtype],
                             beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, pair=pair, BT=BT, **config)
         # the gate hooks take a per-head constant; gc already carries any (a zero one here)
@@ -308,7 +311,8 @@ def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, pair: bool = True, BT: int = 
 
 def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64, **config):
     """the WY backward (see `wy_bwd_kernel`): adds the WY share into dk `[Ttot, H, K]` in place and returns (dv in
-    v's dtype, dbeta fp32 `[Ttot, H]`, db fp32 `[Ttot, H]`, the chunk-local cumulative gate's gradient)."""
+    v's dtype, dbeta fp32 `[Ttot, H]`, db fp32 `[Ttot, H]`, the chunk-local cumulative gate's gradient). `config`
+    overrides the resolved tile config (kernel "wy_bwd")."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
     dv = torch.empty_like(v)
@@ -317,6 +321,7 @@ def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64, 
     if meta.NT == 0:
         return dv, dbeta, db
     gate = "g" if gc is not None else "none"
+    config = tile_config("wy_bwd", k, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     kernel = get_kernel(wy_bwd_kernel, target_for(k.device), K=K, V=V, dtype=TORCH_TO_TL[k.dtype],
                         beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, dk_dtype=TORCH_TO_TL[dk.dtype], BT=BT, **config)
     kernel(k, v, beta, head_decay(None, H, k.device), gate_or_dummy(gc, k), ai, du, dw, meta.cu, meta.chunk_indices,

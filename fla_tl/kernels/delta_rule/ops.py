@@ -249,8 +249,6 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
     """the kernels the chunk launchers (`chunk.py`) launch at K = V = D: the gate's cumulative sum, the WY stages, the
     fused forward (where it fits) and the chunk-parallel forward, the state passes at every pass config, the output
     stage, the dq / dk / dw pass and the gate gradient's scan."""
-    from ..common import chunk_delta_h as Dh
-    from ..common import wy
     from ..common.cumsum import chunk_gate_cumsum_kernel, chunk_reverse_cumsum_kernel
     from ..common.state_op import stage_spec
 
@@ -260,21 +258,17 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
     fused = delta_pass_launches("fused")(D, D, dtype)
     specs = []
     for gate in gates:
-        base = dict(K=D, V=D, gate=gate, dtype=dtype, BT=BT)
         if gate == "g":
             specs.append(KernelSpec("chunk_gate_cumsum_kernel", chunk_gate_cumsum_kernel,
                                     dict(g_dtype="float32", BT=BT)))
         for pair in ((True, False) if fused else (False,)):
-            specs.append(KernelSpec("wy_fwd_kernel", wy.wy_fwd_kernel,
-                                    dict(K=D, V=D, dtype=dtype, beta_dtype="float32", gate=gate, pair=pair, BT=BT)))
+            specs.append(stage_spec("wy_fwd", D, D, dtype, gate, pair=pair))
         # every default the grid can pick (`delta_pass_heuristic`: the large- and the small-grid configs)
         for config in map(dataclasses.asdict, delta_pass_configs(D, D, dtype, gate)):
             passes = (("fused_chunk_delta_fwd",) if fused else ()) + ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu")
             specs += [stage_spec(name, D, D, dtype, gate, config) for name in passes]
         specs.append(stage_spec("chunk_fwd_o", D, D, dtype, gate))
-        specs.append(KernelSpec("chunk_delta_bwd_dqkw_kernel", Dh.chunk_delta_bwd_dqkw_kernel, dict(base)))
-        specs.append(KernelSpec("wy_bwd_kernel", wy.wy_bwd_kernel,
-                                dict(K=D, V=D, dtype=dtype, beta_dtype="float32", gate=gate, dk_dtype=dtype, BT=BT)))
+        specs += [stage_spec("chunk_delta_bwd_dqkw", D, D, dtype, gate), stage_spec("wy_bwd", D, D, dtype, gate)]
         if gate == "g":
             specs.append(KernelSpec("chunk_reverse_cumsum_kernel", chunk_reverse_cumsum_kernel,
                                     dict(out_dtype="float32", BT=BT)))

@@ -21,11 +21,11 @@ Every block walks K in BK-wide tiles, so shared memory does not grow with K.
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import BT
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import chunk_gate_cumsum, per_key_gate_grad_chunk
 from ..common.gates import head_decay
 from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, state_pass_ranges
-from ...autotune.configs import BT
 from ..common.utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, seq_meta, target_for
 
 
@@ -466,15 +466,6 @@ def chunk_gla_bwd_dqkv(q, k, v, do, h, dh, gc, A, *, scale: float, meta: SeqMeta
     return dq, dk, dv, r
 
 
-# the state passes' tiles under gate "gk" (V tiles of 128 on two warpgroups: faster than the gamma heuristic's
-# BK = BV = 64 on 128 threads for GLA's per-key gates)
-STATE_CONFIG = dict(BK=64, BV=128, num_stages=2, threads=256)
-
-
-def _state_config(v):
-    return dict(STATE_CONFIG, BV=min(STATE_CONFIG["BV"], pad_dim(v.shape[-1])))
-
-
 def _gate(g, q):
     return g if g is not None else torch.zeros_like(q, dtype=torch.float32)
 
@@ -488,7 +479,7 @@ def chunk_gla_fwd(q, k, v, *, g_gamma, scale, initial_state, output_final_state,
     meta = seq_meta(B, T, cu_seqlens, BT, q.device)
     gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
     q_, k_, v_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1)
-    kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
+    kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT)
     # few long sequences: the state pass runs over chunk ranges from the combined range starts
     ranges = state_pass_ranges(q, v, meta, cu_seqlens, BT)
     skw, h0 = kw, initial_state
@@ -514,7 +505,7 @@ def chunk_gla_bwd(q, k, v, do, dht, *, g_gamma, scale, initial_state, cu_seqlens
     if gc is None:
         gc = key_gate_cumsum(_gate(g, q), g_gamma, meta)
     q_, k_, v_, do_ = q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), do.flatten(0, 1)
-    kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
+    kw = dict(gate="gk", g_gamma=head_decay(None, H, q.device), gc=gc, meta=meta, BT=BT)
     # over chunk ranges as the forward ran: the range starts again, the ranges' terminal gradients by the reverse
     # combine, then both passes over the ranges
     ranges = state_pass_ranges(q, v, meta, cu_seqlens, BT)

@@ -45,16 +45,14 @@ def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpe
     """the kernels chunk_gla launches at K = V = D (with RWKV6's `bonus` form of the output kernel too)."""
     from ..common import cumsum
     from ..common.ranges import combine_states_kernel
-    from ..common.utils import pad_dim
     from . import chunk
 
-    state = dict(chunk.STATE_CONFIG, BV=min(chunk.STATE_CONFIG["BV"], pad_dim(D)))
     tiles = dict(K=D, V=D, dtype=dtype, h_dtype=dtype, BT=chunk.BT)
     # the gate arrives in fp32 (as fla draws it) or in the input dtype; its cumulative sum and gradient follow it
     g_dtypes = sorted({"float32", dtype})
     specs = [KernelSpec("chunk_gate_cumsum_kernel", cumsum.chunk_gate_cumsum_kernel, dict(g_dtype=g, BT=chunk.BT))
              for g in g_dtypes]
-    specs += [stage_spec(name, D, D, dtype, "gk", config=state) for name in ("chunk_fwd_h", "chunk_bwd_dh")]
+    specs += [stage_spec(name, D, D, dtype, "gk") for name in ("chunk_fwd_h", "chunk_bwd_dh")]
     # few long sequences: the combine of the chunk ranges' states (a per-key decay), both directions
     specs += [KernelSpec("combine_states_kernel", combine_states_kernel, dict(K=D, V=D, reverse=r, diagonal=True))
               for r in (False, True)]

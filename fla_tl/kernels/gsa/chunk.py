@@ -24,7 +24,6 @@ from ..common.gates import head_decay
 from ..common.utils import SeqMeta, seq_meta
 from ..gla.chunk import (
     _kernel,
-    _state_config,
     chunk_gla_bwd_dqk_kernel,
     chunk_gla_bwd_dqkv,
     chunk_gla_fwd_o,
@@ -38,7 +37,7 @@ def _t(x):
 
 
 def _pass_kw(meta: SeqMeta, gc, v, H):
-    return dict(gate="gk", g_gamma=head_decay(None, H, v.device), gc=gc, meta=meta, BT=BT, **_state_config(v))
+    return dict(gate="gk", g_gamma=head_decay(None, H, v.device), gc=gc, meta=meta, BT=BT)
 
 
 def gsa_fwd_slots(q, k, s, gc, *, scale: float, meta: SeqMeta, initial_state, output_final_state: bool):
