@@ -146,9 +146,9 @@ def _table_specs(arch: str, kernels: set[str]) -> list[KernelSpec]:
 def _space(spec: KernelSpec, dtype: str) -> list[KernelSpec]:
     """a tunable kernel at every config of its search space that fits (its other keywords kept)."""
     kernel = KERNELS[spec.name]
-    K, V = spec.kwargs["K"], spec.kwargs["V"]
+    K, V, gate = spec.kwargs["K"], spec.kwargs["V"], spec.kwargs.get("gate", kernel.gate)
     return [KernelSpec(spec.name, spec.factory, {**spec.kwargs, **dataclasses.asdict(config)})
-            for config in kernel.candidates(K, V, spec.kwargs.get("dtype", dtype), spec.kwargs.get("gate"))]
+            for config in kernel.candidates(K, V, spec.kwargs.get("dtype", dtype), gate)]
 
 
 def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int,

@@ -110,6 +110,17 @@ class WyConfig:
     threads: int = 128
 
 
+@dataclass(frozen=True)
+class GlaChunkConfig:
+    """the per-key-gate chunk kernels (`gla.chunk`: the output, dv and dq/dk stages, which GSA and RWKV6 share): the key
+    and value tiles and the block size (the sub-chunk of the gated intra-chunk products stays at 16: it bounds the
+    gates' span, so it is numerics, not a tile knob)."""
+
+    BK: int = 64
+    BV: int = 128
+    threads: int = 256
+
+
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
@@ -237,6 +248,21 @@ def smem_chunk_delta_bwd_dqkw(K, V, dtype, c: ChunkBwdDqkConfig) -> int:
     return ELEMENT_SIZE[dtype] * (3 * BT * c.BV + 2 * BK * c.BV + 2 * BT * BK + BT * BT)
 
 
+def smem_gla_chunk(kind: str) -> Callable:
+    """shared memory of a per-key-gate chunk kernel ("fwd_o", "dv", "dqk") at a config, by its allocations."""
+
+    def smem(K, V, dtype, c: GlaChunkConfig) -> int:
+        es, BK, BV = ELEMENT_SIZE[dtype], min(c.BK, pad_dim(K)), min(c.BV, pad_dim(V))
+        if kind == "fwd_o":  # q, k, qg, kg [BT, BK] + h [BK, BV] + v [BT, BV] + a [BT, BT]; fp32 g [BT, BK], d, bonus
+            return es * (4 * BT * BK + BK * BV + BT * BV + BT * BT) + 4 * (BT * BK + BT * 16 + BT)
+        if kind == "dv":  # a [BT, BT] + do [BT, BV] + kg [BT, BK] + dh [BK, BV]
+            return es * (BT * BT + BT * BV + BT * BK + BK * BV)
+        # v, do [BT, BV] + h, dh [BK, BV] + q, k, x [BT, BK] + da [BT, BT]; fp32 g [BT, BK], da [BT, BT]
+        return es * (2 * BT * BV + 2 * BK * BV + 3 * BT * BK + BT * BT) + 4 * (BT * BK + BT * BT)
+
+    return smem
+
+
 def delta_pass_stages(K: int, dtype: str) -> int:
     """pipeline stages of the delta-rule state passes: two for 16-bit inputs with K <= 128, else one (two stages of
     [64, 256] key tiles, or of fp32 tiles, overflow shared memory)."""
@@ -261,6 +287,8 @@ class TunableKernel:
     rule: Callable | None = None
     # (K, V, dtype) -> whether the ops launch the kernel at these dims, or None (always)
     launches: Callable | None = None
+    # the gate option of a kernel whose factory takes no gate keyword (it always runs that one), or None
+    gate: str | None = None
 
     def fits(self, K: int, V: int, dtype: str, config) -> bool:
         """whether the config launches: shared memory within the budget, tiles no wider than the padded dims."""
@@ -325,6 +353,11 @@ def _recurrent_bwd_heuristic(K, V, dtype, **_) -> FusedRecurrentConfig:
 
 def _constant(config) -> Callable:
     return lambda K, V, dtype, **_: config
+
+
+def _narrowed(config) -> Callable:
+    """the config with its V tile no wider than the padded V (the kernel's own clamp)."""
+    return lambda K, V, dtype, **_: dataclasses.replace(config, BV=min(config.BV, pad_dim(V)))
 
 
 def _state_pass_heuristic(cls) -> Callable:
@@ -454,6 +487,22 @@ KERNELS = {
             {"BV": (32, 64, 128), "threads": (128, 256)}, delta_pass_heuristic,
             "fla_tl.kernels.common.fused_chunk_delta:fused_chunk_delta_fwd_kernel", grid=True, rule=delta_pass_rule,
             launches=delta_pass_launches("fused"),
+        ),
+        TunableKernel(
+            "chunk_gla_fwd_o", GlaChunkConfig, smem_gla_chunk("fwd_o"),
+            {"BK": (32, 64), "BV": (32, 64, 128), "threads": (128, 256)}, _narrowed(GlaChunkConfig()),
+            "fla_tl.kernels.gla.chunk:chunk_gla_fwd_o_kernel", gate="gk",
+        ),
+        TunableKernel(
+            "chunk_gla_bwd_dv", GlaChunkConfig, smem_gla_chunk("dv"),
+            {"BK": (32, 64), "BV": (32, 64, 128), "threads": (128, 256)},
+            _constant(GlaChunkConfig(BV=64, threads=128)),
+            "fla_tl.kernels.gla.chunk:chunk_gla_bwd_dv_kernel", gate="gk",
+        ),
+        TunableKernel(
+            "chunk_gla_bwd_dqk", GlaChunkConfig, smem_gla_chunk("dqk"),
+            {"BK": (32, 64), "BV": (32, 64, 128), "threads": (128, 256)}, _narrowed(GlaChunkConfig()),
+            "fla_tl.kernels.gla.chunk:chunk_gla_bwd_dqk_kernel", gate="gk",
         ),
         TunableKernel(
             "wy_fwd", WyConfig, smem_wy_fwd, {"BD": (32, 64, 128), "threads": (128, 256)}, _constant(WyConfig()),

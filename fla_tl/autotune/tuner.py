@@ -33,8 +33,8 @@ def op_kernels(op: str, D: int, dtype: str = "bfloat16") -> list[tuple[str, int,
     spec = get_op(op)
     if spec.kernels is None:
         return None
-    found = ((k.name, k.kwargs["K"], k.kwargs["V"], k.kwargs["gate"]) for k in spec.kernels(D, dtype)
-             if k.name in KERNELS)
+    found = ((k.name, k.kwargs["K"], k.kwargs["V"], k.kwargs.get("gate", KERNELS[k.name].gate))
+             for k in spec.kernels(D, dtype) if k.name in KERNELS)
     return list(dict.fromkeys(found))
 
 
@@ -73,9 +73,22 @@ def make_runner(
     else:
         gate = dict(gate=gate, g_gamma=decay)
     scale = K ** -0.5
-    if name in ("chunk_fwd_o", "chunk_bwd_dv", "chunk_bwd_dqk"):
+    if name in ("chunk_fwd_o", "chunk_bwd_dv", "chunk_bwd_dqk") or name.startswith("chunk_gla_"):
         h, _ = chunk_h.chunk_fwd_h(k, v, initial_state=None, output_final_state=False, meta=meta, **gate)
         dh, _ = chunk_h.chunk_bwd_dh(q, do, None, scale=scale, need_dh0=False, meta=meta, **gate)
+    if name.startswith("chunk_gla_"):
+        from ..kernels.gla import chunk as gla
+
+        _, A = gla.chunk_gla_fwd_o(q, k, v, h, gate["gc"], scale=scale, meta=meta, store_A=True)
+        gla_runners = {
+            "chunk_gla_fwd_o": lambda c: gla.chunk_gla_fwd_o(q, k, v, h, gate["gc"], scale=scale, meta=meta,
+                                                             store_A=True, **c),
+            "chunk_gla_bwd_dv": lambda c: gla.chunk_gla_bwd_dqkv(q, k, v, do, h, dh, gate["gc"], A, scale=scale,
+                                                                 meta=meta, dv_config=c)[2:3],
+            "chunk_gla_bwd_dqk": lambda c: gla.chunk_gla_bwd_dqkv(q, k, v, do, h, dh, gate["gc"], A, scale=scale,
+                                                                  meta=meta, dqk_config=c)[:2],
+        }
+        return gla_runners[name]
     runners = {
         "fused_chunk_fwd": lambda c: fused_chunk.fused_chunk_fwd(
             q, k, v, scale=scale, initial_state=None, output_final_state=True, meta=meta, **gate, **c

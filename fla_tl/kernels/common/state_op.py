@@ -314,6 +314,8 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
         base.update(h_dtype=dtype, BT=BT)
     if name.startswith("fused_recurrent"):
         base.update(reverse=False, state_v_first=False)
+    if KERNELS[name].gate is not None:
+        del base["gate"]
     config = config if config is not None else heuristic_config(name, K, V, dtype, gate)
     return KernelSpec(name, getattr(importlib.import_module(module), attr), {**base, **config, **flags})
 

@@ -22,6 +22,7 @@ import tilelang.language as T
 import torch
 
 from ...autotune.configs import BT
+from ...autotune.resolve import tile_config
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import chunk_gate_cumsum, per_key_gate_grad_chunk
 from ..common.gates import head_decay
@@ -447,6 +448,7 @@ def chunk_gla_fwd_o(q, k, v, h, gc, *, scale: float, meta: SeqMeta, store_A: boo
     bonus = u is not None
     u = u.float().contiguous() if bonus else gc.new_empty(H, K)
     if meta.NT > 0:
+        config = tile_config("chunk_gla_fwd_o", q, K=K, V=V, gate="gk", N=meta.N, overrides=config)
         _kernel(chunk_gla_fwd_o_kernel, q, K=K, V=V, BT=BT, bonus=bonus, **config)(
             q, k, v, h, gc, meta.cu, meta.chunk_indices, o, A, u, scale, int(store_A))
     return o, (A if store_A else None)
@@ -459,9 +461,11 @@ def chunk_gla_bwd_dqkv(q, k, v, do, h, dh, gc, A, *, scale: float, meta: SeqMeta
     r = torch.empty_like(q, dtype=torch.float32)
     if meta.NT == 0:
         return dq, dk, dv, r
-    _kernel(chunk_gla_bwd_dv_kernel, q, K=K, V=V, BT=BT, **(dv_config or {}))(
+    dv_config = tile_config("chunk_gla_bwd_dv", q, K=K, V=V, gate="gk", N=meta.N, overrides=dv_config)
+    dqk_config = tile_config("chunk_gla_bwd_dqk", q, K=K, V=V, gate="gk", N=meta.N, overrides=dqk_config)
+    _kernel(chunk_gla_bwd_dv_kernel, q, K=K, V=V, BT=BT, **dv_config)(
         k, do, dh, gc, A, meta.cu, meta.chunk_indices, dv)
-    _kernel(chunk_gla_bwd_dqk_kernel, q, K=K, V=V, BT=BT, **(dqk_config or {}))(
+    _kernel(chunk_gla_bwd_dqk_kernel, q, K=K, V=V, BT=BT, **dqk_config)(
         q, k, v, do, h, dh, gc, meta.cu, meta.chunk_indices, dq, dk, r, scale)
     return dq, dk, dv, r
 

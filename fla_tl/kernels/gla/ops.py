@@ -47,7 +47,6 @@ def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpe
     from ..common.ranges import combine_states_kernel
     from . import chunk
 
-    tiles = dict(K=D, V=D, dtype=dtype, h_dtype=dtype, BT=chunk.BT)
     # the gate arrives in fp32 (as fla draws it) or in the input dtype; its cumulative sum and gradient follow it
     g_dtypes = sorted({"float32", dtype})
     specs = [KernelSpec("chunk_gate_cumsum_kernel", cumsum.chunk_gate_cumsum_kernel, dict(g_dtype=g, BT=chunk.BT))
@@ -56,10 +55,8 @@ def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpe
     # few long sequences: the combine of the chunk ranges' states (a per-key decay), both directions
     specs += [KernelSpec("combine_states_kernel", combine_states_kernel, dict(K=D, V=D, reverse=r, diagonal=True))
               for r in (False, True)]
-    specs += [KernelSpec("chunk_gla_fwd_o_kernel", chunk.chunk_gla_fwd_o_kernel, dict(tiles, bonus=b))
-              for b in ((False, True) if bonus else (False,))]
-    specs += [KernelSpec("chunk_gla_bwd_dv_kernel", chunk.chunk_gla_bwd_dv_kernel, tiles),
-              KernelSpec("chunk_gla_bwd_dqk_kernel", chunk.chunk_gla_bwd_dqk_kernel, tiles),
+    specs += [stage_spec("chunk_gla_fwd_o", D, D, dtype, "gk", bonus=b) for b in ((False, True) if bonus else (False,))]
+    specs += [stage_spec("chunk_gla_bwd_dv", D, D, dtype, "gk"), stage_spec("chunk_gla_bwd_dqk", D, D, dtype, "gk"),
               KernelSpec("chunk_state_dot_kernel", cumsum.chunk_state_dot_kernel,
                          dict(K=D, V=D, h_dtype=dtype, per_key=True, BT=chunk.BT)),
               ]

@@ -18,6 +18,7 @@ grouped query heads by repeating the key heads' tensors, and `reverse` (fused_re
 import torch
 
 from ...autotune.configs import BT
+from ...autotune.resolve import tile_config
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import per_key_gate_grad_chunk
 from ..common.gates import head_decay
@@ -52,7 +53,8 @@ def gsa_fwd_slots(q, k, s, gc, *, scale: float, meta: SeqMeta, initial_state, ou
         zeros = torch.zeros_like(s)
         dk_ = torch.empty_like(s)
         r = torch.empty(Ttot, H, M, dtype=torch.float32, device=q.device)
-        _kernel(chunk_gla_bwd_dqk_kernel, s, K=M, V=K, BT=BT)(
+        config = tile_config("chunk_gla_bwd_dqk", s, K=M, V=K, gate="gk", N=meta.N)
+        _kernel(chunk_gla_bwd_dqk_kernel, s, K=M, V=K, BT=BT, **config)(
             zeros, s, k, q, h, torch.zeros_like(h), gc, meta.cu, meta.chunk_indices, ok, dk_, r, scale)
     return ok, _t(ht)
 

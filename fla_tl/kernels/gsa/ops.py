@@ -221,17 +221,14 @@ def _gsa_kernels(D: int, dtype: str) -> list[KernelSpec]:
     from ...autotune.configs import BT
     from ..common import cumsum
     from ..common.state_op import stage_spec
-    from ..gla import chunk as gla
     from . import normaliser
 
     M = KERNEL_SLOTS
-    tiles = dict(K=M, V=D, dtype=dtype, h_dtype=dtype, BT=BT)
     specs = [KernelSpec("chunk_gate_cumsum_kernel", cumsum.chunk_gate_cumsum_kernel, dict(g_dtype="float32", BT=BT))]
     specs += [stage_spec(name, M, D, dtype, "gk") for name in ("chunk_fwd_h", "chunk_bwd_dh")]
-    specs += [KernelSpec("chunk_gla_fwd_o_kernel", gla.chunk_gla_fwd_o_kernel, dict(tiles, bonus=False)),
-              KernelSpec("chunk_gla_bwd_dv_kernel", gla.chunk_gla_bwd_dv_kernel, tiles),
-              KernelSpec("chunk_gla_bwd_dqk_kernel", gla.chunk_gla_bwd_dqk_kernel, tiles),
-              KernelSpec("chunk_state_dot_kernel", cumsum.chunk_state_dot_kernel,
+    specs += [stage_spec(name, M, D, dtype, "gk")
+              for name in ("chunk_gla_fwd_o", "chunk_gla_bwd_dv", "chunk_gla_bwd_dqk")]
+    specs += [KernelSpec("chunk_state_dot_kernel", cumsum.chunk_state_dot_kernel,
                          dict(K=M, V=D, h_dtype=dtype, per_key=True, BT=BT)),
               KernelSpec("chunk_reverse_cumsum_kernel", cumsum.chunk_reverse_cumsum_kernel,
                          dict(out_dtype="float32", BT=BT))]
