@@ -27,9 +27,10 @@ def _factory(stage):
 
 
 def _kwargs(stage, V, overrides):
-    from fla_tl.kernels.based import fused_chunk as fc
+    from fla_tl.autotune.resolve import heuristic_config
 
-    return {"K": K, "V": V, "dtype": "bfloat16", **fc.kernel_config(stage, K, V, "bfloat16"), **overrides}
+    name = {"fwd": "based_fwd_fused_chunk", "dq": "based_bwd_dq_fused_chunk", "dkv": "based_bwd_dkv_fused_chunk"}[stage]
+    return {"K": K, "V": V, "dtype": "bfloat16", **heuristic_config(name, K, V, "bfloat16"), **overrides}
 
 
 def run(B, T, H, V):

@@ -42,14 +42,20 @@ def _kernels(op, D, dtype):
 def test_based_kernel_lists():
     """Based's own kernels at the launchers' tiles; fp32 inputs take the attention form, as the op does."""
     import fla_tl.kernels.based  # noqa: F401 - registers Based's ops
+    from fla_tl.autotune.resolve import heuristic_config
     from fla_tl.kernels.based import fused_chunk, parallel
 
     specs = _kernels("fused_chunk_based", 128, "bfloat16")
-    assert [s.factory for s in specs] == [fused_chunk.based_fwd_fused_chunk_kernel,
-                                          fused_chunk.based_bwd_dq_fused_chunk_kernel,
-                                          fused_chunk.based_bwd_dkv_fused_chunk_kernel]
-    config = fused_chunk.kernel_config("dkv", 16, 128, "bfloat16")
-    assert specs[2].kwargs == dict(K=16, V=128, dtype="bfloat16", **config)
+    assert list(dict.fromkeys(s.factory for s in specs)) == [fused_chunk.based_fwd_fused_chunk_kernel,
+                                                             fused_chunk.based_bwd_dq_fused_chunk_kernel,
+                                                             fused_chunk.based_bwd_dkv_fused_chunk_kernel]
+    config = heuristic_config("based_bwd_dkv_fused_chunk", 16, 128, "bfloat16")
+    assert specs[-1].kwargs == dict(K=16, V=128, dtype="bfloat16", **config)
+    # the forward and dq walks at both V tiles their grid can pick
+    assert [s.kwargs["BV"] for s in specs] == [128, 64, 128, 64, 64]
+    # a grid that leaves multiprocessors idle takes narrower V tiles (2 sequences x 16 heads on 132)
+    assert heuristic_config("based_fwd_fused_chunk", 16, 128, "bfloat16", grid=(32, 132)) == {"BV": 64}
+    assert heuristic_config("based_fwd_fused_chunk", 16, 128, "bfloat16", grid=(128, 132)) == {"BV": 128}
     fp32 = _kernels("fused_chunk_based", 64, "float32")
     assert {s.factory for s in fp32} == {parallel.parallel_based_fwd_kernel, parallel.parallel_based_bwd_dq_kernel,
                                          parallel.parallel_based_bwd_dkv_kernel}

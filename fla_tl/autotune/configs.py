@@ -121,6 +121,14 @@ class GlaChunkConfig:
     threads: int = 256
 
 
+@dataclass(frozen=True)
+class BasedChunkConfig:
+    """Based's fused chunk kernels (`based.fused_chunk`: the forward, dq and dk/dv walks): the V tile (the blocks are
+    two warpgroups: a [BV, F] fp32 state overflows one)."""
+
+    BV: int = 128
+
+
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
@@ -261,6 +269,54 @@ def smem_gla_chunk(kind: str) -> Callable:
         return es * (2 * BT * BV + 2 * BK * BV + 3 * BT * BK + BT * BT) + 4 * (BT * BK + BT * BT)
 
     return smem
+
+
+def based_feature_dims(K: int) -> int:
+    """Based's padded feature count: 1 + K + K (K + 1) / 2 rounded up to 32 (160 at K = 16)."""
+    return cdiv(1 + K + K * (K + 1) // 2, 32) * 32
+
+
+# the margin Based's fused chunk arithmetic keeps under the block budget: it counts the tiles the kernels allocate,
+# not TileLang's own buffers
+BASED_SMEM_MARGIN = 15 * 1024
+
+
+def smem_based_chunk(stage: str) -> Callable:
+    """shared memory of a Based fused chunk stage ("fwd", "dq", "dkv") at a config, plus `BASED_SMEM_MARGIN`: the
+    feature tables and state, the key tiles (padded to 16) and their fp32 augmented rows, the [BT, F] feature tiles,
+    the [BV, F] state copy, and per stage its value / score tiles."""
+
+    def smem(K, V, dtype, c: BasedChunkConfig) -> int:
+        elt, KP, KA, FP, BV = ELEMENT_SIZE[dtype], cdiv(K, 16) * 16, K + 1, based_feature_dims(K), c.BV
+        common = 4 * 4 * FP + 8 * KP * KA + 2 * BT * (elt * KP + 4 * KA) + 2 * elt * BT * FP + elt * BV * FP
+        if stage == "fwd":
+            tiles = elt * (BT * BV + BT * BT) + 4 * BT * BT
+        else:
+            tiles = 2 * elt * BT * BV + 4 * BT + 4 * BT * FP + elt * KP * BT
+            tiles += elt * BT * BT if stage == "dq" else 2 * elt * BT * BT + elt * BV * FP
+        return common + tiles + BASED_SMEM_MARGIN
+
+    return smem
+
+
+def based_chunk_heuristic(stage: str) -> Callable:
+    """the V tile of a Based fused chunk stage over `blocks` sequences x heads on `sms` multiprocessors: 128 (one tile
+    for V <= 128) while the shared memory fits, else 64; 64 also while V tiles of 128 leave a quarter of the
+    multiprocessors idle (the blocks walk whole sequences: 2 sequences x 16 heads are 32 blocks)."""
+    fits = smem_based_chunk(stage)
+
+    def heuristic(K, V, dtype, *, blocks: int | None = None, sms: int | None = None, **_) -> BasedChunkConfig:
+        wide = V > 64 and fits(K, V, dtype, BasedChunkConfig(BV=128)) <= SMEM_BUDGET
+        if wide and blocks is not None and sms is not None and 4 * blocks * cdiv(V, 128) < 3 * sms:
+            wide = False
+        return BasedChunkConfig(BV=128 if wide else 64)
+
+    return heuristic
+
+
+def based_chunk_launches(K: int, V: int, dtype: str) -> bool:
+    """Based's fused chunk walks take feature dims K <= 16 and 16-bit inputs (fp32 takes the attention form)."""
+    return K <= 16 and ELEMENT_SIZE[dtype] == 2
 
 
 def delta_pass_stages(K: int, dtype: str) -> int:
@@ -504,6 +560,11 @@ KERNELS = {
             {"BK": (32, 64), "BV": (32, 64, 128), "threads": (128, 256)}, _narrowed(GlaChunkConfig()),
             "fla_tl.kernels.gla.chunk:chunk_gla_bwd_dqk_kernel", gate="gk",
         ),
+        *(TunableKernel(
+            f"based_{name}_fused_chunk", BasedChunkConfig, smem_based_chunk(stage), {"BV": (64, 128)},
+            based_chunk_heuristic(stage), f"fla_tl.kernels.based.fused_chunk:based_{name}_fused_chunk_kernel",
+            grid=True, gate="none", launches=based_chunk_launches,
+        ) for name, stage in (("fwd", "fwd"), ("bwd_dq", "dq"), ("bwd_dkv", "dkv"))),
         TunableKernel(
             "wy_fwd", WyConfig, smem_wy_fwd, {"BD": (32, 64, 128), "threads": (128, 256)}, _constant(WyConfig()),
             "fla_tl.kernels.common.wy:wy_fwd_kernel", rule=wy_rule, launches=delta_pass_launches("fwd_h"),

@@ -55,6 +55,8 @@ def make_runner(
     meta = seq_meta(N, T, None, BT, device)
     if name in DELTA_PASSES:
         return _delta_runner(name, q, k, v, do, meta, gate, g)
+    if name.startswith("based_"):
+        return _based_runner(name, q, k, v, do, N, T, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
@@ -119,6 +121,22 @@ def make_runner(
         )[:3],
     }
     return runners[name]
+
+
+def _based_runner(name: str, q, k, v, do, N: int, T: int, g: torch.Generator) -> Callable:
+    """the runner of a Based fused chunk walk: q, k, v, do as `[N, T, H, *]`, a fixed random normaliser gradient."""
+    from ..kernels.based import fused_chunk as based
+
+    H, K, V = q.shape[1], q.shape[2], v.shape[2]
+    q, k = (x.view(N, T, H, K) for x in (q, k))
+    v, do = (x.view(N, T, H, V) for x in (v, do))
+    dz = torch.randn(N, T, H, device=q.device, generator=g)
+    scale = K ** -0.5
+    if name == "based_fwd_fused_chunk":
+        return lambda c: based.based_fused_chunk_fwd(q, k, v, scale=scale, config=c)
+    if name == "based_bwd_dq_fused_chunk":
+        return lambda c: based.based_fused_chunk_bwd(q, k, v, do, dz, scale=scale, dq_config=c)[:1]
+    return lambda c: based.based_fused_chunk_bwd(q, k, v, do, dz, scale=scale, dkv_config=c)[1:]
 
 
 # the delta rules' sequential passes (`common.chunk_delta_h`, `common.fused_chunk_delta`)

@@ -24,18 +24,11 @@ import functools
 import tilelang.language as T
 import torch
 
-from ...autotune.configs import SMEM_BUDGET
+from ...autotune.configs import based_feature_dims as feature_dims
+from ...autotune.resolve import tile_config
 from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, target_for
 
 MAX_K = 16
-# the shared memory these launches plan for: `_smem` counts the tiles the kernels allocate, not TileLang's own
-# buffers, so it keeps a margin under the block budget
-PLANNED_SMEM = SMEM_BUDGET - 15 * 1024
-
-
-def feature_dims(K: int) -> int:
-    """the padded feature count: 1 + K + K (K + 1) / 2 rounded up to 32 (160 at K = 16)."""
-    return cdiv(1 + K + K * (K + 1) // 2, 32) * 32
 
 
 @functools.lru_cache(maxsize=32)
@@ -429,26 +422,6 @@ def based_bwd_dkv_fused_chunk_kernel(
     return based_bwd_dkv_fused_chunk
 
 
-def _smem(stage: str, K: int, V: int, elt: int, BT: int, BV: int) -> int:
-    """bytes of shared memory a stage plans at V tile BV."""
-    KP, KA, FP = _kp(K), K + 1, feature_dims(K)
-    common = 4 * 4 * FP + 8 * KP * KA + 2 * BT * (elt * KP + 4 * KA) + 2 * elt * BT * FP + elt * BV * FP
-    if stage == "fwd":
-        return common + elt * (BT * BV + BT * BT) + 4 * BT * BT
-    extra = 2 * elt * BT * BV + 4 * BT + 4 * BT * FP + elt * KP * BT
-    if stage == "dq":
-        return common + extra + elt * BT * BT
-    return common + extra + 2 * elt * BT * BT + elt * BV * FP
-
-
-def kernel_config(stage: str, K: int, V: int, dtype: str) -> dict:
-    """the V tile of a stage ("fwd", "dq", "dkv"): 128 (one tile for V <= 128) while the shared memory fits, else
-    64; two warpgroups (a [BV, F] fp32 state and a [BT, F] gradient tile overflow one warpgroup's registers)."""
-    elt = 4 if dtype == "float32" else 2
-    BV = 128 if V > 64 and _smem(stage, K, V, elt, 64, 128) <= PLANNED_SMEM else 64
-    return dict(BT=64, BV=BV, num_stages=1, threads=256)
-
-
 @functools.lru_cache(maxsize=32)
 def _device_tables(K: int, device: torch.device) -> tuple[torch.Tensor, ...]:
     fi, fj, fc, pi, pc = feature_tables(K)
@@ -458,9 +431,13 @@ def _device_tables(K: int, device: torch.device) -> tuple[torch.Tensor, ...]:
             torch.tensor(pi, **ints), torch.tensor(pc, **floats))
 
 
-def _kernel(factory, stage: str, q, v):
-    K, V, dtype = q.shape[-1], v.shape[-1], TORCH_TO_TL[q.dtype]
-    config = kernel_config(stage, K, V, dtype)
+def _kernel(factory, q, v, config: dict | None):
+    """(the kernel of `factory` for q `[B, T, H, K]`, v, its V tile count); `config` overrides the resolved tile
+    config (`fla_tl.autotune`, the factory's name without `_kernel`)."""
+    B, L, H, K = q.shape
+    V, dtype = v.shape[-1], TORCH_TO_TL[q.dtype]
+    config = tile_config(factory.__name__.removesuffix("_kernel"), q.view(B * L, H, K), K=K, V=V, gate="none", N=B,
+                         overrides=config)
     return get_kernel(factory, target_for(q.device), K=K, V=V, dtype=dtype, **config), cdiv(V, config["BV"])
 
 
@@ -469,27 +446,30 @@ def _output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def based_fused_chunk_fwd(q, k, v, *, scale: float):
-    """(o `[B, T, H, V]`, z `[B, T, H]`), both fp32 and unnormalised; q, k `[B, T, H, K]`, v contiguous, one dtype."""
+def based_fused_chunk_fwd(q, k, v, *, scale: float, config: dict | None = None):
+    """(o `[B, T, H, V]`, z `[B, T, H]`), both fp32 and unnormalised; q, k `[B, T, H, K]`, v contiguous, one dtype;
+    `config` overrides the tile config."""
     B, L, H = q.shape[:3]
     o = _output((B, L, H, v.shape[-1]), torch.float32, q.device)
     z = _output((B, L, H), torch.float32, q.device)
     if o.numel() == 0:
         return o.zero_(), z.zero_()
-    kernel, _ = _kernel(based_fwd_fused_chunk_kernel, "fwd", q, v)
+    kernel, _ = _kernel(based_fwd_fused_chunk_kernel, q, v, config)
     kernel(q, k, v, o, z, *_device_tables(q.shape[-1], q.device)[:3], scale)
     return o, z
 
 
-def based_fused_chunk_bwd(q, k, v, do, dz, *, scale: float):
-    """(dq, dk, dv) in q's dtype; do `[B, T, H, V]` in q's dtype, dz `[B, T, H]` fp32, all contiguous."""
+def based_fused_chunk_bwd(q, k, v, do, dz, *, scale: float, dq_config: dict | None = None,
+                          dkv_config: dict | None = None):
+    """(dq, dk, dv) in q's dtype; do `[B, T, H, V]` in q's dtype, dz `[B, T, H]` fp32, all contiguous; the configs
+    override the two walks' tile configs."""
     if q.numel() == 0 or v.numel() == 0:
         return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     tables = _device_tables(q.shape[-1], q.device)
-    kernel, NV = _kernel(based_bwd_dq_fused_chunk_kernel, "dq", q, v)
+    kernel, NV = _kernel(based_bwd_dq_fused_chunk_kernel, q, v, dq_config)
     dq = _output((NV, *q.shape), torch.float32, q.device)
     kernel(q, k, v, do, dz, dq, *tables, scale)
-    kernel, NV = _kernel(based_bwd_dkv_fused_chunk_kernel, "dkv", q, v)
+    kernel, NV = _kernel(based_bwd_dkv_fused_chunk_kernel, q, v, dkv_config)
     dk = _output((NV, *k.shape), torch.float32, q.device)
     dv = _output(v.shape, v.dtype, v.device)
     kernel(q, k, v, do, dz, dk, dv, *tables, scale)
@@ -529,5 +509,4 @@ __all__ = [
     "feature_tables",
     "fused_chunk_based_bwd",
     "fused_chunk_based_fwd",
-    "kernel_config",
 ]

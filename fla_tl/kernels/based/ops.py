@@ -136,12 +136,17 @@ def _fused_chunk_kernels(D: int, dtype: str) -> list[KernelSpec]:
 
     if dtype == "float32":
         return _parallel_kernels(fused_chunk.MAX_K, D, dtype, based=True)
+    from ...autotune.resolve import heuristic_config
+    from ..common.state_op import stage_spec
+
+    # every default the grid can pick (`based_chunk_heuristic`: narrower V tiles on a small grid)
     K = fused_chunk.MAX_K
-    stages = (("fwd", fused_chunk.based_fwd_fused_chunk_kernel),
-              ("dq", fused_chunk.based_bwd_dq_fused_chunk_kernel),
-              ("dkv", fused_chunk.based_bwd_dkv_fused_chunk_kernel))
-    return [KernelSpec(f.__name__, f, dict(K=K, V=D, dtype=dtype, **fused_chunk.kernel_config(stage, K, D, dtype)))
-            for stage, f in stages]
+    names = [f"based_{name}_fused_chunk" for name in ("fwd", "bwd_dq", "bwd_dkv")]
+    specs = []
+    for name in names:
+        configs = [heuristic_config(name, K, D, dtype, grid=grid) for grid in (None, (1, 1 << 10))]
+        specs += [stage_spec(name, K, D, dtype, "none", c) for i, c in enumerate(configs) if c not in configs[:i]]
+    return specs
 
 
 def _parallel_kernels(K: int, V: int, dtype: str, based: bool) -> list[KernelSpec]:
