@@ -223,6 +223,59 @@ def test_kernels_import_nothing_above_them():
     assert found == []
 
 
+# the kernels whose tile sizes are still their factories' fixed defaults (no config in `configs.KERNELS` yet): the
+# gate scans and reductions, the range combine, and the Based-attention, Titans, HGRN, RWKV6-bonus, ABC-normaliser,
+# linear-attention-normaliser and delta-rule recurrent kernels. A kernel made tunable leaves this list.
+FIXED_TILES = {
+    "chunk_gate_cumsum_kernel", "sequence_cumsum_kernel", "gate_dot_kernel", "chunk_state_dot_kernel",
+    "chunk_reverse_cumsum_kernel", "combine_states_kernel", "rwkv6_fwd_bonus_kernel", "rwkv6_bwd_bonus_kernel",
+    "fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dkv_kernel",
+    "fused_recurrent_delta_rule_bwd_dqk_kernel", "parallel_based_fwd_kernel", "parallel_based_bwd_dq_kernel",
+    "parallel_based_bwd_dkv_kernel", "titans_fwd_chunk_kernel", "titans_bwd_chunk_kernel",
+    "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel", "chunk_scan_kernel", "normalize_fwd_kernel",
+    "normalize_bwd_c_kernel", "normalize_bwd_dqk_kernel", "fused_recurrent_hgrn_fwd_kernel",
+    "fused_recurrent_hgrn_bwd_kernel",
+}
+
+
+def _launchers():
+    """(the kernel factories, {factory name: [(module path, function) of every module-level function that names it]}
+    over the kernel modules (their kernel lists in ops.py excluded), {module path: its functions that call
+    `tile_config` directly or through a helper of the same module})."""
+    import ast
+
+    root = pathlib.Path(__file__).resolve().parents[1] / "fla_tl" / "kernels"
+    factories = {m for path in root.rglob("*.py")
+                 for m in re.findall(r"^def (\w+_kernel)\(", path.read_text(), re.M)} - {"get_kernel"}
+    launchers, resolving = {}, {}
+    for path in sorted(root.rglob("*.py")):
+        if path.name == "ops.py":
+            continue
+        functions = {node.name: node for node in ast.parse(path.read_text()).body
+                     if isinstance(node, ast.FunctionDef) and node.name not in factories}
+        names = {name: {n.id for n in ast.walk(node) if isinstance(n, ast.Name)}
+                 | {n.attr for n in ast.walk(node) if isinstance(n, ast.Attribute)} for name, node in functions.items()}
+        direct = {name for name, used in names.items() if "tile_config" in used}
+        resolving[path] = direct | {name for name, used in names.items() if used & direct}
+        for name, used in names.items():
+            for factory in used & factories:
+                launchers.setdefault(factory, []).append((path, name))
+    return factories, launchers, resolving
+
+
+def test_every_launcher_resolves_its_tiles():
+    """every launcher of a tunable kernel takes its tiles from `tile_config`, and every other kernel is named in
+    FIXED_TILES: a new kernel gets a config in `configs.KERNELS` (or joins the list), and a launcher that bypasses
+    `tile_config` fails here."""
+    factories, launchers, resolving = _launchers()
+    tunable = {KERNELS[name].factory.split(":")[1] for name in KERNELS}
+    assert factories - tunable == FIXED_TILES
+    bypass = [f"{path.name}:{fn} launches {factory}" for factory in sorted(tunable)
+              for path, fn in launchers.get(factory, []) if fn not in resolving[path]
+              and not fn.endswith("_kernels")]
+    assert bypass == []
+
+
 @pytest.mark.parametrize("name", sorted(KERNELS))
 def test_source_file_is_the_modules(name):
     """the source a table key hashes for a module not imported yet is the imported module's source."""
