@@ -16,6 +16,7 @@ D = 128 (full 64-wide tiles: bulk copies) and D = 100 (head dims padded to the t
 `compile_all`, opt-in: a few hundred builds).
 """
 
+import dataclasses
 import math
 import re
 
@@ -216,6 +217,47 @@ def test_kernel_builds_for_sm90a(case):
 @pytest.mark.compile_all
 @pytest.mark.parametrize("case", _cases(full=True))
 def test_every_kernel_builds_for_sm90a(case):
+    _check(case)
+
+
+def _space_cases(full: bool) -> list:
+    """the tunable kernels' search-space configs at K = V = 128 bf16 (Based: K = 16), gate "g" unless the kernel runs
+    one gate option: every fitting config with `full`, else the one the fit arithmetic counts the most shared memory
+    for (where an arithmetic that undercounts would let a config through that cannot launch)."""
+    try:
+        from fla_tl.autotune.configs import KERNELS
+        from fla_tl.kernels.common.state_op import stage_spec
+    except Exception as e:  # noqa: BLE001 - the marker's skip reason covers a missing tilelang
+        return [pytest.param(None, id=f"unavailable-{type(e).__name__}")]
+    cases = []
+    for name, kernel in sorted(KERNELS.items()):
+        K = 128 if kernel.launches is None or kernel.launches(128, 128, "bfloat16") else 16
+        gate = kernel.gate or "g"
+        candidates = kernel.candidates(K, 128, "bfloat16", gate)
+        if not full:
+            candidates = [max(candidates, key=lambda c: kernel.smem(K, 128, "bfloat16", c))]
+        for config in candidates:
+            spec = stage_spec(name, K, 128, "bfloat16", gate, dataclasses.asdict(config))
+            cases.append(pytest.param(("space", spec, "full"), id=f"{name}-{_label(dataclasses.asdict(config))}"))
+    return cases
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("case", _space_cases(full=False))
+def test_search_space_edge_builds_for_sm90a(case):
+    """each tunable kernel's search-space config with the most planned shared memory builds, and launches within
+    what the arithmetic counts (the tuner trusts it to filter the space)."""
+    if case is None:
+        pytest.skip("tilelang is not installed")
+    _check(case)
+
+
+@pytest.mark.compile
+@pytest.mark.compile_all
+@pytest.mark.parametrize("case", _space_cases(full=True))
+def test_every_search_space_config_builds_for_sm90a(case):
+    if case is None:
+        pytest.skip("tilelang is not installed")
     _check(case)
 
 
