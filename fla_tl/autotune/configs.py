@@ -129,6 +129,27 @@ class BasedChunkConfig:
     BV: int = 128
 
 
+@dataclass(frozen=True)
+class ParallelBasedFwdConfig:
+    """parallel Based's forward (`based.parallel`, the attention form of Based and ReBased): the streamed key tile, the
+    V tile, the pipeline depth and the block size."""
+
+    BS: int = 64
+    BV: int = 128
+    num_stages: int = 2
+    threads: int = 128
+
+
+@dataclass(frozen=True)
+class ParallelBasedBwdConfig:
+    """parallel Based's dq and dk/dv passes (each block holds the whole padded V): the streamed tile, the pipeline
+    depth and the block size."""
+
+    BS: int = 64
+    num_stages: int = 2
+    threads: int = 128
+
+
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
@@ -317,6 +338,45 @@ def based_chunk_heuristic(stage: str) -> Callable:
 def based_chunk_launches(K: int, V: int, dtype: str) -> bool:
     """Based's fused chunk walks take feature dims K <= 16 and 16-bit inputs (fp32 takes the attention form)."""
     return K <= 16 and ELEMENT_SIZE[dtype] == 2
+
+
+# the margin parallel Based's arithmetic keeps under the block budget (it counts its tiles, not TileLang's buffers)
+PARALLEL_BASED_SMEM_MARGIN = 25 * 1024
+
+
+def smem_parallel_based(stage: str) -> Callable:
+    """shared memory of a parallel Based stage ("fwd", "dq", "dkv") at a config, plus `PARALLEL_BASED_SMEM_MARGIN`: the
+    resident [BT, *] tiles plus num_stages copies of the streamed [BS, *] ones."""
+
+    def smem(K, V, dtype, c) -> int:
+        elt, KP, VP, BS, stages = ELEMENT_SIZE[dtype], pad_dim(K), pad_dim(V), c.BS, c.num_stages
+        if stage == "fwd":
+            n = elt * (BT * KP + BT * BS + stages * BS * (KP + min(c.BV, VP)))
+        elif stage == "dq":
+            n = elt * (BT * (KP + VP) + BT * BS + stages * BS * (KP + VP)) + 4 * BT
+        else:
+            n = elt * (BT * (KP + VP) + 2 * BT * BS + stages * BS * (KP + VP)) + 4 * stages * BS
+        return n + PARALLEL_BASED_SMEM_MARGIN
+
+    return smem
+
+
+def parallel_based_heuristic(stage: str) -> Callable:
+    """the tiles of a parallel Based stage: the most pipeline stages, then the widest streamed tile, whose shared
+    memory fits; V tiles of 128 (no wider than V); two warpgroups for the dk, dv accumulators of a wide V (V > 128)
+    and of fp32 inputs (with 128 threads their TF32 mma operands spill registers)."""
+    smem = smem_parallel_based(stage)
+
+    def heuristic(K, V, dtype, **_):
+        base = ParallelBasedFwdConfig(BV=min(128, pad_dim(V))) if stage == "fwd" else ParallelBasedBwdConfig()
+        for BS, num_stages in ((64, 2), (64, 1), (32, 2), (32, 1)):
+            config = dataclasses.replace(base, BS=BS, num_stages=num_stages)
+            if smem(K, V, dtype, config) <= SMEM_BUDGET:
+                break
+        wide = stage == "dkv" and (pad_dim(V) > 128 or ELEMENT_SIZE[dtype] == 4)
+        return dataclasses.replace(config, threads=256 if wide else 128)
+
+    return heuristic
 
 
 def delta_pass_stages(K: int, dtype: str) -> int:
@@ -565,6 +625,18 @@ KERNELS = {
             based_chunk_heuristic(stage), f"fla_tl.kernels.based.fused_chunk:based_{name}_fused_chunk_kernel",
             grid=True, gate="none", launches=based_chunk_launches,
         ) for name, stage in (("fwd", "fwd"), ("bwd_dq", "dq"), ("bwd_dkv", "dkv"))),
+        TunableKernel(
+            "parallel_based_fwd", ParallelBasedFwdConfig, smem_parallel_based("fwd"),
+            {"BS": (32, 64), "BV": (64, 128), "num_stages": (1, 2), "threads": (128, 256)},
+            parallel_based_heuristic("fwd"), "fla_tl.kernels.based.parallel:parallel_based_fwd_kernel", gate="none",
+            launches=lambda K, V, dtype: K <= 128,
+        ),
+        *(TunableKernel(
+            f"parallel_based_bwd_{stage}", ParallelBasedBwdConfig, smem_parallel_based(stage),
+            {"BS": (32, 64), "num_stages": (1, 2), "threads": (128, 256)}, parallel_based_heuristic(stage),
+            f"fla_tl.kernels.based.parallel:parallel_based_bwd_{stage}_kernel", gate="none",
+            launches=lambda K, V, dtype: K <= 128,
+        ) for stage in ("dq", "dkv")),
         TunableKernel(
             "wy_fwd", WyConfig, smem_wy_fwd, {"BD": (32, 64, 128), "threads": (128, 256)}, _constant(WyConfig()),
             "fla_tl.kernels.common.wy:wy_fwd_kernel", rule=wy_rule, launches=delta_pass_launches("fwd_h"),

@@ -55,7 +55,7 @@ def make_runner(
     meta = seq_meta(N, T, None, BT, device)
     if name in DELTA_PASSES:
         return _delta_runner(name, q, k, v, do, meta, gate, g)
-    if name.startswith("based_"):
+    if "based_" in name:
         return _based_runner(name, q, k, v, do, N, T, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
@@ -124,7 +124,8 @@ def make_runner(
 
 
 def _based_runner(name: str, q, k, v, do, N: int, T: int, g: torch.Generator) -> Callable:
-    """the runner of a Based fused chunk walk: q, k, v, do as `[N, T, H, *]`, a fixed random normaliser gradient."""
+    """the runner of a Based kernel (the fused chunk walks, the attention form): q, k, v, do as `[N, T, H, *]`, a fixed
+    random normaliser gradient."""
     from ..kernels.based import fused_chunk as based
 
     H, K, V = q.shape[1], q.shape[2], v.shape[2]
@@ -132,6 +133,14 @@ def _based_runner(name: str, q, k, v, do, N: int, T: int, g: torch.Generator) ->
     v, do = (x.view(N, T, H, V) for x in (v, do))
     dz = torch.randn(N, T, H, device=q.device, generator=g)
     scale = K ** -0.5
+    if name.startswith("parallel_based"):
+        from ..kernels.based import parallel
+
+        if name == "parallel_based_fwd":
+            return lambda c: parallel.parallel_based_fwd(q, k, v, scale=scale, based=True, config=c)
+        if name == "parallel_based_bwd_dq":
+            return lambda c: parallel.parallel_based_bwd(q, k, v, do, dz, scale=scale, based=True, dq_config=c)[:1]
+        return lambda c: parallel.parallel_based_bwd(q, k, v, do, dz, scale=scale, based=True, dkv_config=c)[1:]
     if name == "based_fwd_fused_chunk":
         return lambda c: based.based_fused_chunk_fwd(q, k, v, scale=scale, config=c)
     if name == "based_bwd_dq_fused_chunk":

@@ -151,15 +151,12 @@ def _fused_chunk_kernels(D: int, dtype: str) -> list[KernelSpec]:
 
 def _parallel_kernels(K: int, V: int, dtype: str, based: bool) -> list[KernelSpec]:
     """the attention-form kernels at head dims K (<= 128), V and the launchers' tiles."""
-    from . import parallel
+    from ..common.state_op import stage_spec
 
     if K > PARALLEL_MAX_K:
         return []
-    stages = (("fwd", parallel.parallel_based_fwd_kernel), ("dq", parallel.parallel_based_bwd_dq_kernel),
-              ("dkv", parallel.parallel_based_bwd_dkv_kernel))
-    return [KernelSpec(f.__name__, f, dict(K=K, V=V, based=based, dtype=dtype,
-                                           **parallel.kernel_config(stage, K, V, dtype)))
-            for stage, f in stages]
+    return [stage_spec(name, K, V, dtype, "none", based=based)
+            for name in ("parallel_based_fwd", "parallel_based_bwd_dq", "parallel_based_bwd_dkv")]
 
 
 def _cases(reference, norm_option: str):

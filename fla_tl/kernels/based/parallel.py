@@ -19,12 +19,8 @@ products with fp32 accumulation for bf16 / fp16, TF32 for fp32 inputs.
 import tilelang.language as T
 import torch
 
-from ...autotune.configs import SMEM_BUDGET
+from ...autotune.resolve import tile_config
 from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, pad_dim, target_for
-
-# the shared memory these launches plan for: `_smem` counts the tiles the kernels allocate, not TileLang's own
-# buffers, so it keeps a margin under the block budget
-PLANNED_SMEM = SMEM_BUDGET - 25 * 1024
 
 
 def _score(based: bool, s):
@@ -266,41 +262,14 @@ def parallel_based_bwd_dkv_kernel(
     return parallel_based_bwd_dkv
 
 
-def _smem(stage: str, K: int, V: int, elt: int, BT: int, BS: int, num_stages: int, BV: int = 128) -> int:
-    """bytes of shared memory a config plans: the resident tiles plus num_stages copies of the streamed ones."""
-    KP, VP = pad_dim(K), pad_dim(V)
-    if stage == "fwd":
-        BV = min(BV, VP)
-        return elt * (BT * KP + BT * BS + num_stages * BS * (KP + BV))
-    if stage == "dq":
-        return elt * (BT * (KP + VP) + BT * BS + num_stages * BS * (KP + VP)) + 4 * BT
-    return elt * (BT * (KP + VP) + 2 * BT * BS + num_stages * BS * (KP + VP)) + 4 * num_stages * BS
-
-
-def kernel_config(stage: str, K: int, V: int, dtype: str) -> dict:
-    """the tiles of a stage ("fwd", "dq", "dkv") for head dims K, V and the input dtype: the most pipeline stages,
-    then the widest streamed tile, whose shared memory fits the budget; two warpgroups for the dk, dv accumulators of
-    a wide V (V > 128) and of fp32 inputs (with 128 threads their TF32 mma operands spill registers)."""
-    elt = 4 if dtype == "float32" else 2
-    for BS, num_stages in ((64, 2), (64, 1), (32, 2), (32, 1)):
-        if _smem(stage, K, V, elt, 64, BS, num_stages) <= PLANNED_SMEM:
-            break
-    config = dict(BT=64, BS=BS, num_stages=num_stages)
-    if stage == "fwd":
-        config["BV"] = 128
-    config["threads"] = 256 if stage == "dkv" and (pad_dim(V) > 128 or dtype == "float32") else 128
-    return config
-
-
-def _launch(factory, stage: str, dims: dict, *args, based: bool):
-    K, V, dtype = dims["K"], dims["V"], TORCH_TO_TL[dims["dtype"]]
-    kernel = get_kernel(factory, target_for(dims["device"]), K=K, V=V, based=based, dtype=dtype,
-                        **kernel_config(stage, K, V, dtype))
-    kernel(*args)
-
-
-def _dims(q, v) -> dict:
-    return dict(K=q.shape[-1], V=v.shape[-1], dtype=q.dtype, device=q.device)
+def _launch(factory, q, v, *args, based: bool, config: dict | None):
+    """launch `factory` for q `[B, T, H, K]` and v on `args`; `config` overrides the resolved tile config
+    (`fla_tl.autotune`, the factory's name without `_kernel`)."""
+    B, L, H, K = q.shape
+    V, dtype = v.shape[-1], TORCH_TO_TL[q.dtype]
+    config = tile_config(factory.__name__.removesuffix("_kernel"), q.view(B * L, H, K), K=K, V=V, gate="none", N=B,
+                         overrides=config)
+    get_kernel(factory, target_for(q.device), K=K, V=V, based=based, dtype=dtype, **config)(*args)
 
 
 def _output(shape, dtype, device) -> torch.Tensor:
@@ -308,25 +277,27 @@ def _output(shape, dtype, device) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def parallel_based_fwd(q, k, v, *, scale: float, based: bool):
-    """(o `[B, T, H, V]`, z `[B, T, H]`), both fp32 and unnormalised; q, k `[B, T, H, K]`, v contiguous, one dtype."""
+def parallel_based_fwd(q, k, v, *, scale: float, based: bool, config: dict | None = None):
+    """(o `[B, T, H, V]`, z `[B, T, H]`), both fp32 and unnormalised; q, k `[B, T, H, K]`, v contiguous, one dtype;
+    `config` overrides the tile config."""
     B, L, H = q.shape[:3]
     o = _output((B, L, H, v.shape[-1]), torch.float32, q.device)
     z = _output((B, L, H), torch.float32, q.device)
     if o.numel() == 0:
         return o.zero_(), z.zero_()
-    _launch(parallel_based_fwd_kernel, "fwd", _dims(q, v), q, k, v, o, z, scale, based=based)
+    _launch(parallel_based_fwd_kernel, q, v, q, k, v, o, z, scale, based=based, config=config)
     return o, z
 
 
-def parallel_based_bwd(q, k, v, do, dz, *, scale: float, based: bool):
-    """(dq, dk, dv) in q's dtype; do `[B, T, H, V]` in q's dtype, dz `[B, T, H]` fp32, all contiguous."""
+def parallel_based_bwd(q, k, v, do, dz, *, scale: float, based: bool, dq_config: dict | None = None,
+                       dkv_config: dict | None = None):
+    """(dq, dk, dv) in q's dtype; do `[B, T, H, V]` in q's dtype, dz `[B, T, H]` fp32, all contiguous; the configs
+    override the two passes' tile configs."""
     dq, dk, dv = (_output(x.shape, x.dtype, x.device) for x in (q, k, v))
     if q.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    dims = _dims(q, v)
-    _launch(parallel_based_bwd_dq_kernel, "dq", dims, q, k, v, do, dz, dq, scale, based=based)
-    _launch(parallel_based_bwd_dkv_kernel, "dkv", dims, q, k, v, do, dz, dk, dv, scale, based=based)
+    _launch(parallel_based_bwd_dq_kernel, q, v, q, k, v, do, dz, dq, scale, based=based, config=dq_config)
+    _launch(parallel_based_bwd_dkv_kernel, q, v, q, k, v, do, dz, dk, dv, scale, based=based, config=dkv_config)
     return dq, dk, dv
 
 

@@ -312,6 +312,8 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
         base.update(BT=BT, beta_dtype="float32", **({"pair": True} if name == "wy_fwd" else {"dk_dtype": dtype}))
     elif name.startswith("chunk_"):
         base.update(h_dtype=dtype, BT=BT)
+    elif name.startswith("parallel_based"):
+        base.update(based=True)  # ReBased's flag comes in `flags`
     if name.startswith("fused_recurrent"):
         base.update(reverse=False, state_v_first=False)
     if KERNELS[name].gate is not None:
