@@ -224,16 +224,15 @@ def test_kernels_import_nothing_above_them():
 
 
 # the kernels whose tile sizes are still their factories' fixed defaults (no config in `configs.KERNELS` yet): the
-# gate scans and reductions, the range combine, and the Titans, HGRN, RWKV6-bonus, ABC-normaliser,
-# linear-attention-normaliser and delta-rule recurrent kernels. A kernel made tunable leaves this list.
+# gate scans and reductions, the range combine, and the Titans, HGRN, ABC-normaliser, linear-attention-normaliser
+# and delta-rule recurrent kernels. A kernel made tunable leaves this list.
 FIXED_TILES = {
     "chunk_gate_cumsum_kernel", "sequence_cumsum_kernel", "gate_dot_kernel", "chunk_state_dot_kernel",
-    "chunk_reverse_cumsum_kernel", "combine_states_kernel", "rwkv6_fwd_bonus_kernel", "rwkv6_bwd_bonus_kernel",
-    "fused_recurrent_delta_rule_fwd_kernel", "fused_recurrent_delta_rule_bwd_dkv_kernel",
-    "fused_recurrent_delta_rule_bwd_dqk_kernel", "titans_fwd_chunk_kernel", "titans_bwd_chunk_kernel",
-    "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel", "chunk_scan_kernel", "normalize_fwd_kernel",
-    "normalize_bwd_c_kernel", "normalize_bwd_dqk_kernel", "fused_recurrent_hgrn_fwd_kernel",
-    "fused_recurrent_hgrn_bwd_kernel",
+    "chunk_reverse_cumsum_kernel", "combine_states_kernel", "fused_recurrent_delta_rule_fwd_kernel",
+    "fused_recurrent_delta_rule_bwd_dkv_kernel", "fused_recurrent_delta_rule_bwd_dqk_kernel",
+    "titans_fwd_chunk_kernel", "titans_bwd_chunk_kernel", "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel",
+    "chunk_scan_kernel", "normalize_fwd_kernel", "normalize_bwd_c_kernel", "normalize_bwd_dqk_kernel",
+    "fused_recurrent_hgrn_fwd_kernel", "fused_recurrent_hgrn_bwd_kernel",
 }
 
 

@@ -150,6 +150,13 @@ class ParallelBasedBwdConfig:
     threads: int = 128
 
 
+@dataclass(frozen=True)
+class BlockConfig:
+    """a kernel whose only tile knob is its block size (its tiles are the chunk length by the padded head dims)."""
+
+    threads: int = 128
+
+
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
@@ -377,6 +384,19 @@ def parallel_based_heuristic(stage: str) -> Callable:
         return dataclasses.replace(config, threads=256 if wide else 128)
 
     return heuristic
+
+
+def smem_rwkv6_bonus(kind: str) -> Callable:
+    """shared memory of RWKV6's bonus kernels ("fwd", "bwd"): r, k [BT, KP] (the backward also v, do [BT, VP]) in the
+    input dtype; u [KP] and the per-token scores [BT] (the backward two) in fp32."""
+
+    def smem(K, V, dtype, c: BlockConfig) -> int:
+        es, KP, VP = ELEMENT_SIZE[dtype], pad_dim(K), pad_dim(V)
+        if kind == "fwd":
+            return es * 2 * BT * KP + 4 * (KP + BT)
+        return es * (2 * BT * KP + 2 * BT * VP) + 4 * (KP + 2 * BT)
+
+    return smem
 
 
 def delta_pass_stages(K: int, dtype: str) -> int:
@@ -637,6 +657,15 @@ KERNELS = {
             f"fla_tl.kernels.based.parallel:parallel_based_bwd_{stage}_kernel", gate="none",
             launches=lambda K, V, dtype: K <= 128,
         ) for stage in ("dq", "dkv")),
+        TunableKernel(
+            "rwkv6_fwd_bonus", BlockConfig, smem_rwkv6_bonus("fwd"), {"threads": (128, 256)}, _constant(BlockConfig()),
+            "fla_tl.kernels.rwkv6.bonus:rwkv6_fwd_bonus_kernel", gate="none",
+        ),
+        TunableKernel(
+            "rwkv6_bwd_bonus", BlockConfig, smem_rwkv6_bonus("bwd"), {"threads": (128, 256)},
+            _constant(BlockConfig(threads=256)), "fla_tl.kernels.rwkv6.bonus:rwkv6_bwd_bonus_kernel", gate="none",
+            launches=lambda K, V, dtype: smem_rwkv6_bonus("bwd")(K, V, dtype, BlockConfig()) <= SMEM_BUDGET,
+        ),
         TunableKernel(
             "wy_fwd", WyConfig, smem_wy_fwd, {"BD": (32, 64, 128), "threads": (128, 256)}, _constant(WyConfig()),
             "fla_tl.kernels.common.wy:wy_fwd_kernel", rule=wy_rule, launches=delta_pass_launches("fwd_h"),

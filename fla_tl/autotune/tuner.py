@@ -57,6 +57,16 @@ def make_runner(
         return _delta_runner(name, q, k, v, do, meta, gate, g)
     if "based_" in name:
         return _based_runner(name, q, k, v, do, N, T, g)
+    if name.startswith("rwkv6_"):
+        from ..kernels.rwkv6 import bonus
+
+        u = torch.randn(H, K, device=device, generator=g)
+        kw = dict(scale=K ** -0.5, reverse=False, first=None, meta=meta)
+        if name == "rwkv6_fwd_bonus":
+            return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
+        dq = torch.randn(N * T, H, K, device=device, generator=g).to(dtype)
+        # the backward adds into dk, dv in place: fresh copies each call
+        return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative

@@ -314,6 +314,8 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
         base.update(h_dtype=dtype, BT=BT)
     elif name.startswith("parallel_based"):
         base.update(based=True)  # ReBased's flag comes in `flags`
+    elif name.startswith("rwkv6_"):
+        base.update(reverse=False, BT=BT)
     if name.startswith("fused_recurrent"):
         base.update(reverse=False, state_v_first=False)
     if KERNELS[name].gate is not None:

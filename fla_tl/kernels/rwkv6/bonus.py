@@ -13,7 +13,8 @@ du = scale sum_t s_t r_t k_t.
 import tilelang.language as T
 import torch
 
-from ...autotune.configs import BT
+from ...autotune.configs import BT, KERNELS
+from ...autotune.resolve import tile_config
 from ..common.utils import TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, seq_meta, target_for
 
 
@@ -167,14 +168,16 @@ def _use_kernels(x: torch.Tensor) -> bool:
     return x.is_cuda
 
 
-def bonus_fwd(og, r, k, v, u, *, scale: float, reverse: bool, first, meta: SeqMeta):
-    """o `[Ttot, H, V]` in v's dtype from GLA's output on the shifted queries (the first tokens' h0 read excluded)."""
+def bonus_fwd(og, r, k, v, u, *, scale: float, reverse: bool, first, meta: SeqMeta, **config):
+    """o `[Ttot, H, V]` in v's dtype from GLA's output on the shifted queries (the first tokens' h0 read excluded);
+    `config` overrides the kernel's tile config."""
     K, V = r.shape[-1], v.shape[-1]
     if _use_kernels(r):
         o = torch.empty_like(v)
         if meta.NT > 0:
+            config = tile_config("rwkv6_fwd_bonus", r, K=K, V=V, gate="none", N=meta.N, overrides=config)
             kernel = get_kernel(rwkv6_fwd_bonus_kernel, target_for(r.device), K=K, V=V, dtype=TORCH_TO_TL[r.dtype],
-                                reverse=reverse, BT=BT)
+                                reverse=reverse, BT=BT, **config)
             kernel(og, r, k, v, u.float().contiguous(), meta.cu, meta.chunk_indices, o, scale)
         return o
     o = shift(og, 1 if reverse else -1, first).float()
@@ -182,18 +185,21 @@ def bonus_fwd(og, r, k, v, u, *, scale: float, reverse: bool, first, meta: SeqMe
     return (o + a[..., None] * v).to(v.dtype)
 
 
-def bonus_bwd(r, k, v, do, dq, dk, dv, u, *, scale: float, reverse: bool, first, meta: SeqMeta):
+def bonus_bwd(r, k, v, do, dq, dk, dv, u, *, scale: float, reverse: bool, first, meta: SeqMeta, **config):
     """(dr, dk, dv) in the inputs' dtypes and du `[H, K]` fp32 from GLA's gradients of the shifted problem (dq: of
-    the shifted queries; the first tokens' h0 read excluded)."""
+    the shifted queries; the first tokens' h0 read excluded); dk, dv are added to in place where they are already
+    contiguous in the inputs' dtype. `config` overrides the kernel's tile config."""
     H, K = r.shape[1:]
     V = v.shape[-1]
-    if _use_kernels(r):
+    # fp32 tiles of K = V = 256 overflow a block's shared memory: those take the PyTorch form
+    if _use_kernels(r) and KERNELS["rwkv6_bwd_bonus"].launches(K, V, TORCH_TO_TL[r.dtype]):
         dr = torch.empty_like(r)
         du = torch.zeros(max(meta.NT, 1), H, K, dtype=torch.float32, device=r.device)
         dk, dv = dk.to(r.dtype).contiguous(), dv.to(r.dtype).contiguous()
         if meta.NT > 0:
+            config = tile_config("rwkv6_bwd_bonus", r, K=K, V=V, gate="none", N=meta.N, overrides=config)
             kernel = get_kernel(rwkv6_bwd_bonus_kernel, target_for(r.device), K=K, V=V, dtype=TORCH_TO_TL[r.dtype],
-                                reverse=reverse, BT=BT)
+                                reverse=reverse, BT=BT, **config)
             kernel(r, k, v, do, dq.to(r.dtype).contiguous(), u.float().contiguous(), meta.cu, meta.chunk_indices,
                    dr, dk, dv, du, scale)
         return dr, dk, dv, du.sum(0)

@@ -166,10 +166,10 @@ def _kernels(mode: str):
     input dtype (the chunk mode reads w as given), and the bonus kernels of `bonus.py`."""
 
     def kernels(D: int, dtype: str) -> list[KernelSpec]:
-        from ...autotune.configs import BT
+        from ...autotune.configs import BT, KERNELS
         from ..common import cumsum
+        from ..common.state_op import stage_spec
         from ..gla.ops import chunk_gla_kernels, fused_recurrent_gla_kernels
-        from . import bonus
 
         if mode == "chunk":
             # GLA's chunk kernels: the output kernel in its bonus form only, the gate scans below
@@ -182,8 +182,8 @@ def _kernels(mode: str):
                           KernelSpec("chunk_reverse_cumsum_kernel", cumsum.chunk_reverse_cumsum_kernel,
                                      dict(out_dtype=w_dtype, BT=BT))]
             # the forward's bonus is in GLA's output kernel; the backward's bonus kernel
-            specs.append(KernelSpec("rwkv6_bwd_bonus_kernel", bonus.rwkv6_bwd_bonus_kernel,
-                                    dict(K=D, V=D, dtype=dtype, reverse=False, BT=BT)))
+            if KERNELS["rwkv6_bwd_bonus"].launches(D, D, dtype):
+                specs.append(stage_spec("rwkv6_bwd_bonus", D, D, dtype, "none"))
         else:
             specs = [s for s in fused_recurrent_gla_kernels(D, dtype)
                      if not s.kwargs.get("state_v_first", False) and s.name not in SCANS]
@@ -191,9 +191,9 @@ def _kernels(mode: str):
             specs += [KernelSpec("sequence_cumsum_kernel", cumsum.sequence_cumsum_kernel,
                                  dict(reverse=reverse, out_dtype=w_dtype, BT=BT))
                       for w_dtype in sorted({"float32", dtype}) for reverse in (False, True)]
-            specs += [KernelSpec(f.__name__, f, dict(K=D, V=D, dtype=dtype, reverse=reverse, BT=BT))
-                      for reverse in (False, True)
-                      for f in (bonus.rwkv6_fwd_bonus_kernel, bonus.rwkv6_bwd_bonus_kernel)]
+            specs += [stage_spec(name, D, D, dtype, "none", reverse=reverse)
+                      for reverse in (False, True) for name in ("rwkv6_fwd_bonus", "rwkv6_bwd_bonus")
+                      if KERNELS[name].launches is None or KERNELS[name].launches(D, D, dtype)]
         return specs
 
     return kernels
