@@ -299,6 +299,12 @@ def smem_gla_chunk(kind: str) -> Callable:
     return smem
 
 
+def small_grid(V: int, blocks: int | None, sms: int | None) -> bool:
+    """whether `blocks` sequences x heads with V tiles of 128 leave more than a quarter of `sms` multiprocessors idle
+    (8 sequences x 16 heads at V = 128 are 128 blocks: not small; 2 x 16 are); False without a grid."""
+    return blocks is not None and sms is not None and 4 * blocks * cdiv(V, 128) < 3 * sms
+
+
 def based_feature_dims(K: int) -> int:
     """Based's padded feature count: 1 + K + K (K + 1) / 2 rounded up to 32 (160 at K = 16)."""
     return cdiv(1 + K + K * (K + 1) // 2, 32) * 32
@@ -335,20 +341,29 @@ def based_chunk_heuristic(stage: str) -> Callable:
 
     def heuristic(K, V, dtype, *, blocks: int | None = None, sms: int | None = None, **_) -> BasedChunkConfig:
         wide = V > 64 and fits(K, V, dtype, BasedChunkConfig(BV=128)) <= SMEM_BUDGET
-        if wide and blocks is not None and sms is not None and 4 * blocks * cdiv(V, 128) < 3 * sms:
-            wide = False
-        return BasedChunkConfig(BV=128 if wide else 64)
+        return BasedChunkConfig(BV=128 if wide and not small_grid(V, blocks, sms) else 64)
 
     return heuristic
 
 
+# fla's limit on fused_chunk_based's feature dim (its Taylor features grow as K^2)
+BASED_CHUNK_MAX_K = 16
+
+
 def based_chunk_launches(K: int, V: int, dtype: str) -> bool:
-    """Based's fused chunk walks take feature dims K <= 16 and 16-bit inputs (fp32 takes the attention form)."""
-    return K <= 16 and ELEMENT_SIZE[dtype] == 2
+    """Based's fused chunk walks take feature dims up to `BASED_CHUNK_MAX_K` and 16-bit inputs (fp32 takes the
+    attention form)."""
+    return K <= BASED_CHUNK_MAX_K and ELEMENT_SIZE[dtype] == 2
 
 
 # the margin parallel Based's arithmetic keeps under the block budget (it counts its tiles, not TileLang's buffers)
 PARALLEL_BASED_SMEM_MARGIN = 25 * 1024
+# the widest feature / key dim the attention form takes
+PARALLEL_BASED_MAX_K = 128
+
+
+def parallel_based_launches(K: int, V: int, dtype: str) -> bool:
+    return K <= PARALLEL_BASED_MAX_K
 
 
 def smem_parallel_based(stage: str) -> Callable:
@@ -525,10 +540,7 @@ def delta_pass_heuristic(K: int, V: int, dtype: str, *, gate: str = "none", bloc
     config while a grid of V tiles of 128 covers three quarters of the multiprocessors (8 sequences x 16 heads at
     V = 128: 128 blocks), else the small-grid one (e.g. 2 sequences x 16 heads); the large-grid one without a grid."""
     configs = delta_pass_configs(K, V, dtype, gate)
-    if len(configs) == 1 or blocks is None or sms is None:
-        return configs[0]
-    large, small = configs
-    return large if 4 * blocks * cdiv(V, 128) >= 3 * sms else small
+    return configs[-1] if small_grid(V, blocks, sms) else configs[0]
 
 
 def delta_pass_rule(K: int, V: int, dtype: str, config: DeltaPassConfig) -> bool:
@@ -649,13 +661,13 @@ KERNELS = {
             "parallel_based_fwd", ParallelBasedFwdConfig, smem_parallel_based("fwd"),
             {"BS": (32, 64), "BV": (64, 128), "num_stages": (1, 2), "threads": (128, 256)},
             parallel_based_heuristic("fwd"), "fla_tl.kernels.based.parallel:parallel_based_fwd_kernel", gate="none",
-            launches=lambda K, V, dtype: K <= 128,
+            launches=parallel_based_launches,
         ),
         *(TunableKernel(
             f"parallel_based_bwd_{stage}", ParallelBasedBwdConfig, smem_parallel_based(stage),
             {"BS": (32, 64), "num_stages": (1, 2), "threads": (128, 256)}, parallel_based_heuristic(stage),
             f"fla_tl.kernels.based.parallel:parallel_based_bwd_{stage}_kernel", gate="none",
-            launches=lambda K, V, dtype: K <= 128,
+            launches=parallel_based_launches,
         ) for stage in ("dq", "dkv")),
         TunableKernel(
             "rwkv6_fwd_bonus", BlockConfig, smem_rwkv6_bonus("fwd"), {"threads": (128, 256)}, _constant(BlockConfig()),

@@ -58,15 +58,7 @@ def make_runner(
     if "based_" in name:
         return _based_runner(name, q, k, v, do, N, T, g)
     if name.startswith("rwkv6_"):
-        from ..kernels.rwkv6 import bonus
-
-        u = torch.randn(H, K, device=device, generator=g)
-        kw = dict(scale=K ** -0.5, reverse=False, first=None, meta=meta)
-        if name == "rwkv6_fwd_bonus":
-            return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
-        dq = torch.randn(N * T, H, K, device=device, generator=g).to(dtype)
-        # the backward adds into dk, dv in place: fresh copies each call
-        return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
+        return _rwkv6_runner(name, q, k, v, do, meta, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
@@ -156,6 +148,20 @@ def _based_runner(name: str, q, k, v, do, N: int, T: int, g: torch.Generator) ->
     if name == "based_bwd_dq_fused_chunk":
         return lambda c: based.based_fused_chunk_bwd(q, k, v, do, dz, scale=scale, dq_config=c)[:1]
     return lambda c: based.based_fused_chunk_bwd(q, k, v, do, dz, scale=scale, dkv_config=c)[1:]
+
+
+def _rwkv6_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
+    """the runner of an RWKV6 bonus kernel: a fixed random bonus `u` (and dq for the backward, which adds into dk, dv
+    in place: it gets fresh copies each call)."""
+    from ..kernels.rwkv6 import bonus
+
+    H, K = k.shape[1:]
+    u = torch.randn(H, K, device=k.device, generator=g)
+    kw = dict(scale=K ** -0.5, reverse=False, first=None, meta=meta)
+    if name == "rwkv6_fwd_bonus":
+        return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
+    dq = torch.randn(q.shape, device=q.device, generator=g).to(q.dtype)
+    return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
 
 
 # the delta rules' sequential passes (`common.chunk_delta_h`, `common.fused_chunk_delta`)

@@ -24,11 +24,10 @@ import functools
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import BASED_CHUNK_MAX_K as MAX_K
 from ...autotune.configs import based_feature_dims as feature_dims
 from ...autotune.resolve import tile_config
 from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, target_for
-
-MAX_K = 16
 
 
 @functools.lru_cache(maxsize=32)

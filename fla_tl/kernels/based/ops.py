@@ -8,6 +8,7 @@ unnormalised (o `[B, T, H, V]`, z `[B, T, H]`) in fp32 (fp64 for fp64 inputs), a
 
 import torch
 
+from ...autotune.configs import BASED_CHUNK_MAX_K, PARALLEL_BASED_MAX_K
 from ...reference.based import attention_form, based_feature, rebased_feature, recurrent_based, recurrent_rebased
 from ...registry import (
     Backend,
@@ -26,8 +27,6 @@ from ...utils import join_graph, validate_linear_attention_inputs
 SCHEMA = "Tensor q, Tensor k, Tensor v, float scale"
 FUSED_CHUNK_MODULE = "fla_tl.kernels.based.fused_chunk"
 PARALLEL_MODULE = "fla_tl.kernels.based.parallel"
-FUSED_CHUNK_MAX_K = 16  # fla's limit: the Taylor features grow as K^2
-PARALLEL_MAX_K = 128
 
 
 def _check_head_dim(name: str, q: torch.Tensor, limit: int) -> None:
@@ -88,7 +87,7 @@ def make_fused_chunk_based_backend() -> Backend:
         return fused_chunk_based_fwd, fused_chunk_based_bwd
 
     def extra_reasons(inputs) -> list[str]:
-        if inputs.K > FUSED_CHUNK_MAX_K:
+        if inputs.K > BASED_CHUNK_MAX_K:
             return [f"K = {inputs.K} > 16 (fla's limit for fused_chunk_based: its Taylor features grow as K^2)"]
         return []
 
@@ -112,7 +111,7 @@ def make_parallel_based_backend(based: bool) -> Backend:
         return fwd, bwd
 
     def extra_reasons(inputs) -> list[str]:
-        if inputs.K > PARALLEL_MAX_K:
+        if inputs.K > PARALLEL_BASED_MAX_K:
             return [f"K = {inputs.K} > 128 (fla's limit for the attention form)"]
         return []
 
@@ -132,15 +131,13 @@ def _torch(feature) -> Backend:
 
 def _fused_chunk_kernels(D: int, dtype: str) -> list[KernelSpec]:
     """q, k of fla's feature dim 16 and V = D at the launchers' tiles; fp32 inputs take the attention form."""
-    from . import fused_chunk
-
     if dtype == "float32":
-        return _parallel_kernels(fused_chunk.MAX_K, D, dtype, based=True)
+        return _parallel_kernels(BASED_CHUNK_MAX_K, D, dtype, based=True)
     from ...autotune.resolve import heuristic_config
     from ..common.state_op import stage_spec
 
-    # every default the grid can pick (`based_chunk_heuristic`: narrower V tiles on a small grid)
-    K = fused_chunk.MAX_K
+    # every default the grid can pick (`based_chunk_heuristic`): a full grid, and one block on many multiprocessors
+    K = BASED_CHUNK_MAX_K
     names = [f"based_{name}_fused_chunk" for name in ("fwd", "bwd_dq", "bwd_dkv")]
     specs = []
     for name in names:
@@ -153,7 +150,7 @@ def _parallel_kernels(K: int, V: int, dtype: str, based: bool) -> list[KernelSpe
     """the attention-form kernels at head dims K (<= 128), V and the launchers' tiles."""
     from ..common.state_op import stage_spec
 
-    if K > PARALLEL_MAX_K:
+    if K > PARALLEL_BASED_MAX_K:
         return []
     return [stage_spec(name, K, V, dtype, "none", based=based)
             for name in ("parallel_based_fwd", "parallel_based_bwd_dq", "parallel_based_bwd_dkv")]
@@ -212,7 +209,7 @@ def fused_chunk_based(
         >>> o = fused_chunk_based(q, k, v)
     """
     validate_linear_attention_inputs(q, k, v, scale=scale)
-    _check_head_dim("fused_chunk_based", q, FUSED_CHUNK_MAX_K)
+    _check_head_dim("fused_chunk_based", q, BASED_CHUNK_MAX_K)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o, z = _based_run(FUSED_CHUNK, q, k, v, scale, backend)
     return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
@@ -241,7 +238,7 @@ def parallel_based(
         >>> o = parallel_based(q, k, v, use_norm=False)
     """
     validate_linear_attention_inputs(q, k, v, scale=scale)
-    _check_head_dim("parallel_based", q, PARALLEL_MAX_K)
+    _check_head_dim("parallel_based", q, PARALLEL_BASED_MAX_K)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     o, z = _based_run(PARALLEL_BASED, q, k, v, scale, backend)
     return (o / (z[..., None] + 1e-6) if use_norm else o).to(q.dtype)
@@ -269,7 +266,7 @@ def parallel_rebased(
         >>> o = parallel_rebased(q, k, v)
     """
     validate_linear_attention_inputs(q, k, v)
-    _check_head_dim("parallel_rebased", q, PARALLEL_MAX_K)
+    _check_head_dim("parallel_rebased", q, PARALLEL_BASED_MAX_K)
     o, z = _based_run(PARALLEL_REBASED, q, k, v, q.shape[-1] ** -0.5 if use_scale else 1.0, backend)
     if return_both:
         return o.transpose(1, 2).to(q.dtype), z.transpose(1, 2).to(q.dtype)
