@@ -286,8 +286,8 @@ def test_source_file_is_the_modules(name):
 
 @pytest.mark.parametrize(("N", "gate", "dtype", "K", "want"), [
     (8, "none", torch.bfloat16, 128, dict(BV=128, threads=256)),  # 8 x 16 heads: a full grid
-    (2, "none", torch.bfloat16, 128, dict(BV=32, threads=128)),  # 2 x 16 heads: narrower tiles, more blocks
-    (2, "g", torch.bfloat16, 128, dict(BV=64, threads=256)),
+    (2, "none", torch.bfloat16, 128, dict(BV=32, threads=256)),  # 2 x 16 heads: narrower tiles, more blocks
+    (2, "g", torch.bfloat16, 128, dict(BV=32, threads=256)),
     (8, "g", torch.bfloat16, 128, dict(BV=128, threads=256)),
     (2, "none", torch.float32, 128, dict(BV=64, threads=128)),  # fp32 and K > 128: the kernels' defaults
     (2, "g", torch.bfloat16, 256, dict(BV=64, threads=128)),

@@ -359,6 +359,7 @@ def _state_pass_reference(q, k, w, u, do, gc, cu, scale, BT=64):
     pytest.param((200, 130), torch.bfloat16, 128, 128, dict(BV=128, threads=256), id="bf16-K128-BV128-thr256"),
     pytest.param((200, 130), torch.bfloat16, 128, 128, dict(BV=64, threads=256), id="bf16-K128-BV64-thr256"),
     pytest.param((200, 130), torch.bfloat16, 128, 128, dict(BV=32, threads=128), id="bf16-K128-BV32"),
+    pytest.param((200, 130), torch.bfloat16, 128, 128, dict(BV=32, threads=256), id="bf16-K128-BV32-thr256"),
     pytest.param((1, 130, 0, 77), torch.float32, 64, 48, {}, id="varlen-fp32-K64-V48"),
     pytest.param((1, 130, 0, 77), torch.float32, 64, 48, dict(num_stages=2), id="varlen-fp32-K64-V48-stages2"),
     pytest.param((70, 64), torch.float16, 100, 72, {}, id="fp16-K100-V72"),

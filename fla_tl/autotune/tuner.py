@@ -207,7 +207,7 @@ def _delta_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -
     dh, dv_new, _ = chunk_delta_h.chunk_delta_bwd_dhu(q, k, beta, ai, do, None, scale=scale, need_dh0=False, **common)
     if name == "chunk_delta_bwd_dqkw":
         return lambda c: chunk_delta_h.chunk_delta_bwd_dqkw(q, k, v_new, do, dv_new, h, dh, scale=scale, **common,
-                                                            **c)[:3]
+                                                            config=c)[:3]
     dw = torch.randn(k.shape, device=k.device, generator=g).to(k.dtype)
 
     def wy_bwd(c):
