@@ -238,3 +238,48 @@ def test_runner_launches_every_gate_option(name, gate):
     for a, b in zip(other, default):
         ok, detail = compare(a, b, torch.bfloat16)
         assert ok, detail
+
+
+def _kernel_pairs():
+    """(kernel, gate option) of every tunable kernel as the registered ops launch it at D = 64."""
+    pairs = {(name, gate) for op in registered_ops()
+             for name, _, _, gate in (tuner.op_kernels(op.name, 64) or [])}
+    return sorted(pairs, key=lambda p: (p[0], str(p[1])))
+
+
+def test_every_tunable_kernel_is_launched_by_an_op():
+    assert {name for name, _ in _kernel_pairs()} == set(KERNELS)
+
+
+@pytest.mark.parametrize("name, gate", _kernel_pairs())
+def test_runner_hands_each_config_to_its_kernel(name, gate, monkeypatch):
+    """the tuner's runner, on the CPU with the kernels faked: every candidate reaches the kernel's factory as keywords
+    it takes, with the candidate's values (a runner that drops or misnames the config would time one kernel many
+    times, or fail on the GPU)."""
+    import dataclasses
+    import importlib
+    import inspect
+    import sys
+
+    from fla_tl.kernels.rwkv6 import bonus
+
+    module_name, factory_name = KERNELS[name].factory.split(":")
+    importlib.import_module(module_name)
+    calls = []
+
+    def fake_get_kernel(factory, target, **kwargs):
+        inspect.signature(factory).bind(**kwargs)
+        calls.append((factory.__name__, kwargs))
+        return lambda *args, **kw: None
+
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("fla_tl.kernels") and hasattr(mod, "get_kernel"):
+            monkeypatch.setattr(mod, "get_kernel", fake_get_kernel)
+    monkeypatch.setattr(bonus, "_use_kernels", lambda x: True)  # RWKV6's bonus takes its kernels on CUDA only
+    runner = tuner.make_runner(name, N=2, T=130, H=2, K=64, V=64, dtype=torch.bfloat16, device="cpu", gate=gate)
+    for config in KERNELS[name].candidates(64, 64, "bfloat16", gate):
+        calls.clear()
+        runner(dataclasses.asdict(config))
+        got = [kw for factory, kw in calls if factory == factory_name]
+        assert got, f"{name}: the runner did not launch {factory_name}"
+        assert all(kw[f] == v for f, v in dataclasses.asdict(config).items() for kw in got), (config, got)
