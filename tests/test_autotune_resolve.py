@@ -231,7 +231,6 @@ FIXED_TILES = {
     "chunk_reverse_cumsum_kernel", "combine_states_kernel", "fused_recurrent_delta_rule_fwd_kernel",
     "fused_recurrent_delta_rule_bwd_dkv_kernel", "fused_recurrent_delta_rule_bwd_dqk_kernel",
     "titans_fwd_chunk_kernel", "titans_bwd_chunk_kernel", "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel",
-    "chunk_scan_kernel", "normalize_fwd_kernel", "normalize_bwd_c_kernel", "normalize_bwd_dqk_kernel",
     "fused_recurrent_hgrn_fwd_kernel", "fused_recurrent_hgrn_bwd_kernel",
 }
 

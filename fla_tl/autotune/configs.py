@@ -157,6 +157,15 @@ class BlockConfig:
     threads: int = 128
 
 
+@dataclass(frozen=True)
+class KeyScanConfig:
+    """linear attention's chunk-wise key-sum scan (`linear_attn.normalize.chunk_scan_kernel`): the key tile each
+    block carries through a sequence's chunks, and the block size."""
+
+    BK: int = 64
+    threads: int = 128
+
+
 # ---------------------------------------------------------------- shared memory of each kernel, from its allocations
 
 
@@ -412,6 +421,24 @@ def smem_rwkv6_bonus(kind: str) -> Callable:
         return es * (2 * BT * KP + 2 * BT * VP) + 4 * (KP + 2 * BT)
 
     return smem
+
+
+def smem_normalize(kind: str) -> Callable:
+    """shared memory of linear attention's key-sum normalisation kernels (`linear_attn.normalize`): the scan keeps its
+    tiles in registers; the forward stages q, k [BT, KP] in the input dtype, the key sum [KP] and the denominators
+    [BT] in fp32; the dq/dk pass q, k and the row weights [BT]; the do/c pass the denominators."""
+
+    def smem(K, V, dtype, c) -> int:
+        es, KP = ELEMENT_SIZE[dtype], pad_dim(K)
+        return {"scan": 0, "fwd": es * 2 * BT * KP + 4 * (KP + BT), "bwd_c": 4 * BT,
+                "bwd_dqk": es * 2 * BT * KP + 4 * BT}[kind]
+
+    return smem
+
+
+def key_scan_rule(K: int, V: int, dtype: str, config: KeyScanConfig) -> bool:
+    """the key tile divides the padded K (each block owns whole tiles)."""
+    return config.BK <= pad_dim(K) and pad_dim(K) % config.BK == 0
 
 
 def delta_pass_stages(K: int, dtype: str) -> int:
@@ -692,6 +719,15 @@ KERNELS = {
             _constant(ChunkBwdDqkConfig()),
             "fla_tl.kernels.common.chunk_delta_h:chunk_delta_bwd_dqkw_kernel", launches=delta_pass_launches("fwd_h"),
         ),
+        TunableKernel(
+            "linear_attn_key_scan", KeyScanConfig, smem_normalize("scan"),
+            {"BK": (32, 64, 128), "threads": (64, 128, 256)}, _constant(KeyScanConfig()),
+            "fla_tl.kernels.linear_attn.normalize:chunk_scan_kernel", gate="none", rule=key_scan_rule,
+        ),
+        *(TunableKernel(
+            f"linear_attn_normalize_{kind}", BlockConfig, smem_normalize(kind), {"threads": threads},
+            _constant(BlockConfig()), f"fla_tl.kernels.linear_attn.normalize:normalize_{kind}_kernel", gate="none",
+        ) for kind, threads in (("fwd", (128, 256)), ("bwd_c", (64, 128, 256)), ("bwd_dqk", (64, 128, 256)))),
     )
 }
 

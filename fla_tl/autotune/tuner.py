@@ -33,7 +33,7 @@ def op_kernels(op: str, D: int, dtype: str = "bfloat16") -> list[tuple[str, int,
     spec = get_op(op)
     if spec.kernels is None:
         return None
-    found = ((k.name, k.kwargs["K"], k.kwargs["V"], k.kwargs.get("gate", KERNELS[k.name].gate))
+    found = ((k.name, k.kwargs.get("K", D), k.kwargs.get("V", D), k.kwargs.get("gate", KERNELS[k.name].gate))
              for k in spec.kernels(D, dtype) if k.name in KERNELS)
     return list(dict.fromkeys(found))
 
@@ -59,6 +59,8 @@ def make_runner(
         return _based_runner(name, q, k, v, do, N, T, g)
     if name.startswith("rwkv6_"):
         return _rwkv6_runner(name, q, k, v, do, meta, g)
+    if name.startswith("linear_attn_"):
+        return _normalize_runner(name, q, k, v, do, meta, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
@@ -162,6 +164,26 @@ def _rwkv6_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
         return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
     dq = torch.randn(q.shape, device=q.device, generator=g).to(q.dtype)
     return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
+
+
+def _normalize_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
+    """the runner of a stage of linear attention's key-sum normalisation: positive q, k (the feature maps it is meant
+    for), the outputs v to normalise, output gradients do."""
+    from ..kernels.linear_attn import normalize as norm
+
+    q, k = (torch.rand(x.shape, device=x.device, generator=g).to(x.dtype) for x in (q, k))
+    scale = q.shape[-1] ** -0.5
+    if name == "linear_attn_key_scan":
+        return lambda c: norm._chunk_scan(k, None, None, meta, BT, reverse=False, **c)
+    zc, _ = norm._chunk_scan(k, None, None, meta, BT, reverse=False)
+    if name == "linear_attn_normalize_fwd":
+        return lambda c: norm._normalize_fwd(q, k, v, zc, meta, scale, BT, **c)
+    y, den = norm._normalize_fwd(q, k, v, zc, meta, scale, BT)
+    if name == "linear_attn_normalize_bwd_c":
+        return lambda c: norm._normalize_bwd_c(do, y, den, meta, scale, BT, **c)
+    _, w = norm._normalize_bwd_c(do, y, den, meta, scale, BT)
+    rc, _ = norm._chunk_scan(q, w, None, meta, BT, reverse=True)
+    return lambda c: norm._normalize_bwd_dqk(q, k, w, zc, rc, meta, BT, **c)
 
 
 # the delta rules' sequential passes (`common.chunk_delta_h`, `common.fused_chunk_delta`)

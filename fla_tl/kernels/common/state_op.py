@@ -9,6 +9,7 @@ fp32, fp64 for fp64 inputs, or None).
 """
 
 import importlib
+import inspect
 import itertools
 import warnings
 from collections.abc import Callable
@@ -316,12 +317,15 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
         base.update(based=True)  # ReBased's flag comes in `flags`
     elif name.startswith("rwkv6_"):
         base.update(reverse=False, BT=BT)
+    elif name == "linear_attn_key_scan":
+        base.update(weighted=False, reverse=False, with_init=False)  # the plain scan; the others come in `flags`
     if name.startswith("fused_recurrent"):
         base.update(reverse=False, state_v_first=False)
-    if KERNELS[name].gate is not None:
-        del base["gate"]
+    factory = getattr(importlib.import_module(module), attr)
+    # a factory without a gate keyword always runs its fixed gate; one over a single head dim takes only that one
+    base = {key: value for key, value in base.items() if key in inspect.signature(factory).parameters}
     config = config if config is not None else heuristic_config(name, K, V, dtype, gate)
-    return KernelSpec(name, getattr(importlib.import_module(module), attr), {**base, **config, **flags})
+    return KernelSpec(name, factory, {**base, **config, **flags})
 
 
 def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, ...] = ("gamma",)) -> list[KernelSpec]:

@@ -19,6 +19,7 @@ denominators then carry about 1e-3 relative error per product; signed q can make
 import tilelang.language as T
 import torch
 
+from ...autotune.resolve import tile_config
 from ..common.utils import TORCH_TO_TL, get_kernel, pad_dim, seq_meta, target_for
 
 EPS = 1e-10
@@ -235,18 +236,55 @@ def _acc(x):
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def _chunk_scan(x, w, init, meta, BT, reverse: bool, rows: int | None = None):
+def _chunk_scan(x, w, init, meta, BT, reverse: bool, rows: int | None = None, **config):
     """(the sum entering each chunk `[NT, H, K]`, the sum over each sequence `[N, H, K]`), fp32, of the rows of x
     (weighted by w `[Ttot, H]` when given), per sequence from init `[N, H, K]` (or zero), from the last chunk when
-    reverse; `rows` >= NT allocates that many chunk rows (a shape known without the sequence lengths)."""
+    reverse; `rows` >= NT allocates that many chunk rows (a shape known without the sequence lengths). `config`
+    overrides the tile config (kernel "linear_attn_key_scan")."""
     Ttot, H, K = x.shape
     s = torch.empty(rows if rows is not None else meta.NT, H, K, dtype=_acc(x), device=x.device)
     total = torch.empty(meta.N, H, K, dtype=_acc(x), device=x.device)
+    config = tile_config("linear_attn_key_scan", x, K=K, V=K, gate="none", N=meta.N, overrides=config)
     kernel = get_kernel(chunk_scan_kernel, target_for(x.device), K=K, dtype=TORCH_TO_TL[x.dtype],
-                        weighted=w is not None, reverse=reverse, with_init=init is not None, BT=BT)
+                        weighted=w is not None, reverse=reverse, with_init=init is not None, BT=BT, **config)
     kernel(x, w if w is not None else _dummy(x, H), init if init is not None else _dummy(x, H, K), meta.cu,
            meta.chunk_offsets, s, total)
     return s, total
+
+
+def _normalize_fwd(q_, k_, o_, zc, meta, scale: float, BT: int, **config):
+    """(y `[Ttot, H, V]` in o's dtype, the denominators `[Ttot, H]` fp32) of the packed q, k, o and the key sums
+    entering each chunk; `config` overrides the tile config (kernel "linear_attn_normalize_fwd")."""
+    K, V = q_.shape[-1], o_.shape[-1]
+    y, den = torch.empty_like(o_), torch.empty(o_.shape[:2], dtype=_acc(q_), device=o_.device)
+    config = tile_config("linear_attn_normalize_fwd", q_, K=K, V=V, gate="none", N=meta.N, overrides=config)
+    kernel = get_kernel(normalize_fwd_kernel, target_for(q_.device), K=K, V=V, dtype=TORCH_TO_TL[q_.dtype], BT=BT,
+                        **config)
+    # the kernels index the first NT rows (the buffer's shape is known from the input shapes alone)
+    kernel(q_, k_, o_, zc[:meta.NT], meta.cu, meta.chunk_indices, y, den, scale)
+    return y, den
+
+
+def _normalize_bwd_c(dy_, y_, den, meta, scale: float, BT: int, **config):
+    """(do `[Ttot, H, V]` in y's dtype, the row weights c `[Ttot, H]` fp32); `config` overrides the tile config
+    (kernel "linear_attn_normalize_bwd_c")."""
+    V = y_.shape[-1]
+    do, c = torch.empty_like(y_), torch.empty(y_.shape[:2], dtype=_acc(y_), device=y_.device)
+    config = tile_config("linear_attn_normalize_bwd_c", y_, K=V, V=V, gate="none", N=meta.N, overrides=config)
+    get_kernel(normalize_bwd_c_kernel, target_for(y_.device), V=V, dtype=TORCH_TO_TL[y_.dtype], BT=BT, **config)(
+        dy_, y_, den, meta.cu, meta.chunk_indices, do, c, scale)
+    return do, c
+
+
+def _normalize_bwd_dqk(q_, k_, c, zc, rc, meta, BT: int, **config):
+    """(dq, dk `[Ttot, H, K]` in q's dtype) of the normalisation; `config` overrides the tile config (kernel
+    "linear_attn_normalize_bwd_dqk")."""
+    K = q_.shape[-1]
+    dq, dk = torch.empty_like(q_), torch.empty_like(k_)
+    config = tile_config("linear_attn_normalize_bwd_dqk", q_, K=K, V=K, gate="none", N=meta.N, overrides=config)
+    get_kernel(normalize_bwd_dqk_kernel, target_for(q_.device), K=K, dtype=TORCH_TO_TL[q_.dtype], BT=BT, **config)(
+        q_, k_, c, zc[:meta.NT], rc, meta.cu, meta.chunk_indices, dq, dk)
+    return dq, dk
 
 
 def _dummy(x, *shape):
@@ -285,12 +323,10 @@ def key_sum_normalize_fwd(o, q, k, scale: float, z_init=None, reverse: bool = Fa
     if z_init is not None:
         z0 = (z_init.flip(0) if reverse and cu_seqlens is not None else z_init)[:, 0].to(_acc(q)).contiguous()
     zc, z = _chunk_scan(k_, None, z0, meta, BT, reverse=False, rows=chunk_rows(B, T, meta.N, BT))
-    y, den = torch.empty_like(o_), torch.empty(o_.shape[:2], dtype=_acc(q), device=o.device)
     if meta.NT:
-        kernel = get_kernel(normalize_fwd_kernel, target_for(q.device), K=K, V=o.shape[-1],
-                            dtype=TORCH_TO_TL[q.dtype], BT=BT)
-        # the kernels index the first NT rows (the buffer's shape is known from the input shapes alone)
-        kernel(q_, k_, o_, zc[:meta.NT], meta.cu, meta.chunk_indices, y, den, scale)
+        y, den = _normalize_fwd(q_, k_, o_, zc, meta, scale, BT)
+    else:
+        y, den = torch.empty_like(o_), torch.empty(o_.shape[:2], dtype=_acc(q), device=o.device)
     y = y.view(B, T, H, -1)
     if reverse:
         y = y.flip(1)
@@ -306,22 +342,19 @@ def key_sum_normalize_bwd(q, k, y, den, zc, dy, dz, *, scale: float, has_z0: boo
     meta = _meta(q, reverse, cu_seqlens, BT)
     q_, k_, y_ = (_packed(x, reverse) for x in (q, k, y))
     dy_ = _packed(dy, reverse) if dy is not None else torch.zeros_like(y_)
-    do, c = torch.empty_like(y_), torch.empty(B * T, H, dtype=_acc(q), device=q.device)
-    dq, dk = torch.empty_like(q_), torch.empty_like(k_)
     if dz is None:
         dzf = q.new_zeros(meta.N, H, K, dtype=_acc(q))
     else:
         dzf = (dz.flip(0) if reverse and cu_seqlens is not None else dz)[:, 0].to(_acc(q)).contiguous()
     dz0 = dzf
     if meta.NT:
-        target = target_for(q.device)
-        get_kernel(normalize_bwd_c_kernel, target, V=y.shape[-1], dtype=TORCH_TO_TL[y.dtype], BT=BT)(
-            dy_, y_, den, meta.cu, meta.chunk_indices, do, c, scale)
+        do, c = _normalize_bwd_c(dy_, y_, den, meta, scale, BT)
         # R_c: the final key sum's gradient (every key feeds it) plus c_i q_i over the later chunks of the sequence;
         # the scan's total is dz_0
         rc, dz0 = _chunk_scan(q_, c, dzf, meta, BT, reverse=True)
-        get_kernel(normalize_bwd_dqk_kernel, target, K=K, dtype=TORCH_TO_TL[q.dtype], BT=BT)(
-            q_, k_, c, zc[:meta.NT], rc, meta.cu, meta.chunk_indices, dq, dk)
+        dq, dk = _normalize_bwd_dqk(q_, k_, c, zc, rc, meta, BT)
+    else:
+        do, dq, dk = torch.empty_like(y_), torch.empty_like(q_), torch.empty_like(k_)
     grads = [x.view(B, T, H, -1) for x in (do, dq, dk)]
     if reverse:
         grads = [x.flip(1) for x in grads]

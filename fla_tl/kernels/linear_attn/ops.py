@@ -18,7 +18,7 @@ from ...registry import (
 )
 from ...testing import reference_dtype
 from ...utils import join_graph, validate_linear_attention_inputs
-from ..common.state_op import SIMPLE_GLA_MODULES, simple_gla_form, state_cases, state_kernels
+from ..common.state_op import SIMPLE_GLA_MODULES, simple_gla_form, stage_spec, state_cases, state_kernels
 
 SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor? initial_state, Tensor? z0, Tensor? cu_seqlens, float scale, "
           "bool output_final_state, bool reverse, bool normalize")
@@ -127,15 +127,12 @@ def _spec(mode: str) -> OpSpec:
 
 
 def _normalize_kernels(D: int, dtype: str) -> list:
-    from ...registry import KernelSpec
-    from . import normalize as N
-
-    specs = [KernelSpec("chunk_scan_kernel", N.chunk_scan_kernel,
-                        dict(K=D, dtype=dtype, weighted=weighted, reverse=weighted, with_init=with_init))
-             for weighted in (False, True) for with_init in (False, True)]
-    return specs + [KernelSpec("normalize_fwd_kernel", N.normalize_fwd_kernel, dict(K=D, V=D, dtype=dtype)),
-                    KernelSpec("normalize_bwd_c_kernel", N.normalize_bwd_c_kernel, dict(V=D, dtype=dtype)),
-                    KernelSpec("normalize_bwd_dqk_kernel", N.normalize_bwd_dqk_kernel, dict(K=D, dtype=dtype))]
+    """the key-sum normalisation's kernels at K = V = D: the key scan (plain and row-weighted, with and without an
+    initial sum), the forward and the two backward passes."""
+    scans = [stage_spec("linear_attn_key_scan", D, D, dtype, "none", weighted=weighted, reverse=weighted,
+                        with_init=with_init) for weighted in (False, True) for with_init in (False, True)]
+    return scans + [stage_spec(f"linear_attn_normalize_{kind}", D, D, dtype, "none")
+                    for kind in ("fwd", "bwd_c", "bwd_dqk")]
 
 
 CHUNK, FUSED_CHUNK, FUSED_RECURRENT = (_spec(mode) for mode in ("chunk", "fused_chunk", "fused_recurrent"))
