@@ -230,7 +230,7 @@ FIXED_TILES = {
     "chunk_gate_cumsum_kernel", "sequence_cumsum_kernel", "gate_dot_kernel", "chunk_state_dot_kernel",
     "chunk_reverse_cumsum_kernel", "combine_states_kernel", "fused_recurrent_delta_rule_fwd_kernel",
     "fused_recurrent_delta_rule_bwd_dkv_kernel", "fused_recurrent_delta_rule_bwd_dqk_kernel",
-    "titans_fwd_chunk_kernel", "titans_bwd_chunk_kernel", "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel",
+    "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel",
     "fused_recurrent_hgrn_fwd_kernel", "fused_recurrent_hgrn_bwd_kernel",
 }
 

@@ -195,8 +195,8 @@ def _check(case):
     tunable = KERNELS.get(spec.name.removesuffix("_kernel"))
     if tunable is not None:
         config = tunable.config_cls(**{f: spec.kwargs[f] for f in tunable.config_cls.__dataclass_fields__})
-        # a kernel over one head dim takes it for both
-        K = spec.kwargs.get("K", spec.kwargs.get("V"))
+        # a kernel over one head dim (K, V or D) takes it for both
+        K = spec.kwargs.get("K", spec.kwargs.get("V", spec.kwargs.get("D")))
         planned = tunable.smem(K, spec.kwargs.get("V", K), spec.kwargs["dtype"], config)
         assert smem <= planned + MAX_SMEM - SMEM_BUDGET, (
             f"{spec.name}: the launch takes {smem} bytes, the fit arithmetic counts {planned}")

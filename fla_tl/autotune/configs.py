@@ -436,6 +436,41 @@ def smem_normalize(kind: str) -> Callable:
     return smem
 
 
+# the widest head dim the Titans kernels take (their [D, D] memories live in shared memory)
+TITANS_MAX_D = 128
+
+
+def titans_launches(kind: str) -> Callable:
+    """(K, V, dtype) -> whether the Titans ops launch kernel `kind` there: head dims that are multiples of 16 up to
+    `TITANS_MAX_D`; the backward for 16-bit inputs whose tiles fit (the others take the PyTorch recompute)."""
+
+    def launches(K, V, dtype) -> bool:
+        if K % 16 or K > TITANS_MAX_D:
+            return False
+        return kind == "fwd" or (ELEMENT_SIZE[dtype] == 2 and smem_titans("bwd")(K, V, dtype, None) <= SMEM_BUDGET)
+
+    return launches
+
+
+# the chunk length the Titans kernels' shared-memory arithmetic counts (their factories' default; the op's chunk_size
+# sets it per call, and the block size, the only knob, does not change what it takes)
+TITANS_BT = 16
+
+
+def smem_titans(kind: str) -> Callable:
+    """shared memory of the Titans chunk kernels (`titans.chunk`) at chunk length `TITANS_BT`: the forward stages the
+    memories M, S [D, D], five [BT, D] tiles and the [BT, BT] attention in q's dtype and two [BT, D] fp32 tiles; the
+    backward four [D, D] and nine [BT, D] tiles in q's dtype and five [BT, D] fp32 tiles."""
+
+    def smem(K, V, dtype, c) -> int:
+        es, D, BT_ = ELEMENT_SIZE[dtype], K, TITANS_BT
+        if kind == "fwd":
+            return es * (2 * D * D + 5 * BT_ * D + BT_ * BT_) + 4 * 2 * BT_ * D
+        return es * (4 * D * D + 9 * BT_ * D + BT_ * BT_) + 4 * 5 * BT_ * D
+
+    return smem
+
+
 def key_scan_rule(K: int, V: int, dtype: str, config: KeyScanConfig) -> bool:
     """the key tile divides the padded K (each block owns whole tiles)."""
     return config.BK <= pad_dim(K) and pad_dim(K) % config.BK == 0
@@ -728,6 +763,11 @@ KERNELS = {
             f"linear_attn_normalize_{kind}", BlockConfig, smem_normalize(kind), {"threads": threads},
             _constant(BlockConfig()), f"fla_tl.kernels.linear_attn.normalize:normalize_{kind}_kernel", gate="none",
         ) for kind, threads in (("fwd", (128, 256)), ("bwd_c", (64, 128, 256)), ("bwd_dqk", (64, 128, 256)))),
+        *(TunableKernel(
+            f"titans_{kind}_chunk", BlockConfig, smem_titans(kind), {"threads": (128, 256)},
+            _constant(BlockConfig(threads=256)), f"fla_tl.kernels.titans.chunk:titans_{kind}_chunk_kernel",
+            gate="none", launches=titans_launches(kind),
+        ) for kind in ("fwd", "bwd")),
     )
 }
 

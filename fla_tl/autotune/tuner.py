@@ -61,6 +61,8 @@ def make_runner(
         return _rwkv6_runner(name, q, k, v, do, meta, g)
     if name.startswith("linear_attn_"):
         return _normalize_runner(name, q, k, v, do, meta, g)
+    if name.startswith("titans_"):
+        return _titans_runner(name, q, k, v, do, N, T, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
@@ -164,6 +166,29 @@ def _rwkv6_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
         return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
     dq = torch.randn(q.shape, device=q.device, generator=g).to(q.dtype)
     return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
+
+
+def _titans_runner(name: str, q, k, v, do, N: int, T: int, g: torch.Generator) -> Callable:
+    """the runner of a Titans chunk kernel at chunk length `configs.TITANS_BT`: q, k, v, do as `[N, T, H, D]`,
+    per-head weights and per-token rates as the benchmarks draw them (a small learning rate, decay and momentum in
+    (0, 1)), the backward on the forward's stored states."""
+    from ..kernels.titans import chunk as titans
+    from .configs import TITANS_BT
+
+    H, D = q.shape[1], q.shape[2]
+    q, k, v, do = (x.view(N, T, H, D) for x in (q, k, v, do))
+    dev = q.device
+    w = (1 + 0.1 * torch.randn(H, D, device=dev, generator=g)).to(q.dtype)
+    b = (0.1 * torch.randn(H, D, device=dev, generator=g)).to(q.dtype)
+    theta = (torch.rand(N, T, H, 1, device=dev, generator=g) * 0.05 / D ** 0.5).to(q.dtype)
+    alpha = (torch.rand(N, T, H, 1, device=dev, generator=g) * 0.2).to(q.dtype)
+    eta = (0.5 + 0.5 * torch.rand(N, T, H, 1, device=dev, generator=g)).to(q.dtype)
+    args = (q, k, v, w, b, theta, alpha, eta)
+    kw = dict(eps=1e-6, chunk_size=TITANS_BT)
+    if name == "titans_fwd_chunk":
+        return lambda c: titans.titans_fwd(*args, initial_state=None, output_final_state=True, **kw, **c)[:2]
+    _, _, (hm, hs) = titans.titans_fwd(*args, initial_state=None, output_final_state=False, store_states=True, **kw)
+    return lambda c: titans.titans_bwd(*args, do, None, hm, hs, **kw, **c)
 
 
 def _normalize_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:

@@ -317,6 +317,8 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
         base.update(based=True)  # ReBased's flag comes in `flags`
     elif name.startswith("rwkv6_"):
         base.update(reverse=False, BT=BT)
+    elif name.startswith("titans_"):
+        base.update(D=K)  # K = V = D
     elif name == "linear_attn_key_scan":
         base.update(weighted=False, reverse=False, with_init=False)  # the plain scan; the others come in `flags`
     if name.startswith("fused_recurrent"):

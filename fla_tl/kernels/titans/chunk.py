@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ...reference.titans import chunk_titans_linear_torch, titans_chunk_scalars
+from ...autotune.resolve import tile_config
 from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, state_or_dummy, target_for
 
 # the TileLang backward for bf16 / fp16 inputs (False: every dtype takes the PyTorch recompute)
@@ -469,9 +470,10 @@ def _unchunked(x, T: int):
 
 
 def titans_fwd(q, k, v, w, b, theta, alpha, eta, *, eps: float, chunk_size: int, initial_state,
-               output_final_state: bool, store_states: bool = False, threads: int = 256):
+               output_final_state: bool, store_states: bool = False, **config):
     """(o `[B, T, H, D]` in q's dtype, final memory fp32 `[B, H, D, D]` or None, and with `store_states` the states
-    entering each chunk (hm, hs) `[B * H * NT, D, D]` in q's dtype) by the TileLang kernel."""
+    entering each chunk (hm, hs) `[B * H * NT, D, D]` in q's dtype) by the TileLang kernel; `config` overrides the
+    tile config (kernel "titans_fwd_chunk")."""
     B, T, H, D = q.shape
     BT = chunk_size
     beta, f, G, gL, nL, cL = titans_chunk_coefs(theta.reshape(B, T, H), alpha.reshape(B, T, H),
@@ -481,8 +483,10 @@ def titans_fwd(q, k, v, w, b, theta, alpha, eta, *, eps: float, chunk_size: int,
     o = torch.empty_like(q)
     ht = q.new_empty(B * H if output_final_state else 1, D, D, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, q, (D, D))
+    config = tile_config("titans_fwd_chunk", q.contiguous().view(B * T, H, D), K=D, V=D, gate="none", N=B,
+                         overrides=config)
     kernel = get_kernel(titans_fwd_chunk_kernel, target_for(q.device), D=D, dtype=TORCH_TO_TL[q.dtype], BT=BT,
-                        threads=threads)
+                        **config)
     NS = B * H * G.shape[2] if store_states else 1
     hm, hs = q.new_empty(NS, D, D), q.new_empty(NS, D, D)
     kernel(q.contiguous(), k.contiguous(), v.contiguous(), w.reshape(H, D).float().contiguous(),
@@ -491,11 +495,11 @@ def titans_fwd(q, k, v, w, b, theta, alpha, eta, *, eps: float, chunk_size: int,
     return o, (ht.view(B, H, D, D) if output_final_state else None), ((hm, hs) if store_states else None)
 
 
-def titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, *, eps: float, chunk_size: int,
-               threads: int = 256):
+def titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, *, eps: float, chunk_size: int, **config):
     """the gradients (dq, dk, dv, dw, db, dtheta, dalpha, deta, dh0), fp32, by the TileLang reverse sweep and the
     PyTorch glue: the in-chunk attention's share of dq, dk (batched matmuls) and the coefficients' backward to theta,
-    alpha, eta (the vector-Jacobian product of `titans_chunk_coefs`)."""
+    alpha, eta (the vector-Jacobian product of `titans_chunk_coefs`); `config` overrides the tile config (kernel
+    "titans_bwd_chunk")."""
     B, T, H, D = q.shape
     BT = chunk_size
     # torch.func.vjp (not autograd): a custom op's backward runs below the autograd dispatch key
@@ -512,8 +516,10 @@ def titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, *, eps: float,
     dwb = q.new_empty(B * H, 2, D, dtype=torch.float32)
     dh0 = q.new_empty(B * H, D, D, dtype=torch.float32)
     dht_, use_dht = state_or_dummy(dht, q, (D, D))
+    config = tile_config("titans_bwd_chunk", q.contiguous().view(B * T, H, D), K=D, V=D, gate="none", N=B,
+                         overrides=config)
     kernel = get_kernel(titans_bwd_chunk_kernel, target_for(q.device), D=D, dtype=TORCH_TO_TL[q.dtype], BT=BT,
-                        threads=threads)
+                        **config)
     kernel(q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous(),
            w.reshape(H, D).float().contiguous(), b.reshape(H, D).float().contiguous(), beta, f, A, gL, nL, cL, hm, hs,
            dht_, dq, dk, dv, dout, vn, dbeta, df, dgL, dnL, dcL, dwb, dh0, float(eps), use_dht)

@@ -9,6 +9,7 @@ TileLang kernels take chunk sizes `TITANS_TL_CHUNK_SIZES` only: the chunk size g
 
 import torch
 
+from ...autotune.configs import TITANS_MAX_D
 from ...reference.titans import chunk_titans_linear_torch, recurrent_titans_linear
 from ...registry import (
     AUTO,
@@ -27,7 +28,6 @@ from ...testing import Case, reference_dtype
 from ...utils import check_device, check_tensor, join_graph
 
 TITANS_TL_CHUNK_SIZES = (16, 32, 64)
-TITANS_TL_MAX_D = 128
 MODULE = "fla_tl.kernels.titans.chunk"
 SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor w, Tensor b, Tensor theta, Tensor alpha, Tensor eta, "
           "Tensor? initial_state, float eps, int chunk_size, bool output_final_state")
@@ -129,7 +129,7 @@ def make_titans_backend() -> Backend:
         NS = B * H * -(-T // chunk_size)
         return [q.new_empty(NS, D, D), q.new_empty(NS, D, D)]
 
-    caps = tilelang_capabilities(varlen=False, max_head_dim=TITANS_TL_MAX_D)
+    caps = tilelang_capabilities(varlen=False, max_head_dim=TITANS_MAX_D)
     return Backend(name="tilelang", capabilities=caps, fwd=fwd, bwd=bwd, residuals=residuals, module=MODULE,
                    extra_reasons=_extra_reasons, description="the TileLang kernels")
 
@@ -143,16 +143,16 @@ def _titans_torch(q, k, v, w, b, theta, alpha, eta, initial_state, eps, chunk_si
 def _kernels(D: int, dtype: str) -> list[KernelSpec]:
     """the forward kernel at each chunk size the kernels take, and the backward where the launcher runs it (bf16 /
     fp16 within the shared-memory budget); none for a D the kernels refuse."""
-    from .chunk import TL_BACKWARD, bwd_fits, titans_bwd_chunk_kernel, titans_fwd_chunk_kernel
+    from ..common.state_op import stage_spec
+    from .chunk import TL_BACKWARD, bwd_fits
 
-    if D % 16 or D > TITANS_TL_MAX_D:
+    if D % 16 or D > TITANS_MAX_D:
         return []
     specs = []
     for BT in TITANS_TL_CHUNK_SIZES:
-        kwargs = dict(D=D, dtype=dtype, BT=BT, threads=256)
-        specs.append(KernelSpec("titans_fwd_chunk_kernel", titans_fwd_chunk_kernel, kwargs))
+        specs.append(stage_spec("titans_fwd_chunk", D, D, dtype, "none", BT=BT))
         if TL_BACKWARD and dtype in ("bfloat16", "float16") and bwd_fits(D, BT, 2):
-            specs.append(KernelSpec("titans_bwd_chunk_kernel", titans_bwd_chunk_kernel, dict(kwargs)))
+            specs.append(stage_spec("titans_bwd_chunk", D, D, dtype, "none", BT=BT))
     return specs
 
 
