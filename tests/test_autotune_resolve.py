@@ -228,8 +228,7 @@ def test_kernels_import_nothing_above_them():
 # and delta-rule recurrent kernels. A kernel made tunable leaves this list.
 FIXED_TILES = {
     "chunk_gate_cumsum_kernel", "sequence_cumsum_kernel", "gate_dot_kernel", "chunk_state_dot_kernel",
-    "chunk_reverse_cumsum_kernel", "combine_states_kernel", "fused_recurrent_delta_rule_fwd_kernel",
-    "fused_recurrent_delta_rule_bwd_dkv_kernel", "fused_recurrent_delta_rule_bwd_dqk_kernel",
+    "chunk_reverse_cumsum_kernel", "combine_states_kernel",
     "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel",
     "fused_recurrent_hgrn_fwd_kernel", "fused_recurrent_hgrn_bwd_kernel",
 }
@@ -265,7 +264,7 @@ def test_every_launcher_resolves_its_tiles():
     FIXED_TILES: a new kernel gets a config in `configs.KERNELS` (or joins the list), and a launcher that bypasses
     `tile_config` fails here."""
     factories, launchers, resolving = _launchers()
-    tunable = {KERNELS[name].factory.split(":")[1] for name in KERNELS}
+    tunable = {f.split(":")[1] for name in KERNELS for f in (KERNELS[name].factory, *KERNELS[name].companions)}
     assert factories - tunable == FIXED_TILES
     bypass = [f"{path.name}:{fn} launches {factory}" for factory in sorted(tunable)
               for path, fn in launchers.get(factory, []) if fn not in resolving[path]

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from utils import Case, assert_matches
 
+from fla_tl.autotune.resolve import heuristic_config
 from fla_tl.ops import fused_recurrent_gated_delta_rule
 from fla_tl.reference.delta_rule import recurrent_gated_delta_rule
 from fla_tl.registry import get_op
@@ -96,8 +97,8 @@ def _compile_specs():
     except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
         return [pytest.param(None, id="tilelang-missing")]
     # the benchmark's forward (gated bf16, K = V = 128) and the backward at a padded head dim in fp32
-    fwd_cfg = M.fused_recurrent_delta_rule_fwd_config(128, 128)
-    bwd_cfg = M.fused_recurrent_delta_rule_bwd_config(100, 100)
+    fwd_cfg = heuristic_config("fused_recurrent_delta_fwd", 128, 128, "bfloat16")
+    bwd_cfg = heuristic_config("fused_recurrent_delta_bwd", 100, 100, "float32")
     specs = [
         (M.fused_recurrent_delta_rule_fwd_kernel,
          {"K": 128, "V": 128, "gate": "g", "state_v_first": False, "dtype": "bfloat16", **fwd_cfg}),
@@ -219,9 +220,9 @@ def _emulated(monkeypatch):
 
     monkeypatch.setattr(M, "get_kernel", lambda factory, target, **kw: _emulate(factory, **kw))
     monkeypatch.setattr(M, "_sequence_scan", _scan)
-    M_bwd = M.fused_recurrent_delta_rule_bwd_config
-    monkeypatch.setattr(M, "fused_recurrent_delta_rule_bwd_config", lambda K, V: {**M_bwd(K, V), "BV": 32,
-                                                                                   "threads": 64})
+    resolved = M.tile_config
+    monkeypatch.setattr(M, "tile_config", lambda name, ref, **kw: {
+        **resolved(name, ref, **kw), **({"BV": 32, "threads": 64} if name == "fused_recurrent_delta_bwd" else {})})
     # the backend's capabilities name CUDA: accept the CPU here
     monkeypatch.setattr(get_op("fused_recurrent_gated_delta_rule").backend("tilelang"), "verifier", lambda inputs: [])
     return {"K": 12, "V": 40}

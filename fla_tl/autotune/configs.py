@@ -158,6 +158,28 @@ class BlockConfig:
 
 
 @dataclass(frozen=True)
+class DeltaRecurrentFwdConfig:
+    """the delta rule's token-by-token forward (`delta_rule.fused_recurrent`): tokens staged per step, the value
+    columns of a block, the lanes sharing a column's keys (the block is BV x KT threads) and the blocks an SM must
+    hold (the register cap)."""
+
+    TB: int = 16
+    BV: int = 32
+    KT: int = 4
+    min_blocks: int = 4
+
+
+@dataclass(frozen=True)
+class DeltaRecurrentBwdConfig:
+    """the delta rule's token-by-token backward sweeps (dk/dv, then dq/dk: one config for both, their partial sums
+    over V tiles meet in dk): tokens staged per step, the value columns of a block and its size."""
+
+    TB: int = 8
+    BV: int = 128
+    threads: int = 256
+
+
+@dataclass(frozen=True)
 class KeyScanConfig:
     """linear attention's chunk-wise key-sum scan (`linear_attn.normalize.chunk_scan_kernel`): the key tile each
     block carries through a sequence's chunks, and the block size."""
@@ -436,6 +458,52 @@ def smem_normalize(kind: str) -> Callable:
     return smem
 
 
+def delta_recurrent_fwd_heuristic(K, V, dtype, **_) -> DeltaRecurrentFwdConfig:
+    """4 lanes a column up to K = 128 (8 beyond), 128 threads, at most 128 registers a thread (4 blocks an SM), so B *
+    HV * V / 32 blocks fill the GPU in one wave at the benchmark shape."""
+    KT = 4 if pad_dim(K) <= 128 else 8
+    return DeltaRecurrentFwdConfig(TB=16, BV=128 // KT, KT=KT, min_blocks=4)
+
+
+def delta_recurrent_bwd_heuristic(K, V, dtype, **_) -> DeltaRecurrentBwdConfig:
+    """a lane holds KP / 32 key rows of 16 columns (8 beyond K = 128), up to 8 warps over V."""
+    RV = 16 if pad_dim(K) <= 128 else 8
+    W = min(8, cdiv(V, RV))
+    return DeltaRecurrentBwdConfig(TB=8, BV=RV * W, threads=32 * W)
+
+
+def delta_recurrent_fwd_rule(K, V, dtype, c: DeltaRecurrentFwdConfig) -> bool:
+    """a column's KT lanes sit in one warp (a power of two), at most 64 key rows a lane (its registers), whole warps."""
+    R = pad_dim(K) // c.KT
+    return c.KT in (1, 2, 4, 8, 16, 32) and R <= 64 and 32 <= c.BV * c.KT <= 1024 and c.BV * c.KT % 32 == 0
+
+
+def delta_recurrent_bwd_rule(K, V, dtype, c: DeltaRecurrentBwdConfig) -> bool:
+    """whole warps, each holding a power of two from 4 to 32 of the block's columns (`_bwd_layout`)."""
+    W = c.threads // 32
+    if c.threads % 32 or c.BV % W:
+        return False
+    RV = c.BV // W
+    return RV & (RV - 1) == 0 and 4 <= RV <= 32
+
+
+def smem_delta_recurrent(kind: str) -> Callable:
+    """shared memory of the delta rule's token-by-token kernels, all fp32: the forward stages q, k [TB, KP], v, o, w
+    [TB, BV] and beta, decay [TB]; the backward's dk/dv sweep q, k, do, u, du and per-warp dk partials [TB, W, KP],
+    its dq/dk sweep k, do, u, dv and per-warp dq, dk partials (the larger of the two counts)."""
+
+    def smem(K, V, dtype, c) -> int:
+        KP = pad_dim(K)
+        if kind == "fwd":
+            return 4 * (2 * c.TB * KP + 3 * c.TB * c.BV + 2 * c.TB)
+        W = c.threads // 32
+        dkv = 2 * c.TB * KP + 3 * c.TB * c.BV + 2 * c.TB + c.TB * W * KP
+        dqk = c.TB * KP + 3 * c.TB * c.BV + c.TB + 2 * c.TB * W * KP
+        return 4 * max(dkv, dqk)
+
+    return smem
+
+
 # the widest head dim the Titans kernels take (their [D, D] memories live in shared memory)
 TITANS_MAX_D = 128
 
@@ -502,6 +570,8 @@ class TunableKernel:
     launches: Callable | None = None
     # the gate option of a kernel whose factory takes no gate keyword (it always runs that one), or None
     gate: str | None = None
+    # "module:function" of the factories launched beside this one with the same config (their tiles must agree)
+    companions: tuple[str, ...] = ()
 
     def fits(self, K: int, V: int, dtype: str, config) -> bool:
         """whether the config launches: shared memory within the budget, tiles no wider than the padded dims."""
@@ -768,6 +838,20 @@ KERNELS = {
             _constant(BlockConfig(threads=256)), f"fla_tl.kernels.titans.chunk:titans_{kind}_chunk_kernel",
             gate="none", launches=titans_launches(kind),
         ) for kind in ("fwd", "bwd")),
+        TunableKernel(
+            "fused_recurrent_delta_fwd", DeltaRecurrentFwdConfig, smem_delta_recurrent("fwd"),
+            {"TB": (8, 16, 32), "BV": (16, 32, 64), "KT": (2, 4, 8), "min_blocks": (2, 4)},
+            delta_recurrent_fwd_heuristic,
+            "fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_fwd_kernel",
+            rule=delta_recurrent_fwd_rule,
+        ),
+        TunableKernel(
+            "fused_recurrent_delta_bwd", DeltaRecurrentBwdConfig, smem_delta_recurrent("bwd"),
+            {"TB": (4, 8, 16), "BV": (32, 64, 128), "threads": (64, 128, 256)}, delta_recurrent_bwd_heuristic,
+            "fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_bwd_dkv_kernel",
+            rule=delta_recurrent_bwd_rule,
+            companions=("fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_bwd_dqk_kernel",),
+        ),
     )
 }
 

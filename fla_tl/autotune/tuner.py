@@ -63,6 +63,8 @@ def make_runner(
         return _normalize_runner(name, q, k, v, do, meta, g)
     if name.startswith("titans_"):
         return _titans_runner(name, q, k, v, do, N, T, g)
+    if name.startswith("fused_recurrent_delta_"):
+        return _delta_recurrent_runner(name, q, k, v, do, meta, gate, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
@@ -166,6 +168,26 @@ def _rwkv6_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
         return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
     dq = torch.randn(q.shape, device=q.device, generator=g).to(q.dtype)
     return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
+
+
+def _delta_recurrent_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
+    """the runner of the delta rule's token-by-token forward or backward: keys L2-normalised, betas in (0, 1), for
+    gate "g" a per-token log gate as fla draws it; the backward on the forward's stored corrections."""
+    from ..kernels.delta_rule import fused_recurrent as recurrent
+
+    Ttot, H, K = k.shape
+    k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
+    beta = torch.rand(Ttot, H, device=k.device, generator=g)
+    lg = None
+    if gate == "g":
+        lg = torch.nn.functional.logsigmoid(torch.randn(Ttot, H, device=k.device, generator=g))
+    kw = dict(scale=K ** -0.5, initial_state=None, state_v_first=False, meta=meta)
+    if name == "fused_recurrent_delta_fwd":
+        return lambda c: recurrent.fused_recurrent_delta_rule_fwd(q, k, v, beta, lg, output_final_state=True,
+                                                                   store_w=False, **kw, **c)[:2]
+    _, _, w = recurrent.fused_recurrent_delta_rule_fwd(q, k, v, beta, lg, output_final_state=False, store_w=True,
+                                                       **kw)
+    return lambda c: recurrent.fused_recurrent_delta_rule_bwd(q, k, beta, lg, w, do, None, **kw, **c)[:3]
 
 
 def _titans_runner(name: str, q, k, v, do, N: int, T: int, g: torch.Generator) -> Callable:
@@ -311,7 +333,8 @@ def tune_kernel(
         from ..kernels.common.utils import target_for
         from .build import build
 
-        specs = [stage_spec(name, K, V, tl_dtype, gate, dataclasses.asdict(c)) for c in candidates]
+        specs = [stage_spec(name, K, V, tl_dtype, gate, dataclasses.asdict(c), factory=f) for c in candidates
+                 for f in (None, *kernel.companions)]
         build(specs, target_for(torch.device("cuda")), compile_workers)
 
     def warm(config):

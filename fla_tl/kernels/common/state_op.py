@@ -296,13 +296,16 @@ def state_cases(reference: Callable, *, recurrent: bool = False, state_v_first: 
 # ---------------------------------------------------------------------------------------------- kernel lists
 
 
-def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | None = None, **flags) -> KernelSpec:
+def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | None = None, *,
+               factory: str | None = None, **flags) -> KernelSpec:
     """the tunable stage `name` (`fla_tl.autotune.configs.KERNELS`) as its launcher builds it for head dims K, V,
-    input dtype `dtype`, gate option `gate` and tile `config` (default: the heuristic); `flags` override keywords."""
+    input dtype `dtype`, gate option `gate` and tile `config` (default: the heuristic); `factory` one of the stage's
+    companions ("module:function", launched with the same config) instead of its own; `flags` override keywords."""
     from ...autotune.configs import KERNELS, delta_pass_stages
     from ...autotune.resolve import heuristic_config
 
-    module, attr = KERNELS[name].factory.split(":")
+    assert factory is None or factory in KERNELS[name].companions, (name, factory)
+    module, attr = (factory or KERNELS[name].factory).split(":")
     base = dict(K=K, V=V, gate=gate, dtype=dtype)
     if name in ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu"):
         base.update(BT=BT, num_stages=delta_pass_stages(K, dtype))

@@ -30,6 +30,7 @@ import tilelang.language as T
 import torch
 
 from ...autotune.configs import BT
+from ...autotune.resolve import tile_config
 from ...reference.delta_rule import l2norm
 from ..common.cumsum import _sequence_scan
 from ..common.gates import state_term
@@ -489,20 +490,6 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
     return fused_recurrent_delta_rule_bwd_dqk
 
 
-def fused_recurrent_delta_rule_fwd_config(K: int, V: int) -> dict:
-    """the forward's tiles: 4 lanes a column up to K = 128 (8 beyond), 128 threads, at most 128 registers a thread
-    (4 blocks an SM), so B * HV * V / 32 blocks fill the GPU in one wave at the benchmark shape."""
-    KT = 4 if pad_dim(K, 64) <= 128 else 8
-    return {"TB": 16, "BV": 128 // KT, "KT": KT, "min_blocks": 4}
-
-
-def fused_recurrent_delta_rule_bwd_config(K: int, V: int) -> dict:
-    """the backward's tiles: a lane holds KP / 32 key rows of 16 columns (8 beyond K = 128), up to 8 warps over V."""
-    RV = 16 if pad_dim(K, 64) <= 128 else 8
-    W = min(8, cdiv(V, RV))
-    return {"TB": 8, "BV": RV * W, "threads": 32 * W}
-
-
 def fused_recurrent_delta_rule_fwd(
     q, k, v, beta, g, *, scale: float, initial_state, output_final_state: bool, state_v_first: bool, meta,
     store_w: bool, **config,
@@ -522,7 +509,7 @@ def fused_recurrent_delta_rule_fwd(
         if output_final_state:
             ht.copy_(h0 if use_h0 else torch.zeros_like(ht))
     else:
-        config = {**fused_recurrent_delta_rule_fwd_config(K, V), **config}
+        config = tile_config("fused_recurrent_delta_fwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
         kernel = get_kernel(fused_recurrent_delta_rule_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate,
                             state_v_first=state_v_first, dtype=TORCH_TO_TL[q.dtype], **config)
         g_ = g if g is not None else beta.new_empty(1, HV)
@@ -539,7 +526,7 @@ def fused_recurrent_delta_rule_bwd(
     HV, V = w.shape[1:]
     tail = (V, K) if state_v_first else (K, V)
     gate = "none" if g is None else "g"
-    config = {**fused_recurrent_delta_rule_bwd_config(K, V), **config}
+    config = tile_config("fused_recurrent_delta_bwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     NV = cdiv(V, config["BV"])
     h0, use_h0 = state_or_dummy(initial_state, q, tail)
     dht_, use_dht = state_or_dummy(dht, q, tail)

@@ -17,6 +17,7 @@ import torch
 from ...autotune.configs import (
     BT,
     DELTA_MAX_K_FP32,
+    KERNELS,
     delta_pass_configs,
     delta_pass_launches,
 )
@@ -279,17 +280,16 @@ def _fused_recurrent_kernels(D: int, dtype: str, gates: tuple[str, ...], layouts
     """the kernels the token-by-token launchers (`fused_recurrent.py`) launch at K = V = D: the forward and the two
     backward sweeps for each gate option and state layout, and the gate gradient's per-sequence scan."""
     from ..common.cumsum import sequence_cumsum_kernel
-    from . import fused_recurrent as M
+    from ..common.state_op import stage_spec
 
     specs = []
     for gate in gates:
         for state_v_first in layouts:
-            flags = dict(K=D, V=D, gate=gate, state_v_first=state_v_first, dtype=dtype)
-            specs.append(KernelSpec("fused_recurrent_delta_rule_fwd_kernel", M.fused_recurrent_delta_rule_fwd_kernel,
-                                    {**flags, **M.fused_recurrent_delta_rule_fwd_config(D, D)}))
-            bwd_config = M.fused_recurrent_delta_rule_bwd_config(D, D)
-            for name in ("fused_recurrent_delta_rule_bwd_dkv_kernel", "fused_recurrent_delta_rule_bwd_dqk_kernel"):
-                specs.append(KernelSpec(name, getattr(M, name), {**flags, **bwd_config}))
+            specs.append(stage_spec("fused_recurrent_delta_fwd", D, D, dtype, gate, state_v_first=state_v_first))
+            specs.append(stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, state_v_first=state_v_first))
+            specs += [stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, factory=companion,
+                                 state_v_first=state_v_first)
+                      for companion in KERNELS["fused_recurrent_delta_bwd"].companions]
         if gate == "g":
             # `common.cumsum._sequence_scan` of a forward recurrence: a reverse scan
             specs.append(KernelSpec("sequence_cumsum_kernel", sequence_cumsum_kernel,
