@@ -224,14 +224,8 @@ def test_kernels_import_nothing_above_them():
 
 
 # the kernels whose tile sizes are still their factories' fixed defaults (no config in `configs.KERNELS` yet): the
-# gate scans and reductions, the range combine, and the Titans, HGRN, ABC-normaliser, linear-attention-normaliser
-# and delta-rule recurrent kernels. A kernel made tunable leaves this list.
-FIXED_TILES = {
-    "chunk_gate_cumsum_kernel", "sequence_cumsum_kernel", "gate_dot_kernel", "chunk_state_dot_kernel",
-    "chunk_reverse_cumsum_kernel", "combine_states_kernel",
-    "slot_normaliser_fwd_kernel", "slot_normaliser_bwd_kernel",
-    "fused_recurrent_hgrn_fwd_kernel", "fused_recurrent_hgrn_bwd_kernel",
-}
+# range combine. A kernel made tunable leaves this list.
+FIXED_TILES = {"combine_states_kernel"}
 
 
 def _launchers():

@@ -155,7 +155,7 @@ def test_per_key_gate_grad_glue(monkeypatch):
     from fla_tl.kernels.common.gates import state_term
     from fla_tl.kernels.common.utils import seq_meta
 
-    def emulated(factory, target, reverse, out_dtype, BT):
+    def emulated(factory, target, reverse, out_dtype, BT, **config):
         def scan(x, offset, cu, y, use_offset):
             for n, (s, e) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
                 seg = x[s:e].flip(0).cumsum(0).flip(0) if reverse else x[s:e].cumsum(0)

@@ -197,7 +197,9 @@ def _check(case):
         config = tunable.config_cls(**{f: spec.kwargs[f] for f in tunable.config_cls.__dataclass_fields__})
         # a kernel over one head dim (K, V or D) takes it for both
         K = spec.kwargs.get("K", spec.kwargs.get("V", spec.kwargs.get("D")))
-        planned = tunable.smem(K, spec.kwargs.get("V", K), spec.kwargs["dtype"], config)
+        # the input dtype (a fixed-dtype kernel's own: the fp32 gate scans)
+        dtype = tunable.dtype or spec.kwargs.get("dtype", spec.kwargs.get("h_dtype"))
+        planned = tunable.smem(K, spec.kwargs.get("V", K), dtype, config)
         assert smem <= planned + MAX_SMEM - SMEM_BUDGET, (
             f"{spec.name}: the launch takes {smem} bytes, the fit arithmetic counts {planned}")
     return kernel, source

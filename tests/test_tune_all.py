@@ -82,7 +82,15 @@ def test_cli_tune_all_tunes_each_key_once(gpu, tmp_path, monkeypatch, capsys):
     assert main(["tune", "--all", "--ops", "fused_recurrent_simple_gla", "--out", str(out)]) == 0
     expected = {(name, D, D, gate, T) for D in commands.TUNE_DIMS for _, T, _ in commands.TUNE_SHAPES
                 for name in ("fused_recurrent_fwd", "fused_recurrent_bwd") for gate in ("gamma", "g")}
-    assert len(tuned) == len(expected) and set(tuned) == expected
+    # the per-token gate's reductions per head dim, its scans (no head dims: one key a bucket) once
+    expected |= {(name, D, D, "none", T) for D in commands.TUNE_DIMS for _, T, _ in commands.TUNE_SHAPES
+                 for name in ("gate_dot", "chunk_state_dot")}
+    scans = {(name, T) for _, T, _ in commands.TUNE_SHAPES
+             for name in ("gate_cumsum", "gate_grad_scan", "gate_grad_chunk_scan")}
+    assert {t for t in tuned if (t[0], t[4]) not in scans} == expected
+    assert {(t[0], t[4]) for t in tuned if (t[0], t[4]) in scans} == scans
+    assert len(tuned) == len(expected) + len(scans)
+    expected = tuned
     table = tt.TuningTable.load(out)
     assert len(table) == len(expected)
     entry = next(iter(table.entries.values()))

@@ -250,7 +250,7 @@ def plan_keys(ops: list[str], shapes: list[tuple[int, int, int, int]], gates: tu
             for name, K, V, gate in op_kernels(op, D, "bfloat16") or ():
                 if gates is None or gate in gates:
                     tuned.add(op)
-                    key = table_key(name, K, V, "bfloat16", T, device, gate)
+                    key = table_key(name, K, V, KERNELS[name].dtype or "bfloat16", T, device, gate)
                     keys.setdefault(key, TuneKey(name, K, V, gate, (B, T, H, D), key))
     return list(keys.values()), [op for op in ops if op not in tuned]
 
@@ -264,7 +264,7 @@ def _duration(seconds: float) -> str:
 
 
 def _candidates(k: TuneKey) -> int:
-    return len(KERNELS[k.name].candidates(k.K, k.V, "bfloat16", k.gate))
+    return len(KERNELS[k.name].candidates(k.K, k.V, KERNELS[k.name].dtype or "bfloat16", k.gate))
 
 
 def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | None,
@@ -309,8 +309,9 @@ def tune(ops: list[str], shapes: list[tuple[int, int, int, int]], out: str | Non
             bar.set_description_str(f"{k.label} (~{_duration(left)} left)")
             B, T, H, D = k.shape
             try:
-                runner = tuner.make_runner(k.name, N=B, T=T, H=H, K=k.K, V=k.V, dtype=torch.bfloat16, device=device,
-                                           gate=k.gate)
+                # a channel scan's key has no head dims (K = V = 0): it runs over the shape's H x D channels
+                runner = tuner.make_runner(k.name, N=B, T=T, H=H, K=k.K or D, V=k.V or D, dtype=torch.bfloat16,
+                                           device=device, gate=k.gate)
                 entry = tuner.tune_kernel(k.name, runner, K=k.K, V=k.V, dtype=torch.bfloat16, gate=k.gate,
                                           progress=False)
             except Exception as e:  # noqa: BLE001 - one key's failure is reported, the run goes on

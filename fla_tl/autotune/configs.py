@@ -180,6 +180,24 @@ class DeltaRecurrentBwdConfig:
 
 
 @dataclass(frozen=True)
+class ChannelScanConfig:
+    """the channel scans (HGRN's recurrence, GSA's slot normaliser: one thread a channel walks the tokens): tokens
+    staged per step, the channels of a block (its size) and the copy pipeline's depth."""
+
+    TB: int = 64
+    BD: int = 64
+    num_stages: int = 2
+
+
+@dataclass(frozen=True)
+class ColumnScanConfig:
+    """the gate scans (`common.cumsum`: the chunk-local sums of the log gates, and the per-sequence and chunk-local
+    reverse sums of their gradients): the columns (heads, or heads x keys) a block scans, one thread each."""
+
+    BH: int = 32
+
+
+@dataclass(frozen=True)
 class KeyScanConfig:
     """linear attention's chunk-wise key-sum scan (`linear_attn.normalize.chunk_scan_kernel`): the key tile each
     block carries through a sequence's chunks, and the block size."""
@@ -504,6 +522,26 @@ def smem_delta_recurrent(kind: str) -> Callable:
     return smem
 
 
+def smem_column_scan(K, V, dtype, c: ColumnScanConfig) -> int:
+    """a gate scan stages one [BT, BH] tile of fp32 (or 16-bit gates: counted as fp32) per block."""
+    return 4 * BT * c.BH
+
+
+def smem_none(K, V, dtype, c) -> int:
+    """a kernel that keeps its tiles in registers."""
+    return 0
+
+
+def smem_channel_scan(tiles: tuple[int, ...]) -> Callable:
+    """shared memory of a channel scan staging one [TB, BD] tile per entry of `tiles` (0: the input dtype, else that
+    many bytes an element: fp32 gates and normalisers count 4) in each pipeline stage."""
+
+    def smem(K, V, dtype, c: ChannelScanConfig) -> int:
+        return c.num_stages * c.TB * c.BD * sum(t or ELEMENT_SIZE[dtype] for t in tiles)
+
+    return smem
+
+
 # the widest head dim the Titans kernels take (their [D, D] memories live in shared memory)
 TITANS_MAX_D = 128
 
@@ -572,6 +610,11 @@ class TunableKernel:
     gate: str | None = None
     # "module:function" of the factories launched beside this one with the same config (their tiles must agree)
     companions: tuple[str, ...] = ()
+    # False for a kernel over rows of any width with no head dims (the channel scans): its table keys take K = V = 0
+    head_dims: bool = True
+    # the dtype its table keys take for a kernel that works on fp32 whatever the op's dtype (the gate scans), or None
+    # (the launch's input dtype)
+    dtype: str | None = None
 
     def fits(self, K: int, V: int, dtype: str, config) -> bool:
         """whether the config launches: shared memory within the budget, tiles no wider than the padded dims."""
@@ -851,6 +894,36 @@ KERNELS = {
             "fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_bwd_dkv_kernel",
             rule=delta_recurrent_bwd_rule,
             companions=("fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_bwd_dqk_kernel",),
+        ),
+        *(TunableKernel(
+            name, ChannelScanConfig, smem_channel_scan(tiles),
+            # (three pipeline stages do not lower: the slot normaliser's forward fails in TileLang's pipeliner)
+            {"TB": (16, 32, 64, 128), "BD": (32, 64, 128, 256), "num_stages": (1, 2)},
+            _constant(ChannelScanConfig(TB=TB)), factory, gate="none", head_dims=False,
+        ) for name, tiles, TB, factory in (
+            # HGRN: x and the gates (fp32 or x's dtype); the backward also o and do
+            ("hgrn_fwd", (0, 4), 64, "fla_tl.kernels.hgrn.fused_recurrent:fused_recurrent_hgrn_fwd_kernel"),
+            ("hgrn_bwd", (0, 4, 0, 0), 32, "fla_tl.kernels.hgrn.fused_recurrent:fused_recurrent_hgrn_bwd_kernel"),
+            # GSA's slot normaliser: the slot logits; the backward also z, dsn and dg (fp32)
+            ("slot_normaliser_fwd", (0,), 64, "fla_tl.kernels.gsa.normaliser:slot_normaliser_fwd_kernel"),
+            ("slot_normaliser_bwd", (0, 4, 4, 4), 32, "fla_tl.kernels.gsa.normaliser:slot_normaliser_bwd_kernel"),
+        )),
+        *(TunableKernel(
+            name, ColumnScanConfig, smem_column_scan, {"BH": (32, 64, 128, 256)}, _constant(ColumnScanConfig(BH=BH)),
+            f"fla_tl.kernels.common.cumsum:{factory}", gate="none", head_dims=False, dtype="float32",
+        ) for name, BH, factory in (
+            ("gate_cumsum", 64, "chunk_gate_cumsum_kernel"),
+            ("gate_grad_scan", 32, "sequence_cumsum_kernel"),
+            ("gate_grad_chunk_scan", 32, "chunk_reverse_cumsum_kernel"),
+        )),
+        # the gate gradients' row and state reductions (r = q . dq - k . dk per row, <S, dh> per chunk)
+        TunableKernel(
+            "gate_dot", BlockConfig, smem_none, {"threads": (64, 128, 256)}, _constant(BlockConfig()),
+            "fla_tl.kernels.common.cumsum:gate_dot_kernel", gate="none",
+        ),
+        TunableKernel(
+            "chunk_state_dot", BlockConfig, smem_none, {"threads": (64, 128, 256)}, _constant(BlockConfig()),
+            "fla_tl.kernels.common.cumsum:chunk_state_dot_kernel", gate="none",
         ),
     )
 }

@@ -89,15 +89,22 @@ def tile_config(name: str, ref, *, K: int, V: int, gate: str, N: int, overrides:
     """the tile keywords of kernel `name` for a launch on `ref` (`[Ttot, H, *]`, its dtype and device decide) over
     N sequences. Non-empty `overrides` win over everything (tests and the tuner pass them). Do not mutate the result."""
     grid = launch_grid(name, ref, N)
+    dtype = key_dtype(name, ref.dtype)
     if overrides:
-        return {**heuristic_config(name, K, V, TORCH_TO_TL[ref.dtype], gate, grid), **overrides}
+        return {**heuristic_config(name, K, V, dtype, gate, grid), **overrides}
     T = ref.shape[0] // max(N, 1)
-    key = (name, K, V, ref.dtype, gate, seqlen_bucket(T), ref.device, os.environ.get(ENV_MODE),
+    key = (name, K, V, dtype, gate, seqlen_bucket(T), ref.device, os.environ.get(ENV_MODE),
            os.environ.get(ENV_CACHE), grid)
     config = _resolved.get(key)
     if config is None:
         config = _resolved[key] = _resolve(name, ref, K, V, gate, N, T, grid)
     return config
+
+
+def key_dtype(name: str, dtype) -> str:
+    """the dtype (a TileLang name) kernel `name`'s configs are resolved and keyed for, launched on inputs of torch
+    dtype `dtype`: the kernel's fixed one (`TunableKernel.dtype`: fp32 scans), else the inputs'."""
+    return KERNELS[name].dtype or TORCH_TO_TL[dtype]
 
 
 def clear_resolved() -> None:
@@ -121,7 +128,7 @@ def _checked(name: str, found: dict, K: int, V: int, dtype: str, where: str) -> 
 
 
 def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int, grid: tuple[int, int] | None) -> dict:
-    dtype = TORCH_TO_TL[ref.dtype]
+    dtype = key_dtype(name, ref.dtype)
     default = heuristic_config(name, K, V, dtype, gate, grid)
     current = mode()
     if current == "off" or ref.device.type != "cuda" or name in _tuning:
@@ -139,7 +146,7 @@ def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int, grid: tu
 
 
 def _tune(name, ref, K, V, gate, N, T, key, gpu, default) -> dict:
-    dtype = TORCH_TO_TL[ref.dtype]
+    dtype = key_dtype(name, ref.dtype)
     if _miss_handler is None:
         log_once(("autotune.nohandler",), f"{ENV_MODE}=tune, but no tuner is installed (import "
                  "fla_tl.autotune.tuner): the kernels without a table entry take their heuristic configs",

@@ -33,8 +33,8 @@ def op_kernels(op: str, D: int, dtype: str = "bfloat16") -> list[tuple[str, int,
     spec = get_op(op)
     if spec.kernels is None:
         return None
-    found = ((k.name, k.kwargs.get("K", D), k.kwargs.get("V", D), k.kwargs.get("gate", KERNELS[k.name].gate))
-             for k in spec.kernels(D, dtype) if k.name in KERNELS)
+    found = ((k.name, *((k.kwargs.get("K", D), k.kwargs.get("V", D)) if KERNELS[k.name].head_dims else (0, 0)),
+              k.kwargs.get("gate", KERNELS[k.name].gate)) for k in spec.kernels(D, dtype) if k.name in KERNELS)
     return list(dict.fromkeys(found))
 
 
@@ -42,7 +42,8 @@ def make_runner(
     name: str, *, N: int, T: int, H: int, K: int, V: int, dtype: torch.dtype, device, gate: str = "gamma"
 ) -> Callable:
     """a function `config dict -> output tensors` that launches kernel `name` on fixed random inputs with gate option
-    `gate` ("gamma", "none", "g" or "gk"; the delta-rule passes: "none" or "g")."""
+    `gate` ("gamma", "none", "g" or "gk"; the delta-rule passes: "none" or "g"); a channel scan over H x K
+    channels."""
     from ..kernels.common import chunk_h, chunk_o, fused_chunk, fused_recurrent
     from ..kernels.common.gates import retention_g_gamma
     from ..kernels.common.utils import seq_meta
@@ -65,6 +66,10 @@ def make_runner(
         return _titans_runner(name, q, k, v, do, N, T, g)
     if name.startswith("fused_recurrent_delta_"):
         return _delta_recurrent_runner(name, q, k, v, do, meta, gate, g)
+    if name in GATE_SCANS:
+        return _gate_scan_runner(name, q, k, v, do, meta, g)
+    if not KERNELS[name].head_dims:
+        return _channel_scan_runner(name, N, T, H * max(K, V), dtype, device, g)
     decay = retention_g_gamma(H, device)
     if gate in ("g", "gk"):
         # a per-token (g) or per-key (gk) log gate as fla draws it: the chunk kernels read its chunk-local cumulative
@@ -168,6 +173,62 @@ def _rwkv6_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
         return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
     dq = torch.randn(q.shape, device=q.device, generator=g).to(q.dtype)
     return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
+
+
+# the gate scans and reductions of `common.cumsum`
+GATE_SCANS = ("gate_cumsum", "gate_grad_scan", "gate_grad_chunk_scan", "gate_dot", "chunk_state_dot")
+
+
+def _gate_scan_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
+    """the runner of a gate scan or reduction: the scans over per-key columns (heads x keys, the widest the ops run)
+    of fp32 log gates as fla draws them or of random gradient rows; the row dot products on q, k and random
+    gradients; the chunk state products on the states of a forward pass and random state gradients."""
+    from ..kernels.common import chunk_h, cumsum
+
+    Ttot, H, K = k.shape
+    dev = k.device
+    if name == "gate_dot":
+        dq, dk = (torch.randn(x.shape, device=dev, generator=g).to(x.dtype) for x in (q, k))
+        return lambda c: cumsum.gate_rows(q, k, dq, dk, meta=meta, BT=BT, **c)
+    if name == "chunk_state_dot":
+        h, ht = chunk_h.chunk_fwd_h(k, v, gate="none", g_gamma=torch.zeros(H, device=dev), initial_state=None,
+                                    output_final_state=True, meta=meta)
+        dh = torch.randn(h.shape, device=dev, generator=g).to(h.dtype)
+        return lambda c: (cumsum.chunk_state_terms(h, dh, ht, k, meta=meta, per_key=True, BT=BT, **c),)
+    x = torch.randn(Ttot, H * K, device=dev, generator=g)
+    if name == "gate_cumsum":
+        lg = torch.nn.functional.logsigmoid(x)
+        zero = torch.zeros(H * K, device=dev)
+        return lambda c: (cumsum.chunk_gate_cumsum(lg, zero, meta, BT, **c),)
+    if name == "gate_grad_scan":
+        return lambda c: (cumsum._sequence_scan(x, meta=meta, reverse=False, out_dtype=torch.float32, BT=BT, **c),)
+    terms = torch.randn(meta.NT, H * K, device=dev, generator=g)
+    return lambda c: (cumsum.chunk_gate_grad_scan(x, terms, meta=meta, dg_dtype=torch.float32, BT=BT, **c),)
+
+
+def _channel_scan_runner(name: str, N: int, T: int, D: int, dtype: torch.dtype, device, g: torch.Generator) -> Callable:
+    """the runner of a channel scan over N sequences of T tokens and D channels (the heads' channels together): HGRN's
+    recurrence on inputs and log forget gates as fla draws them, or GSA's slot normaliser on slot logits (the
+    backward on the forward's z, with gradients of the normalised slots and of the log gates)."""
+    x = torch.randn(N, T, D, device=device, generator=g).to(dtype)
+    do = torch.randn(N, T, D, device=device, generator=g).to(dtype)
+    if name.startswith("hgrn_"):
+        from ..kernels.hgrn import fused_recurrent as hgrn
+
+        lg = torch.nn.functional.logsigmoid(torch.randn(N, T, D, device=device, generator=g)).to(dtype)
+        kw = dict(initial_state=None, cu_seqlens=None)
+        if name == "hgrn_fwd":
+            return lambda c: hgrn.fused_recurrent_hgrn_fwd(x, lg, output_final_state=True, **kw, **c)
+        o, _ = hgrn.fused_recurrent_hgrn_fwd(x, lg, output_final_state=False, **kw)
+        return lambda c: hgrn.fused_recurrent_hgrn_bwd(x, lg, o, do, None, **kw, **c)[:2]
+    from ..kernels.gsa import normaliser
+
+    s = x.view(N, T, 1, D)
+    if name == "slot_normaliser_fwd":
+        return lambda c: normaliser.slot_normaliser_fwd(s, None, dtype, **c)
+    _, _, z = normaliser.slot_normaliser_fwd(s, None, dtype)
+    dg = torch.randn(z.shape, device=device, generator=g)
+    return lambda c: (normaliser.slot_normaliser_bwd(s, z, do.view(N, T, 1, D), dg, None, **c),)
 
 
 def _delta_recurrent_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
@@ -323,7 +384,9 @@ def tune_kernel(
     """time every fitting config of kernel `name` with `runner`; return the table entry (the winner, its time, the
     default's time and every candidate with its time or the reason it was rejected)."""
     kernel = KERNELS[name]
-    tl_dtype = TORCH_TO_TL[dtype]
+    tl_dtype = resolve.key_dtype(name, dtype)
+    # a kernel of a fixed dtype (the fp32 gate scans) compares its candidates at that dtype's tolerance
+    dtype = {tl: torch_dtype for torch_dtype, tl in TORCH_TO_TL.items()}[tl_dtype]
     candidates = kernel.candidates(K, V, tl_dtype, gate)
     default = candidates[0]
 
@@ -391,7 +454,9 @@ def tune_kernel(
 def tune_miss(name: str, ref, *, K: int, V: int, gate: str, N: int, T: int) -> dict:
     """`FLA_TL_AUTOTUNE=tune`'s answer to a table miss (installed in `resolve` when this module is imported): tune
     kernel `name` at the launch's shape (N sequences of T tokens, `ref` `[Ttot, H, *]`) and return the entry."""
-    runner = make_runner(name, N=N, T=T, H=ref.shape[1], K=K, V=V, dtype=ref.dtype, device=ref.device, gate=gate)
+    # a channel scan's launch (`[Ttot, 1, D]`) is timed at its own width
+    width = dict(K=K, V=V) if KERNELS[name].head_dims else dict(K=ref.shape[-1], V=ref.shape[-1])
+    runner = make_runner(name, N=N, T=T, H=ref.shape[1], **width, dtype=ref.dtype, device=ref.device, gate=gate)
     return tune_kernel(name, runner, K=K, V=V, dtype=ref.dtype, gate=gate)
 
 

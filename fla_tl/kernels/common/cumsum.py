@@ -17,9 +17,10 @@ dk carry bf16 intermediates; summing their r along a whole sequence lets the err
 chunk-local form's error stays that of one chunk's sum.
 """
 
-import torch
 import tilelang.language as T
+import torch
 
+from ...autotune.resolve import tile_config
 from .utils import LOG2E, TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, target_for
 
 
@@ -218,23 +219,25 @@ def chunk_reverse_cumsum_kernel(out_dtype: str, BT: int = 64, BH: int = 32):
 
 def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT: int = 64, **config) -> torch.Tensor:
     """the chunk-local inclusive cumulative log2 gates `[Ttot, H]` fp32 of `g` `[Ttot, H]` plus `g_gamma` `[H]`;
-    `config` sets the column tile (BH)."""
+    `config` overrides the tile config (kernel "gate_cumsum")."""
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     if meta.NT == 0:
         return gc
+    config = tile_config("gate_cumsum", g, K=0, V=0, gate="none", N=meta.N, overrides=config)
     kernel = get_kernel(chunk_gate_cumsum_kernel, target_for(g.device), g_dtype=TORCH_TO_TL[g.dtype], BT=BT, **config)
     kernel(g, g_gamma, meta.cu, meta.chunk_indices, gc)
     return gc
 
 
-def _sequence_scan(r, *, meta: SeqMeta, reverse: bool, out_dtype: torch.dtype, offset=None, BT: int = 64):
+def _sequence_scan(r, *, meta: SeqMeta, reverse: bool, out_dtype: torch.dtype, offset=None, BT: int = 64, **config):
     """the per-sequence sum of r `[Ttot, C]` fp32 from each step to the end of the recurrence's processing order (a
     reverse scan for a forward recurrence, a forward scan for a `reverse` one), started at `offset` `[N, C]` (None:
-    zero), in `out_dtype`."""
+    zero), in `out_dtype`; `config` overrides the tile config (kernel "gate_grad_scan")."""
     Ttot, C = r.shape
     out = torch.empty(Ttot, C, dtype=out_dtype, device=r.device)
+    config = tile_config("gate_grad_scan", r, K=0, V=0, gate="none", N=meta.N, overrides=config)
     scan = get_kernel(sequence_cumsum_kernel, target_for(r.device), reverse=not reverse,
-                      out_dtype=TORCH_TO_TL[out_dtype], BT=BT)
+                      out_dtype=TORCH_TO_TL[out_dtype], BT=BT, **config)
     start = offset.reshape(-1, C).float().contiguous() if offset is not None else r.new_empty(1, C)
     scan(r, start, meta.cu, out, int(offset is not None))
     return out
@@ -244,12 +247,9 @@ def gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: torch.dty
     """dg `[Ttot, H]` in `dg_dtype` of a per-token log gate from q, k and their full gradients (all `[Ttot, H, K]`,
     one dtype), per the identity in the module docstring; `state_term` `[N, H]` fp32 is <ht, dht> (None: zero)."""
     Ttot, H, K = q.shape
-    r = torch.empty(Ttot, H, dtype=torch.float32, device=q.device)
     if meta.NT == 0:
         return torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
-    dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype],
-                     grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT)
-    dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
+    r = gate_rows(q, k, dq, dk, meta=meta, BT=BT)
     return _sequence_scan(r, meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term, BT=BT)
 
 
@@ -264,32 +264,42 @@ def per_key_gate_grad(q, k, dq, dk, *, meta: SeqMeta, reverse: bool, dg_dtype: t
     return _sequence_scan(r, meta=meta, reverse=reverse, out_dtype=dg_dtype, offset=state_term, BT=BT).view(Ttot, H, K)
 
 
+def chunk_state_terms(h, dh, ht, ref, *, meta: SeqMeta, per_key: bool, BT: int = 64, **config) -> torch.Tensor:
+    """<S_c, dh[c]> per chunk `[NT, H]` fp32 (`per_key`: the sums over V alone, `[NT, H, K]`) with S_c the state leaving
+    chunk c (`h` `[NT, H, K, V]` the states entering each chunk, `ht` `[N, H, K, V]` the final states, `dh` the
+    gradients of the states leaving each chunk); `ref` `[Ttot, H, *]` a tensor of the op's tokens (it keys the tile
+    config); `config` overrides the tile config (kernel "chunk_state_dot")."""
+    _, H, K, V = h.shape
+    c = torch.empty(meta.NT, H, *((K,) if per_key else ()), dtype=torch.float32, device=h.device)
+    config = tile_config("chunk_state_dot", ref, K=K, V=V, gate="none", N=meta.N, overrides=config)
+    state_dot = get_kernel(chunk_state_dot_kernel, target_for(h.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype],
+                           per_key=per_key, BT=BT, **config)
+    state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)
+    return c
+
+
 def per_key_gate_grad_chunk(r, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64):
     """dg `[Ttot, H, K]` of a per-key log gate in the chunk-local form of `gate_grad_chunk`, per key channel: within
     chunk c the reverse sum of r = q * dq - k * dk `[Ttot, H, K]` fp32 over the rest of the chunk, plus
     sum_v S_c[k, v] dh[c][k, v] with S_c the state leaving chunk c (`h` the states entering each chunk, `ht`
     `[N, H, K, V]` fp32 the final states, `dh` the gradients of the states leaving each chunk)."""
     Ttot, H, K = r.shape
-    V = h.shape[-1]
-    dg = torch.empty(Ttot, H, K, dtype=dg_dtype, device=r.device)
     if meta.NT == 0:
-        return dg
-    c = torch.empty(meta.NT, H, K, dtype=torch.float32, device=r.device)
-    state_dot = get_kernel(chunk_state_dot_kernel, target_for(r.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype],
-                           per_key=True, BT=BT)
-    state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)
-    scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(r.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
-    scan(r.view(Ttot, H * K), c.view(meta.NT, H * K), meta.cu, meta.chunk_indices, dg.view(Ttot, H * K))
-    return dg
+        return torch.empty(Ttot, H, K, dtype=dg_dtype, device=r.device)
+    c = chunk_state_terms(h, dh, ht, r, meta=meta, per_key=True, BT=BT)
+    dg = chunk_gate_grad_scan(r.view(Ttot, H * K), c.view(meta.NT, H * K), meta=meta, dg_dtype=dg_dtype, BT=BT)
+    return dg.view(Ttot, H, K)
 
 
-def gate_rows(q, k, dq, dk, *, meta: SeqMeta, BT: int = 64) -> torch.Tensor:
-    """r = q . dq - k . dk per row `[Ttot, H]` fp32 (the rows of `gate_grad_chunk`)."""
+def gate_rows(q, k, dq, dk, *, meta: SeqMeta, BT: int = 64, **config) -> torch.Tensor:
+    """r = q . dq - k . dk per row `[Ttot, H]` fp32 (the rows of `gate_grad_chunk`); `config` overrides the tile
+    config (kernel "gate_dot")."""
     Ttot, H, K = q.shape
     r = torch.empty(Ttot, H, dtype=torch.float32, device=q.device)
     if meta.NT > 0:
+        config = tile_config("gate_dot", q, K=K, V=K, gate="none", N=meta.N, overrides=config)
         dot = get_kernel(gate_dot_kernel, target_for(q.device), K=K, dtype=TORCH_TO_TL[q.dtype],
-                         grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT)
+                         grad_dtype=TORCH_TO_TL[dq.dtype], BT=BT, **config)
         dot(q, k, dq, dk, meta.cu, meta.chunk_indices, r)
     return r
 
@@ -301,21 +311,21 @@ def gate_grad_chunk(q, k, dq, dk, h, dh, ht, *, meta: SeqMeta, dg_dtype: torch.d
     leaving each chunk). The sum over the later chunks is folded into that one state product, so rounding errors of
     r do not add up along the sequence."""
     Ttot, H, K = q.shape
-    V = h.shape[-1]
     if meta.NT == 0:
         return torch.empty(Ttot, H, dtype=dg_dtype, device=q.device)
     r = gate_rows(q, k, dq, dk, meta=meta, BT=BT)
-    c = torch.empty(meta.NT, H, dtype=torch.float32, device=q.device)
-    state_dot = get_kernel(chunk_state_dot_kernel, target_for(q.device), K=K, V=V, h_dtype=TORCH_TO_TL[h.dtype], BT=BT)
-    state_dot(h, dh, ht.float().contiguous(), meta.cu, meta.chunk_indices, c)
+    c = chunk_state_terms(h, dh, ht, q, meta=meta, per_key=False, BT=BT)
     return chunk_gate_grad_scan(r, c, meta=meta, dg_dtype=dg_dtype, BT=BT)
 
 
-def chunk_gate_grad_scan(r, c, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64) -> torch.Tensor:
+def chunk_gate_grad_scan(r, c, *, meta: SeqMeta, dg_dtype: torch.dtype, BT: int = 64, **config) -> torch.Tensor:
     """dg `[Ttot, H]` from its rows r `[Ttot, H]` fp32 and the chunks' state terms c `[NT, H]` fp32 (see
-    `gate_grad_chunk`): within each chunk the reverse sum of r plus the chunk's c."""
+    `gate_grad_chunk`): within each chunk the reverse sum of r plus the chunk's c; `config` overrides the tile config
+    (kernel "gate_grad_chunk_scan")."""
     dg = torch.empty(r.shape, dtype=dg_dtype, device=r.device)
     if meta.NT > 0:
-        scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(r.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT)
+        config = tile_config("gate_grad_chunk_scan", r, K=0, V=0, gate="none", N=meta.N, overrides=config)
+        scan = get_kernel(chunk_reverse_cumsum_kernel, target_for(r.device), out_dtype=TORCH_TO_TL[dg_dtype], BT=BT,
+                          **config)
         scan(r, c, meta.cu, meta.chunk_indices, dg)
     return dg

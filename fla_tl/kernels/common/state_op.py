@@ -320,6 +320,15 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
         base.update(based=True)  # ReBased's flag comes in `flags`
     elif name.startswith("rwkv6_"):
         base.update(reverse=False, BT=BT)
+    elif name in ("gate_cumsum", "gate_grad_scan", "gate_grad_chunk_scan"):
+        # fp32 gates and gradients (the others come in `flags`); the sequence scan of a forward recurrence
+        base.update(g_dtype="float32", out_dtype="float32", reverse=True, BT=BT)
+    elif name == "gate_dot":
+        base.update(BT=BT)
+    elif name.startswith("hgrn_"):
+        base.update(g_dtype=dtype)  # gates in the input dtype, as fla draws them (fp32 ones come in `flags`)
+    elif name.startswith("slot_normaliser_"):
+        base.update(out_dtype=dtype, dsn_dtype=dtype)
     elif name.startswith("titans_"):
         base.update(D=K)  # K = V = D
     elif name == "linear_attn_key_scan":
@@ -336,13 +345,6 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
 def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, ...] = ("gamma",)) -> list[KernelSpec]:
     """the kernels the simple-GLA launchers of `modes` launch at K = V = D for each gate option of `gates`
     ("gamma": a per-head constant decay or none; "g": a per-token gate), with the heuristic tile configs."""
-    from .cumsum import (
-        chunk_gate_cumsum_kernel,
-        chunk_reverse_cumsum_kernel,
-        chunk_state_dot_kernel,
-        gate_dot_kernel,
-        sequence_cumsum_kernel,
-    )
     from .ranges import combine_states_kernel
 
     specs = []
@@ -366,16 +368,12 @@ def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, 
         if gate == "g":
             # the per-token gate's cumulative sum (g in fp32 or the input dtype) and its gradient
             for g_dtype in sorted({"float32", dtype}):
-                specs += [KernelSpec("chunk_gate_cumsum_kernel", chunk_gate_cumsum_kernel,
-                                     dict(g_dtype=g_dtype, BT=BT)),
-                          KernelSpec("chunk_reverse_cumsum_kernel", chunk_reverse_cumsum_kernel,
-                                     dict(out_dtype=g_dtype, BT=BT))]
-                specs += [KernelSpec("sequence_cumsum_kernel", sequence_cumsum_kernel,
-                                     dict(reverse=reverse, out_dtype=g_dtype, BT=BT)) for reverse in (False, True)]
+                specs += [stage_spec("gate_cumsum", 0, 0, dtype, "none", g_dtype=g_dtype, BT=BT),
+                          stage_spec("gate_grad_chunk_scan", 0, 0, dtype, "none", out_dtype=g_dtype, BT=BT)]
+                specs += [stage_spec("gate_grad_scan", 0, 0, dtype, "none", reverse=reverse, out_dtype=g_dtype, BT=BT)
+                          for reverse in (False, True)]
             # the chunk kernels' dg reads dq, dk in the input dtype, fused_recurrent's in fp32
-            specs += [KernelSpec("gate_dot_kernel", gate_dot_kernel,
-                                 dict(K=D, dtype=dtype, grad_dtype=grad_dtype, BT=BT))
+            specs += [stage_spec("gate_dot", D, D, dtype, "none", grad_dtype=grad_dtype, BT=BT)
                       for grad_dtype in sorted({"float32", dtype})]
-            specs.append(KernelSpec("chunk_state_dot_kernel", chunk_state_dot_kernel,
-                                    dict(K=D, V=D, h_dtype=dtype, BT=BT)))
+            specs.append(stage_spec("chunk_state_dot", D, D, dtype, "none", h_dtype=dtype, BT=BT))
     return specs

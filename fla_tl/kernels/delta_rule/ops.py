@@ -250,7 +250,6 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
     """the kernels the chunk launchers (`chunk.py`) launch at K = V = D: the gate's cumulative sum, the WY stages, the
     fused forward (where it fits) and the chunk-parallel forward, the state passes at every pass config, the output
     stage, the dq / dk / dw pass and the gate gradient's scan."""
-    from ..common.cumsum import chunk_gate_cumsum_kernel, chunk_reverse_cumsum_kernel
     from ..common.state_op import stage_spec
 
     if dtype == "float32" and D > DELTA_MAX_K_FP32:
@@ -260,8 +259,7 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
     specs = []
     for gate in gates:
         if gate == "g":
-            specs.append(KernelSpec("chunk_gate_cumsum_kernel", chunk_gate_cumsum_kernel,
-                                    dict(g_dtype="float32", BT=BT)))
+            specs.append(stage_spec("gate_cumsum", 0, 0, dtype, "none", g_dtype="float32", BT=BT))
         for pair in ((True, False) if fused else (False,)):
             specs.append(stage_spec("wy_fwd", D, D, dtype, gate, pair=pair))
         # every default the grid can pick (`delta_pass_heuristic`: the large- and the small-grid configs)
@@ -271,15 +269,13 @@ def _chunk_kernels(D: int, dtype: str, gates: tuple[str, ...]) -> list[KernelSpe
         specs.append(stage_spec("chunk_fwd_o", D, D, dtype, gate))
         specs += [stage_spec("chunk_delta_bwd_dqkw", D, D, dtype, gate), stage_spec("wy_bwd", D, D, dtype, gate)]
         if gate == "g":
-            specs.append(KernelSpec("chunk_reverse_cumsum_kernel", chunk_reverse_cumsum_kernel,
-                                    dict(out_dtype="float32", BT=BT)))
+            specs.append(stage_spec("gate_grad_chunk_scan", 0, 0, dtype, "none", out_dtype="float32", BT=BT))
     return specs
 
 
 def _fused_recurrent_kernels(D: int, dtype: str, gates: tuple[str, ...], layouts: tuple[bool, ...]) -> list[KernelSpec]:
     """the kernels the token-by-token launchers (`fused_recurrent.py`) launch at K = V = D: the forward and the two
     backward sweeps for each gate option and state layout, and the gate gradient's per-sequence scan."""
-    from ..common.cumsum import sequence_cumsum_kernel
     from ..common.state_op import stage_spec
 
     specs = []
@@ -292,8 +288,7 @@ def _fused_recurrent_kernels(D: int, dtype: str, gates: tuple[str, ...], layouts
                       for companion in KERNELS["fused_recurrent_delta_bwd"].companions]
         if gate == "g":
             # `common.cumsum._sequence_scan` of a forward recurrence: a reverse scan
-            specs.append(KernelSpec("sequence_cumsum_kernel", sequence_cumsum_kernel,
-                                    dict(reverse=True, out_dtype="float32", BT=BT)))
+            specs.append(stage_spec("gate_grad_scan", 0, 0, dtype, "none", reverse=True, out_dtype="float32", BT=BT))
     return specs
 
 

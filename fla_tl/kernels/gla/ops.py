@@ -43,13 +43,12 @@ def _key_gate(B, T, H, device):
 
 def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpec]:
     """the kernels chunk_gla launches at K = V = D (with RWKV6's `bonus` form of the output kernel too)."""
-    from ..common import cumsum
     from ..common.ranges import combine_states_kernel
     from . import chunk
 
     # the gate arrives in fp32 (as fla draws it) or in the input dtype; its cumulative sum and gradient follow it
     g_dtypes = sorted({"float32", dtype})
-    specs = [KernelSpec("chunk_gate_cumsum_kernel", cumsum.chunk_gate_cumsum_kernel, dict(g_dtype=g, BT=chunk.BT))
+    specs = [stage_spec("gate_cumsum", 0, 0, dtype, "none", g_dtype=g, BT=chunk.BT)
              for g in g_dtypes]
     specs += [stage_spec(name, D, D, dtype, "gk") for name in ("chunk_fwd_h", "chunk_bwd_dh")]
     # few long sequences: the combine of the chunk ranges' states (a per-key decay), both directions
@@ -57,24 +56,20 @@ def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpe
               for r in (False, True)]
     specs += [stage_spec("chunk_gla_fwd_o", D, D, dtype, "gk", bonus=b) for b in ((False, True) if bonus else (False,))]
     specs += [stage_spec("chunk_gla_bwd_dv", D, D, dtype, "gk"), stage_spec("chunk_gla_bwd_dqk", D, D, dtype, "gk"),
-              KernelSpec("chunk_state_dot_kernel", cumsum.chunk_state_dot_kernel,
-                         dict(K=D, V=D, h_dtype=dtype, per_key=True, BT=chunk.BT)),
+              stage_spec("chunk_state_dot", D, D, dtype, "none", h_dtype=dtype, per_key=True, BT=chunk.BT),
               ]
-    specs += [KernelSpec("chunk_reverse_cumsum_kernel", cumsum.chunk_reverse_cumsum_kernel,
-                         dict(out_dtype=g, BT=chunk.BT))
+    specs += [stage_spec("gate_grad_chunk_scan", 0, 0, dtype, "none", out_dtype=g, BT=chunk.BT)
               for g in g_dtypes]
     return specs
 
 
 def fused_recurrent_gla_kernels(D: int, dtype: str) -> list[KernelSpec]:
     """the kernels fused_recurrent_gla launches at K = V = D, every flag combination."""
-    from ..common import cumsum
 
     specs = [stage_spec(name, D, D, dtype, "gk", reverse=reverse, state_v_first=svf)
              for name in ("fused_recurrent_fwd", "fused_recurrent_bwd")
              for reverse in (False, True) for svf in (False, True)]
-    return specs + [KernelSpec("sequence_cumsum_kernel", cumsum.sequence_cumsum_kernel,
-                               dict(reverse=reverse, out_dtype=g, BT=64))
+    return specs + [stage_spec("gate_grad_scan", 0, 0, dtype, "none", reverse=reverse, out_dtype=g, BT=64)
                     for reverse in (False, True) for g in sorted({"float32", dtype})]
 
 

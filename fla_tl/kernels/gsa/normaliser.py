@@ -13,6 +13,7 @@ One block per (sequence, BD channels), one thread per channel; tiles of TB token
 import tilelang.language as T
 import torch
 
+from ...autotune.resolve import tile_config
 from ..common.utils import TORCH_TO_TL, get_kernel, target_for
 
 # 16-byte vectors of bf16 / fp16 logits
@@ -143,10 +144,11 @@ def _vectors(x: torch.Tensor, vec: int) -> torch.Tensor:
 
 
 def slot_normaliser_fwd(s: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
-                        out_dtype: torch.dtype | None = None):
+                        out_dtype: torch.dtype | None = None, **config):
     """ABC's (normalised slots `[B, T, H, M]` in `out_dtype` (default s's), log gates fp32, the running log-sum-exp
     z fp32 for the backward) from the raw slot logits `s` (bf16 / fp16 / fp32, CUDA): the forward of
-    `fla_tl.reference.gsa.slot_gates` on TileLang scans."""
+    `fla_tl.reference.gsa.slot_gates` on TileLang scans; `config` overrides the tile config (kernel
+    "slot_normaliser_fwd")."""
     s = s.contiguous()
     out_dtype = out_dtype or s.dtype
     D = s.shape[2] * s.shape[3]
@@ -154,16 +156,19 @@ def slot_normaliser_fwd(s: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
     sn = torch.empty_like(s, dtype=out_dtype)
     g, z = (torch.empty_like(s, dtype=torch.float32) for _ in range(2))
     vec = _vec(D, s, sn, g, z)
+    config = tile_config("slot_normaliser_fwd", s.view(-1, 1, D), K=0, V=0, gate="none", N=cu.numel() - 1,
+                         overrides=config)
     kernel = get_kernel(slot_normaliser_fwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
-                        out_dtype=TORCH_TO_TL[out_dtype], VEC=vec)
+                        out_dtype=TORCH_TO_TL[out_dtype], VEC=vec, **config)
     kernel(_vectors(s, vec), cu, *(_vectors(x, vec) for x in (sn, g, z)))
     return sn, g, z
 
 
 def slot_normaliser_bwd(s: torch.Tensor, z: torch.Tensor, dsn: torch.Tensor | None, dg: torch.Tensor | None,
-                        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                        cu_seqlens: torch.Tensor | None = None, **config) -> torch.Tensor:
     """ds in s's dtype from the gradients of the normalised slots `dsn` and of the log gates `dg` (None: zero) and
-    the forward's z (:func:`slot_normaliser_fwd`)."""
+    the forward's z (:func:`slot_normaliser_fwd`); `config` overrides the tile config (kernel
+    "slot_normaliser_bwd")."""
     s = s.contiguous()
     D = s.shape[2] * s.shape[3]
     cu = _cu(s, cu_seqlens)
@@ -172,7 +177,9 @@ def slot_normaliser_bwd(s: torch.Tensor, z: torch.Tensor, dsn: torch.Tensor | No
     dg = torch.zeros_like(z) if dg is None else dg.float().contiguous()
     ds = torch.empty_like(s)
     vec = _vec(D, s, z, dsn, dg, ds)
+    config = tile_config("slot_normaliser_bwd", s.view(-1, 1, D), K=0, V=0, gate="none", N=cu.numel() - 1,
+                         overrides=config)
     kernel = get_kernel(slot_normaliser_bwd_kernel, target_for(s.device), dtype=TORCH_TO_TL[s.dtype],
-                        dsn_dtype=TORCH_TO_TL[dsn.dtype], VEC=vec)
+                        dsn_dtype=TORCH_TO_TL[dsn.dtype], VEC=vec, **config)
     kernel(*(_vectors(x, vec) for x in (s, z, dsn, dg)), cu, _vectors(ds, vec))
     return ds

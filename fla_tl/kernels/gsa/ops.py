@@ -219,24 +219,19 @@ def _gsa_kernels(D: int, dtype: str) -> list[KernelSpec]:
     slot gates' fp32 cumsum, and ABC's normaliser (16-byte vectors and the scalar fallback; every op derives ABC's
     gates when `g` is None)."""
     from ...autotune.configs import BT
-    from ..common import cumsum
     from ..common.state_op import stage_spec
     from . import normaliser
 
     M = KERNEL_SLOTS
-    specs = [KernelSpec("chunk_gate_cumsum_kernel", cumsum.chunk_gate_cumsum_kernel, dict(g_dtype="float32", BT=BT))]
+    specs = [stage_spec("gate_cumsum", 0, 0, dtype, "none", g_dtype="float32", BT=BT)]
     specs += [stage_spec(name, M, D, dtype, "gk") for name in ("chunk_fwd_h", "chunk_bwd_dh")]
     specs += [stage_spec(name, M, D, dtype, "gk")
               for name in ("chunk_gla_fwd_o", "chunk_gla_bwd_dv", "chunk_gla_bwd_dqk")]
-    specs += [KernelSpec("chunk_state_dot_kernel", cumsum.chunk_state_dot_kernel,
-                         dict(K=M, V=D, h_dtype=dtype, per_key=True, BT=BT)),
-              KernelSpec("chunk_reverse_cumsum_kernel", cumsum.chunk_reverse_cumsum_kernel,
-                         dict(out_dtype="float32", BT=BT))]
+    specs += [stage_spec("chunk_state_dot", M, D, dtype, "none", h_dtype=dtype, per_key=True, BT=BT),
+              stage_spec("gate_grad_chunk_scan", 0, 0, dtype, "none", out_dtype="float32", BT=BT)]
     for vec in (normaliser.VEC_ALIGNED, 1):
-        specs += [KernelSpec("slot_normaliser_fwd_kernel", normaliser.slot_normaliser_fwd_kernel,
-                             dict(dtype=dtype, out_dtype=dtype, VEC=vec)),
-                  KernelSpec("slot_normaliser_bwd_kernel", normaliser.slot_normaliser_bwd_kernel,
-                             dict(dtype=dtype, dsn_dtype=dtype, VEC=vec))]
+        specs += [stage_spec("slot_normaliser_fwd", 0, 0, dtype, "none", out_dtype=dtype, VEC=vec),
+                  stage_spec("slot_normaliser_bwd", 0, 0, dtype, "none", dsn_dtype=dtype, VEC=vec)]
     return specs
 
 

@@ -12,6 +12,7 @@ Gates are read in their dtype and applied in fp32; the state and the carried gra
 import tilelang.language as T
 import torch
 
+from ...autotune.resolve import tile_config
 from ..common.utils import LOG2E, TORCH_TO_TL, get_kernel, state_or_dummy, target_for
 
 # channels per vector of the aligned path (16 bytes of bf16 / fp16)
@@ -163,13 +164,15 @@ def _vectors(vec: int, *tensors: torch.Tensor) -> list[torch.Tensor]:
 
 
 def fused_recurrent_hgrn_fwd(x, g, *, initial_state, output_final_state, cu_seqlens, **config):
-    """o `[B, T, D]` in x's dtype and the final state `[N, D]` fp32 or None; x, g `[B, T, D]` contiguous."""
+    """o `[B, T, D]` in x's dtype and the final state `[N, D]` fp32 or None; x, g `[B, T, D]` contiguous. `config`
+    overrides the tile config (kernel "hgrn_fwd")."""
     D = x.shape[-1]
     cu, N = _meta_cu(x, cu_seqlens)
     o = torch.empty_like(x)
     h0, use_h0 = state_or_dummy(initial_state, x, (D,))
     ht = x.new_empty(N if output_final_state else 1, D, dtype=torch.float32)
     vec = _vec(D, x, g, o)
+    config = tile_config("hgrn_fwd", x.view(-1, 1, D), K=0, V=0, gate="none", N=N, overrides=config)
     kernel = get_kernel(fused_recurrent_hgrn_fwd_kernel, target_for(x.device), dtype=TORCH_TO_TL[x.dtype],
                         g_dtype=TORCH_TO_TL[g.dtype], VEC=vec, **config)
     x_, g_, h0_, o_, ht_ = _vectors(vec, x, g, h0, o, ht)
@@ -178,13 +181,15 @@ def fused_recurrent_hgrn_fwd(x, g, *, initial_state, output_final_state, cu_seql
 
 
 def fused_recurrent_hgrn_bwd(x, g, o, do, dht, *, initial_state, cu_seqlens, **config):
-    """(dx in x's dtype, dg in g's dtype, dh0 in initial_state's dtype or None)."""
+    """(dx in x's dtype, dg in g's dtype, dh0 in initial_state's dtype or None); `config` overrides the tile config
+    (kernel "hgrn_bwd")."""
     D = x.shape[-1]
     cu, N = _meta_cu(x, cu_seqlens)
     dht_, use_dht = state_or_dummy(dht, x, (D,))
     dx, dg = torch.empty_like(x), torch.empty_like(g)
     dh0 = x.new_empty(N if initial_state is not None else 1, D, dtype=torch.float32)
     vec = _vec(D, x, g, o, do, dx, dg)
+    config = tile_config("hgrn_bwd", x.view(-1, 1, D), K=0, V=0, gate="none", N=N, overrides=config)
     kernel = get_kernel(fused_recurrent_hgrn_bwd_kernel, target_for(x.device), dtype=TORCH_TO_TL[x.dtype],
                         g_dtype=TORCH_TO_TL[g.dtype], VEC=vec, **config)
     x_, g_, o_, do_, dht_, dx_, dg_, dh0_ = _vectors(vec, x, g, o, do, dht_, dx, dg, dh0)

@@ -123,12 +123,12 @@ def _hgrn_torch(x, g, initial_state, cu_seqlens, output_final_state):
 def _kernels(D: int, dtype: str) -> list[KernelSpec]:
     """the forward and backward scans for x in `dtype` and g in fp32 or x's dtype, with 16-byte vectors (D a multiple
     of 8 and aligned pointers) and the scalar fallback."""
-    from .fused_recurrent import VEC_ALIGNED, fused_recurrent_hgrn_bwd_kernel, fused_recurrent_hgrn_fwd_kernel
+    from ..common.state_op import stage_spec
+    from .fused_recurrent import VEC_ALIGNED
 
     vecs = (VEC_ALIGNED, 1) if D % VEC_ALIGNED == 0 else (1,)
-    return [KernelSpec(f.__name__, f, dict(dtype=dtype, g_dtype=g_dtype, VEC=vec))
-            for g_dtype in sorted({"float32", dtype}) for vec in vecs
-            for f in (fused_recurrent_hgrn_fwd_kernel, fused_recurrent_hgrn_bwd_kernel)]
+    return [stage_spec(name, 0, 0, dtype, "none", g_dtype=g_dtype, VEC=vec)
+            for g_dtype in sorted({"float32", dtype}) for vec in vecs for name in ("hgrn_fwd", "hgrn_bwd")]
 
 
 def _cases(varlen: bool):

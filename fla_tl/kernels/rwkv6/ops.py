@@ -30,7 +30,7 @@ from ..common.state_op import pop_chunk_size
 
 SCHEMA = ("Tensor r, Tensor k, Tensor v, Tensor w, Tensor u, Tensor? initial_state, Tensor? cu_seqlens, float scale, "
           "bool output_final_state, bool reverse")
-SCANS = ("chunk_gate_cumsum_kernel", "chunk_reverse_cumsum_kernel", "sequence_cumsum_kernel")
+SCANS = ("gate_cumsum", "gate_grad_chunk_scan", "gate_grad_scan")
 MODULES = {"chunk": "fla_tl.kernels.rwkv6.chunk", "fused_recurrent": "fla_tl.kernels.rwkv6.fused_recurrent"}
 
 
@@ -167,7 +167,6 @@ def _kernels(mode: str):
 
     def kernels(D: int, dtype: str) -> list[KernelSpec]:
         from ...autotune.configs import BT, KERNELS
-        from ..common import cumsum
         from ..common.state_op import stage_spec
         from ..gla.ops import chunk_gla_kernels, fused_recurrent_gla_kernels
 
@@ -177,10 +176,8 @@ def _kernels(mode: str):
                      if s.kwargs.get("bonus", True) and s.name not in SCANS]
             # w as given (fp32, or the input dtype): its chunk cumsum and the gradient's chunk-local scan
             for w_dtype in sorted({"float32", dtype}):
-                specs += [KernelSpec("chunk_gate_cumsum_kernel", cumsum.chunk_gate_cumsum_kernel,
-                                     dict(g_dtype=w_dtype, BT=BT)),
-                          KernelSpec("chunk_reverse_cumsum_kernel", cumsum.chunk_reverse_cumsum_kernel,
-                                     dict(out_dtype=w_dtype, BT=BT))]
+                specs += [stage_spec("gate_cumsum", 0, 0, dtype, "none", g_dtype=w_dtype, BT=BT),
+                          stage_spec("gate_grad_chunk_scan", 0, 0, dtype, "none", out_dtype=w_dtype, BT=BT)]
             # the forward's bonus is in GLA's output kernel; the backward's bonus kernel
             if KERNELS["rwkv6_bwd_bonus"].launches(D, D, dtype):
                 specs.append(stage_spec("rwkv6_bwd_bonus", D, D, dtype, "none"))
@@ -188,8 +185,7 @@ def _kernels(mode: str):
             specs = [s for s in fused_recurrent_gla_kernels(D, dtype)
                      if not s.kwargs.get("state_v_first", False) and s.name not in SCANS]
             # dw's sequence scan, in w's dtype (fp32 or the input dtype)
-            specs += [KernelSpec("sequence_cumsum_kernel", cumsum.sequence_cumsum_kernel,
-                                 dict(reverse=reverse, out_dtype=w_dtype, BT=BT))
+            specs += [stage_spec("gate_grad_scan", 0, 0, dtype, "none", reverse=reverse, out_dtype=w_dtype, BT=BT)
                       for w_dtype in sorted({"float32", dtype}) for reverse in (False, True)]
             specs += [stage_spec(name, D, D, dtype, "none", reverse=reverse)
                       for reverse in (False, True) for name in ("rwkv6_fwd_bonus", "rwkv6_bwd_bonus")

@@ -16,8 +16,8 @@ import tilelang.language as T
 import torch
 import torch.nn.functional as F
 
-from ...reference.titans import chunk_titans_linear_torch, titans_chunk_scalars
 from ...autotune.resolve import tile_config
+from ...reference.titans import chunk_titans_linear_torch, titans_chunk_scalars
 from ..common.utils import TORCH_TO_TL, cdiv, get_kernel, state_or_dummy, target_for
 
 # the TileLang backward for bf16 / fp16 inputs (False: every dtype takes the PyTorch recompute)
