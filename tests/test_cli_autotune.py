@@ -72,15 +72,17 @@ def test_constant_decay_family_lists_the_retention_style_kernels():
     assert [s.name for s in _kernels("parallel_simple_gla", 64, "bfloat16")][:2] == ["chunk_fwd_h", "chunk_fwd_o"]
     chunk = {"chunk_fwd_h", "chunk_fwd_o", "chunk_bwd_dh", "chunk_bwd_dv", "chunk_bwd_dqk"}
     fused = [("fused_chunk_fwd", 128, 128, "gamma"), ("fused_chunk_bwd_dkv", 128, 128, "gamma")]
-    assert {s[0] for s in op_kernels("chunk_retention", 128)} == chunk | {"fused_chunk_fwd", "fused_chunk_bwd_dkv"}
+    assert {s[0] for s in op_kernels("chunk_retention", 128)} == chunk | {"fused_chunk_fwd", "fused_chunk_bwd_dkv",
+                                                                          "combine_states"}
     assert op_kernels("fused_chunk_retention", 128) == fused
     assert op_kernels("fused_recurrent_retention", 128) == [("fused_recurrent_fwd", 128, 128, "gamma"),
                                                             ("fused_recurrent_bwd", 128, 128, "gamma")]
-    # simple GLA launches them with its per-token gate too, and that gate's scans (no head dims) and reductions
-    assert op_kernels("fused_chunk_simple_gla", 64) == [(n, 64, 64, g) for g in ("gamma", "g")
-                                                        for n in ("fused_chunk_fwd", "fused_chunk_bwd_dkv")] + [
-        ("gate_cumsum", 0, 0, "none"), ("gate_grad_chunk_scan", 0, 0, "none"), ("gate_grad_scan", 0, 0, "none"),
-        ("gate_dot", 64, 64, "none"), ("chunk_state_dot", 64, 64, "none")]
+    # simple GLA launches them with its per-token gate too (whose backward runs the chunk schedule: the ranges'
+    # combine), and that gate's scans (no head dims) and reductions
+    assert set(op_kernels("fused_chunk_simple_gla", 64)) == {
+        (n, 64, 64, g) for g in ("gamma", "g") for n in ("fused_chunk_fwd", "fused_chunk_bwd_dkv")} | {
+        ("combine_states", 64, 64, "none"), ("gate_cumsum", 0, 0, "none"), ("gate_grad_chunk_scan", 0, 0, "none"),
+        ("gate_grad_scan", 0, 0, "none"), ("gate_dot", 64, 64, "none"), ("chunk_state_dot", 64, 64, "none")}
 
 
 def test_compile_names_ops_without_a_kernel_list(monkeypatch, capsys):

@@ -198,6 +198,16 @@ class ColumnScanConfig:
 
 
 @dataclass(frozen=True)
+class CombineConfig:
+    """the chunk ranges' state combine (`common.ranges.combine_states_kernel`): the value columns of a block, the key
+    tile of its transition products, and the block size."""
+
+    BV: int = 32
+    BK: int = 32
+    threads: int = 128
+
+
+@dataclass(frozen=True)
 class KeyScanConfig:
     """linear attention's chunk-wise key-sum scan (`linear_attn.normalize.chunk_scan_kernel`): the key tile each
     block carries through a sequence's chunks, and the block size."""
@@ -525,6 +535,12 @@ def smem_delta_recurrent(kind: str) -> Callable:
 def smem_column_scan(K, V, dtype, c: ColumnScanConfig) -> int:
     """a gate scan stages one [BT, BH] tile of fp32 (or 16-bit gates: counted as fp32) per block."""
     return 4 * BT * c.BH
+
+
+def smem_combine(K, V, dtype, c: CombineConfig) -> int:
+    """the combine stages the running state [KP, BV] and a transition tile [KP, BK] in fp32 (KP: K padded to BK)."""
+    KP = cdiv(K, c.BK) * c.BK
+    return 4 * KP * (c.BV + c.BK)
 
 
 def smem_none(K, V, dtype, c) -> int:
@@ -916,6 +932,11 @@ KERNELS = {
             ("gate_grad_scan", 32, "sequence_cumsum_kernel"),
             ("gate_grad_chunk_scan", 32, "chunk_reverse_cumsum_kernel"),
         )),
+        TunableKernel(
+            "combine_states", CombineConfig, smem_combine,
+            {"BV": (16, 32, 64), "BK": (16, 32, 64), "threads": (128, 256)}, _constant(CombineConfig()),
+            "fla_tl.kernels.common.ranges:combine_states_kernel", gate="none", dtype="float32",
+        ),
         # the gate gradients' row and state reductions (r = q . dq - k . dk per row, <S, dh> per chunk)
         TunableKernel(
             "gate_dot", BlockConfig, smem_none, {"threads": (64, 128, 256)}, _constant(BlockConfig()),

@@ -68,6 +68,8 @@ def make_runner(
         return _delta_recurrent_runner(name, q, k, v, do, meta, gate, g)
     if name in GATE_SCANS:
         return _gate_scan_runner(name, q, k, v, do, meta, g)
+    if name == "combine_states":
+        return _combine_runner(N, T, H, K, V, device, g)
     if not KERNELS[name].head_dims:
         return _channel_scan_runner(name, N, T, H * max(K, V), dtype, device, g)
     decay = retention_g_gamma(H, device)
@@ -173,6 +175,20 @@ def _rwkv6_runner(name: str, q, k, v, do, meta, g: torch.Generator) -> Callable:
         return lambda c: (bonus.bonus_fwd(do, q, k, v, u, **kw, **c),)
     dq = torch.randn(q.shape, device=q.device, generator=g).to(q.dtype)
     return lambda c: bonus.bonus_bwd(q, k, v, do, dq, k.clone(), v.clone(), u, **kw, **c)
+
+
+def _combine_runner(N: int, T: int, H: int, K: int, V: int, device, g: torch.Generator) -> Callable:
+    """the runner of the chunk ranges' state combine: N sequences of T tokens in ranges of 16 chunks, random decays
+    in (0, 1) (a per-key diagonal transition) and random range states."""
+    from ..kernels.common import ranges as rg
+    from ..kernels.common.utils import seq_meta
+
+    meta = seq_meta(N, T, None, BT, device)
+    spans = rg.range_meta(meta, 16, BT, dense=(N, T))
+    R = spans.meta.N
+    decays = torch.rand(R, H, K, device=device, generator=g)
+    loc = torch.randn(R, H, K, V, device=device, generator=g)
+    return lambda c: (rg.combine_states(decays, None, spans, loc=loc, **c),)
 
 
 # the gate scans and reductions of `common.cumsum`

@@ -23,6 +23,8 @@ import os
 import tilelang.language as T
 import torch
 
+from ...autotune.configs import BT
+from ...autotune.resolve import tile_config
 from .utils import SeqMeta, cdiv, get_kernel, pad_dim, sm_count, target_for
 
 
@@ -185,7 +187,8 @@ def combine_states(ms: torch.Tensor, s0: torch.Tensor | None, ranges: RangeMeta,
     """the state entering (forward) or the gradient leaving (reverse) every range, fp32 `[R, H, K, V]`: see
     `combine_states_kernel`. `ms` the ranges' summaries `[R, H, K, V + K]` fp32 (a delta-rule transition, with the
     ranges' own states in its first V columns unless `loc` is given), or the diagonal of a decay `[R, H, K]` (then
-    `loc` `[R, H, K, V]` is required); `s0` `[N, H, K, V]` or None (zero)."""
+    `loc` `[R, H, K, V]` is required); `s0` `[N, H, K, V]` or None (zero). `config` overrides the tile config (kernel
+    "combine_states")."""
     diagonal = ms.dim() == 3
     R, H, K = ms.shape[:3]
     V = loc.shape[-1] if diagonal else ms.shape[-1] - K
@@ -193,6 +196,9 @@ def combine_states(ms: torch.Tensor, s0: torch.Tensor | None, ranges: RangeMeta,
     loc = ms if loc is None else loc.reshape(R, H, K, V).float().contiguous()
     N = ranges.first.numel() - 1
     s0_ = s0.reshape(N * H, K, V).float().contiguous() if s0 is not None else ms.new_empty(1, K, V)
+    # the config is keyed by the tokens the ranges span (at most R ranges of L chunks): an empty stand-in of that length
+    tokens = ms.new_empty(R * ranges.L * BT, H, 0)
+    config = tile_config("combine_states", tokens, K=K, V=V, gate="none", N=N, overrides=config)
     kernel = get_kernel(combine_states_kernel, target_for(ms.device), K=K, V=V, reverse=reverse, diagonal=diagonal,
                         **config)
     kernel(ms.contiguous(), loc, s0_, ranges.first, out, int(s0 is not None))

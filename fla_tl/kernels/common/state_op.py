@@ -323,6 +323,8 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
     elif name in ("gate_cumsum", "gate_grad_scan", "gate_grad_chunk_scan"):
         # fp32 gates and gradients (the others come in `flags`); the sequence scan of a forward recurrence
         base.update(g_dtype="float32", out_dtype="float32", reverse=True, BT=BT)
+    elif name == "combine_states":
+        base.update(reverse=False, diagonal=True)  # a decay's diagonal transition (the delta rules pass full ones)
     elif name == "gate_dot":
         base.update(BT=BT)
     elif name.startswith("hgrn_"):
@@ -345,7 +347,6 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
 def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, ...] = ("gamma",)) -> list[KernelSpec]:
     """the kernels the simple-GLA launchers of `modes` launch at K = V = D for each gate option of `gates`
     ("gamma": a per-head constant decay or none; "g": a per-token gate), with the heuristic tile configs."""
-    from .ranges import combine_states_kernel
 
     specs = []
     for gate in gates:
@@ -359,8 +360,8 @@ def state_kernels(D: int, dtype: str, modes: tuple[str, ...], gates: tuple[str, 
         if ("chunk" in modes or ("fused_chunk" in modes and "g" in gates)) and gate == gates[0]:
             # few long sequences: the combine of the chunk ranges' states (a diagonal decay), both directions (the
             # fused_chunk ops' backward with a per-token gate runs the chunk schedule)
-            specs += [KernelSpec("combine_states_kernel", combine_states_kernel,
-                                 dict(K=D, V=D, reverse=reverse, diagonal=True)) for reverse in (False, True)]
+            specs += [stage_spec("combine_states", D, D, dtype, "none", reverse=reverse, diagonal=True)
+                      for reverse in (False, True)]
         if "fused_recurrent" in modes:
             for reverse, svf in itertools.product((False, True), (False, True)):
                 specs += [stage_spec(name, D, D, dtype, gate, reverse=reverse, state_v_first=svf)

@@ -43,7 +43,6 @@ def _key_gate(B, T, H, device):
 
 def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpec]:
     """the kernels chunk_gla launches at K = V = D (with RWKV6's `bonus` form of the output kernel too)."""
-    from ..common.ranges import combine_states_kernel
     from . import chunk
 
     # the gate arrives in fp32 (as fla draws it) or in the input dtype; its cumulative sum and gradient follow it
@@ -52,7 +51,7 @@ def chunk_gla_kernels(D: int, dtype: str, bonus: bool = False) -> list[KernelSpe
              for g in g_dtypes]
     specs += [stage_spec(name, D, D, dtype, "gk") for name in ("chunk_fwd_h", "chunk_bwd_dh")]
     # few long sequences: the combine of the chunk ranges' states (a per-key decay), both directions
-    specs += [KernelSpec("combine_states_kernel", combine_states_kernel, dict(K=D, V=D, reverse=r, diagonal=True))
+    specs += [stage_spec("combine_states", D, D, dtype, "none", reverse=r, diagonal=True)
               for r in (False, True)]
     specs += [stage_spec("chunk_gla_fwd_o", D, D, dtype, "gk", bonus=b) for b in ((False, True) if bonus else (False,))]
     specs += [stage_spec("chunk_gla_bwd_dv", D, D, dtype, "gk"), stage_spec("chunk_gla_bwd_dqk", D, D, dtype, "gk"),
