@@ -91,6 +91,7 @@ FUSED_CHUNK = OpSpec(
     name="fused_chunk_gla", variant="gla", mode="fused_chunk", reference=recurrent_gla,
     backends=[refusing_backend("tilelang", tilelang_capabilities(), FUSED_CHUNK_GLA_DROPPED),
               refusing_backend("torch", torch_capabilities(), FUSED_CHUNK_GLA_DROPPED)],
+    kernels=lambda D, dtype: [],  # it launches none
 )
 
 
