@@ -247,17 +247,25 @@ def _channel_scan_runner(name: str, N: int, T: int, D: int, dtype: torch.dtype, 
     return lambda c: (normaliser.slot_normaliser_bwd(s, z, do.view(N, T, 1, D), dg, None, **c),)
 
 
-def _delta_recurrent_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
-    """the runner of the delta rule's token-by-token forward or backward: keys L2-normalised, betas in (0, 1), for
-    gate "g" a per-token log gate as fla draws it; the backward on the forward's stored corrections."""
-    from ..kernels.delta_rule import fused_recurrent as recurrent
-
-    Ttot, H, K = k.shape
+def _delta_inputs(k, gate: str, g: torch.Generator):
+    """(keys L2-normalised as the delta rules take them, betas in (0, 1) `[Ttot, H]`, for gate "g" a per-token log
+    gate as fla draws it, else None) for keys `k` `[Ttot, H, K]`."""
+    Ttot, H, _ = k.shape
     k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
     beta = torch.rand(Ttot, H, device=k.device, generator=g)
     lg = None
     if gate == "g":
         lg = torch.nn.functional.logsigmoid(torch.randn(Ttot, H, device=k.device, generator=g))
+    return k, beta, lg
+
+
+def _delta_recurrent_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
+    """the runner of the delta rule's token-by-token forward or backward: keys L2-normalised, betas in (0, 1), for
+    gate "g" a per-token log gate as fla draws it; the backward on the forward's stored corrections."""
+    from ..kernels.delta_rule import fused_recurrent as recurrent
+
+    K = k.shape[-1]
+    k, beta, lg = _delta_inputs(k, gate, g)
     kw = dict(scale=K ** -0.5, initial_state=None, state_v_first=False, meta=meta)
     if name == "fused_recurrent_delta_fwd":
         return lambda c: recurrent.fused_recurrent_delta_rule_fwd(q, k, v, beta, lg, output_final_state=True,
@@ -323,13 +331,9 @@ def _delta_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -
     from ..kernels.common.cumsum import chunk_gate_cumsum
     from ..kernels.common.gates import head_decay
 
-    Ttot, H, K = k.shape
-    k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
-    beta = torch.rand(Ttot, H, device=k.device, generator=g)
-    gc = None
-    if gate == "g":
-        lg = torch.nn.functional.logsigmoid(torch.randn(Ttot, H, device=k.device, generator=g))
-        gc = chunk_gate_cumsum(lg, head_decay(None, H, k.device), meta, BT)
+    H, K = k.shape[1:]
+    k, beta, lg = _delta_inputs(k, gate, g)
+    gc = chunk_gate_cumsum(lg, head_decay(None, H, k.device), meta, BT) if gate == "g" else None
     w, u, ai = wy.wy_repr(k, v, beta, meta=meta, gc=gc, pair=True, BT=BT)
     scale = K ** -0.5
     common = dict(gate=gate, gc=gc, meta=meta, BT=BT)
