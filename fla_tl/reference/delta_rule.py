@@ -3,6 +3,8 @@ backend).
 
 Per value head, with the state `h` `[K, V]` and a scalar log gate `g_t` (0 for the plain delta rule):
   h <- exp(g_t) h;   u_t = beta_t (v_t - h^T k_t);   h <- h + k_t u_t^T;   o_t = scale * h^T q_t.
+The recurrence also takes a per-key gate `g_t` `[K]` (h <- Diag(exp(g_t)) h: KDA, `reference.kda`); the chunked form
+takes the scalar one.
 Grouped value heads (GVA): `v`, `g`, `beta` and the state have HV heads, `q`, `k` have H, and value head j reads key
 head j // (HV / H).
 
@@ -26,10 +28,11 @@ def l2norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 
 def _recurrent_steps(q, k, v, beta, g, h, scale):
-    """`[HV, L, D]` inputs (q, k already expanded to the value heads), beta and g `[HV, L]`, state `[HV, K, V]`."""
+    """`[HV, L, D]` inputs (q, k already expanded to the value heads), beta `[HV, L]`, g `[HV, L]` (a scalar gate)
+    or `[HV, L, K]` (a per-key gate: KDA's), state `[HV, K, V]`."""
     outs = []
     for t in range(q.shape[1]):
-        h = h * g[:, t].exp()[:, None, None]
+        h = h * (g[:, t, :, None] if g.dim() == 3 else g[:, t, None, None]).exp()
         u = beta[:, t, None] * (v[:, t] - torch.einsum("hk,hkv->hv", k[:, t], h))
         h = h + k[:, t, :, None] * u[:, None, :]
         outs.append(scale * torch.einsum("hk,hkv->hv", q[:, t], h))
@@ -93,7 +96,7 @@ def _run(seq_fn, q, k, v, beta, g, scale, initial_state, output_final_state, sta
         qs, ks = (x[bi, bos:eos].repeat_interleave(group, 1).transpose(0, 1) for x in (q, k))
         vs = v[bi, bos:eos].to(dtype).transpose(0, 1)
         bs = beta[bi, bos:eos].to(dtype).transpose(0, 1)
-        gs = g[bi, bos:eos].to(dtype).transpose(0, 1) if g is not None else bs.new_zeros(bs.shape)
+        gs = g[bi, bos:eos].to(dtype).transpose(0, 1) if g is not None else bs.new_zeros(bs.shape)  # [HV, L(, K)]
         if initial_state is None:
             h0 = vs.new_zeros(HV, K, V)
         else:
@@ -125,7 +128,8 @@ def recurrent_gated_delta_rule(
     Args:
         q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, HV, V]`, HV a multiple of H.
         beta (torch.Tensor): `[B, T, HV]`, already activated.
-        g (Optional[torch.Tensor]): log gates `[B, T, HV]` (None: the plain delta rule).
+        g (Optional[torch.Tensor]): log gates `[B, T, HV]` (None: the plain delta rule), or per-key log gates
+            `[B, T, HV, K]` (KDA: :func:`fla_tl.reference.kda.recurrent_kda`).
         scale (Optional[float]): Default: `K ** -0.5`.
         initial_state (Optional[torch.Tensor]): `[N, HV, K, V]` (`[N, HV, V, K]` with `state_v_first`).
         output_final_state (bool), state_v_first (bool), cu_seqlens (`[N + 1]`, `B == 1`).
