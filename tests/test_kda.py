@@ -1,5 +1,6 @@
 """KDA's PyTorch reference (`fla_tl.reference.kda`): the token-by-token recurrence against the paper's matrix update
-written out in fp64, the gate and beta activations, and its argument checks."""
+written out in fp64, the chunked form against the recurrence, the gate and beta activations, and the argument
+checks."""
 
 import pytest
 import torch
@@ -103,3 +104,28 @@ def test_gate_shape_is_checked():
     v, beta = torch.randn(1, 5, 2, 3), torch.rand(1, 5, 2)
     with pytest.raises(ValueError, match=r"g must be \[B, T, HV, K\]"):
         recurrent_kda(q, k, v, torch.randn(1, 5, 2), beta)
+
+
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_chunked_form_matches_the_recurrence(chunk_size):
+    """the chunked form (partial chunks, varlen with an empty sequence, GVA, an initial state, strong gates whose
+    products over a chunk underflow) against the recurrence, outputs, final states and gradients, in fp64."""
+    from fla_tl.reference.kda import chunk_kda_torch
+
+    torch.manual_seed(4)
+    lens = (37, 0, 70, 1)
+    T, H, HV, K, V = sum(lens), 1, 2, 8, 4
+    x = dict(q=torch.randn(1, T, H, K), k=torch.randn(1, T, H, K), v=torch.randn(1, T, HV, V),
+             g=F.logsigmoid(torch.randn(1, T, HV, K) * 4) * 3, beta=torch.rand(1, T, HV))
+    x = {n: t.double().requires_grad_() for n, t in x.items()}
+    h0 = torch.randn(len(lens), HV, K, V, dtype=torch.float64, requires_grad=True)
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()])
+    kw = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu, use_qk_l2norm_in_kernel=True)
+    got = chunk_kda_torch(*x.values(), chunk_size=chunk_size, **kw)
+    want = recurrent_kda(*x.values(), **kw)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+    dout = [torch.randn_like(t) for t in want]
+    inputs = [*x.values(), h0]
+    for a, b in zip(torch.autograd.grad(got, inputs, dout), torch.autograd.grad(want, inputs, dout)):
+        torch.testing.assert_close(a, b)
