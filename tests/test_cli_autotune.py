@@ -271,3 +271,19 @@ def test_every_op_has_an_ahead_of_time_kernel_list():
     dropped, which launch nothing)."""
     assert [op.name for op in registered_ops() if op.kernels is None] == []
     assert get_op("fused_chunk_gla").kernels(64, "bfloat16") == []
+
+
+def test_compile_lists_every_ops_kernels_and_spaces(monkeypatch, capsys):
+    """`compile --space` over every op at D = 64 and 256 plans without a failure: each tunable kernel's search space
+    comes from the keywords its op lists (one head dim, none, or a fixed dtype), companions included."""
+    from fla_tl.autotune import build as build_module
+    from fla_tl.autotune.commands import compile_ahead
+
+    built = []
+    monkeypatch.setattr(build_module, "build", lambda specs, target, workers: built.extend(specs) or [])
+    ops = [op.name for op in registered_ops()]
+    assert compile_ahead("sm_90a", ops, [64, 256], ["bfloat16", "float32"], workers=1, space=True) == 0
+    assert "FAIL" not in capsys.readouterr().out
+    names = {s.factory.__name__ for s in built}
+    assert {"fused_recurrent_delta_rule_bwd_dqk_kernel", "fused_recurrent_hgrn_fwd_kernel", "chunk_gate_cumsum_kernel",
+            "combine_states_kernel", "normalize_bwd_c_kernel", "titans_bwd_chunk_kernel"} <= names

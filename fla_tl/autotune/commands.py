@@ -136,7 +136,9 @@ def _table_specs(arch: str, kernels: set[str]) -> list[KernelSpec]:
             except (KeyError, ValueError):
                 malformed.append(key)
                 continue
-            specs.append(stage_spec(fields["kernel"], K, V, dtype, gate, table.get(key)["config"]))
+            config = table.get(key)["config"]
+            specs += [stage_spec(fields["kernel"], K, V, dtype, gate, config, factory=factory)
+                      for factory in (None, *KERNELS[fields["kernel"]].companions)]
         if malformed:
             log_once(("autotune.keys", str(path)), f"tuning table {path}: ignoring {len(malformed)} malformed "
                      f"key(s), e.g. {malformed[0]!r}", logging.WARNING)
@@ -146,9 +148,15 @@ def _table_specs(arch: str, kernels: set[str]) -> list[KernelSpec]:
 def _space(spec: KernelSpec, dtype: str) -> list[KernelSpec]:
     """a tunable kernel at every config of its search space that fits (its other keywords kept)."""
     kernel = KERNELS[spec.name]
-    K, V, gate = spec.kwargs["K"], spec.kwargs["V"], spec.kwargs.get("gate", kernel.gate)
+    K, V = 0, 0
+    if kernel.head_dims:
+        # a factory over one head dim names it K, V or D
+        K = spec.kwargs.get("K", spec.kwargs.get("D", spec.kwargs.get("V")))
+        V = spec.kwargs.get("V", K)
+    gate = spec.kwargs.get("gate", kernel.gate)
+    dtype = kernel.dtype or spec.kwargs.get("dtype", dtype)
     return [KernelSpec(spec.name, spec.factory, {**spec.kwargs, **dataclasses.asdict(config)})
-            for config in kernel.candidates(K, V, spec.kwargs.get("dtype", dtype), gate)]
+            for config in kernel.candidates(K, V, dtype, gate)]
 
 
 def compile_ahead(arch: str, ops: list[str], dims: list[int], dtypes: list[str], workers: int,
