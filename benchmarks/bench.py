@@ -574,6 +574,16 @@ def main(argv=None) -> int:
             times = timer.run(step, reset)
         return times, peak_memory_mb(step, reset)
 
+    def tile_configs() -> str:
+        """where this process's fla_tl launches took their tile configs so far (`FLA_TL_AUTOTUNE` mode, then counts of
+        resolved (kernel, dims, dtype, gate, length bucket) keys from the tuning tables, the heuristics, and tuned
+        here): a timed process shows `tuned 0`."""
+        from fla_tl.autotune.resolve import resolution_counts
+        from fla_tl.autotune.table import mode
+
+        counts = resolution_counts()
+        return f"{mode()}: table {counts['table']}, heuristic {counts['heuristic']}, tuned {counts['tuned']}"
+
     def run_case(case: Case, fla_skip: str | None) -> dict:
         op, shape, mode, prov = case.op, case.shape, case.mode, case.provider
         row = dict(meta, op=op, provider=prov, mode=mode, B=shape.B, T=shape.T, H=shape.H, D=shape.D,
@@ -606,6 +616,8 @@ def main(argv=None) -> int:
                 peak_mem_mb=fmt(peak_mb, ".1f"),
                 status=f"ok ({len(times)} reps)",
             )
+            if prov == "fla_tl":
+                row["tile_configs"] = tile_configs()
             if prov == "fla":
                 fla_ms[key] = med
             if prov == "fla_tl" and key in fla_ms and row.get("gate", "").startswith("PASS"):

@@ -17,7 +17,7 @@ CSV_COLUMNS = [
     "date", "gpu", "torch", "triton", "tilelang", "fla_version", "fla_tl_version",
     "op", "provider", "mode", "B", "T", "H", "D", "HV", "seqs", "dtype",
     "median_ms", "p20_ms", "p80_ms", "gbps", "pct_of_copy", "tflops", "peak_mem_mb",
-    "ratio_to_fla", "gate_rel_rms", "gate", "fla_path", "timing", "status",
+    "ratio_to_fla", "gate_rel_rms", "gate", "fla_path", "timing", "status", "tile_configs",
 ]  # fmt: skip
 
 

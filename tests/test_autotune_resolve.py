@@ -96,6 +96,7 @@ def test_table_entry_is_used(where):
     # another sequence-length bucket, dtype or dims: not this entry
     assert resolve.tile_config("chunk_fwd_h", FakeRef(Ttot=8 * 100), K=128, V=128, gate="gamma", N=8) != tuned
     assert resolve.tile_config("chunk_fwd_h", FakeRef(K=64), K=64, V=64, gate="gamma", N=8) != tuned
+    assert resolve.resolution_counts() == {"table": 1, "heuristic": 2, "tuned": 0}
 
 
 def test_mode_off_ignores_the_table(monkeypatch):
@@ -158,11 +159,13 @@ def test_tune_mode_tunes_a_miss_once_and_records_it(monkeypatch):
     assert resolve.tile_config("chunk_bwd_dv", FakeRef(), K=128, V=128, gate="gamma", N=8) == winner
     assert resolve.tile_config("chunk_bwd_dv", FakeRef(), K=128, V=128, gate="gamma", N=8) == winner
     assert calls == ["chunk_bwd_dv"]
+    assert resolve.resolution_counts() == {"table": 0, "heuristic": 0, "tuned": 1}
     monkeypatch.setenv(tt.ENV_MODE, "lookup")
     tt.clear_memory()
     resolve.clear_resolved()
     assert resolve.tile_config("chunk_bwd_dv", FakeRef(), K=128, V=128, gate="gamma", N=8) == winner
     assert calls == ["chunk_bwd_dv"]
+    assert resolve.resolution_counts() == {"table": 1, "heuristic": 0, "tuned": 0}
 
 
 def test_tune_mode_without_a_tuner_takes_the_heuristic(monkeypatch, caplog):

@@ -17,6 +17,7 @@ This module sits below the kernels: it imports nothing from `fla_tl.kernels` nor
 named by `configs.KERNELS[name].factory` ("module:function"); its source hash keys the table.
 """
 
+import collections
 import dataclasses
 import functools
 import logging
@@ -28,6 +29,8 @@ from .configs import KERNELS, TORCH_TO_TL
 from .table import ENV_CACHE, ENV_MODE, device_info, lookup, make_key, mode, record, seqlen_bucket, source_hash
 
 _resolved: dict = {}
+# the sources of the configs resolved in this process (`resolution_counts`)
+_sources: collections.Counter = collections.Counter()
 # kernels being tuned in this process: their own launches inside the tuner take the heuristic
 _tuning: set = set()
 # `fn(name, ref, *, K, V, gate, N, T) -> table entry` for a miss in `tune` mode (see `set_miss_handler`)
@@ -97,8 +100,17 @@ def tile_config(name: str, ref, *, K: int, V: int, gate: str, N: int, overrides:
            os.environ.get(ENV_CACHE), grid)
     config = _resolved.get(key)
     if config is None:
-        config = _resolved[key] = _resolve(name, ref, K, V, gate, N, T, grid)
+        config, source = _resolve(name, ref, K, V, gate, N, T, grid)
+        _resolved[key] = config
+        _sources[source] += 1
     return config
+
+
+def resolution_counts() -> dict[str, int]:
+    """how many (kernel, dims, dtype, gate, length bucket, device) launches this process resolved from each source:
+    "table" (a tuning table's entry), "heuristic" (the default) and "tuned" (tuned here on a miss, `tune` mode); the
+    benchmarks print it to show which configs a timed process ran and that none was tuned there."""
+    return {source: _sources[source] for source in ("table", "heuristic", "tuned")}
 
 
 def key_dtype(name: str, dtype) -> str:
@@ -108,8 +120,9 @@ def key_dtype(name: str, dtype) -> str:
 
 
 def clear_resolved() -> None:
-    """forget the configs resolved in this process (after a table changed under it)."""
+    """forget the configs resolved in this process (after a table changed under it), and their counts."""
     _resolved.clear()
+    _sources.clear()
 
 
 def _checked(name: str, found: dict, K: int, V: int, dtype: str, where: str) -> dict | None:
@@ -127,22 +140,24 @@ def _checked(name: str, found: dict, K: int, V: int, dtype: str, where: str) -> 
     return None
 
 
-def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int, grid: tuple[int, int] | None) -> dict:
+def _resolve(name: str, ref, K: int, V: int, gate: str, N: int, T: int,
+             grid: tuple[int, int] | None) -> tuple[dict, str]:
+    """(the config, its source: "table", "heuristic" or "tuned")."""
     dtype = key_dtype(name, ref.dtype)
     default = heuristic_config(name, K, V, dtype, gate, grid)
     current = mode()
     if current == "off" or ref.device.type != "cuda" or name in _tuning:
-        return default
+        return default, "heuristic"
     key = table_key(name, K, V, dtype, T, ref.device, gate=gate)
     gpu, _ = device_info(ref.device)
     found = lookup(key, gpu)
     if found is not None:
         config = _checked(name, found, K, V, dtype, "the tuning table")
         if config is not None:
-            return config
+            return config, "table"
     if current == "tune":
         return _tune(name, ref, K, V, gate, N, T, key, gpu, default)
-    return default
+    return default, "heuristic"
 
 
 def _tune(name, ref, K, V, gate, N, T, key, gpu, default) -> dict:
@@ -151,7 +166,7 @@ def _tune(name, ref, K, V, gate, N, T, key, gpu, default) -> dict:
         log_once(("autotune.nohandler",), f"{ENV_MODE}=tune, but no tuner is installed (import "
                  "fla_tl.autotune.tuner): the kernels without a table entry take their heuristic configs",
                  logging.WARNING)
-        return default
+        return default, "heuristic"
     log_once(("autotune.tune", name, K, V, dtype, seqlen_bucket(T)),
              f"{ENV_MODE}=tune: tuning {name} (K={K}, V={V}, {dtype}, {N} x {T} tokens); the result goes to the user "
              "table", logging.WARNING)
@@ -162,4 +177,4 @@ def _tune(name, ref, K, V, gate, N, T, key, gpu, default) -> dict:
         _tuning.discard(name)
     entry["shape"] = {"N": N, "T": T, "H": ref.shape[1]}
     record(key, gpu, entry)
-    return dataclasses.asdict(KERNELS[name].config_cls(**entry["config"]))
+    return dataclasses.asdict(KERNELS[name].config_cls(**entry["config"])), "tuned"
