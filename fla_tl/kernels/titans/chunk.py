@@ -475,6 +475,7 @@ def titans_fwd(q, k, v, w, b, theta, alpha, eta, *, eps: float, chunk_size: int,
     entering each chunk (hm, hs) `[B * H * NT, D, D]` in q's dtype) by the TileLang kernel; `config` overrides the
     tile config (kernel "titans_fwd_chunk")."""
     B, T, H, D = q.shape
+    q = q.contiguous()  # the kernel's layout; the tile config reads it as [B * T, H, D]
     BT = chunk_size
     beta, f, G, gL, nL, cL = titans_chunk_coefs(theta.reshape(B, T, H), alpha.reshape(B, T, H),
                                                 eta.reshape(B, T, H), BT)
@@ -483,13 +484,13 @@ def titans_fwd(q, k, v, w, b, theta, alpha, eta, *, eps: float, chunk_size: int,
     o = torch.empty_like(q)
     ht = q.new_empty(B * H if output_final_state else 1, D, D, dtype=torch.float32)
     h0, use_h0 = state_or_dummy(initial_state, q, (D, D))
-    config = tile_config("titans_fwd_chunk", q.contiguous().view(B * T, H, D), K=D, V=D, gate="none", N=B,
+    config = tile_config("titans_fwd_chunk", q.view(B * T, H, D), K=D, V=D, gate="none", N=B,
                          overrides=config)
     kernel = get_kernel(titans_fwd_chunk_kernel, target_for(q.device), D=D, dtype=TORCH_TO_TL[q.dtype], BT=BT,
                         **config)
     NS = B * H * G.shape[2] if store_states else 1
     hm, hs = q.new_empty(NS, D, D), q.new_empty(NS, D, D)
-    kernel(q.contiguous(), k.contiguous(), v.contiguous(), w.reshape(H, D).float().contiguous(),
+    kernel(q, k.contiguous(), v.contiguous(), w.reshape(H, D).float().contiguous(),
            b.reshape(H, D).float().contiguous(), beta, f, A, gL, nL, cL, h0, o, ht, hm, hs, float(eps), use_h0,
            int(output_final_state), int(store_states))
     return o, (ht.view(B, H, D, D) if output_final_state else None), ((hm, hs) if store_states else None)
@@ -501,6 +502,7 @@ def titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, *, eps: float,
     alpha, eta (the vector-Jacobian product of `titans_chunk_coefs`); `config` overrides the tile config (kernel
     "titans_bwd_chunk")."""
     B, T, H, D = q.shape
+    q = q.contiguous()  # the kernel's layout; the tile config reads it as [B * T, H, D]
     BT = chunk_size
     # torch.func.vjp (not autograd): a custom op's backward runs below the autograd dispatch key
     th, al, et = (x.detach().reshape(B, T, H).float() for x in (theta, alpha, eta))
@@ -516,11 +518,11 @@ def titans_bwd(q, k, v, w, b, theta, alpha, eta, do, dht, hm, hs, *, eps: float,
     dwb = q.new_empty(B * H, 2, D, dtype=torch.float32)
     dh0 = q.new_empty(B * H, D, D, dtype=torch.float32)
     dht_, use_dht = state_or_dummy(dht, q, (D, D))
-    config = tile_config("titans_bwd_chunk", q.contiguous().view(B * T, H, D), K=D, V=D, gate="none", N=B,
+    config = tile_config("titans_bwd_chunk", q.view(B * T, H, D), K=D, V=D, gate="none", N=B,
                          overrides=config)
     kernel = get_kernel(titans_bwd_chunk_kernel, target_for(q.device), D=D, dtype=TORCH_TO_TL[q.dtype], BT=BT,
                         **config)
-    kernel(q.contiguous(), k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous(),
+    kernel(q, k.contiguous(), v.contiguous(), do.to(q.dtype).contiguous(),
            w.reshape(H, D).float().contiguous(), b.reshape(H, D).float().contiguous(), beta, f, A, gL, nL, cL, hm, hs,
            dht_, dq, dk, dv, dout, vn, dbeta, df, dgL, dnL, dcL, dwb, dh0, float(eps), use_dht)
     # the in-chunk attention A = tril(Q K^T) * G: dA = -2 dO Vn^T, dG = dA * tril(Q K^T), d(Q K^T) = dA * G
