@@ -180,7 +180,7 @@ def _small_static_buffers(func) -> set[str]:
 
 
 def _check(case):
-    from fla_tl.autotune.configs import KERNELS, SMEM_BUDGET
+    from fla_tl.autotune.configs import KERNELS, SMEM_BUDGET, key_dims
     from fla_tl.kernels.common.utils import get_kernel
 
     op, spec, path = case
@@ -195,11 +195,10 @@ def _check(case):
     tunable = KERNELS.get(spec.name.removesuffix("_kernel"))
     if tunable is not None:
         config = tunable.config_cls(**{f: spec.kwargs[f] for f in tunable.config_cls.__dataclass_fields__})
-        # a kernel over one head dim (K, V or D) takes it for both
-        K = spec.kwargs.get("K", spec.kwargs.get("V", spec.kwargs.get("D")))
+        K, V = key_dims(tunable.name, spec.kwargs)
         # the input dtype (a fixed-dtype kernel's own: the fp32 gate scans)
         dtype = tunable.dtype or spec.kwargs.get("dtype", spec.kwargs.get("h_dtype"))
-        planned = tunable.smem(K, spec.kwargs.get("V", K), dtype, config)
+        planned = tunable.smem(K, V, dtype, config)
         assert smem <= planned + MAX_SMEM - SMEM_BUDGET, (
             f"{spec.name}: the launch takes {smem} bytes, the fit arithmetic counts {planned}")
     return kernel, source

@@ -22,7 +22,7 @@ import torch
 
 from ..registry import KernelSpec, get_op
 from ..utils import log_once
-from .configs import KERNELS
+from .configs import KERNELS, key_dims
 from .table import seqlen_bucket
 
 # where TileLang looks for the CUDA toolkit after $CUDA_HOME / $CUDA_PATH and nvcc on PATH
@@ -148,11 +148,7 @@ def _table_specs(arch: str, kernels: set[str]) -> list[KernelSpec]:
 def _space(spec: KernelSpec, dtype: str) -> list[KernelSpec]:
     """a tunable kernel at every config of its search space that fits (its other keywords kept)."""
     kernel = KERNELS[spec.name]
-    K, V = 0, 0
-    if kernel.head_dims:
-        # a factory over one head dim names it K, V or D
-        K = spec.kwargs.get("K", spec.kwargs.get("D", spec.kwargs.get("V")))
-        V = spec.kwargs.get("V", K)
+    K, V = key_dims(spec.name, spec.kwargs)
     gate = spec.kwargs.get("gate", kernel.gate)
     dtype = kernel.dtype or spec.kwargs.get("dtype", dtype)
     return [KernelSpec(spec.name, spec.factory, {**spec.kwargs, **dataclasses.asdict(config)})

@@ -950,6 +950,15 @@ KERNELS = {
 }
 
 
+def key_dims(name: str, kwargs: dict) -> tuple[int, int]:
+    """(K, V) the table keys of kernel `name` take for a launch built with factory keywords `kwargs`: (0, 0) for a
+    kernel without head dims; a factory over one head dim (K, V or D) takes it for both."""
+    if not KERNELS[name].head_dims:
+        return 0, 0
+    K = kwargs.get("K", kwargs.get("D", kwargs.get("V")))
+    return K, kwargs.get("V", K)
+
+
 def n_tiles(V: int, config) -> int:
     """V tiles a config splits V into (the grid's first extent for the kernels that tile V)."""
     return cdiv(V, config.BV)

@@ -20,7 +20,7 @@ import torch
 
 from ..testing import compare
 from . import resolve
-from .configs import BT, KERNELS, TORCH_TO_TL
+from .configs import BT, KERNELS, TORCH_TO_TL, key_dims
 
 FLUSH_BYTES = 256 * 1024 * 1024
 
@@ -33,8 +33,8 @@ def op_kernels(op: str, D: int, dtype: str = "bfloat16") -> list[tuple[str, int,
     spec = get_op(op)
     if spec.kernels is None:
         return None
-    found = ((k.name, *((k.kwargs.get("K", D), k.kwargs.get("V", D)) if KERNELS[k.name].head_dims else (0, 0)),
-              k.kwargs.get("gate", KERNELS[k.name].gate)) for k in spec.kernels(D, dtype) if k.name in KERNELS)
+    found = ((k.name, *key_dims(k.name, k.kwargs), k.kwargs.get("gate", KERNELS[k.name].gate))
+             for k in spec.kernels(D, dtype) if k.name in KERNELS)
     return list(dict.fromkeys(found))
 
 
