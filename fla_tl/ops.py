@@ -25,6 +25,7 @@ from .kernels.delta_rule import (
     fused_recurrent_delta_rule,
     fused_recurrent_gated_delta_rule,
 )
+from .kernels.kda import chunk_kda, fused_recurrent_kda
 from .kernels.titans import chunk_titans_linear
 from .kernels.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
 from .kernels.gsa import chunk_abc, chunk_gsa, fused_recurrent_gsa
@@ -58,6 +59,8 @@ __all__ = [
     "fused_chunk_delta_rule",
     "chunk_gated_delta_rule",
     "fused_recurrent_gated_delta_rule",
+    "chunk_kda",
+    "fused_recurrent_kda",
     "chunk_titans_linear",
     "chunk_rwkv6",
     "fused_recurrent_rwkv6",

@@ -235,9 +235,9 @@ def test_kernel_list_matches_the_launchers(name, D, dtype, monkeypatch):
     pytest.importorskip("tilelang")
     from fla_tl.autotune import resolve
     from fla_tl.autotune.configs import KERNELS
-    from fla_tl.kernels.common import chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, wy
+    from fla_tl.kernels.common import chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, fused_recurrent_delta, wy
     from fla_tl.kernels.common.utils import TORCH_TO_TL
-    from fla_tl.kernels.delta_rule import chunk, fused_recurrent
+    from fla_tl.kernels.delta_rule import chunk
     from fla_tl.registry import get_op
 
     built = set()
@@ -246,7 +246,7 @@ def test_kernel_list_matches_the_launchers(name, D, dtype, monkeypatch):
         built.add((factory, tuple(sorted(kwargs.items()))))
         return lambda *args: None
 
-    for module in (chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, wy, fused_recurrent):
+    for module in (chunk_delta_h, chunk_o, cumsum, fused_chunk_delta, wy, fused_recurrent_delta):
         monkeypatch.setattr(module, "get_kernel", record)
     # the grid the passes' defaults depend on, as on a GPU of 132 multiprocessors
     monkeypatch.setattr(resolve, "launch_grid",

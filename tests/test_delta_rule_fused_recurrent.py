@@ -93,7 +93,7 @@ def test_fused_recurrent_no_states(gate, poisoned_cuda):
 
 def _compile_specs():
     try:
-        from fla_tl.kernels.delta_rule import fused_recurrent as M
+        from fla_tl.kernels.common import fused_recurrent_delta as M
     except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
         return [pytest.param(None, id="tilelang-missing")]
     # the benchmark's forward (gated bf16, K = V = 128) and the backward at a padded head dim in fp32
@@ -101,7 +101,7 @@ def _compile_specs():
     bwd_cfg = heuristic_config("fused_recurrent_delta_bwd", 100, 100, "float32")
     specs = [
         (M.fused_recurrent_delta_rule_fwd_kernel,
-         {"K": 128, "V": 128, "gate": "g", "state_v_first": False, "dtype": "bfloat16", **fwd_cfg}),
+         {"K": 128, "V": 128, "gate": "g", "state_v_first": False, "pool": False, "dtype": "bfloat16", **fwd_cfg}),
         (M.fused_recurrent_delta_rule_bwd_dkv_kernel,
          {"K": 100, "V": 100, "gate": "g", "state_v_first": True, "dtype": "float32", **bwd_cfg}),
         (M.fused_recurrent_delta_rule_bwd_dqk_kernel,
@@ -133,9 +133,10 @@ def _state_in(h, svf):
     return h.transpose(-1, -2) if svf else h
 
 
-def _emulate(factory, K, V, gate, state_v_first, dtype, **config):
-    """a PyTorch stand-in with a kernel's signature and semantics (fp32, per sequence, all value heads at once)."""
-    from fla_tl.kernels.delta_rule import fused_recurrent as M
+def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
+    """a PyTorch stand-in with a kernel's signature and semantics (fp32, per sequence, all value heads at once; gate
+    "g" per token, "gk" per key; `pool`: the states read from and written back to pool slots)."""
+    from fla_tl.kernels.common import fused_recurrent_delta as M
 
     svf = state_v_first
 
@@ -143,13 +144,18 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, **config):
         # [L, H, K] -> [L, HV, K], value head j reading key head j // (HV / H)
         return x.float().repeat_interleave(HV // x.shape[1], 1)
 
-    def fwd(q, k, v, beta, g, h0, cu, o, ht, w, scale, use_h0, store_ht, store_w):
+    def fwd(q, k, v, beta, g, h0, cu, o, ht, w, slots, accepted, scale, use_h0, store_ht, store_w, use_accepted):
         HV = v.shape[1]
         for n, bos, eos in _segments(cu):
             h = _state_in(h0[n * HV:(n + 1) * HV], svf).clone() if use_h0 else torch.zeros(HV, K, V)
+            if pool:
+                slot = int(slots[n, accepted[n] - 1] if use_accepted else slots[n, 0])
+                h = _state_in(ht[slot * HV:(slot + 1) * HV], svf).clone() if slot >= 0 else torch.zeros(HV, K, V)
             cf = torch.ones(HV)
             qq, kk = heads(q[bos:eos], HV), heads(k[bos:eos], HV)
             for t in range(eos - bos):
+                if gate == "gk":
+                    h = h * g[bos + t].exp()[:, :, None]
                 p = torch.einsum("hk,hkv->hv", kk[t], h)
                 cn = cf * (g[bos + t].exp() if gate == "g" else 1)
                 p = p * cn[:, None]
@@ -161,7 +167,13 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, **config):
                 o[bos + t] = (scale * cf[:, None] * torch.einsum("hk,hkv->hv", qq[t], h)).to(o.dtype)
                 if store_w:
                     w[bos + t] = v[bos + t].float() - p
-            if store_ht:
+                if pool and slots.shape[1] > 1 and slots[n, t] >= 0:
+                    s_t = int(slots[n, t])
+                    ht[s_t * HV:(s_t + 1) * HV] = _state_in(h * cf[:, None, None], svf)
+            if pool:
+                if slots.shape[1] == 1 and slot >= 0 and eos > bos:
+                    ht[slot * HV:(slot + 1) * HV] = _state_in(h * cf[:, None, None], svf)
+            elif store_ht:
                 ht[n * HV:(n + 1) * HV] = _state_in(h * cf[:, None, None], svf)
 
     def dkv(q, k, do, w, beta, g, dht, cu, du, dk, dh0, scale, use_dht, store_dh0):
@@ -179,6 +191,8 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, **config):
                 dh = dh - kk[t, :, :, None] * (beta[bos + t, :, None] * x)[:, None, :]
                 if gate == "g":
                     dh = dh * g[bos + t].exp()[:, None, None]
+                elif gate == "gk":
+                    dh = dh * g[bos + t].exp()[:, :, None]
             if store_dh0:
                 dh0[n * HV:(n + 1) * HV] = _state_in(dh, svf)
 
@@ -191,6 +205,8 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, **config):
             for t in range(eos - bos):
                 if gate == "g":
                     h = h * g[bos + t].exp()[:, None, None]
+                elif gate == "gk":
+                    h = h * g[bos + t].exp()[:, :, None]
                 dk[0, bos + t] += torch.einsum("hkv,hv->hk", h, -beta[bos + t, :, None] * du[bos + t])
                 h = h + kk[t, :, :, None] * (beta[bos + t, :, None] * w[bos + t])[:, None, :]
                 dq[0, bos + t] = scale * torch.einsum("hkv,hv->hk", h, do[bos + t].float())
@@ -216,10 +232,11 @@ def _emulated(monkeypatch):
     """the tilelang backend of fused_recurrent_gated_delta_rule on the CPU, its kernels emulated in PyTorch: a padded
     head dim (K = 12) and two backward V tiles (32 columns each; the partial sums over V add up)."""
     pytest.importorskip("tilelang")
-    from fla_tl.kernels.delta_rule import fused_recurrent as M
+    from fla_tl.kernels.common import fused_recurrent_delta as M
+    from fla_tl.kernels.delta_rule import fused_recurrent
 
     monkeypatch.setattr(M, "get_kernel", lambda factory, target, **kw: _emulate(factory, **kw))
-    monkeypatch.setattr(M, "_sequence_scan", _scan)
+    monkeypatch.setattr(fused_recurrent, "_sequence_scan", _scan)
     resolved = M.tile_config
     monkeypatch.setattr(M, "tile_config", lambda name, ref, **kw: {
         **resolved(name, ref, **kw), **({"BV": 32, "threads": 64} if name == "fused_recurrent_delta_bwd" else {})})

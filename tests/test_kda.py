@@ -1,13 +1,19 @@
-"""KDA's PyTorch reference (`fla_tl.reference.kda`): the token-by-token recurrence against the paper's matrix update
-written out in fp64, the chunked form against the recurrence, the gate and beta activations, and the argument
-checks."""
+"""KDA: the PyTorch reference (`fla_tl.reference.kda`; the token-by-token recurrence against the paper's matrix update
+written out in fp64, the chunked form against the recurrence, the gate and beta activations, the argument checks),
+and the ops `fused_recurrent_kda` / `chunk_kda`: on the CPU the tilelang backend's glue with its kernels emulated in
+PyTorch, serving from a state pool (tilelang emulated and torch), the validation; the kernel list and its builds for
+sm_90a; on the GPU the TileLang kernels against the fp32 recurrence, o, the final state and every gradient."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_delta_rule_fused_recurrent import SM90A, _emulated, _scan
+from utils import Case, assert_close, assert_matches, rms
 
+from fla_tl.ops import chunk_kda, fused_recurrent_kda
 from fla_tl.reference.delta_rule import recurrent_gated_delta_rule
 from fla_tl.reference.kda import kda_beta, kda_gate, recurrent_kda
+from fla_tl.registry import get_op
 
 
 def _paper_update(q, k, v, g, beta, scale, h0):
@@ -129,3 +135,366 @@ def test_chunked_form_matches_the_recurrence(chunk_size):
     inputs = [*x.values(), h0]
     for a, b in zip(torch.autograd.grad(got, inputs, dout), torch.autograd.grad(want, inputs, dout)):
         torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------- fused_recurrent_kda: inputs and the reference
+
+def _reference(q, k, v, g, beta, A_log=None, dt_bias=None, use_gate_in_kernel=False, lower_bound=None,
+               use_beta_sigmoid_in_kernel=False, allow_neg_eigval=False, **kwargs):
+    """`fused_recurrent_kda`'s math by the reference: the gate and beta activations (`kda_gate`, `kda_beta`), then
+    `recurrent_kda` (in the inputs' dtype, at least fp32); differentiable in every tensor."""
+    if use_gate_in_kernel:
+        g = kda_gate(g, A_log, dt_bias, lower_bound)
+    return recurrent_kda(q, k, v, g, kda_beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval), **kwargs)
+
+
+def _kda_args(lens, H, HV, K, V, *, dtype, device="cpu", varlen=False, h0=True, output_final_state=True,
+              **options) -> tuple[dict, tuple[str, ...]]:
+    """the arguments of `fused_recurrent_kda` (dense for one length repeated, B = len(lens); packed for varlen, B = 1)
+    and the names of those that get gradients: q, k, v in `dtype` (k L2-normalised unless the kernel normalises it),
+    log gates `F.logsigmoid(randn + 2)` in fp32, or the raw gate input in `dtype` with `A_log` `[HV]`, `dt_bias`
+    `[HV * K]` fp32 for `use_gate_in_kernel`; betas in [0, 1) (logits with `use_beta_sigmoid_in_kernel`); an fp32
+    initial state; `options` passed on."""
+    B, T = (1, sum(lens)) if varlen else (len(lens), lens[0])
+    N = len(lens)
+    q, k = torch.randn(B, T, H, K), torch.randn(B, T, H, K)
+    k = k if options.get("use_qk_l2norm_in_kernel") else F.normalize(k, dim=-1)
+    v = torch.randn(B, T, HV, V)
+    beta = torch.randn(B, T, HV) if options.get("use_beta_sigmoid_in_kernel") else torch.rand(B, T, HV)
+    args = dict(q=q.to(dtype), k=k.to(dtype), v=v.to(dtype), beta=beta.to(dtype))
+    if options.get("use_gate_in_kernel"):
+        args.update(g=(torch.randn(B, T, HV, K) - 2).to(dtype), A_log=torch.randn(HV) * 0.5,
+                    dt_bias=torch.randn(HV * K) * 0.5)
+    else:
+        args["g"] = F.logsigmoid(torch.randn(B, T, HV, K) + 2)
+    svf = options.get("state_v_first", False)
+    args["initial_state"] = torch.randn((N, HV, V, K) if svf else (N, HV, K, V)) if h0 else None
+    args["cu_seqlens"] = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()]) if varlen else None
+    args = {n: x.to(device) if isinstance(x, torch.Tensor) else x for n, x in args.items()}
+    args.update(output_final_state=output_final_state, **options)
+    grad = tuple(n for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state")
+                 if isinstance(args.get(n), torch.Tensor))
+    return args, grad
+
+
+def _leaf(x, grad: bool, dtype=None):
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        return x
+    x = x.detach().to(dtype or x.dtype)
+    return x.requires_grad_() if grad else x
+
+
+def _check_against_fp64(args: dict, grad: tuple[str, ...], backend: str, tol: float = 2e-5) -> None:
+    """`fused_recurrent_kda(**args)` against `_reference` in fp64 on the same values: o (q's dtype), the final state
+    (fp32) and the gradient of every argument in `grad` (its dtype), each to a relative RMS error of `tol`."""
+    x = {n: _leaf(t, n in grad) for n, t in args.items()}
+    ref = {n: _leaf(t, n in grad, torch.float64) for n, t in args.items()}
+    got = [t for t in fused_recurrent_kda(**x, backend=backend) if t is not None]
+    want = [t for t in _reference(**ref) if t is not None]
+    assert len(got) == len(want) == (2 if args["output_final_state"] else 1)
+    cotangents = [torch.randn_like(t) for t in want]
+    got_grads = torch.autograd.grad(got, [x[n] for n in grad], [c.to(t.dtype) for c, t in zip(cotangents, got)])
+    want_grads = torch.autograd.grad(want, [ref[n] for n in grad], cotangents)
+    names = ["o", "ht"][:len(got)] + [f"d{n}" for n in grad]
+    dtypes = [args["q"].dtype, torch.float32][:len(got)] + [args[n].dtype for n in grad]
+    failed = []
+    for name, dtype, a, b in zip(names, dtypes, [*got, *got_grads], [*want, *want_grads]):
+        if a.dtype != dtype or a.shape != b.shape:
+            failed.append(f"{name}: {a.dtype} {tuple(a.shape)}, want {dtype} {tuple(b.shape)}")
+            continue
+        err = rms(a.double() - b) / max(rms(b), 1e-30)
+        if not (torch.isfinite(a).all() and err <= tol):
+            failed.append(f"{name}: relative rms error {err:.2e}")
+    assert not failed, "; ".join(failed)
+
+
+def _kda_emulated(monkeypatch) -> dict:
+    """fused_recurrent_kda's tilelang backend on the CPU with the token-by-token kernels emulated in PyTorch
+    (`test_delta_rule_fused_recurrent._emulated`); returns the head dims to test at."""
+    from fla_tl.kernels.delta_rule import fused_recurrent
+
+    config = _emulated(monkeypatch)
+    # the per-key gate's scan starts at sum_v dht * ht `[N, HV, K]`: one row of HV * K columns a sequence
+    monkeypatch.setattr(fused_recurrent, "_sequence_scan", lambda r, *, offset=None, **kw: _scan(
+        r, offset=offset.reshape(offset.shape[0], -1) if offset is not None else None, **kw))
+    # the backend's capabilities name CUDA: accept the CPU here
+    monkeypatch.setattr(get_op("fused_recurrent_kda").backend("tilelang"), "verifier", lambda inputs: [])
+    return config
+
+
+# ---------------------------------------------------------------- the tilelang backend's glue on the CPU
+
+GLUE_CASES = {
+    "dense-gva": dict(lens=(40, 40), H=2, HV=4),
+    "varlen-svf": dict(lens=(1, 50, 0, 23), H=1, HV=2, varlen=True, state_v_first=True),
+    "l2norm-raw-keys": dict(lens=(37, 37), H=2, HV=2, use_qk_l2norm_in_kernel=True),
+    "no-states": dict(lens=(30,), H=1, HV=2, h0=False, output_final_state=False),
+    "gate-in-kernel": dict(lens=(33, 33), H=2, HV=4, use_gate_in_kernel=True, use_beta_sigmoid_in_kernel=True),
+    "gate-lower-bound-varlen": dict(lens=(1, 40, 0, 9), H=1, HV=2, varlen=True, use_gate_in_kernel=True,
+                                    lower_bound=-5.0, use_beta_sigmoid_in_kernel=True, allow_neg_eigval=True),
+}
+
+
+@pytest.mark.parametrize("case", list(GLUE_CASES.values()), ids=list(GLUE_CASES))
+def test_fused_recurrent_glue_with_emulated_kernels(case, monkeypatch):
+    """the tilelang backend's forward, residuals and backward (the grouped value heads, the L2 norm, both state
+    layouts, the gate and beta activations) with its kernels emulated in fp32, at a padded head dim (K = 12) and two
+    backward V tiles (V = 40), against the reference in fp64: o, the final state and the gradients of q, k, v, beta
+    and the initial state."""
+    config = _kda_emulated(monkeypatch)
+    args, grad = _kda_args(K=config["K"], V=config["V"], dtype=torch.float32, **case)
+    _check_against_fp64(args, grad, "tilelang")
+
+
+# ---------------------------------------------------------------- serving from a state pool on the CPU
+
+
+def _serve_reference(args: dict, pool, slots, accepted):
+    """(o `[B, T, HV, V]` fp64, the pool after the call in fp64, the slots written) by the reference in fp64, token by
+    token from each sequence's starting slot (zero for a negative one)."""
+    q, k, v, g, beta = (args[n].double() for n in ("q", "k", "v", "g", "beta"))
+    B, T = q.shape[:2]
+    cu = args["cu_seqlens"].tolist() if args.get("cu_seqlens") is not None else [n * T for n in range(B + 1)]
+    flat = [x.reshape(B * T, 1, *x.shape[2:]) for x in (q, k, v, g, beta)]
+    after, written = pool.double().clone(), set()
+    o = torch.empty(B * T, *v.shape[2:], dtype=torch.float64)
+    rows = slots.view(len(cu) - 1, -1).tolist()
+    for n, (bos, eos) in enumerate(zip(cu[:-1], cu[1:])):
+        start = rows[n][int(accepted[n]) - 1] if accepted is not None else rows[n][0]
+        h = pool[start].double() if start >= 0 else torch.zeros_like(pool[0], dtype=torch.float64)
+        for t in range(bos, eos):
+            out, h = recurrent_kda(*(x[t:t + 1] for x in flat), initial_state=h[None], output_final_state=True,
+                                   state_v_first=args.get("state_v_first", False),
+                                   use_qk_l2norm_in_kernel=args.get("use_qk_l2norm_in_kernel", False))
+            o[t], h = out[0, 0], h[0]
+            if len(rows[n]) > 1 and rows[n][t - bos] >= 0:
+                after[rows[n][t - bos]] = h
+                written.add(rows[n][t - bos])
+        if len(rows[n]) == 1 and start >= 0:
+            after[start] = h
+            written.add(start)
+    return o.view(B, T, *v.shape[2:]), after, written
+
+
+# (lens, H, HV, varlen, slots, num_accepted_tokens, options)
+SERVE_CASES = {
+    "decode": ((1, 1, 1), 2, 4, False, [5, -1, 2], None, {}),
+    "speculative-l2norm": ((3, 3), 1, 2, False, [[6, 0, 3], [1, -1, 4]], [2, 1], {"use_qk_l2norm_in_kernel": True}),
+    "varlen-svf": ((3, 0, 5, 1), 2, 2, True, [6, 1, -1, 3], None, {"state_v_first": True}),
+}
+
+
+@pytest.mark.parametrize("backend", ["tilelang", "torch"])
+@pytest.mark.parametrize("case", list(SERVE_CASES.values()), ids=list(SERVE_CASES))
+def test_fused_recurrent_serving(case, backend, monkeypatch):
+    """`ssm_state_indices`: each sequence starts from its slot (`num_accepted_tokens`: the slot of its last accepted
+    token; a negative slot: a zero state) and writes back in place its final state (`[N]` slots) or the state after
+    each token (`[N, T]`); a negative slot and every slot not named are left as they were; the pool is returned."""
+    lens, H, HV, varlen, slots, accepted, options = case
+    config = _kda_emulated(monkeypatch) if backend == "tilelang" else {"K": 12, "V": 40}
+    K, V = config["K"], config["V"]
+    args, _ = _kda_args(lens, H, HV, K, V, dtype=torch.float32, varlen=varlen, h0=False, **options)
+    pool = torch.randn((8, HV, V, K) if options.get("state_v_first") else (8, HV, K, V))
+    before = pool.clone()
+    slots = torch.tensor(slots)
+    accepted = torch.tensor(accepted) if accepted is not None else None
+    want_o, want_pool, written = _serve_reference(args, before, slots, accepted)
+    with torch.no_grad():
+        o, ht = fused_recurrent_kda(**{**args, "initial_state": pool}, ssm_state_indices=slots,
+                                    num_accepted_tokens=accepted, backend=backend)
+    assert ht is pool
+    assert o.dtype == torch.float32 and o.shape == want_o.shape
+    torch.testing.assert_close(o.double(), want_o, rtol=1e-5, atol=1e-5)
+    for slot in range(pool.shape[0]):
+        if slot in written:
+            torch.testing.assert_close(pool[slot].double(), want_pool[slot], rtol=1e-5, atol=1e-5)
+        else:
+            assert torch.equal(pool[slot], before[slot]), f"slot {slot} was written"
+
+
+# ---------------------------------------------------------------- validation
+
+
+def test_bad_inputs():
+    from fla_tl.registry import BackendError
+
+    args, _ = _kda_args((20, 20), 2, 4, 8, 6, dtype=torch.float32, h0=False, output_final_state=False)
+    x = [args[n] for n in ("q", "k", "v", "g", "beta")]
+    q, k, v, g, beta = x
+    with pytest.raises(ValueError, match=r"`g` must have shape \[B, T, HV, K\]"):
+        fused_recurrent_kda(q, k, v, g[..., 0], beta)
+    with pytest.raises(ValueError, match=r"`g` must have shape \[B, T, HV, K\]"):
+        chunk_kda(q, k, v, g[..., 0], beta)
+    with pytest.raises(ValueError, match="allow_neg_eigval"):
+        fused_recurrent_kda(*x, allow_neg_eigval=True)
+    with pytest.raises(ValueError, match="A_log"):
+        fused_recurrent_kda(*x, use_gate_in_kernel=True)
+    with pytest.raises(ValueError, match="A_log"):
+        fused_recurrent_kda(*x, use_gate_in_kernel=True, A_log=torch.zeros(2))
+    with pytest.raises(ValueError, match="dt_bias"):
+        chunk_kda(*x, use_gate_in_kernel=True, A_log=torch.zeros(4), dt_bias=torch.zeros(4))
+    with pytest.raises(ValueError, match="lower_bound"):
+        chunk_kda(*x, use_gate_in_kernel=True, safe_gate=True, lower_bound=-6.0)
+    with pytest.raises(ValueError, match="lower_bound"):
+        chunk_kda(*x, use_gate_in_kernel=True, safe_gate=True)
+    with pytest.raises(TypeError, match="bogus"):
+        fused_recurrent_kda(*x, bogus=1)
+    with pytest.raises(TypeError, match="bogus"):
+        chunk_kda(*x, bogus=1)
+    for option, value in (("cp_context", object()), ("use_graph", True), ("return_intermediate_states", True)):
+        with pytest.raises(NotImplementedError, match=option):
+            chunk_kda(*x, **{option: value})
+    with pytest.raises(BackendError, match="not built yet"):
+        chunk_kda(*x, backend="tilelang")
+
+    pool, slots = torch.randn(8, 4, 8, 6), torch.tensor([5, 2])
+    with pytest.raises(ValueError, match="num_accepted_tokens"):
+        fused_recurrent_kda(*x, initial_state=pool, num_accepted_tokens=torch.tensor([1, 1]))
+    with torch.no_grad(), pytest.raises(ValueError, match="initial_state"):
+        fused_recurrent_kda(*x, initial_state=pool.double(), ssm_state_indices=slots)
+    with torch.no_grad(), pytest.raises(ValueError, match="initial_state"):
+        fused_recurrent_kda(*x, initial_state=pool[:, :2], ssm_state_indices=slots)
+    with torch.no_grad(), pytest.raises(ValueError, match="ssm_state_indices"):
+        fused_recurrent_kda(*x, initial_state=pool, ssm_state_indices=torch.tensor([5, 2, 1]))
+    with torch.no_grad(), pytest.raises(TypeError, match="ssm_state_indices"):
+        fused_recurrent_kda(*x, initial_state=pool, ssm_state_indices=slots.float())
+    with torch.no_grad(), pytest.raises(ValueError, match="num_accepted_tokens"):
+        fused_recurrent_kda(*x, initial_state=pool, ssm_state_indices=slots, num_accepted_tokens=torch.tensor([1]))
+    with pytest.raises(ValueError, match="ssm_state_indices"):
+        fused_recurrent_kda(q.requires_grad_(), k, v, g, beta, initial_state=pool, ssm_state_indices=slots)
+
+
+# ---------------------------------------------------------------- the kernels: the list, the builds
+
+
+def test_kernel_list_matches_the_launchers(monkeypatch):
+    """`spec.kernels(D, dtype)` is exactly what fused_recurrent_kda's launchers build (factory and keywords): forward
+    and backward in both state layouts, and the serving forward, on the CPU with `get_kernel` recording and the
+    kernels doing nothing."""
+    pytest.importorskip("tilelang")
+    from fla_tl.kernels.common import cumsum, fused_recurrent_delta
+    from fla_tl.kernels.common.utils import TORCH_TO_TL
+
+    built = set()
+
+    def record(factory, target, **kwargs):
+        built.add((factory, tuple(sorted(kwargs.items()))))
+        return lambda *args: None
+
+    for module in (cumsum, fused_recurrent_delta):
+        monkeypatch.setattr(module, "get_kernel", record)
+    spec = get_op("fused_recurrent_kda")
+    monkeypatch.setattr(spec.backend("tilelang"), "verifier", lambda inputs: [])
+    for D, dtype in ((128, torch.bfloat16), (64, torch.float32)):
+        built.clear()
+        for svf in (False, True):
+            args, grad = _kda_args((3, 3), 2, 4, D, D, dtype=dtype, state_v_first=svf)
+            x = {n: _leaf(t, n in grad) for n, t in args.items()}
+            o, ht = fused_recurrent_kda(**x, backend="tilelang")
+            torch.autograd.grad(o.float().sum() + ht.sum(), [x["g"]])
+            with torch.no_grad():
+                pool = torch.zeros((4, 4, D, D))
+                fused_recurrent_kda(**{**args, "initial_state": pool}, ssm_state_indices=torch.tensor([0, 1]),
+                                    backend="tilelang")
+        listed = {(k.factory, tuple(sorted(k.kwargs.items()))) for k in spec.kernels(D, TORCH_TO_TL[dtype])}
+        name_of = lambda ks: sorted((f.__name__, kw) for f, kw in ks)  # noqa: E731
+        assert built == listed, (f"D={D} {dtype}: built, not listed: {name_of(built - listed)}; "
+                                 f"listed, not built: {name_of(listed - built)}")
+
+
+def _compile_specs():
+    try:
+        from fla_tl.kernels.common.fused_recurrent_delta import fused_recurrent_delta_rule_fwd_kernel  # noqa: F401
+    except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
+        return [pytest.param(None, id="tilelang-missing")]
+    params, seen = [], set()
+    for D, dtype in ((128, "bfloat16"), (64, "float32")):
+        for spec in get_op("fused_recurrent_kda").kernels(D, dtype):
+            key = (spec.factory, tuple(sorted(spec.kwargs.items())))
+            if key in seen:
+                continue
+            seen.add(key)
+            flags = [f for f in ("state_v_first", "pool") if spec.kwargs.get(f)]
+            params.append(pytest.param(spec, id="-".join([spec.factory.__name__, f"D{D}", dtype, *flags])))
+    return params
+
+
+@pytest.mark.compile
+@pytest.mark.parametrize("spec", _compile_specs())
+def test_kernel_builds_for_sm90a(spec):
+    from fla_tl.kernels.common.utils import get_kernel
+
+    kernel = get_kernel(spec.factory, SM90A, **spec.kwargs)
+    assert "__global__" in kernel.get_kernel_source()
+
+
+# ---------------------------------------------------------------- the TileLang kernels on the GPU
+
+# (lens, H, HV, K, V, dtype, varlen, options): dense B = len(lens), or packed sequences of lens (B = 1)
+GPU_CASES = {
+    "T1-D128-bf16-gva": ((1, 1), 2, 4, 128, 128, torch.bfloat16, False, {}),
+    "T1-D128-fp32": ((1, 1), 4, 4, 128, 128, torch.float32, False, {}),
+    "T63-D128-bf16": ((63, 63), 4, 4, 128, 128, torch.bfloat16, False, {}),
+    "T63-D64-fp32-gva": ((63, 63), 2, 4, 64, 64, torch.float32, False, {}),
+    "T63-K100-V60-bf16-gva": ((63, 63), 2, 4, 100, 60, torch.bfloat16, False, {}),
+    "T63-D128-fp32-svf-gva": ((63, 63), 2, 4, 128, 128, torch.float32, False, {"state_v_first": True}),
+    "T63-D128-bf16-no-states": ((63, 63), 2, 4, 128, 128, torch.bfloat16, False,
+                                {"h0": False, "output_final_state": False}),
+    "T500-D128-bf16-gva": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {}),
+    "T500-D128-fp32": ((500, 500), 4, 4, 128, 128, torch.float32, False, {}),
+    "T500-D128-bf16-l2norm": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {"use_qk_l2norm_in_kernel": True}),
+    "varlen-D128-bf16-gva": ((1, 200, 0, 299), 2, 4, 128, 128, torch.bfloat16, True, {}),
+    "varlen-D128-fp32-svf": ((1, 200, 0, 299), 4, 4, 128, 128, torch.float32, True, {"state_v_first": True}),
+    "varlen-K100-V60-fp32-gva": ((1, 200, 0, 299), 2, 4, 100, 60, torch.float32, True, {}),
+    "T63-D128-bf16-gate-in-kernel": ((63, 63), 2, 4, 128, 128, torch.bfloat16, False,
+                                     {"use_gate_in_kernel": True, "use_beta_sigmoid_in_kernel": True}),
+    "varlen-D128-fp32-gate-lower-bound": ((1, 200, 0, 299), 2, 4, 128, 128, torch.float32, True,
+                                          {"use_gate_in_kernel": True, "lower_bound": -5.0}),
+}
+# the gate's gradients on cases where the read of k in the delta correction matters (an initial state, T > 1)
+def _gpu_case(case) -> Case:
+    """fused_recurrent_kda and the reference (in fp32 on the GPU) on the same inputs: o in the inputs' dtype, the final
+    state in fp32, the gradients of every input in their dtypes."""
+    lens, H, HV, K, V, dtype, varlen, options = case
+    args, grad = _kda_args(lens, H, HV, K, V, dtype=dtype, device="cuda", varlen=varlen, **options)
+    return Case("fused_recurrent_kda", args, grad, _reference,
+                outputs=("o", "ht") if args["output_final_state"] else ("o",), dtype=dtype,
+                out_dtypes={"o": dtype, "ht": torch.float32})
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
+def test_fused_recurrent(case, poisoned_cuda):
+    assert_matches(fused_recurrent_kda, _gpu_case(case), "tilelang")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("mode", ["decode", "speculative"])
+def test_fused_recurrent_serving_gpu(mode, dtype, poisoned_cuda):
+    """the serving forward on a pool of 40 slots against the torch backend on the same inputs: decode (B = 16, T = 1,
+    a padding slot -1) and speculative decoding (B = 8, T = 4, a slot per token, accepted tokens in 1..4, one
+    sequence padded throughout); the slots not written hold their states bit for bit."""
+    decode = mode == "decode"
+    B, T, H, HV, D, P = (16, 1, 4, 8, 128, 40) if decode else (8, 4, 4, 8, 128, 40)
+    args, _ = _kda_args((T,) * B, H, HV, D, D, dtype=dtype, device="cuda", h0=False)
+    pool = torch.randn(P, HV, D, D, device="cuda")
+    slots = torch.randperm(P)[:B * T].view(B, T)
+    slots[3] = -1
+    slots = slots[:, 0] if decode else slots
+    accepted = None if decode else torch.randint(1, T + 1, (B,), device="cuda")
+    slots = slots.cuda()
+    found = {}
+    for backend in ("tilelang", "torch"):
+        p = pool.clone()
+        with torch.no_grad():
+            o, ht = fused_recurrent_kda(**{**args, "initial_state": p}, ssm_state_indices=slots,
+                                        num_accepted_tokens=accepted, backend=backend)
+        assert ht is p
+        found[backend] = (o, p)
+    (o, p), (want_o, want_p) = found["tilelang"], found["torch"]
+    written = sorted(set(slots[slots >= 0].tolist()))
+    untouched = [s for s in range(P) if s not in written]
+    assert_close("o", o, want_o, dtype)
+    assert_close("written slots", p[written], want_p[written], dtype)
+    assert torch.equal(p[untouched], pool[untouched]) and torch.equal(want_p[untouched], pool[untouched])

@@ -516,17 +516,19 @@ def delta_recurrent_bwd_rule(K, V, dtype, c: DeltaRecurrentBwdConfig) -> bool:
 
 
 def smem_delta_recurrent(kind: str) -> Callable:
-    """shared memory of the delta rule's token-by-token kernels, all fp32: the forward stages q, k [TB, KP], v, o, w
-    [TB, BV] and beta, decay [TB]; the backward's dk/dv sweep q, k, do, u, du and per-warp dk partials [TB, W, KP],
-    its dq/dk sweep k, do, u, dv and per-warp dq, dk partials (the larger of the two counts)."""
+    """shared memory of the delta rules' token-by-token kernels, all fp32: the forward stages q, k [TB, KP], v, o, w
+    [TB, BV], beta [TB] and the decays [TB, KP] (a per-key gate's; a per-token gate's take [TB]); the backward's dk/dv
+    sweep q, k, do, u, du, the decays and per-warp dk partials [TB, W, KP], its dq/dk sweep k, do, u, dv, the decays
+    and per-warp dq, dk partials (the larger of the two counts). The decays are counted at the per-key size, so one
+    config fits every gate."""
 
     def smem(K, V, dtype, c) -> int:
         KP = pad_dim(K)
         if kind == "fwd":
-            return 4 * (2 * c.TB * KP + 3 * c.TB * c.BV + 2 * c.TB)
+            return 4 * (3 * c.TB * KP + 3 * c.TB * c.BV + c.TB)
         W = c.threads // 32
-        dkv = 2 * c.TB * KP + 3 * c.TB * c.BV + 2 * c.TB + c.TB * W * KP
-        dqk = c.TB * KP + 3 * c.TB * c.BV + c.TB + 2 * c.TB * W * KP
+        dkv = 3 * c.TB * KP + 3 * c.TB * c.BV + c.TB + c.TB * W * KP
+        dqk = 2 * c.TB * KP + 3 * c.TB * c.BV + 2 * c.TB * W * KP
         return 4 * max(dkv, dqk)
 
     return smem
@@ -901,15 +903,15 @@ KERNELS = {
             "fused_recurrent_delta_fwd", DeltaRecurrentFwdConfig, smem_delta_recurrent("fwd"),
             {"TB": (8, 16, 32), "BV": (16, 32, 64), "KT": (2, 4, 8), "min_blocks": (2, 4)},
             delta_recurrent_fwd_heuristic,
-            "fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_fwd_kernel",
+            "fla_tl.kernels.common.fused_recurrent_delta:fused_recurrent_delta_rule_fwd_kernel",
             rule=delta_recurrent_fwd_rule,
         ),
         TunableKernel(
             "fused_recurrent_delta_bwd", DeltaRecurrentBwdConfig, smem_delta_recurrent("bwd"),
             {"TB": (4, 8, 16), "BV": (32, 64, 128), "threads": (64, 128, 256)}, delta_recurrent_bwd_heuristic,
-            "fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_bwd_dkv_kernel",
+            "fla_tl.kernels.common.fused_recurrent_delta:fused_recurrent_delta_rule_bwd_dkv_kernel",
             rule=delta_recurrent_bwd_rule,
-            companions=("fla_tl.kernels.delta_rule.fused_recurrent:fused_recurrent_delta_rule_bwd_dqk_kernel",),
+            companions=("fla_tl.kernels.common.fused_recurrent_delta:fused_recurrent_delta_rule_bwd_dqk_kernel",),
         ),
         *(TunableKernel(
             name, ChannelScanConfig, smem_channel_scan(tiles),

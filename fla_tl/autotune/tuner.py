@@ -249,20 +249,22 @@ def _channel_scan_runner(name: str, N: int, T: int, D: int, dtype: torch.dtype, 
 
 def _delta_inputs(k, gate: str, g: torch.Generator):
     """(keys L2-normalised as the delta rules take them, betas in (0, 1) `[Ttot, H]`, for gate "g" a per-token log
-    gate as fla draws it, else None) for keys `k` `[Ttot, H, K]`."""
-    Ttot, H, _ = k.shape
+    gate as fla draws it (`[Ttot, H]`), for gate "gk" a per-key one (`[Ttot, H, K]`), else None) for keys `k`
+    `[Ttot, H, K]`."""
+    Ttot, H, K = k.shape
     k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
     beta = torch.rand(Ttot, H, device=k.device, generator=g)
     lg = None
-    if gate == "g":
-        lg = torch.nn.functional.logsigmoid(torch.randn(Ttot, H, device=k.device, generator=g))
+    if gate in ("g", "gk"):
+        shape = (Ttot, H, K) if gate == "gk" else (Ttot, H)
+        lg = torch.nn.functional.logsigmoid(torch.randn(shape, device=k.device, generator=g))
     return k, beta, lg
 
 
 def _delta_recurrent_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
     """the runner of the delta rule's token-by-token forward or backward: keys L2-normalised, betas in (0, 1), for
     gate "g" a per-token log gate as fla draws it; the backward on the forward's stored corrections."""
-    from ..kernels.delta_rule import fused_recurrent as recurrent
+    from ..kernels.common import fused_recurrent_delta as recurrent
 
     K = k.shape[-1]
     k, beta, lg = _delta_inputs(k, gate, g)

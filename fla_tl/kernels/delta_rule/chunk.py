@@ -25,10 +25,10 @@ from ..common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_bwd_dqkw, ch
 from ..common.chunk_o import chunk_fwd_o
 from ..common.cumsum import chunk_gate_cumsum, chunk_gate_grad_scan
 from ..common.fused_chunk_delta import fused_blocks, fused_chunk_delta_fwd
+from ..common.fused_recurrent_delta import group_sum, prepare_qk, qk_grads
 from ..common.gates import head_decay
 from ..common.utils import seq_meta, sm_count
 from ..common.wy import wy_bwd, wy_repr
-from .fused_recurrent import _group_sum, prepare_qk, qk_grads
 
 # the fused forward (states in registers, never written) runs once its grid gives this many blocks per multiprocessor
 FUSED_MIN_BLOCKS_PER_SM = 0.25
@@ -115,7 +115,7 @@ def chunk_gated_delta_rule_bwd(
                                                       meta=meta)
     if dh0 is not None and state_v_first:
         dh0 = dh0.transpose(-1, -2)
-    dq, dk = qk_grads(q, k, _group_sum(dq, H).view(B, T, H, -1), _group_sum(dk, H).view(B, T, H, -1),
+    dq, dk = qk_grads(q, k, group_sum(dq, H).view(B, T, H, -1), group_sum(dk, H).view(B, T, H, -1),
                       use_qk_l2norm_in_kernel)
     return (dq, dk, dv.view(B, T, HV, -1), dbeta.view(B, T, HV), dg.view(B, T, HV) if dg is not None else None,
             dh0)

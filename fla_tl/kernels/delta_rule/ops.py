@@ -61,9 +61,9 @@ def _with_note(fn):
 # ---------------------------------------------------------------------------------------------- validation
 
 
-def _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale=None) -> int:
+def _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale=None, per_key_gate=False) -> int:
     """the checks of the delta-rule ops (grouped value heads: v, beta, g and the state have HV heads, a multiple of
-    the H of q and k); returns N."""
+    the H of q and k; `per_key_gate`: g is `[B, T, HV, K]`, KDA's); returns N."""
     # q, k, scale and cu_seqlens by the shared checks (v in the shape of q there)
     N = validate_linear_attention_inputs(q, k, q, scale=scale, cu_seqlens=cu_seqlens)
     if not isinstance(v, torch.Tensor) or not v.is_floating_point():
@@ -80,14 +80,16 @@ def _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, 
     if HV % H != 0:
         raise ValueError(f"`v` must have a number of heads HV divisible by H = {H} (grouped value heads), "
                          f"got HV = {HV}")
-    for name, x in (("beta", beta), ("g", g)):
+    for name, x, want, dims in (("beta", beta, (B, T, HV), "[B, T, HV]"),
+                                ("g", g, (B, T, HV, K) if per_key_gate else (B, T, HV),
+                                 "[B, T, HV, K]" if per_key_gate else "[B, T, HV]")):
         if x is None:
             continue
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"`{name}` must be a floating-point torch.Tensor [B, T, HV], got "
+            raise TypeError(f"`{name}` must be a floating-point torch.Tensor {dims}, got "
                             f"{type(x).__name__ if not isinstance(x, torch.Tensor) else x.dtype}")
-        if tuple(x.shape) != (B, T, HV):
-            raise ValueError(f"`{name}` must have shape [B, T, HV] = {[B, T, HV]}, got {tuple(x.shape)}")
+        if tuple(x.shape) != want:
+            raise ValueError(f"`{name}` must have shape {dims} = {list(want)}, got {tuple(x.shape)}")
         if x.device != q.device:
             raise ValueError(f"`{name}` must be on the device of `q` ({q.device}), got {x.device}")
     if initial_state is not None:
@@ -281,7 +283,8 @@ def _fused_recurrent_kernels(D: int, dtype: str, gates: tuple[str, ...], layouts
     specs = []
     for gate in gates:
         for state_v_first in layouts:
-            specs.append(stage_spec("fused_recurrent_delta_fwd", D, D, dtype, gate, state_v_first=state_v_first))
+            specs.append(stage_spec("fused_recurrent_delta_fwd", D, D, dtype, gate, state_v_first=state_v_first,
+                                    pool=False))
             specs.append(stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, state_v_first=state_v_first))
             specs += [stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, factory=companion,
                                  state_v_first=state_v_first)
@@ -368,8 +371,8 @@ FUSED_CHUNK = OpSpec(
 
 
 def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-               use_qk_l2norm_in_kernel, backend):
-    N = _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale)
+               use_qk_l2norm_in_kernel, backend, per_key_gate=False):
+    N = _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale, per_key_gate)
     _, T, _, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     args = dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens,
