@@ -194,6 +194,15 @@ def gated_delta_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, devic
     return x
 
 
+def kda_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str,
+               HV: int | None = None) -> dict[str, torch.Tensor]:
+    # KDA: Gated DeltaNet's inputs with a per-key log gate g [B, T, HV, K] (fp32)
+    HV = HV or H
+    x = gated_delta_inputs(B, T, H, D, dtype, device, HV)
+    x["g"] = F.logsigmoid(torch.randn(B, T, HV, D, dtype=torch.float32, device=device))
+    return x
+
+
 def rwkv6_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     # RWKV6: receptance r, per-key log decays w (fp32, as GLA's gate), the bonus u [H, K]
     x = qkv_inputs(B, T, H, D, dtype, device)
@@ -492,6 +501,27 @@ OPS: dict[str, OpSpec] = {
         slow=True,
         gva=True,
     ),
+    # fla_tl's chunk_kda runs the chunked PyTorch form (its TileLang kernels are not built yet): skipped under
+    # --skip-slow at every shape
+    "chunk_kda": OpSpec(
+        fla_tl="fla_tl.ops:chunk_kda",
+        fla="fla.ops.kda:chunk_kda",
+        flops=chunk_flops,
+        inputs=kda_inputs,
+        slow=True,
+        slow_providers=("fla_tl",),
+        slow_bth=0,
+        gva=True,
+    ),
+    # fla 0.6.0's has no backward (its fwdbwd row is an error row)
+    "fused_recurrent_kda": OpSpec(
+        fla_tl="fla_tl.ops:fused_recurrent_kda",
+        fla="fla.ops.kda:fused_recurrent_kda",
+        flops=recurrent_flops,
+        inputs=kda_inputs,
+        slow=True,
+        gva=True,
+    ),
     "chunk_hgrn": OpSpec(
         fla_tl="fla_tl.ops:chunk_hgrn",
         fla="fla.ops.hgrn:chunk_hgrn",
@@ -592,6 +622,7 @@ OP_SETS = {
     ),
     "delta-rule": ("chunk_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_delta_rule",
                    "fused_recurrent_gated_delta_rule"),
+    "kda": ("chunk_kda", "fused_recurrent_kda"),
     "based": ("fused_chunk_based", "parallel_based", "parallel_rebased"),
     "titans": ("chunk_titans_linear",),
 }  # fmt: skip
