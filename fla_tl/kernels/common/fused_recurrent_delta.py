@@ -76,7 +76,7 @@ def fused_recurrent_delta_rule_fwd_kernel(
     shuffles = [1 << s for s in range(KT.bit_length() - 1)]
     Ttot, H, HV, N = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("HV"), T.dynamic("N")
     NG, NH0, NHT, NW = T.dynamic("NG"), T.dynamic("NH0"), T.dynamic("NHT"), T.dynamic("NW")
-    NI, NA = T.dynamic("NI"), T.dynamic("NA")
+    NS, NI, NA = T.dynamic("NS"), T.dynamic("NI"), T.dynamic("NA")
     SK, SV = (V, K) if state_v_first else (K, V)
     # the per-token gate's running product c (module docstring); a per-key gate decays every row instead
     scaled = gate == "g"
@@ -102,7 +102,7 @@ def fused_recurrent_delta_rule_fwd_kernel(
         o: T.Tensor([Ttot, HV, V], dtype),
         ht: T.Tensor([NHT, SK, SV], "float32"),
         w: T.Tensor([NW, HV, V], "float32"),
-        slots: T.Tensor([N, NI], "int32"),
+        slots: T.Tensor([NS, NI], "int32"),
         accepted: T.Tensor([NA], "int32"),
         scale: T.float32,
         use_h0: T.int32,
