@@ -14,6 +14,7 @@ from fla_tl.ops import (
     fused_recurrent_gated_delta_rule,
 )
 from fla_tl.reference.delta_rule import chunk_gated_delta_rule_torch, l2norm, recurrent_gated_delta_rule
+from fla_tl.reference.kda import recurrent_kda
 
 from test_retention import _cu
 from utils import Case, assert_close, assert_matches
@@ -59,6 +60,23 @@ def test_chunk_gated(T, HV):
 @pytest.mark.parametrize("HV", [2, 4], ids=["HV=H", "GVA"])
 def test_fused_recurrent_gated(HV):
     _check(fused_recurrent_gated_delta_rule, _inputs(HV=HV))
+
+
+def test_per_key_gate_on_top_of_g():
+    """fused_recurrent_gated_delta_rule with `g` and a per-key `gk`: KDA's recurrence with the summed log gate (the
+    decays multiply, as fla applies both), every gradient, `g`'s summed over the key channels."""
+    x = _inputs(HV=4)
+    gk = F.logsigmoid(torch.randn(2, 70, 4, 16, dtype=torch.float64) + 2).requires_grad_()
+    args = dict(initial_state=x["h0"], output_final_state=True)
+    o, ht = fused_recurrent_gated_delta_rule(x["q"], x["k"], x["v"], x["g"], gk=gk, beta=x["beta"], **args)
+    want_o, want_ht = recurrent_kda(x["q"], x["k"], x["v"], gk + x["g"][..., None], x["beta"], **args)
+    torch.testing.assert_close(o, want_o)
+    torch.testing.assert_close(ht, want_ht)
+    inputs = [x["q"], x["k"], x["v"], x["g"], gk, x["beta"], x["h0"]]
+    got = torch.autograd.grad(o.sum() + ht.sum(), inputs)
+    want = torch.autograd.grad(want_o.sum() + want_ht.sum(), inputs)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("fn", [chunk_gated_delta_rule, fused_recurrent_gated_delta_rule],
@@ -134,8 +152,12 @@ def test_bad_inputs():
         chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=128)
     with pytest.raises(ValueError, match="A_log"):
         chunk_gated_delta_rule(q, k, v, g, beta, use_gate_in_kernel=True)
-    with pytest.raises(NotImplementedError, match="gk"):
-        fused_recurrent_gated_delta_rule(q, k, v, gk=torch.zeros(2, 70, 4, 16))
+    with pytest.raises(NotImplementedError, match="gv"):
+        fused_recurrent_gated_delta_rule(q, k, v, gv=torch.zeros(2, 70, 4, 12))
+    with pytest.raises(ValueError, match=r"`gk` must have shape \[B, T, HV, K\] = \[2, 70, 4, 16\]"):
+        fused_recurrent_gated_delta_rule(q, k, v, gk=torch.zeros(2, 70, 4, 15, dtype=torch.float64), beta=beta)
+    with pytest.raises(ValueError, match=r"`g` must have shape \[B, T, HV\] = \[2, 70, 4\]"):
+        fused_recurrent_gated_delta_rule(q, k, v, g[..., :2], gk=torch.zeros(2, 70, 4, 16, dtype=torch.float64))
     with pytest.raises(NotImplementedError, match="cp_context"):
         chunk_gated_delta_rule(q, k, v, g, beta, cp_context=object())
     with pytest.raises(NotImplementedError, match="chunk_delta_rule instead"):

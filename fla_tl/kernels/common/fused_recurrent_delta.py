@@ -177,7 +177,8 @@ def fused_recurrent_delta_rule_fwd_kernel(
                     b_s[r] = T.if_then_else(it * TB + r < L, beta[t0 + r, i_hv], 0)
                     if gate == "g":
                         d_s[r] = T.if_then_else(it * TB + r < L, T.exp(g[t0 + r, i_hv]), 1)
-                for r in T.serial(TB):
+                # the block's valid tokens only (a decode step stages one row of TB)
+                for r in T.serial(T.min(TB, L - it * TB)):
                     for m in T.unroll(R // VEC):
                         for e in T.vectorized(VEC):
                             kr[m * VEC + e] = k_s[r, m * KT * VEC + kt * VEC + e]

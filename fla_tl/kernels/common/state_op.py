@@ -336,7 +336,8 @@ def stage_spec(name: str, K: int, V: int, dtype: str, gate: str, config: dict | 
     elif name == "linear_attn_key_scan":
         base.update(weighted=False, reverse=False, with_init=False)  # the plain scan; the others come in `flags`
     if name.startswith("fused_recurrent"):
-        base.update(reverse=False, state_v_first=False)
+        # a forward recurrence, the key-major state layout, no state pool (the others come in `flags`)
+        base.update(reverse=False, state_v_first=False, pool=False)
     factory = getattr(importlib.import_module(module), attr)
     # a factory without a gate keyword always runs its fixed gate; one over a single head dim takes only that one
     base = {key: value for key, value in base.items() if key in inspect.signature(factory).parameters}

@@ -22,6 +22,7 @@ from ...autotune.configs import (
     delta_pass_launches,
 )
 from ...reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule
+from ...reference.kda import chunk_kda_torch
 from ...registry import (
     AUTO,
     Backend,
@@ -239,10 +240,38 @@ def _fused_recurrent_backend() -> Backend:
 
 def _delta_torch(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
                  use_qk_l2norm_in_kernel):
-    o, ht = chunk_gated_delta_rule_torch(q, k, v, beta, g, scale=scale, initial_state=initial_state,
-                                         output_final_state=output_final_state, state_v_first=state_v_first,
-                                         cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+    # a per-key gate `[B, T, HV, K]` (`gk`) takes KDA's chunked form
+    form = chunk_kda_form if g is not None and g.dim() == 4 else chunk_gated_delta_rule_torch
+    o, ht = form(q, k, v, beta, g, scale=scale, initial_state=initial_state, output_final_state=output_final_state,
+                 state_v_first=state_v_first, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
     return o.to(q.dtype), (ht.to(reference_dtype(q.dtype)) if ht is not None else None)
+
+
+def chunk_kda_form(q, k, v, beta, g, **options):
+    """KDA's chunked form (`fla_tl.reference.kda`) in the delta rules' argument order (beta before g)."""
+    return chunk_kda_torch(q, k, v, g, beta, **options)
+
+
+def _per_key_gate(g, gk, gv, q, v):
+    """the log gate of `fused_recurrent_gated_delta_rule`: `g` `[B, T, HV]` alone, or with a per-key `gk`
+    `[B, T, HV, K]` their sum per key channel (decays multiply, as fla applies both); `gv` raises."""
+    if gv is not None:
+        raise NotImplementedError("fused_recurrent_gated_delta_rule: the per-value gate `gv` is not supported by "
+                                  "fla_tl")
+    if gk is None:
+        return g
+    check_tensor("gk", gk)
+    if isinstance(q, torch.Tensor) and isinstance(v, torch.Tensor) and q.dim() == v.dim() == 4:
+        want = (*v.shape[:3], q.shape[-1])
+        if tuple(gk.shape) != want:
+            raise ValueError(f"`gk` must have shape [B, T, HV, K] = {list(want)}, got {tuple(gk.shape)}")
+    if g is None:
+        return gk
+    check_tensor("g", g)
+    if tuple(g.shape) != tuple(gk.shape[:3]):
+        raise ValueError(f"`g` must have shape [B, T, HV] = {list(gk.shape[:3])} (that of `gk` without K), got "
+                         f"{tuple(g.shape)}")
+    return _f32(gk) + _f32(g)[..., None]
 
 
 # ---------------------------------------------------------------------------------------------- kernel lists
@@ -283,8 +312,7 @@ def _fused_recurrent_kernels(D: int, dtype: str, gates: tuple[str, ...], layouts
     specs = []
     for gate in gates:
         for state_v_first in layouts:
-            specs.append(stage_spec("fused_recurrent_delta_fwd", D, D, dtype, gate, state_v_first=state_v_first,
-                                    pool=False))
+            specs.append(stage_spec("fused_recurrent_delta_fwd", D, D, dtype, gate, state_v_first=state_v_first))
             specs.append(stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, state_v_first=state_v_first))
             specs += [stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, factory=companion,
                                  state_v_first=state_v_first)
@@ -580,8 +608,9 @@ def fused_recurrent_gated_delta_rule(
 ):
     r"""
     Gated DeltaNet token by token; same math, arguments and returns as :func:`chunk_gated_delta_rule` (`g=None`: no
-    gate; `beta=None`: ones). Unlike fla 0.6.0 it has a backward. The per-key and per-value gates `gk`, `gv` are not
-    supported yet (raise).
+    gate; `beta=None`: ones). Unlike fla 0.6.0 it has a backward. A per-key log gate `gk` `[B, T, HV, K]` decays each
+    key row of the state on top of `g` (as fla; KDA's recurrence, every gradient); the per-value gate `gv` is not
+    supported yet (raises).
 
     Examples::
         >>> q, k = torch.randn(2, 64, 2, 32), torch.randn(2, 64, 2, 32)
@@ -589,14 +618,13 @@ def fused_recurrent_gated_delta_rule(
         >>> o, ht = fused_recurrent_gated_delta_rule(q, k, v, g, beta=beta, use_qk_l2norm_in_kernel=True,
         ...                                          output_final_state=True)
     """
-    if gk is not None or gv is not None:
-        raise NotImplementedError("fused_recurrent_gated_delta_rule: `gk` / `gv` are not supported by fla_tl yet")
     state_v_first = pop_state_layout("fused_recurrent_gated_delta_rule", state_v_first, kwargs)
     if beta is None and isinstance(v, torch.Tensor) and v.dim() == 4:
         beta = torch.ones(v.shape[:3], dtype=v.dtype, device=v.device)
-    return _delta_run(FUSED_RECURRENT_GATED, q, k, v, _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval),
-                      _gdn_gate(g, use_gate_in_kernel, A_log, dt_bias), scale, initial_state, output_final_state,
-                      state_v_first, cu_seqlens, use_qk_l2norm_in_kernel, backend)
+    g = _per_key_gate(_gdn_gate(g, use_gate_in_kernel, A_log, dt_bias), gk, gv, q, v)
+    return _delta_run(FUSED_RECURRENT_GATED, q, k, v, _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval), g,
+                      scale, initial_state, output_final_state, state_v_first, cu_seqlens, use_qk_l2norm_in_kernel,
+                      backend, per_key_gate=gk is not None)
 
 
 @register(FUSED_CHUNK)

@@ -10,7 +10,7 @@ no kernel-level call, no autograd).
 import torch
 
 from ...autotune.configs import BT, KERNELS
-from ...reference.kda import chunk_kda_torch, kda_beta, kda_gate, recurrent_kda
+from ...reference.kda import kda_beta, kda_gate, recurrent_kda
 from ...registry import (
     BackendError,
     OpSpec,
@@ -27,6 +27,7 @@ from ..delta_rule.ops import (
     GRADS,
     SCHEMA,
     _delta_run,
+    _delta_torch,
     _describe,
     _fake,
     _fused_recurrent_backend,
@@ -80,14 +81,6 @@ def _refuse(name: str, options: dict) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- backends
-
-
-def _kda_torch(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
-               use_qk_l2norm_in_kernel):
-    o, ht = chunk_kda_torch(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                            output_final_state=output_final_state, state_v_first=state_v_first,
-                            cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
-    return o.to(q.dtype), (ht.to(reference_dtype(q.dtype)) if ht is not None else None)
 
 
 def _recurrent_kernels(D: int, dtype: str) -> list:
@@ -145,7 +138,7 @@ def _spec(name: str, mode: str) -> OpSpec:
     else:
         backends = [refusing_backend("tilelang", tilelang_capabilities(state_v_first=True), CHUNK_NOT_BUILT)]
         kernels = lambda D, dtype: []  # noqa: E731 - none yet
-    backends.append(torch_backend(_kda_torch, torch_capabilities(), "the chunked PyTorch form"))
+    backends.append(torch_backend(_delta_torch, torch_capabilities(), "the chunked PyTorch form"))
     return OpSpec(
         name=name, variant="kda", mode=mode, reference=recurrent_kda, backends=backends, schema=SCHEMA, outputs=2,
         grads=GRADS, saved_outputs=(1,) if recurrent else (), describe=_describe, fake=_fake, kernels=kernels,
