@@ -135,7 +135,8 @@ def _state_in(h, svf):
 
 def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
     """a PyTorch stand-in with a kernel's signature and semantics (fp32, per sequence, all value heads at once; gate
-    "g" per token, "gk" per key; `pool`: the states read from and written back to pool slots)."""
+    "g" per token, "gk" per key, "gk_softplus" / "gk_sigmoid" per key activated from the raw input; `pool`: the
+    states read from and written back to pool slots)."""
     from fla_tl.kernels.common import fused_recurrent_delta as M
 
     svf = state_v_first
@@ -144,7 +145,16 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
         # [L, H, K] -> [L, HV, K], value head j reading key head j // (HV / H)
         return x.float().repeat_interleave(HV // x.shape[1], 1)
 
-    def fwd(q, k, v, beta, g, h0, cu, o, ht, w, slots, accepted, scale, use_h0, store_ht, store_w, use_accepted):
+    def log_gate(g, A_log, dt_bias, lower_bound, t):
+        # a per-key gate's log gates of token t [HV, K], activated as the kernels do ("gk_<act>")
+        if gate == "gk":
+            return g[t]
+        x = g[t] + dt_bias
+        a = A_log.exp()[:, None]
+        return -a * F.softplus(x) if gate == "gk_softplus" else lower_bound * torch.sigmoid(a * x)
+
+    def fwd(q, k, v, beta, g, A_log, dt_bias, h0, cu, o, ht, w, slots, accepted, scale, lower_bound, use_h0, store_ht,
+            store_w, use_accepted):
         HV = v.shape[1]
         for n, bos, eos in _segments(cu):
             h = _state_in(h0[n * HV:(n + 1) * HV], svf).clone() if use_h0 else torch.zeros(HV, K, V)
@@ -154,8 +164,8 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
             cf = torch.ones(HV)
             qq, kk = heads(q[bos:eos], HV), heads(k[bos:eos], HV)
             for t in range(eos - bos):
-                if gate == "gk":
-                    h = h * g[bos + t].exp()[:, :, None]
+                if gate.startswith("gk"):
+                    h = h * log_gate(g, A_log, dt_bias, lower_bound, bos + t).exp()[:, :, None]
                 p = torch.einsum("hk,hkv->hv", kk[t], h)
                 cn = cf * (g[bos + t].exp() if gate == "g" else 1)
                 p = p * cn[:, None]
@@ -176,7 +186,7 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
             elif store_ht:
                 ht[n * HV:(n + 1) * HV] = _state_in(h * cf[:, None, None], svf)
 
-    def dkv(q, k, do, w, beta, g, dht, cu, du, dk, dh0, scale, use_dht, store_dh0):
+    def dkv(q, k, do, w, beta, g, A_log, dt_bias, dht, cu, du, dk, dh0, scale, lower_bound, use_dht, store_dh0):
         HV = w.shape[1]
         # all columns at once: the partial sums of the other V tiles are zero
         dk.zero_()
@@ -191,12 +201,12 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
                 dh = dh - kk[t, :, :, None] * (beta[bos + t, :, None] * x)[:, None, :]
                 if gate == "g":
                     dh = dh * g[bos + t].exp()[:, None, None]
-                elif gate == "gk":
-                    dh = dh * g[bos + t].exp()[:, :, None]
+                elif gate.startswith("gk"):
+                    dh = dh * log_gate(g, A_log, dt_bias, lower_bound, bos + t).exp()[:, :, None]
             if store_dh0:
                 dh0[n * HV:(n + 1) * HV] = _state_in(dh, svf)
 
-    def dqk(k, do, w, du, beta, g, h0, cu, dq, dk, scale, use_h0):
+    def dqk(k, do, w, du, beta, g, A_log, dt_bias, h0, cu, dq, dk, scale, lower_bound, use_h0):
         HV = w.shape[1]
         dq.zero_()
         for n, bos, eos in _segments(cu):
@@ -205,8 +215,8 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
             for t in range(eos - bos):
                 if gate == "g":
                     h = h * g[bos + t].exp()[:, None, None]
-                elif gate == "gk":
-                    h = h * g[bos + t].exp()[:, :, None]
+                elif gate.startswith("gk"):
+                    h = h * log_gate(g, A_log, dt_bias, lower_bound, bos + t).exp()[:, :, None]
                 dk[0, bos + t] += torch.einsum("hkv,hv->hk", h, -beta[bos + t, :, None] * du[bos + t])
                 h = h + kk[t, :, :, None] * (beta[bos + t, :, None] * w[bos + t])[:, None, :]
                 dq[0, bos + t] = scale * torch.einsum("hkv,hv->hk", h, do[bos + t].float())

@@ -385,10 +385,11 @@ def test_kernel_list_matches_the_launchers(monkeypatch):
         monkeypatch.setattr(module, "get_kernel", record)
     spec = get_op("fused_recurrent_kda")
     monkeypatch.setattr(spec.backend("tilelang"), "verifier", lambda inputs: [])
+    gates = ({}, {"use_gate_in_kernel": True}, {"use_gate_in_kernel": True, "lower_bound": -5.0})
     for D, dtype in ((128, torch.bfloat16), (64, torch.float32)):
         built.clear()
-        for svf in (False, True):
-            args, grad = _kda_args((3, 3), 2, 4, D, D, dtype=dtype, state_v_first=svf)
+        for svf, gate in [(svf, gate) for svf in (False, True) for gate in gates]:
+            args, grad = _kda_args((3, 3), 2, 4, D, D, dtype=dtype, state_v_first=svf, **gate)
             x = {n: _leaf(t, n in grad) for n, t in args.items()}
             o, ht = fused_recurrent_kda(**x, backend="tilelang")
             torch.autograd.grad(o.float().sum() + ht.sum(), [x["g"]])
@@ -411,11 +412,13 @@ def _compile_specs():
     for D, dtype in ((128, "bfloat16"), (64, "float32")):
         for spec in get_op("fused_recurrent_kda").kernels(D, dtype):
             key = (spec.factory, tuple(sorted(spec.kwargs.items())))
-            if key in seen:
+            # the activated gate options at one head dim and dtype (their code differs in the gate loads only)
+            if key in seen or (D == 64 and spec.kwargs.get("gate") not in (None, "gk", "none")):
                 continue
             seen.add(key)
             flags = [f for f in ("state_v_first", "pool") if spec.kwargs.get(f)]
-            params.append(pytest.param(spec, id="-".join([spec.factory.__name__, f"D{D}", dtype, *flags])))
+            gate = [spec.kwargs["gate"]] if "gate" in spec.kwargs else []
+            params.append(pytest.param(spec, id="-".join([spec.factory.__name__, f"D{D}", dtype, *gate, *flags])))
     return params
 
 

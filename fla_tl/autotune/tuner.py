@@ -263,12 +263,20 @@ def _delta_inputs(k, gate: str, g: torch.Generator):
 
 def _delta_recurrent_runner(name: str, q, k, v, do, meta, gate: str, g: torch.Generator) -> Callable:
     """the runner of the delta rule's token-by-token forward or backward: keys L2-normalised, betas in (0, 1), for
-    gate "g" a per-token log gate as fla draws it; the backward on the forward's stored corrections."""
+    gate "g" a per-token log gate as fla draws it, for "gk" a per-key one, for "gk_<act>" a raw per-key input that
+    the kernels activate (KDA's); the backward on the forward's stored corrections."""
     from ..kernels.common import fused_recurrent_delta as recurrent
 
-    K = k.shape[-1]
+    Ttot, H, K = k.shape
+    act = None
+    if gate.startswith("gk_"):
+        kind = gate[3:]
+        A_log = torch.randn(H, device=k.device, generator=g) * 0.5
+        dt_bias = torch.randn(H * K, device=k.device, generator=g) * 0.5
+        act = recurrent.GateActivation(kind, A_log, dt_bias, -5.0 if kind == "sigmoid" else 0.0)
+        gate = "gk"
     k, beta, lg = _delta_inputs(k, gate, g)
-    kw = dict(scale=K ** -0.5, initial_state=None, state_v_first=False, meta=meta)
+    kw = dict(scale=K ** -0.5, initial_state=None, state_v_first=False, meta=meta, act=act)
     if name == "fused_recurrent_delta_fwd":
         return lambda c: recurrent.fused_recurrent_delta_rule_fwd(q, k, v, beta, lg, output_final_state=True,
                                                                    store_w=False, **kw, **c)[:2]

@@ -32,6 +32,9 @@ exp(b) k. Summed per sequence by `common.cumsum`'s per-sequence scan.
 `[B, T, ...]` tensors (checks, the L2 norm of q and k and its gradient, the sum over a key head's value heads).
 """
 
+import functools
+from typing import NamedTuple
+
 import tilelang.language as T
 import torch
 
@@ -53,6 +56,26 @@ def _rows(lanes: int, R: int):
         return (r // vec) * (lanes * vec) + lane * vec + r % vec
 
     return vec, row
+
+
+def per_key(gate: str) -> bool:
+    """whether the gate option decays each key row (KDA's gate: "gk", or "gk_softplus" / "gk_sigmoid" activated in the
+    kernels)."""
+    return gate.startswith("gk")
+
+
+def log_gate(gate: str, g, A_log, dt_bias, lower_bound, t, hv, j):
+    """the per-key log gate of token t, value head hv, key channel j (fp32): `g` itself (gate "gk"), or KDA's gate
+    activation of the raw input with x = g + dt_bias[hv, j] and a = exp(A_log[hv]):
+      "gk_softplus": -a * softplus(x),     "gk_sigmoid": lower_bound * sigmoid(a x)
+    (zero `A_log` / `dt_bias` rows stand for absent ones)."""
+    if gate == "gk":
+        return g[t, hv, j]
+    x = g[t, hv, j] + dt_bias[hv, j]
+    a = T.exp(A_log[hv])
+    if gate == "gk_softplus":
+        return -a * T.if_then_else(x > 20.0, x, T.log(1.0 + T.exp(x)))
+    return lower_bound / (1.0 + T.exp(-a * x))
 
 
 def fused_recurrent_delta_rule_fwd_kernel(
@@ -78,6 +101,7 @@ def fused_recurrent_delta_rule_fwd_kernel(
     NG, NH0, NHT, NW = T.dynamic("NG"), T.dynamic("NH0"), T.dynamic("NHT"), T.dynamic("NW")
     NS, NI, NA = T.dynamic("NS"), T.dynamic("NI"), T.dynamic("NA")
     SK, SV = (V, K) if state_v_first else (K, V)
+    NAL, NDB = T.dynamic("NAL"), T.dynamic("NDB")
     # the per-token gate's running product c (module docstring); a per-key gate decays every row instead
     scaled = gate == "g"
 
@@ -96,7 +120,9 @@ def fused_recurrent_delta_rule_fwd_kernel(
         k: T.Tensor([Ttot, H, K], dtype),
         v: T.Tensor([Ttot, HV, V], dtype),
         beta: T.Tensor([Ttot, HV], "float32"),
-        g: T.Tensor([NG, HV, K] if gate == "gk" else [NG, HV], "float32"),
+        g: T.Tensor([NG, HV, K] if per_key(gate) else [NG, HV], "float32"),
+        A_log: T.Tensor([NAL], "float32"),
+        dt_bias: T.Tensor([NDB, K], "float32"),
         h0: T.Tensor([NH0, SK, SV], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         o: T.Tensor([Ttot, HV, V], dtype),
@@ -105,6 +131,7 @@ def fused_recurrent_delta_rule_fwd_kernel(
         slots: T.Tensor([NS, NI], "int32"),
         accepted: T.Tensor([NA], "int32"),
         scale: T.float32,
+        lower_bound: T.float32,
         use_h0: T.int32,
         store_ht: T.int32,
         store_w: T.int32,
@@ -126,7 +153,7 @@ def fused_recurrent_delta_rule_fwd_kernel(
             k_s = T.alloc_shared([TB, KP], "float32")
             v_s = T.alloc_shared([TB, BV], "float32")
             b_s = T.alloc_shared([TB], "float32")
-            d_s = T.alloc_shared([TB, KP] if gate == "gk" else [TB], "float32")
+            d_s = T.alloc_shared([TB, KP] if per_key(gate) else [TB], "float32")
             o_s = T.alloc_shared([TB, BV], "float32")
             w_s = T.alloc_shared([TB, BV], "float32")
             h = T.alloc_local([R], "float32")  # the state column `col`, rows row(kt, :) (times 1 / cf)
@@ -169,8 +196,10 @@ def fused_recurrent_delta_rule_fwd_kernel(
                 for r, j in T.Parallel(TB, KP):
                     q_s[r, j] = T.if_then_else(it * TB + r < L and j < K, q[t0 + r, i_h, j], 0)
                     k_s[r, j] = T.if_then_else(it * TB + r < L and j < K, k[t0 + r, i_h, j], 0)
-                    if gate == "gk":
-                        d_s[r, j] = T.if_then_else(it * TB + r < L and j < K, T.exp(g[t0 + r, i_hv, j]), 1)
+                    if per_key(gate):
+                        d_s[r, j] = T.if_then_else(
+                            it * TB + r < L and j < K,
+                            T.exp(log_gate(gate, g, A_log, dt_bias, lower_bound, t0 + r, i_hv, j)), 1)
                 for r, j in T.Parallel(TB, BV):
                     v_s[r, j] = T.if_then_else(it * TB + r < L and i_v * BV + j < V, v[t0 + r, i_hv, i_v * BV + j], 0)
                 for r in T.Parallel(TB):
@@ -183,9 +212,9 @@ def fused_recurrent_delta_rule_fwd_kernel(
                         for e in T.vectorized(VEC):
                             kr[m * VEC + e] = k_s[r, m * KT * VEC + kt * VEC + e]
                             qr[m * VEC + e] = q_s[r, m * KT * VEC + kt * VEC + e]
-                            if gate == "gk":
+                            if per_key(gate):
                                 dr[m * VEC + e] = d_s[r, m * KT * VEC + kt * VEC + e]
-                    if gate == "gk":
+                    if per_key(gate):
                         for e in T.unroll(R):
                             h[e] *= dr[e]
                     # p = S_hat^T k: four partial sums, then across the KT lanes of the column
@@ -283,6 +312,7 @@ def fused_recurrent_delta_rule_bwd_dkv_kernel(
     Ttot, H, HV, N = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("HV"), T.dynamic("N")
     NG, NH0, NHT = T.dynamic("NG"), T.dynamic("NH0"), T.dynamic("NHT")
     SK, SV = (V, K) if state_v_first else (K, V)
+    NAL, NDB = T.dynamic("NAL"), T.dynamic("NDB")
 
     @T.prim_func
     def fused_recurrent_delta_rule_bwd_dkv(
@@ -291,13 +321,16 @@ def fused_recurrent_delta_rule_bwd_dkv_kernel(
         do: T.Tensor([Ttot, HV, V], dtype),
         w: T.Tensor([Ttot, HV, V], "float32"),
         beta: T.Tensor([Ttot, HV], "float32"),
-        g: T.Tensor([NG, HV, K] if gate == "gk" else [NG, HV], "float32"),
+        g: T.Tensor([NG, HV, K] if per_key(gate) else [NG, HV], "float32"),
+        A_log: T.Tensor([NAL], "float32"),
+        dt_bias: T.Tensor([NDB, K], "float32"),
         dht: T.Tensor([NHT, SK, SV], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         du: T.Tensor([Ttot, HV, V], "float32"),
         dk: T.Tensor([NV, Ttot, HV, K], "float32"),
         dh0: T.Tensor([NH0, SK, SV], "float32"),
         scale: T.float32,
+        lower_bound: T.float32,
         use_dht: T.int32,
         store_dh0: T.int32,
     ):
@@ -317,7 +350,7 @@ def fused_recurrent_delta_rule_bwd_dkv_kernel(
             do_s = T.alloc_shared([TB, BV], "float32")
             u_s = T.alloc_shared([TB, BV], "float32")
             b_s = T.alloc_shared([TB], "float32")
-            d_s = T.alloc_shared([TB, KP] if gate == "gk" else [TB], "float32")
+            d_s = T.alloc_shared([TB, KP] if per_key(gate) else [TB], "float32")
             du_s = T.alloc_shared([TB, BV], "float32")
             dk_s = T.alloc_shared([TB, W, KP], "float32")
             dh = T.alloc_local([RK * RV], "float32")  # dS rows row(lane, a), columns wi * RV + cc
@@ -357,16 +390,18 @@ def fused_recurrent_delta_rule_bwd_dkv_kernel(
                     b_s[r] = T.if_then_else(it * TB + r < L, beta[t0 + r, i_hv], 0)
                     if gate == "g":
                         d_s[r] = T.if_then_else(it * TB + r < L, T.exp(g[t0 + r, i_hv]), 1)
-                if gate == "gk":
+                if per_key(gate):
                     for r, j in T.Parallel(TB, KP):
-                        d_s[r, j] = T.if_then_else(it * TB + r < L and j < K, T.exp(g[t0 + r, i_hv, j]), 1)
+                        d_s[r, j] = T.if_then_else(
+                            it * TB + r < L and j < K,
+                            T.exp(log_gate(gate, g, A_log, dt_bias, lower_bound, t0 + r, i_hv, j)), 1)
                 for rr in T.serial(TB):
                     r = TB - 1 - rr
                     for m in T.unroll(RK // VEC):
                         for e in T.vectorized(VEC):
                             qr[m * VEC + e] = q_s[r, (m * 32 + lane) * VEC + e]
                             kr[m * VEC + e] = k_s[r, (m * 32 + lane) * VEC + e]
-                            if gate == "gk":
+                            if per_key(gate):
                                 dr[m * VEC + e] = d_s[r, (m * 32 + lane) * VEC + e]
                     for m in T.unroll(RV // 4):
                         for e in T.vectorized(4):
@@ -406,7 +441,7 @@ def fused_recurrent_delta_rule_bwd_dkv_kernel(
                         for cc in T.unroll(RV):
                             if gate == "g":
                                 dh[a * RV + cc] = (dh[a * RV + cc] + kr[a] * x[cc]) * d_s[r]
-                            elif gate == "gk":
+                            elif per_key(gate):
                                 dh[a * RV + cc] = (dh[a * RV + cc] + kr[a] * x[cc]) * dr[a]
                             else:
                                 dh[a * RV + cc] += kr[a] * x[cc]
@@ -445,6 +480,7 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
     Ttot, H, HV, N = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("HV"), T.dynamic("N")
     NG, NH0 = T.dynamic("NG"), T.dynamic("NH0")
     SK, SV = (V, K) if state_v_first else (K, V)
+    NAL, NDB = T.dynamic("NAL"), T.dynamic("NDB")
 
     @T.prim_func
     def fused_recurrent_delta_rule_bwd_dqk(
@@ -453,12 +489,15 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
         w: T.Tensor([Ttot, HV, V], "float32"),
         du: T.Tensor([Ttot, HV, V], "float32"),
         beta: T.Tensor([Ttot, HV], "float32"),
-        g: T.Tensor([NG, HV, K] if gate == "gk" else [NG, HV], "float32"),
+        g: T.Tensor([NG, HV, K] if per_key(gate) else [NG, HV], "float32"),
+        A_log: T.Tensor([NAL], "float32"),
+        dt_bias: T.Tensor([NDB, K], "float32"),
         h0: T.Tensor([NH0, SK, SV], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         dq: T.Tensor([NV, Ttot, HV, K], "float32"),
         dk: T.Tensor([NV, Ttot, HV, K], "float32"),
         scale: T.float32,
+        lower_bound: T.float32,
         use_h0: T.int32,
     ):
         with T.Kernel(NV, N * HV, threads=threads) as (i_v, i_nh):
@@ -475,7 +514,7 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
             do_s = T.alloc_shared([TB, BV], "float32")
             u_s = T.alloc_shared([TB, BV], "float32")
             dv_s = T.alloc_shared([TB, BV], "float32")
-            d_s = T.alloc_shared([TB, KP] if gate == "gk" else [TB], "float32")
+            d_s = T.alloc_shared([TB, KP] if per_key(gate) else [TB], "float32")
             dq_s = T.alloc_shared([TB, W, KP], "float32")
             dk_s = T.alloc_shared([TB, W, KP], "float32")
             h = T.alloc_local([RK * RV], "float32")  # S rows row(lane, a), columns wi * RV + cc
@@ -514,14 +553,16 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
                 if gate == "g":
                     for r in T.Parallel(TB):
                         d_s[r] = T.if_then_else(it * TB + r < L, T.exp(g[t0 + r, i_hv]), 1)
-                if gate == "gk":
+                if per_key(gate):
                     for r, j in T.Parallel(TB, KP):
-                        d_s[r, j] = T.if_then_else(it * TB + r < L and j < K, T.exp(g[t0 + r, i_hv, j]), 1)
+                        d_s[r, j] = T.if_then_else(
+                            it * TB + r < L and j < K,
+                            T.exp(log_gate(gate, g, A_log, dt_bias, lower_bound, t0 + r, i_hv, j)), 1)
                 for r in T.serial(TB):
                     for m in T.unroll(RK // VEC):
                         for e in T.vectorized(VEC):
                             kr[m * VEC + e] = k_s[r, (m * 32 + lane) * VEC + e]
-                            if gate == "gk":
+                            if per_key(gate):
                                 dr[m * VEC + e] = d_s[r, (m * 32 + lane) * VEC + e]
                     for m in T.unroll(RV // 4):
                         for e in T.vectorized(4):
@@ -536,7 +577,7 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
                         for cc in T.unroll(RV):
                             if gate == "g":
                                 h[a * RV + cc] *= d_s[r]
-                            elif gate == "gk":
+                            elif per_key(gate):
                                 h[a * RV + cc] *= dr[a]
                             dk_r[a] += h[a * RV + cc] * dvr[cc]
                             h[a * RV + cc] += kr[a] * ur[cc]
@@ -553,16 +594,46 @@ def fused_recurrent_delta_rule_bwd_dqk_kernel(
     return fused_recurrent_delta_rule_bwd_dqk
 
 
-def _gate(g) -> str:
-    """the gate option of a launch: "none", "g" (per-token log gates `[Ttot, HV]`) or "gk" (per-key `[Ttot, HV, K]`)."""
+class GateActivation(NamedTuple):
+    """KDA's gate activation done in the kernels (`log_gate`): `kind` "softplus" or "sigmoid", `A_log` `[HV]` and
+    `dt_bias` `[HV * K]` (None: absent), `lower_bound` (the sigmoid form's)."""
+
+    kind: str
+    A_log: torch.Tensor | None
+    dt_bias: torch.Tensor | None
+    lower_bound: float = 0.0
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """a cached zero tensor: the placeholder of an absent argument (the kernels never write it), so a launch
+    allocates nothing beyond its outputs."""
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _activation_args(act: GateActivation | None, HV: int, K: int, device) -> tuple:
+    """(A_log `[HV]`, dt_bias `[HV, K]` fp32, lower_bound) as the kernels read them; zeros stand for absent ones."""
+    if act is None:
+        return _zeros((1,), torch.float32, device), _zeros((1, K), torch.float32, device), 0.0
+    A_log = act.A_log.float().contiguous() if act.A_log is not None else _zeros((HV,), torch.float32, device)
+    dt_bias = (act.dt_bias.float().reshape(HV, K).contiguous() if act.dt_bias is not None
+               else _zeros((HV, K), torch.float32, device))
+    return A_log, dt_bias, float(act.lower_bound or 0.0)
+
+
+def _gate(g, act: str | None = None) -> str:
+    """the gate option of a launch: "none", "g" (per-token log gates `[Ttot, HV]`), "gk" (per-key `[Ttot, HV, K]`),
+    or a per-key gate activated in the kernels, "gk_<act>" (`act` "softplus" or "sigmoid", see `log_gate`)."""
     if g is None:
         return "none"
-    return "gk" if g.dim() == 3 else "g"
+    if g.dim() == 2:
+        return "g"
+    return f"gk_{act}" if act else "gk"
 
 
 def fused_recurrent_delta_rule_fwd(
     q, k, v, beta, g, *, scale: float, initial_state, output_final_state: bool, state_v_first: bool, meta,
-    store_w: bool, slots=None, accepted=None, **config,
+    store_w: bool, slots=None, accepted=None, act: GateActivation | None = None, **config,
 ):
     """(o `[Ttot, HV, V]` in q's dtype, ht `[N, HV, *state]` fp32 or None, w `[Ttot, HV, V]` fp32 or None) of
     `[Ttot, H, K]` q, k, `[Ttot, HV, V]` v (q's dtype), fp32 `[Ttot, HV]` beta and fp32 log gates g: None,
@@ -571,16 +642,18 @@ def fused_recurrent_delta_rule_fwd(
     With `slots` `[N, NI]` int32 the states live in a pool, `initial_state` `[P, HV, *state]` fp32 contiguous: each
     sequence starts from slot `slots[n, accepted[n] - 1]` (`accepted` `[N]` int32; without it `slots[n, 0]`) and
     writes back in place, its final state to `slots[n, 0]` when NI == 1, else the state after its token t to
-    `slots[n, t]`; a negative slot is padding (a zero state, nothing written). The pool is returned as ht."""
+    `slots[n, t]`; a negative slot is padding (a zero state, nothing written). The pool is returned as ht.
+
+    With `act` a per-key g is the raw gate input, activated in the kernels."""
     Ttot, _, K = q.shape
     HV, V = v.shape[1:]
     tail = (V, K) if state_v_first else (K, V)
-    gate = _gate(g)
+    gate = _gate(g, act.kind if act is not None else None)
     pool = slots is not None
     o = torch.empty_like(v)
-    w = q.new_empty(Ttot if store_w else 1, HV, V, dtype=torch.float32)
+    w = q.new_empty(Ttot, HV, V, dtype=torch.float32) if store_w else _zeros((1, HV, V), torch.float32, q.device)
     if pool:
-        ht, h0, use_h0 = initial_state.view(-1, *tail), q.new_empty(1, *tail, dtype=torch.float32), 0
+        ht, h0, use_h0 = initial_state.view(-1, *tail), _zeros((1, *tail), torch.float32, q.device), 0
     else:
         ht = q.new_empty(meta.N * HV if output_final_state else 1, *tail, dtype=torch.float32)
         h0, use_h0 = state_or_dummy(initial_state, q, tail)
@@ -592,18 +665,20 @@ def fused_recurrent_delta_rule_fwd(
         config = tile_config("fused_recurrent_delta_fwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
         kernel = get_kernel(fused_recurrent_delta_rule_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate,
                             state_v_first=state_v_first, pool=pool, dtype=TORCH_TO_TL[q.dtype], **config)
-        g_ = g if g is not None else beta.new_empty(1, HV)
-        slots_ = slots if pool else meta.cu.new_empty(1, 1)
-        accepted_ = accepted if accepted is not None else meta.cu.new_empty(1)
-        kernel(q, k, v, beta, g_, h0, meta.cu, o, ht, w, slots_, accepted_, scale, use_h0, int(output_final_state),
-               int(store_w), int(accepted is not None))
+        g_ = g if g is not None else _zeros((1, HV), torch.float32, q.device)
+        slots_ = slots if pool else _zeros((1, 1), torch.int32, q.device)
+        accepted_ = accepted if accepted is not None else _zeros((1,), torch.int32, q.device)
+        A_log, dt_bias, lower_bound = _activation_args(act, HV, K, q.device)
+        kernel(q, k, v, beta, g_, A_log, dt_bias, h0, meta.cu, o, ht, w, slots_, accepted_, scale, lower_bound,
+               use_h0, int(output_final_state), int(store_w), int(accepted is not None))
     if pool:
         return o, initial_state, (w if store_w else None)
     return o, (ht.view(meta.N, HV, *tail) if output_final_state else None), (w if store_w else None)
 
 
 def fused_recurrent_delta_rule_bwd(
-    q, k, beta, g, w, do, dht, *, scale: float, initial_state, state_v_first: bool, meta, **config,
+    q, k, beta, g, w, do, dht, *, scale: float, initial_state, state_v_first: bool, meta,
+    act: GateActivation | None = None, **config,
 ):
     """(dq, dk per value head `[Ttot, HV, K]` fp32, du `[Ttot, HV, V]` fp32, dh0 fp32 `[N, HV, *state]` or None, and
     for a per-key gate the keys' share of its gradient `dk_write - dk_read` `[Ttot, HV, K]` fp32, else None): the two
@@ -611,7 +686,7 @@ def fused_recurrent_delta_rule_bwd(
     Ttot, _, K = q.shape
     HV, V = w.shape[1:]
     tail = (V, K) if state_v_first else (K, V)
-    gate = _gate(g)
+    gate = _gate(g, act.kind if act is not None else None)
     config = tile_config("fused_recurrent_delta_bwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     NV = cdiv(V, config["BV"])
     h0, use_h0 = state_or_dummy(initial_state, q, tail)
@@ -627,17 +702,18 @@ def fused_recurrent_delta_rule_bwd(
     else:
         target = target_for(q.device)
         flags = dict(K=K, V=V, gate=gate, state_v_first=state_v_first, dtype=TORCH_TO_TL[q.dtype], **config)
-        g_ = g if g is not None else beta.new_empty(1, HV)
+        g_ = g if g is not None else _zeros((1, HV), torch.float32, q.device)
+        A_log, dt_bias, lower_bound = _activation_args(act, HV, K, q.device)
         dkv = get_kernel(fused_recurrent_delta_rule_bwd_dkv_kernel, target, **flags)
-        dkv(q, k, do, w, beta, g_, dht_, meta.cu, du, dk, dh0, scale, use_dht, use_h0)
+        dkv(q, k, do, w, beta, g_, A_log, dt_bias, dht_, meta.cu, du, dk, dh0, scale, lower_bound, use_dht, use_h0)
         # the write's share of dk (the first sweep), before the second adds the correction's read share
-        dk_write = dk.sum(0) if gate == "gk" else None
+        dk_write = dk.sum(0) if per_key(gate) else None
         dqk = get_kernel(fused_recurrent_delta_rule_bwd_dqk_kernel, target, **flags)
-        dqk(k, do, w, du, beta, g_, h0, meta.cu, dq, dk, scale, use_h0)
+        dqk(k, do, w, du, beta, g_, A_log, dt_bias, h0, meta.cu, dq, dk, scale, lower_bound, use_h0)
     dq = dq.sum(0) if NV > 1 else dq[0]
     dk = dk.sum(0) if NV > 1 else dk[0]
     dkg = None
-    if gate == "gk":
+    if per_key(gate):
         # dk_write - dk_read = 2 dk_write - dk
         dkg = 2 * dk_write - dk if Ttot else torch.zeros_like(dk)
     return dq, dk, du, (dh0.view(meta.N, HV, *tail) if use_h0 else None), dkg

@@ -399,19 +399,20 @@ FUSED_CHUNK = OpSpec(
 
 
 def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first, cu_seqlens,
-               use_qk_l2norm_in_kernel, backend, per_key_gate=False):
+               use_qk_l2norm_in_kernel, backend, per_key_gate=False, extra=None):
+    """validate, then the kernel-level call of `spec` (`extra`: the arguments its schema adds to `SCHEMA`'s)."""
     N = _validate_delta(q, k, v, beta, g, initial_state, cu_seqlens, state_v_first, scale, per_key_gate)
     _, T, _, K = q.shape
     scale = K ** -0.5 if scale is None else scale
     args = dict(q=q, k=k, v=v, beta=beta, g=g, initial_state=initial_state, cu_seqlens=cu_seqlens,
                 scale=float(scale), output_final_state=bool(output_final_state), state_v_first=bool(state_v_first),
-                use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel))
+                use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), **(extra or {}))
+    tensors = (q, k, v, beta, g, initial_state, *(x for x in (extra or {}).values() if isinstance(x, torch.Tensor)))
     if T == 0:
         check_backend_name(spec, backend)
         if not torch.compiler.is_compiling():
             # a forced backend that refuses the input raises, as for T > 0
-            backward = torch.is_grad_enabled() and any(
-                isinstance(x, torch.Tensor) and x.requires_grad for x in (q, k, v, beta, g, initial_state))
+            backward = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
             select_backend(spec, spec.describe(args, backward), backend if backend != AUTO else None)
         o, ht = v.new_empty(v.shape), None
         HV, V = v.shape[2:]
@@ -421,7 +422,7 @@ def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state,
         elif output_final_state:
             ht = q.new_zeros((N, HV, V, K) if state_v_first else (N, HV, K, V), dtype=ht_dtype)
         # no kernel runs; the outputs still reach the autograd graph of the inputs (zero gradients)
-        o, ht = join_graph([o, ht], (q, k, v, beta, g, initial_state))
+        o, ht = join_graph([o, ht], tensors)
         return o, ht
     o, ht = spec.run(backend, **args)
     return o, (ht if output_final_state else None)

@@ -1,10 +1,11 @@
 """KDA's public ops: `chunk_kda` and `fused_recurrent_kda` (fla 0.6.0's names, arguments, defaults and returns), on
-the delta rules' kernel-level call with a per-key log gate g `[B, T, HV, K]` (`delta_rule.ops.SCHEMA`).
+the delta rules' kernel-level call with a per-key gate g `[B, T, HV, K]` and the gate activation (`KDA_SCHEMA`).
 
-The gate and beta activations (`use_gate_in_kernel` with `A_log`, `dt_bias`, `lower_bound`;
-`use_beta_sigmoid_in_kernel`, `allow_neg_eigval`) run in PyTorch before that call, so `A_log` and `dt_bias` get their
-gradients through autograd. `fused_recurrent_kda` with `ssm_state_indices` serves from a state pool (inference only:
-no kernel-level call, no autograd).
+The gate activation (`use_gate_in_kernel` with `A_log`, `dt_bias`, `lower_bound`) runs in the token-by-token kernels,
+which read the raw gate input; their backward takes the activated gate's gradient on to g, `A_log` and `dt_bias`
+(`delta_rule.fused_recurrent.activation_grads`). The torch paths activate in PyTorch. The beta activation
+(`use_beta_sigmoid_in_kernel`, `allow_neg_eigval`) runs in PyTorch before the call. `fused_recurrent_kda` with
+`ssm_state_indices` serves from a state pool (inference only: no kernel-level call, no autograd).
 """
 
 import torch
@@ -12,6 +13,7 @@ import torch
 from ...autotune.configs import BT, KERNELS
 from ...reference.kda import kda_beta, kda_gate, recurrent_kda
 from ...registry import (
+    Backend,
     BackendError,
     OpSpec,
     refusing_backend,
@@ -30,9 +32,13 @@ from ..delta_rule.ops import (
     _delta_torch,
     _describe,
     _fake,
-    _fused_recurrent_backend,
 )
 
+# the delta rules' kernel-level call plus the gate activation (`gate_act` "", "softplus" or "sigmoid")
+KDA_SCHEMA = SCHEMA + ", Tensor? A_log, Tensor? dt_bias, str gate_act, float lower_bound"
+KDA_GRADS = GRADS + ("A_log", "dt_bias")
+# the kernels' gate options: log gates given, or the raw input activated in the kernels (`_gate_act`)
+GATES = ("gk", "gk_softplus", "gk_sigmoid")
 CHUNK_NOT_BUILT = ("chunk_kda's chunked TileLang kernels (per-key gated WY and state passes) are not built yet: "
                    "fused_recurrent_kda runs KDA's TileLang kernels, forward and backward")
 UNSUPPORTED = ("cp_context", "use_graph", "return_intermediate_states")
@@ -41,29 +47,54 @@ UNSUPPORTED = ("cp_context", "use_graph", "return_intermediate_states")
 # ---------------------------------------------------------------------------------------------- activations
 
 
-def _gate(g, use_gate_in_kernel: bool, A_log, dt_bias, lower_bound, safe_gate: bool = False):
-    """the log gate the recurrence takes: `g` itself, or with `use_gate_in_kernel` the activation of
-    `fla_tl.reference.kda.kda_gate` (fp32; differentiable in g, A_log and dt_bias)."""
+def _gate_act(g, use_gate_in_kernel: bool, A_log, dt_bias, lower_bound, safe_gate: bool = False) -> str:
+    """the gate activation the kernels apply: "" (g is the log gate), "softplus" (`-exp(A_log) * softplus(g +
+    dt_bias)`) or "sigmoid" (`lower_bound * sigmoid(exp(A_log) * (g + dt_bias))`, without `A_log` a factor of 1),
+    after checking `A_log` `[HV]`, `dt_bias` `[HV * K]` and fla's `safe_gate` / `lower_bound` rules."""
     if safe_gate and use_gate_in_kernel:
         if lower_bound is None:
             raise ValueError("`lower_bound` must be specified when `safe_gate=True` and `use_gate_in_kernel=True`")
         if not -5 <= lower_bound < 0:
             raise ValueError(f"`lower_bound` must be in the safe range [-5, 0), got {lower_bound}")
-    if not use_gate_in_kernel or not isinstance(g, torch.Tensor) or not g.is_floating_point():
-        return g
+    if not use_gate_in_kernel:
+        return ""
     if A_log is None and lower_bound is None:
         raise ValueError("`A_log` [HV] must be provided when `use_gate_in_kernel=True` and `lower_bound` is not set")
-    HV, K = g.shape[-2:]
-    for name, x, size in (("A_log", A_log, HV), ("dt_bias", dt_bias, HV * K)):
-        if x is None:
-            continue
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"`{name}` must be a floating-point torch.Tensor [{size}], got {type(x).__name__}")
-        if x.numel() != size:
-            raise ValueError(f"`{name}` must have {size} elements ({'[HV]' if name == 'A_log' else '[HV * K]'}), "
-                             f"got shape {tuple(x.shape)}")
-        check_device(name, x, g.device, "g")
-    return kda_gate(g, A_log, dt_bias.reshape(-1) if dt_bias is not None else None, lower_bound)
+    if isinstance(g, torch.Tensor) and g.dim() == 4:
+        HV, K = g.shape[-2:]
+        for name, x, size in (("A_log", A_log, HV), ("dt_bias", dt_bias, HV * K)):
+            if x is None:
+                continue
+            if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+                raise TypeError(f"`{name}` must be a floating-point torch.Tensor [{size}], got {type(x).__name__}")
+            if x.numel() != size:
+                raise ValueError(f"`{name}` must have {size} elements ({'[HV]' if name == 'A_log' else '[HV * K]'}), "
+                                 f"got shape {tuple(x.shape)}")
+            check_device(name, x, g.device, "g")
+    return "softplus" if lower_bound is None else "sigmoid"
+
+
+def _activated(g, A_log, dt_bias, gate_act: str, lower_bound: float):
+    """the log gate in PyTorch (`fla_tl.reference.kda.kda_gate`, differentiable): the torch paths' activation."""
+    if not gate_act:
+        return g
+    return kda_gate(g, A_log, dt_bias.reshape(-1) if dt_bias is not None else None,
+                    lower_bound if gate_act == "sigmoid" else None)
+
+
+def _extra(A_log, dt_bias, gate_act: str, lower_bound) -> dict:
+    """the arguments `KDA_SCHEMA` adds to the delta rules' call (the activation's tensors only with one)."""
+    return dict(A_log=A_log if gate_act else None, dt_bias=dt_bias if gate_act else None, gate_act=gate_act,
+                lower_bound=float(lower_bound) if gate_act == "sigmoid" else 0.0)
+
+
+def _activation(A_log, dt_bias, gate_act: str, lower_bound: float):
+    """the kernels' `GateActivation`, or None without one."""
+    if not gate_act:
+        return None
+    from ..common.fused_recurrent_delta import GateActivation
+
+    return GateActivation(gate_act, A_log, dt_bias, float(lower_bound))
 
 
 def _beta(beta, use_beta_sigmoid_in_kernel: bool, allow_neg_eigval: bool):
@@ -83,20 +114,68 @@ def _refuse(name: str, options: dict) -> None:
 # ---------------------------------------------------------------------------------------------- backends
 
 
+def _options(args: dict) -> dict:
+    return dict(scale=float(args["scale"]), initial_state=args["initial_state"], state_v_first=args["state_v_first"],
+                cu_seqlens=args["cu_seqlens"], use_qk_l2norm_in_kernel=args["use_qk_l2norm_in_kernel"],
+                act=_activation(args["A_log"], args["dt_bias"], args["gate_act"], args["lower_bound"]))
+
+
+def _fused_recurrent_backend() -> Backend:
+    """the token-by-token kernels with the per-key gate, activated in them (`delta_rule.fused_recurrent`'s entries);
+    w is the backward's residual, and the final state a saved output (the gate's gradient)."""
+
+    def fwd(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
+            use_qk_l2norm_in_kernel, A_log, dt_bias, gate_act, lower_bound, requires_grad):
+        from ..delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd
+
+        o, ht, w = fused_recurrent_gated_delta_rule_fwd(
+            q, k, v, beta, g, output_final_state=output_final_state, requires_grad=requires_grad,
+            **_options(dict(scale=scale, initial_state=initial_state, state_v_first=state_v_first,
+                            cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, A_log=A_log,
+                            dt_bias=dt_bias, gate_act=gate_act, lower_bound=lower_bound)))
+        return (o, ht, w) if requires_grad else (o, ht)
+
+    def bwd(args, outputs, grads):
+        from ..delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_bwd
+
+        do, dht = grads
+        ht = outputs[1] if outputs[1].numel() else None
+        found = fused_recurrent_gated_delta_rule_bwd(args["q"], args["k"], args["v"], args["beta"], args["g"],
+                                                     outputs[2], ht, do, dht, **_options(args))
+        return dict(zip(KDA_GRADS, found))
+
+    def residuals(args, requires_grad):
+        q, v = args["q"], args["v"]
+        B, T = q.shape[:2]
+        return [q.new_empty(B * T, *v.shape[2:], dtype=torch.float32)] if requires_grad else []
+
+    return Backend(name="tilelang", capabilities=tilelang_capabilities(reverse=True, state_v_first=True), fwd=fwd,
+                   bwd=bwd, residuals=residuals, module="fla_tl.kernels.delta_rule.fused_recurrent",
+                   description="token-by-token TileLang kernels")
+
+
+def _kda_torch(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
+               use_qk_l2norm_in_kernel, A_log, dt_bias, gate_act, lower_bound):
+    return _delta_torch(q, k, v, beta, _activated(g, A_log, dt_bias, gate_act, lower_bound), initial_state,
+                        cu_seqlens, scale, output_final_state, state_v_first, use_qk_l2norm_in_kernel)
+
+
 def _recurrent_kernels(D: int, dtype: str) -> list:
-    """the kernels `fused_recurrent_kda` launches at K = V = D: the per-key gated forward (plain and on a state pool)
-    and the two backward sweeps in both state layouts, and the gate gradient's per-sequence scan."""
+    """the kernels `fused_recurrent_kda` launches at K = V = D: for each gate option (log gates given, or activated in
+    the kernels) and state layout the forward (plain and on a state pool) and the two backward sweeps, and the gate
+    gradient's per-sequence scan."""
     from ..common.state_op import stage_spec
 
     specs = []
-    for state_v_first in (False, True):
-        for pool in (False, True):
-            specs.append(stage_spec("fused_recurrent_delta_fwd", D, D, dtype, "gk", state_v_first=state_v_first,
-                                    pool=pool))
-        specs.append(stage_spec("fused_recurrent_delta_bwd", D, D, dtype, "gk", state_v_first=state_v_first))
-        specs += [stage_spec("fused_recurrent_delta_bwd", D, D, dtype, "gk", factory=companion,
-                             state_v_first=state_v_first)
-                  for companion in KERNELS["fused_recurrent_delta_bwd"].companions]
+    for gate in GATES:
+        for state_v_first in (False, True):
+            for pool in (False, True):
+                specs.append(stage_spec("fused_recurrent_delta_fwd", D, D, dtype, gate, state_v_first=state_v_first,
+                                        pool=pool))
+            specs.append(stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, state_v_first=state_v_first))
+            specs += [stage_spec("fused_recurrent_delta_bwd", D, D, dtype, gate, factory=companion,
+                                 state_v_first=state_v_first)
+                      for companion in KERNELS["fused_recurrent_delta_bwd"].companions]
     specs.append(stage_spec("gate_grad_scan", 0, 0, dtype, "none", reverse=True, out_dtype="float32", BT=BT))
     return specs
 
@@ -138,11 +217,11 @@ def _spec(name: str, mode: str) -> OpSpec:
     else:
         backends = [refusing_backend("tilelang", tilelang_capabilities(state_v_first=True), CHUNK_NOT_BUILT)]
         kernels = lambda D, dtype: []  # noqa: E731 - none yet
-    backends.append(torch_backend(_delta_torch, torch_capabilities(), "the chunked PyTorch form"))
+    backends.append(torch_backend(_kda_torch, torch_capabilities(), "the chunked PyTorch form"))
     return OpSpec(
-        name=name, variant="kda", mode=mode, reference=recurrent_kda, backends=backends, schema=SCHEMA, outputs=2,
-        grads=GRADS, saved_outputs=(1,) if recurrent else (), describe=_describe, fake=_fake, kernels=kernels,
-        cases=_cases,
+        name=name, variant="kda", mode=mode, reference=recurrent_kda, backends=backends, schema=KDA_SCHEMA,
+        outputs=2, grads=KDA_GRADS, saved_outputs=(1,) if recurrent else (), describe=_describe, fake=_fake,
+        kernels=kernels, cases=_cases,
     )
 
 
@@ -209,12 +288,12 @@ def _pool_torch(q, k, v, g, beta, pool, slots, accepted, scale, state_v_first, c
 
 
 def _serve(q, k, v, g, beta, pool, slots, accepted, scale, state_v_first, cu_seqlens, use_qk_l2norm_in_kernel,
-           backend):
-    """`fused_recurrent_kda` on a state pool: o, the pool updated in place."""
+           backend, extra: dict):
+    """`fused_recurrent_kda` on a state pool: o, the pool updated in place (`extra`: the gate activation)."""
     from ..delta_rule.ops import _validate_delta
 
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
-                                       for x in (q, k, v, g, beta, pool)):
+                                       for x in (q, k, v, g, beta, pool, extra["A_log"], extra["dt_bias"])):
         raise ValueError("fused_recurrent_kda: `ssm_state_indices` (serving from a state pool) is inference only; "
                          "run it under torch.no_grad() / torch.inference_mode()")
     N = _validate_delta(q, k, v, beta, g, None, cu_seqlens, state_v_first, scale, per_key_gate=True)
@@ -228,13 +307,13 @@ def _serve(q, k, v, g, beta, pool, slots, accepted, scale, state_v_first, cu_seq
         if reasons and backend == "tilelang":
             raise BackendError(f"fused_recurrent_kda: backend 'tilelang' refused the input: {'; '.join(reasons)}")
     if backend == "torch" or reasons:
-        return _pool_torch(q, k, v, g, beta, pool, slots, accepted, scale, state_v_first, cu_seqlens,
-                           use_qk_l2norm_in_kernel)
+        return _pool_torch(q, k, v, _activated(g, **extra), beta, pool, slots, accepted, scale, state_v_first,
+                           cu_seqlens, use_qk_l2norm_in_kernel)
     from .fused_recurrent import fused_recurrent_kda_pool_fwd
 
     return fused_recurrent_kda_pool_fwd(q, k, v, g, beta, pool, slots, accepted, scale=scale,
                                         state_v_first=state_v_first, cu_seqlens=cu_seqlens,
-                                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+                                        use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, act=_activation(**extra))
 
 
 # ---------------------------------------------------------------------------------------------- the public ops
@@ -322,10 +401,10 @@ def chunk_kda(
     if kwargs:
         raise TypeError(f"chunk_kda() got unexpected keyword arguments {sorted(kwargs)}")
     use_host_copy(cu_seqlens, cu_seqlens_cpu)
-    g = _gate(g, use_gate_in_kernel, A_log, dt_bias, lower_bound, safe_gate)
+    gate_act = _gate_act(g, use_gate_in_kernel, A_log, dt_bias, lower_bound, safe_gate)
     return _delta_run(CHUNK, q, k, v, _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval), g, scale,
                       initial_state, output_final_state, state_v_first, cu_seqlens, use_qk_l2norm_in_kernel, backend,
-                      per_key_gate=True)
+                      per_key_gate=True, extra=_extra(A_log, dt_bias, gate_act, lower_bound))
 
 
 @register(FUSED_RECURRENT)
@@ -381,12 +460,13 @@ def fused_recurrent_kda(
         raise TypeError(f"fused_recurrent_kda() got unexpected keyword arguments {sorted(kwargs)}")
     if num_accepted_tokens is not None and ssm_state_indices is None:
         raise ValueError("`num_accepted_tokens` needs `ssm_state_indices` (the slots of the state pool)")
-    g = _gate(g, use_gate_in_kernel, A_log, dt_bias, lower_bound)
+    gate_act = _gate_act(g, use_gate_in_kernel, A_log, dt_bias, lower_bound)
     beta = _beta(beta, use_beta_sigmoid_in_kernel, allow_neg_eigval)
+    extra = _extra(A_log, dt_bias, gate_act, lower_bound)
     if ssm_state_indices is not None:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         o = _serve(q, k, v, g, beta, initial_state, ssm_state_indices, num_accepted_tokens, float(scale),
-                   bool(state_v_first), cu_seqlens, bool(use_qk_l2norm_in_kernel), backend)
+                   bool(state_v_first), cu_seqlens, bool(use_qk_l2norm_in_kernel), backend, extra)
         return o, (initial_state if output_final_state else None)
     return _delta_run(FUSED_RECURRENT, q, k, v, beta, g, scale, initial_state, output_final_state, state_v_first,
-                      cu_seqlens, use_qk_l2norm_in_kernel, backend, per_key_gate=True)
+                      cu_seqlens, use_qk_l2norm_in_kernel, backend, per_key_gate=True, extra=extra)
