@@ -501,3 +501,24 @@ def test_fused_recurrent_serving_gpu(mode, dtype, poisoned_cuda):
     assert_close("o", o, want_o, dtype)
     assert_close("written slots", p[written], want_p[written], dtype)
     assert torch.equal(p[untouched], pool[untouched]) and torch.equal(want_p[untouched], pool[untouched])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("gate", ["log-gates", "gate-in-kernel"])
+def test_decode_allocates_only_its_output(gate):
+    """a decode step (T = 1, 64 sequences, states in a pool) with fp32 gates, betas and int32 slots allocates one
+    tensor on the GPU, its output, once the first call has built the kernel and its cached placeholders; and with the
+    raw gate input activated in the kernel, the same."""
+    options = {"use_gate_in_kernel": True} if gate == "gate-in-kernel" else {}
+    args, _ = _kda_args((1,) * 64, 4, 8, 128, 128, dtype=torch.bfloat16, device="cuda", h0=False, **options)
+    args = {n: x.float() if n in ("g", "beta") else x for n, x in args.items()}
+    pool = torch.randn(80, 8, 128, 128, device="cuda")
+    slots = torch.randperm(80, device="cuda")[:64].to(torch.int32)
+    with torch.no_grad():
+        fused_recurrent_kda(**{**args, "initial_state": pool}, ssm_state_indices=slots, backend="tilelang")
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_stats()["allocation.all.allocated"]
+        o, _ = fused_recurrent_kda(**{**args, "initial_state": pool}, ssm_state_indices=slots, backend="tilelang")
+        torch.cuda.synchronize()
+        after = torch.cuda.memory_stats()["allocation.all.allocated"]
+    assert after - before == 1, f"a decode step allocated {after - before} tensors (want 1: the output)"
