@@ -230,6 +230,8 @@ def _emulate(factory, K, V, gate, state_v_first, dtype, pool=False, **config):
 
 def _scan(r, *, meta, reverse, out_dtype, offset=None):
     out = torch.empty_like(r, dtype=out_dtype)
+    # the start per sequence, flattened as the kernel's launcher does (a per-key gate's is [N, HV, K])
+    offset = offset.reshape(-1, r.shape[1]) if offset is not None else None
     for n, bos, eos in _segments(meta.cu):
         acc = offset[n].float() if offset is not None else torch.zeros(r.shape[1])
         for t in reversed(range(bos, eos)):
@@ -298,3 +300,26 @@ def test_custom_ops_with_emulated_kernels(case, monkeypatch):
     compiled = run(torch.compile(fused_recurrent_gated_delta_rule, fullgraph=True, backend="aot_eager"))
     for a, b in zip(compiled, eager):
         torch.testing.assert_close(a, b)
+
+
+def _with_gk(q, k, v, g=None, gk=None, beta=None, **kwargs):
+    """the recurrence with `g` and a per-key `gk` (their sum per key channel: KDA's recurrence)."""
+    gate = gk + g[..., None] if g is not None else gk
+    return recurrent_gated_delta_rule(q, k, v, beta, gate, **kwargs)
+
+
+@pytest.mark.parametrize("case", GLUE_CASES[:2], ids=GLUE_IDS[:2])
+def test_per_key_gate_with_emulated_kernels(case, monkeypatch):
+    """`gk` on top of `g` on the tilelang backend (kernels emulated): the per-key kernels and their gate gradient,
+    every gradient (`g`'s summed over the key channels) against the recurrence."""
+    config = _emulated(monkeypatch)
+    x, cu = _glue_inputs(case, config)
+    B, T, HV = x["v"].shape[:3]
+    gk = F.logsigmoid(torch.randn(B, T, HV, config["K"]) + 2).requires_grad_()
+    args = {"q": x["q"], "k": x["k"], "v": x["v"], "g": x["g"], "gk": gk, "beta": x["beta"],
+            "initial_state": x["h0"], "output_final_state": True, "state_v_first": case["svf"], "cu_seqlens": cu,
+            "use_qk_l2norm_in_kernel": case["l2norm"]}
+    grad = ("q", "k", "v", "g", "gk", "beta", "initial_state")
+    assert_matches(fused_recurrent_gated_delta_rule,
+                   Case("fused_recurrent_gated_delta_rule", args, grad, _with_gk, dtype=torch.float32,
+                        out_dtypes={"o": torch.float32, "ht": torch.float32}), "tilelang")

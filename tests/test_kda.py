@@ -7,7 +7,7 @@ sm_90a; on the GPU the TileLang kernels against the fp32 recurrence, o, the fina
 import pytest
 import torch
 import torch.nn.functional as F
-from test_delta_rule_fused_recurrent import SM90A, _emulated, _scan
+from test_delta_rule_fused_recurrent import SM90A, _emulated
 from utils import Case, assert_close, assert_matches, rms
 
 from fla_tl.ops import chunk_kda, fused_recurrent_kda
@@ -211,12 +211,7 @@ def _check_against_fp64(args: dict, grad: tuple[str, ...], backend: str, tol: fl
 def _kda_emulated(monkeypatch) -> dict:
     """fused_recurrent_kda's tilelang backend on the CPU with the token-by-token kernels emulated in PyTorch
     (`test_delta_rule_fused_recurrent._emulated`); returns the head dims to test at."""
-    from fla_tl.kernels.delta_rule import fused_recurrent
-
     config = _emulated(monkeypatch)
-    # the per-key gate's scan starts at sum_v dht * ht `[N, HV, K]`: one row of HV * K columns a sequence
-    monkeypatch.setattr(fused_recurrent, "_sequence_scan", lambda r, *, offset=None, **kw: _scan(
-        r, offset=offset.reshape(offset.shape[0], -1) if offset is not None else None, **kw))
     # the backend's capabilities name CUDA: accept the CPU here
     monkeypatch.setattr(get_op("fused_recurrent_kda").backend("tilelang"), "verifier", lambda inputs: [])
     return config
