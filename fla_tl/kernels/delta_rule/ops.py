@@ -204,29 +204,26 @@ def _chunk_backend() -> Backend:
                    description="chunked WY TileLang kernels")
 
 
-def _fused_recurrent_backend() -> Backend:
+def _fused_recurrent_backend(grads: tuple[str, ...] = GRADS, options=_kernel_options) -> Backend:
     """the token-by-token kernels (`fused_recurrent.py`); w is the backward's residual (and, for the gate's gradient,
-    the final state: a saved output of the gated op)."""
+    the final state: a saved output of the gated op). `grads` names the backward's gradients and `options(args)` gives
+    the entry points' keyword options (KDA's add its gate activation)."""
 
-    def fwd(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
-            use_qk_l2norm_in_kernel, requires_grad):
+    def fwd(q, k, v, beta, g, output_final_state, requires_grad, **args):
         from .fused_recurrent import fused_recurrent_gated_delta_rule_fwd
 
-        o, ht, w = fused_recurrent_gated_delta_rule_fwd(
-            q, k, v, beta, g, scale=float(scale), initial_state=initial_state, output_final_state=output_final_state,
-            state_v_first=state_v_first, cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
-            requires_grad=requires_grad)
+        o, ht, w = fused_recurrent_gated_delta_rule_fwd(q, k, v, beta, g, output_final_state=output_final_state,
+                                                        requires_grad=requires_grad, **options(args))
         return (o, ht, w) if requires_grad else (o, ht)
 
-    def bwd(args, outputs, grads):
+    def bwd(args, outputs, found):
         from .fused_recurrent import fused_recurrent_gated_delta_rule_bwd
 
-        do, dht = grads
+        do, dht = found
         # the final state (an empty placeholder when absent or not saved) enters only dg's <dht, ht> term
         ht = outputs[1] if outputs[1].numel() else None
-        return _grads(fused_recurrent_gated_delta_rule_bwd(
-            args["q"], args["k"], args["v"], args["beta"], args["g"], outputs[2], ht, do, dht,
-            **_kernel_options(args)))
+        return dict(zip(grads, fused_recurrent_gated_delta_rule_bwd(
+            args["q"], args["k"], args["v"], args["beta"], args["g"], outputs[2], ht, do, dht, **options(args))))
 
     def residuals(args, requires_grad):
         q, v = args["q"], args["v"]

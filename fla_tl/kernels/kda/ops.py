@@ -13,7 +13,6 @@ import torch
 from ...autotune.configs import BT, KERNELS
 from ...reference.kda import kda_beta, kda_gate, recurrent_kda
 from ...registry import (
-    Backend,
     BackendError,
     OpSpec,
     refusing_backend,
@@ -32,6 +31,9 @@ from ..delta_rule.ops import (
     _delta_torch,
     _describe,
     _fake,
+    _fused_recurrent_backend,
+    _kernel_options,
+    _validate_delta,
 )
 
 # the delta rules' kernel-level call plus the gate activation (`gate_act` "", "softplus" or "sigmoid")
@@ -115,43 +117,9 @@ def _refuse(name: str, options: dict) -> None:
 
 
 def _options(args: dict) -> dict:
-    return dict(scale=float(args["scale"]), initial_state=args["initial_state"], state_v_first=args["state_v_first"],
-                cu_seqlens=args["cu_seqlens"], use_qk_l2norm_in_kernel=args["use_qk_l2norm_in_kernel"],
+    """the token-by-token entry points' options: the delta rules' and the gate activation."""
+    return dict(_kernel_options(args),
                 act=_activation(args["A_log"], args["dt_bias"], args["gate_act"], args["lower_bound"]))
-
-
-def _fused_recurrent_backend() -> Backend:
-    """the token-by-token kernels with the per-key gate, activated in them (`delta_rule.fused_recurrent`'s entries);
-    w is the backward's residual, and the final state a saved output (the gate's gradient)."""
-
-    def fwd(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
-            use_qk_l2norm_in_kernel, A_log, dt_bias, gate_act, lower_bound, requires_grad):
-        from ..delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_fwd
-
-        o, ht, w = fused_recurrent_gated_delta_rule_fwd(
-            q, k, v, beta, g, output_final_state=output_final_state, requires_grad=requires_grad,
-            **_options(dict(scale=scale, initial_state=initial_state, state_v_first=state_v_first,
-                            cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, A_log=A_log,
-                            dt_bias=dt_bias, gate_act=gate_act, lower_bound=lower_bound)))
-        return (o, ht, w) if requires_grad else (o, ht)
-
-    def bwd(args, outputs, grads):
-        from ..delta_rule.fused_recurrent import fused_recurrent_gated_delta_rule_bwd
-
-        do, dht = grads
-        ht = outputs[1] if outputs[1].numel() else None
-        found = fused_recurrent_gated_delta_rule_bwd(args["q"], args["k"], args["v"], args["beta"], args["g"],
-                                                     outputs[2], ht, do, dht, **_options(args))
-        return dict(zip(KDA_GRADS, found))
-
-    def residuals(args, requires_grad):
-        q, v = args["q"], args["v"]
-        B, T = q.shape[:2]
-        return [q.new_empty(B * T, *v.shape[2:], dtype=torch.float32)] if requires_grad else []
-
-    return Backend(name="tilelang", capabilities=tilelang_capabilities(reverse=True, state_v_first=True), fwd=fwd,
-                   bwd=bwd, residuals=residuals, module="fla_tl.kernels.delta_rule.fused_recurrent",
-                   description="token-by-token TileLang kernels")
 
 
 def _kda_torch(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
@@ -212,7 +180,7 @@ def _cases(device, dtype):
 def _spec(name: str, mode: str) -> OpSpec:
     recurrent = mode == "fused_recurrent"
     if recurrent:
-        backends = [_fused_recurrent_backend()]
+        backends = [_fused_recurrent_backend(KDA_GRADS, _options)]
         kernels = _recurrent_kernels
     else:
         backends = [refusing_backend("tilelang", tilelang_capabilities(state_v_first=True), CHUNK_NOT_BUILT)]
@@ -290,8 +258,6 @@ def _pool_torch(q, k, v, g, beta, pool, slots, accepted, scale, state_v_first, c
 def _serve(q, k, v, g, beta, pool, slots, accepted, scale, state_v_first, cu_seqlens, use_qk_l2norm_in_kernel,
            backend, extra: dict):
     """`fused_recurrent_kda` on a state pool: o, the pool updated in place (`extra`: the gate activation)."""
-    from ..delta_rule.ops import _validate_delta
-
     if torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad
                                        for x in (q, k, v, g, beta, pool, extra["A_log"], extra["dt_bias"])):
         raise ValueError("fused_recurrent_kda: `ssm_state_indices` (serving from a state pool) is inference only; "
