@@ -501,16 +501,11 @@ OPS: dict[str, OpSpec] = {
         slow=True,
         gva=True,
     ),
-    # fla_tl's chunk_kda runs the chunked PyTorch form (its TileLang kernels are not built yet): skipped under
-    # --skip-slow at every shape
     "chunk_kda": OpSpec(
         fla_tl="fla_tl.ops:chunk_kda",
         fla="fla.ops.kda:chunk_kda",
         flops=chunk_flops,
         inputs=kda_inputs,
-        slow=True,
-        slow_providers=("fla_tl",),
-        slow_bth=0,
         gva=True,
     ),
     # fla 0.6.0's has no backward (its fwdbwd row is an error row)

@@ -14,9 +14,9 @@ The kernel-level call, `spec.run(backend, **args)`:
   of host time per call, which dominates at small shapes).
 
 The choice (:func:`select_backend`): `backend="name"` (or `FLA_TL_BACKEND=name`) forces one, and if it refuses,
-:class:`BackendError` lists why; otherwise the first backend that accepts runs, and falling back past the preferred
-one warns once per op and reason (:class:`FallbackWarning`); if none accepts, one :class:`BackendError` lists every
-candidate and its reasons.
+:class:`BackendError` lists why; otherwise the first backend that accepts runs (an `opt_in` backend runs only when
+forced), and falling back past the preferred one warns once per op and reason (:class:`FallbackWarning`); if none
+accepts, one :class:`BackendError` lists every candidate and its reasons.
 
 A backend's `fwd(**args, requires_grad)` returns the op's outputs, then any residuals its backward needs (an absent
 output is None); `bwd(args, outputs, grads)` returns `{name: gradient}` for the arguments in `spec.grads`. A torch
@@ -233,6 +233,8 @@ class Backend:
     extra_reasons: Callable[[OpInputs], list[str]] | None = None
     description: str = ""
     note: str = ""
+    # why the automatic choice passes this backend over (it runs only when asked for by name); empty: it takes part
+    opt_in: str = ""
     verifier: Callable[[OpInputs], list[str]] | None = None
 
     def __post_init__(self):
@@ -376,6 +378,9 @@ def select_backend(spec: OpSpec, inputs: OpInputs, backend: str | None = None) -
         return chosen
     refusals = []
     for candidate in spec.backends:
+        if candidate.opt_in:
+            refusals.append((candidate.name, [candidate.opt_in]))
+            continue
         reasons = candidate.verifier(inputs)
         if not reasons:
             if refusals:
@@ -577,7 +582,7 @@ def registry_rows() -> list[dict[str, str]]:
                 "mode": spec.mode,
                 "backend": b.name + (" (preferred)" if i == 0 else ""),
                 **b.capabilities.describe(),
-                "note": b.note,
+                "note": b.note or b.opt_in,
             })
     return rows
 

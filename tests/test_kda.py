@@ -13,6 +13,7 @@ from utils import Case, assert_close, assert_matches, rms
 from fla_tl.ops import chunk_kda, fused_recurrent_kda
 from fla_tl.reference.delta_rule import recurrent_gated_delta_rule
 from fla_tl.reference.kda import kda_beta, kda_gate, recurrent_kda
+from fla_tl.kernels.common.utils import LOG2E
 from fla_tl.registry import get_op
 
 
@@ -307,6 +308,178 @@ def test_fused_recurrent_serving(case, backend, monkeypatch):
             assert torch.equal(pool[slot], before[slot]), f"slot {slot} was written"
 
 
+# ---------------------------------------------------------------- chunk_kda's glue with emulated kernels
+
+
+def _chunks(cu, chunk_indices, BT=64):
+    """(chunk index, sequence, first token, valid rows) of every chunk."""
+    cu, ci = cu.tolist(), chunk_indices.tolist()
+    return [(i, n, cu[n] + c * BT, min(cu[n + 1] - cu[n] - c * BT, BT)) for i, (n, c) in enumerate(ci)]
+
+
+def _emulate_chunk(factory, **kw):
+    """a PyTorch stand-in (fp64 inside) with the signature and semantics of each kernel chunk_kda launches: the
+    cumulative gates (log2), the per-key WY inverse, the state passes with gate "gk", GLA's output stage, the dq / dk
+    / dw pass, the WY backward and the gate gradient's stages. Outputs are written only where the kernels write."""
+    name = factory.__name__
+    BT = kw.get("BT", 64)
+    d = torch.float64
+
+    def scores(a, b, G, lower):
+        # sum_k a_i b_j 2^(G_i - G_j), masked (j < i, or j <= i)
+        s = (a[:, None, :] * b[None, :, :] * torch.exp2(G[:, None, :] - G[None, :, :])).sum(-1)
+        return torch.tril(s, -1 if lower == "strict" else 0)
+
+    if name == "chunk_gate_cumsum_kernel":
+        def run(g, g_gamma, A_log, dt_bias, cu, chunk_indices, gc, lower_bound):
+            act, group = kw.get("act", ""), kw.get("group", 1)
+            x = g.to(d)
+            if act:
+                x, a = x + dt_bias.to(d), A_log.to(d).exp().repeat_interleave(group)
+                x = -a * F.softplus(x) if act == "softplus" else lower_bound * torch.sigmoid(a * x)
+            for _, _, t0, nv in _chunks(cu, chunk_indices):
+                gc[t0:t0 + nv] = ((x[t0:t0 + nv] + g_gamma.to(d)) * LOG2E).cumsum(0).to(gc.dtype)
+    elif name == "wy_fwd_kernel":
+        def run(k, v, beta, g_gamma, gc, cu, chunk_indices, ai, w, u):
+            for _, _, t0, nv in _chunks(cu, chunk_indices):
+                for h in range(k.shape[1]):
+                    kk, G = k[t0:t0 + nv, h].to(d), gc[t0:t0 + nv, h].to(d)
+                    A = beta[t0:t0 + nv, h].to(d)[:, None] * scores(kk, kk, G, "strict")
+                    inv = torch.linalg.inv(torch.eye(nv, dtype=d) + A)
+                    ai[t0:t0 + nv, h] = 0
+                    ai[t0:t0 + nv, h, :nv] = inv.to(ai.dtype)
+    elif name == "chunk_delta_fwd_h_kernel":
+        def run(k, v, ai, betac, g_gamma, gc, h0, cu, chunk_offsets, h, v_new, ht, use_h0, store_ht):
+            H, K, V = k.shape[1], k.shape[2], v.shape[2]
+            for n in range(cu.numel() - 1):
+                bos, eos, boc = int(cu[n]), int(cu[n + 1]), int(chunk_offsets[n])
+                for hh in range(H):
+                    S = h0[n * H + hh].to(d).clone() if use_h0 else torch.zeros(K, V, dtype=d)
+                    for c, t0 in enumerate(range(bos, eos, BT)):
+                        nv = min(eos - t0, BT)
+                        kk, vv, G = k[t0:t0 + nv, hh].to(d), v[t0:t0 + nv, hh].to(d), gc[t0:t0 + nv, hh].to(d)
+                        aw = ai[t0:t0 + nv, hh, :nv].to(d) * betac[hh, boc + c, :nv].to(d)[None]
+                        h[boc + c, hh] = S.to(h.dtype)
+                        vn = aw @ vv - aw @ (kk * torch.exp2(G)) @ S
+                        v_new[t0:t0 + nv, hh] = vn.to(v_new.dtype)
+                        S = torch.exp2(G[-1])[:, None] * S + (kk * torch.exp2(G[-1] - G)).T @ vn
+                    if store_ht:
+                        ht[n * H + hh] = S.to(ht.dtype)
+    elif name == "chunk_gla_fwd_o_kernel":
+        def run(q, k, v, h, gc, cu, chunk_indices, o, A, u, scale, store_A):
+            for i, _, t0, nv in _chunks(cu, chunk_indices):
+                for hh in range(q.shape[1]):
+                    qq, kk, G = q[t0:t0 + nv, hh].to(d), k[t0:t0 + nv, hh].to(d), gc[t0:t0 + nv, hh].to(d)
+                    Aq = scale * scores(qq, kk, G, "causal")
+                    o[t0:t0 + nv, hh] = (scale * (qq * torch.exp2(G)) @ h[i, hh].to(d)
+                                         + Aq @ v[t0:t0 + nv, hh].to(d)).to(o.dtype)
+                    if store_A:
+                        A[t0:t0 + nv, hh] = 0
+                        A[t0:t0 + nv, hh, :nv] = Aq.to(A.dtype)
+    elif name == "chunk_delta_bwd_dhu_kernel":
+        def run(q, k, ai, betac, do, g_gamma, gc, aqk, dht, cu, chunk_offsets, dh, dv_new, dh0, scale, use_dht,
+                store_dh0):
+            H, K, V = q.shape[1], q.shape[2], do.shape[2]
+            for n in range(cu.numel() - 1):
+                bos, eos, boc = int(cu[n]), int(cu[n + 1]), int(chunk_offsets[n])
+                for hh in range(H):
+                    dS = dht[n * H + hh].to(d).clone() if use_dht else torch.zeros(K, V, dtype=d)
+                    starts = list(range(bos, eos, BT))
+                    for c in reversed(range(len(starts))):
+                        t0 = starts[c]
+                        nv = min(eos - t0, BT)
+                        qq, kk, G = q[t0:t0 + nv, hh].to(d), k[t0:t0 + nv, hh].to(d), gc[t0:t0 + nv, hh].to(d)
+                        dO = do[t0:t0 + nv, hh].to(d)
+                        aw = ai[t0:t0 + nv, hh, :nv].to(d) * betac[hh, boc + c, :nv].to(d)[None]
+                        dh[boc + c, hh] = dS.to(dh.dtype)
+                        dvn = aqk[t0:t0 + nv, hh, :nv].to(d).T @ dO + (kk * torch.exp2(G[-1] - G)) @ dS
+                        dv_new[t0:t0 + nv, hh] = dvn.to(dv_new.dtype)
+                        dS = (torch.exp2(G[-1])[:, None] * dS + scale * (qq * torch.exp2(G)).T @ dO
+                              - (kk * torch.exp2(G)).T @ (aw.T @ dvn))
+                    if store_dh0:
+                        dh0[n * H + hh] = dS.to(dh0.dtype)
+    elif name == "chunk_delta_bwd_dqkw_kernel":
+        def run(q, k, v, do, du, h, dh, g_gamma, gc, cu, chunk_indices, dq, dk, dw, r, cs, scale):
+            for i, _, t0, nv in _chunks(cu, chunk_indices):
+                for hh in range(q.shape[1]):
+                    qq, kk, G = q[t0:t0 + nv, hh].to(d), k[t0:t0 + nv, hh].to(d), gc[t0:t0 + nv, hh].to(d)
+                    vn, dO, dvn = (x[t0:t0 + nv, hh].to(d) for x in (v, do, du))
+                    S, dS = h[i, hh].to(d), dh[i, hh].to(d)
+                    dA = torch.tril(dO @ vn.T) * scale
+                    E = torch.exp2(G[:, None, :] - G[None, :, :])
+                    dqc = scale * (dO @ S.T) * torch.exp2(G) + (dA[:, :, None] * kk[None] * E).sum(1)
+                    dkc = (vn @ dS.T) * torch.exp2(G[-1] - G) + (dA[:, :, None] * qq[:, None, :] * E).sum(0)
+                    dq[t0:t0 + nv, hh], dk[t0:t0 + nv, hh] = dqc.to(dq.dtype), dkc.to(dk.dtype)
+                    dw[t0:t0 + nv, hh] = (-dvn @ S.T).to(dw.dtype)
+                    r[t0:t0 + nv, hh] = (qq * dqc - kk * dkc).to(r.dtype)
+    elif name == "wy_bwd_kernel":
+        def run(k, v, beta, g_gamma, gc, ai, du, dw, cu, chunk_indices, dk, dv, dbeta, db):
+            for _, _, t0, nv in _chunks(cu, chunk_indices):
+                for hh in range(k.shape[1]):
+                    kk, vv, G = k[t0:t0 + nv, hh].to(d), v[t0:t0 + nv, hh].to(d), gc[t0:t0 + nv, hh].to(d)
+                    b, Ai = beta[t0:t0 + nv, hh].to(d), ai[t0:t0 + nv, hh, :nv].to(d)
+                    dW, dU = dw[t0:t0 + nv, hh].to(d), du[t0:t0 + nv, hh].to(d)
+                    kg = kk * torch.exp2(G)
+                    Sc = scores(kk, kk, G, "strict")
+                    dA = torch.tril(-Ai.T @ ((dW @ kg.T + dU @ vv.T) * b[None]) @ Ai.T, -1)
+                    dSc = b[:, None] * dA
+                    E = torch.exp2(G[:, None, :] - G[None, :, :])
+                    X, Y = Ai.T @ dW, Ai.T @ dU
+                    dky = b[:, None] * torch.exp2(G) * X
+                    row = (dSc[:, :, None] * kk[None] * E).sum(1)
+                    col = (dSc[:, :, None] * kk[:, None, :] * E).sum(0)
+                    dk[t0:t0 + nv, hh] = (dk[t0:t0 + nv, hh].to(d) + dky + row + col).to(dk.dtype)
+                    db[t0:t0 + nv, hh] = (kk * (dky + row - col)).to(db.dtype)
+                    dv[t0:t0 + nv, hh] = (b[:, None] * Y).to(dv.dtype)
+                    dbeta[t0:t0 + nv, hh] = ((X * kg).sum(1) + (dA * Sc).sum(1) + (Y * vv).sum(1)).to(dbeta.dtype)
+    elif name == "chunk_state_dot_kernel":
+        def run(h, dh, ht, cu, chunk_indices, c):
+            cl = cu.tolist()
+            for i, n, t0, nv in _chunks(cu, chunk_indices):
+                S = ht[n] if t0 + nv >= cl[n + 1] else h[i + 1]
+                c[i] = (S.to(d) * dh[i].to(d)).sum(-1).to(c.dtype)
+    elif name == "chunk_reverse_cumsum_kernel":
+        def run(x, c, cu, chunk_indices, y):
+            for i, _, t0, nv in _chunks(cu, chunk_indices):
+                y[t0:t0 + nv] = (x[t0:t0 + nv].to(d).flip(0).cumsum(0).flip(0) + c[i].to(d)).to(y.dtype)
+    else:
+        raise AssertionError(f"no emulation of {name}")
+    return run
+
+
+@pytest.mark.parametrize("case", ["dense-gva-h0", "varlen-svf-l2norm", "gate-softplus", "gate-lower-bound"])
+def test_chunk_glue_with_emulated_kernels(case, monkeypatch):
+    """chunk_kda's tilelang backend on the CPU, its kernels emulated in PyTorch (`_emulate_chunk`), against the fp64
+    recurrence: o, the final state and every gradient (A_log, dt_bias through the activation), over partial chunks,
+    an empty and a one-token sequence, grouped value heads and both state layouts."""
+    pytest.importorskip("tilelang")
+    from fla_tl.kernels.common import chunk_delta_h, cumsum, wy
+    from fla_tl.kernels.gla import chunk as gla_chunk
+
+    for module in (chunk_delta_h, cumsum, wy, gla_chunk):
+        monkeypatch.setattr(module, "get_kernel", lambda factory, target, **kw: _emulate_chunk(factory, **kw))
+    monkeypatch.setattr(get_op("chunk_kda").backend("tilelang"), "verifier", lambda inputs: [])
+    options = {"dense-gva-h0": {},
+               "varlen-svf-l2norm": {"state_v_first": True, "use_qk_l2norm_in_kernel": True},
+               "gate-softplus": {"use_gate_in_kernel": True, "use_beta_sigmoid_in_kernel": True},
+               "gate-lower-bound": {"use_gate_in_kernel": True, "lower_bound": -5.0}}[case]
+    lens, varlen = ((1, 70, 0, 129), True) if case.startswith("varlen") else ((70, 70), False)
+    args, grad = _kda_args(lens, 2, 4, 12, 10, dtype=torch.float32, varlen=varlen, **options)
+    x = {n: _leaf(t, n in grad) for n, t in args.items()}
+    ref = {n: _leaf(t, n in grad, torch.float64) for n, t in args.items()}
+    got = chunk_kda(**x, backend="tilelang")
+    want = _reference(**ref)
+    cot = [torch.randn_like(t) for t in want]
+    got_grads = torch.autograd.grad(got, [x[n] for n in grad], [c.to(t.dtype) for c, t in zip(cot, got)])
+    want_grads = torch.autograd.grad(want, [ref[n] for n in grad], cot)
+    failed = []
+    for name, a, b in zip(["o", "ht", *(f"d{n}" for n in grad)], [*got, *got_grads], [*want, *want_grads]):
+        err = rms(a.double() - b) / max(rms(b), 1e-30) if a.shape == b.shape else float("inf")
+        if not err < 2e-5:
+            failed.append(f"{name}: {tuple(a.shape)} relative RMS error {err:.2e}")
+    assert not failed, "; ".join(failed)
+
+
 # ---------------------------------------------------------------- validation
 
 
@@ -339,7 +512,7 @@ def test_bad_inputs():
     for option, value in (("cp_context", object()), ("use_graph", True), ("return_intermediate_states", True)):
         with pytest.raises(NotImplementedError, match=option):
             chunk_kda(*x, **{option: value})
-    with pytest.raises(BackendError, match="not built yet"):
+    with pytest.raises(BackendError, match="tilelang"):
         chunk_kda(*x, backend="tilelang")
 
     pool, slots = torch.randn(8, 4, 8, 6), torch.tensor([5, 2])
@@ -398,14 +571,54 @@ def test_kernel_list_matches_the_launchers(monkeypatch):
                                  f"listed, not built: {name_of(listed - built)}")
 
 
+def test_chunk_kernel_list_matches_the_launchers(monkeypatch):
+    """`spec.kernels(D, dtype)` of chunk_kda is exactly what its launchers build (factory and keywords), forward and
+    backward, on the CPU with `get_kernel` recording and the kernels doing nothing; a small grid and a large one (the
+    state passes' two tile configs)."""
+    pytest.importorskip("tilelang")
+    from fla_tl.autotune import resolve
+    from fla_tl.autotune.configs import KERNELS
+    from fla_tl.kernels.common import chunk_delta_h, cumsum, wy
+    from fla_tl.kernels.common.utils import TORCH_TO_TL
+    from fla_tl.kernels.gla import chunk as gla_chunk
+
+    built = set()
+
+    def record(factory, target, **kwargs):
+        built.add((factory, tuple(sorted(kwargs.items()))))
+        return lambda *args: None
+
+    for module in (chunk_delta_h, cumsum, wy, gla_chunk):
+        monkeypatch.setattr(module, "get_kernel", record)
+    # the grid the passes' defaults depend on, as on a GPU of 132 multiprocessors
+    monkeypatch.setattr(resolve, "launch_grid",
+                        lambda name, ref, N: (N * ref.shape[1], 132) if KERNELS[name].grid else None)
+    spec = get_op("chunk_kda")
+    monkeypatch.setattr(spec.backend("tilelang"), "verifier", lambda inputs: [])
+    gates = ({}, {"use_gate_in_kernel": True}, {"use_gate_in_kernel": True, "lower_bound": -5.0})
+    for D, dtype in ((128, torch.bfloat16), (64, torch.float32)):
+        built.clear()
+        for lens, HV, gate in (((70, 70), 4, gates[0]), ((64,) * 64, 32, gates[0]), ((70,), 2, gates[1]),
+                               ((70,), 2, gates[2])):
+            args, grad = _kda_args(lens, 2, HV, D, D, dtype=dtype, **gate)
+            x = {n: _leaf(t, n in grad) for n, t in args.items()}
+            o, ht = chunk_kda(**x, backend="tilelang")
+            torch.autograd.grad(o.float().sum() + ht.sum(), [x["g"]])
+        listed = {(k.factory, tuple(sorted(k.kwargs.items()))) for k in spec.kernels(D, TORCH_TO_TL[dtype])}
+        name_of = lambda ks: sorted((f.__name__, kw) for f, kw in ks)  # noqa: E731
+        assert built == listed, (f"D={D} {dtype}: built, not listed: {name_of(built - listed)}; "
+                                 f"listed, not built: {name_of(listed - built)}")
+
+
 def _compile_specs():
     try:
         from fla_tl.kernels.common.fused_recurrent_delta import fused_recurrent_delta_rule_fwd_kernel  # noqa: F401
     except Exception:  # noqa: BLE001 - without tilelang the module does not import; the marker skips these
         return [pytest.param(None, id="tilelang-missing")]
     params, seen = [], set()
-    for D, dtype in ((128, "bfloat16"), (64, "float32")):
-        for spec in get_op("fused_recurrent_kda").kernels(D, dtype):
+    for op, D, dtype in [(op, D, dtype) for op in ("fused_recurrent_kda", "chunk_kda")
+                         for D, dtype in ((128, "bfloat16"), (64, "float32"))]:
+        for spec in get_op(op).kernels(D, dtype):
             key = (spec.factory, tuple(sorted(spec.kwargs.items())))
             # the activated gate options at one head dim and dtype (their code differs in the gate loads only)
             if key in seen or (D == 64 and spec.kwargs.get("gate") not in (None, "gk", "none")):
@@ -413,7 +626,9 @@ def _compile_specs():
             seen.add(key)
             flags = [f for f in ("state_v_first", "pool") if spec.kwargs.get(f)]
             gate = [spec.kwargs["gate"]] if "gate" in spec.kwargs else []
-            params.append(pytest.param(spec, id="-".join([spec.factory.__name__, f"D{D}", dtype, *gate, *flags])))
+            tiles = [f"BV{spec.kwargs['BV']}"] if spec.name.startswith("chunk_delta") else []
+            params.append(pytest.param(spec, id="-".join([spec.factory.__name__, f"D{D}", dtype, *gate, *flags,
+                                                          *tiles])))
     return params
 
 
@@ -464,6 +679,51 @@ def _gpu_case(case) -> Case:
 @pytest.mark.parametrize("case", list(GPU_CASES.values()), ids=list(GPU_CASES))
 def test_fused_recurrent(case, poisoned_cuda):
     assert_matches(fused_recurrent_kda, _gpu_case(case), "tilelang")
+
+
+# chunk_kda's kernels: fp32 inputs with K <= 64; "strong" multiplies the log gates by 8 (chunks whose decay span
+# takes the sub-chunk form of the per-key scores)
+CHUNK_GPU_CASES = {
+    "T1-D128-bf16-gva": ((1, 1), 2, 4, 128, 128, torch.bfloat16, False, {}),
+    "T63-D128-bf16": ((63, 63), 4, 4, 128, 128, torch.bfloat16, False, {}),
+    "T63-D64-fp32-gva": ((63, 63), 2, 4, 64, 64, torch.float32, False, {}),
+    "T63-K100-V60-bf16-gva": ((63, 63), 2, 4, 100, 60, torch.bfloat16, False, {}),
+    "T63-D128-bf16-no-states": ((63, 63), 2, 4, 128, 128, torch.bfloat16, False,
+                                {"h0": False, "output_final_state": False}),
+    "T500-D128-bf16-gva": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {}),
+    "T500-D64-fp32-svf": ((500, 500), 4, 4, 64, 64, torch.float32, False, {"state_v_first": True}),
+    "T500-D128-bf16-l2norm": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {"use_qk_l2norm_in_kernel": True}),
+    "T500-D128-bf16-strong": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {"strong": True}),
+    "varlen-D128-bf16-gva": ((1, 200, 0, 299), 2, 4, 128, 128, torch.bfloat16, True, {}),
+    "varlen-D64-fp32-svf": ((1, 200, 0, 299), 4, 4, 64, 64, torch.float32, True, {"state_v_first": True}),
+    "T63-D128-bf16-gate-in-kernel": ((63, 63), 2, 4, 128, 128, torch.bfloat16, False,
+                                     {"use_gate_in_kernel": True, "use_beta_sigmoid_in_kernel": True}),
+    "varlen-D128-bf16-gate-lower-bound": ((1, 200, 0, 299), 2, 4, 128, 128, torch.bfloat16, True,
+                                          {"use_gate_in_kernel": True, "lower_bound": -5.0}),
+}
+
+
+def _chunk_args(case) -> dict:
+    lens, H, HV, K, V, dtype, varlen, options = case
+    options = dict(options)
+    strong = options.pop("strong", False)
+    args, _ = _kda_args(lens, H, HV, K, V, dtype=dtype, device="cuda", varlen=varlen, **options)
+    if strong:
+        args["g"] = args["g"] * 8
+    return args
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(CHUNK_GPU_CASES.values()), ids=list(CHUNK_GPU_CASES))
+def test_chunk(case, poisoned_cuda):
+    """chunk_kda's TileLang kernels against the fp32 recurrence: o, the final state and every gradient."""
+    args = _chunk_args(case)
+    dtype = args["q"].dtype
+    grad = tuple(n for n in ("q", "k", "v", "g", "beta", "A_log", "dt_bias", "initial_state")
+                 if isinstance(args.get(n), torch.Tensor))
+    assert_matches(chunk_kda, Case("chunk_kda", args, grad, _reference,
+                                   outputs=("o", "ht") if args["output_final_state"] else ("o",), dtype=dtype,
+                                   out_dtypes={"o": dtype, "ht": torch.float32}), "tilelang")
 
 
 @pytest.mark.gpu

@@ -74,16 +74,27 @@ def test_custom_ops_defined():
         assert hasattr(torch.ops.fla_tl, f"{op}_fwd") and hasattr(torch.ops.fla_tl, f"{op}_bwd")
 
 
-# ops whose tilelang entry refuses every input until its kernels are built (the refusal names the op to use)
-NOT_BUILT = {"chunk_kda"}
+# ops whose tilelang entry runs only when asked for by name (`Backend.opt_in`)
+OPT_IN = {"chunk_kda"}
 
 
-@pytest.mark.parametrize("op", [op for op in ALL_OPS if op not in DROPPED | NO_VARLEN | NOT_BUILT])
+@pytest.mark.parametrize("op", [op for op in ALL_OPS if op not in DROPPED | NO_VARLEN | OPT_IN])
 def test_tilelang_accepts(op, tilelang_importable):
     # chunk_abc takes no cu_seqlens (as fla)
     inputs = dataclasses.replace(H100, varlen=False) if op == "chunk_abc" else H100
     assert backend(op, "tilelang").verifier(inputs) == []
     assert select_backend(get_op(op), inputs).name == "tilelang"
+
+
+@pytest.mark.parametrize("op", sorted(OPT_IN))
+def test_opt_in_backend_runs_only_when_asked_for(op, tilelang_importable, monkeypatch):
+    """an opt-in tilelang entry accepts the input, the automatic choice passes it over for torch (and says why once),
+    and asking for it by name runs it."""
+    monkeypatch.setattr("fla_tl.utils._warned", set())
+    assert backend(op, "tilelang").verifier(H100) == []
+    with pytest.warns(FallbackWarning, match="only when asked"):
+        assert select_backend(get_op(op), H100).name == "torch"
+    assert select_backend(get_op(op), H100, "tilelang").name == "tilelang"
 
 
 REFUSALS = [

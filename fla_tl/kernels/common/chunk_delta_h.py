@@ -32,7 +32,8 @@ from .gates import (
     gate_state,
     head_decay,
 )
-from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, state_or_dummy, target_for
+from .key_gate import SUB_CHUNK, key_gated_grads, span_limit_for
+from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, placeholder, state_or_dummy, target_for
 from .wy import scale_columns
 
 
@@ -76,8 +77,10 @@ def chunk_delta_fwd_h_kernel(
     stores it, w = Ai diag(beta 2^b) K in [BT, 64] key tiles), so w and u are never written or read."""
     KP = pad_dim(K)
     NV = cdiv(V, BV)
-    # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads
-    aligned = K == KP and V % BV == 0
+    key_gate = gate == "gk"
+    # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads, and so does the per-key
+    # gate (its [BT, K] gate tile is an element load, which must not sit beside bulk copies)
+    aligned = K == KP and V % BV == 0 and not key_gate
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
     NH0, NHT = T.dynamic("NH0"), T.dynamic("NHT")
 
@@ -88,7 +91,7 @@ def chunk_delta_fwd_h_kernel(
         ai: T.Tensor([Ttot, H, BT], dtype),
         betac: T.Tensor([H, NT, BT], "float32"),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, BT], "float32"),
+        gc: T.Tensor([Ttot, H, K] if key_gate else [NG, BT], "float32"),
         h0: T.Tensor([NH0, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_offsets: T.Tensor([N + 1], "int32"),
@@ -118,6 +121,9 @@ def chunk_delta_fwd_h_kernel(
             b_h = T.alloc_fragment([KP, BV], "float32")
             b_v = T.alloc_fragment([BT, BV], "float32")
             b_y = T.alloc_fragment([BT, 64], "float32")
+            if key_gate:
+                g_s = T.alloc_shared([BT, KP], "float32")
+                kg_s = T.alloc_shared([BT, KP], dtype)
 
             T.clear(b_h)
             if use_h0 == 1:
@@ -140,7 +146,11 @@ def chunk_delta_fwd_h_kernel(
                 else:
                     # element loads only (a bulk copy beside them raced in the warp-specialized pipeline), beta and the
                     # gates masked too (an unmasked load broke the 16-bit kernels' code generation)
-                    gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT, nvalid)
+                    if key_gate:
+                        for i, j in T.Parallel(BT, KP):
+                            g_s[i, j] = T.if_then_else(i < nvalid and j < K, gc[t0 + i, i_h, j], 0)
+                    else:
+                        gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT, nvalid)
                     for i in T.Parallel(BT):
                         beta_s[i] = T.if_then_else(i < nvalid, betac[i_h, boc + c, i], 0)
                     for i, j in T.Parallel(BT, KP):
@@ -157,11 +167,15 @@ def chunk_delta_fwd_h_kernel(
                 # the state entering chunk c, staged for w S and stored from shared memory (one bulk copy)
                 T.copy(b_h, h_s)
                 store_state(h_s, h, boc + c, i_h, i_v * BV, aligned, K, KP, BV, V)
-                # -w = -(Ai diag(beta 2^b)) K, per [BT, 64] key tile
-                if gate != "none":
+                # -w = -(Ai diag(beta 2^b)) K, per [BT, 64] key tile; per-key gate: -(Ai diag(beta)) (K 2^G)
+                if key_gate:
+                    for i, j in T.Parallel(BT, KP):
+                        kg_s[i, j] = T.if_then_else(
+                            i < nvalid, T.Cast(dtype, T.Cast("float32", k_s[i, j]) * T.exp2(g_s[i, j])), 0)
+                elif gate != "none":
                     scale_columns(aw_s, ai_s, beta_s, gate, lg, nvalid, True, BT, dtype)
                 for kt in T.unroll(KP // 64):
-                    T.gemm(aw_s, k_s[:, kt * 64 : (kt + 1) * 64], b_y, clear_accum=True)
+                    T.gemm(aw_s, (kg_s if key_gate else k_s)[:, kt * 64 : (kt + 1) * 64], b_y, clear_accum=True)
                     for i, j in T.Parallel(BT, 64):
                         wn_s[i, kt * 64 + j] = T.Cast(dtype, -b_y[i, j])
                 # v_new = u - w S   [BT, BV], in one product over the whole state (one product per row slice of
@@ -173,10 +187,20 @@ def chunk_delta_fwd_h_kernel(
                     vn_s[i, j] = T.Cast(dtype, b_v[i, j])
                     vg_s[i, j] = T.Cast(dtype, b_v[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i)))
                 store_chunk(vn_s, v_new, t0, i_h, i_v * BV, nvalid, aligned, BT, BV, V)
-                if gate != "none":
+                if key_gate:
+                    # S <- diag(2^G_last) S + (K 2^(G_last - G))^T v_new (vg = v_new: gate_row is 0 here)
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
-                T.gemm(k_s, vg_s, b_h, transpose_A=True)
+                        b_h[i, j] *= T.exp2(g_s[nvalid - 1, i])
+                    for i, j in T.Parallel(BT, KP):
+                        kg_s[i, j] = T.if_then_else(
+                            i < nvalid,
+                            T.Cast(dtype, T.Cast("float32", k_s[i, j]) * T.exp2(g_s[nvalid - 1, j] - g_s[i, j])), 0)
+                    T.gemm(kg_s, vg_s, b_h, transpose_A=True)
+                else:
+                    if gate != "none":
+                        for i, j in T.Parallel(KP, BV):
+                            b_h[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
+                    T.gemm(k_s, vg_s, b_h, transpose_A=True)
 
             if store_ht == 1:
                 for i, j in T.Parallel(KP, BV):
@@ -202,10 +226,12 @@ def chunk_delta_bwd_dhu_kernel(
     inverse, so neither dv_local nor w is written or read."""
     KP = pad_dim(K)
     NV = cdiv(V, BV)
-    # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads
-    aligned = K == KP and V % BV == 0
+    key_gate = gate == "gk"
+    # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads, and so does the per-key
+    # gate (its gated q and k tiles are formed as they load)
+    aligned = K == KP and V % BV == 0 and not key_gate
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
-    NHT, NH0 = T.dynamic("NHT"), T.dynamic("NH0")
+    NHT, NH0, NA = T.dynamic("NHT"), T.dynamic("NH0"), T.dynamic("NA")
 
     @T.prim_func
     def chunk_delta_bwd_dhu(
@@ -215,7 +241,8 @@ def chunk_delta_bwd_dhu_kernel(
         betac: T.Tensor([H, NT, BT], "float32"),
         do: T.Tensor([Ttot, H, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, BT], "float32"),
+        gc: T.Tensor([Ttot, H, K] if key_gate else [NG, BT], "float32"),
+        aqk: T.Tensor([NA, H, BT], "float32"),
         dht: T.Tensor([NHT, K, V], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_offsets: T.Tensor([N + 1], "int32"),
@@ -249,6 +276,8 @@ def chunk_delta_bwd_dhu_kernel(
             b_dh = T.alloc_fragment([KP, BV], "float32")
             b_dv = T.alloc_fragment([BT, BV], "float32")
             b_a = T.alloc_fragment([BT, BT], "float32")
+            if key_gate:
+                kd_s = T.alloc_shared([BT, KP], dtype)
 
             T.clear(b_dh)
             if use_dht == 1:
@@ -277,9 +306,23 @@ def chunk_delta_bwd_dhu_kernel(
                     gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT, nvalid)
                     for i in T.Parallel(BT):
                         beta_s[i] = T.if_then_else(i < nvalid, betac[i_h, boc + c, i], 0)
-                    for i, j in T.Parallel(BT, KP):
-                        q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
-                        k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                    if key_gate:
+                        # Q 2^G, K 2^G (w's keys) and K 2^(G_last - G) (the state update's), formed as they load
+                        for i, j in T.Parallel(BT, KP):
+                            q_s[i, j] = T.if_then_else(
+                                i < nvalid and j < K,
+                                T.Cast(dtype, T.Cast("float32", q[t0 + i, i_h, j]) * T.exp2(gc[t0 + i, i_h, j])), 0)
+                            k_s[i, j] = T.if_then_else(
+                                i < nvalid and j < K,
+                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j]) * T.exp2(gc[t0 + i, i_h, j])), 0)
+                            kd_s[i, j] = T.if_then_else(
+                                i < nvalid and j < K,
+                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j])
+                                       * T.exp2(gc[t0 + nvalid - 1, i_h, j] - gc[t0 + i, i_h, j])), 0)
+                    else:
+                        for i, j in T.Parallel(BT, KP):
+                            q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
+                            k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BT):
                         ai_s[i, j] = T.if_then_else(i < nvalid, ai[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BV):
@@ -287,17 +330,22 @@ def chunk_delta_bwd_dhu_kernel(
                             i < nvalid and i_v * BV + j < V, do[t0 + i, i_h, i_v * BV + j], 0)
                 # Ai diag(beta 2^b), with which w = (Ai diag(beta 2^b)) K
                 scale_columns(aw_s, ai_s, beta_s, gate, lg, nvalid, True, BT, dtype)
-                # the causal scores a[j, i] = scale 2^(b_i - b_j) (k_j . q_i), i >= j inside the sequence
-                T.gemm(k_s, q_s, b_a, transpose_B=True, clear_accum=True)
-                for j, i in T.Parallel(BT, BT):
-                    a_s[j, i] = T.if_then_else(
-                        i >= j and i < nvalid, b_a[j, i] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)),
-                        0)
+                # the causal scores a[j, i] = scale 2^(b_i - b_j) (k_j . q_i), i >= j inside the sequence; per-key
+                # gate: the forward's scores A_qk (scale included)
+                if key_gate:
+                    for j, i in T.Parallel(BT, BT):
+                        a_s[j, i] = T.if_then_else(i >= j and i < nvalid, T.Cast(dtype, aqk[t0 + i, i_h, j]), 0)
+                else:
+                    T.gemm(k_s, q_s, b_a, transpose_B=True, clear_accum=True)
+                    for j, i in T.Parallel(BT, BT):
+                        a_s[j, i] = T.if_then_else(
+                            i >= j and i < nvalid,
+                            b_a[j, i] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0)
                 # the gradient of the state leaving chunk c, staged for the products and stored from shared memory
                 T.copy(b_dh, dh_s)
                 store_state(dh_s, dh, boc + c, i_h, i_v * BV, aligned, K, KP, BV, V)
-                # dv_new = a dO + diag(2^(bL - b)) K dS   [BT, BV]
-                T.gemm(k_s, dh_s, b_dv, clear_accum=True)
+                # dv_new = a dO + diag(2^(bL - b)) K dS   [BT, BV] (per-key gate: (K 2^(G_last - G)) dS)
+                T.gemm(kd_s if key_gate else k_s, dh_s, b_dv, clear_accum=True)
                 for i, j in T.Parallel(BT, BV):
                     b_dv[i, j] = T.if_then_else(
                         i < nvalid, b_dv[i, j] * T.exp2(gate_last(gate, lg, nvalid) - gate_row(gate, lg, i)), 0)
@@ -313,8 +361,12 @@ def chunk_delta_bwd_dhu_kernel(
                 T.gemm(aw_s, dvo_s, b_dv, transpose_A=True, clear_accum=True)
                 for i, j in T.Parallel(BT, BV):
                     t_s[i, j] = T.Cast(dtype, -b_dv[i, j])
-                # dS <- 2^bL dS + Q^T diag(scale 2^b) dO - K^T t
-                if gate != "none":
+                # dS <- 2^bL dS + Q^T diag(scale 2^b) dO - K^T t (per-key gate: diag(2^G_last) dS + scale (Q 2^G)^T
+                # dO - (K 2^G)^T t, the gated tiles as loaded)
+                if key_gate:
+                    for i, j in T.Parallel(KP, BV):
+                        b_dh[i, j] *= T.exp2(T.if_then_else(i < K, gc[t0 + nvalid - 1, i_h, T.min(i, K - 1)], 0))
+                elif gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))
                 T.gemm(q_s, dog_s, b_dh, transpose_A=True)
@@ -352,6 +404,8 @@ def chunk_delta_bwd_dqkw_kernel(
     BK = min(BK, pad_dim(K))
     NK = cdiv(K, BK)
     NV = cdiv(V, BV)
+    key_gate = gate == "gk"
+    span_limit = span_limit_for(dtype)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
 
     @T.prim_func
@@ -364,13 +418,13 @@ def chunk_delta_bwd_dqkw_kernel(
         h: T.Tensor([NT, H, K, V], dtype),
         dh: T.Tensor([NT, H, K, V], dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
+        gc: T.Tensor([NG, H, K] if key_gate else [NG, H], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         dq: T.Tensor([Ttot, H, K], dtype),
         dk: T.Tensor([Ttot, H, K], dtype),
         dw: T.Tensor([Ttot, H, K], dtype),
-        r: T.Tensor([NK, Ttot, H], "float32"),
+        r: T.Tensor([Ttot, H, K] if key_gate else [NK, Ttot, H], "float32"),
         cs: T.Tensor([NK, NT, H], "float32"),
         scale: T.float32,
     ):
@@ -400,6 +454,13 @@ def chunk_delta_bwd_dqkw_kernel(
             b_ds = T.alloc_fragment([BT, BT], "float32")
             b_r = T.alloc_fragment([BT], "float32")
             b_c = T.alloc_fragment([1], "float32")
+            if key_gate:
+                g_s = T.alloc_shared([BT, BK], "float32")
+                x_s = T.alloc_shared([BT, BK], dtype)
+                da_s = T.alloc_shared([BT, BT], "float32")
+                b_x = T.alloc_fragment([BT, BK], "float32")
+                b_sp = T.alloc_fragment([BK], "float32")
+                b_span = T.alloc_fragment([1], "float32")
             if gate == "g":
                 b_hh = T.alloc_fragment([BK, BV], "float32")
                 b_hr = T.alloc_fragment([BK], "float32")
@@ -435,13 +496,31 @@ def chunk_delta_bwd_dqkw_kernel(
             for i, j in T.Parallel(BT, BK):
                 if i < nvalid and k0 + j < K:
                     dw[t0 + i, i_h, k0 + j] = o_s[i, j]
-            for i, j in T.Parallel(BT, BT):
-                ds_s[i, j] = T.if_then_else(
-                    i >= j, b_ds[i, j] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
-                )
-            for i, j in T.Parallel(BT, BK):
-                b_dq[i, j] *= scale * T.exp2(gate_row(gate, lg, i))
-                b_dk[i, j] *= T.exp2(bl - gate_row(gate, lg, i))
+            if key_gate:
+                # the per-key gate: dA = scale dO v_new^T (j <= i) through `key_gate.key_gated_grads`, the state
+                # terms scaled per key, r = q dq - k dk per key (the gate's rows before `per_key_gate_grad_chunk`)
+                for i, j in T.Parallel(BT, BK):
+                    g_s[i, j] = T.if_then_else(k0 + j < K, gc[t0 + T.min(i, nvalid - 1), i_h, T.min(k0 + j, K - 1)],
+                                               0)
+                for i, j in T.Parallel(BT, BT):
+                    da_s[i, j] = T.if_then_else(j <= i, b_ds[i, j] * scale, 0)
+                for i, j in T.Parallel(BT, BK):
+                    b_dq[i, j] *= scale * T.exp2(g_s[i, j])
+                    b_dk[i, j] *= T.exp2(g_s[nvalid - 1, j] - g_s[i, j])
+                key_gated_grads(da_s, q_s, k_s, g_s, x_s, ds_s, b_x, b_dq, b_dk, b_sp, b_span, nvalid, span_limit, BT,
+                                SUB_CHUNK, BK)
+                for i, j in T.Parallel(BT, BK):
+                    if i < nvalid and k0 + j < K:
+                        r[t0 + i, i_h, k0 + j] = (T.Cast("float32", q_s[i, j]) * b_dq[i, j]
+                                                  - T.Cast("float32", k_s[i, j]) * b_dk[i, j])
+            else:
+                for i, j in T.Parallel(BT, BT):
+                    ds_s[i, j] = T.if_then_else(
+                        i >= j, b_ds[i, j] * scale * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0
+                    )
+                for i, j in T.Parallel(BT, BK):
+                    b_dq[i, j] *= scale * T.exp2(gate_row(gate, lg, i))
+                    b_dk[i, j] *= T.exp2(bl - gate_row(gate, lg, i))
             if gate == "g":
                 # the state term: 2^bL <S, dS> + sum_i k_i . (the dS part of dk_i); b_dw is free after dw's store
                 for i, j in T.Parallel(BT, BK):
@@ -451,8 +530,9 @@ def chunk_delta_bwd_dqkw_kernel(
                 T.reduce_sum(b_hh, b_hr, dim=1)
                 T.reduce_sum(b_hr, b_hc, dim=0)
                 cs[i_k, i_c, i_h] = b_hc[0] * T.exp2(bl) + b_c[0]
-            T.gemm(ds_s, k_s, b_dq)
-            T.gemm(ds_s, q_s, b_dk, transpose_A=True)
+            if not key_gate:
+                T.gemm(ds_s, k_s, b_dq)
+                T.gemm(ds_s, q_s, b_dk, transpose_A=True)
             if gate == "g":
                 for i, j in T.Parallel(BT, BK):
                     b_dw[i, j] = T.Cast("float32", q_s[i, j]) * b_dq[i, j] - T.Cast("float32", k_s[i, j]) * b_dk[i, j]
@@ -477,7 +557,7 @@ def chunk_delta_fwd_h(k, v, beta, ai, *, gate: str, gc, initial_state, output_fi
                       BT: int = 64, **config):
     """(states entering each chunk `[NT, H, K, V]` in k's dtype, corrected values v_new `[Ttot, H, V]` in v's dtype,
     final state fp32 `[N, H, K, V]` or None); k `[Ttot, H, K]`, v `[Ttot, H, V]`, beta fp32 `[Ttot, H]` per value head,
-    ai the kept WY inverse (`wy.wy_repr`), gc `[Ttot, H]` for gate "g"."""
+    ai the kept WY inverse (`wy.wy_repr`), gc `[Ttot, H]` for gate "g", `[Ttot, H, K]` for the per-key gate "gk"."""
     _, H, K = k.shape
     V = v.shape[-1]
     h = k.new_empty(meta.NT, H, K, V)
@@ -490,18 +570,19 @@ def chunk_delta_fwd_h(k, v, beta, ai, *, gate: str, gc, initial_state, output_fi
         kernel = get_kernel(chunk_delta_fwd_h_kernel, target_for(k.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[k.dtype], BT=BT, **config)
         kernel(k, v, ai, gate_chunks(beta, meta, H, BT, k).view(H, meta.NT, BT), head_decay(None, H, k.device),
-               gate_chunks(gc, meta, H, BT, k), h0, meta.cu, meta.chunk_offsets, h, v_new, ht, use_h0,
-               int(output_final_state))
+               gc if gate == "gk" else gate_chunks(gc, meta, H, BT, k), h0, meta.cu, meta.chunk_offsets, h, v_new, ht,
+               use_h0, int(output_final_state))
     elif output_final_state:
         ht = h0 if use_h0 else ht.zero_()
     return h, v_new, (ht.view(meta.N, H, K, V) if output_final_state else None)
 
 
 def chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, *, gate: str, gc, scale: float, need_dh0: bool, meta: SeqMeta,
-                        BT: int = 64, **config):
+                        aqk=None, BT: int = 64, **config):
     """(dh `[NT, H, K, V]` the gradients of the states leaving each chunk, in q's dtype; dv_new `[Ttot, H, V]` the
     corrected values' gradients; dh0 fp32 `[N, H, K, V]` or None); beta, ai as in `chunk_delta_fwd_h`, dht `[N, H, K,
-    V]` or None."""
+    V]` or None; for the per-key gate "gk" gc `[Ttot, H, K]` and the forward's intra-chunk scores `aqk` `[Ttot, H,
+    BT]` fp32 (`gla.chunk.chunk_gla_fwd_o`, scale included)."""
     _, H, K = q.shape
     V = do.shape[-1]
     dh = q.new_empty(meta.NT, H, K, V)
@@ -514,8 +595,9 @@ def chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, *, gate: str, gc, scale: float,
         kernel = get_kernel(chunk_delta_bwd_dhu_kernel, target_for(q.device), K=K, V=V, gate=gate,
                             dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
         kernel(q, k, ai, gate_chunks(beta, meta, H, BT, q).view(H, meta.NT, BT), do, head_decay(None, H, q.device),
-               gate_chunks(gc, meta, H, BT, q), dht_, meta.cu, meta.chunk_offsets, dh, dv_new, dh0, scale, use_dht,
-               int(need_dh0))
+               gc if gate == "gk" else gate_chunks(gc, meta, H, BT, q),
+               aqk if aqk is not None else placeholder((1, H, BT), torch.float32, q.device), dht_, meta.cu,
+               meta.chunk_offsets, dh, dv_new, dh0, scale, use_dht, int(need_dh0))
     elif need_dh0:
         dh0 = dht_ if use_dht else dh0.zero_()
     return dh, dv_new, (dh0.view(meta.N, H, K, V) if need_dh0 else None)
@@ -524,7 +606,8 @@ def chunk_delta_bwd_dhu(q, k, beta, ai, do, dht, *, gate: str, gc, scale: float,
 def chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, *, gate: str, gc, scale: float, meta: SeqMeta, BT: int = 64,
                          config: dict | None = None):
     """(dq, dk, dw `[Ttot, H, K]` in q's dtype, and for gate "g" the gate's rows r `[Ttot, H]` and state terms `[NT,
-    H]` fp32, else None, None): see `chunk_delta_bwd_dqkw_kernel`; du the corrected values' gradients (`dv_new`).
+    H]` fp32, for the per-key gate "gk" (gc `[Ttot, H, K]`) the rows r = q dq - k dk `[Ttot, H, K]` fp32 and None,
+    else None, None): see `chunk_delta_bwd_dqkw_kernel`; du the corrected values' gradients (`dv_new`).
     `config` overrides the resolved tile config (kernel "chunk_delta_bwd_dqkw")."""
     Ttot, H, K = q.shape
     V = do.shape[-1]
@@ -535,10 +618,12 @@ def chunk_delta_bwd_dqkw(q, k, v_new, do, du, h, dh, *, gate: str, gc, scale: fl
     kernel = get_kernel(chunk_delta_bwd_dqkw_kernel, target_for(q.device), K=K, V=V, gate=gate,
                         dtype=TORCH_TO_TL[q.dtype], BT=BT, **config)
     NK = cdiv(K, min(config.get("BK", 128), pad_dim(K)))
-    r = q.new_empty(NK, Ttot, H, dtype=torch.float32)
+    r = q.new_empty(*((Ttot, H, K) if gate == "gk" else (NK, Ttot, H)), dtype=torch.float32)
     cs = q.new_empty(NK, meta.NT, H, dtype=torch.float32)
     kernel(q, k, v_new, do, du, h, dh, head_decay(None, H, q.device), gate_or_dummy(gc, q), meta.cu,
            meta.chunk_indices, dq, dk, dw, r, cs, scale)
+    if gate == "gk":
+        return dq, dk, dw, r, None
     if gate != "g":
         return dq, dk, dw, None, None
     return dq, dk, dw, r.sum(0) if NK > 1 else r[0], cs.sum(0) if NK > 1 else cs[0]

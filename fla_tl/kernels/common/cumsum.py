@@ -21,19 +21,26 @@ import tilelang.language as T
 import torch
 
 from ...autotune.resolve import tile_config
-from .utils import LOG2E, TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, target_for
+from .gates import activated_gate
+from .utils import LOG2E, TORCH_TO_TL, SeqMeta, get_kernel, pad_dim, placeholder, target_for
 
 
-def chunk_gate_cumsum_kernel(g_dtype: str, BT: int = 64, BH: int = 64):
+def chunk_gate_cumsum_kernel(g_dtype: str, act: str = "", group: int = 1, BT: int = 64, BH: int = 64):
+    """`act` "softplus" / "sigmoid": the log gates are KDA's activation (`gates.activated_gate`) of the raw input,
+    with column c reading dt_bias[c] and A_log[c // group] (per-key gates flattened `[Ttot, HV * K]`: group = K)."""
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
+    NAL, NDB = T.dynamic("NAL"), T.dynamic("NDB")
 
     @T.prim_func
     def chunk_gate_cumsum(
         g: T.Tensor([Ttot, H], g_dtype),
         g_gamma: T.Tensor([H], "float32"),
+        A_log: T.Tensor([NAL], "float32"),
+        dt_bias: T.Tensor([NDB], "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         gc: T.Tensor([Ttot, H], "float32"),
+        lower_bound: T.float32,
     ):
         with T.Kernel(NT, T.ceildiv(H, BH), threads=BH) as (i_c, i_hb):
             i_n = chunk_indices[i_c, 0]
@@ -49,9 +56,19 @@ def chunk_gate_cumsum_kernel(g_dtype: str, BT: int = 64, BH: int = 64):
             for h in T.Parallel(BH):
                 acc[h] = 0
                 lam[h] = g_gamma[T.min(i_hb * BH + h, H - 1)]
+            if act:
+                bias = T.alloc_fragment([BH], "float32")
+                rate = T.alloc_fragment([BH], "float32")
+                for h in T.Parallel(BH):
+                    bias[h] = dt_bias[T.min(i_hb * BH + h, H - 1)]
+                    rate[h] = T.exp(A_log[T.min(i_hb * BH + h, H - 1) // group])
             for i in T.serial(BT):
                 for h in T.Parallel(BH):
-                    acc[h] += (T.Cast("float32", g_s[i, h]) + lam[h]) * LOG2E
+                    if act:
+                        acc[h] += (activated_gate(act, T.Cast("float32", g_s[i, h]) + bias[h], rate[h], lower_bound)
+                                   + lam[h]) * LOG2E
+                    else:
+                        acc[h] += (T.Cast("float32", g_s[i, h]) + lam[h]) * LOG2E
                     if i < nvalid and i_hb * BH + h < H:
                         gc[t0 + i, i_hb * BH + h] = acc[h]
 
@@ -217,15 +234,23 @@ def chunk_reverse_cumsum_kernel(out_dtype: str, BT: int = 64, BH: int = 32):
     return chunk_reverse_cumsum
 
 
-def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT: int = 64, **config) -> torch.Tensor:
-    """the chunk-local inclusive cumulative log2 gates `[Ttot, H]` fp32 of `g` `[Ttot, H]` plus `g_gamma` `[H]`;
+def chunk_gate_cumsum(g: torch.Tensor, g_gamma: torch.Tensor, meta: SeqMeta, BT: int = 64, act=None, group: int = 1,
+                      **config) -> torch.Tensor:
+    """the chunk-local inclusive cumulative log2 gates `[Ttot, H]` fp32 of `g` `[Ttot, H]` plus `g_gamma` `[H]`; with
+    `act` (a `fused_recurrent_delta.GateActivation`: A_log `[H / group]`, dt_bias `[H]`) of KDA's activation of `g`.
     `config` overrides the tile config (kernel "gate_cumsum")."""
     gc = torch.empty(g.shape, dtype=torch.float32, device=g.device)
     if meta.NT == 0:
         return gc
+    H = g.shape[1]
     config = tile_config("gate_cumsum", g, K=0, V=0, gate="none", N=meta.N, overrides=config)
-    kernel = get_kernel(chunk_gate_cumsum_kernel, target_for(g.device), g_dtype=TORCH_TO_TL[g.dtype], BT=BT, **config)
-    kernel(g, g_gamma, meta.cu, meta.chunk_indices, gc)
+    kernel = get_kernel(chunk_gate_cumsum_kernel, target_for(g.device), g_dtype=TORCH_TO_TL[g.dtype],
+                        **({"act": act.kind, "group": group} if act is not None else {}), BT=BT, **config)
+    A_log = act.A_log if act is not None and act.A_log is not None else placeholder((H // group,), torch.float32,
+                                                                                      g.device)
+    dt_bias = act.dt_bias if act is not None and act.dt_bias is not None else placeholder((H,), torch.float32, g.device)
+    kernel(g, g_gamma, A_log.float().contiguous(), dt_bias.float().reshape(-1).contiguous(), meta.cu,
+           meta.chunk_indices, gc, float(act.lower_bound or 0.0) if act is not None else 0.0)
     return gc
 
 

@@ -32,7 +32,6 @@ exp(b) k. Summed per sequence by `common.cumsum`'s per-sequence scan.
 `[B, T, ...]` tensors (checks, the L2 norm of q and k and its gradient, the sum over a key head's value heads).
 """
 
-import functools
 from typing import NamedTuple
 
 import tilelang.language as T
@@ -41,7 +40,8 @@ import torch
 from ...autotune.configs import BT
 from ...autotune.resolve import tile_config
 from ...reference.delta_rule import l2norm
-from .utils import TORCH_TO_TL, cdiv, get_kernel, pad_dim, seq_meta, state_or_dummy, target_for
+from .gates import activated_gate
+from .utils import TORCH_TO_TL, cdiv, get_kernel, pad_dim, placeholder, seq_meta, state_or_dummy, target_for
 
 # the scale factor c of the forward's state is folded back once it leaves [C_MIN, 1 / C_MIN]
 C_MIN = 1e-20
@@ -71,11 +71,7 @@ def log_gate(gate: str, g, A_log, dt_bias, lower_bound, t, hv, j):
     (zero `A_log` / `dt_bias` rows stand for absent ones)."""
     if gate == "gk":
         return g[t, hv, j]
-    x = g[t, hv, j] + dt_bias[hv, j]
-    a = T.exp(A_log[hv])
-    if gate == "gk_softplus":
-        return -a * T.if_then_else(x > 20.0, x, T.log(1.0 + T.exp(x)))
-    return lower_bound / (1.0 + T.exp(-a * x))
+    return activated_gate(gate.removeprefix("gk_"), g[t, hv, j] + dt_bias[hv, j], T.exp(A_log[hv]), lower_bound)
 
 
 def fused_recurrent_delta_rule_fwd_kernel(
@@ -604,20 +600,13 @@ class GateActivation(NamedTuple):
     lower_bound: float = 0.0
 
 
-@functools.lru_cache(maxsize=64)
-def _zeros(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """a cached zero tensor: the placeholder of an absent argument (the kernels never write it), so a launch
-    allocates nothing beyond its outputs."""
-    return torch.zeros(shape, dtype=dtype, device=device)
-
-
 def _activation_args(act: GateActivation | None, HV: int, K: int, device) -> tuple:
     """(A_log `[HV]`, dt_bias `[HV, K]` fp32, lower_bound) as the kernels read them; zeros stand for absent ones."""
     if act is None:
-        return _zeros((1,), torch.float32, device), _zeros((1, K), torch.float32, device), 0.0
-    A_log = act.A_log.float().contiguous() if act.A_log is not None else _zeros((HV,), torch.float32, device)
+        return placeholder((1,), torch.float32, device), placeholder((1, K), torch.float32, device), 0.0
+    A_log = act.A_log.float().contiguous() if act.A_log is not None else placeholder((HV,), torch.float32, device)
     dt_bias = (act.dt_bias.float().reshape(HV, K).contiguous() if act.dt_bias is not None
-               else _zeros((HV, K), torch.float32, device))
+               else placeholder((HV, K), torch.float32, device))
     return A_log, dt_bias, float(act.lower_bound or 0.0)
 
 
@@ -651,9 +640,9 @@ def fused_recurrent_delta_rule_fwd(
     gate = _gate(g, act.kind if act is not None else None)
     pool = slots is not None
     o = torch.empty_like(v)
-    w = q.new_empty(Ttot, HV, V, dtype=torch.float32) if store_w else _zeros((1, HV, V), torch.float32, q.device)
+    w = q.new_empty(Ttot, HV, V, dtype=torch.float32) if store_w else placeholder((1, HV, V), torch.float32, q.device)
     if pool:
-        ht, h0, use_h0 = initial_state.view(-1, *tail), _zeros((1, *tail), torch.float32, q.device), 0
+        ht, h0, use_h0 = initial_state.view(-1, *tail), placeholder((1, *tail), torch.float32, q.device), 0
     else:
         ht = q.new_empty(meta.N * HV if output_final_state else 1, *tail, dtype=torch.float32)
         h0, use_h0 = state_or_dummy(initial_state, q, tail)
@@ -665,9 +654,9 @@ def fused_recurrent_delta_rule_fwd(
         config = tile_config("fused_recurrent_delta_fwd", q, K=K, V=V, gate=gate, N=meta.N, overrides=config)
         kernel = get_kernel(fused_recurrent_delta_rule_fwd_kernel, target_for(q.device), K=K, V=V, gate=gate,
                             state_v_first=state_v_first, pool=pool, dtype=TORCH_TO_TL[q.dtype], **config)
-        g_ = g if g is not None else _zeros((1, HV), torch.float32, q.device)
-        slots_ = slots if pool else _zeros((1, 1), torch.int32, q.device)
-        accepted_ = accepted if accepted is not None else _zeros((1,), torch.int32, q.device)
+        g_ = g if g is not None else placeholder((1, HV), torch.float32, q.device)
+        slots_ = slots if pool else placeholder((1, 1), torch.int32, q.device)
+        accepted_ = accepted if accepted is not None else placeholder((1,), torch.int32, q.device)
         A_log, dt_bias, lower_bound = _activation_args(act, HV, K, q.device)
         kernel(q, k, v, beta, g_, A_log, dt_bias, h0, meta.cu, o, ht, w, slots_, accepted_, scale, lower_bound,
                use_h0, int(output_final_state), int(store_w), int(accepted is not None))
@@ -702,7 +691,7 @@ def fused_recurrent_delta_rule_bwd(
     else:
         target = target_for(q.device)
         flags = dict(K=K, V=V, gate=gate, state_v_first=state_v_first, dtype=TORCH_TO_TL[q.dtype], **config)
-        g_ = g if g is not None else _zeros((1, HV), torch.float32, q.device)
+        g_ = g if g is not None else placeholder((1, HV), torch.float32, q.device)
         A_log, dt_bias, lower_bound = _activation_args(act, HV, K, q.device)
         dkv = get_kernel(fused_recurrent_delta_rule_bwd_dkv_kernel, target, **flags)
         dkv(q, k, do, w, beta, g_, A_log, dt_bias, dht_, meta.cu, du, dk, dh0, scale, lower_bound, use_dht, use_h0)

@@ -39,6 +39,14 @@ def head_decay(g_gamma: torch.Tensor | None, H: int, device: torch.device) -> to
 #             per chunk (`gate_load_chunk`).
 
 
+def activated_gate(kind: str, x, a, lower_bound):
+    """KDA's gate activation (fp32 TileLang expressions) of x = g + dt_bias with a = exp(A_log): "softplus":
+    -a * softplus(x); "sigmoid": lower_bound * sigmoid(a x)."""
+    if kind == "softplus":
+        return -a * T.if_then_else(x > 20.0, x, T.log(1.0 + T.exp(x)))
+    return lower_bound / (1.0 + T.exp(-a * x))
+
+
 def gate_state(gate: str, g_gamma, i_h, BT: int):
     """per-block gate state: log2 of the head's constant decay, or the chunk's [BT] cumulative log2 gates (shared)."""
     from .utils import LOG2E

@@ -149,3 +149,10 @@ def state_or_dummy(state: torch.Tensor | None, like: torch.Tensor, shape_tail: t
     if state is None:
         return like.new_empty((1, *shape_tail), dtype=torch.float32), 0
     return state.reshape(-1, *shape_tail).float().contiguous(), 1
+
+
+@functools.lru_cache(maxsize=64)
+def placeholder(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """a cached zero tensor: the placeholder of an absent kernel argument (the kernels never write it), so a launch
+    allocates nothing beyond its outputs."""
+    return torch.zeros(shape, dtype=dtype, device=device)

@@ -22,6 +22,7 @@ import torch
 
 from ...autotune.resolve import tile_config
 from .gates import gate_load, gate_or_dummy, gate_row, gate_state, head_decay
+from .key_gate import SUB_CHUNK, key_gated_scores, scores_entry, span_limit_for
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, target_for
 
 
@@ -54,6 +55,12 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, pair: 
     NV = cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
     NW = T.dynamic("NW")
+    key_gate = gate == "gk"
+    if key_gate and pair:
+        raise ValueError("wy_fwd_kernel: the per-key gate (\"gk\") forms the inverse only (pair=False); the state "
+                         "pass forms w and u")
+    gshape = [NG, H, K] if key_gate else [NG, H]
+    span_limit = span_limit_for(dtype)
 
     @T.prim_func
     def wy_fwd(
@@ -61,7 +68,7 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, pair: 
         v: T.Tensor([Ttot, H, V], dtype),
         beta: T.Tensor([Ttot, H], beta_dtype),
         g_gamma: T.Tensor([H], "float32"),
-        gc: T.Tensor([NG, H], "float32"),
+        gc: T.Tensor(gshape, "float32"),
         cu: T.Tensor([N + 1], "int32"),
         chunk_indices: T.Tensor([NT, 2], "int32"),
         ai: T.Tensor([Ttot, H, BT], dtype),
@@ -75,29 +82,54 @@ def wy_fwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, pair: 
             lg = gate_state(gate, g_gamma, i_h, BT)
             gate_load(gate, lg, gc, t0, nvalid, i_h, BT)
 
-            k_s = T.alloc_shared([BT, KP], dtype)
+            k_s = None if key_gate else T.alloc_shared([BT, KP], dtype)
             a_s = T.alloc_shared([BT, BT], "float32")
             x_s = T.alloc_shared([BT, BT], "float32")
             ai_s = T.alloc_shared([BT, BT], dtype)
-            t_s = T.alloc_shared([BT, BD], dtype)
+            t_s = T.alloc_shared([BT, BD], dtype) if pair else None
             beta_s = T.alloc_shared([BT], "float32")
             b_a = T.alloc_fragment([BT, BT], "float32")
-            b_y = T.alloc_fragment([BT, BD], "float32")
+            b_y = T.alloc_fragment([BT, BD], "float32") if pair else None
             r = T.alloc_local([BS], "float32")
             xk = T.alloc_local([1], "float32")
             tx = T.get_thread_binding()
 
             for i in T.Parallel(BT):
                 beta_s[i] = T.if_then_else(i < nvalid, T.Cast("float32", beta[t0 + i, i_h]), 0)
-            for i, j in T.Parallel(BT, KP):
-                k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
-            T.gemm(k_s, k_s, b_a, transpose_B=True, clear_accum=True)
             # A stored transposed (a_s[j, i] = A_ij): the substitution reads the BS entries it needs per step as
             # one contiguous row (vector loads, the same address across the threads)
-            for i, j in T.Parallel(BT, BT):
-                a_s[j, i] = T.if_then_else(
-                    i > j and i < nvalid,
-                    b_a[i, j] * beta_s[i] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0)
+            if key_gate:
+                # A_ij = beta_i sum_k k_i k_j 2^(G_i - G_j) per [BT, 64] key tile (`key_gate.key_gated_scores`); rows
+                # past the sequence end: zero keys, the last valid row's gates
+                kt_s = T.alloc_shared([BT, 64], dtype)
+                g_s = T.alloc_shared([BT, 64], "float32")
+                ag_s = T.alloc_shared([BT, 64], dtype)
+                bg_s = T.alloc_shared([BT, 64], dtype)
+                d_s = T.alloc_shared([BT, SUB_CHUNK], "float32")
+                b_p = T.alloc_fragment([BT, 64], "float32")
+                b_pr = T.alloc_fragment([BT], "float32")
+                b_sp = T.alloc_fragment([64], "float32")
+                b_span = T.alloc_fragment([1], "float32")
+                T.clear(b_a)
+                for i, j in T.Parallel(BT, SUB_CHUNK):
+                    d_s[i, j] = 0
+                for kt in T.serial(KP // 64):
+                    for i, j in T.Parallel(BT, 64):
+                        kt_s[i, j] = T.if_then_else(i < nvalid and kt * 64 + j < K, k[t0 + i, i_h, kt * 64 + j], 0)
+                        g_s[i, j] = T.if_then_else(kt * 64 + j < K, gc[t0 + T.min(i, nvalid - 1), i_h, kt * 64 + j], 0)
+                    key_gated_scores(kt_s, kt_s, g_s, ag_s, bg_s, b_a, b_p, b_pr, d_s, b_sp, b_span, nvalid,
+                                     span_limit, BT, SUB_CHUNK, 64)
+                for i, j in T.Parallel(BT, BT):
+                    a_s[j, i] = T.if_then_else(
+                        i > j and i < nvalid, scores_entry(b_a, d_s, i, j, SUB_CHUNK) * beta_s[i], 0)
+            else:
+                for i, j in T.Parallel(BT, KP):
+                    k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                T.gemm(k_s, k_s, b_a, transpose_B=True, clear_accum=True)
+                for i, j in T.Parallel(BT, BT):
+                    a_s[j, i] = T.if_then_else(
+                        i > j and i < nvalid,
+                        b_a[i, j] * beta_s[i] * T.exp2(gate_row(gate, lg, i) - gate_row(gate, lg, j)), 0)
             # X = (I + A)^-1 by row blocks: X_b = e_b - A_b,<b X_<b (the rows above, from shared memory), then the
             # block's own rows by substitution (A is zero on and above the diagonal)
             if tx < BT:
@@ -151,9 +183,14 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
       dbeta = rows of (2^b K * Ai^T dw) + (V * Ai^T du) + (G * K K^T),
       db = rows of (kbg * Ai^T dw) + rowsum(P) - colsum(P), P = G * A;
     dk is updated in place (dk += ...); db is the gradient of the chunk-local cumulative log gate (natural units).
+    The per-key gate ("gk") builds `wy_key_gate.wy_bwd_key_gate` (db per key then).
     Every input tile of the chunk is loaded into shared memory once, up front (the loads' latencies overlap); the
     dk and dv parts then run over [BT, BD] column tiles of those. Two warpgroups by default (faster than one, gated or
     not)."""
+    if gate == "gk":
+        from .wy_key_gate import wy_bwd_key_gate
+
+        return wy_bwd_key_gate(K, V, dtype, beta_dtype, dk_dtype, BT=BT, BD=BD, threads=threads)
     KP, VP = pad_dim(K), pad_dim(V)
     NK, NV = cdiv(K, BD), cdiv(V, BD)
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
@@ -293,9 +330,10 @@ def wy_bwd_kernel(K: int, V: int, dtype: str, beta_dtype: str, gate: str, dk_dty
 
 def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, pair: bool = True, BT: int = 64, **config):
     """(w = Ai diag(beta 2^b) K, u = Ai diag(beta) V, Ai in k's dtype `[Ttot, H, BT]`): the WY pair of every chunk, by
-    `wy_fwd_kernel`; gc None means no gate. Without `pair`: (None, None, Ai). `config` (tile keywords)
-    overrides the resolved tile config (`fla_tl.autotune`, kernel "wy_fwd")."""
-    gate = "g" if gc is not None else "none"
+    `wy_fwd_kernel`; gc None means no gate, `[Ttot, H]` a per-token gate, `[Ttot, H, K]` a per-key one (the inverse
+    only: `pair` False). Without `pair`: (None, None, Ai). `config` (tile keywords) overrides the resolved tile config
+    (`fla_tl.autotune`, kernel "wy_fwd")."""
+    gate = "none" if gc is None else ("gk" if gc.dim() == 3 else "g")
     k, v, beta = k.contiguous(), v.contiguous(), beta.contiguous()
     Ttot, H, K = k.shape
     ai = k.new_empty(Ttot, H, BT)
@@ -311,16 +349,17 @@ def wy_repr(k, v, beta, *, meta: SeqMeta, gc=None, pair: bool = True, BT: int = 
 
 def wy_bwd(k, v, beta, ai, du, dw, dk, *, meta: SeqMeta, gc=None, BT: int = 64, **config):
     """the WY backward (see `wy_bwd_kernel`): adds the WY share into dk `[Ttot, H, K]` in place and returns (dv in
-    v's dtype, dbeta fp32 `[Ttot, H]`, db fp32 `[Ttot, H]`, the chunk-local cumulative gate's gradient). `config`
-    overrides the resolved tile config (kernel "wy_bwd")."""
+    v's dtype, dbeta fp32 `[Ttot, H]`, db fp32 `[Ttot, H]`, the chunk-local cumulative gate's gradient; per key
+    `[Ttot, H, K]` for a per-key gate gc `[Ttot, H, K]`). `config` overrides the resolved tile config (kernel
+    "wy_bwd")."""
     Ttot, H, K = k.shape
     V = v.shape[-1]
+    gate = "none" if gc is None else ("gk" if gc.dim() == 3 else "g")
     dv = torch.empty_like(v)
     dbeta = k.new_empty(Ttot, H, dtype=torch.float32)
-    db = k.new_empty(Ttot, H, dtype=torch.float32)
+    db = k.new_empty(Ttot, H, *((K,) if gate == "gk" else ()), dtype=torch.float32)
     if meta.NT == 0:
         return dv, dbeta, db
-    gate = "g" if gc is not None else "none"
     config = tile_config("wy_bwd", k, K=K, V=V, gate=gate, N=meta.N, overrides=config)
     kernel = get_kernel(wy_bwd_kernel, target_for(k.device), K=K, V=V, dtype=TORCH_TO_TL[k.dtype],
                         beta_dtype=TORCH_TO_TL[beta.dtype], gate=gate, dk_dtype=TORCH_TO_TL[dk.dtype], BT=BT, **config)

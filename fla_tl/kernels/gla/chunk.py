@@ -3,15 +3,10 @@
 With G_i[k] the chunk-local cumulative log2 gate of row i (`gc` `[Ttot, H, K]` fp32, rows past the sequence end repeat
 the last valid row) and h[c] the state entering chunk c (`common.chunk_h` with gate "gk"):
   o_i = scale * (q_i 2^G_i) h[c] + sum_{j <= i} A_ij v_j,   A_ij = scale * sum_k q_i[k] k_j[k] 2^(G_i[k] - G_j[k]).
-The factor 2^(G_i - G_j) splits into a row factor times a column factor, 2^(G_i - G_m) 2^(G_m - G_j) with m the
-middle row, as long as the chunk's decay span max_k (G_0[k] - G_last[k]) keeps both in range (`span_limit_for`):
-then A is one matmul per key tile (the common case: logsigmoid gates decay a few dozen log2 units per chunk). Strong
-gates would overflow there, and a key tile whose span exceeds the limit builds A from 16-token sub-chunks (as fla):
-- off-diagonal blocks (query sub-chunk r > key sub-chunk s): one matmul per query sub-chunk r, both sides referenced at
-  its first row n = r BC: (q_i 2^(G_i - G_n)) . (k_j 2^(G_n - G_j)), each exponent <= 0;
-- diagonal blocks: elementwise over the key channels, 2^(G_i - G_j) with j <= i, reduced over K.
+A is built per key tile by `common.key_gate.key_gated_scores` (one matmul referenced at the middle row while the
+chunk's decay span allows, 16-token sub-chunks beyond it, as fla).
 The backward mirrors it (the same choice per key tile): dA_ij = scale do_i . v_j (j <= i);
-dv = A^T do + (k 2^(gL - G)) dh[c]; dq, dk from dA by the same sub-chunk split (dk's blocks referenced at the last row of the key sub-chunk) plus the inter-chunk
+dv = A^T do + (k 2^(gL - G)) dh[c]; dq, dk from dA by `common.key_gate.key_gated_grads` plus the inter-chunk
 terms scale 2^G_i (do_i h[c]^T) and 2^(gL - G_j) (v_j dh[c]^T); dg per key in the chunk-local form of
 `common.cumsum.per_key_gate_grad_chunk` from r = q dq - k dk (which the dq/dk kernel writes from its fp32 dq, dk)
 and the chunk states: no sum runs along the whole sequence, so rounding errors of r do not add up with T.
@@ -26,6 +21,7 @@ from ...autotune.resolve import tile_config
 from ..common.chunk_h import chunk_bwd_dh, chunk_fwd_h
 from ..common.cumsum import chunk_gate_cumsum, per_key_gate_grad_chunk
 from ..common.gates import head_decay
+from ..common.key_gate import key_gated_grads, key_gated_scores, scores_entry, span_limit_for
 from ..common.ranges import chunk_dh_range_ends, chunk_h_range_starts, state_pass_ranges
 from ..common.utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, seq_meta, target_for
 
@@ -39,21 +35,6 @@ def _load_chunk_qkg(q, k, gc, q_s, k_s, g_s, t0, nvalid, i_h, kk, K, BT, BK, q_s
         q_s[i, j] = T.if_then_else(i < nq and kk * BK + j < K, q[t0 + q_shift + i, i_h, kk * BK + j], 0)
         k_s[i, j] = T.if_then_else(i < nvalid and kk * BK + j < K, k[t0 + i, i_h, kk * BK + j], 0)
         g_s[i, j] = T.if_then_else(kk * BK + j < K, gc[t0 + T.min(i, nvalid - 1), i_h, kk * BK + j], 0)
-
-
-def span_limit_for(dtype: str) -> float:
-    """the largest log2 decay over a chunk (per key tile) for which the one-matmul form is used: its operands
-    carry factors up to 2^(span) either way from the middle row, so they must stay in the dtype's normal range (with
-    room for the sums of the backward); beyond it the 16-token sub-chunk form runs."""
-    return 12.0 if dtype == "float16" else 100.0
-
-
-@T.macro
-def _tile_span(g_s, b_sp, b_span, nvalid, BT, BK):
-    """b_span[0] = the largest decay of the tile's key channels over the chunk, max_k (G_0[k] - G_last[k]) (log2)."""
-    for j in T.Parallel(BK):
-        b_sp[j] = g_s[0, j] - g_s[nvalid - 1, j]
-    T.reduce_max(b_sp, b_span, dim=0)
 
 
 def chunk_gla_fwd_o_kernel(
@@ -75,7 +56,7 @@ def chunk_gla_fwd_o_kernel(
     (the caller's). Without it `u` is not read."""
     BK = min(BK, pad_dim(K))
     BV = min(BV, pad_dim(V))
-    NK, NV, NC = cdiv(K, BK), cdiv(V, BV), BT // BC
+    NK, NV = cdiv(K, BK), cdiv(V, BV)
     span_limit = span_limit_for(dtype)
     qs = 1 if bonus else 0
     Ttot, H, N, NT, NA = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NA")
@@ -155,37 +136,12 @@ def chunk_gla_fwd_o_kernel(
                 for i, j in T.Parallel(BT, BK):
                     qg_s[i, j] = q_s[i, j] * T.exp2(g_s[i, j])
                 T.gemm(qg_s, h_s, b_o)
-                _tile_span(g_s, b_sp, b_span, nvalid, BT, BK)
-                if b_span[0] < span_limit:
-                    # the tile's decay over the chunk is moderate: one matmul, both sides referenced at the middle row
-                    for i, j in T.Parallel(BT, BK):
-                        qg_s[i, j] = q_s[i, j] * T.exp2(g_s[i, j] - g_s[BT // 2, j])
-                        kg_s[i, j] = k_s[i, j] * T.exp2(g_s[BT // 2, j] - g_s[i, j])
-                    T.gemm(qg_s, kg_s, b_a, transpose_B=True)
-                else:
-                    # off-diagonal blocks of query sub-chunk r, referenced at its first row
-                    for rr in T.serial(NC - 1):
-                        n = (rr + 1) * BC
-                        for i, j in T.Parallel(BT, BK):
-                            qg_s[i, j] = T.if_then_else(
-                                i // BC == rr + 1, q_s[i, j] * T.exp2(g_s[i, j] - g_s[n, j]), 0)
-                            kg_s[i, j] = T.if_then_else(i < n, k_s[i, j] * T.exp2(g_s[n, j] - g_s[i, j]), 0)
-                        T.gemm(qg_s, kg_s, b_a, transpose_B=True)
-                    # diagonal blocks, one key row of each sub-chunk at a time
-                    for jj in T.serial(BC):
-                        for i, j in T.Parallel(BT, BK):
-                            c = (i // BC) * BC + jj
-                            b_p[i, j] = T.if_then_else(
-                                c <= i, q_s[i, j] * k_s[c, j] * T.exp2(g_s[i, j] - g_s[c, j]), 0
-                            )
-                        T.reduce_sum(b_p, b_r, dim=1)
-                        for i in T.Parallel(BT):
-                            d_s[i, jj] += b_r[i]
+                key_gated_scores(q_s, k_s, g_s, qg_s, kg_s, b_a, b_p, b_r, d_s, b_sp, b_span, nvalid, span_limit, BT,
+                                 BC, BK)
 
             # A = b_a (+ the elementwise diagonal blocks of the tiles that took the sub-chunk path), causal
             for i, j in T.Parallel(BT, BT):
-                b_a[i, j] = T.if_then_else(
-                    j <= i, scale * (b_a[i, j] + T.if_then_else(i // BC == j // BC, d_s[i, j % BC], 0)), 0)
+                b_a[i, j] = T.if_then_else(j <= i, scale * scores_entry(b_a, d_s, i, j, BC), 0)
             T.copy(b_a, a_s)
             if store_A == 1 and i_v == 0:
                 for i, j in T.Parallel(BT, BT):
@@ -293,7 +249,7 @@ def chunk_gla_bwd_dqk_kernel(
 ):
     BK = min(BK, pad_dim(K))
     BV = min(BV, pad_dim(V))
-    NK, NV, NC = cdiv(K, BK), cdiv(V, BV), BT // BC
+    NK, NV = cdiv(K, BK), cdiv(V, BV)
     span_limit = span_limit_for(dtype)
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
 
@@ -363,52 +319,8 @@ def chunk_gla_bwd_dqk_kernel(
                 b_dq[i, j] *= scale * T.exp2(g_s[i, j])
                 b_dk[i, j] *= T.exp2(g_s[nvalid - 1, j] - g_s[i, j])
 
-            _tile_span(g_s, b_sp, b_span, nvalid, BT, BK)
-            if b_span[0] < span_limit:
-                # moderate decay over the chunk: one matmul each, referenced at the middle row
-                for i, j in T.Parallel(BT, BT):
-                    dab_s[i, j] = da_s[i, j]
-                for i, j in T.Parallel(BT, BK):
-                    x_s[i, j] = k_s[i, j] * T.exp2(g_s[BT // 2, j] - g_s[i, j])
-                T.gemm(dab_s, x_s, b_x, clear_accum=True)
-                for i, j in T.Parallel(BT, BK):
-                    b_dq[i, j] += b_x[i, j] * T.exp2(g_s[i, j] - g_s[BT // 2, j])
-                for i, j in T.Parallel(BT, BK):
-                    x_s[i, j] = q_s[i, j] * T.exp2(g_s[i, j] - g_s[BT // 2, j])
-                T.gemm(dab_s, x_s, b_x, transpose_A=True, clear_accum=True)
-                for i, j in T.Parallel(BT, BK):
-                    b_dk[i, j] += b_x[i, j] * T.exp2(g_s[BT // 2, j] - g_s[i, j])
-            else:
-                # dq, off-diagonal blocks of query sub-chunk r, referenced at its first row
-                T.clear(b_x)
-                for rr in T.serial(NC - 1):
-                    n = (rr + 1) * BC
-                    for i, j in T.Parallel(BT, BT):
-                        dab_s[i, j] = T.if_then_else(i // BC == rr + 1 and j < n, da_s[i, j], 0)
-                    for i, j in T.Parallel(BT, BK):
-                        x_s[i, j] = T.if_then_else(i < n, k_s[i, j] * T.exp2(g_s[n, j] - g_s[i, j]), 0)
-                    T.gemm(dab_s, x_s, b_x)
-                for i, j in T.Parallel(BT, BK):
-                    b_dq[i, j] += T.if_then_else(i >= BC, b_x[i, j] * T.exp2(g_s[i, j] - g_s[(i // BC) * BC, j]), 0)
-                # dk, off-diagonal blocks of key sub-chunk s, referenced at its last row
-                T.clear(b_x)
-                for s in T.serial(NC - 1):
-                    m = (s + 1) * BC - 1
-                    for j, i in T.Parallel(BT, BT):
-                        dab_s[j, i] = T.if_then_else(j // BC == s and i > m, da_s[i, j], 0)
-                    for i, j in T.Parallel(BT, BK):
-                        x_s[i, j] = T.if_then_else(i > m, q_s[i, j] * T.exp2(g_s[i, j] - g_s[m, j]), 0)
-                    T.gemm(dab_s, x_s, b_x)
-                for i, j in T.Parallel(BT, BK):
-                    b_dk[i, j] += T.if_then_else(
-                        i < (NC - 1) * BC, b_x[i, j] * T.exp2(g_s[(i // BC) * BC + BC - 1, j] - g_s[i, j]), 0
-                    )
-                # diagonal blocks, elementwise
-                for i, j in T.Parallel(BT, BK):
-                    for jj in T.serial(BC):
-                        c = (i // BC) * BC + jj
-                        b_dq[i, j] += T.if_then_else(c <= i, da_s[i, c] * k_s[c, j] * T.exp2(g_s[i, j] - g_s[c, j]), 0)
-                        b_dk[i, j] += T.if_then_else(c >= i, da_s[c, i] * q_s[c, j] * T.exp2(g_s[c, j] - g_s[i, j]), 0)
+            key_gated_grads(da_s, q_s, k_s, g_s, x_s, dab_s, b_x, b_dq, b_dk, b_sp, b_span, nvalid, span_limit, BT, BC,
+                            BK)
 
             # r = q dq - k dk from the fp32 gradients, the per-key gate's gradient before its sequence scan
             for i, j in T.Parallel(BT, BK):
@@ -428,12 +340,14 @@ def _kernel(factory, ref, **kw):
                       **kw)
 
 
-def key_gate_cumsum(g, g_gamma, meta: SeqMeta, **config):
+def key_gate_cumsum(g, g_gamma, meta: SeqMeta, act=None, **config):
     """the chunk-local cumulative log2 gates `[Ttot, H, K]` fp32 of the per-key gate `g` `[B, T, H, K]` (None: no
-    decay) with an optional per-head constant `g_gamma` `[H]` added to every key channel."""
-    B, T, H, K = g.shape
+    decay) with an optional per-head constant `g_gamma` `[H]` added to every key channel; with `act` (KDA's
+    `GateActivation`, A_log `[H]`, dt_bias `[H * K]`) the gates are its activation of `g`."""
+    _, _, H, K = g.shape
     decay = head_decay(g_gamma, H, g.device)
-    gc = chunk_gate_cumsum(g.reshape(-1, H * K).contiguous(), decay.repeat_interleave(K), meta, BT, **config)
+    gc = chunk_gate_cumsum(g.reshape(-1, H * K).contiguous(), decay.repeat_interleave(K), meta, BT, act=act, group=K,
+                           **config)
     return gc.view(-1, H, K)
 
 

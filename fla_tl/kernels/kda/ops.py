@@ -3,7 +3,8 @@ the delta rules' kernel-level call with a per-key gate g `[B, T, HV, K]` and the
 
 The gate activation (`use_gate_in_kernel` with `A_log`, `dt_bias`, `lower_bound`) runs in the token-by-token kernels,
 which read the raw gate input; their backward takes the activated gate's gradient on to g, `A_log` and `dt_bias`
-(`delta_rule.fused_recurrent.activation_grads`). The torch paths activate in PyTorch. The beta activation
+(`delta_rule.fused_recurrent.activation_grads`); so do the chunked kernels (the activation in the gate's cumulative
+sum, `common.cumsum`). The torch paths activate in PyTorch. The beta activation
 (`use_beta_sigmoid_in_kernel`, `allow_neg_eigval`) runs in PyTorch before the call. `fused_recurrent_kda` with
 `ssm_state_indices` serves from a state pool (inference only: no kernel-level call, no autograd).
 """
@@ -13,9 +14,9 @@ import torch
 from ...autotune.configs import BT, KERNELS
 from ...reference.kda import kda_beta, kda_gate, recurrent_kda
 from ...registry import (
+    Backend,
     BackendError,
     OpSpec,
-    refusing_backend,
     register,
     tilelang_capabilities,
     torch_backend,
@@ -41,9 +42,12 @@ KDA_SCHEMA = SCHEMA + ", Tensor? A_log, Tensor? dt_bias, str gate_act, float low
 KDA_GRADS = GRADS + ("A_log", "dt_bias")
 # the kernels' gate options: log gates given, or the raw input activated in the kernels (`_gate_act`)
 GATES = ("gk", "gk_softplus", "gk_sigmoid")
-CHUNK_NOT_BUILT = ("chunk_kda's chunked TileLang kernels (per-key gated WY and state passes) are not built yet: "
-                   "fused_recurrent_kda runs KDA's TileLang kernels, forward and backward")
 UNSUPPORTED = ("cp_context", "use_graph", "return_intermediate_states")
+CHUNK_OPT_IN = ("chunk_kda's chunked TileLang kernels have not yet passed their GPU tests: they run only when asked "
+                "for by name (backend='tilelang' or FLA_TL_BACKEND=tilelang)")
+# the widest fp32 keys of the chunked kernels (the state pass's fp32 gate and gated-key tiles overflow shared memory
+# beyond)
+KDA_MAX_K_FP32 = 64
 
 
 # ---------------------------------------------------------------------------------------------- activations
@@ -128,6 +132,81 @@ def _kda_torch(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_
                         cu_seqlens, scale, output_final_state, state_v_first, use_qk_l2norm_in_kernel)
 
 
+def _chunk_reasons(inputs) -> list[str]:
+    if inputs.dtype == torch.float32 and inputs.K > KDA_MAX_K_FP32:
+        return [f"fp32 inputs take K <= {KDA_MAX_K_FP32} (the state pass's fp32 tiles of K = {inputs.K} overflow "
+                f"shared memory): use bf16 / fp16 inputs or backend='torch'"]
+    return []
+
+
+def _chunk_backend() -> Backend:
+    """the chunked per-key gated WY kernels (`chunk.py`), the gate activation in the cumulative sum's stage; the
+    cumulative gates, the WY inverse and the intra-chunk scores are the backward's residuals."""
+
+    def fwd(q, k, v, beta, g, initial_state, cu_seqlens, scale, output_final_state, state_v_first,
+            use_qk_l2norm_in_kernel, A_log, dt_bias, gate_act, lower_bound, requires_grad):
+        from .chunk import chunk_kda_fwd
+
+        o, ht, kept = chunk_kda_fwd(q, k, v, beta, g, scale=float(scale), initial_state=initial_state,
+                                    output_final_state=output_final_state, state_v_first=state_v_first,
+                                    cu_seqlens=cu_seqlens, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+                                    requires_grad=requires_grad,
+                                    act=_activation(A_log, dt_bias, gate_act, lower_bound))
+        return (o, ht, *kept) if requires_grad else (o, ht)
+
+    def bwd(args, outputs, grads):
+        from ..delta_rule.fused_recurrent import activation_grads
+        from .chunk import chunk_kda_bwd
+
+        do, dht = grads
+        dq, dk, dv, dbeta, dg, dh0 = chunk_kda_bwd(
+            args["q"], args["k"], args["v"], args["beta"], args["g"], outputs[2:5], do, dht, scale=float(args["scale"]),
+            initial_state=args["initial_state"], state_v_first=args["state_v_first"], cu_seqlens=args["cu_seqlens"],
+            use_qk_l2norm_in_kernel=args["use_qk_l2norm_in_kernel"])
+        dA_log = ddt_bias = None
+        act = _activation(args["A_log"], args["dt_bias"], args["gate_act"], args["lower_bound"])
+        if act is not None:
+            dg, dA_log, ddt_bias = activation_grads(args["g"], dg, act)
+        return dict(q=dq, k=dk, v=dv, beta=dbeta, g=dg, initial_state=dh0, A_log=dA_log, dt_bias=ddt_bias)
+
+    def residuals(args, requires_grad):
+        q, v = args["q"], args["v"]
+        B, T, _, K = q.shape
+        HV = v.shape[2]
+        if not requires_grad:
+            return []
+        return [q.new_empty(B * T, HV, K, dtype=torch.float32), q.new_empty(B * T, HV, BT),
+                q.new_empty(B * T, HV, BT, dtype=torch.float32)]
+
+    return Backend(name="tilelang", capabilities=tilelang_capabilities(state_v_first=True), fwd=fwd, bwd=bwd,
+                   residuals=residuals, module="fla_tl.kernels.kda.chunk", extra_reasons=_chunk_reasons,
+                   description="chunked per-key gated WY TileLang kernels", opt_in=CHUNK_OPT_IN)
+
+
+def _chunk_kernels(D: int, dtype: str) -> list:
+    """the kernels chunk_kda launches at K = V = D: the per-key gate's cumulative sum, the WY inverse, the state passes
+    at every pass config the grid can pick, the output stage, the dq / dk / dw pass, the WY backward and the gate
+    gradient's chunk-state terms and scan."""
+    import dataclasses
+
+    from ...autotune.configs import delta_pass_configs
+    from ..common.state_op import stage_spec
+
+    if dtype == "float32" and D > KDA_MAX_K_FP32:
+        return []
+    # the gate's cumulative sum: log gates given, or the raw input activated there
+    specs = [stage_spec("gate_cumsum", 0, 0, dtype, "none", g_dtype="float32", BT=BT,
+                        **({"act": act, "group": D} if act else {})) for act in ("", "softplus", "sigmoid")]
+    specs.append(stage_spec("wy_fwd", D, D, dtype, "gk", pair=False))
+    for config in map(dataclasses.asdict, delta_pass_configs(D, D, dtype, "gk")):
+        specs += [stage_spec(name, D, D, dtype, "gk", config) for name in ("chunk_delta_fwd_h", "chunk_delta_bwd_dhu")]
+    specs += [stage_spec("chunk_gla_fwd_o", D, D, dtype, "gk", bonus=False),
+              stage_spec("chunk_delta_bwd_dqkw", D, D, dtype, "gk"), stage_spec("wy_bwd", D, D, dtype, "gk"),
+              stage_spec("chunk_state_dot", D, D, dtype, "none", h_dtype=dtype, per_key=True, BT=BT),
+              stage_spec("gate_grad_chunk_scan", 0, 0, dtype, "none", out_dtype="float32", BT=BT)]
+    return specs
+
+
 def _recurrent_kernels(D: int, dtype: str) -> list:
     """the kernels `fused_recurrent_kda` launches at K = V = D: for each gate option (log gates given, or activated in
     the kernels) and state layout the forward (plain and on a state pool) and the two backward sweeps, and the gate
@@ -183,8 +262,8 @@ def _spec(name: str, mode: str) -> OpSpec:
         backends = [_fused_recurrent_backend(KDA_GRADS, _options)]
         kernels = _recurrent_kernels
     else:
-        backends = [refusing_backend("tilelang", tilelang_capabilities(state_v_first=True), CHUNK_NOT_BUILT)]
-        kernels = lambda D, dtype: []  # noqa: E731 - none yet
+        backends = [_chunk_backend()]
+        kernels = _chunk_kernels
     backends.append(torch_backend(_kda_torch, torch_capabilities(), "the chunked PyTorch form"))
     return OpSpec(
         name=name, variant="kda", mode=mode, reference=recurrent_kda, backends=backends, schema=KDA_SCHEMA,
@@ -315,9 +394,10 @@ def chunk_kda(
     r"""
     KDA (Kimi Delta Attention) in the chunked form: per value head,
     `S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T`, `o_t = scale * S_t^T q_t`, with grouped
-    value heads (HV a multiple of H: value head j reads key head j // (HV / H)). Runs the chunked PyTorch form
-    (`backend="torch"`); its chunked TileLang kernels are not built yet (`backend="tilelang"` refuses):
-    :func:`fused_recurrent_kda` runs KDA's TileLang kernels with every gradient.
+    value heads (HV a multiple of H: value head j reads key head j // (HV / H)). `backend="tilelang"` runs the
+    chunked per-key gated WY kernels of `fla_tl.kernels.kda` (chunks of 64 tokens whatever `chunk_size`), forward and
+    backward with every gradient; fp32 inputs there take K <= 64. They have not yet passed their GPU tests, so the
+    automatic choice runs the chunked PyTorch form (and warns once).
 
     Args:
         q, k (torch.Tensor): `[B, T, H, K]`. v (torch.Tensor): `[B, T, HV, V]`.
