@@ -91,8 +91,8 @@ def chunk_gated_delta_rule_fwd(
     `requires_grad` the backward's residual, the WY inverse Ai `[B * T, HV, BT]` in q's dtype, else None)."""
     B, T = q.shape[:2]
     HV, V = v.shape[2:]
-    meta, q_, k_, v_, beta_, g_ = _packed(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
-    o, ht, ai = chunk_delta_rule_fwd(q_, k_, v_, beta_, g_, scale=scale, initial_state=_state_in(initial_state,
+    meta, q_, k_, v_, beta_, g_ = packed_value_heads(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
+    o, ht, ai = chunk_delta_rule_fwd(q_, k_, v_, beta_, g_, scale=scale, initial_state=state_in(initial_state,
                                      state_v_first), output_final_state=output_final_state, meta=meta)
     if ht is not None and state_v_first:
         ht = ht.transpose(-1, -2).contiguous()
@@ -107,11 +107,11 @@ def chunk_gated_delta_rule_bwd(
     None) from the forward's inputs, its residual ai and the output gradients do, dht (None: zero)."""
     B, T, H, _ = q.shape
     HV = v.shape[2]
-    meta, q_, k_, v_, beta_, g_ = _packed(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
+    meta, q_, k_, v_, beta_, g_ = packed_value_heads(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
     do = torch.zeros_like(v_) if do is None else do.reshape(v_.shape).to(v_.dtype).contiguous()
-    dht = _state_in(dht, state_v_first)
+    dht = state_in(dht, state_v_first)
     dq, dk, dv, dbeta, dg, dh0 = chunk_delta_rule_bwd(q_, k_, v_, beta_, g_, ai, do, dht, scale=scale,
-                                                      initial_state=_state_in(initial_state, state_v_first),
+                                                      initial_state=state_in(initial_state, state_v_first),
                                                       meta=meta)
     if dh0 is not None and state_v_first:
         dh0 = dh0.transpose(-1, -2)
@@ -121,16 +121,16 @@ def chunk_gated_delta_rule_bwd(
             dh0)
 
 
-def _state_in(state, state_v_first: bool):
+def state_in(state, state_v_first: bool):
     """a state (or its gradient) in the kernels' `[N, HV, K, V]` layout, fp32."""
     if state is None:
         return None
     return (state.transpose(-1, -2) if state_v_first else state).float().contiguous()
 
 
-def _packed(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel: bool):
-    """(meta, q, k `[Ttot, HV, K]` repeated over their value heads, v `[Ttot, HV, V]` in q's dtype, beta and g fp32
-    `[Ttot, HV]` or None)."""
+def packed_value_heads(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel: bool):
+    """(meta, q, k `[Ttot, HV, K]` repeated over their value heads, v `[Ttot, HV, V]` in q's dtype, beta fp32
+    `[Ttot, HV]`, g fp32 `[Ttot, HV]` (a per-key gate: `[Ttot, HV, K]`) or None)."""
     q, k = prepare_qk(q, k, v, cu_seqlens, use_qk_l2norm_in_kernel)
     B, T, H, K = q.shape
     HV, V = v.shape[2:]
@@ -141,5 +141,5 @@ def _packed(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel: bool):
     q_, k_ = q_.contiguous(), k_.contiguous()
     v_ = v.reshape(B * T, HV, V).to(q.dtype).contiguous()
     beta_ = beta.reshape(B * T, HV).float().contiguous()
-    g_ = g.reshape(B * T, HV).float().contiguous() if g is not None else None
+    g_ = g.reshape(B * T, *g.shape[2:]).float().contiguous() if g is not None else None
     return meta, q_, k_, v_, beta_, g_

@@ -24,9 +24,9 @@ import torch
 from ...autotune.configs import BT
 from ..common.chunk_delta_h import chunk_delta_bwd_dhu, chunk_delta_bwd_dqkw, chunk_delta_fwd_h
 from ..common.cumsum import per_key_gate_grad_chunk
-from ..common.fused_recurrent_delta import group_sum, prepare_qk, qk_grads
-from ..common.utils import seq_meta
+from ..common.fused_recurrent_delta import group_sum, qk_grads
 from ..common.wy import wy_bwd, wy_repr
+from ..delta_rule.chunk import packed_value_heads, state_in
 from ..gla.chunk import chunk_gla_fwd_o, key_gate_cumsum
 
 
@@ -59,29 +59,6 @@ def chunk_kda_bwd_packed(q, k, v, beta, kept, do, dht, *, scale: float, initial_
     return dq, dk, dv, dbeta, dg, dh0
 
 
-def packed_kda(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel: bool):
-    """(meta, q, k `[Ttot, HV, K]` repeated over their value heads, v `[Ttot, HV, V]` in q's dtype, beta fp32
-    `[Ttot, HV]`, g fp32 `[Ttot, HV, K]`)."""
-    q, k = prepare_qk(q, k, v, cu_seqlens, use_qk_l2norm_in_kernel)
-    B, T, H, K = q.shape
-    HV, V = v.shape[2:]
-    meta = seq_meta(B, T, cu_seqlens, BT, q.device)
-    q_, k_ = (x.reshape(B * T, H, K) for x in (q, k))
-    if HV != H:
-        q_, k_ = (x.repeat_interleave(HV // H, dim=1) for x in (q_, k_))
-    v_ = v.reshape(B * T, HV, V).to(q.dtype).contiguous()
-    beta_ = beta.reshape(B * T, HV).float().contiguous()
-    g_ = g.reshape(B * T, HV, K).float().contiguous()
-    return meta, q_.contiguous(), k_.contiguous(), v_, beta_, g_
-
-
-def state_in(state, state_v_first: bool):
-    """a state (or its gradient) in the kernels' `[N, HV, K, V]` layout, fp32."""
-    if state is None:
-        return None
-    return (state.transpose(-1, -2) if state_v_first else state).float().contiguous()
-
-
 def chunk_kda_fwd(q, k, v, beta, g, *, scale: float, initial_state, output_final_state: bool, state_v_first: bool,
                   cu_seqlens, use_qk_l2norm_in_kernel: bool, requires_grad: bool = False, act=None):
     """the forward on `[B, T, H, K]` q, k, `[B, T, HV, V]` v, `[B, T, HV]` beta and the log gates `[B, T, HV, K]`
@@ -90,7 +67,7 @@ def chunk_kda_fwd(q, k, v, beta, g, *, scale: float, initial_state, output_final
     None, the backward's residuals or None)."""
     B, T = q.shape[:2]
     HV, V = v.shape[2:]
-    meta, q_, k_, v_, beta_, g_ = packed_kda(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
+    meta, q_, k_, v_, beta_, g_ = packed_value_heads(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
     o, ht, kept = chunk_kda_fwd_packed(q_, k_, v_, beta_, g_, scale=scale,
                                        initial_state=state_in(initial_state, state_v_first),
                                        output_final_state=output_final_state, meta=meta, keep=requires_grad,
@@ -106,7 +83,7 @@ def chunk_kda_bwd(q, k, v, beta, g, kept, do, dht, *, scale: float, initial_stat
     fp32 or None) from the forward's inputs, its residuals and the output gradients do, dht (None: zero)."""
     B, T, H, _ = q.shape
     HV = v.shape[2]
-    meta, q_, k_, v_, beta_, _ = packed_kda(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
+    meta, q_, k_, v_, beta_, _ = packed_value_heads(q, k, v, beta, g, cu_seqlens, use_qk_l2norm_in_kernel)
     do = torch.zeros_like(v_) if do is None else do.reshape(v_.shape).to(v_.dtype).contiguous()
     dq, dk, dv, dbeta, dg, dh0 = chunk_kda_bwd_packed(
         q_, k_, v_, beta_, kept, do, state_in(dht, state_v_first), scale=scale,
