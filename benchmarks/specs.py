@@ -203,6 +203,28 @@ def kda_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str,
     return x
 
 
+def dplr_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str,
+                gated: bool = True) -> dict[str, torch.Tensor]:
+    # the generalized delta rule: the low-rank pair a = -kk, b = kk * rate (kk normalised, rate in [0, 1)) in the
+    # input dtype, the log decay gk (fp32) unless IPLR
+    x = qkv_inputs(B, T, H, D, dtype, device)
+    kk = F.normalize(torch.randn(B, T, H, D, device=device), dim=-1)
+    x.update(a=(-kk).to(dtype), b=(kk * torch.rand(B, T, H, D, device=device)).to(dtype))
+    if gated:
+        x["gk"] = F.logsigmoid(torch.randn(B, T, H, D, dtype=torch.float32, device=device))
+    return x
+
+
+def iplr_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    return dplr_inputs(B, T, H, D, dtype, device, gated=False)
+
+
+def rwkv7_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    # RWKV-7's names: r for q, w for the log decay
+    x = dplr_inputs(B, T, H, D, dtype, device)
+    return {"r": x.pop("q"), "w": x.pop("gk"), **x}
+
+
 def rwkv6_inputs(B: int, T: int, H: int, D: int, dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
     # RWKV6: receptance r, per-key log decays w (fp32, as GLA's gate), the bonus u [H, K]
     x = qkv_inputs(B, T, H, D, dtype, device)
@@ -603,6 +625,18 @@ OPS: dict[str, OpSpec] = {
         slow_providers=("fla",),
         slow_bth=8 * 1024 * 16,
     ),
+    # the generalized delta rule and RWKV-7: fla_tl runs the recurrence in PyTorch (its TileLang kernels are not built
+    # yet): skipped under --skip-slow at every shape; fla 0.6.0's chunk_iplr has no backward
+    **{name: OpSpec(fla_tl=f"fla_tl.ops:{name}", fla=f"fla.ops.{module}:{name}", flops=flops, inputs=inputs, slow=True,
+                    slow_providers=("fla_tl",), slow_bth=0)
+       for name, module, flops, inputs in (
+           ("chunk_dplr_delta_rule", "generalized_delta_rule", chunk_flops, dplr_inputs),
+           ("fused_recurrent_dplr_delta_rule", "generalized_delta_rule", recurrent_flops, dplr_inputs),
+           ("chunk_iplr_delta_rule", "generalized_delta_rule", chunk_flops, iplr_inputs),
+           ("fused_recurrent_iplr_delta_rule", "generalized_delta_rule", recurrent_flops, iplr_inputs),
+           ("chunk_rwkv7", "rwkv7", chunk_flops, rwkv7_inputs),
+           ("fused_recurrent_rwkv7", "rwkv7", recurrent_flops, rwkv7_inputs),
+       )},
 }
 
 # the op sets, one results file per GPU and set (benchmarks/results/<gpu>-<set>.csv)
@@ -618,6 +652,8 @@ OP_SETS = {
     "delta-rule": ("chunk_delta_rule", "chunk_gated_delta_rule", "fused_recurrent_delta_rule",
                    "fused_recurrent_gated_delta_rule"),
     "kda": ("chunk_kda", "fused_recurrent_kda"),
+    "dplr": ("chunk_dplr_delta_rule", "fused_recurrent_dplr_delta_rule", "chunk_iplr_delta_rule",
+             "fused_recurrent_iplr_delta_rule", "chunk_rwkv7", "fused_recurrent_rwkv7"),
     "based": ("fused_chunk_based", "parallel_based", "parallel_rebased"),
     "titans": ("chunk_titans_linear",),
 }  # fmt: skip

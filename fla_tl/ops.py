@@ -28,6 +28,13 @@ from .kernels.delta_rule import (
 from .kernels.kda import chunk_kda, fused_recurrent_kda
 from .kernels.titans import chunk_titans_linear
 from .kernels.rwkv6 import chunk_rwkv6, fused_recurrent_rwkv6
+from .kernels.dplr import (
+    chunk_dplr_delta_rule,
+    chunk_iplr_delta_rule,
+    fused_recurrent_dplr_delta_rule,
+    fused_recurrent_iplr_delta_rule,
+)
+from .kernels.rwkv7 import chunk_rwkv7, fused_mul_recurrent_rwkv7, fused_recurrent_rwkv7
 from .kernels.gsa import chunk_abc, chunk_gsa, fused_recurrent_gsa
 from .registry import BackendError, FallbackWarning, list_ops
 # isort: on
@@ -64,6 +71,13 @@ __all__ = [
     "chunk_titans_linear",
     "chunk_rwkv6",
     "fused_recurrent_rwkv6",
+    "chunk_dplr_delta_rule",
+    "fused_recurrent_dplr_delta_rule",
+    "chunk_iplr_delta_rule",
+    "fused_recurrent_iplr_delta_rule",
+    "chunk_rwkv7",
+    "fused_recurrent_rwkv7",
+    "fused_mul_recurrent_rwkv7",
     "chunk_abc",
     "chunk_gsa",
     "fused_recurrent_gsa",
