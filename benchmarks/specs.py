@@ -625,7 +625,7 @@ OPS: dict[str, OpSpec] = {
         slow_providers=("fla",),
         slow_bth=8 * 1024 * 16,
     ),
-    # the generalized delta rule and RWKV-7: fla_tl runs the recurrence in PyTorch (its TileLang kernels are not built
+    # the generalized delta rule and RWKV-7: fla_tl runs the chunked PyTorch form (its TileLang kernels are not built
     # yet): skipped under --skip-slow at every shape; fla 0.6.0's chunk_iplr has no backward
     **{name: OpSpec(fla_tl=f"fla_tl.ops:{name}", fla=f"fla.ops.{module}:{name}", flops=flops, inputs=inputs, slow=True,
                     slow_providers=("fla_tl",), slow_bth=0)

@@ -7,7 +7,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fla_tl.kernels.dplr.ops import dplr_inputs
 from fla_tl.ops import (
     chunk_dplr_delta_rule,
     chunk_iplr_delta_rule,
@@ -17,13 +16,15 @@ from fla_tl.ops import (
     fused_recurrent_iplr_delta_rule,
     fused_recurrent_rwkv7,
 )
-from fla_tl.reference.dplr import recurrent_dplr
+from fla_tl.reference.dplr import chunk_dplr_torch, recurrent_dplr
 from fla_tl.registry import BackendError
 
 pytestmark = pytest.mark.filterwarnings("ignore::fla_tl.registry.FallbackWarning")
 
 
 def _inputs(lens=None, B=2, T=23, H=2, K=6, V=5, gated=True, seed=0):
+    from fla_tl.kernels.dplr.ops import dplr_inputs  # after fla_tl.ops: the registry lists ops in import order
+
     torch.manual_seed(seed)
     x = dplr_inputs(B, T, H, K, V, device="cpu", lens=lens, gated=gated)
     return {n: t.double() if t.is_floating_point() else t for n, t in x.items()}
@@ -57,6 +58,23 @@ def test_recurrence_is_the_matrix_update(gated):
         want_o, want_h = _matrix_update(**seq, scale=0.3, h0=x["initial_state"][n])
         torch.testing.assert_close(o[0, cu[n]:cu[n + 1]], want_o)
         torch.testing.assert_close(ht[n], want_h)
+
+
+@pytest.mark.parametrize("gated", [True, False], ids=["dplr", "iplr"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_chunked_form_matches_the_recurrence(gated, reverse):
+    """partial chunks, varlen with an empty and a one-token sequence, strong decays (a chunk's products underflow),
+    fp64; outputs, final states and the gradients of every input."""
+    x = _inputs((1, 70, 0, 45), H=2, K=8, V=6, gated=gated)
+    if gated:
+        x["gk"] = x["gk"] * 6
+    x = {n: t.requires_grad_() if t.is_floating_point() else t for n, t in x.items()}
+    got = chunk_dplr_torch(**x, output_final_state=True, reverse=reverse, chunk_size=16)
+    want = recurrent_dplr(**x, output_final_state=True, reverse=reverse)
+    leaves = [t for t in x.values() if t.is_floating_point()]
+    cot = [torch.randn_like(t) for t in want]
+    for a, b in zip([*got, *torch.autograd.grad(got, leaves, cot)], [*want, *torch.autograd.grad(want, leaves, cot)]):
+        torch.testing.assert_close(a, b)
 
 
 def test_reverse_runs_each_sequence_backwards():

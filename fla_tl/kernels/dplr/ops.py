@@ -6,14 +6,14 @@ The kernel-level call: q, k, a, b `[B, T, H, K]`, v `[B, T, H, V]`, the log deca
 initial state `[N, H, K, V]`, cu_seqlens, scale, output_final_state and reverse; it returns (o `[B, T, H, V]` in q's
 dtype, the final state in fp32 (fp64 for fp64 inputs) or None). Its TileLang kernels (the per-key gated WY stages with
 the low-rank term) are not built yet: the tilelang entries refuse with that reason and the torch backend runs the
-recurrence of `fla_tl.reference.dplr`, with every gradient.
+chunked form of `fla_tl.reference.dplr`, with every gradient.
 """
 
 import math
 
 import torch
 
-from ...reference.dplr import recurrent_dplr
+from ...reference.dplr import chunk_dplr_torch, recurrent_dplr
 from ...registry import (
     AUTO,
     OpSpec,
@@ -33,7 +33,7 @@ SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? gk, Tensor?
           "float scale, bool output_final_state, bool reverse")
 GRADS = ("q", "k", "v", "a", "b", "gk", "initial_state")
 NOT_BUILT = ("the generalized delta rule's TileLang kernels (the per-key gated WY stages with a low-rank term) are "
-             "not built yet: the torch backend runs the recurrence")
+             "not built yet: the torch backend runs its chunked PyTorch form")
 
 
 def validate_dplr(q, k, v, a, b, gk, scale, initial_state, cu_seqlens, names=("q", "k", "v", "a", "b", "gk")) -> int:
@@ -71,8 +71,8 @@ def _fake(args: dict) -> list:
 
 
 def _dplr_torch(q, k, v, a, b, gk, initial_state, cu_seqlens, scale, output_final_state, reverse):
-    o, ht = recurrent_dplr(q, k, v, a, b, gk, scale=scale, initial_state=initial_state,
-                           output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens)
+    o, ht = chunk_dplr_torch(q, k, v, a, b, gk, scale=scale, initial_state=initial_state,
+                             output_final_state=output_final_state, reverse=reverse, cu_seqlens=cu_seqlens)
     return o.to(q.dtype), ht
 
 
@@ -121,7 +121,7 @@ def dplr_spec(name: str, variant: str, mode: str, cases) -> OpSpec:
     return OpSpec(
         name=name, variant=variant, mode=mode, reference=recurrent_dplr,
         backends=[refusing_backend("tilelang", tilelang_capabilities(reverse=recurrent), NOT_BUILT),
-                  torch_backend(_dplr_torch, torch_capabilities(reverse=recurrent), "the recurrence in PyTorch")],
+                  torch_backend(_dplr_torch, torch_capabilities(reverse=recurrent), "the chunked PyTorch form")],
         schema=SCHEMA, outputs=2, grads=GRADS, describe=_describe, fake=_fake, kernels=lambda D, dtype: [],
         cases=cases,
     )
@@ -213,7 +213,7 @@ def chunk_dplr_delta_rule(
             power-of-2 `chunk_size`, a negative `lower_bound`); the result does not depend on them.
         cp_context: not supported (raises).
         backend (Optional[str]): `"tilelang"`, `"torch"` or `None` (automatic / `FLA_TL_BACKEND`). The TileLang
-            kernels are not built yet: the torch backend runs the recurrence, with every gradient.
+            kernels are not built yet: the torch backend runs the chunked PyTorch form, with every gradient.
 
     Returns:
         o `[B, T, H, V]` in q's dtype; the final state `[N, H, K, V]` in float32, or `None`.
