@@ -79,7 +79,7 @@ def chunk_delta_fwd_h_kernel(
     NV = cdiv(V, BV)
     key_gate = gate == "gk"
     # full tiles load with pipelined bulk copies; padded head dims fall back to masked loads, and so does the per-key
-    # gate (its [BT, K] gate tile is an element load, which must not sit beside bulk copies)
+    # gate (its gated key tiles are formed as they load)
     aligned = K == KP and V % BV == 0 and not key_gate
     Ttot, H, N, NT, NG = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT"), T.dynamic("NG")
     NH0, NHT = T.dynamic("NH0"), T.dynamic("NHT")
@@ -122,8 +122,7 @@ def chunk_delta_fwd_h_kernel(
             b_v = T.alloc_fragment([BT, BV], "float32")
             b_y = T.alloc_fragment([BT, 64], "float32")
             if key_gate:
-                g_s = T.alloc_shared([BT, KP], "float32")
-                kg_s = T.alloc_shared([BT, KP], dtype)
+                kd_s = T.alloc_shared([BT, KP], dtype)
 
             T.clear(b_h)
             if use_h0 == 1:
@@ -146,15 +145,22 @@ def chunk_delta_fwd_h_kernel(
                 else:
                     # element loads only (a bulk copy beside them raced in the warp-specialized pipeline), beta and the
                     # gates masked too (an unmasked load broke the 16-bit kernels' code generation)
-                    if key_gate:
-                        for i, j in T.Parallel(BT, KP):
-                            g_s[i, j] = T.if_then_else(i < nvalid and j < K, gc[t0 + i, i_h, j], 0)
-                    else:
-                        gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT, nvalid)
+                    gate_load_chunk(gate, lg, gc, i_h * (NG // H) + boc + c, BT, nvalid)
                     for i in T.Parallel(BT):
                         beta_s[i] = T.if_then_else(i < nvalid, betac[i_h, boc + c, i], 0)
-                    for i, j in T.Parallel(BT, KP):
-                        k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
+                    if key_gate:
+                        # K 2^G (w's keys) and K 2^(G_last - G) (the state update's), formed as they load
+                        for i, j in T.Parallel(BT, KP):
+                            k_s[i, j] = T.if_then_else(
+                                i < nvalid and j < K,
+                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j]) * T.exp2(gc[t0 + i, i_h, j])), 0)
+                            kd_s[i, j] = T.if_then_else(
+                                i < nvalid and j < K,
+                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j])
+                                       * T.exp2(gc[t0 + nvalid - 1, i_h, j] - gc[t0 + i, i_h, j])), 0)
+                    else:
+                        for i, j in T.Parallel(BT, KP):
+                            k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BT):
                         ai_s[i, j] = T.if_then_else(i < nvalid, ai[t0 + i, i_h, j], 0)
                     for i, j in T.Parallel(BT, BV):
@@ -167,15 +173,12 @@ def chunk_delta_fwd_h_kernel(
                 # the state entering chunk c, staged for w S and stored from shared memory (one bulk copy)
                 T.copy(b_h, h_s)
                 store_state(h_s, h, boc + c, i_h, i_v * BV, aligned, K, KP, BV, V)
-                # -w = -(Ai diag(beta 2^b)) K, per [BT, 64] key tile; per-key gate: -(Ai diag(beta)) (K 2^G)
-                if key_gate:
-                    for i, j in T.Parallel(BT, KP):
-                        kg_s[i, j] = T.if_then_else(
-                            i < nvalid, T.Cast(dtype, T.Cast("float32", k_s[i, j]) * T.exp2(g_s[i, j])), 0)
-                elif gate != "none":
+                # -w = -(Ai diag(beta 2^b)) K, per [BT, 64] key tile (per-key gate: -(Ai diag(beta)) (K 2^G), the
+                # gated keys as loaded)
+                if gate != "none" and not key_gate:
                     scale_columns(aw_s, ai_s, beta_s, gate, lg, nvalid, True, BT, dtype)
                 for kt in T.unroll(KP // 64):
-                    T.gemm(aw_s, (kg_s if key_gate else k_s)[:, kt * 64 : (kt + 1) * 64], b_y, clear_accum=True)
+                    T.gemm(aw_s, k_s[:, kt * 64 : (kt + 1) * 64], b_y, clear_accum=True)
                     for i, j in T.Parallel(BT, 64):
                         wn_s[i, kt * 64 + j] = T.Cast(dtype, -b_y[i, j])
                 # v_new = u - w S   [BT, BV], in one product over the whole state (one product per row slice of
@@ -190,12 +193,8 @@ def chunk_delta_fwd_h_kernel(
                 if key_gate:
                     # S <- diag(2^G_last) S + (K 2^(G_last - G))^T v_new (vg = v_new: gate_row is 0 here)
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.exp2(g_s[nvalid - 1, i])
-                    for i, j in T.Parallel(BT, KP):
-                        kg_s[i, j] = T.if_then_else(
-                            i < nvalid,
-                            T.Cast(dtype, T.Cast("float32", k_s[i, j]) * T.exp2(g_s[nvalid - 1, j] - g_s[i, j])), 0)
-                    T.gemm(kg_s, vg_s, b_h, transpose_A=True)
+                        b_h[i, j] *= T.exp2(T.if_then_else(i < K, gc[t0 + nvalid - 1, i_h, T.min(i, K - 1)], 0))
+                    T.gemm(kd_s, vg_s, b_h, transpose_A=True)
                 else:
                     if gate != "none":
                         for i, j in T.Parallel(KP, BV):

@@ -30,6 +30,7 @@ def chunk_gate_cumsum_kernel(g_dtype: str, act: str = "", group: int = 1, BT: in
     with column c reading dt_bias[c] and A_log[c // group] (per-key gates flattened `[Ttot, HV * K]`: group = K)."""
     Ttot, H, N, NT = T.dynamic("Ttot"), T.dynamic("H"), T.dynamic("N"), T.dynamic("NT")
     NAL, NDB = T.dynamic("NAL"), T.dynamic("NDB")
+    activated = act != ""
 
     @T.prim_func
     def chunk_gate_cumsum(
@@ -56,7 +57,7 @@ def chunk_gate_cumsum_kernel(g_dtype: str, act: str = "", group: int = 1, BT: in
             for h in T.Parallel(BH):
                 acc[h] = 0
                 lam[h] = g_gamma[T.min(i_hb * BH + h, H - 1)]
-            if act:
+            if activated:
                 bias = T.alloc_fragment([BH], "float32")
                 rate = T.alloc_fragment([BH], "float32")
                 for h in T.Parallel(BH):
@@ -64,7 +65,7 @@ def chunk_gate_cumsum_kernel(g_dtype: str, act: str = "", group: int = 1, BT: in
                     rate[h] = T.exp(A_log[T.min(i_hb * BH + h, H - 1) // group])
             for i in T.serial(BT):
                 for h in T.Parallel(BH):
-                    if act:
+                    if activated:
                         acc[h] += (activated_gate(act, T.Cast("float32", g_s[i, h]) + bias[h], rate[h], lower_bound)
                                    + lam[h]) * LOG2E
                     else:
