@@ -692,6 +692,7 @@ CHUNK_GPU_CASES = {
     "T63-D128-bf16-no-states": ((63, 63), 2, 4, 128, 128, torch.bfloat16, False,
                                 {"h0": False, "output_final_state": False}),
     "T500-D128-bf16-gva": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {}),
+    "T200-D256-bf16-gva": ((200, 200), 2, 4, 256, 256, torch.bfloat16, False, {}),
     "T500-D64-fp32-svf": ((500, 500), 4, 4, 64, 64, torch.float32, False, {"state_v_first": True}),
     "T500-D128-bf16-l2norm": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {"use_qk_l2norm_in_kernel": True}),
     "T500-D128-bf16-strong": ((500, 500), 2, 4, 128, 128, torch.bfloat16, False, {"strong": True}),
