@@ -447,11 +447,8 @@ def _emulate_chunk(factory, **kw):
     return run
 
 
-@pytest.mark.parametrize("case", ["dense-gva-h0", "varlen-svf-l2norm", "gate-softplus", "gate-lower-bound"])
-def test_chunk_glue_with_emulated_kernels(case, monkeypatch):
-    """chunk_kda's tilelang backend on the CPU, its kernels emulated in PyTorch (`_emulate_chunk`), against the fp64
-    recurrence: o, the final state and every gradient (A_log, dt_bias through the activation), over partial chunks,
-    an empty and a one-token sequence, grouped value heads and both state layouts."""
+def _chunk_emulated(monkeypatch):
+    """chunk_kda's tilelang backend on the CPU with its kernels emulated (`_emulate_chunk`)."""
     pytest.importorskip("tilelang")
     from fla_tl.kernels.common import chunk_delta_h, cumsum, wy
     from fla_tl.kernels.gla import chunk as gla_chunk
@@ -459,6 +456,14 @@ def test_chunk_glue_with_emulated_kernels(case, monkeypatch):
     for module in (chunk_delta_h, cumsum, wy, gla_chunk):
         monkeypatch.setattr(module, "get_kernel", lambda factory, target, **kw: _emulate_chunk(factory, **kw))
     monkeypatch.setattr(get_op("chunk_kda").backend("tilelang"), "verifier", lambda inputs: [])
+
+
+@pytest.mark.parametrize("case", ["dense-gva-h0", "varlen-svf-l2norm", "gate-softplus", "gate-lower-bound"])
+def test_chunk_glue_with_emulated_kernels(case, monkeypatch):
+    """chunk_kda's tilelang backend on the CPU, its kernels emulated in PyTorch (`_emulate_chunk`), against the fp64
+    recurrence: o, the final state and every gradient (A_log, dt_bias through the activation), over partial chunks,
+    an empty and a one-token sequence, grouped value heads and both state layouts."""
+    _chunk_emulated(monkeypatch)
     options = {"dense-gva-h0": {},
                "varlen-svf-l2norm": {"state_v_first": True, "use_qk_l2norm_in_kernel": True},
                "gate-softplus": {"use_gate_in_kernel": True, "use_beta_sigmoid_in_kernel": True},
@@ -478,6 +483,31 @@ def test_chunk_glue_with_emulated_kernels(case, monkeypatch):
         if not err < 2e-5:
             failed.append(f"{name}: {tuple(a.shape)} relative RMS error {err:.2e}")
     assert not failed, "; ".join(failed)
+
+
+@pytest.mark.parametrize("gate", ["log-gates", "gate-in-kernel"])
+def test_chunk_custom_ops_with_emulated_kernels(gate, monkeypatch):
+    """the custom ops `fla_tl::chunk_kda_fwd` / `_bwd` on the tilelang backend (kernels emulated): their fakes (the
+    residuals: cumulative gates, WY inverse, intra-chunk scores) match the real outputs (`torch.library.opcheck`), and
+    under torch.compile the op and its gradients match eager."""
+    _chunk_emulated(monkeypatch)
+    options = {"use_gate_in_kernel": True} if gate == "gate-in-kernel" else {}
+    args, grad = _kda_args((1, 70, 0, 45), 2, 4, 12, 10, dtype=torch.float32, varlen=True, **options)
+    x = {n: _leaf(t, n in grad) for n, t in args.items()}
+    spec_args = dict(q=x["q"], k=x["k"], v=x["v"], beta=x["beta"], g=x["g"], initial_state=x["initial_state"],
+                     cu_seqlens=x["cu_seqlens"], scale=0.3, output_final_state=True, state_v_first=False,
+                     use_qk_l2norm_in_kernel=False, A_log=x.get("A_log"), dt_bias=x.get("dt_bias"),
+                     gate_act="softplus" if options else "", lower_bound=0.0)
+    torch.library.opcheck(torch.ops.fla_tl.chunk_kda_fwd.default, (*spec_args.values(), True, "tilelang"))
+
+    def run(fn):
+        o, ht = fn(**x, scale=0.3, backend="tilelang")
+        return (o, ht, *torch.autograd.grad((o * o).sum() + (ht * ht).sum(), [x[n] for n in grad]))
+
+    eager = run(chunk_kda)
+    compiled = run(torch.compile(chunk_kda, fullgraph=True, backend="aot_eager"))
+    for a, b in zip(compiled, eager):
+        torch.testing.assert_close(a, b)
 
 
 # ---------------------------------------------------------------- validation
