@@ -32,7 +32,7 @@ from .gates import (
     gate_state,
     head_decay,
 )
-from .key_gate import SUB_CHUNK, key_gated_grads, span_limit_for
+from .key_gate import SUB_CHUNK, chunk_decay, gated_row, key_gated_grads, span_limit_for
 from .utils import TORCH_TO_TL, SeqMeta, cdiv, get_kernel, pad_dim, placeholder, state_or_dummy, target_for
 from .wy import scale_columns
 
@@ -151,13 +151,8 @@ def chunk_delta_fwd_h_kernel(
                     if key_gate:
                         # K 2^G (w's keys) and K 2^(G_last - G) (the state update's), formed as they load
                         for i, j in T.Parallel(BT, KP):
-                            k_s[i, j] = T.if_then_else(
-                                i < nvalid and j < K,
-                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j]) * T.exp2(gc[t0 + i, i_h, j])), 0)
-                            kd_s[i, j] = T.if_then_else(
-                                i < nvalid and j < K,
-                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j])
-                                       * T.exp2(gc[t0 + nvalid - 1, i_h, j] - gc[t0 + i, i_h, j])), 0)
+                            k_s[i, j] = gated_row(k, gc, t0, i, i_h, j, nvalid, K, dtype)
+                            kd_s[i, j] = gated_row(k, gc, t0, i, i_h, j, nvalid, K, dtype, to_last=True)
                     else:
                         for i, j in T.Parallel(BT, KP):
                             k_s[i, j] = T.if_then_else(i < nvalid and j < K, k[t0 + i, i_h, j], 0)
@@ -193,7 +188,7 @@ def chunk_delta_fwd_h_kernel(
                 if key_gate:
                     # S <- diag(2^G_last) S + (K 2^(G_last - G))^T v_new (vg = v_new: gate_row is 0 here)
                     for i, j in T.Parallel(KP, BV):
-                        b_h[i, j] *= T.exp2(T.if_then_else(i < K, gc[t0 + nvalid - 1, i_h, T.min(i, K - 1)], 0))
+                        b_h[i, j] *= chunk_decay(gc, t0, nvalid, i_h, i, K)
                     T.gemm(kd_s, vg_s, b_h, transpose_A=True)
                 else:
                     if gate != "none":
@@ -308,16 +303,9 @@ def chunk_delta_bwd_dhu_kernel(
                     if key_gate:
                         # Q 2^G, K 2^G (w's keys) and K 2^(G_last - G) (the state update's), formed as they load
                         for i, j in T.Parallel(BT, KP):
-                            q_s[i, j] = T.if_then_else(
-                                i < nvalid and j < K,
-                                T.Cast(dtype, T.Cast("float32", q[t0 + i, i_h, j]) * T.exp2(gc[t0 + i, i_h, j])), 0)
-                            k_s[i, j] = T.if_then_else(
-                                i < nvalid and j < K,
-                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j]) * T.exp2(gc[t0 + i, i_h, j])), 0)
-                            kd_s[i, j] = T.if_then_else(
-                                i < nvalid and j < K,
-                                T.Cast(dtype, T.Cast("float32", k[t0 + i, i_h, j])
-                                       * T.exp2(gc[t0 + nvalid - 1, i_h, j] - gc[t0 + i, i_h, j])), 0)
+                            q_s[i, j] = gated_row(q, gc, t0, i, i_h, j, nvalid, K, dtype)
+                            k_s[i, j] = gated_row(k, gc, t0, i, i_h, j, nvalid, K, dtype)
+                            kd_s[i, j] = gated_row(k, gc, t0, i, i_h, j, nvalid, K, dtype, to_last=True)
                     else:
                         for i, j in T.Parallel(BT, KP):
                             q_s[i, j] = T.if_then_else(i < nvalid and j < K, q[t0 + i, i_h, j], 0)
@@ -364,7 +352,7 @@ def chunk_delta_bwd_dhu_kernel(
                 # dO - (K 2^G)^T t, the gated tiles as loaded)
                 if key_gate:
                     for i, j in T.Parallel(KP, BV):
-                        b_dh[i, j] *= T.exp2(T.if_then_else(i < K, gc[t0 + nvalid - 1, i_h, T.min(i, K - 1)], 0))
+                        b_dh[i, j] *= chunk_decay(gc, t0, nvalid, i_h, i, K)
                 elif gate != "none":
                     for i, j in T.Parallel(KP, BV):
                         b_dh[i, j] *= T.exp2(gate_last(gate, lg, nvalid))

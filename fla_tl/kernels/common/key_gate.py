@@ -28,6 +28,19 @@ def span_limit_for(dtype: str) -> float:
     return 12.0 if dtype == "float16" else 100.0
 
 
+def gated_row(x, gc, t0, i, i_h, j, nvalid, K, dtype, to_last: bool = False):
+    """x[t0 + i, i_h, j] 2^(G_i[j]) (`to_last`: 2^(G_last[j] - G_i[j])) in `dtype`, zero outside the sequence and the
+    head dim: a gated key or query tile entry formed as it loads (`gc` `[Ttot, H, K]` the cumulative log2 gates)."""
+    log2 = gc[t0 + nvalid - 1, i_h, j] - gc[t0 + i, i_h, j] if to_last else gc[t0 + i, i_h, j]
+    value = T.Cast(dtype, T.Cast("float32", x[t0 + i, i_h, j]) * T.exp2(log2))
+    return T.if_then_else(T.And(i < nvalid, j < K), value, 0)
+
+
+def chunk_decay(gc, t0, nvalid, i_h, i, K):
+    """2^(G_last[i]): the chunk's decay of state row i (1 on padded rows)."""
+    return T.exp2(T.if_then_else(i < K, gc[t0 + nvalid - 1, i_h, T.min(i, K - 1)], 0))
+
+
 @T.macro
 def tile_span(g_s, b_sp, b_span, nvalid, BT, BK):
     """b_span[0] = the largest decay of the tile's key channels over the chunk, max_k (G_0[k] - G_last[k]) (log2)."""
