@@ -19,11 +19,13 @@ import torch
 from ...autotune.configs import BT
 from ...reference.simple_gla import chunk_simple_gla_torch
 from ...registry import (
+    AUTO,
     Backend,
     KernelSpec,
     OpSpec,
     check_backend_name,
     describe_inputs,
+    select_backend,
     tilelang_capabilities,
     torch_backend,
     torch_capabilities,
@@ -239,6 +241,23 @@ def run_state_op(
                      cu_seqlens=cu_seqlens, scale=float(scale), output_final_state=bool(output_final_state),
                      reverse=bool(reverse), state_v_first=bool(state_v_first))
     return o, (ht if output_final_state else None)
+
+
+def empty_run(spec, args: dict, tensors, backend, state_shape: tuple, output_final_state: bool):
+    """the outputs of a call on no tokens (T = 0), without a kernel: a forced backend that refuses the input raises
+    as for T > 0; o is empty like v, the final state a copy of the initial one (zeros `state_shape` without one) in
+    the reference dtype; both join the autograd graph of `tensors` (zero gradients)."""
+    check_backend_name(spec, backend)
+    if not torch.compiler.is_compiling():
+        backward = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
+        select_backend(spec, spec.describe(args, backward), backend if backend != AUTO else None)
+    q, v, h0 = args["q"], args["v"], args["initial_state"]
+    ht = None
+    if output_final_state:
+        ht_dtype = reference_dtype(q.dtype)
+        ht = h0.to(ht_dtype, copy=True) if h0 is not None else q.new_zeros(state_shape, dtype=ht_dtype)
+    o, ht = join_graph([v.new_empty(v.shape), ht], tensors)
+    return o, ht
 
 
 def pop_state_layout(name: str, state_v_first: bool, kwargs: dict) -> bool:

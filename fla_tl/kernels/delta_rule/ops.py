@@ -24,22 +24,19 @@ from ...autotune.configs import (
 from ...reference.delta_rule import chunk_gated_delta_rule_torch, recurrent_gated_delta_rule
 from ...reference.kda import chunk_kda_torch
 from ...registry import (
-    AUTO,
     Backend,
     KernelSpec,
     OpSpec,
-    check_backend_name,
     describe_inputs,
     refusing_backend,
     register,
-    select_backend,
     tilelang_capabilities,
     torch_backend,
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import check_device, check_tensor, join_graph, use_host_copy, validate_linear_attention_inputs
-from ..common.state_op import pop_state_layout
+from ...utils import check_device, check_tensor, use_host_copy, validate_linear_attention_inputs
+from ..common.state_op import empty_run, pop_state_layout
 
 SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor beta, Tensor? g, Tensor? initial_state, Tensor? cu_seqlens, "
           "float scale, bool output_final_state, bool state_v_first, bool use_qk_l2norm_in_kernel")
@@ -406,21 +403,9 @@ def _delta_run(spec, q, k, v, beta, g, scale, initial_state, output_final_state,
                 use_qk_l2norm_in_kernel=bool(use_qk_l2norm_in_kernel), **(extra or {}))
     tensors = (q, k, v, beta, g, initial_state, *(x for x in (extra or {}).values() if isinstance(x, torch.Tensor)))
     if T == 0:
-        check_backend_name(spec, backend)
-        if not torch.compiler.is_compiling():
-            # a forced backend that refuses the input raises, as for T > 0
-            backward = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
-            select_backend(spec, spec.describe(args, backward), backend if backend != AUTO else None)
-        o, ht = v.new_empty(v.shape), None
         HV, V = v.shape[2:]
-        ht_dtype = reference_dtype(q.dtype)
-        if output_final_state and initial_state is not None:
-            ht = initial_state.to(ht_dtype, copy=True)
-        elif output_final_state:
-            ht = q.new_zeros((N, HV, V, K) if state_v_first else (N, HV, K, V), dtype=ht_dtype)
-        # no kernel runs; the outputs still reach the autograd graph of the inputs (zero gradients)
-        o, ht = join_graph([o, ht], tensors)
-        return o, ht
+        return empty_run(spec, args, tensors, backend, (N, HV, V, K) if state_v_first else (N, HV, K, V),
+                         output_final_state)
     o, ht = spec.run(backend, **args)
     return o, (ht if output_final_state else None)
 

@@ -15,19 +15,17 @@ import torch
 
 from ...reference.dplr import chunk_dplr_torch, recurrent_dplr
 from ...registry import (
-    AUTO,
     OpSpec,
-    check_backend_name,
     describe_inputs,
     refusing_backend,
     register,
-    select_backend,
     tilelang_capabilities,
     torch_backend,
     torch_capabilities,
 )
 from ...testing import Case, reference_dtype
-from ...utils import check_device, check_tensor, join_graph, use_host_copy, validate_linear_attention_inputs
+from ...utils import check_device, check_tensor, use_host_copy, validate_linear_attention_inputs
+from ..common.state_op import empty_run
 
 SCHEMA = ("Tensor q, Tensor k, Tensor v, Tensor a, Tensor b, Tensor? gk, Tensor? initial_state, Tensor? cu_seqlens, "
           "float scale, bool output_final_state, bool reverse")
@@ -145,16 +143,8 @@ def dplr_run(spec, q, k, v, a, b, gk, scale, initial_state, output_final_state, 
     args = dict(q=q, k=k, v=v, a=a, b=b, gk=gk, initial_state=initial_state, cu_seqlens=cu_seqlens,
                 scale=float(scale), output_final_state=bool(output_final_state), reverse=bool(reverse))
     if T == 0:
-        check_backend_name(spec, backend)
-        tensors = (q, k, v, a, b, gk, initial_state)
-        if not torch.compiler.is_compiling():
-            backward = torch.is_grad_enabled() and any(isinstance(x, torch.Tensor) and x.requires_grad for x in tensors)
-            select_backend(spec, spec.describe(args, backward), backend if backend != AUTO else None)
-        ht = None
-        if output_final_state:
-            ht = (initial_state.to(reference_dtype(q.dtype), copy=True) if initial_state is not None
-                  else q.new_zeros(N, H, K, v.shape[-1], dtype=reference_dtype(q.dtype)))
-        return tuple(join_graph([v.new_empty(v.shape), ht], tensors))
+        return empty_run(spec, args, (q, k, v, a, b, gk, initial_state), backend, (N, H, K, v.shape[-1]),
+                         output_final_state)
     o, ht = spec.run(backend, **args)
     return o, (ht if output_final_state else None)
 
